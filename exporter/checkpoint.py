@@ -1,0 +1,129 @@
+"""A DiffusionGemma checkpoint directory in Hugging Face format, read lazily.
+
+What is physically stored (transformers 5.23 `save_pretrained`): the single text stack under `model.decoder.*`
+(encoder text weights and lm_head are tied to it and not saved), each encoder layer's own `layer_scalar`, and the
+vision tower, which canvasrt does not use. Weights come from one `model.safetensors` or from shards listed in
+`model.safetensors.index.json`; tensors are memory-mapped and materialised one at a time, straight into the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig, load_model_config
+from .errors import CheckpointError
+from .model import DiffusionGemmaText
+
+TEXT_PREFIX = "model.decoder."
+ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    tensor_files: dict[str, Path]
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        config = load_model_config(path)
+        return cls(path=path, config=config, tensor_files=_index_tensors(path))
+
+    # -- tensors --------------------------------------------------------------------------------------------------
+
+    def _handle(self, name: str) -> Any:
+        file = self.tensor_files.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path} is missing tensor {name}; the checkpoint is incomplete or not DiffusionGemma")
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def load_text_model(self, moe: str = "dense", dtype: str = "fp32") -> DiffusionGemmaText:
+        """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights)."""
+        model = DiffusionGemmaText(self.config, moe=moe)
+        target = DTYPES[dtype]
+        for name, param in list(model.named_parameters()):
+            source = _checkpoint_name(name)
+            shape = self.shape(source)
+            if shape != tuple(param.shape):
+                raise CheckpointError(
+                    f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(param.shape)}"
+                )
+            owner, attr = _owner(model, name)
+            owner._parameters[attr] = torch.nn.Parameter(self.tensor(source).to(target), requires_grad=False)
+        return model.eval()
+
+    # -- other files ----------------------------------------------------------------------------------------------
+
+    def generation_config(self) -> dict[str, Any]:
+        path = self.path / "generation_config.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc.msg}); fix or remove it") from None
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of config.json and every weight file, so artifacts can name exactly what they came from."""
+        files = [self.path / "config.json", *sorted(set(self.tensor_files.values()))]
+        return {f.name: _sha256(f) for f in files}
+
+
+def _index_tensors(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map); re-save the checkpoint") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if missing:
+            raise CheckpointError(f"{path} is missing shard(s) {', '.join(missing)} listed in {index.name}")
+        return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json; it holds no weights")
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def _checkpoint_name(param_name: str) -> str:
+    if param_name.endswith("encoder_layer_scalar"):
+        return ENCODER_SCALAR.format(param_name.split(".")[1])
+    return TEXT_PREFIX + param_name
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return model.get_submodule(path), attr
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
