@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random checkpoints written through transformers, and their exported artifacts.
+
+Session-scoped because exports take tens of seconds; tests must not modify them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from canvasrt.exporter.export import export
+from canvasrt.exporter.random_checkpoint import PRESETS, build_random_model, byte_level_tokenizer, generation_config
+
+# Two cores in CI; one intra-op thread keeps torch from oversubscribing them next to ONNX Runtime.
+torch.set_num_threads(1)
+
+# A second geometry, different from the tiny preset on every axis the graphs depend on: no GQA on sliding layers,
+# a full layer first, top-1 routing, a window longer than the prompt of the step parity (so the ring wraps later),
+# another vocabulary size; same canvas so transfer sizes stay comparable.
+VARIANT = dict(
+    vocab_size=320, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+    layer_types=["full_attention", "sliding_attention", "full_attention"],
+    num_attention_heads=2, num_key_value_heads=2, head_dim=24, global_head_dim=16,
+    num_global_key_value_heads=2, num_experts=3, top_k_experts=1, moe_intermediate_size=16,
+    sliding_window=20, max_position_embeddings=1024, initializer_range=0.2,
+)
+
+
+def write_checkpoint(path: Path, text: dict, canvas: int = 16, seed: int = 0, old_format: bool = False,
+                     shard: str | None = None, eos_boost: float | None = None) -> Path:
+    """A random checkpoint saved by transformers (optionally sharded, or rewritten in the older config format)."""
+    model = build_random_model(text, canvas, seed)
+    if eos_boost is not None:
+        with torch.no_grad():  # make EOS the argmax often enough to exercise the loop's EOS/pad handling
+            model.model.decoder.embed_tokens.weight[1] *= eos_boost
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(str(path), **kwargs)
+    generation_config(max_new_tokens=2 * canvas, max_denoising_steps=12).save_pretrained(str(path))
+    byte_level_tokenizer(text["vocab_size"]).save(str(path / "tokenizer.json"))
+    if old_format:
+        config = json.loads((path / "config.json").read_text())
+        per_layer = config["text_config"].pop("per_layer_config")
+        first_full = next(iter(per_layer.values()))
+        text_config = config["text_config"]
+        # per_layer_config records only what differs from the global values.
+        text_config["global_head_dim"] = first_full.get("head_dim", text_config["head_dim"])
+        text_config["num_global_key_value_heads"] = first_full.get(
+            "num_key_value_heads", text_config["num_key_value_heads"]
+        )
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", PRESETS["tiny"]["text"])
+
+
+@pytest.fixture(scope="session")
+def variant_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "variant", VARIANT, old_format=True, shard="40KB")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Default export (no logits output), dense MoE, fp32."""
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    export(tiny_checkpoint, out, max_context=128)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_debug_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-debug"
+    export(tiny_checkpoint, out, max_context=96, debug_logits=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def variant_artifacts(variant_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "variant"
+    export(variant_checkpoint, out, max_context=160, max_prefill=40, debug_logits=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-fp16"
+    export(tiny_checkpoint, out, dtype="fp16", max_context=96, debug_logits=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sparse_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-sparse"
+    export(tiny_checkpoint, out, moe="sparse", max_context=96, debug_logits=True)
+    return out

@@ -1,0 +1,69 @@
+"""Loading checkpoints: both config serialisations, sharded weights, and one-line errors for bad directories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from canvasrt.exporter.checkpoint import Checkpoint
+from canvasrt.exporter.errors import CheckpointError
+from canvasrt.exporter.random_checkpoint import PRESETS
+
+from conftest import write_checkpoint
+
+
+def test_old_and_new_config_serialisations_agree(tmp_path):
+    new = write_checkpoint(tmp_path / "new", PRESETS["tiny"]["text"])
+    old = write_checkpoint(tmp_path / "old", PRESETS["tiny"]["text"], old_format=True)
+    assert "per_layer_config" not in json.loads((old / "config.json").read_text())["text_config"]
+    assert Checkpoint.open(old).config == Checkpoint.open(new).config
+
+
+def test_sharded_checkpoint_loads_every_tensor(variant_checkpoint):
+    assert (variant_checkpoint / "model.safetensors.index.json").is_file()
+    checkpoint = Checkpoint.open(variant_checkpoint)
+    assert len(set(checkpoint.tensor_files.values())) > 1
+    model = checkpoint.load_text_model()
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_config(tmp_path):
+    tmp_path.joinpath("x").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Checkpoint.open(tmp_path / "x")
+
+
+def test_wrong_model_type(tiny_checkpoint, tmp_path):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model_type"] = "gemma3"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="model_type 'gemma3'"):
+        Checkpoint.open(ckpt)
+
+
+def test_missing_tensor(tiny_checkpoint, tmp_path):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    del tensors["model.decoder.layers.1.router.proj.weight"]
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing tensor model.decoder.layers.1.router.proj.weight"):
+        Checkpoint.open(ckpt).load_text_model()
+
+
+def test_misshaped_tensor(tiny_checkpoint, tmp_path):
+    ckpt = _copy(tiny_checkpoint, tmp_path / "c")
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["model.decoder.norm.weight"] = torch.ones(7)
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.decoder.norm.weight has shape \[7\]"):
+        Checkpoint.open(ckpt).load_text_model()

@@ -1,0 +1,125 @@
+"""canvasrt export and step-level parity: graphs, manifest contract, parity on several configs and dtypes,
+and one-line errors with nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from canvasrt.exporter.manifest import sha256_file
+from canvasrt.runtime.cli import main
+from canvasrt.exporter.random_checkpoint import PRESETS
+
+from conftest import write_checkpoint
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["dtype"] == "fp32"
+    assert {"tokenizer.json"} <= set(manifest["tokenizer"]) and (tiny_artifacts / "tokenizer.json").is_file()
+    assert (tiny_artifacts / "generation_config.json").is_file()
+    vocab = manifest["model"]["vocab_size"]
+    for name, graph in manifest["graphs"].items():
+        path = tiny_artifacts / graph["file"]
+        onnx.checker.check_model(str(path), full_check=True)
+        assert sha256_file(path) == graph["sha256"]
+        model = onnx.load(str(path), load_external_data=False)
+        assert [i.name for i in model.graph.input] == [s["name"] for s in graph["inputs"]]
+        assert [o.name for o in model.graph.output] == [s["name"] for s in graph["outputs"]]
+        for output in model.graph.output:  # no [batch, canvas, vocab] tensor leaves the default graphs
+            assert vocab not in [d.dim_value for d in output.type.tensor_type.shape.dim]
+    slots = {entry["kind"]: entry["slots"] for entry in manifest["kv_layout"]}
+    assert slots == {"sliding_attention": PRESETS["tiny"]["text"]["sliding_window"] - 1, "full_attention": 128}
+
+
+def test_step_parity_fp32_reports_and_exits_zero(tiny_checkpoint, tiny_debug_artifacts, tmp_path):
+    result = run("parity", tiny_checkpoint, tiny_debug_artifacts, "--level", "step",
+                 "--report", tmp_path / "r.json", "--junit", tmp_path / "r.xml")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["info"]["past_sliding_window"]
+    stages = {c["stage"] for c in report["checks"]}
+    assert stages == {"prefill", "step_first", "step_self_conditioned", "commit", "step_after_commit"}
+    logits = [c for c in report["checks"] if c["output"] == "logits"]
+    assert len(logits) == 3 and all(c["metrics"]["rel"] <= 1e-4 for c in logits)
+    assert all(c["metrics"]["agreement"] == 1.0 for c in report["checks"] if c["output"] == "logits_argmax")
+    suite = ET.parse(tmp_path / "r.xml").getroot()
+    assert suite.get("failures") == "0" and int(suite.get("tests")) == len(report["checks"])
+
+
+def test_step_parity_on_variant_geometry_sharded_old_format(variant_checkpoint, variant_artifacts):
+    result = run("parity", variant_checkpoint, variant_artifacts)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("fixture", ["tiny_fp16_artifacts", "tiny_sparse_artifacts"])
+def test_step_parity_fp16_and_sparse(tiny_checkpoint, fixture, request, tmp_path):
+    artifacts = request.getfixturevalue(fixture)
+    result = run("parity", tiny_checkpoint, artifacts, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+
+
+def test_parity_fails_on_artifacts_with_other_weights(tmp_path, tiny_debug_artifacts):
+    """Same config, other random weights: parity must notice and exit 1."""
+    other = write_checkpoint(tmp_path / "other", PRESETS["tiny"]["text"], seed=7)
+    result = run("parity", other, tiny_debug_artifacts)
+    assert result.exit_code == 1
+    assert "failed" in result.output
+
+
+def test_parity_refuses_artifacts_of_another_config(variant_checkpoint, tiny_artifacts):
+    result = CliRunner().invoke(main, ["parity", str(variant_checkpoint), str(tiny_artifacts)])
+    assert result.exit_code == 2
+    assert "exported from a checkpoint with another config" in result.output
+
+
+def _no_leftovers(parent):
+    return not [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("case", ["file", "foreign_dir", "bad_checkpoint", "under_file"])
+def test_export_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    checkpoint = tiny_checkpoint
+    if case == "file":
+        out.write_text("not a directory")
+    elif case == "foreign_dir":
+        out.mkdir()
+        (out / "keep.txt").write_text("user data")
+    elif case == "bad_checkpoint":
+        checkpoint = tmp_path / "empty"
+        checkpoint.mkdir()
+    else:
+        (tmp_path / "plain").write_text("x")
+        out = tmp_path / "plain" / "out"
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(out)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert _no_leftovers(tmp_path)
+    if case == "foreign_dir":
+        assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_export_fails_cleanly_on_missing_tensor(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    del tensors["model.decoder.layers.0.experts.down_proj"]
+    save_file(tensors, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(tmp_path / "art")])
+    assert result.exit_code == 2
+    assert "missing tensor model.decoder.layers.0.experts.down_proj" in result.output
+    assert not (tmp_path / "art").exists() and _no_leftovers(tmp_path)
