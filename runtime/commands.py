@@ -137,6 +137,16 @@ def _watch(events: Any, codec: TextCodec | None, settings: Any, batch: int) -> G
             text.append("\n")
         return text
 
+    if not err.is_terminal:  # logs and CI: one line per step instead of a redrawn screen
+        for event in events:
+            if isinstance(event, Draft):
+                err.print(render(event), end="", markup=False, highlight=False)
+            elif isinstance(event, Committed):
+                for row in range(batch):
+                    committed[row] += until_eos(event.tokens[row], settings.eos_token_ids, settings.pad_token_id)
+            else:
+                return event
+        raise AssertionError("generation ended without a result")
     with Live(render(None), console=err, refresh_per_second=20, transient=False) as live:
         for event in events:
             if isinstance(event, Draft):
@@ -153,7 +163,8 @@ def _watch(events: Any, codec: TextCodec | None, settings: Any, batch: int) -> G
 def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     if codec is None:
         return "".join(f"{i} " for i in ids)
-    return codec.decode(ids)
+    # Control characters (random models emit them) would move the cursor and tear the live view.
+    return "".join(ch if ch.isprintable() else "·" for ch in codec.decode(ids))
 
 
 @click.command("bench")

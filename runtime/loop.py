@@ -208,7 +208,8 @@ def stream(
         sequences=sequences,
         prompt_length=prompt_len,
         steps_per_block=steps_per_block,
-        tokens_per_forward=valid / np.maximum(forwards, 1),
+        # float32, as transformers divides two integer tensors in torch's default dtype
+        tokens_per_forward=np.float32(valid) / np.maximum(forwards, 1).astype(np.float32),
         timings=timings,
     )
 

@@ -81,8 +81,9 @@ def tiny_debug_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session")
 def variant_artifacts(variant_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Default export (no logits) of the variant: other vocabulary, context capacity and prefill chunking."""
     out = tmp_path_factory.mktemp("art") / "variant"
-    export(variant_checkpoint, out, max_context=160, max_prefill=40, debug_logits=True)
+    export(variant_checkpoint, out, max_context=160, max_prefill=40)
     return out
 
 
@@ -98,3 +99,9 @@ def tiny_sparse_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
     out = tmp_path_factory.mktemp("art") / "tiny-sparse"
     export(tiny_checkpoint, out, moe="sparse", max_context=96, debug_logits=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny geometry whose EOS embedding is scaled up, so that EOS shows up in committed canvases."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=1.5)
