@@ -8,11 +8,13 @@ vision tower, which canvasrt does not use. Weights come from one `model.safetens
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -25,6 +27,7 @@ TEXT_PREFIX = "model.decoder."
 ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass
@@ -56,12 +59,32 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
+    def write_tensor(self, name: str, dtype: str, out: BinaryIO) -> int:
+        """Appends tensor `name`, converted to `dtype`, to `out` without mapping the checkpoint into memory: a
+        plain byte copy when the dtype matches, else one tensor at a time through a conversion buffer."""
+        file = self.tensor_files[name]
+        entry, data_start = _safetensors_header(file)[name], _safetensors_header_size(file)
+        begin, end = entry["data_offsets"]
+        with open(file, "rb") as src:
+            src.seek(data_start + begin)
+            if SAFETENSORS_DTYPES[entry["dtype"]] == DTYPES[dtype]:
+                remaining = end - begin
+                while remaining:
+                    block = src.read(min(remaining, 1 << 24))
+                    out.write(block)
+                    remaining -= len(block)
+                return end - begin
+            raw = torch.frombuffer(bytearray(src.read(end - begin)), dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        converted = raw.to(DTYPES[dtype]).view(torch.uint8).numpy().tobytes()
+        out.write(converted)
+        return len(converted)
+
     def load_text_model(self, moe: str = "dense", dtype: str = "fp32") -> DiffusionGemmaText:
         """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights)."""
         model = DiffusionGemmaText(self.config, moe=moe)
         target = DTYPES[dtype]
         for name, param in list(model.named_parameters()):
-            source = _checkpoint_name(name)
+            source = checkpoint_name(name)
             shape = self.shape(source)
             if shape != tuple(param.shape):
                 raise CheckpointError(
@@ -110,7 +133,21 @@ def _index_tensors(path: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
-def _checkpoint_name(param_name: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _safetensors_header_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(size))
+
+
+def checkpoint_name(param_name: str) -> str:
+    """The checkpoint tensor behind a parameter of DiffusionGemmaText."""
     if param_name.endswith("encoder_layer_scalar"):
         return ENCODER_SCALAR.format(param_name.split(".")[1])
     return TEXT_PREFIX + param_name

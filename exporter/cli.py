@@ -41,9 +41,11 @@ def random_checkpoint_command(output: Path, preset: str, seed: int) -> None:
 @click.option("--max-context", type=int, default=2048, show_default=True, help="committed tokens per request")
 @click.option("--max-prefill", type=int, default=None, help="encoder tokens per call (default: --max-context)")
 @click.option("--debug-logits", is_flag=True, help="also output the [batch, canvas, vocab] logits (parity work)")
+@click.option("--external-data/--inline-weights", default=None,
+              help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)")
 def export_command(
     checkpoint: Path, output: Path, dtype: str, moe: str, max_batch: int, max_context: int,
-    max_prefill: int | None, debug_logits: bool,
+    max_prefill: int | None, debug_logits: bool, external_data: bool | None,
 ) -> None:
     """Export CHECKPOINT's encoder and one denoising step to ONNX (encode.onnx, denoise.onnx, manifest.json)."""
     from .export import export
@@ -53,7 +55,7 @@ def export_command(
         task = progress.add_task("starting", total=None)
         manifest = export(
             checkpoint, output, dtype=dtype, moe=moe, max_batch=max_batch, max_context=max_context,
-            max_prefill=max_prefill, debug_logits=debug_logits,
+            max_prefill=max_prefill, debug_logits=debug_logits, external_data=external_data,
             progress=lambda text: progress.update(task, description=text),
         )
         progress.update(task, description="done")

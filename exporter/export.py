@@ -16,14 +16,15 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from .checkpoint import DTYPES, Checkpoint
+from .checkpoint import DTYPES, Checkpoint, checkpoint_name
 from .errors import CanvasrtError
 from .graphs import Capacity, DenoiseGraph, EncodeGraph, TensorSpec, denoise_io, encode_io, example_inputs
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, digest_json, sha256_file, staged_directory, write_json
 from .model import MOE_FORMULATIONS
 
 OPSET = 21  # FP8 Q/DQ with a FLOAT8E4M3FN zero point (calibration) needs opset >= 21 on ONNX Runtime
-PROTOBUF_LIMIT = 2 << 30
+EXTERNAL_DATA_ABOVE = 64 << 20
+WRAPPER_PREFIX = "model."  # EncodeGraph / DenoiseGraph hold the text model as `.model`
 
 ProgressFn = Callable[[str], None]
 
@@ -46,9 +47,13 @@ def export(
     max_context: int = 2048,
     max_prefill: int | None = None,
     debug_logits: bool = False,
+    external_data: bool | None = None,
     progress: ProgressFn = lambda _: None,
 ) -> dict[str, Any]:
-    """Exports both graphs and returns the manifest that was written."""
+    """Exports both graphs and returns the manifest that was written.
+
+    external_data: weights in `<graph>.onnx.data` next to each graph; None decides by size (above 64 MiB).
+    """
     if dtype not in DTYPES:
         raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if moe not in MOE_FORMULATIONS:
@@ -81,12 +86,12 @@ def export(
         progress("exporting encode.onnx")
         graphs["encode"] = _export_graph(
             EncodeGraph(model), enc_in, enc_out, example_inputs(enc_in, dims, torch_dtype), staging / "encode.onnx",
-            capacity,
+            capacity, checkpoint, dtype, external_data,
         )
         progress("exporting denoise.onnx")
         graphs["denoise"] = _export_graph(
             DenoiseGraph(model, debug_logits), den_in, den_out, example_inputs(den_in, dims, torch_dtype),
-            staging / "denoise.onnx", capacity,
+            staging / "denoise.onnx", capacity, checkpoint, dtype, external_data,
         )
         del model
         progress("writing manifest")
@@ -135,6 +140,9 @@ def _export_graph(
     args: tuple[torch.Tensor, ...],
     path: Path,
     capacity: Capacity,
+    checkpoint: Checkpoint,
+    dtype: str,
+    external_data: bool | None,
 ) -> dict[str, Any]:
     batch = torch.export.Dim("batch", min=1, max=capacity.max_batch)
     chunk = torch.export.Dim("chunk", min=1, max=capacity.max_prefill)
@@ -154,15 +162,46 @@ def _export_graph(
             opset_version=OPSET,
             verbose=False,
         )
-        program.save(str(path), external_data=_needs_external_data(module))
+        if external_data if external_data is not None else _needs_external_data(module):
+            _save_streaming_weights(program, path, checkpoint, dtype)
+        else:
+            program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
+    data = path.with_name(path.name + ".data")
     return {
         "file": path.name,
         "sha256": sha256_file(path),
+        **({"data_file": data.name, "data_sha256": sha256_file(data)} if data.exists() else {}),
         "inputs": [spec.to_dict() for spec in inputs],
         "outputs": [spec.to_dict() for spec in outputs],
         "profiles": _profiles(path.stem, capacity),
     }
+
+
+def _save_streaming_weights(program: Any, path: Path, checkpoint: Checkpoint, dtype: str) -> None:
+    """Saves with external data written straight from the checkpoint files.
+
+    Letting the exporter serialise the weights would read every parameter through the memory-mapped checkpoint
+    and make all of it resident at once; copying each tensor file-to-file (converting one tensor at a time where
+    the dtype changes) keeps the export's memory independent of the model size.
+    """
+    import onnx_ir as ir
+
+    model = program.model
+    data_name = path.name + ".data"
+    with open(path.with_name(data_name), "wb") as data:
+        for name, value in model.graph.initializers.items():
+            source = checkpoint_name(name.removeprefix(WRAPPER_PREFIX))
+            if not name.startswith(WRAPPER_PREFIX) or source not in checkpoint.tensor_files:
+                continue  # small constants made during tracing stay inline
+            data.write(b"\0" * (-data.tell() % 64))
+            offset = data.tell()
+            length = checkpoint.write_tensor(source, dtype, data)
+            tensor = value.const_value
+            value.const_value = ir.ExternalTensor(
+                data_name, offset, length, tensor.dtype, shape=tensor.shape, name=name, base_dir=str(path.parent)
+            )
+    ir.save(model, str(path))
 
 
 def _profiles(graph: str, capacity: Capacity) -> dict[str, dict[str, list[int]]]:
@@ -177,8 +216,10 @@ def _profiles(graph: str, capacity: Capacity) -> dict[str, dict[str, list[int]]]
 
 
 def _needs_external_data(module: torch.nn.Module) -> bool:
+    # Protobuf cannot hold more than 2 GiB, and serialising weights into one in-memory message would also double the
+    # export's peak memory, so anything beyond a small model streams its weights to a .data file instead.
     size = sum(p.numel() * p.element_size() for p in module.parameters())
-    return size > PROTOBUF_LIMIT // 2
+    return size > EXTERNAL_DATA_ABOVE
 
 
 def _unused_size(config: Any, capacity: Capacity) -> int:

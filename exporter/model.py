@@ -55,8 +55,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def _linear(dim_in: int, dim_out: int) -> nn.Linear:
-    return nn.Linear(dim_in, dim_out, bias=False, device="meta").requires_grad_(False)
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through a 2-D matmul: it exports as Gemm(transB=1), so the graph keeps the weight as stored
+    instead of carrying a transposed copy of it (which would double the export's memory and the file size)."""
+    return F.linear(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+def _linear(dim_in: int, dim_out: int) -> Linear:
+    return Linear(dim_in, dim_out, bias=False, device="meta").requires_grad_(False)
 
 
 class GatedMLP(nn.Module):
@@ -185,10 +196,11 @@ class Experts(nn.Module):
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         experts = torch.arange(self.num_experts, dtype=index.dtype)
         combine = ((index[:, :, None] == experts).to(weights.dtype) * weights[:, :, None]).sum(dim=1)  # [T, E]
-        gate_up = torch.matmul(x[None], self.gate_up_proj.transpose(1, 2))  # [E, T, 2I]
-        act = F.gelu(gate_up[..., : self.intermediate], approximate="tanh") * gate_up[..., self.intermediate :]
-        out = torch.matmul(act, self.down_proj.transpose(1, 2))  # [E, T, H]
-        return (out * combine.t()[:, :, None]).sum(dim=0).to(x.dtype)
+        # Token-minor layout ([E, features, T]) multiplies the expert weights as stored, without transposed copies.
+        gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, T]
+        act = F.gelu(gate_up[:, : self.intermediate], approximate="tanh") * gate_up[:, self.intermediate :]
+        out = torch.matmul(self.down_proj, act)  # [E, H, T]
+        return (out * combine.t()[:, None, :]).sum(dim=0).t().to(x.dtype)
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -387,7 +399,7 @@ class DiffusionGemmaText(nn.Module):
             cos, sin = tables[spec]
             h, _, _ = layer(h, cos, sin, past_keys[i], past_values[i], biases[spec])
         h = self.norm(h)
-        logits = torch.matmul(h, self.embed_tokens.weight.t()).float()
+        logits = linear(h, self.embed_tokens.weight).float()
         cap = self.config.logit_softcap
         return torch.tanh(logits / cap) * cap
 

@@ -89,8 +89,9 @@ def variant_artifacts(variant_checkpoint: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session")
 def tiny_fp16_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp16 with weights streamed into external data files (converted from the fp32 checkpoint on the way)."""
     out = tmp_path_factory.mktemp("art") / "tiny-fp16"
-    export(tiny_checkpoint, out, dtype="fp16", max_context=96, debug_logits=True)
+    export(tiny_checkpoint, out, dtype="fp16", max_context=96, debug_logits=True, external_data=True)
     return out
 
 

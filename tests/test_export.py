@@ -60,6 +60,16 @@ def test_step_parity_on_variant_geometry_sharded_old_format(variant_checkpoint, 
     assert result.exit_code == 0, result.output
 
 
+def test_streamed_external_data_is_listed_and_digested(tiny_fp16_artifacts):
+    manifest = json.loads((tiny_fp16_artifacts / "manifest.json").read_text())
+    for graph in manifest["graphs"].values():
+        data = tiny_fp16_artifacts / graph["data_file"]
+        assert data.stat().st_size > 100_000 and sha256_file(data) == graph["data_sha256"]
+        model = onnx.load(str(tiny_fp16_artifacts / graph["file"]), load_external_data=False)
+        external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert "model.embed_tokens.weight" in external and "model.layers.0.experts.gate_up_proj" in external
+
+
 @pytest.mark.parametrize("fixture", ["tiny_fp16_artifacts", "tiny_sparse_artifacts"])
 def test_step_parity_fp16_and_sparse(tiny_checkpoint, fixture, request, tmp_path):
     artifacts = request.getfixturevalue(fixture)
