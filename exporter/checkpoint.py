@@ -9,7 +9,6 @@ vision tower, which canvasrt does not use. Weights come from one `model.safetens
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig, load_model_config
 from .errors import CheckpointError
+from .manifest import sha256_file
 from .model import DiffusionGemmaText
 
 TEXT_PREFIX = "model.decoder."
@@ -111,7 +111,7 @@ class Checkpoint:
     def file_digests(self) -> dict[str, str]:
         """sha256 of config.json and every weight file, so artifacts can name exactly what they came from."""
         files = [self.path / "config.json", *sorted(set(self.tensor_files.values()))]
-        return {f.name: _sha256(f) for f in files}
+        return {f.name: sha256_file(f) for f in files}
 
 
 def _index_tensors(path: Path) -> dict[str, Path]:
@@ -156,11 +156,3 @@ def checkpoint_name(param_name: str) -> str:
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return model.get_submodule(path), attr
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

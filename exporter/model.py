@@ -83,13 +83,17 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
-def rotary_tables(spec: LayerSpec, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, S, head_dim] for rotate-half RoPE; pairs beyond `rotary_pairs` have frequency 0 (pass through)."""
+def inverse_frequencies(spec: LayerSpec) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim / 2], computed exactly as transformers computes them; pairs beyond
+    `rotary_pairs` get frequency 0 (they pass through unrotated)."""
     half = spec.head_dim // 2
     exponents = torch.arange(0, 2 * spec.rotary_pairs, 2, dtype=torch.int64).float() / spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta**exponents)
-    if spec.rotary_pairs < half:
-        inv_freq = torch.cat([inv_freq, torch.zeros(half - spec.rotary_pairs)])
+    return torch.cat([inv_freq, torch.zeros(half - spec.rotary_pairs)])
+
+
+def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, head_dim] for rotate-half RoPE at absolute positions."""
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -301,6 +305,16 @@ class DiffusionGemmaText(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
         self.embed_scale = math.sqrt(config.hidden_size)
+        # Buffers, so that the graphs carry the exact frequencies as constants: computing them in the graph would
+        # let the runtime's pow() differ in the last bit, an angle error that grows with the position.
+        self._rope_buffers = {}
+        for spec in dict.fromkeys(config.layers):
+            name = f"rope_inv_freq_{len(self._rope_buffers)}"
+            self.register_buffer(name, inverse_frequencies(spec), persistent=False)
+            self._rope_buffers[spec] = name
+
+    def _rotary(self, spec: LayerSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_tables(getattr(self, self._rope_buffers[spec]), positions, self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -356,7 +370,7 @@ class DiffusionGemmaText(nn.Module):
         window = self.config.sliding_window
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
             if spec not in tables:
-                tables[spec] = rotary_tables(spec, positions, self.dtype)
+                tables[spec] = self._rotary(spec, positions)
             cos, sin = tables[spec]
             x = layer.input_layernorm(h)
             k, v = layer.self_attn.key_value(x, cos, sin)
@@ -393,7 +407,7 @@ class DiffusionGemmaText(nn.Module):
         tables, biases = {}, {}
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
             if spec not in tables:
-                tables[spec] = rotary_tables(spec, positions, self.dtype)
+                tables[spec] = self._rotary(spec, positions)
                 _, live = self._context_visibility(spec, past_keys[i].shape[2], context_length, context_mask)
                 biases[spec] = torch.cat([self._bias(live)[:, None, None, :], canvas_bias], dim=3)
             cos, sin = tables[spec]

@@ -87,6 +87,10 @@ def build_random_model(text: dict[str, Any], canvas_length: int, seed: int) -> t
         for name, param in model.model.decoder.named_parameters():
             if name.endswith("norm.weight") or name.endswith(("router.scale", "per_expert_scale")):
                 param.copy_(1.0 + 0.25 * torch.randn(param.shape, generator=generator))
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Gemma 4 attends with scaling 1.0: trained q/k norms carry the 1/sqrt(head_dim). Without it random
+                # attention is near one-hot, and any change in summation order is amplified layer after layer.
+                param.mul_(param.shape[0] ** -0.25)
         decoder_layers = model.model.decoder.layers
         encoder_layers = model.model.encoder.language_model.layers
         for dec, enc in zip(decoder_layers, encoder_layers):

@@ -75,7 +75,7 @@ def _bench_backend(target: Path, name: str, batch: int, prompt_length: int, step
     ids, padding = _request(vocab, batch, prompt_length)
     backend.activate()
     for _ in range(2):  # the first run warms up sessions and allocators
-        backend.transfer_bytes = 0
+        backend.transfer_bytes = {kind: 0 for kind in backend.transfer_bytes}
         result = generate(backend, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
     backend.deactivate()
     t = result.timings
@@ -90,7 +90,7 @@ def _bench_backend(target: Path, name: str, batch: int, prompt_length: int, step
         "steps_per_block": result.steps_per_block,
         "tokens_per_forward": float(np.mean(result.tokens_per_forward)),
         "tokens_per_s": new_tokens / t["total_s"],
-        "transfer_bytes_per_step": backend.transfer_bytes / max(t["steps"], 1),
+        "transfer_bytes_per_step": backend.transfer_bytes["denoise"] / max(t["steps"], 1),
     }
 
 

@@ -3,8 +3,8 @@
 A backend owns everything that is large: the K/V buffers of the committed context, the context mask, and the
 self-conditioning state carried between denoising steps. The loop hands it only small per-step tensors (canvas,
 schedule values, random draws) and gets small ones back, so nothing of size [batch, canvas, vocabulary] and no K/V
-cache moves between host and backend per step. Backends count the bytes that do cross (`transfer_bytes`), which
-is what the bytes-per-step test checks.
+cache moves between host and backend per step. Backends count the bytes that do cross, per kind of call
+(`transfer_bytes["denoise"]` and so on), which is what the bytes-per-step test checks.
 
 Lifecycle, as in Polygraphy's runners: `activate()` once (load graphs or weights), then per request `start()`,
 `encode()` for each prefill chunk and commit, `denoise()` per step; `deactivate()` at the end.
@@ -48,7 +48,7 @@ class StepBackend(ABC):
     name: str = "?"
 
     def __init__(self) -> None:
-        self.transfer_bytes = 0
+        self.transfer_bytes: dict[str, int] = {"start": 0, "encode": 0, "denoise": 0}
 
     @abstractmethod
     def activate(self) -> None:
@@ -89,8 +89,8 @@ class StepBackend(ABC):
 
     # -- helpers for the byte accounting ---------------------------------------------------------------------------
 
-    def _count(self, *arrays: np.ndarray) -> None:
-        self.transfer_bytes += sum(int(a.nbytes) for a in arrays)
+    def _count(self, call: str, *arrays: np.ndarray) -> None:
+        self.transfer_bytes[call] += sum(int(a.nbytes) for a in arrays)
 
     def __enter__(self) -> "StepBackend":
         self.activate()

@@ -86,7 +86,7 @@ class OnnxRuntimeBackend(StepBackend):
         self.mask = context_mask(padding, self.capacity["max_context"])
         hidden = self._manifest["model"]["hidden_size"]
         self.self_cond = np.zeros((batch, self.capacity["canvas"], hidden), self.dtype)
-        self._count(padding)
+        self._count("start", padding)
 
     def _kv_feeds(self) -> dict[str, np.ndarray]:
         feeds = {}
@@ -104,7 +104,7 @@ class OnnxRuntimeBackend(StepBackend):
             "context_mask": self.mask,
             **self._kv_feeds(),
         }
-        self._count(input_ids, positions, context_length)
+        self._count("encode", input_ids, positions, context_length)
         out = self.sessions["encode"].run(None, feeds)
         self.buffers.write(positions, out[: self.num_layers], out[self.num_layers :])
 
@@ -133,7 +133,7 @@ class OnnxRuntimeBackend(StepBackend):
             "renoise_ids": draws.renoise_ids,
             **self._kv_feeds(),
         }
-        self._count(canvas, context_length, temperature, entropy_bound, draws.uniforms, draws.renoise_ids, frozen)
+        self._count("denoise", canvas, context_length, temperature, entropy_bound, draws.uniforms, draws.renoise_ids, frozen)
         out = dict(zip(self._denoise_outputs, self.sessions["denoise"].run(None, feeds)))
         next_self_cond = out.pop("next_self_cond")
         self.self_cond = np.where(frozen[:, None, None], self.self_cond, next_self_cond)
@@ -145,5 +145,5 @@ class OnnxRuntimeBackend(StepBackend):
             mean_entropy=out.pop("mean_entropy"),
             extras=out,
         )
-        self._count(result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy, *out.values())
+        self._count("denoise", result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy, *out.values())
         return result

@@ -79,7 +79,7 @@ class TorchBackend(StepBackend):
         mask[:, : padding.shape[1]] = torch.from_numpy(padding)
         self.mask = mask
         self.self_cond = torch.zeros(batch, self.capacity.canvas, self.model.config.hidden_size, dtype=torch_dtype)
-        self._count(padding)
+        self._count("start", padding)
 
     @torch.inference_mode()
     def encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
@@ -97,7 +97,7 @@ class TorchBackend(StepBackend):
             keep, slots = slot_index(layer, positions)
             k_buf[:, :, torch.from_numpy(slots)] = k[:, :, torch.from_numpy(keep)]
             v_buf[:, :, torch.from_numpy(slots)] = v[:, :, torch.from_numpy(keep)]
-        self._count(input_ids, positions, context_length)
+        self._count("encode", input_ids, positions, context_length)
 
     @torch.inference_mode()
     def denoise(
@@ -127,9 +127,9 @@ class TorchBackend(StepBackend):
         )
         keep = torch.from_numpy(frozen)[:, None, None]
         self.self_cond = torch.where(keep, self.self_cond, out.next_self_cond)
-        self._count(canvas, context_length, temperature, entropy_bound, draws.renoise_ids, frozen)
+        self._count("denoise", canvas, context_length, temperature, entropy_bound, draws.renoise_ids, frozen)
         if draws.uniforms is not None:
-            self._count(draws.uniforms)
+            self._count("denoise", draws.uniforms)
         result = StepResult(
             argmax=out.argmax.numpy(),
             next_canvas=out.next_canvas.numpy(),
@@ -137,5 +137,5 @@ class TorchBackend(StepBackend):
             entropy=out.entropy.numpy(),
             mean_entropy=out.mean_entropy.numpy(),
         )
-        self._count(result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy)
+        self._count("denoise", result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy)
         return result
