@@ -58,9 +58,29 @@ class Reference:
 
     @torch.inference_mode()
     def logits(self, state: ReferenceCache, canvas: np.ndarray, self_cond_logits: torch.Tensor | None) -> torch.Tensor:
-        """Softcapped fp32 logits [B, C, V] of one decoder pass over the canvas."""
+        """Softcapped fp32 logits [B, C, V] of one decoder pass over the canvas. Records, per token, the smallest
+        relative gap between the k-th and (k+1)-th router probability over all layers in `self.routing_margin`."""
         c = canvas.shape[1]
         decoder_mask = torch.cat([state.attention_mask, torch.ones(canvas.shape[0], c, dtype=torch.bool)], dim=1)
+        margins: list[torch.Tensor] = []
+        k = self.text_config.top_k_experts
+
+        def record(module: Any, args: Any, output: Any) -> None:
+            top = torch.topk(output[0], k + 1, dim=-1).values
+            margins.append((top[:, k - 1] - top[:, k]) / top[:, k - 1])
+
+        hooks = [layer.router.register_forward_hook(record) for layer in self.model.model.decoder.layers]
+        try:
+            logits = self._decode(state, canvas, self_cond_logits, decoder_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.routing_margin = torch.stack(margins).amin(dim=0).reshape(canvas.shape).numpy()
+        return logits
+
+    def _decode(self, state: ReferenceCache, canvas: np.ndarray, self_cond_logits: torch.Tensor | None,
+                decoder_mask: torch.Tensor) -> torch.Tensor:
+        c = canvas.shape[1]
         return self.model(
             decoder_input_ids=torch.from_numpy(canvas),
             past_key_values=state.cache,
