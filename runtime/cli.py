@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..exporter.cli import export_command, random_checkpoint_command
 from ..exporter.errors import CanvasrtError
-from .commands import bench_command, generate_command
+from .commands import bench_command, eval_command, generate_command
 
 out = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -81,3 +81,4 @@ main.add_command(random_checkpoint_command)
 main.add_command(export_command)
 main.add_command(generate_command)
 main.add_command(bench_command)
+main.add_command(eval_command)

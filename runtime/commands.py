@@ -132,7 +132,7 @@ def _watch(events: Any, codec: TextCodec | None, settings: Any, batch: int) -> G
             text.append(_decode(codec, committed[row]), style="green")
             if draft is not None:
                 for token, ok in zip(draft.argmax[row].tolist(), draft.accepted[row].tolist()):
-                    text.append(_decode(codec, [token]) or "·", style="bold yellow" if ok else "dim")
+                    text.append(_piece(codec, token) or "·", style="bold yellow" if ok else "dim")
                 text.append(f"  (canvas {draft.block}, step {draft.step}, H={draft.mean_entropy[row]:.3f})", style="cyan")
             text.append("\n")
         return text
@@ -160,11 +160,19 @@ def _watch(events: Any, codec: TextCodec | None, settings: Any, batch: int) -> G
     raise AssertionError("generation ended without a result")
 
 
+def _piece(codec: TextCodec | None, token: int) -> str:
+    return _printable(codec.piece(token)) if codec else f"{token} "
+
+
+def _printable(text: str) -> str:
+    # Control characters (random models emit them) would move the cursor and tear the live view.
+    return "".join(ch if ch.isprintable() else "·" for ch in text)
+
+
 def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     if codec is None:
         return "".join(f"{i} " for i in ids)
-    # Control characters (random models emit them) would move the cursor and tear the live view.
-    return "".join(ch if ch.isprintable() else "·" for ch in codec.decode(ids))
+    return _printable(codec.decode(ids))
 
 
 @click.command("bench")
@@ -189,3 +197,32 @@ def bench_command(
         click.echo(json.dumps(results, indent=2))
     else:
         Console().print(format_table(results))
+
+
+@click.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--task", required=True, help="synthetic task the model was trained on (e.g. sort)")
+@click.option("--samples", type=int, default=100, show_default=True, help="held-out prompts")
+@click.option("--backend", "backends", multiple=True,
+              help="repeatable: transformers (checkpoint), torch, onnxruntime (default: by TARGET kind)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(target: Path, task: str, samples: int, backends: tuple[str, ...], seed: int, threads: int | None,
+                 as_json: bool) -> None:
+    """Exact-match accuracy, steps per canvas and tokens per forward on TASK's held-out prompts."""
+    from .backends import default_backend
+    from .evaluate import evaluate
+
+    results = [evaluate(target, task, samples, name, seed, threads) for name in (backends or [default_backend(target)])]
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(
+            f"{r['backend']}: exact match {100 * r['exact_match']:.1f}% of {r['samples']} held-out {r['task']} prompts, "
+            f"{r['steps_per_block']:.2f} steps per canvas (max {r['max_denoising_steps']}), "
+            f"{r['tokens_per_forward']:.2f} tokens per forward, {r['seconds']:.1f}s"
+        )
+        for failure in r["failures"]:
+            click.echo(f"  miss: {failure['prompt']!r} -> {failure['got']!r} (expected {failure['expected']!r})")

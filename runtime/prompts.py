@@ -24,10 +24,16 @@ class TextCodec:
         self.tokenizer = Tokenizer.from_file(str(path))
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # The tokenizer's own post-processor decides about special tokens (a <bos>, say), as in training.
+        return self.tokenizer.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def piece(self, token: int) -> str:
+        """One token as shown in a live canvas: word-level vocabularies (no decoder) get their separating space."""
+        text = self.decode([token])
+        return text + " " if text and self.tokenizer.decoder is None else text
 
 
 def until_eos(ids: np.ndarray, eos_ids: tuple[int, ...], pad_id: int | None) -> list[int]:

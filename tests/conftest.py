@@ -106,3 +106,14 @@ def tiny_sparse_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
 def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny geometry whose EOS embedding is scaled up, so that EOS shows up in committed canvases."""
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=1.5)
+
+
+SORT_FIXTURE = Path(__file__).parent / "fixtures" / "sort-tiny"
+
+
+@pytest.fixture(scope="session")
+def sort_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained sort model (tests/fixtures/sort-tiny), exported in fp32."""
+    out = tmp_path_factory.mktemp("art") / "sort"
+    export(SORT_FIXTURE, out, max_context=64)
+    return out
