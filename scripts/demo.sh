@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# The main job on the built-in tiny preset: random checkpoint -> ONNX export -> generate (live canvas) -> parity.
+# The main job. On the trained sort model (tests/fixtures/sort-tiny): export, generate with the live canvas, accuracy
+# of the reference against the ONNX graphs, step and loop parity. On the random tiny preset: random checkpoint,
+# export with logits, step and loop parity.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 WORK="${WORK:-runs/demo}"
+SORT=tests/fixtures/sort-tiny
 mkdir -p "$WORK"
-canvasrt random-checkpoint "$WORK/checkpoint" --preset tiny
-canvasrt export "$WORK/checkpoint" -o "$WORK/artifacts" --max-context 256 --debug-logits
-canvasrt generate "$WORK/artifacts" --prompt "Block diffusion writes a canvas at a time." --watch
-canvasrt parity "$WORK/checkpoint" "$WORK/artifacts" --level step --report "$WORK/parity-step.json"
-canvasrt parity "$WORK/checkpoint" "$WORK/artifacts" --level loop --report "$WORK/parity-loop.json"
+
+canvasrt export "$SORT" -o "$WORK/sort" --max-context 64
+canvasrt generate "$WORK/sort" --prompt "sort 7 3 9 1 4 =" --watch
+canvasrt eval "$SORT" --task sort --samples 100 --backend transformers
+canvasrt eval "$WORK/sort" --task sort --samples 100
+canvasrt parity "$SORT" "$WORK/sort" --level step --report "$WORK/sort-step.json"
+canvasrt parity "$SORT" "$WORK/sort" --level loop --report "$WORK/sort-loop.json"
+
+canvasrt random-checkpoint "$WORK/tiny" --preset tiny
+canvasrt export "$WORK/tiny" -o "$WORK/tiny-onnx" --max-context 256 --debug-logits
+canvasrt generate "$WORK/tiny-onnx" --prompt "Block diffusion writes a canvas at a time." --max-denoising-steps 4
+canvasrt parity "$WORK/tiny" "$WORK/tiny-onnx" --level step --report "$WORK/tiny-step.json" --junit "$WORK/tiny-step.xml"
+canvasrt parity "$WORK/tiny" "$WORK/tiny-onnx" --level loop --report "$WORK/tiny-loop.json"
