@@ -417,11 +417,13 @@ class DiffusionGemmaText(nn.Module):
         cap = self.config.logit_softcap
         return torch.tanh(logits / cap) * cap
 
-    def soft_embedding(self, processed_logits: torch.Tensor) -> torch.Tensor:
+    def soft_embedding(self, processed_logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
         """The next step's self-conditioning input: softmax of the temperature-scaled logits (as stored in the
-        embedding dtype) times the embedding matrix, times the embedding scale."""
-        probs = torch.softmax(processed_logits.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
-        return torch.matmul(probs, self.embed_tokens.weight) * torch.tensor(self.embed_scale, dtype=self.dtype)
+        embedding dtype) times the embedding matrix, times the embedding scale. `probs`: softmax(processed_logits)
+        in fp32, reused when the embedding dtype is fp32 (the cast is then the identity, so it is the same softmax)."""
+        if probs is None or self.dtype != torch.float32:
+            probs = torch.softmax(processed_logits.to(self.dtype), dim=-1, dtype=torch.float32)
+        return torch.matmul(probs.to(self.dtype), self.embed_tokens.weight) * torch.tensor(self.embed_scale, dtype=self.dtype)
 
     def denoise(
         self,
@@ -461,7 +463,7 @@ class DiffusionGemmaText(nn.Module):
             entropy=entropy,
             accepted=accepted,
             next_canvas=torch.where(accepted, sampled, renoise_ids),
-            next_self_cond=self.soft_embedding(z),
+            next_self_cond=self.soft_embedding(z, probs),
             mean_entropy=entropy.mean(dim=-1),
             logits=logits if with_logits else None,
         )
