@@ -175,3 +175,17 @@ def test_bench_reports_backends_side_by_side(tiny_artifacts):
     assert 0 <= entries["onnxruntime"]["host_overhead_share"] < 1
     assert entries["torch"]["step_speedup_vs_onnxruntime"] > 0
     assert entries["onnxruntime"]["step_speedup_vs_transformers"] > 0
+
+
+def test_chunked_prefill_equals_one_pass(variant_checkpoint, variant_artifacts):
+    """A prompt longer than the artifacts' max_prefill (40) is prefilled in chunks; the torch backend takes it in
+    one pass. Same tokens either way, past the sliding window (20) too."""
+    assert json.loads((variant_artifacts / "manifest.json").read_text())["capacity"]["max_prefill"] == 40
+    rows = [list(range(3, 3 + 93)), list(range(100, 150))]
+    ids, padding = left_pad(rows, 0)
+    results = []
+    for backend in (TorchBackend(variant_checkpoint, max_context=160), OnnxRuntimeBackend(variant_artifacts)):
+        backend.activate()
+        settings = resolve_settings(backend.manifest["generation"], {"max_new_tokens": 32, "max_denoising_steps": 4})
+        results.append(generate(backend, ids, padding, settings, make_draws("counter", 1, 2, 320, 16)))
+    assert np.array_equal(results[0].sequences, results[1].sequences)
