@@ -61,13 +61,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        data = dict(data)
-        data["layers"] = tuple(LayerSpec(**layer) for layer in data["layers"])
-        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
-        return cls(**data)
-
 
 def read_config_json(checkpoint_dir: Path) -> dict[str, Any]:
     path = Path(checkpoint_dir) / "config.json"

@@ -59,9 +59,6 @@ class TorchBackend(StepBackend):
     def manifest(self) -> dict[str, Any]:
         return self._manifest
 
-    def tokenizer_dir(self) -> Path:
-        return self.checkpoint.path
-
     def activate(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
