@@ -105,7 +105,7 @@ def tiny_sparse_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny geometry whose EOS embedding is scaled up, so that EOS shows up in committed canvases."""
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=1.5)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=2.0)
 
 
 SORT_FIXTURE = Path(__file__).parent / "fixtures" / "sort-tiny"

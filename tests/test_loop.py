@@ -56,8 +56,9 @@ def test_eos_and_pad_handling_is_exercised(eos_checkpoint):
     out = hf_generate(eos_checkpoint, rows, 11, **EARLY_STOP)
     new = out.sequences[:, 10:]
     first_eos = [row.index(1) for row in new.tolist()]
-    assert len(set(first_eos)) == 2
+    assert first_eos[0] < 16 <= first_eos[1]  # one row ends in the first canvas, the other in the second
     assert all((row[i + 1 :] == 0).all() for row, i in zip(new, first_eos))
+    assert (out.tokens_per_forward > 0).all()
 
 
 def test_onnxruntime_equals_torch_in_counter_mode(tiny_checkpoint, tiny_artifacts):
