@@ -50,7 +50,8 @@ def parity_command(
     from .parity import loop_parity, step_parity
 
     run = step_parity if level == "step" else loop_parity
-    report = run(checkpoint, artifacts, seed=seed, threads=threads)
+    with Console(stderr=True).status(f"running {level} parity: reference and artifacts on the same inputs"):
+        report = run(checkpoint, artifacts, seed=seed, threads=threads)
     table = Table(title=f"parity --level {level} ({report.dtype})", show_lines=False)
     for column in ("stage", "output", "figures", "limits", "ok"):
         table.add_column(column)

@@ -214,7 +214,10 @@ def eval_command(target: Path, task: str, samples: int, backends: tuple[str, ...
     from .backends import default_backend
     from .evaluate import evaluate
 
-    results = [evaluate(target, task, samples, name, seed, threads) for name in (backends or [default_backend(target)])]
+    results = []
+    for name in backends or [default_backend(target)]:
+        with err.status(f"{name}: generating {samples} held-out {task} answers"):
+            results.append(evaluate(target, task, samples, name, seed, threads))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
