@@ -65,3 +65,32 @@ def export_command(
         + ", ".join(f"{n}.onnx {s / 1e6:.1f} MB" for n, s in sizes.items())
         + f"; capacity {json.dumps(manifest['capacity'])}"
     )
+
+
+@click.command("build")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="engine directory to write")
+@click.option("--target", default="sm89", show_default=True,
+              help="sm75|sm80|sm86|sm89|sm120|sm121 (tensorrt-rtx, ahead of time) or current|sm90 (tensorrt)")
+@click.option("--builder", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+              help="auto: tensorrt where installed, else tensorrt-rtx")
+@click.option("--workspace", default=None, help="builder workspace limit, e.g. 4G")
+def build_command(artifacts: Path, output: Path, target: str, builder: str, workspace: str | None) -> None:
+    """Build TensorRT engines (strongly typed, the manifest's optimization profiles) from ARTIFACTS."""
+    from .builder import build_engines
+
+    start = time.perf_counter()
+    with stage_progress() as progress:
+        task = progress.add_task("starting", total=None)
+        manifest, reused = build_engines(
+            artifacts, output, builder=builder, target=target, workspace=workspace,
+            progress=lambda text: progress.update(task, description=text),
+        )
+        progress.update(task, description="done")
+    key = manifest["key"]
+    if reused:
+        click.echo(f"{output} is up to date ({key['builder']} {key['builder_version']}, {key['target']}); nothing built")
+        return
+    sizes = ", ".join(f"{n}.engine {e['bytes'] / 1e6:.1f} MB" for n, e in manifest["engines"].items())
+    click.echo(f"built {key['builder']} {key['builder_version']} engines for {key['target']} in "
+               f"{time.perf_counter() - start:.1f}s: {sizes}")
