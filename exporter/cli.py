@@ -94,3 +94,28 @@ def build_command(artifacts: Path, output: Path, target: str, builder: str, work
     sizes = ", ".join(f"{n}.engine {e['bytes'] / 1e6:.1f} MB" for n, e in manifest["engines"].items())
     click.echo(f"built {key['builder']} {key['builder_version']} engines for {key['target']} in "
                f"{time.perf_counter() - start:.1f}s: {sizes}")
+
+
+@click.command("calibrate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="FP8 artifact directory to write")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help='JSONL calibration prompts ({"text"} or {"ids"})')
+@click.option("--task", default=None, help="calibrate on a synthetic task's calibration split (e.g. sort)")
+@click.option("--samples", type=int, default=64, show_default=True)
+@click.option("--method", type=click.Choice(["max"]), default="max", show_default=True)
+@click.option("--weights", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel", show_default=True)
+def calibrate_command(checkpoint: Path, artifacts: Path, output: Path, prompts_file: Path | None, task: str | None,
+                      samples: int, method: str, weights: str) -> None:
+    """FP8 (E4M3) Q/DQ artifacts, calibrated by running the loop over the whole denoising schedule."""
+    from ..calibration.calibrate import calibrate
+
+    with stage_progress() as progress:
+        stage = progress.add_task("starting", total=None)
+        manifest = calibrate(checkpoint, artifacts, output, prompts_file, task, samples, method, weights,
+                             progress=lambda text: progress.update(stage, description=text))
+        progress.update(stage, description="done")
+    q = manifest["quantization"]
+    counts = {name: len(g["quantized"]) for name, g in manifest["graphs"].items()}
+    click.echo(f"wrote FP8 artifacts to {output}: {counts} GEMMs quantized, {q['weights']} weights, "
+               f"{q['method']} ranges from {q['samples']} prompts ({q['prompts']})")

@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..exporter.cli import build_command, export_command, random_checkpoint_command
+from ..exporter.cli import build_command, calibrate_command, export_command, random_checkpoint_command
 from ..exporter.errors import CanvasrtError
 from .commands import bench_command, eval_command, generate_command
 
@@ -81,6 +81,7 @@ def _fmt(value: object) -> str:
 main.add_command(random_checkpoint_command)
 main.add_command(export_command)
 main.add_command(build_command)
+main.add_command(calibrate_command)
 main.add_command(generate_command)
 main.add_command(bench_command)
 main.add_command(eval_command)

@@ -55,6 +55,9 @@ TOLERANCES = {
     "fp32": {"rel_p99": 1e-4, "cos": 0.999, "argmax": 1.0, "agree": 0.99},
     "fp16": {"nrmse": 0.1, "cos": 0.995, "argmax": 0.9, "agree": 0.9},
     "bf16": {"nrmse": 0.15, "cos": 0.99, "argmax": 0.8, "agree": 0.8},
+    # FP8 Q/DQ artifacts against the fp32 reference: a quantization error budget, not an implementation check.
+    # Entropies are judged in nats there: a confident model's entropies are ~0.01, so relative errors say nothing.
+    "fp8": {"nrmse": 0.25, "cos": 0.97, "argmax": 0.7, "agree": 0.7, "entropy_nats": 0.25},
 }
 
 
@@ -128,7 +131,10 @@ def continuous(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def _judge_continuous(stage: str, name: str, actual: np.ndarray, reference: np.ndarray, tol: dict) -> Check:
     m = continuous(actual, reference)
-    limits = {k: tol[k] for k in ("rel_p99", "nrmse", "cos") if k in tol}
+    if "entropy" in name and "entropy_nats" in tol:
+        limits = {"max_abs": tol["entropy_nats"]}
+    else:
+        limits = {k: tol[k] for k in ("rel_p99", "nrmse", "cos") if k in tol}
     ok = all(m[k] >= v if k == "cos" else m[k] <= v for k, v in limits.items())
     return Check(stage, name, m, limits, ok)
 
@@ -175,7 +181,7 @@ def step_parity(checkpoint_dir: str | Path, artifacts: str | Path, seed: int = 0
     manifest = read_manifest(artifacts)
     checkpoint = Checkpoint.open(checkpoint_dir)
     _check_artifacts_match(checkpoint, manifest, artifacts)
-    dtype = manifest["dtype"]
+    dtype = "fp8" if manifest.get("quantization") else manifest["dtype"]
     tol = TOLERANCES[dtype]
     report = Report("step", str(checkpoint_dir), str(artifacts), dtype)
     backend = OnnxRuntimeBackend(artifacts, threads=threads)

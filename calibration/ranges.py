@@ -1,0 +1,108 @@
+"""Activation ranges for FP8: the input amax of every quantized GEMM, recorded while the real loop runs.
+
+The torch backend runs the whole generation loop (prefill, every denoising step from near-uniform noise to a
+near-clean canvas, commits) on calibration prompts with hooks on the GEMM inputs, so the ranges cover the whole
+schedule. Expert down-projections are ranged per expert over the tokens routed to it; an expert that saw fewer
+than `min_tokens` tokens falls back to the largest range of its layer (conservative: no clipping).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..exporter.model import Experts, Linear
+from ..runtime.backends.torch import TorchBackend
+from ..runtime.loop import generate, left_pad
+from ..runtime.rng import make_draws
+from ..runtime.settings import resolve_settings
+
+# GEMMs run in FP8 (by weight name, as the graphs name their initializers without the leading "model.").
+QUANTIZED = re.compile(
+    r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|self_conditioning\.(gate|up|down)_proj)\.weight$"
+    r"|experts\.(gate_up|down)_proj$"
+)
+# Kept in higher precision: embeddings and LM head (embed_tokens), the router, norms, softmax, the sampler.
+E4M3_MAX = 448.0
+
+
+@dataclass
+class Ranges:
+    """amax per quantized GEMM input; per-expert lists for expert down-projections."""
+
+    amax: dict[str, Any] = field(default_factory=dict)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    fallbacks: dict[str, list[int]] = field(default_factory=dict)
+
+    def update(self, name: str, value: np.ndarray | float) -> None:
+        old = self.amax.get(name)
+        self.amax[name] = value if old is None else np.maximum(old, value)
+
+
+def collect_ranges(checkpoint_dir: str | Path, prompts: list[list[int]], seed: int = 0, batch: int = 8,
+                   min_tokens: int = 16) -> Ranges:
+    backend = TorchBackend(checkpoint_dir, moe="dense", max_batch=batch)
+    backend.activate()
+    ranges = Ranges()
+    hooks = []
+    for name, module in backend.model.named_modules():
+        if isinstance(module, Linear) and QUANTIZED.search(f"{name}.weight"):
+            hooks.append(module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.weight")))
+        if isinstance(module, Experts):
+            hooks.append(module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.gate_up_proj")))
+            module.observe_down_input = _expert_observer(ranges, f"{name}.down_proj")
+    manifest = backend.manifest
+    settings = resolve_settings(manifest.get("generation") or {})
+    vocab, canvas = manifest["model"]["vocab_size"], manifest["capacity"]["canvas"]
+    try:
+        for start in range(0, len(prompts), batch):
+            rows = prompts[start : start + batch]
+            ids, padding = left_pad(rows, settings.pad_token_id or 0)
+            draws = make_draws("counter", seed, len(rows), vocab, canvas, row_seeds=[seed + start + i for i in range(len(rows))])
+            generate(backend, ids, padding, settings, draws)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    _fall_back_sparse_experts(ranges, min_tokens)
+    return ranges
+
+
+def _amax_hook(ranges: Ranges, name: str) -> Any:
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        ranges.update(name, float(args[0].detach().abs().amax()))
+
+    return hook
+
+
+def _expert_observer(ranges: Ranges, name: str) -> Any:
+    def observe(act: torch.Tensor, routed: torch.Tensor) -> None:
+        # act [E, I, T]; only routed tokens matter: the others are multiplied by a zero routing weight.
+        per_expert = (act.detach().abs() * routed[:, None, :]).amax(dim=(1, 2)).numpy()
+        ranges.update(name, per_expert)
+        counts = routed.sum(dim=1).tolist()
+        previous = ranges.expert_tokens.get(name, [0] * len(counts))
+        ranges.expert_tokens[name] = [a + b for a, b in zip(previous, counts)]
+
+    return observe
+
+
+def _fall_back_sparse_experts(ranges: Ranges, min_tokens: int) -> None:
+    for name, counts in ranges.expert_tokens.items():
+        amax = np.asarray(ranges.amax[name], dtype=np.float64)
+        starved = [e for e, n in enumerate(counts) if n < min_tokens]
+        if starved:
+            amax[starved] = amax.max()
+            ranges.fallbacks[name] = starved
+        ranges.amax[name] = amax
+
+
+def scale_for(amax: np.ndarray | float) -> np.ndarray:
+    """E4M3 scale amax / 448, nudged up one fp32 step so that amax / scale never exceeds 448."""
+    amax = np.maximum(np.asarray(amax, dtype=np.float32), np.float32(1e-12))
+    scale = (amax / np.float32(E4M3_MAX)).astype(np.float32)
+    return np.nextafter(scale, np.float32(np.inf))

@@ -1,0 +1,77 @@
+"""FP8 calibration on the trained sort model: Q/DQ graphs that ONNX Runtime runs, the accuracy cost measured with
+canvasrt eval, FP8 engines built for SM89, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from canvasrt.runtime.cli import main
+
+from conftest import SORT_FIXTURE
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def sort_fp8(sort_artifacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "sort-fp8"
+    result = cli("calibrate", SORT_FIXTURE, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_calibrated_graphs_hold_fp8_gemms_and_the_calibration(sort_fp8):
+    manifest = json.loads((sort_fp8 / "manifest.json").read_text())
+    calibration = json.loads((sort_fp8 / "calibration.json").read_text())
+    assert manifest["quantization"]["format"] == "fp8" and manifest["quantization"]["prompts"] == "task sort calibration split"
+    denoise = manifest["graphs"]["denoise"]
+    assert any(name.endswith("experts.down_proj") for name in denoise["quantized"])
+    assert not any("embed_tokens" in name or "router" in name for name in denoise["quantized"])
+    model = onnx.load(str(sort_fp8 / "denoise.onnx"))
+    fp8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.name.endswith(".fp8")]
+    assert len(fp8) == len(denoise["quantized"])
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(denoise["quantized"])
+    for entry in calibration["tensors"].values():  # scales rounded so that amax / scale stays within E4M3's 448
+        assert (np.asarray(entry["amax"]) / np.asarray(entry["scale"]) <= 448).all()
+
+
+def test_fp8_accuracy_cost_on_the_trained_model(sort_artifacts, sort_fp8):
+    results = {}
+    for name, target in (("fp32", sort_artifacts), ("fp8", sort_fp8)):
+        result = cli("eval", target, "--task", "sort", "--samples", "100", "--json")
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads(result.output)[0]
+    assert results["fp8"]["exact_match"] >= results["fp32"]["exact_match"] - 0.01
+    assert abs(results["fp8"]["tokens_per_forward"] / results["fp32"]["tokens_per_forward"] - 1) <= 0.05
+
+
+def test_fp8_step_parity_within_the_fp8_budget(sort_fp8, tmp_path):
+    result = cli("parity", SORT_FIXTURE, sort_fp8, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["dtype"] == "fp8"
+
+
+def test_fp8_engines_build_for_sm89_and_are_refused_for_sm80(sort_fp8, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    built = cli("build", sort_fp8, "-o", tmp_path / "sm89", "--target", "sm89")
+    assert built.exit_code == 0, built.output
+    refused = cli("build", sort_fp8, "-o", tmp_path / "sm80", "--target", "sm80")
+    assert refused.exit_code == 2 and "sm80 has no FP8 tensor cores" in refused.output
+    assert not (tmp_path / "sm80").exists()
+
+
+def test_calibrate_bad_input(sort_artifacts, sort_fp8, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = cli("calibrate", SORT_FIXTURE, sort_artifacts, "-o", tmp_path / "x", "--prompts", empty)
+    assert result.exit_code == 2 and "holds no prompts" in result.output
+    result = cli("calibrate", SORT_FIXTURE, sort_fp8, "-o", tmp_path / "y", "--task", "sort")
+    assert result.exit_code == 2 and "already quantized" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
