@@ -317,7 +317,8 @@ def loop_parity(
     _check_artifacts_match(checkpoint, manifest, artifacts)
     cap, model = manifest["capacity"], manifest["model"]
     canvas, vocab = cap["canvas"], model["vocab_size"]
-    report = Report("loop", str(checkpoint_dir), str(artifacts), manifest["dtype"])
+    dtype = "fp8" if manifest.get("quantization") else manifest["dtype"]
+    report = Report("loop", str(checkpoint_dir), str(artifacts), dtype)
     rng = np.random.default_rng(seed)
     prompt_len = max(4, min(cap["max_context"] - 2 * canvas, model["sliding_window"] + 4, 24))
     blocks = 2 if prompt_len + canvas <= cap["max_context"] else 1
@@ -359,7 +360,7 @@ def loop_parity(
     for backend in (torch_backend, artifact_backend):
         results[backend.name] = generate(backend, ids, padding, settings, make_draws("counter", seed, len(rows), vocab, canvas))
     a, t = results["onnxruntime"], results["torch"]
-    minimum = 1.0 if manifest["dtype"] == "fp32" else TOLERANCES[manifest["dtype"]]["agree"]
+    minimum = 1.0 if dtype == "fp32" else TOLERANCES[dtype]["agree"]
     width = min(a.new_tokens.shape[1], t.new_tokens.shape[1])
     for block in range(math.ceil(width / canvas)):
         sl = slice(block * canvas, (block + 1) * canvas)
@@ -369,10 +370,10 @@ def loop_parity(
     same_steps = a.steps_per_block == t.steps_per_block
     report.checks.append(
         Check("onnxruntime_vs_torch", "steps_per_block", {"onnxruntime": a.steps_per_block, "torch": t.steps_per_block},
-              {}, same_steps or manifest["dtype"] != "fp32")
+              {}, same_steps or dtype != "fp32")
     )
     report.checks.append(
         Check("onnxruntime_vs_torch", "sequence_length", {"onnxruntime": a.sequences.shape[1], "torch": t.sequences.shape[1]},
-              {}, a.sequences.shape == t.sequences.shape or manifest["dtype"] != "fp32")
+              {}, a.sequences.shape == t.sequences.shape or dtype != "fp32")
     )
     return report

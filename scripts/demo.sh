@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job. On the trained sort model (tests/fixtures/sort-tiny): export, generate with the live canvas, accuracy
-# of the reference against the ONNX graphs, step and loop parity. On the random tiny preset: random checkpoint,
-# export with logits, step and loop parity.
+# of the reference against the ONNX graphs, step and loop parity, FP8 calibration with its accuracy cost and an FP8
+# TensorRT-RTX engine for SM89. On the random tiny preset: random checkpoint, export with logits, step and loop parity.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,6 +16,10 @@ canvasrt eval "$SORT" --task sort --samples 100 --backend transformers
 canvasrt eval "$WORK/sort" --task sort --samples 100
 canvasrt parity "$SORT" "$WORK/sort" --level step --report "$WORK/sort-step.json"
 canvasrt parity "$SORT" "$WORK/sort" --level loop --report "$WORK/sort-loop.json"
+canvasrt calibrate "$SORT" "$WORK/sort" -o "$WORK/sort-fp8" --task sort
+canvasrt eval "$WORK/sort-fp8" --task sort --samples 100
+canvasrt parity "$SORT" "$WORK/sort-fp8" --level step --report "$WORK/sort-fp8-step.json"
+canvasrt build "$WORK/sort-fp8" -o "$WORK/sort-fp8-sm89" --builder tensorrt-rtx --target sm89
 
 canvasrt random-checkpoint "$WORK/tiny" --preset tiny
 canvasrt export "$WORK/tiny" -o "$WORK/tiny-onnx" --max-context 256 --debug-logits
