@@ -55,7 +55,7 @@ def collect_ranges(checkpoint_dir: str | Path, prompts: list[list[int]], seed: i
             hooks.append(module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.weight")))
         if isinstance(module, Experts):
             hooks.append(module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.gate_up_proj")))
-            module.observe_down_input = _expert_observer(ranges, f"{name}.down_proj")
+            module.down_input_hook = _expert_observer(ranges, f"{name}.down_proj")
     manifest = backend.manifest
     settings = resolve_settings(manifest.get("generation") or {})
     vocab, canvas = manifest["model"]["vocab_size"], manifest["capacity"]["canvas"]
@@ -80,7 +80,7 @@ def _amax_hook(ranges: Ranges, name: str) -> Any:
 
 
 def _expert_observer(ranges: Ranges, name: str) -> Any:
-    def observe(act: torch.Tensor, routed: torch.Tensor) -> None:
+    def observe(act: torch.Tensor, routed: torch.Tensor) -> None:  # records only: returns no replacement
         # act [E, I, T]; only routed tokens matter: the others are multiplied by a zero routing weight.
         per_expert = (act.detach().abs() * routed[:, None, :]).amax(dim=(1, 2)).numpy()
         ranges.update(name, per_expert)

@@ -191,8 +191,9 @@ class Experts(nn.Module):
         self.num_experts = e
         self.intermediate = i
         self.formulation = formulation
-        # Calibration sets this to see each expert's down-projection input on the tokens routed to it; eager only.
-        self.observe_down_input: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        # Calibration's hook on each expert's down-projection input ([E, I, T]) and the routing mask ([E, T]): it
+        # records ranges, or returns a replacement (fake quantization). Eager only; None while exporting.
+        self.down_input_hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [T, H] (already pre-normed); weights/index [T, k] from the router."""
@@ -206,8 +207,9 @@ class Experts(nn.Module):
         # Token-minor layout ([E, features, T]) multiplies the expert weights as stored, without transposed copies.
         gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, T]
         act = F.gelu(gate_up[:, : self.intermediate], approximate="tanh") * gate_up[:, self.intermediate :]
-        if self.observe_down_input is not None:
-            self.observe_down_input(act, combine.t() != 0)
+        if self.down_input_hook is not None:
+            replaced = self.down_input_hook(act, combine.t() != 0)
+            act = act if replaced is None else replaced
         out = torch.matmul(self.down_proj, act)  # [E, H, T]
         return (out * combine.t()[:, None, :]).sum(dim=0).t().to(x.dtype)
 

@@ -75,3 +75,50 @@ def test_calibrate_bad_input(sort_artifacts, sort_fp8, tmp_path):
     result = cli("calibrate", SORT_FIXTURE, sort_fp8, "-o", tmp_path / "y", "--task", "sort")
     assert result.exit_code == 2 and "already quantized" in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_fp8):
+    """The torch backend simulating the calibration's scales matches ONNX Runtime's FP8 graphs to float rounding,
+    while plain fp32 is far off: the Q/DQ nodes sit where intended, with the intended scales."""
+    import torch
+
+    from canvasrt.exporter.checkpoint import Checkpoint
+    from canvasrt.runtime.backends import open_backend
+    from canvasrt.runtime.backends.torch import TorchBackend
+    from canvasrt.runtime.step import Draws
+
+    rng = np.random.default_rng(0)
+    ids, padding = rng.integers(7, 19, (2, 9)), np.ones((2, 9), bool)
+    canvas = rng.integers(0, 32, (2, 16))
+    logits = []
+    for backend in (open_backend(sort_fp8, "torch"), TorchBackend(SORT_FIXTURE, max_context=64)):
+        backend.activate()
+        backend.start(padding)
+        backend.encode(ids, np.arange(9), np.zeros(2, np.int64))
+        with torch.inference_mode():
+            logits.append(backend.model.denoise_logits(
+                torch.from_numpy(canvas), torch.zeros(2, 16, 64), backend.keys, backend.values,
+                torch.full((2,), 9), backend.mask))
+    simulated, fp32 = logits
+    assert (fp32 - simulated).abs().max() > 0.05  # the simulation really quantizes
+
+    graphs = open_backend(sort_fp8, "onnxruntime")
+    graphs.activate()
+    graphs.start(padding)
+    graphs.encode(ids, np.arange(9), np.zeros(2, np.int64))
+    draws = Draws(renoise_ids=np.zeros((2, 16), np.int64), uniforms=np.full((2, 16), 0.5, np.float32))
+    step = graphs.denoise(canvas, np.full(2, 9), np.full(2, 0.8, np.float32), np.full(2, 0.1, np.float32), draws,
+                          True, np.zeros(2, bool))
+    embedding = Checkpoint.open(SORT_FIXTURE).tensor("model.decoder.embed_tokens.weight")
+    expected_soft = torch.softmax(simulated / 0.8, -1) @ embedding * 8.0  # sqrt(hidden 64)
+    assert np.array_equal(step.argmax, simulated.argmax(-1).numpy())
+    assert np.abs(graphs.self_cond - expected_soft.numpy()).max() < 1e-4
+
+
+def test_fp8_loop_parity_against_the_fake_quantized_torch_backend(sort_fp8, tmp_path):
+    result = cli("parity", SORT_FIXTURE, sort_fp8, "--level", "loop", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["info"]["torch_backend"].startswith("fake-quantized")
+    blocks = [c for c in report["checks"] if c["output"] == "committed_tokens"]
+    assert blocks and all(c["metrics"]["agreement"] == 1.0 for c in blocks)

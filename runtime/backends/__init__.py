@@ -54,6 +54,12 @@ def open_backend(
         if not (source / "config.json").is_file():
             raise CanvasrtError(f"--backend torch needs the checkpoint {source} these artifacts came from; it is gone")
         cap = manifest["capacity"]
+        quantization = manifest.get("quantization")
+        calibration = None
+        if quantization:  # simulate the artifacts' FP8 with their own scales
+            import json
+
+            calibration = json.loads((target / quantization["calibration"]).read_text())
         return TorchBackend(source, moe=manifest["moe"], max_batch=cap["max_batch"], max_context=cap["max_context"],
-                            threads=threads)
+                            threads=threads, calibration=calibration)
     return TorchBackend(target, max_batch=max_batch, threads=threads)

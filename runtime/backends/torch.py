@@ -30,6 +30,7 @@ class TorchBackend(StepBackend):
         max_batch: int = 16,
         max_context: int | None = None,
         threads: int | None = None,
+        calibration: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.checkpoint = Checkpoint.open(checkpoint_dir)
@@ -37,6 +38,7 @@ class TorchBackend(StepBackend):
         if dtype not in DTYPES:
             raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.dtype, self.moe, self.threads = dtype, moe, threads
+        self.calibration = calibration  # FP8 scales to simulate (calibration.json of FP8 artifacts)
         context = max_context or min(config.max_position_embeddings, 4096)
         self.capacity = Capacity.for_model(config, max_batch, context, None)
         self.layout = [
@@ -63,6 +65,10 @@ class TorchBackend(StepBackend):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model = self.checkpoint.load_text_model(moe=self.moe, dtype=self.dtype)
+        if self.calibration is not None:
+            from ...calibration.fake_quant import apply_fake_quantization
+
+            apply_fake_quantization(self.model, self.calibration)
 
     def deactivate(self) -> None:
         self.model = None
