@@ -42,12 +42,17 @@ def main() -> None:
 @click.option("--junit", type=click.Path(path_type=Path), help="write a JUnit XML report here")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+@click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
 def parity_command(
     checkpoint: Path, artifacts: Path, level: str, report_path: Path | None, junit: Path | None, seed: int,
-    threads: int | None,
+    threads: int | None, bisect: bool,
 ) -> None:
     """Compare ARTIFACTS against the transformers reference built from CHECKPOINT. Exit 0 within tolerance, 1 not."""
     from .parity import loop_parity, step_parity
+
+    if bisect:
+        _bisect(checkpoint, artifacts, seed, threads, report_path)
+        return
 
     run = step_parity if level == "step" else loop_parity
     with Console(stderr=True).status(f"running {level} parity: reference and artifacts on the same inputs"):
@@ -70,6 +75,23 @@ def parity_command(
     failed = sum(not c.passed for c in report.checks)
     out.print(f"{len(report.checks) - failed} passed, {failed} failed")
     sys.exit(0 if report.passed else 1)
+
+
+def _bisect(checkpoint: Path, artifacts: Path, seed: int, threads: int | None, report_path: Path | None) -> None:
+    import json
+
+    from ..calibration.bisect import bisect
+
+    with Console(stderr=True).status("quantizing one group at a time"):
+        ranking = bisect(checkpoint, artifacts, seed=seed, threads=threads)
+    table = Table(title="FP8 cost per quantized group (logits against fp32, worst first)")
+    for column in ("group", "nrmse", "argmax agreement"):
+        table.add_column(column)
+    for row in ranking:
+        table.add_row(row["group"], f"{row['nrmse']:.4f}", f"{100 * row['argmax_agreement']:.1f}%")
+    out.print(table)
+    if report_path:
+        report_path.write_text(json.dumps({"bisect": ranking}, indent=2) + "\n")
 
 
 def _fmt(value: object) -> str:

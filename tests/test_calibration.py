@@ -122,3 +122,16 @@ def test_fp8_loop_parity_against_the_fake_quantized_torch_backend(sort_fp8, tmp_
     assert report["info"]["torch_backend"].startswith("fake-quantized")
     blocks = [c for c in report["checks"] if c["output"] == "committed_tokens"]
     assert blocks and all(c["metrics"]["agreement"] == 1.0 for c in blocks)
+
+
+def test_bisect_ranks_every_quantized_group(sort_fp8, sort_artifacts, tmp_path):
+    result = cli("parity", SORT_FIXTURE, sort_fp8, "--bisect", "--report", tmp_path / "b.json")
+    assert result.exit_code == 0, result.output
+    ranking = json.loads((tmp_path / "b.json").read_text())["bisect"]
+    groups = [r["group"] for r in ranking]
+    assert groups[-1] == "all" and set(groups[:-1]) == {"layers.0", "layers.1", "layers.2", "layers.3", "self_conditioning"}
+    costs = [r["nrmse"] for r in ranking[:-1]]
+    assert costs == sorted(costs, reverse=True) and all(c > 0 for c in costs)
+    assert ranking[-1]["nrmse"] >= max(costs)  # all groups together cost at least the worst one
+    refused = cli("parity", SORT_FIXTURE, sort_artifacts, "--bisect")
+    assert refused.exit_code == 2 and "is not quantized" in refused.output
