@@ -8,7 +8,7 @@ and their calibration apart.
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,7 @@ from ..exporter.manifest import digest_json, read_manifest, sha256_file, staged_
 from ..runtime import tasks
 from ..runtime.prompts import TextCodec, prompt_rows, read_prompts_file
 from .qdq import WEIGHT_MODES, quantize_graph
-from .ranges import collect_ranges, scale_for
-
-METHODS = ("max",)
+from .ranges import METHODS, collect_ranges, scale_for
 # Used without --prompts/--task: mixed-length text, so prefill, commits and every denoising step see typical input.
 BUILTIN_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -54,7 +52,8 @@ def calibration_prompts(checkpoint: Path, prompts_file: Path | None, task: str |
 
 def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path, prompts_file: Path | None = None,
               task: str | None = None, samples: int = 64, method: str = "max", weights: str = "per-channel",
-              progress: Any = lambda _: None) -> dict[str, Any]:
+              exclude: tuple[str, ...] = (), progress: Any = lambda _: None) -> dict[str, Any]:
+    """exclude: regular expressions; matching GEMMs (e.g. the worst groups of `parity --bisect`) stay unquantized."""
     checkpoint, artifacts = Path(checkpoint), Path(artifacts)
     manifest = read_manifest(artifacts)
     if method not in METHODS:
@@ -71,7 +70,17 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
     if not rows or any(len(r) == 0 for r in rows):
         raise CanvasrtError(f"the calibration set ({source}) is empty or has an empty prompt")
     progress(f"running the loop on {len(rows)} calibration prompts ({source})")
-    ranges = collect_ranges(checkpoint, rows)
+    ranges = collect_ranges(checkpoint, rows, method=method)
+    try:
+        patterns = [re.compile(p) for p in exclude]
+    except re.error as exc:
+        raise CanvasrtError(f"--exclude pattern is not a regular expression: {exc}") from None
+    excluded = sorted(n for n in ranges.amax if any(p.search(n) for p in patterns))
+    for name in excluded:
+        del ranges.amax[name]
+    coverage = [min(counts) for counts in ranges.expert_tokens.values()]
+    progress(f"fewest tokens any expert saw: {min(coverage) if coverage else 'n/a'}; "
+             f"{sum(len(v) for v in ranges.fallbacks.values())} expert ranges fell back to their layer's maximum")
     calibration = {
         "method": method,
         "format": "fp8-e4m3",
@@ -82,6 +91,7 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
             name: {"amax": np.asarray(amax).tolist(), "scale": np.asarray(scale_for(amax)).tolist()}
             for name, amax in sorted(ranges.amax.items())
         },
+        "excluded": excluded,
         "expert_tokens": ranges.expert_tokens,
         "expert_fallbacks": ranges.fallbacks,
     }
@@ -102,7 +112,7 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
         new_manifest = {
             **manifest,
             "graphs": graphs,
-            "quantization": {"format": "fp8", "method": method, "weights": weights, "prompts": source,
+            "quantization": {"format": "fp8", "method": method, "weights": weights, "prompts": source, "excluded": excluded,
                              "samples": len(rows), "calibration": "calibration.json",
                              "calibration_sha256": sha256_file(staging / "calibration.json")},
         }

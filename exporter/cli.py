@@ -103,19 +103,22 @@ def build_command(artifacts: Path, output: Path, target: str, builder: str, work
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help='JSONL calibration prompts ({"text"} or {"ids"})')
 @click.option("--task", default=None, help="calibrate on a synthetic task's calibration split (e.g. sort)")
 @click.option("--samples", type=int, default=64, show_default=True)
-@click.option("--method", type=click.Choice(["max"]), default="max", show_default=True)
+@click.option("--method", type=click.Choice(["max", "percentile", "mse"]), default="max", show_default=True,
+              help="activation range: running max, 99.99th percentile of |x|, or the clip that minimises FP8 MSE")
 @click.option("--weights", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel", show_default=True)
+@click.option("--exclude", multiple=True, help="regex of GEMM weights to keep unquantized (repeatable), e.g. 'layers\\.1\\.'")
 def calibrate_command(checkpoint: Path, artifacts: Path, output: Path, prompts_file: Path | None, task: str | None,
-                      samples: int, method: str, weights: str) -> None:
+                      samples: int, method: str, weights: str, exclude: tuple[str, ...]) -> None:
     """FP8 (E4M3) Q/DQ artifacts, calibrated by running the loop over the whole denoising schedule."""
     from ..calibration.calibrate import calibrate
 
     with stage_progress() as progress:
         stage = progress.add_task("starting", total=None)
-        manifest = calibrate(checkpoint, artifacts, output, prompts_file, task, samples, method, weights,
+        manifest = calibrate(checkpoint, artifacts, output, prompts_file, task, samples, method, weights, exclude,
                              progress=lambda text: progress.update(stage, description=text))
         progress.update(stage, description="done")
     q = manifest["quantization"]
     counts = {name: len(g["quantized"]) for name, g in manifest["graphs"].items()}
     click.echo(f"wrote FP8 artifacts to {output}: {counts} GEMMs quantized, {q['weights']} weights, "
-               f"{q['method']} ranges from {q['samples']} prompts ({q['prompts']})")
+               f"{q['method']} ranges from {q['samples']} prompts ({q['prompts']})"
+               + (f", {len(q['excluded'])} excluded" if q["excluded"] else ""))

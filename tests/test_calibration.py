@@ -135,3 +135,25 @@ def test_bisect_ranks_every_quantized_group(sort_fp8, sort_artifacts, tmp_path):
     assert ranking[-1]["nrmse"] >= max(costs)  # all groups together cost at least the worst one
     refused = cli("parity", SORT_FIXTURE, sort_artifacts, "--bisect")
     assert refused.exit_code == 2 and "is not quantized" in refused.output
+
+
+def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_unquantized(sort_artifacts, sort_fp8, tmp_path):
+    maxed = json.loads((sort_fp8 / "calibration.json").read_text())["tensors"]
+    for method in ("percentile", "mse"):
+        out = tmp_path / method
+        result = cli("calibrate", SORT_FIXTURE, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32",
+                     "--method", method, "--exclude", r"layers\.1\.")
+        assert result.exit_code == 0, result.output
+        calibration = json.loads((out / "calibration.json").read_text())
+        assert calibration["method"] == method and calibration["excluded"]
+        assert all(n.startswith("layers.1.") for n in calibration["excluded"])
+        clipped = 0
+        for name, entry in calibration["tensors"].items():
+            ours, top = np.asarray(entry["amax"]), np.asarray(maxed[name]["amax"])
+            assert (ours <= top + 1e-6).all()
+            clipped += int((ours < top - 1e-6).sum())
+        assert clipped > 0  # the method really chose tighter ranges somewhere
+        denoise = json.loads((out / "manifest.json").read_text())["graphs"]["denoise"]
+        assert not any(n.startswith("layers.1.") for n in denoise["quantized"])
+        evaluation = cli("eval", out, "--task", "sort", "--samples", "50", "--json")
+        assert json.loads(evaluation.output)[0]["exact_match"] >= 0.95
