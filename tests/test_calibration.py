@@ -58,10 +58,11 @@ def test_fp8_step_parity_within_the_fp8_budget(sort_fp8, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["dtype"] == "fp8"
 
 
-def test_fp8_engines_build_for_sm89_and_are_refused_for_sm80(sort_fp8, tmp_path):
+def test_fp8_engines_build_for_sm89_and_sm120_and_are_refused_for_sm80(sort_fp8, tmp_path):
     pytest.importorskip("tensorrt_rtx")
-    built = cli("build", sort_fp8, "-o", tmp_path / "sm89", "--target", "sm89")
-    assert built.exit_code == 0, built.output
+    for target in ("sm89", "sm120"):
+        built = cli("build", sort_fp8, "-o", tmp_path / target, "--target", target)
+        assert built.exit_code == 0, built.output
     refused = cli("build", sort_fp8, "-o", tmp_path / "sm80", "--target", "sm80")
     assert refused.exit_code == 2 and "sm80 has no FP8 tensor cores" in refused.output
     assert not (tmp_path / "sm80").exists()
