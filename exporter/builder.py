@@ -102,11 +102,11 @@ def resolve_builder(builder: str) -> str:
     if builder != "auto":
         return builder
     try:
-        import tensorrt  # noqa: F401 - probing for the full TensorRT
-
-        return "tensorrt"
+        import tensorrt
     except ImportError:
         return "tensorrt-rtx"
+    # tensorrt-stubs installs a namespace package of .pyi files under the same name: only a real module has a version
+    return "tensorrt" if hasattr(tensorrt, "__version__") else "tensorrt-rtx"
 
 
 def build_engines(

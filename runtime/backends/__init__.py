@@ -1,7 +1,7 @@
 """Step backends, one small class each behind `canvasrt.runtime.step.StepBackend`.
 
-`open_backend` picks one for a target directory: an artifact directory (manifest.json) runs on ONNX Runtime, a
-checkpoint directory (config.json) on the torch backend. Backend modules are imported lazily so that the ONNX
+`open_backend` picks one for a target directory: an artifact directory (manifest.json) runs on ONNX Runtime, an
+engine directory (`canvasrt build`) on TensorRT, a checkpoint directory (config.json) on the torch backend. Backend modules are imported lazily so that the ONNX
 Runtime path never imports PyTorch.
 """
 
@@ -13,12 +13,18 @@ from ...exporter.errors import CanvasrtError
 from ...exporter.manifest import MANIFEST
 from ..step import StepBackend
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def target_kind(target: Path) -> str:
     if (target / MANIFEST).is_file():
-        return "artifacts"
+        import json
+
+        try:
+            fmt = json.loads((target / MANIFEST).read_text()).get("format")
+        except (OSError, json.JSONDecodeError):
+            fmt = None
+        return "engines" if fmt == "canvasrt-engines" else "artifacts"
     if (target / "config.json").is_file():
         return "checkpoint"
     raise CanvasrtError(
@@ -27,7 +33,7 @@ def target_kind(target: Path) -> str:
 
 
 def default_backend(target: Path) -> str:
-    return "onnxruntime" if target_kind(target) == "artifacts" else "torch"
+    return {"artifacts": "onnxruntime", "engines": "tensorrt", "checkpoint": "torch"}[target_kind(target)]
 
 
 def open_backend(
@@ -38,6 +44,13 @@ def open_backend(
     name = name or default_backend(target)
     if name not in BACKENDS:
         raise CanvasrtError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if (name == "tensorrt") != (kind == "engines"):
+        raise CanvasrtError(f"--backend {name} cannot run {target}: engine directories (`canvasrt build`) run on "
+                            "--backend tensorrt, and only there")
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(target)
     if name == "onnxruntime":
         if kind != "artifacts":
             raise CanvasrtError(f"--backend onnxruntime runs exported graphs; {target} is a checkpoint (run `canvasrt export` first)")

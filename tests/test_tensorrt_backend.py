@@ -1,0 +1,65 @@
+"""The TensorRT backend's GPU-free parts: engine manifest checks, profile selection, buffer planning, and a clear
+error where no TensorRT/GPU is present. (The engines themselves are built in test_engine_build.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from canvasrt.exporter.errors import CanvasrtError
+from canvasrt.runtime.backends.tensorrt import check_engines_fit, plan_buffers, read_engine_manifest, select_profile
+from canvasrt.runtime.cli import main
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_artifacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eng") / "tiny"
+    result = CliRunner().invoke(main, ["build", str(tiny_artifacts), "-o", str(out), "--target", "sm89"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_engines_from_another_builder_version_or_gpu_are_refused(engines):
+    manifest = read_engine_manifest(engines)
+    with pytest.raises(CanvasrtError, match="built with tensorrt-rtx"):
+        check_engines_fit(manifest, "10.13.0", (9, 0))
+    as_trt = {**manifest, "key": {**manifest["key"], "builder": "tensorrt", "builder_version": "10.13.0", "target": "sm90"}}
+    check_engines_fit(as_trt, "10.13.0", (9, 0))
+    with pytest.raises(CanvasrtError, match="this is TensorRT 10.14.1; rebuild"):
+        check_engines_fit(as_trt, "10.14.1", (9, 0))
+    with pytest.raises(CanvasrtError, match="built for sm90, this GPU is sm89"):
+        check_engines_fit(as_trt, "10.13.0", (8, 9))
+
+
+def test_profile_selection_follows_the_manifest(engines):
+    graphs = read_engine_manifest(engines)["engines"]
+    assert select_profile(graphs["encode"], 2, 16) == 0  # prefill covers chunk 16 too and comes first
+    assert select_profile(graphs["encode"], 1, 100) == 0
+    assert select_profile(graphs["denoise"], 4) == 0
+    with pytest.raises(CanvasrtError, match="no optimization profile"):
+        select_profile(graphs["encode"], 9, 16)
+    commit_only = {"profiles": {"commit": graphs["encode"]["profiles"]["commit"]}}
+    with pytest.raises(CanvasrtError, match="chunk of 3"):
+        select_profile(commit_only, 1, 3)
+
+
+def test_buffer_plan_matches_the_graphs_and_is_allocated_once(engines, tiny_artifacts):
+    manifest = read_engine_manifest(engines)
+    plan = plan_buffers(manifest, 2)
+    denoise = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["denoise"]
+    past = [tuple([2, *s["shape"][1:]]) for s in denoise["inputs"] if s["name"].startswith("past_key_")]
+    assert plan.kv == past
+    assert plan.context_mask == (2, 128) and plan.self_cond == (2, 16, 64)
+    assert plan.device_bytes == 2 * sum(2 * h * s * d for _, h, s, d in plan.kv) * 4 + 2 * 128 + 2 * 2 * 16 * 64 * 4
+    with pytest.raises(CanvasrtError, match="exceeds the engines' max batch 4"):
+        plan_buffers(manifest, 5)
+
+
+def test_generate_on_engines_without_tensorrt_is_a_clear_error(engines):
+    result = CliRunner().invoke(main, ["generate", str(engines), "--prompt-ids", "5,6"])
+    assert result.exit_code == 2
+    assert "install canvasrt[gpu]" in result.output or "built with tensorrt-rtx" in result.output
+    wrong = CliRunner().invoke(main, ["generate", str(engines), "--prompt-ids", "5,6", "--backend", "onnxruntime"])
+    assert wrong.exit_code == 2 and "run on --backend tensorrt" in wrong.output
