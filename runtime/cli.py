@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..exporter.cli import build_command, calibrate_command, export_command, random_checkpoint_command
 from ..exporter.errors import CanvasrtError
+from ..serving.cli import serve_command, triton_command
 from .commands import bench_command, eval_command, generate_command
 
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -107,3 +108,5 @@ main.add_command(calibrate_command)
 main.add_command(generate_command)
 main.add_command(bench_command)
 main.add_command(eval_command)
+main.add_command(triton_command)
+main.add_command(serve_command)

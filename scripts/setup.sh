@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or updates) .venv with canvasrt and its test and TensorRT-RTX extras, pinned by constraints.txt.
 # torch is pinned to the CPU build (2.13.0) so that no CUDA wheels are pulled on a machine without a GPU.
+# Also creates .venv-triton, the environment of `canvasrt serve`: the tritonserver of the nvidia-pytriton wheel and
+# what its Python-backend models import (canvasrt, numpy<2 as Triton 2.51's Python stub needs, onnxruntime,
+# tokenizers), pinned by constraints-triton.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,3 +12,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[rtx,test]"
+if [ ! -x .venv-triton/bin/python ]; then
+  "$PYTHON" -m venv .venv-triton
+fi
+.venv-triton/bin/python -m pip install --quiet --upgrade pip
+.venv-triton/bin/python -m pip install --quiet -c constraints-triton.txt nvidia-pytriton onnxruntime tokenizers
+.venv-triton/bin/python -m pip install --quiet --no-deps -e .

@@ -1,0 +1,229 @@
+"""`canvasrt triton` writes a model repository that a real tritonserver (from the nvidia-pytriton wheel) loads and
+serves: generation over gRPC streaming and HTTP equals `canvasrt generate`, concurrent requests equal their
+sequential runs, bad requests get error responses and leave the server serving. `canvasrt serve` starts and stops it.
+
+The server's Python-backend models run in .venv-triton (numpy<2, which Triton 2.51's Python stub needs); scripts/
+setup.sh creates it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from canvasrt.exporter.builder import build_engines
+from canvasrt.runtime.cli import main
+from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
+from canvasrt.serving.protocol import INPUTS, OUTPUTS, request_inputs
+from canvasrt.serving.repository import write_repository
+from canvasrt.serving.server import TritonServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON_ENV = Path(os.environ.get("CANVASRT_TRITON_ENV", ROOT / ".venv-triton"))
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def read_config(path: Path):
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def triton_env() -> Path:
+    if not (TRITON_ENV / "pyvenv.cfg").is_file():
+        pytest.fail(f"{TRITON_ENV} is missing: run scripts/setup.sh, which creates the Triton models' environment")
+    return TRITON_ENV
+
+
+@pytest.fixture(scope="module")
+def served(tiny_artifacts, triton_env, tmp_path_factory):
+    repository = tmp_path_factory.mktemp("triton") / "repo"
+    write_repository(tiny_artifacts, repository, "in-process", instances=2, threads=1)
+    http, grpc = free_ports(2)
+    with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc) as server:
+        yield server
+
+
+def expected(artifacts: Path, seed: int, prompt_ids: list[int] | None = None, prompt: str | None = None) -> dict:
+    source = ["--prompt", prompt] if prompt is not None else ["--prompt-ids", ",".join(map(str, prompt_ids))]
+    result = cli("generate", artifacts, *source, "--seed", seed, "--threads", 1, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def check_equal(responses: list[dict], reference: dict) -> None:
+    prompt_length = len(reference["sequences"][0]) - len(responses[-1]["ids"])
+    new = reference["sequences"][0][prompt_length:]
+    done = responses[-1]
+    assert done["event"] == "done" and done["ids"] == new
+    assert done["text"] == reference["text"][0]
+    assert done["tokens_per_forward"] == pytest.approx(reference["tokens_per_forward"][0], rel=1e-6)
+    assert done["step"] == sum(reference["steps_per_block"]) and done["block"] == len(reference["steps_per_block"])
+    blocks = [r for r in responses if r["event"] == "block"]
+    assert [b["block"] for b in blocks] == list(range(len(reference["steps_per_block"])))
+    assert [b["step"] for b in blocks] == reference["steps_per_block"]
+    assert sum((b["ids"] for b in blocks), []) == new
+
+
+def test_grpc_stream_and_http_equal_generate(served, tiny_artifacts):
+    for source in ({"prompt_ids": [5, 6, 7, 8, 9]}, {"prompt": "hello triton"}):
+        # a seed whose row runs past the first canvas, so that the commit between canvases is served too
+        seed, reference = next((s, r) for s in range(20) if len((r := expected(tiny_artifacts, s, **source))["steps_per_block"]) == 2)
+        inputs = request_inputs(seed=seed, **source)
+        over_grpc = generate_grpc(served.grpc_url, inputs)
+        over_http = generate_http(served.http_url, inputs)
+        check_equal(over_grpc, reference)
+        assert over_http == over_grpc
+
+
+def test_drafts_on_request_and_single_response_mode(served, tiny_artifacts):
+    responses = generate_grpc(served.grpc_url, request_inputs(prompt_ids=[4, 5, 6], seed=2, stream_drafts=True))
+    reference = expected(tiny_artifacts, 2, prompt_ids=[4, 5, 6])
+    check_equal(responses, reference)
+    drafts = [r for r in responses if r["event"] == "draft"]
+    assert len(drafts) == sum(reference["steps_per_block"])
+    last_of_first_block = [d for d in drafts if d["block"] == 0][-1]
+    first_block = next(r for r in responses if r["event"] == "block")
+    assert last_of_first_block["ids"] == first_block["ids"]
+    single = generate_http(served.http_url, request_inputs(prompt_ids=[4, 5, 6], seed=2, stream=False))
+    assert [r["event"] for r in single] == ["done"] and single[0] == responses[-1]
+
+
+def test_sixteen_concurrent_streams_equal_their_sequential_runs(served, tiny_artifacts):
+    prompt = [9, 10, 11, 12]
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(generate_grpc, served.grpc_url, request_inputs(prompt_ids=prompt, seed=seed))
+                   for seed in range(16)]
+        concurrent = [f.result() for f in futures]
+    outputs = set()
+    for seed, responses in enumerate(concurrent):
+        check_equal(responses, expected(tiny_artifacts, seed, prompt_ids=prompt))
+        outputs.add(tuple(responses[-1]["ids"]))
+    assert len(outputs) == 16  # the seeds really differ
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transport):
+    send = generate_grpc if transport == "grpc" else generate_http
+    url = served.grpc_url if transport == "grpc" else served.http_url
+    bad = [
+        ({"prompt_ids": np.array([2.5, 3.0], dtype=np.float32)}, "FP32|non-signed-integer"),
+        (request_inputs(seed=4), "exactly one of the inputs 'prompt'"),
+        (request_inputs(prompt_ids=[2, 3], max_new_tokens=4096), "more than the maximum context of 128"),
+        (request_inputs(prompt_ids=[2, 999]), "outside the vocabulary"),
+    ]
+    for inputs, message in bad:
+        with pytest.raises(TritonRequestError, match=message):
+            send(url, inputs)
+    assert send(url, request_inputs(prompt_ids=[2, 3], seed=1))[-1]["event"] == "done"
+
+
+def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
+    repository = tmp_path / "repo"
+    assert cli("triton", tiny_artifacts, "-o", repository, "--instances", 3, "--max-batch", 2).exit_code == 0
+    manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
+    generate = read_config(repository / "canvasrt_generate" / "config.pbtxt")
+    assert generate.backend == "python" and generate.model_transaction_policy.decoupled
+    assert [i.name for i in generate.input] == [f.name for f in INPUTS] and all(i.optional for i in generate.input)
+    assert [o.name for o in generate.output] == [f.name for f in OUTPUTS]
+    assert generate.parameters["step_backend"].string_value == "bls"
+    for graph in ("encode", "denoise"):
+        config = read_config(repository / f"canvasrt_{graph}" / "config.pbtxt")
+        entry = manifest["graphs"][graph]
+        assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 2
+        assert config.instance_group[0].count == 3 and config.HasField("dynamic_batching")
+        assert [i.name for i in config.input] == [s["name"] for s in entry["inputs"]]
+        assert [o.name for o in config.output] == [s["name"] for s in entry["outputs"]]
+        for message, spec in zip(config.input, entry["inputs"]):
+            shape = [d if isinstance(d, int) else -1 for d in spec["shape"][1:]]
+            assert list(message.dims) == (shape or [1]) and message.HasField("reshape") == (not shape)
+        assert (repository / f"canvasrt_{graph}" / "1" / config.default_model_filename).is_file()
+    artifacts = repository / "canvasrt_generate" / "1" / "artifacts"
+    assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["tokenizer"]}
+
+
+def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    engines, _ = build_engines(tiny_artifacts, tmp_path / "engines", builder="tensorrt-rtx", target="sm89")
+    write_repository(tmp_path / "engines", tmp_path / "repo")
+    for graph in ("encode", "denoise"):
+        config = read_config(tmp_path / "repo" / f"canvasrt_{graph}" / "config.pbtxt")
+        assert config.platform == "tensorrt_plan"
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        assert list(config.instance_group[0].profile) == [str(i) for i in range(len(engines["engines"][graph]["profiles"]))]
+        assert (tmp_path / "repo" / f"canvasrt_{graph}" / "1" / config.default_model_filename).stat().st_size > 0
+    assert len(read_config(tmp_path / "repo" / "canvasrt_encode" / "config.pbtxt").instance_group[0].profile) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step-backend", "tensorrt"], "needs an engine directory"),
+    (["--max-batch", "9"], "between 1 and the artifacts' max batch 4"),
+    (["--instances", "0"], "--instances must be at least 1"),
+])
+def test_triton_bad_input(tiny_artifacts, tmp_path, args, message):
+    result = cli("triton", tiny_artifacts, "-o", tmp_path / "repo", *args)
+    assert result.exit_code == 2 and message in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_triton_refuses_a_checkpoint_and_an_unrelated_output(tiny_checkpoint, tiny_artifacts, tmp_path):
+    result = cli("triton", tiny_checkpoint, "-o", tmp_path / "repo")
+    assert result.exit_code == 2 and "run `canvasrt export`" in result.output
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    result = cli("triton", tiny_artifacts, "-o", tmp_path / "notes")
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_serve_command_serves_until_interrupted(sort_artifacts, triton_env, tmp_path):
+    repository = tmp_path / "repo"
+    write_repository(sort_artifacts, repository, "in-process", threads=1)
+    http, grpc = free_ports(2)
+    command = [str(Path(sys.executable).parent / "canvasrt"), "serve", str(repository), "--python-env", str(triton_env),
+               "--http-port", str(http), "--grpc-port", str(grpc)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        assert line.startswith("serving"), line + process.stderr.read()
+        reply = generate_http(f"127.0.0.1:{http}", request_inputs(prompt="sort: 7 2 5", seed=0))
+        assert reply[-1]["text"] == expected(sort_artifacts, 0, prompt="sort: 7 2 5")["text"][0]
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=60)
+    assert process.returncode == 0 and "stopped tritonserver (exit code 0)" in rest
+    with socket.socket() as probe:  # nothing listens on the port any more: the server is gone, not orphaned
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers of closed connections
+        probe.bind(("127.0.0.1", http))
+
+
+def test_serve_bad_input(tiny_artifacts, tmp_path):
+    result = cli("serve", tmp_path)
+    assert result.exit_code == 2 and "holds no model" in result.output
+    write_repository(tiny_artifacts, tmp_path / "repo", "in-process")
+    result = cli("serve", tmp_path / "repo", "--python-env", sys.prefix)  # the test environment has numpy 2
+    assert result.exit_code == 2 and "needs numpy<2" in result.output
