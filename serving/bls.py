@@ -25,16 +25,21 @@ class TritonStepBackend(HostGraphBackend):
         import triton_python_backend_utils as pb_utils
 
         self.pb_utils = pb_utils
+        self.output_ranks = {graph: [len(spec["shape"]) for spec in entry["outputs"]]
+                             for graph, entry in self.manifest["graphs"].items()}
 
     def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         pb_utils = self.pb_utils
         names = self.output_names[graph]
+        # Per-row scalars are [batch, 1] to Triton (dims [1], reshaped to [] for the model); see repository.py.
         request = pb_utils.InferenceRequest(
             model_name=STEP_MODELS[graph],
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(array)) for name, array in feeds.items()],
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array))
+                    for name, array in feeds.items()],
             requested_output_names=names,
         )
         reply = request.exec()
         if reply.has_error():
             raise CanvasrtError(f"step model {STEP_MODELS[graph]} failed: {reply.error().message()}")
-        return [pb_utils.get_output_tensor_by_name(reply, name).as_numpy() for name in names]
+        outputs = [pb_utils.get_output_tensor_by_name(reply, name).as_numpy() for name in names]
+        return [array.reshape(-1) if rank == 1 else array for array, rank in zip(outputs, self.output_ranks[graph])]

@@ -36,7 +36,7 @@ def _plain(name: str, value: Any) -> Any:
 def generate_grpc(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE_MODEL, timeout: float = 600.0) -> list[dict[str, Any]]:
     """One request over a gRPC stream; returns every response up to the final one."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
     replies: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
@@ -47,7 +47,10 @@ def generate_grpc(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        client.async_stream_infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(f.name) for f in OUTPUTS])
+        try:
+            client.async_stream_infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(f.name) for f in OUTPUTS])
+        except InferenceServerException as exc:
+            raise TritonRequestError(exc.message()) from None
         collected = []
         while True:
             result, error = replies.get(timeout=timeout)

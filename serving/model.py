@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..exporter.errors import CanvasrtError
-from ..exporter.manifest import read_manifest
+from ..exporter.manifest import MANIFEST
 from ..runtime.prompts import TextCodec
 from ..runtime.step import StepBackend
 from .protocol import parse_request, responses
@@ -47,7 +47,8 @@ class TritonPythonModel:
             return OnnxRuntimeBackend(directory, threads=threads)
         from .bls import TritonStepBackend
 
-        return TritonStepBackend(read_manifest(directory), str(directory))
+        # the graphs live in the step models; this copy of the artifacts is their manifest and tokenizer only
+        return TritonStepBackend(json.loads((directory / MANIFEST).read_text()), str(directory))
 
     def execute(self, requests: list[Any]) -> None:
         pb_utils = self.pb_utils

@@ -27,10 +27,10 @@ from .model import ARTIFACTS
 from .protocol import INPUTS, OUTPUTS, Field
 
 GENERATE_MODEL = "canvasrt_generate"
-STEP_BACKENDS = ("tensorrt", "onnxruntime", "in-process")
+STEP_BACKENDS = ("tensorrt", "onnxruntime", "python", "in-process")
 TRITON_DTYPES = {"int64": "INT64", "int32": "INT32", "bool": "BOOL", "float32": "FP32", "fp32": "FP32", "fp16": "FP16",
                  "bf16": "BF16"}
-ENTRY = '''"""Triton Python-backend model written by `canvasrt triton`; the loop lives in canvasrt.serving.model.
+ENTRY = '''"""Triton Python-backend model written by `canvasrt triton`; its code lives in canvasrt.serving.{module}.
 
 Triton's Python stub runs an isolated interpreter that ignores PYTHONPATH, so `canvasrt serve` names the environment
 holding canvasrt in CANVASRT_PYTHONPATH instead. Where canvasrt is installed in the server's Python it is unset.
@@ -42,7 +42,7 @@ import site
 for _path in filter(None, os.environ.get("CANVASRT_PYTHONPATH", "").split(os.pathsep)):
     site.addsitedir(_path)
 
-from canvasrt.serving.model import TritonPythonModel  # noqa: E402,F401
+from canvasrt.serving.{module} import TritonPythonModel  # noqa: E402,F401
 '''
 
 
@@ -79,22 +79,29 @@ def generate_config(instances: int, parameters: dict[str, str]) -> Any:
     return config
 
 
-def step_config(graph: str, entry: dict[str, Any], manifest: dict[str, Any], platform: str, filename: str,
-                instances: int, max_batch: int) -> Any:
+def step_config(graph: str, entry: dict[str, Any], manifest: dict[str, Any], step_backend: str, filename: str,
+                instances: int, max_batch: int, threads: int) -> Any:
     pb = _model_config()
-    config = pb.ModelConfig(name=STEP_MODELS[graph], platform=platform, max_batch_size=max_batch,
-                            default_model_filename=filename)
+    config = pb.ModelConfig(name=STEP_MODELS[graph], max_batch_size=max_batch)
+    if step_backend == "python":  # the Python backend takes default_model_filename for its script: name the graph apart
+        config.backend = "python"
+        config.parameters["graph"].string_value = filename
+        config.parameters["threads"].string_value = str(threads)
+    else:
+        config.platform = "tensorrt_plan" if step_backend == "tensorrt" else "onnxruntime_onnx"
+        config.default_model_filename = filename
     for specs, message in ((entry["inputs"], config.input), (entry["outputs"], config.output)):
         for spec in specs:
             dtype = manifest["dtype"] if spec["dtype"] == "model" else spec["dtype"]
             dims = tuple(d if isinstance(d, int) else -1 for d in spec["shape"][1:])
             _io(message, Field(spec["name"], TRITON_DTYPES[dtype], dims, spec.get("doc", "")))
     config.dynamic_batching.SetInParent()
-    if platform == "tensorrt_plan":
+    if step_backend == "tensorrt":
         group = config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_GPU)
         group.profile.extend(str(i) for i in range(len(entry["profiles"])))
     else:
-        config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_AUTO)
+        kind = pb.ModelInstanceGroup.KIND_CPU if step_backend == "python" else pb.ModelInstanceGroup.KIND_AUTO
+        config.instance_group.add(count=instances, kind=kind)
     return config
 
 
@@ -169,14 +176,17 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
                 step_dir = staging / STEP_MODELS[graph]
                 (step_dir / "1").mkdir(parents=True)
                 if step_backend == "tensorrt":
-                    entry, platform = engines["engines"][graph], "tensorrt_plan"
+                    entry = engines["engines"][graph]
                     _link_or_copy(str(target / entry["file"]), str(step_dir / "1" / entry["file"]))
                 else:
-                    entry, platform = manifest["graphs"][graph], "onnxruntime_onnx"
+                    entry = manifest["graphs"][graph]
                     for source in artifacts.glob(entry["file"] + "*"):  # the graph and its external data, if any
                         _link_or_copy(str(source), str(step_dir / "1" / source.name))
-                write_config(step_dir, step_config(graph, entry, manifest, platform, entry["file"], instances, max_batch))
-        (model_dir / "model.py").write_text(ENTRY)
+                if step_backend == "python":
+                    (step_dir / "1" / "model.py").write_text(ENTRY.format(module="step_model"))
+                write_config(step_dir, step_config(graph, entry, manifest, step_backend, entry["file"], instances,
+                                                   max_batch, threads))
+        (model_dir / "model.py").write_text(ENTRY.format(module="model"))
         write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
     models = [GENERATE_MODEL] + ([] if step_backend == "in-process" else list(STEP_MODELS.values()))
     return {"models": models, "step_backend": step_backend, "source": str(target), "max_batch": max_batch}

@@ -44,7 +44,7 @@ def python_env(path: str | Path | None) -> PythonEnv:
         import sysconfig
 
         return PythonEnv(Path(sysconfig.get_paths()["purelib"]), f"{sys.version_info[0]}.{sys.version_info[1]}")
-    path = Path(path)
+    path = Path(path).resolve()
     candidates = sorted(path.glob("lib/python3.*/site-packages")) if (path / "pyvenv.cfg").is_file() else [path]
     if not candidates or not candidates[0].is_dir():
         raise CanvasrtError(f"--python-env {path} is neither a virtual environment nor a site-packages directory")

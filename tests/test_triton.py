@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,10 +60,11 @@ def triton_env() -> Path:
     return TRITON_ENV
 
 
-@pytest.fixture(scope="module")
-def served(tiny_artifacts, triton_env, tmp_path_factory):
+@pytest.fixture(scope="module", params=["in-process", "python"])
+def served(request, tiny_artifacts, triton_env, tmp_path_factory):
+    """The loop model running the steps itself, or calling step models (Python backend, ONNX Runtime) over BLS."""
     repository = tmp_path_factory.mktemp("triton") / "repo"
-    write_repository(tiny_artifacts, repository, "in-process", instances=2, threads=1)
+    write_repository(tiny_artifacts, repository, request.param, instances=2, threads=1)
     http, grpc = free_ports(2)
     with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc) as server:
         yield server
@@ -124,6 +126,16 @@ def test_sixteen_concurrent_streams_equal_their_sequential_runs(served, tiny_art
         check_equal(responses, expected(tiny_artifacts, seed, prompt_ids=prompt))
         outputs.add(tuple(responses[-1]["ids"]))
     assert len(outputs) == 16  # the seeds really differ
+    if "canvasrt_denoise" in served_models(served):
+        stats = json.load(urllib.request.urlopen(f"http://{served.http_url}/v2/models/canvasrt_denoise/stats"))
+        counts = stats["model_stats"][0]
+        # Triton's dynamic batcher merged denoise steps of concurrent requests into shared executions
+        assert counts["execution_count"] < counts["inference_count"]
+
+
+def served_models(server) -> set[str]:
+    request = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b"{}", method="POST")
+    return {m["name"] for m in json.load(urllib.request.urlopen(request))}
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
