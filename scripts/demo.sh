@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job. On the trained sort model (tests/fixtures/sort-tiny): export, generate with the live canvas, accuracy
-# of the reference against the ONNX graphs, step and loop parity, FP8 calibration with its accuracy cost and an FP8
-# TensorRT-RTX engine for SM89. On the random tiny preset: random checkpoint, export with logits, step and loop parity.
+# of the reference against the ONNX graphs, step and loop parity, FP8 calibration with its accuracy cost, an FP8
+# TensorRT-RTX engine for SM89, and the FP8 model served by Triton. On the random tiny preset: random checkpoint,
+# export with logits, step and loop parity.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,6 +21,17 @@ canvasrt calibrate "$SORT" "$WORK/sort" -o "$WORK/sort-fp8" --task sort
 canvasrt eval "$WORK/sort-fp8" --task sort --samples 100
 canvasrt parity "$SORT" "$WORK/sort-fp8" --level step --report "$WORK/sort-fp8-step.json"
 canvasrt build "$WORK/sort-fp8" -o "$WORK/sort-fp8-sm89" --builder tensorrt-rtx --target sm89
+
+# Triton: the FP8 sort model served by the tritonserver of .venv-triton, one streamed request over HTTP.
+HTTP_PORT="${HTTP_PORT:-18000}"
+canvasrt triton "$WORK/sort-fp8" -o "$WORK/sort-triton" --step-backend in-process --threads 1
+canvasrt serve "$WORK/sort-triton" --python-env .venv-triton --http-port "$HTTP_PORT" --grpc-port "$((HTTP_PORT + 1))" &
+SERVER=$!
+trap 'kill -INT $SERVER 2>/dev/null || true' EXIT
+until curl -sf "127.0.0.1:$HTTP_PORT/v2/health/ready"; do kill -0 $SERVER 2>/dev/null || exit 1; sleep 0.5; done
+curl -sN -X POST "127.0.0.1:$HTTP_PORT/v2/models/canvasrt_generate/generate_stream" -d '{"prompt": "sort 7 3 9 1 4 =", "seed": 3}'
+kill -INT $SERVER && wait $SERVER
+trap - EXIT
 
 canvasrt random-checkpoint "$WORK/tiny" --preset tiny
 canvasrt export "$WORK/tiny" -o "$WORK/tiny-onnx" --max-context 256 --debug-logits
