@@ -15,23 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def in_process(artifacts: Path, prompt: list[int], seeds: list[int]) -> tuple[list[float], list[list[int]]]:
@@ -55,7 +44,7 @@ def served(artifacts: Path, step_backend: str, work: Path, env: Path, prompt: li
     from canvasrt.serving.client import generate_grpc
     from canvasrt.serving.protocol import request_inputs
     from canvasrt.serving.repository import write_repository
-    from canvasrt.serving.server import TritonServer
+    from canvasrt.serving.server import TritonServer, free_ports
 
     repository = work / f"repo-{step_backend}"
     write_repository(artifacts, repository, step_backend, threads=1)

@@ -10,8 +10,9 @@ Plain numpy and the standard library: the Triton model, the repository writer an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,17 @@ class Installation:
 class PythonEnv:
     site_packages: Path
     version: str  # "3.11"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on at the moment, for servers in tests and benchmarks."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def python_env(path: str | Path | None) -> PythonEnv:

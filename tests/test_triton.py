@@ -20,16 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
-
 from canvasrt.exporter.builder import build_engines
 from canvasrt.runtime.cli import main
 from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
 from canvasrt.serving.protocol import INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
-from canvasrt.serving.server import TritonServer
+from canvasrt.serving.server import TritonServer, free_ports
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_ENV = Path(os.environ.get("CANVASRT_TRITON_ENV", ROOT / ".venv-triton"))
@@ -37,16 +36,6 @@ TRITON_ENV = Path(os.environ.get("CANVASRT_TRITON_ENV", ROOT / ".venv-triton"))
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def read_config(path: Path):
@@ -88,7 +77,7 @@ def check_equal(responses: list[dict], reference: dict) -> None:
     blocks = [r for r in responses if r["event"] == "block"]
     assert [b["block"] for b in blocks] == list(range(len(reference["steps_per_block"])))
     assert [b["step"] for b in blocks] == reference["steps_per_block"]
-    assert sum((b["ids"] for b in blocks), []) == new
+    assert [token for b in blocks for token in b["ids"]] == new
 
 
 def test_grpc_stream_and_http_equal_generate(served, tiny_artifacts):
