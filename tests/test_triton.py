@@ -228,3 +228,11 @@ def test_serve_bad_input(tiny_artifacts, tmp_path):
     write_repository(tiny_artifacts, tmp_path / "repo", "in-process")
     result = cli("serve", tmp_path / "repo", "--python-env", sys.prefix)  # the test environment has numpy 2
     assert result.exit_code == 2 and "needs numpy<2" in result.output
+
+
+def test_the_models_environment_needs_no_torch(triton_env):
+    python = str(triton_env / "bin" / "python")
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    imported = subprocess.run([python, "-c", "import canvasrt.serving.model, canvasrt.serving.step_model, sys; "
+                               "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert imported.returncode == 0 and imported.stdout.strip() == "False", imported.stderr
