@@ -74,26 +74,56 @@ def export_command(
               help="sm75|sm80|sm86|sm89|sm120|sm121 (tensorrt-rtx, ahead of time) or current|sm90 (tensorrt)")
 @click.option("--builder", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
               help="auto: tensorrt where installed, else tensorrt-rtx")
+@click.option("--max-batch", type=int, default=None, help="largest batch the engines take (default: the artifacts')")
+@click.option("--max-context", type=int, default=None,
+              help="committed tokens per request (default: the artifacts'); also bounds the prefill chunk")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="tactic timing cache file: loaded if present, updated after the build (--builder tensorrt)")
 @click.option("--workspace", default=None, help="builder workspace limit, e.g. 4G")
-def build_command(artifacts: Path, output: Path, target: str, builder: str, workspace: str | None) -> None:
+def build_command(artifacts: Path, output: Path, target: str, builder: str, max_batch: int | None,
+                  max_context: int | None, timing_cache: Path | None, workspace: str | None) -> None:
     """Build TensorRT engines (strongly typed, the manifest's optimization profiles) from ARTIFACTS."""
-    from .builder import build_engines
+    from rich.progress import BarColumn, TaskID
+
+    from .builder import Phase, build_engines
 
     start = time.perf_counter()
-    with stage_progress() as progress:
-        task = progress.add_task("starting", total=None)
+    # stage_progress's columns plus a bar and a step count: TensorRT's progress monitor knows each phase's length.
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("starting", total=None, steps="")
+        bars: list[TaskID] = []  # one per open build phase, nested phases indented under their parent
+
+        def show(phases: tuple[Phase, ...]) -> None:
+            while len(bars) > len(phases):
+                progress.remove_task(bars.pop())
+            for depth, phase in enumerate(phases):
+                name, steps = "  " * (depth + 1) + phase.name, f"{phase.done}/{phase.steps}"
+                if depth < len(bars):
+                    progress.update(bars[depth], description=name, completed=phase.done, total=phase.steps, steps=steps)
+                else:  # added complete: the refresh thread may draw it before any update
+                    bars.append(progress.add_task(name, completed=phase.done, total=phase.steps, steps=steps))
+
         manifest, reused = build_engines(
-            artifacts, output, builder=builder, target=target, workspace=workspace,
-            progress=lambda text: progress.update(task, description=text),
+            artifacts, output, builder=builder, target=target, workspace=workspace, max_batch=max_batch,
+            max_context=max_context, timing_cache=timing_cache,
+            progress=lambda text: progress.update(task, description=text), phases=show,
         )
         progress.update(task, description="done")
     key = manifest["key"]
     if reused:
         click.echo(f"{output} is up to date ({key['builder']} {key['builder_version']}, {key['target']}); nothing built")
         return
-    sizes = ", ".join(f"{n}.engine {e['bytes'] / 1e6:.1f} MB" for n, e in manifest["engines"].items())
+    sizes = ", ".join(f"{n}.engine {e['bytes'] / 1e6:.1f} MB" + _gemms(e["gemms"])
+                      for n, e in manifest["engines"].items())
     click.echo(f"built {key['builder']} {key['builder_version']} engines for {key['target']} in "
-               f"{time.perf_counter() - start:.1f}s: {sizes}")
+               f"{time.perf_counter() - start:.1f}s (batch up to {key['max_batch']}, context {key['max_context']}): "
+               f"{sizes}")
+
+
+def _gemms(counts: dict[str, int] | None) -> str:
+    return f" (GEMMs: {', '.join(f'{n} {dtype}' for dtype, n in counts.items())})" if counts else ""
 
 
 @click.command("calibrate")

@@ -57,9 +57,25 @@ def test_buffer_plan_matches_the_graphs_and_is_allocated_once(engines, tiny_arti
         plan_buffers(manifest, 5)
 
 
+def test_buffer_plan_of_engines_built_for_a_shorter_context_keeps_the_graphs_mask(engines):
+    manifest = read_engine_manifest(engines)
+    narrowed = {**manifest, "capacity": {**manifest["capacity"], "max_batch": 2, "max_context": 64}}
+    plan = plan_buffers(narrowed, 2)
+    assert plan.context_mask == (2, 128) and plan.kv == plan_buffers(manifest, 2).kv
+    with pytest.raises(CanvasrtError, match="exceeds the engines' max batch 2"):
+        plan_buffers(narrowed, 3)
+
+
 def test_generate_on_engines_without_tensorrt_is_a_clear_error(engines):
     result = CliRunner().invoke(main, ["generate", str(engines), "--prompt-ids", "5,6"])
     assert result.exit_code == 2
     assert "install canvasrt[gpu]" in result.output or "built with tensorrt-rtx" in result.output
     wrong = CliRunner().invoke(main, ["generate", str(engines), "--prompt-ids", "5,6", "--backend", "onnxruntime"])
     assert wrong.exit_code == 2 and "run on --backend tensorrt" in wrong.output
+
+
+def test_bench_on_engines_without_tensorrt_is_a_clear_error(engines):
+    result = CliRunner().invoke(main, ["bench", str(engines), "--backend", "tensorrt", "--steps", "2"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "install canvasrt[gpu]" in lines[0]

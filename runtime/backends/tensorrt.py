@@ -7,8 +7,8 @@ tensors between host and device. The encoder picks the `commit` optimization pro
 `prefill` otherwise.
 
 Everything that does not need a GPU (manifest and version checks, profile selection, buffer planning) is plain
-functions tested on CPU. The class itself has not run yet: no GPU was available where it was written, and the
-`tensorrt-stubs` package (10.13) does not parse under mypy (parameters named `in`), so it is not type-checked either.
+functions tested on CPU. The class itself has not run yet (no GPU with TensorRT was available where it was written);
+tests/test_typecheck.py checks it with mypy against TensorRT's API as the `tensorrt-stubs` package describes it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the module imports TensorRT only in activate()
 def read_engine_manifest(directory: Path) -> dict[str, Any]:
     path = directory / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         raise ArtifactError(f"{directory} has no readable manifest.json; pass the output of `canvasrt build`") from None
     if manifest.get("format") != ENGINE_FORMAT:
@@ -84,9 +84,12 @@ def plan_buffers(manifest: dict[str, Any], batch: int) -> BufferPlan:
     cap = manifest["capacity"]
     if batch > cap["max_batch"]:
         raise CanvasrtError(f"batch of {batch} exceeds the engines' max batch {cap['max_batch']}")
+    # The mask spans the graphs' static context, which `canvasrt build --max-context` leaves as exported while it
+    # lowers capacity.max_context (the longest request the loop accepts).
+    mask = next(s for s in manifest["engines"]["denoise"]["inputs"] if s["name"] == "context_mask")
     return BufferPlan(
         kv=[(batch, e["num_kv_heads"], e["slots"], e["head_dim"]) for e in manifest["kv_layout"]],
-        context_mask=(batch, cap["max_context"]),
+        context_mask=(batch, int(mask["shape"][1])),
         self_cond=(batch, cap["canvas"], manifest["model"]["hidden_size"]),
         dtype=manifest["precision"],
     )
