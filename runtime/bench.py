@@ -36,7 +36,8 @@ def bench(
     provider: str = "cpu",
 ) -> dict[str, Any]:
     target = Path(target)
-    backends = backends or (["onnxruntime", "torch"] if target_kind(target) == "artifacts" else ["torch"])
+    kind = target_kind(target)
+    backends = backends or {"artifacts": ["onnxruntime", "torch"], "engines": ["tensorrt"], "checkpoint": ["torch"]}[kind]
     results: dict[str, Any] = {"config": {"batch": batch, "prompt_length": prompt_length, "steps": steps,
                                           "canvases": canvases, "threads": threads}, "backends": {}}
     for name in backends:
@@ -101,7 +102,12 @@ def _bench_transformers(target: Path, batch: int, prompt_length: int, steps: int
     from ..exporter.manifest import read_manifest
     from .reference import Reference
 
-    source = Path(read_manifest(target)["checkpoint"]["path"]) if target_kind(target) == "artifacts" else target
+    kind = target_kind(target)
+    if kind == "engines":  # engines -> the artifacts they were built from -> the checkpoint those came from
+        from .backends.tensorrt import read_engine_manifest
+
+        target = Path(read_engine_manifest(target)["artifacts"])
+    source = Path(read_manifest(target)["checkpoint"]["path"]) if kind != "checkpoint" else target
     if threads:
         torch.set_num_threads(threads)
     reference = Reference(source)

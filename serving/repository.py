@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..exporter.errors import ArtifactError, CanvasrtError
-from ..exporter.manifest import GRAPHS, read_manifest, staged_directory
+from ..exporter.manifest import GRAPHS, MANIFEST, read_manifest, staged_directory, write_json
 from ..runtime.backends import target_kind
 from ..runtime.kv import NUMPY_DTYPES
 from .bls import STEP_MODELS
@@ -170,8 +170,11 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
             shutil.copytree(artifacts, model_dir / ARTIFACTS, copy_function=_link_or_copy)
         else:
             (model_dir / ARTIFACTS).mkdir(parents=True)
-            for name in ["manifest.json", *manifest.get("tokenizer", [])]:
+            for name in manifest.get("tokenizer", []):
                 _link_or_copy(str(artifacts / name), str(model_dir / ARTIFACTS / name))
+            # The loop's limits are the engines' where a build narrowed them (`canvasrt build --max-context`)
+            served = {**manifest, "capacity": engines["capacity"]} if kind == "engines" else manifest
+            write_json(model_dir / ARTIFACTS / MANIFEST, served)
             for graph in GRAPHS:
                 step_dir = staging / STEP_MODELS[graph]
                 (step_dir / "1").mkdir(parents=True)

@@ -169,8 +169,10 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
 
 def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
-    engines, _ = build_engines(tiny_artifacts, tmp_path / "engines", builder="tensorrt-rtx", target="sm89")
+    engines, _ = build_engines(tiny_artifacts, tmp_path / "engines", builder="tensorrt-rtx", target="sm89", max_context=64)
     write_repository(tmp_path / "engines", tmp_path / "repo")
+    served = json.loads((tmp_path / "repo" / "canvasrt_generate" / "1" / "artifacts" / "manifest.json").read_text())
+    assert served["capacity"]["max_context"] == 64  # the loop keeps requests within what the engines were built for
     for graph in ("encode", "denoise"):
         config = read_config(tmp_path / "repo" / f"canvasrt_{graph}" / "config.pbtxt")
         assert config.platform == "tensorrt_plan"

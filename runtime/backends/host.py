@@ -31,6 +31,9 @@ class HostGraphBackend(StepBackend):
         self.buffers = HostKVBuffers(layout_from_manifest(manifest), self.dtype)
         self.num_layers = len(manifest["kv_layout"])
         self.output_names = {graph: [spec["name"] for spec in entry["outputs"]] for graph, entry in manifest["graphs"].items()}
+        # The graphs' static context, which engines built with a smaller --max-context keep (see kv.context_mask)
+        mask = next(spec for spec in manifest["graphs"]["denoise"]["inputs"] if spec["name"] == "context_mask")
+        self.context_slots = int(mask["shape"][1])
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -46,7 +49,7 @@ class HostGraphBackend(StepBackend):
             raise CanvasrtError(f"batch of {batch} exceeds the artifacts' max batch {self.capacity['max_batch']}; "
                                 "re-export with a larger --max-batch")
         self.buffers.reset(batch)
-        self.mask = context_mask(padding, self.capacity["max_context"])
+        self.mask = context_mask(padding, self.context_slots)
         hidden = self._manifest["model"]["hidden_size"]
         self.self_cond = np.zeros((batch, self.capacity["canvas"], hidden), self.dtype)
         self._count("start", padding)
