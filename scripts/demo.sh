@@ -27,10 +27,10 @@ HTTP_PORT="${HTTP_PORT:-18000}"
 canvasrt triton "$WORK/sort-fp8" -o "$WORK/sort-triton" --step-backend in-process --threads 1
 canvasrt serve "$WORK/sort-triton" --python-env .venv-triton --http-port "$HTTP_PORT" --grpc-port "$((HTTP_PORT + 1))" &
 SERVER=$!
-trap 'kill -INT $SERVER 2>/dev/null || true' EXIT
+trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
 until curl -sf "127.0.0.1:$HTTP_PORT/v2/health/ready"; do kill -0 $SERVER 2>/dev/null || exit 1; sleep 0.5; done
 curl -sN -X POST "127.0.0.1:$HTTP_PORT/v2/models/canvasrt_generate/generate_stream" -d '{"prompt": "sort 7 3 9 1 4 =", "seed": 3}'
-kill -INT $SERVER && wait $SERVER
+kill -TERM $SERVER && wait $SERVER
 trap - EXIT
 
 canvasrt random-checkpoint "$WORK/tiny" --preset tiny

@@ -44,7 +44,10 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, python_env: 
     from .server import TritonServer
 
     server = TritonServer(repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log)
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop drains the server like Ctrl-C does
+    # A service manager's SIGTERM drains the server like Ctrl-C does; SIGINT is set too because a shell starts
+    # background jobs with it ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     start = time.perf_counter()
     server.start()
     click.echo(f"serving {repository} in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC "

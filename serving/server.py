@@ -134,6 +134,7 @@ class TritonServer:
         check_python_env(self.env)
         self.installation = find_installation(self.env)
         self.http_port, self.grpc_port = http_port, grpc_port
+        self.check_ports()
         self.log = log
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
@@ -157,10 +158,25 @@ class TritonServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        # The stub's interpreter looks for `python3` on PATH to find its prefix: a virtual environment's bin/ there
+        # (an activated .venv, say) would hand it that environment's site-packages, numpy 2 included.
+        env["PATH"] = os.pathsep.join(entry for entry in env.get("PATH", "").split(os.pathsep)
+                                      if entry and not (Path(entry).parent / "pyvenv.cfg").is_file())
         if self.installation.libraries:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.installation.libraries), env.get("LD_LIBRARY_PATH")]))
         env["CANVASRT_PYTHONPATH"] = str(self.env.site_packages)
         return env
+
+    def check_ports(self) -> None:
+        """A port already served would answer the readiness probe for another server; refuse it up front."""
+        for option, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port)):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise CanvasrtError(f"port {port} on 127.0.0.1 is in use (another server?); choose another with "
+                                        f"{option}") from None
 
     def start(self) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="canvasrt-triton-"))

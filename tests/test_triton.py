@@ -209,7 +209,9 @@ def test_serve_command_serves_until_interrupted(sort_artifacts, triton_env, tmp_
     http, grpc = free_ports(2)
     command = [str(Path(sys.executable).parent / "canvasrt"), "serve", str(repository), "--python-env", str(triton_env),
                "--http-port", str(http), "--grpc-port", str(grpc)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # as from an activated virtual environment (the main job's PATH): the server must not hand it to its models
+    environment = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
     try:
         line = process.stderr.readline()
         assert line.startswith("serving"), line + process.stderr.read()
@@ -224,10 +226,16 @@ def test_serve_command_serves_until_interrupted(sort_artifacts, triton_env, tmp_
         probe.bind(("127.0.0.1", http))
 
 
-def test_serve_bad_input(tiny_artifacts, tmp_path):
+def test_serve_bad_input(tiny_artifacts, triton_env, tmp_path):
     result = cli("serve", tmp_path)
     assert result.exit_code == 2 and "holds no model" in result.output
     write_repository(tiny_artifacts, tmp_path / "repo", "in-process")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", tmp_path / "repo", "--python-env", triton_env, "--grpc-port", port)
+    assert result.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in result.output
     result = cli("serve", tmp_path / "repo", "--python-env", sys.prefix)  # the test environment has numpy 2
     assert result.exit_code == 2 and "needs numpy<2" in result.output
 
