@@ -1,8 +1,9 @@
 """`canvasrt triton`: a Triton Inference Server model repository from an artifact or engine directory.
 
-    canvasrt_generate/   Python backend, decoupled: the loop (canvasrt.serving.model), streaming each canvas
-    canvasrt_encode/     step model (onnxruntime_onnx or tensorrt_plan), unless --step-backend in-process
-    canvasrt_denoise/    step model, likewise
+    canvasrt_generate/   Python backend, decoupled: the loop (canvasrt.serving.model), streaming each canvas;
+                         with --step-backend in-process it holds the graphs and runs them through ONNX Runtime
+    canvasrt_encode/     step model called through BLS: tensorrt_plan, onnxruntime_onnx, or the Python backend
+    canvasrt_denoise/    running ONNX Runtime (canvasrt.serving.step_model, --step-backend python)
 
 config.pbtxt files are built as Triton's own ModelConfig protobuf (tritonclient ships it) and printed with
 text_format, then parsed back and compared, so a file that Triton would misread is never written. The step models
