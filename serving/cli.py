@@ -5,10 +5,14 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .repository import STEP_BACKENDS
+
+if TYPE_CHECKING:
+    from .server import TritonServer
 
 
 @click.command("triton")
@@ -46,16 +50,23 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, python_env: 
     server = TritonServer(repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log)
     # A service manager's SIGTERM drains the server like Ctrl-C does; SIGINT is set too because a shell starts
     # background jobs with it ignored, and Python then never raises KeyboardInterrupt.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    start = time.perf_counter()
-    server.start()
-    click.echo(f"serving {repository} in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC "
-               f"{server.grpc_url} (Ctrl-C stops)", err=True)
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
+        _serve(server, repository)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _serve(server: TritonServer, repository: Path) -> None:
+    start = time.perf_counter()
+    try:
+        server.start()
+        click.echo(f"serving {repository} in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC "
+                   f"{server.grpc_url} (Ctrl-C stops)", err=True)
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also while starting: the server runs in its own session and would be orphaned
         try:
             code = server.stop()
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for in-flight requests

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..exporter.errors import CanvasrtError
 
@@ -138,6 +139,8 @@ class TritonServer:
         self.log = log
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        self.scratch: Path | None = None
+        self._log_file: BinaryIO | None = None
 
     @property
     def http_url(self) -> str:
@@ -212,21 +215,21 @@ class TritonServer:
         for marker in ("failed to load", "error:", "Error"):
             hits = [line for line in lines if marker in line and "CudaDriverHelper" not in line and "NVML" not in line]
             if hits:
-                return hits[0].strip()[:400]
+                hint = ("; this server lacks that backend: write the repository with `canvasrt triton --step-backend "
+                        "in-process` (or python)") if "unable to find backend library" in hits[0] else ""
+                return hits[0].strip()[:400] + hint
         return f"see {self.log_path}"
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGINT (Triton drains in-flight requests and unloads models), then SIGKILL after `timeout`."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
         self._release()
-        return self.process.returncode
+        return self.process.returncode if self.process is not None else None
 
     def kill(self) -> None:
         """SIGKILL to the server and its Python stubs (one process group)."""
@@ -236,8 +239,10 @@ class TritonServer:
         self._release()
 
     def _release(self) -> None:
-        self._log_file.close()
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if self._log_file is not None:
+            self._log_file.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":
         self.start()

@@ -246,3 +246,11 @@ def test_the_models_environment_needs_no_torch(triton_env):
     imported = subprocess.run([python, "-c", "import canvasrt.serving.model, canvasrt.serving.step_model, sys; "
                                "print('torch' in sys.modules)"], capture_output=True, text=True)
     assert imported.returncode == 0 and imported.stdout.strip() == "False", imported.stderr
+
+
+def test_serve_names_the_fix_when_the_server_lacks_a_step_backend(tiny_artifacts, triton_env, tmp_path):
+    write_repository(tiny_artifacts, tmp_path / "repo", "onnxruntime")  # this tritonserver has no onnxruntime backend
+    http, grpc = free_ports(2)
+    result = cli("serve", tmp_path / "repo", "--python-env", triton_env, "--http-port", http, "--grpc-port", grpc)
+    assert result.exit_code == 2 and "backend 'onnxruntime'" in result.output
+    assert "--step-backend in-process" in result.output and len(result.output.strip().splitlines()) == 1
