@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .errors import CanvasrtError
+from .manifest import prefill_limit, read_manifest, sha256_file, staged_directory, write_json
 
 FLAVOURS = ("tensorrt", "tensorrt-rtx")
 RTX_TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm120": (12, 0), "sm121": (12, 1)}
@@ -303,8 +304,7 @@ def narrow_capacity(capacity: dict[str, Any], max_batch: int | None, max_context
             raise CanvasrtError(f"{option} {value} exceeds the artifacts' {key} of {capacity[key]}; pass at most "
                                 f"{capacity[key]} or re-export with a larger {option}")
         narrowed[key] = value
-    # As the exporter does: the prefill chunk stays within the context but reaches a canvas (commits are canvases).
-    narrowed["max_prefill"] = max(min(capacity["max_prefill"], narrowed["max_context"]), capacity["canvas"])
+    narrowed["max_prefill"] = prefill_limit(capacity["max_prefill"], narrowed["max_context"], capacity["canvas"])
     return narrowed
 
 
@@ -323,8 +323,6 @@ def narrow_profiles(profiles: dict[str, Any], capacity: dict[str, Any]) -> dict[
 
 def calibration_digest(artifacts: Path, manifest: dict[str, Any]) -> str | None:
     """sha256 of an FP8 artifact directory's calibration record; None for unquantized artifacts."""
-    from .manifest import sha256_file
-
     quantization = manifest.get("quantization") or {}
     if quantization.get("format") != "fp8":
         return None
@@ -355,8 +353,6 @@ def build_engines(
     (an earlier build in `output` from the same graphs, calibration, builder version, target and options).
 
     Every refusal comes before anything is built or written."""
-    from .manifest import read_manifest, staged_directory, write_json
-
     artifacts, output = Path(artifacts), Path(output)
     manifest = read_manifest(artifacts)
     flavour = resolve_builder(builder)

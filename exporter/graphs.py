@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import SLIDING, ModelConfig
+from .manifest import prefill_limit
 from .model import DiffusionGemmaText
 
 MODEL_DTYPE = "model"  # placeholder dtype in the contract: the export dtype (fp32, fp16 or bf16)
@@ -43,8 +44,7 @@ class Capacity:
 
     @classmethod
     def for_model(cls, config: ModelConfig, max_batch: int, max_context: int, max_prefill: int | None) -> "Capacity":
-        # A commit is one encoder call over a whole canvas, so the chunk profile must reach the canvas length.
-        prefill = max(min(max_prefill or max_context, max_context), config.canvas_length)
+        prefill = prefill_limit(max_prefill or max_context, max_context, config.canvas_length)
         return cls(
             max_batch=max_batch,
             max_context=max_context,

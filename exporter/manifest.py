@@ -37,6 +37,11 @@ def digest_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def prefill_limit(max_prefill: int, max_context: int, canvas: int) -> int:
+    """Encoder tokens per call: within the context, yet a whole canvas, since a commit is one call over a canvas."""
+    return max(min(max_prefill, max_context), canvas)
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """Loads and checks an artifact directory's manifest; every failure is a one-line ArtifactError."""
     directory = Path(directory)

@@ -58,14 +58,13 @@ def python_env(path: str | Path | None) -> PythonEnv:
 
         return PythonEnv(Path(sysconfig.get_paths()["purelib"]), f"{sys.version_info[0]}.{sys.version_info[1]}")
     path = Path(path).resolve()
-    candidates = sorted(path.glob("lib/python3.*/site-packages")) if (path / "pyvenv.cfg").is_file() else [path]
-    if not candidates or not candidates[0].is_dir():
-        raise CanvasrtError(f"--python-env {path} is neither a virtual environment nor a site-packages directory")
-    site = candidates[0]
-    version = site.parent.name.removeprefix("python") if site.parent.name.startswith("python3.") else None
-    if version is None:
-        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    return PythonEnv(site, version)
+    if (path / "pyvenv.cfg").is_file():
+        sites = sorted(path.glob("lib/python3.*/site-packages"))
+        if sites:
+            return PythonEnv(sites[0], sites[0].parent.name.removeprefix("python"))
+    elif path.is_dir():
+        return PythonEnv(path, f"{sys.version_info[0]}.{sys.version_info[1]}")
+    raise CanvasrtError(f"--python-env {path} is neither a virtual environment nor a site-packages directory")
 
 
 def check_python_env(env: PythonEnv) -> None:

@@ -37,10 +37,11 @@ class TritonPythonModel:
         replies: list[Any] = [None] * len(requests)
         for members in groups.values():
             rows = [feeds[i][self.inputs[0]].shape[0] for i in members]
-            batch = {name: np.concatenate([feeds[i][name] for i in members]) for name in self.inputs}
-            outputs = self.session.run(self.outputs, batch)
-            bounds = np.cumsum(rows)[:-1]
+            # A lone request (the usual case) is fed as it came: no copy of its K/V buffers
+            batch = {name: feeds[members[0]][name] if len(members) == 1
+                     else np.concatenate([feeds[i][name] for i in members]) for name in self.inputs}
+            parts = [np.split(array, np.cumsum(rows)[:-1]) for array in self.session.run(self.outputs, batch)]
             for position, index in enumerate(members):
-                tensors = [pb_utils.Tensor(name, np.split(array, bounds)[position]) for name, array in zip(self.outputs, outputs)]
+                tensors = [pb_utils.Tensor(name, part[position]) for name, part in zip(self.outputs, parts)]
                 replies[index] = pb_utils.InferenceResponse(tensors)
         return replies
