@@ -24,19 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def in_process(artifacts: Path, prompt: list[int], seeds: list[int]) -> tuple[list[float], list[list[int]]]:
-    from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from canvasrt.runtime.backends import open_backend
     from canvasrt.serving.protocol import parse_request, request_inputs, responses
 
-    backend = OnnxRuntimeBackend(artifacts, threads=1)
-    backend.activate()
-    generation = backend.manifest.get("generation") or {}
     times, ids = [], []
-    for seed in seeds:
-        start = time.perf_counter()
-        request = parse_request(request_inputs(prompt_ids=prompt, seed=seed), generation, None)
-        done = list(responses(backend, request, None))[-1]
-        times.append(time.perf_counter() - start)
-        ids.append(done["ids"].tolist())
+    with open_backend(artifacts, "onnxruntime", threads=1) as backend:
+        for seed in seeds:
+            start = time.perf_counter()
+            request = parse_request(request_inputs(prompt_ids=prompt, seed=seed), backend.spec.generation, None)
+            done = list(responses(backend, request, None))[-1]
+            times.append(time.perf_counter() - start)
+            ids.append(done["ids"].tolist())
     return times, ids
 
 
@@ -70,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from canvasrt.exporter.export import export
-    from canvasrt.exporter.random_checkpoint import write_random_checkpoint
+    from canvasrt.model.random_checkpoint import write_random_checkpoint
 
     seeds = list(range(args.requests))
     prompt = [(7 * i + 3) % 200 + 10 for i in range(args.prompt_length)]

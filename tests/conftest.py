@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 from canvasrt.exporter.export import export
-from canvasrt.exporter.random_checkpoint import PRESETS, build_random_model, byte_level_tokenizer, generation_config
+from canvasrt.model.random_checkpoint import PRESETS, build_random_model, byte_level_tokenizer, generation_config
 
 # Two cores in CI; one intra-op thread keeps torch from oversubscribing them next to ONNX Runtime.
 torch.set_num_threads(1)
@@ -29,7 +30,7 @@ VARIANT = dict(
 )
 
 
-def write_checkpoint(path: Path, text: dict, canvas: int = 16, seed: int = 0, old_format: bool = False,
+def _write_checkpoint(path: Path, text: dict, canvas: int = 16, seed: int = 0, old_format: bool = False,
                      shard: str | None = None, eos_boost: float | None = None) -> Path:
     """A random checkpoint saved by transformers (optionally sharded, or rewritten in the older config format)."""
     model = build_random_model(text, canvas, seed)
@@ -56,12 +57,12 @@ def write_checkpoint(path: Path, text: dict, canvas: int = 16, seed: int = 0, ol
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", PRESETS["tiny"]["text"])
+    return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", PRESETS["tiny"]["text"])
 
 
 @pytest.fixture(scope="session")
 def variant_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "variant", VARIANT, old_format=True, shard="40KB")
+    return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "variant", VARIANT, old_format=True, shard="40KB")
 
 
 @pytest.fixture(scope="session")
@@ -105,15 +106,24 @@ def tiny_sparse_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny geometry whose EOS embedding is scaled up, so that EOS shows up in committed canvases."""
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=2.0)
-
-
-SORT_FIXTURE = Path(__file__).parent / "fixtures" / "sort-tiny"
+    return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=2.0)
 
 
 @pytest.fixture(scope="session")
-def sort_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained sort model (tests/fixtures/sort-tiny), exported in fp32."""
+def write_checkpoint() -> Callable[..., Path]:
+    """The writer behind the checkpoint fixtures, for tests that need a checkpoint of their own."""
+    return _write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def sort_checkpoint() -> Path:
+    """The trained sort model (tests/fixtures/sort-tiny); read only."""
+    return Path(__file__).parent / "fixtures" / "sort-tiny"
+
+
+@pytest.fixture(scope="session")
+def sort_artifacts(sort_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained sort model, exported in fp32."""
     out = tmp_path_factory.mktemp("art") / "sort"
-    export(SORT_FIXTURE, out, max_context=64)
+    export(sort_checkpoint, out, max_context=64)
     return out

@@ -10,9 +10,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from canvasrt.runtime.cli import main
+from canvasrt.cli import main
 
-from conftest import SORT_FIXTURE
 
 
 def cli(*args):
@@ -20,9 +19,9 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def sort_fp8(sort_artifacts, tmp_path_factory):
+def sort_fp8(sort_checkpoint, sort_artifacts, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "sort-fp8"
-    result = cli("calibrate", SORT_FIXTURE, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32")
+    result = cli("calibrate", sort_checkpoint, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32")
     assert result.exit_code == 0, result.output
     return out
 
@@ -52,8 +51,8 @@ def test_fp8_accuracy_cost_on_the_trained_model(sort_artifacts, sort_fp8):
     assert abs(results["fp8"]["tokens_per_forward"] / results["fp32"]["tokens_per_forward"] - 1) <= 0.05
 
 
-def test_fp8_step_parity_within_the_fp8_budget(sort_fp8, tmp_path):
-    result = cli("parity", SORT_FIXTURE, sort_fp8, "--report", tmp_path / "r.json")
+def test_fp8_step_parity_within_the_fp8_budget(sort_checkpoint, sort_fp8, tmp_path):
+    result = cli("parity", sort_checkpoint, sort_fp8, "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.json").read_text())["dtype"] == "fp8"
 
@@ -68,22 +67,22 @@ def test_fp8_engines_build_for_sm89_and_sm120_and_are_refused_for_sm80(sort_fp8,
     assert not (tmp_path / "sm80").exists()
 
 
-def test_calibrate_bad_input(sort_artifacts, sort_fp8, tmp_path):
+def test_calibrate_bad_input(sort_checkpoint, sort_artifacts, sort_fp8, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    result = cli("calibrate", SORT_FIXTURE, sort_artifacts, "-o", tmp_path / "x", "--prompts", empty)
+    result = cli("calibrate", sort_checkpoint, sort_artifacts, "-o", tmp_path / "x", "--prompts", empty)
     assert result.exit_code == 2 and "holds no prompts" in result.output
-    result = cli("calibrate", SORT_FIXTURE, sort_fp8, "-o", tmp_path / "y", "--task", "sort")
+    result = cli("calibrate", sort_checkpoint, sort_fp8, "-o", tmp_path / "y", "--task", "sort")
     assert result.exit_code == 2 and "already quantized" in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_fp8):
+def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_checkpoint, sort_fp8):
     """The torch backend simulating the calibration's scales matches ONNX Runtime's FP8 graphs to float rounding,
     while plain fp32 is far off: the Q/DQ nodes sit where intended, with the intended scales."""
     import torch
 
-    from canvasrt.exporter.checkpoint import Checkpoint
+    from canvasrt.model.checkpoint import Checkpoint
     from canvasrt.runtime.backends import open_backend
     from canvasrt.runtime.backends.torch import TorchBackend
     from canvasrt.runtime.step import Draws
@@ -92,32 +91,32 @@ def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_fp8):
     ids, padding = rng.integers(7, 19, (2, 9)), np.ones((2, 9), bool)
     canvas = rng.integers(0, 32, (2, 16))
     logits = []
-    for backend in (open_backend(sort_fp8, "torch"), TorchBackend(SORT_FIXTURE, max_context=64)):
-        backend.activate()
-        backend.start(padding)
-        backend.encode(ids, np.arange(9), np.zeros(2, np.int64))
-        with torch.inference_mode():
-            logits.append(backend.model.denoise_logits(
-                torch.from_numpy(canvas), torch.zeros(2, 16, 64), backend.keys, backend.values,
-                torch.full((2,), 9), backend.mask))
+    for backend in (open_backend(sort_fp8, "torch"), TorchBackend(sort_checkpoint, max_context=64)):
+        with backend:
+            backend.start(padding)
+            backend.encode(ids, np.arange(9), np.zeros(2, np.int64))
+            with torch.inference_mode():
+                logits.append(backend.model.denoise_logits(
+                    torch.from_numpy(canvas), torch.zeros(2, 16, 64), backend.keys, backend.values,
+                    torch.full((2,), 9), backend.mask))
     simulated, fp32 = logits
     assert (fp32 - simulated).abs().max() > 0.05  # the simulation really quantizes
 
-    graphs = open_backend(sort_fp8, "onnxruntime")
-    graphs.activate()
-    graphs.start(padding)
-    graphs.encode(ids, np.arange(9), np.zeros(2, np.int64))
-    draws = Draws(renoise_ids=np.zeros((2, 16), np.int64), uniforms=np.full((2, 16), 0.5, np.float32))
-    step = graphs.denoise(canvas, np.full(2, 9), np.full(2, 0.8, np.float32), np.full(2, 0.1, np.float32), draws,
-                          True, np.zeros(2, bool))
-    embedding = Checkpoint.open(SORT_FIXTURE).tensor("model.decoder.embed_tokens.weight")
+    with open_backend(sort_fp8, "onnxruntime") as graphs:
+        graphs.start(padding)
+        graphs.encode(ids, np.arange(9), np.zeros(2, np.int64))
+        draws = Draws(renoise_ids=np.zeros((2, 16), np.int64), uniforms=np.full((2, 16), 0.5, np.float32))
+        step = graphs.denoise(canvas, np.full(2, 9), np.full(2, 0.8, np.float32), np.full(2, 0.1, np.float32), draws,
+                              True, np.zeros(2, bool))
+        soft = graphs.self_conditioning()
+    embedding = Checkpoint.open(sort_checkpoint).tensor("model.decoder.embed_tokens.weight")
     expected_soft = torch.softmax(simulated / 0.8, -1) @ embedding * 8.0  # sqrt(hidden 64)
     assert np.array_equal(step.argmax, simulated.argmax(-1).numpy())
-    assert np.abs(graphs.self_cond - expected_soft.numpy()).max() < 1e-4
+    assert np.abs(soft - expected_soft.numpy()).max() < 1e-4
 
 
-def test_fp8_loop_parity_against_the_fake_quantized_torch_backend(sort_fp8, tmp_path):
-    result = cli("parity", SORT_FIXTURE, sort_fp8, "--level", "loop", "--report", tmp_path / "r.json")
+def test_fp8_loop_parity_against_the_fake_quantized_torch_backend(sort_checkpoint, sort_fp8, tmp_path):
+    result = cli("parity", sort_checkpoint, sort_fp8, "--level", "loop", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["info"]["torch_backend"].startswith("fake-quantized")
@@ -125,8 +124,8 @@ def test_fp8_loop_parity_against_the_fake_quantized_torch_backend(sort_fp8, tmp_
     assert blocks and all(c["metrics"]["agreement"] == 1.0 for c in blocks)
 
 
-def test_bisect_ranks_every_quantized_group(sort_fp8, sort_artifacts, tmp_path):
-    result = cli("parity", SORT_FIXTURE, sort_fp8, "--bisect", "--report", tmp_path / "b.json")
+def test_bisect_ranks_every_quantized_group(sort_checkpoint, sort_fp8, sort_artifacts, tmp_path):
+    result = cli("parity", sort_checkpoint, sort_fp8, "--bisect", "--report", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     ranking = json.loads((tmp_path / "b.json").read_text())["bisect"]
     groups = [r["group"] for r in ranking]
@@ -134,15 +133,15 @@ def test_bisect_ranks_every_quantized_group(sort_fp8, sort_artifacts, tmp_path):
     costs = [r["nrmse"] for r in ranking[:-1]]
     assert costs == sorted(costs, reverse=True) and all(c > 0 for c in costs)
     assert ranking[-1]["nrmse"] >= max(costs)  # all groups together cost at least the worst one
-    refused = cli("parity", SORT_FIXTURE, sort_artifacts, "--bisect")
+    refused = cli("parity", sort_checkpoint, sort_artifacts, "--bisect")
     assert refused.exit_code == 2 and "is not quantized" in refused.output
 
 
-def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_unquantized(sort_artifacts, sort_fp8, tmp_path):
+def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_unquantized(sort_checkpoint, sort_artifacts, sort_fp8, tmp_path):
     maxed = json.loads((sort_fp8 / "calibration.json").read_text())["tensors"]
     for method in ("percentile", "mse"):
         out = tmp_path / method
-        result = cli("calibrate", SORT_FIXTURE, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32",
+        result = cli("calibrate", sort_checkpoint, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32",
                      "--method", method, "--exclude", r"layers\.1\.")
         assert result.exit_code == 0, result.output
         calibration = json.loads((out / "calibration.json").read_text())

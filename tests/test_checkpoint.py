@@ -9,14 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from canvasrt.exporter.checkpoint import Checkpoint
-from canvasrt.exporter.errors import CheckpointError
-from canvasrt.exporter.random_checkpoint import PRESETS
-
-from conftest import write_checkpoint
+from canvasrt.model.checkpoint import Checkpoint
+from canvasrt.core.errors import CheckpointError
+from canvasrt.model.random_checkpoint import PRESETS
 
 
-def test_old_and_new_config_serialisations_agree(tmp_path):
+
+def test_old_and_new_config_serialisations_agree(write_checkpoint, tmp_path):
     new = write_checkpoint(tmp_path / "new", PRESETS["tiny"]["text"])
     old = write_checkpoint(tmp_path / "old", PRESETS["tiny"]["text"], old_format=True)
     assert "per_layer_config" not in json.loads((old / "config.json").read_text())["text_config"]

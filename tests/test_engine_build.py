@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from canvasrt.exporter.builder import build_engine, engine_layers
-from canvasrt.exporter.errors import CanvasrtError
-from canvasrt.exporter.manifest import sha256_file
-from canvasrt.runtime.cli import main
+from canvasrt.builder.engines import build_engine, engine_layers
+from canvasrt.core.manifest import ArtifactManifest
+from canvasrt.core.errors import CanvasrtError
+from canvasrt.core.manifest import sha256_file
+from canvasrt.cli import main
 
 pytest.importorskip("tensorrt_rtx")
 
@@ -150,10 +151,9 @@ def test_fp8_artifacts_without_their_calibration_are_refused(tiny_fp8_artifacts,
 
 
 def test_sparse_moe_graph_is_refused_by_tensorrt_rtx_with_a_clear_error(tiny_sparse_artifacts):
-    manifest = json.loads((tiny_sparse_artifacts / "manifest.json").read_text())
-    entry = manifest["graphs"]["denoise"]
+    entry = ArtifactManifest.load(tiny_sparse_artifacts).graphs["denoise"]
     with pytest.raises(CanvasrtError, match="could not build denoise.onnx: .*NonZero"):
-        build_engine(tiny_sparse_artifacts / entry["file"], entry, "tensorrt-rtx", "sm89")
+        build_engine(tiny_sparse_artifacts / entry.file, entry, "tensorrt-rtx", "sm89")
 
 
 def test_build_refuses_sparse_graphs_for_tensorrt_rtx_up_front(tiny_sparse_artifacts, tmp_path):
@@ -165,10 +165,10 @@ def test_build_refuses_sparse_graphs_for_tensorrt_rtx_up_front(tiny_sparse_artif
 @pytest.fixture(scope="module")
 def monitored_build(tiny_artifacts, tmp_path_factory):
     """One build of the encode graph that reports its phases and writes a timing cache."""
-    entry = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["encode"]
+    entry = ArtifactManifest.load(tiny_artifacts).graphs["encode"]
     cache = tmp_path_factory.mktemp("cache") / "timing.cache"
     events = []
-    built = build_engine(tiny_artifacts / entry["file"], entry, "tensorrt-rtx", "sm89", timing_cache=cache,
+    built = build_engine(tiny_artifacts / entry.file, entry, "tensorrt-rtx", "sm89", timing_cache=cache,
                          phases=events.append)
     return entry, built, events, cache
 
@@ -183,14 +183,14 @@ def test_progress_monitor_reports_the_build_phases(monitored_build):
 
 
 def test_progress_monitor_turns_an_interrupt_into_a_cancelled_build(tiny_artifacts):
-    entry = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["encode"]
+    entry = ArtifactManifest.load(tiny_artifacts).graphs["encode"]
 
     def interrupt(stack):
         if len(stack) > 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_engine(tiny_artifacts / entry["file"], entry, "tensorrt-rtx", "sm89", phases=interrupt)
+        build_engine(tiny_artifacts / entry.file, entry, "tensorrt-rtx", "sm89", phases=interrupt)
 
 
 def test_timing_cache_is_written_atomically_and_survives_a_rebuild(monitored_build, tiny_artifacts):
@@ -201,5 +201,5 @@ def test_timing_cache_is_written_atomically_and_survives_a_rebuild(monitored_bui
     assert cache.is_file() and cache.stat().st_size > 0
     assert sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]
     first = cache.read_bytes()
-    build_engine(tiny_artifacts / entry["file"], entry, "tensorrt-rtx", "sm89", timing_cache=cache)
+    build_engine(tiny_artifacts / entry.file, entry, "tensorrt-rtx", "sm89", timing_cache=cache)
     assert cache.read_bytes() == first and sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]

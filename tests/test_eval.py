@@ -7,14 +7,13 @@ import json
 
 from click.testing import CliRunner
 
-from canvasrt.runtime.cli import main
-
-from conftest import SORT_FIXTURE
+from canvasrt.cli import main
 
 
-def test_eval_reference_torch_and_onnx_agree_and_solve_the_task(sort_artifacts):
+
+def test_eval_reference_torch_and_onnx_agree_and_solve_the_task(sort_checkpoint, sort_artifacts):
     runner = CliRunner()
-    reference = runner.invoke(main, ["eval", str(SORT_FIXTURE), "--task", "sort", "--samples", "48",
+    reference = runner.invoke(main, ["eval", str(sort_checkpoint), "--task", "sort", "--samples", "48",
                                      "--backend", "transformers", "--backend", "torch", "--json"])
     assert reference.exit_code == 0, reference.output
     onnx = runner.invoke(main, ["eval", str(sort_artifacts), "--task", "sort", "--samples", "48", "--json"])
@@ -34,8 +33,8 @@ def test_generate_solves_a_text_prompt(sort_artifacts):
     assert json.loads(result.output)["text"] == ["1 3 7 9"]
 
 
-def test_loop_parity_on_a_confident_model(sort_artifacts, tmp_path):
-    result = CliRunner().invoke(main, ["parity", str(SORT_FIXTURE), str(sort_artifacts), "--level", "loop",
+def test_loop_parity_on_a_confident_model(sort_checkpoint, sort_artifacts, tmp_path):
+    result = CliRunner().invoke(main, ["parity", str(sort_checkpoint), str(sort_artifacts), "--level", "loop",
                                        "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())

@@ -10,11 +10,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from canvasrt.exporter.manifest import sha256_file
-from canvasrt.runtime.cli import main
-from canvasrt.exporter.random_checkpoint import PRESETS
+from canvasrt.core.manifest import sha256_file
+from canvasrt.cli import main
+from canvasrt.model.random_checkpoint import PRESETS
 
-from conftest import write_checkpoint
 
 
 def run(*args: str):
@@ -77,7 +76,7 @@ def test_step_parity_fp16_and_sparse(tiny_checkpoint, fixture, request, tmp_path
     assert result.exit_code == 0, result.output
 
 
-def test_parity_fails_on_artifacts_with_other_weights(tmp_path, tiny_debug_artifacts):
+def test_parity_fails_on_artifacts_with_other_weights(write_checkpoint, tmp_path, tiny_debug_artifacts):
     """Same config, other random weights: parity must notice and exit 1."""
     other = write_checkpoint(tmp_path / "other", PRESETS["tiny"]["text"], seed=7)
     result = run("parity", other, tiny_debug_artifacts)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from canvasrt.runtime.backends import open_backend
 from canvasrt.runtime.backends.torch import TorchBackend
-from canvasrt.runtime.cli import main
+from canvasrt.cli import main
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.reference import Reference
 from canvasrt.runtime.rng import make_draws
@@ -65,10 +65,10 @@ def test_onnxruntime_equals_torch_in_counter_mode(tiny_checkpoint, tiny_artifact
     rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
     ids, padding = left_pad(rows, 0)
     results = []
-    for backend in (TorchBackend(tiny_checkpoint, max_context=128), OnnxRuntimeBackend(tiny_artifacts)):
-        backend.activate()
-        settings = resolve_settings(backend.manifest["generation"], EARLY_STOP)
-        results.append(generate(backend, ids, padding, settings, make_draws("counter", 4, 2, 288, 16)))
+    for backend in (TorchBackend(tiny_checkpoint, max_context=128), open_backend(tiny_artifacts, "onnxruntime")):
+        with backend:
+            settings = resolve_settings(backend.spec.generation, EARLY_STOP)
+            results.append(generate(backend, ids, padding, settings, make_draws("counter", 4, 2, 288, 16)))
     torch_result, ort_result = results
     assert np.array_equal(torch_result.sequences, ort_result.sequences)
     assert torch_result.steps_per_block == ort_result.steps_per_block
@@ -95,12 +95,11 @@ def test_loop_parity_cli(fixture, request, tiny_checkpoint, variant_checkpoint, 
 
 
 def _bytes_per_step(artifacts) -> float:
-    backend = OnnxRuntimeBackend(artifacts)
-    backend.activate()
-    settings = resolve_settings(backend.manifest["generation"], {"max_new_tokens": 32, "max_denoising_steps": 4})
-    ids, padding = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], 0)
-    result = generate(backend, ids, padding, settings,
-                      make_draws("counter", 0, 2, backend.manifest["model"]["vocab_size"], 16))
+    with open_backend(artifacts, "onnxruntime") as backend:
+        settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 4})
+        ids, padding = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], 0)
+        result = generate(backend, ids, padding, settings,
+                          make_draws("counter", 0, 2, backend.spec.model.vocab_size, 16))
     return backend.transfer_bytes["denoise"] / result.timings["steps"]
 
 
@@ -185,8 +184,8 @@ def test_chunked_prefill_equals_one_pass(variant_checkpoint, variant_artifacts):
     rows = [list(range(3, 3 + 93)), list(range(100, 150))]
     ids, padding = left_pad(rows, 0)
     results = []
-    for backend in (TorchBackend(variant_checkpoint, max_context=160), OnnxRuntimeBackend(variant_artifacts)):
-        backend.activate()
-        settings = resolve_settings(backend.manifest["generation"], {"max_new_tokens": 32, "max_denoising_steps": 4})
-        results.append(generate(backend, ids, padding, settings, make_draws("counter", 1, 2, 320, 16)))
+    for backend in (TorchBackend(variant_checkpoint, max_context=160), open_backend(variant_artifacts, "onnxruntime")):
+        with backend:
+            settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 4})
+            results.append(generate(backend, ids, padding, settings, make_draws("counter", 1, 2, 320, 16)))
     assert np.array_equal(results[0].sequences, results[1].sequences)

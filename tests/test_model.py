@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from canvasrt.exporter.checkpoint import Checkpoint
+from canvasrt.model.checkpoint import Checkpoint
 from canvasrt.runtime.backends.torch import TorchBackend
 from canvasrt.runtime.reference import Reference
 from canvasrt.runtime.step import Draws
@@ -16,7 +16,11 @@ def _prefill_and_logits(checkpoint, moe: str):
     """Runs the same prefill + one self-conditioned step through transformers and through canvasrt's model."""
     reference = Reference(checkpoint)
     backend = TorchBackend(checkpoint, moe=moe, max_context=64)
-    backend.activate()
+    with backend:
+        return _logits_both_ways(reference, backend)
+
+
+def _logits_both_ways(reference, backend):
     config = backend.checkpoint.config
     rng = np.random.default_rng(1)
     batch, prompt, canvas = 2, 13, config.canvas_length
@@ -70,7 +74,7 @@ def test_sampler_math_matches_transformers_sampler():
         EntropyBoundSampler, EntropyBoundSamplerConfig,
     )
 
-    from canvasrt.exporter.model import categorical_entropy, entropy_bound_accept
+    from canvasrt.model.modeling import categorical_entropy, entropy_bound_accept
 
     torch.manual_seed(0)
     z = torch.randn(3, 256, 1000) * 4

@@ -8,9 +8,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from canvasrt.exporter.errors import CanvasrtError
-from canvasrt.runtime.backends.tensorrt import check_engines_fit, plan_buffers, read_engine_manifest, select_profile
-from canvasrt.runtime.cli import main
+from dataclasses import replace
+
+from canvasrt.cli import main
+from canvasrt.core.contract import select_profile
+from canvasrt.core.errors import CanvasrtError
+from canvasrt.core.manifest import EngineManifest
+from canvasrt.runtime.backends.tensorrt import check_engines_fit, plan_buffers
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +26,10 @@ def engines(tiny_artifacts, tmp_path_factory):
 
 
 def test_engines_from_another_builder_version_or_gpu_are_refused(engines):
-    manifest = read_engine_manifest(engines)
+    manifest = EngineManifest.load(engines)
     with pytest.raises(CanvasrtError, match="built with tensorrt-rtx"):
         check_engines_fit(manifest, "10.13.0", (9, 0))
-    as_trt = {**manifest, "key": {**manifest["key"], "builder": "tensorrt", "builder_version": "10.13.0", "target": "sm90"}}
+    as_trt = replace(manifest, key=replace(manifest.key, builder="tensorrt", builder_version="10.13.0", target="sm90"))
     check_engines_fit(as_trt, "10.13.0", (9, 0))
     with pytest.raises(CanvasrtError, match="this is TensorRT 10.14.1; rebuild"):
         check_engines_fit(as_trt, "10.14.1", (9, 0))
@@ -34,19 +38,19 @@ def test_engines_from_another_builder_version_or_gpu_are_refused(engines):
 
 
 def test_profile_selection_follows_the_manifest(engines):
-    graphs = read_engine_manifest(engines)["engines"]
-    assert select_profile(graphs["encode"], 2, 16) == 0  # prefill covers chunk 16 too and comes first
-    assert select_profile(graphs["encode"], 1, 100) == 0
-    assert select_profile(graphs["denoise"], 4) == 0
+    graphs = EngineManifest.load(engines).engines
+    assert select_profile(graphs["encode"].profiles, 2, 16) == 0  # prefill covers chunk 16 too and comes first
+    assert select_profile(graphs["encode"].profiles, 1, 100) == 0
+    assert select_profile(graphs["denoise"].profiles, 4) == 0
     with pytest.raises(CanvasrtError, match="no optimization profile"):
-        select_profile(graphs["encode"], 9, 16)
-    commit_only = {"profiles": {"commit": graphs["encode"]["profiles"]["commit"]}}
+        select_profile(graphs["encode"].profiles, 9, 16)
+    commit_only = {"commit": graphs["encode"].profiles["commit"]}
     with pytest.raises(CanvasrtError, match="chunk of 3"):
         select_profile(commit_only, 1, 3)
 
 
 def test_buffer_plan_matches_the_graphs_and_is_allocated_once(engines, tiny_artifacts):
-    manifest = read_engine_manifest(engines)
+    manifest = EngineManifest.load(engines)
     plan = plan_buffers(manifest, 2)
     denoise = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["denoise"]
     past = [tuple([2, *s["shape"][1:]]) for s in denoise["inputs"] if s["name"].startswith("past_key_")]
@@ -58,8 +62,8 @@ def test_buffer_plan_matches_the_graphs_and_is_allocated_once(engines, tiny_arti
 
 
 def test_buffer_plan_of_engines_built_for_a_shorter_context_keeps_the_graphs_mask(engines):
-    manifest = read_engine_manifest(engines)
-    narrowed = {**manifest, "capacity": {**manifest["capacity"], "max_batch": 2, "max_context": 64}}
+    manifest = EngineManifest.load(engines)
+    narrowed = replace(manifest, capacity=manifest.capacity.narrowed(2, 64))
     plan = plan_buffers(narrowed, 2)
     assert plan.context_mask == (2, 128) and plan.kv == plan_buffers(manifest, 2).kv
     with pytest.raises(CanvasrtError, match="exceeds the engines' max batch 2"):
@@ -79,3 +83,12 @@ def test_bench_on_engines_without_tensorrt_is_a_clear_error(engines):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "install canvasrt[gpu]" in lines[0]
+
+
+def test_parity_on_engines_runs_up_to_the_gpu(engines, tiny_checkpoint):
+    """Parity takes engine directories like artifacts; without TensorRT and CUDA it stops with one line saying so,
+    before the reference spends any time."""
+    result = CliRunner().invoke(main, ["parity", str(tiny_checkpoint), str(engines)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "CUDA" in lines[0] and "tensorrt backend" in lines[0]

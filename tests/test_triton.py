@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from canvasrt.exporter.builder import build_engines
-from canvasrt.runtime.cli import main
+from canvasrt.builder.engines import build_engines
+from canvasrt.cli import main
 from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
 from canvasrt.serving.protocol import INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,8 @@ import pytest
 STUBS = "tensorrt-stubs==10.13.0.35.1"
 MODULE = "canvasrt.runtime.backends.tensorrt"
 REPO = Path(__file__).resolve().parents[1]
-BACKEND = REPO / "runtime" / "backends" / "tensorrt.py"
+SOURCE = REPO / "src"
+BACKEND = SOURCE / "canvasrt" / "runtime" / "backends" / "tensorrt.py"
 CONFIG = """\
 [mypy]
 strict = True
@@ -99,31 +99,23 @@ def stubs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
-def source_tree(root: Path, backend: str | None = None) -> Path:
-    """canvasrt laid out as the package maps its directories (mypy cannot see the editable install's import hook);
-    `backend` replaces the backend module's source."""
-    mapping = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for package, directory in mapping.items():
-        target = root.joinpath(*package.split("."))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if backend is not None and MODULE.startswith(package + "."):
-            shutil.copytree(REPO / directory, target, ignore=shutil.ignore_patterns("__pycache__"))
-            target.joinpath(*MODULE.removeprefix(package + ".").split(".")).with_suffix(".py").write_text(backend)
-        else:
-            target.symlink_to(REPO / directory)
+def source_tree(root: Path, backend: str) -> Path:
+    """A copy of the package whose backend module has the source `backend`."""
+    shutil.copytree(SOURCE / "canvasrt", root / "canvasrt", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "canvasrt").joinpath(*MODULE.removeprefix("canvasrt.").split(".")).with_suffix(".py").write_text(backend)
     return root
 
 
-def mypy(stubs: Path, tree: Path) -> subprocess.CompletedProcess[str]:
-    config = tree / "mypy.ini"
+def mypy(stubs: Path, tree: Path, scratch: Path) -> subprocess.CompletedProcess[str]:
+    config = scratch / "mypy.ini"
     config.write_text(CONFIG)
     env = {**os.environ, "MYPYPATH": os.pathsep.join([str(stubs), str(tree)])}
     return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", os.devnull,
-                           "-m", MODULE], capture_output=True, text=True, env=env, cwd=tree, timeout=600)
+                           "-m", MODULE], capture_output=True, text=True, env=env, cwd=scratch, timeout=600)
 
 
 def test_tensorrt_backend_type_checks_against_the_tensorrt_stubs(stubs, tmp_path):
-    result = mypy(stubs, source_tree(tmp_path / "src"))
+    result = mypy(stubs, SOURCE, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -157,7 +149,7 @@ def test_the_type_check_fails_on_calls_tensorrt_does_not_have(stubs, tmp_path, g
     for call, (wrong, _) in MISTAKES[group].items():
         assert call in source, f"the backend no longer calls {call!r}; update MISTAKES"
         source = source.replace(call, wrong)
-    result = mypy(stubs, source_tree(tmp_path / "src", backend=source))
+    result = mypy(stubs, source_tree(tmp_path / "src", source), tmp_path)
     assert result.returncode == 1
     missed = [message for _, message in MISTAKES[group].values() if message not in result.stdout]
     assert missed == [], result.stdout

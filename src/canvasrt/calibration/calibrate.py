@@ -1,0 +1,118 @@
+"""`canvasrt calibrate`: FP8 artifacts from fp32/fp16 artifacts and the checkpoint they were exported from.
+
+Writes a new artifact directory: Q/DQ graphs, calibration.json (per tensor: amax, scale, method, samples; per
+expert: tokens seen and fallbacks), the copied tokenizer and generation config, and a manifest whose
+`quantization` names the calibration by digest, so later stages (build, runtime, Triton) can tell FP8 artifacts
+and their calibration apart.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model.checkpoint import Checkpoint
+from ..core.errors import CanvasrtError
+from ..core.manifest import ArtifactManifest, Quantization, sha256_file, staged_directory, write_json
+from ..runtime import tasks
+from ..runtime.prompts import TextCodec, prompt_rows, read_prompts_file
+from .qdq import WEIGHT_MODES, quantize_graph
+from .ranges import METHODS, collect_ranges, scale_for
+# Used without --prompts/--task: mixed-length text, so prefill, commits and every denoising step see typical input.
+BUILTIN_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Explain how a block diffusion language model refines a canvas of tokens.",
+    "List three prime numbers and their squares.",
+    "def fibonacci(n):",
+    "Translate to French: the weather is nice today.",
+    "Once upon a time",
+    "Summarize the plot of a heist movie in two sentences.",
+    "1, 2, 3, 5, 8, 13,",
+]
+
+
+def calibration_prompts(checkpoint: Path, prompts_file: Path | None, task: str | None, samples: int) -> tuple[list[list[int]], str]:
+    if prompts_file is not None:
+        rows = prompt_rows(read_prompts_file(prompts_file), checkpoint)
+        return rows[:samples], f"prompts file {prompts_file}"
+    if task is not None:
+        if task not in tasks.TASKS:
+            raise CanvasrtError(f"unknown task {task!r}; use one of {', '.join(tasks.TASKS)}")
+        codec = TextCodec(checkpoint)
+        # The calibration split is disjoint from the held-out prompts that `canvasrt eval` scores.
+        return [codec.encode(e.prompt) for e in tasks.examples(task, "calibration", samples)], f"task {task} calibration split"
+    codec = TextCodec(checkpoint)
+    rows = [codec.encode(text) for text in BUILTIN_PROMPTS]
+    return (rows * (samples // len(rows) + 1))[:samples], "built-in calibration set"
+
+
+def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path, prompts_file: Path | None = None,
+              task: str | None = None, samples: int = 64, method: str = "max", weights: str = "per-channel",
+              exclude: tuple[str, ...] = (), progress: Any = lambda _: None) -> ArtifactManifest:
+    """exclude: regular expressions; matching GEMMs (e.g. the worst groups of `parity --bisect`) stay unquantized."""
+    checkpoint = Path(checkpoint)
+    manifest = ArtifactManifest.load(artifacts)
+    if method not in METHODS:
+        raise CanvasrtError(f"calibration method {method!r} is not implemented; use one of {', '.join(METHODS)}")
+    if weights not in WEIGHT_MODES:
+        raise CanvasrtError(f"--weights takes one of {', '.join(WEIGHT_MODES)}")
+    if manifest.quantization is not None:
+        raise CanvasrtError(f"{artifacts} is already quantized; calibrate the fp32/fp16 export instead")
+    if manifest.model != Checkpoint.open(checkpoint).config:
+        raise CanvasrtError(f"{artifacts} was exported from a checkpoint with another config than {checkpoint}")
+    if samples < 1:
+        raise CanvasrtError(f"--samples must be at least 1 (got {samples})")
+    rows, source = calibration_prompts(checkpoint, prompts_file, task, samples)
+    if not rows or any(len(r) == 0 for r in rows):
+        raise CanvasrtError(f"the calibration set ({source}) is empty or has an empty prompt")
+    progress(f"running the loop on {len(rows)} calibration prompts ({source})")
+    ranges = collect_ranges(checkpoint, rows, method=method)
+    try:
+        patterns = [re.compile(p) for p in exclude]
+    except re.error as exc:
+        raise CanvasrtError(f"--exclude pattern is not a regular expression: {exc}") from None
+    excluded = sorted(n for n in ranges.amax if any(p.search(n) for p in patterns))
+    for name in excluded:
+        del ranges.amax[name]
+    coverage = [min(counts) for counts in ranges.expert_tokens.values()]
+    progress(f"fewest tokens any expert saw: {min(coverage) if coverage else 'n/a'}; "
+             f"{sum(len(v) for v in ranges.fallbacks.values())} expert ranges fell back to their layer's maximum")
+    calibration = {
+        "method": method,
+        "format": "fp8-e4m3",
+        "weights": weights,
+        "prompts": source,
+        "samples": len(rows),
+        "tensors": {
+            name: {"amax": np.asarray(amax).tolist(), "scale": np.asarray(scale_for(amax)).tolist()}
+            for name, amax in sorted(ranges.amax.items())
+        },
+        "excluded": excluded,
+        "expert_tokens": ranges.expert_tokens,
+        "expert_fallbacks": ranges.fallbacks,
+    }
+    with staged_directory(output) as staging:
+        write_json(staging / "calibration.json", calibration)
+        graphs = {}
+        for name, graph in manifest.graphs.items():
+            progress(f"writing Q/DQ {graph.file}")
+            path = staging / graph.file
+            quantized = quantize_graph(manifest.graph_path(name), path, ranges.amax, weights)
+            data = path.with_name(path.name + ".data")
+            graphs[name] = replace(graph, sha256=sha256_file(path), quantized=tuple(quantized),
+                                   data_file=data.name if data.exists() else None,
+                                   data_sha256=sha256_file(data) if data.exists() else None)
+        for extra in ("generation_config.json", *manifest.tokenizer):
+            if (manifest.directory / extra).is_file():
+                shutil.copy2(manifest.directory / extra, staging / extra)
+        quantization = Quantization(method=method, weights=weights, prompts=source, excluded=tuple(excluded),
+                                    samples=len(rows), calibration="calibration.json",
+                                    calibration_sha256=sha256_file(staging / "calibration.json"))
+        new_manifest = replace(manifest, directory=Path(output), graphs=graphs, quantization=quantization)
+        new_manifest.write(staging)
+    return new_manifest

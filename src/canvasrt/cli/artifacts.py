@@ -1,0 +1,154 @@
+"""The commands that write artifacts: `canvasrt random-checkpoint`, `export`, `calibrate` and `build`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+err = Console(stderr=True)
+
+
+def stage_progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
+
+
+@click.command("random-checkpoint")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(["tiny", "small", "bench"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def random_checkpoint_command(output: Path, preset: str, seed: int) -> None:
+    """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
+    from ..model.random_checkpoint import write_random_checkpoint
+
+    with stage_progress() as progress:
+        progress.add_task(f"writing {preset} checkpoint to {output}", total=None)
+        write_random_checkpoint(output, preset=preset, seed=seed)
+    click.echo(f"wrote {preset} checkpoint to {output}")
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="artifact directory to write")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--moe", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
+              help="dense: every expert on every token, static shapes; sparse: routed tokens only")
+@click.option("--max-batch", type=int, default=4, show_default=True)
+@click.option("--max-context", type=int, default=2048, show_default=True, help="committed tokens per request")
+@click.option("--max-prefill", type=int, default=None, help="encoder tokens per call (default: --max-context)")
+@click.option("--debug-logits", is_flag=True, help="also output the [batch, canvas, vocab] logits (parity work)")
+@click.option("--external-data/--inline-weights", default=None,
+              help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)")
+def export_command(
+    checkpoint: Path, output: Path, dtype: str, moe: str, max_batch: int, max_context: int,
+    max_prefill: int | None, debug_logits: bool, external_data: bool | None,
+) -> None:
+    """Export CHECKPOINT's encoder and one denoising step to ONNX (encode.onnx, denoise.onnx, manifest.json)."""
+    from ..exporter.export import export
+
+    start = time.perf_counter()
+    with stage_progress() as progress:
+        task = progress.add_task("starting", total=None)
+        manifest = export(
+            checkpoint, output, dtype=dtype, moe=moe, max_batch=max_batch, max_context=max_context,
+            max_prefill=max_prefill, debug_logits=debug_logits, external_data=external_data,
+            progress=lambda text: progress.update(task, description=text),
+        )
+        progress.update(task, description="done")
+    sizes = {name: manifest.graph_path(name).stat().st_size for name in manifest.graphs}
+    click.echo(
+        f"exported {dtype} graphs to {output} in {time.perf_counter() - start:.1f}s: "
+        + ", ".join(f"{n}.onnx {s / 1e6:.1f} MB" for n, s in sizes.items())
+        + f"; capacity {json.dumps(manifest.capacity.to_dict())}"
+    )
+
+
+@click.command("build")
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="engine directory to write")
+@click.option("--target", default="sm89", show_default=True,
+              help="sm75|sm80|sm86|sm89|sm120|sm121 (tensorrt-rtx, ahead of time) or current|sm90 (tensorrt)")
+@click.option("--builder", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+              help="auto: tensorrt where installed, else tensorrt-rtx")
+@click.option("--max-batch", type=int, default=None, help="largest batch the engines take (default: the artifacts')")
+@click.option("--max-context", type=int, default=None,
+              help="committed tokens per request (default: the artifacts'); also bounds the prefill chunk")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="tactic timing cache file: loaded if present, updated after the build (--builder tensorrt)")
+@click.option("--workspace", default=None, help="builder workspace limit, e.g. 4G")
+def build_command(artifacts: Path, output: Path, target: str, builder: str, max_batch: int | None,
+                  max_context: int | None, timing_cache: Path | None, workspace: str | None) -> None:
+    """Build TensorRT engines (strongly typed, the manifest's optimization profiles) from ARTIFACTS."""
+    from rich.progress import BarColumn, TaskID
+
+    from ..builder.engines import Phase, build_engines
+
+    start = time.perf_counter()
+    # stage_progress's columns plus a bar and a step count: TensorRT's progress monitor knows each phase's length.
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("starting", total=None, steps="")
+        bars: list[TaskID] = []  # one per open build phase, nested phases indented under their parent
+
+        def show(phases: tuple[Phase, ...]) -> None:
+            while len(bars) > len(phases):
+                progress.remove_task(bars.pop())
+            for depth, phase in enumerate(phases):
+                name, steps = "  " * (depth + 1) + phase.name, f"{phase.done}/{phase.steps}"
+                if depth < len(bars):
+                    progress.update(bars[depth], description=name, completed=phase.done, total=phase.steps, steps=steps)
+                else:  # added complete: the refresh thread may draw it before any update
+                    bars.append(progress.add_task(name, completed=phase.done, total=phase.steps, steps=steps))
+
+        manifest, reused = build_engines(
+            artifacts, output, builder=builder, target=target, workspace=workspace, max_batch=max_batch,
+            max_context=max_context, timing_cache=timing_cache,
+            progress=lambda text: progress.update(task, description=text), phases=show,
+        )
+        progress.update(task, description="done")
+    key = manifest.key
+    if reused:
+        click.echo(f"{output} is up to date ({key.builder} {key.builder_version}, {key.target}); nothing built")
+        return
+    sizes = ", ".join(f"{n}.engine {e.bytes / 1e6:.1f} MB" + _gemms(e.gemms) for n, e in manifest.engines.items())
+    click.echo(f"built {key.builder} {key.builder_version} engines for {key.target} in "
+               f"{time.perf_counter() - start:.1f}s (batch up to {key.max_batch}, context {key.max_context}): "
+               f"{sizes}")
+
+
+def _gemms(counts: dict[str, int] | None) -> str:
+    return f" (GEMMs: {', '.join(f'{n} {dtype}' for dtype, n in counts.items())})" if counts else ""
+
+
+@click.command("calibrate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="FP8 artifact directory to write")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help='JSONL calibration prompts ({"text"} or {"ids"})')
+@click.option("--task", default=None, help="calibrate on a synthetic task's calibration split (e.g. sort)")
+@click.option("--samples", type=int, default=64, show_default=True)
+@click.option("--method", type=click.Choice(["max", "percentile", "mse"]), default="max", show_default=True,
+              help="activation range: running max, 99.99th percentile of |x|, or the clip that minimises FP8 MSE")
+@click.option("--weights", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel", show_default=True)
+@click.option("--exclude", multiple=True, help="regex of GEMM weights to keep unquantized (repeatable), e.g. 'layers\\.1\\.'")
+def calibrate_command(checkpoint: Path, artifacts: Path, output: Path, prompts_file: Path | None, task: str | None,
+                      samples: int, method: str, weights: str, exclude: tuple[str, ...]) -> None:
+    """FP8 (E4M3) Q/DQ artifacts, calibrated by running the loop over the whole denoising schedule."""
+    from ..calibration.calibrate import calibrate
+
+    with stage_progress() as progress:
+        stage = progress.add_task("starting", total=None)
+        manifest = calibrate(checkpoint, artifacts, output, prompts_file, task, samples, method, weights, exclude,
+                             progress=lambda text: progress.update(stage, description=text))
+        progress.update(stage, description="done")
+    q = manifest.quantization
+    assert q is not None
+    counts = {name: len(g.quantized or ()) for name, g in manifest.graphs.items()}
+    click.echo(f"wrote FP8 artifacts to {output}: {counts} GEMMs quantized, {q.weights} weights, "
+               f"{q.method} ranges from {q.samples} prompts ({q.prompts})"
+               + (f", {len(q.excluded)} excluded" if q.excluded else ""))

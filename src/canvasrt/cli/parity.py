@@ -1,0 +1,80 @@
+"""`canvasrt parity`: the report table, JSON and JUnit files, and the exit code CI gates on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@click.command("parity")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--level", type=click.Choice(["step", "loop"]), default="step", show_default=True)
+@click.option("--backend", default=None,
+              help="torch (FP8 artifacts: simulated with their scales), onnxruntime or tensorrt; default: by TARGET")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the JSON report here")
+@click.option("--junit", type=click.Path(path_type=Path), help="write a JUnit XML report here")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+@click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
+def parity_command(
+    checkpoint: Path, target: Path, level: str, backend: str | None, report_path: Path | None, junit: Path | None,
+    seed: int, threads: int | None, bisect: bool,
+) -> None:
+    """Compare TARGET (artifacts or engines) against the transformers reference built from CHECKPOINT.
+    Exit 0 within tolerance, 1 not."""
+    from ..runtime.parity import parity
+
+    if bisect:
+        _bisect(checkpoint, target, seed, threads, report_path)
+        return
+
+    with Console(stderr=True).status(f"running {level} parity: the reference, then {target}, on the same inputs"):
+        report = parity(checkpoint, target, level, backend, seed=seed, threads=threads)
+    table = Table(title=f"parity --level {level} ({report.backend}, {report.dtype})", show_lines=False)
+    for column in ("stage", "output", "figures", "limits", "ok"):
+        table.add_column(column)
+    for check in report.checks:
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in check.metrics.items())
+        limits = ", ".join(f"{k}={_fmt(v)}" for k, v in check.limits.items())
+        table.add_row(check.stage, check.output, figures, limits, "[green]yes[/]" if check.passed else "[red]NO[/]")
+    out.print(table)
+    if level == "step" and not any(c.output == "logits" for c in report.checks):
+        out.print("note: these graphs have no logits output; export with --debug-logits to check the logits directly")
+    out.print(f"info: {report.info}")
+    if report_path:
+        report.write_json(report_path)
+    if junit:
+        report.write_junit(junit)
+    failed = sum(not c.passed for c in report.checks)
+    out.print(f"{len(report.checks) - failed} passed, {failed} failed")
+    sys.exit(0 if report.passed else 1)
+
+
+def _bisect(checkpoint: Path, artifacts: Path, seed: int, threads: int | None, report_path: Path | None) -> None:
+    import json
+
+    from ..calibration.bisect import bisect
+
+    with Console(stderr=True).status("quantizing one group at a time"):
+        ranking = bisect(checkpoint, artifacts, seed=seed, threads=threads)
+    table = Table(title="FP8 cost per quantized group (logits against fp32, worst first)")
+    for column in ("group", "nrmse", "argmax agreement"):
+        table.add_column(column)
+    for row in ranking:
+        table.add_row(row["group"], f"{row['nrmse']:.4f}", f"{100 * row['argmax_agreement']:.1f}%")
+    out.print(table)
+    if report_path:
+        report_path.write_text(json.dumps({"bisect": ranking}, indent=2) + "\n")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)

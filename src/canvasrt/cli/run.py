@@ -1,0 +1,231 @@
+"""`canvasrt generate` (with the live canvas), `canvasrt bench` and `canvasrt eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from ..core.errors import CanvasrtError
+from ..runtime.backends import BACKENDS, default_backend, open_backend
+from ..runtime.loop import Committed, Draft, GenerationResult, left_pad, stream
+from ..runtime.prompts import TextCodec, parse_ids, prompt_rows, read_prompts_file, until_eos
+from ..runtime.rng import RNG_MODES, make_draws
+from ..runtime.settings import resolve_settings
+
+err = Console(stderr=True)
+
+
+def settings_options(fn: Any) -> Any:
+    options = [
+        click.option("--max-new-tokens", type=int, default=None, help="rounded up to whole canvases"),
+        click.option("--max-denoising-steps", type=int, default=None),
+        click.option("--entropy-bound", type=float, default=None),
+        click.option("--t-min", type=float, default=None),
+        click.option("--t-max", type=float, default=None),
+        click.option("--stability-threshold", type=int, default=None),
+        click.option("--confidence-threshold", type=float, default=None),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+SETTING_KEYS = (
+    "max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+    "confidence_threshold",
+)
+
+
+@click.command("generate")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--prompt", help="prompt text (needs the target's tokenizer)")
+@click.option("--prompt-ids", help="prompt as comma-separated token ids, e.g. 5,6,7")
+@click.option("--prompts-file", type=click.Path(path_type=Path), help='JSONL, one {"text": ...} or {"ids": [...]} per line')
+@click.option("--backend", type=str, default=None, help=f"one of {', '.join(BACKENDS)} (default: by TARGET kind)")
+@click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime provider: cpu, cuda, tensorrt")
+@click.option("--rng", type=click.Choice(RNG_MODES), default="counter", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for the backend")
+@click.option("--json", "as_json", is_flag=True, help="print sequences, text, steps, tokens per forward and timings as JSON")
+@click.option("--watch", is_flag=True, help="show the canvas denoising live")
+@settings_options
+def generate_command(
+    target: Path, prompt: str | None, prompt_ids: str | None, prompts_file: Path | None, backend: str | None,
+    provider: str, rng: str, seed: int, threads: int | None, as_json: bool, watch: bool, **overrides: Any,
+) -> None:
+    """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime)."""
+    sources = [s for s in (prompt, prompt_ids, prompts_file) if s is not None]
+    if len(sources) != 1:
+        raise CanvasrtError("give exactly one of --prompt, --prompt-ids, --prompts-file")
+    if prompt is not None:
+        prompts = [{"text": prompt}]
+    elif prompt_ids is not None:
+        prompts = [{"ids": parse_ids(prompt_ids)}]
+    else:
+        prompts = read_prompts_file(prompts_file)
+    runner = open_backend(target, backend, provider=provider, threads=threads, max_batch=max(16, len(prompts)))
+    if rng == "hf" and runner.name != "torch":
+        raise CanvasrtError("--rng hf reproduces transformers' torch RNG and needs --backend torch")
+    spec = runner.spec
+    settings = resolve_settings(spec.generation, {k: overrides[k] for k in SETTING_KEYS})
+    rows = prompt_rows(prompts, target)
+    ids, padding = left_pad(rows, settings.pad_token_id or 0)
+    codec = _codec(target)
+    draws = make_draws(rng, seed, len(rows), spec.model.vocab_size, spec.capacity.canvas)
+    with runner:
+        events = stream(runner, ids, padding, settings, draws)
+        result = _watch(events, codec, settings, len(rows)) if watch else _last(events)
+    texts = [
+        codec.decode(until_eos(row, settings.eos_token_ids, settings.pad_token_id)) if codec else None
+        for row in result.new_tokens
+    ]
+    if as_json:
+        click.echo(json.dumps({
+            "sequences": result.sequences.tolist(),
+            "text": texts,
+            "steps_per_block": result.steps_per_block,
+            "tokens_per_forward": result.tokens_per_forward.tolist(),
+            "timings": {k: v for k, v in result.timings.items() if not isinstance(v, list)},
+            "backend": runner.name,
+            "rng": rng,
+            "seed": seed,
+        }))
+    else:
+        for i, row in enumerate(result.new_tokens):
+            shown = texts[i] if texts[i] is not None else " ".join(map(str, row.tolist()))
+            click.echo(f"[{i}] {shown}")
+        err.print(
+            f"{runner.name}: {sum(result.steps_per_block)} steps over {len(result.steps_per_block)} canvas(es), "
+            f"tokens/forward {np.round(result.tokens_per_forward, 2).tolist()}, {result.timings['total_s']:.2f}s"
+        )
+
+
+def _codec(target: Path) -> TextCodec | None:
+    try:
+        return TextCodec(target)
+    except CanvasrtError:
+        return None
+
+
+def _last(events: Any) -> GenerationResult:
+    for event in events:
+        if isinstance(event, GenerationResult):
+            return event
+    raise AssertionError("generation ended without a result")
+
+
+def _watch(events: Any, codec: TextCodec | None, settings: Any, batch: int) -> GenerationResult:
+    """Live view: per row the committed text, then the current draft with accepted positions highlighted."""
+    committed: list[list[int]] = [[] for _ in range(batch)]
+
+    def render(draft: Draft | None) -> Text:
+        text = Text()
+        for row in range(batch):
+            text.append(f"[{row}] ", style="bold")
+            text.append(_decode(codec, committed[row]), style="green")
+            if draft is not None:
+                for token, ok in zip(draft.argmax[row].tolist(), draft.accepted[row].tolist()):
+                    text.append(_piece(codec, token) or "·", style="bold yellow" if ok else "dim")
+                text.append(f"  (canvas {draft.block}, step {draft.step}, H={draft.mean_entropy[row]:.3f})", style="cyan")
+            text.append("\n")
+        return text
+
+    if not err.is_terminal:  # logs and CI: one line per step instead of a redrawn screen
+        for event in events:
+            if isinstance(event, Draft):
+                err.print(render(event), end="", markup=False, highlight=False)
+            elif isinstance(event, Committed):
+                for row in range(batch):
+                    committed[row] += until_eos(event.tokens[row], settings.eos_token_ids, settings.pad_token_id)
+            else:
+                return event
+        raise AssertionError("generation ended without a result")
+    with Live(render(None), console=err, refresh_per_second=20, transient=False) as live:
+        for event in events:
+            if isinstance(event, Draft):
+                live.update(render(event))
+            elif isinstance(event, Committed):
+                for row in range(batch):
+                    committed[row] += until_eos(event.tokens[row], settings.eos_token_ids, settings.pad_token_id)
+                live.update(render(None))
+            else:
+                return event
+    raise AssertionError("generation ended without a result")
+
+
+def _piece(codec: TextCodec | None, token: int) -> str:
+    return _printable(codec.piece(token)) if codec else f"{token} "
+
+
+def _printable(text: str) -> str:
+    # Control characters (random models emit them) would move the cursor and tear the live view.
+    return "".join(ch if ch.isprintable() else "·" for ch in text)
+
+
+def _decode(codec: TextCodec | None, ids: list[int]) -> str:
+    if codec is None:
+        return "".join(f"{i} " for i in ids)
+    return _printable(codec.decode(ids))
+
+
+@click.command("bench")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--backend", "backends", multiple=True, help="repeatable; also 'transformers' for the reference step")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--prompt-length", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=8, show_default=True, help="denoising steps per canvas (no early stop)")
+@click.option("--canvases", type=int, default=1, show_default=True, help="canvases to generate (commits = canvases - 1)")
+@click.option("--threads", type=int, default=None)
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_command(
+    target: Path, backends: tuple[str, ...], batch: int, prompt_length: int, steps: int, canvases: int,
+    threads: int | None, provider: str, as_json: bool,
+) -> None:
+    """Time the step backends on TARGET side by side in one run; ratios are against the first backend."""
+    from ..runtime.bench import bench, format_table
+
+    results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        Console().print(format_table(results))
+
+
+@click.command("eval")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--task", required=True, help="synthetic task the model was trained on (e.g. sort)")
+@click.option("--samples", type=int, default=100, show_default=True, help="held-out prompts")
+@click.option("--backend", "backends", multiple=True,
+              help="repeatable: transformers (checkpoint), torch, onnxruntime (default: by TARGET kind)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(target: Path, task: str, samples: int, backends: tuple[str, ...], seed: int, threads: int | None,
+                 as_json: bool) -> None:
+    """Exact-match accuracy, steps per canvas and tokens per forward on TASK's held-out prompts."""
+    from ..core.target import open_target
+    from ..runtime.evaluate import evaluate
+
+    results = []
+    for name in backends or [default_backend(open_target(target))]:
+        with err.status(f"{name}: generating {samples} held-out {task} answers"):
+            results.append(evaluate(target, task, samples, name, seed, threads))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(
+            f"{r['backend']}: exact match {100 * r['exact_match']:.1f}% of {r['samples']} held-out {r['task']} prompts, "
+            f"{r['steps_per_block']:.2f} steps per canvas (max {r['max_denoising_steps']}), "
+            f"{r['tokens_per_forward']:.2f} tokens per forward, {r['seconds']:.1f}s"
+        )
+        for failure in r["failures"]:
+            click.echo(f"  miss: {failure['prompt']!r} -> {failure['got']!r} (expected {failure['expected']!r})")

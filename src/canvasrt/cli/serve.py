@@ -1,0 +1,85 @@
+"""`canvasrt triton` (write a model repository) and `canvasrt serve` (run tritonserver on it)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from ..serving.repository import STEP_BACKENDS
+
+if TYPE_CHECKING:
+    from ..serving.server import TritonServer
+
+
+@click.command("triton")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="model repository to write")
+@click.option("--step-backend", type=click.Choice(STEP_BACKENDS), default=None,
+              help="where the steps run: tensorrt / onnxruntime step models called through BLS, or in-process "
+                   "(ONNX Runtime inside the loop model, for servers without those backends); default: by TARGET")
+@click.option("--instances", type=int, default=1, show_default=True, help="instances of each model")
+@click.option("--max-batch", type=int, default=None, help="step models' max batch (default: the artifacts' capacity)")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="ONNX Runtime threads per in-process instance (0: ONNX Runtime's default)")
+def triton_command(target: Path, output: Path, step_backend: str | None, instances: int, max_batch: int | None,
+                   threads: int) -> None:
+    """Write a Triton model repository for TARGET (an artifact or engine directory)."""
+    from ..serving.repository import write_repository
+
+    summary = write_repository(target, output, step_backend, instances, max_batch, threads)
+    click.echo(f"wrote {output}: {', '.join(summary['models'])} (steps: {summary['step_backend']}, "
+               f"instances {instances}); serve it with `canvasrt serve {output}`")
+
+
+@click.command("serve")
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--python-env", type=click.Path(path_type=Path), default=None, envvar="CANVASRT_TRITON_ENV",
+              help="virtual environment the Python-backend models import from (needs canvasrt, numpy<2, "
+                   "onnxruntime); default: $CANVASRT_TRITON_ENV, else this Python's")
+@click.option("--log", type=click.Path(path_type=Path), default=None, help="write the server log here")
+def serve_command(repository: Path, http_port: int, grpc_port: int, python_env: Path | None, log: Path | None) -> None:
+    """Run tritonserver on REPOSITORY, bound to 127.0.0.1, until Ctrl-C."""
+    from ..serving.server import TritonServer
+
+    server = TritonServer(repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log)
+    # A service manager's SIGTERM drains the server like Ctrl-C does; SIGINT is set too because a shell starts
+    # background jobs with it ignored, and Python then never raises KeyboardInterrupt.
+    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _serve(server, repository)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _serve(server: TritonServer, repository: Path) -> None:
+    start = time.perf_counter()
+    try:
+        server.start()
+        click.echo(f"serving {repository} in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC "
+                   f"{server.grpc_url} (Ctrl-C stops)", err=True)
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # also while starting: the server runs in its own session and would be orphaned
+        try:
+            code = server.stop()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for in-flight requests
+            server.kill()
+            click.echo("killed tritonserver", err=True)
+            raise SystemExit(130) from None
+        click.echo(f"stopped tritonserver (exit code {code})", err=True)
+        return
+    message = server.failure()
+    server.stop()
+    click.echo(f"tritonserver exited on its own: {message}", err=True)
+    raise SystemExit(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

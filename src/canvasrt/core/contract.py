@@ -1,0 +1,232 @@
+"""The step graphs' contract: capacities, the K/V layout, and each graph's inputs and outputs, as plain data.
+
+Written once here; the exporter traces graphs that honour it and copies it into the manifest, every backend checks
+what it loads against it, and docs/ARTIFACTS.md documents it. Symbolic dims: `batch` (dynamic) and `chunk` (encoder
+tokens per call, dynamic); everything else is a static number taken from the model config and the capacities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import SLIDING, ModelConfig
+from .errors import ArtifactError
+
+GRAPHS = ("encode", "denoise")
+MODEL_DTYPE = "model"  # placeholder dtype in the contract: the export dtype (fp32, fp16 or bf16)
+Profiles = dict[str, dict[str, list[int]]]  # profile name -> symbolic dim -> [min, opt, max]
+
+
+def prefill_limit(max_prefill: int, max_context: int, canvas: int) -> int:
+    """Encoder tokens per call: within the context, yet a whole canvas, since a commit is one call over a canvas."""
+    return max(min(max_prefill, max_context), canvas)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    doc: str
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
+        return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]), str(data.get("doc", "")))
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Static sizes a set of artifacts is built for; the K/V buffers and TensorRT profiles follow from them."""
+
+    max_batch: int
+    max_context: int  # committed tokens (prompt + committed canvases) a request can hold
+    max_prefill: int  # encoder tokens per call; longer prompts are prefilled in chunks
+    canvas: int
+    sliding: int  # ring slots of a sliding layer: min(W - 1, max_context)
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, max_batch: int, max_context: int, max_prefill: int | None) -> "Capacity":
+        prefill = prefill_limit(max_prefill or max_context, max_context, config.canvas_length)
+        return cls(
+            max_batch=max_batch,
+            max_context=max_context,
+            max_prefill=prefill,
+            canvas=config.canvas_length,
+            sliding=min(config.sliding_capacity, max_context),
+        )
+
+    def slots(self, kind: str) -> int:
+        return self.sliding if kind == SLIDING else self.max_context
+
+    def narrowed(self, max_batch: int | None, max_context: int | None) -> "Capacity":
+        """This capacity cut down to a smaller batch and context (`canvasrt build`); refuses values above it."""
+        values = {"max_batch": self.max_batch, "max_context": self.max_context}
+        for option, key, value in (("--max-batch", "max_batch", max_batch), ("--max-context", "max_context", max_context)):
+            if value is None:
+                continue
+            if value < 1:
+                raise ArtifactError(f"{option} must be at least 1 (got {value})")
+            if value > values[key]:
+                raise ArtifactError(f"{option} {value} exceeds the artifacts' {key} of {values[key]}; pass at most "
+                                    f"{values[key]} or re-export with a larger {option}")
+            values[key] = value
+        return Capacity(values["max_batch"], values["max_context"],
+                        prefill_limit(self.max_prefill, values["max_context"], self.canvas), self.canvas, self.sliding)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    """One layer's K/V buffer: full layers hold one slot per absolute position, sliding layers a ring where
+    position p lives in slot p mod slots."""
+
+    layer: int
+    kind: str
+    num_kv_heads: int
+    head_dim: int
+    slots: int
+    ring: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "kind": self.kind, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "slots": self.slots, "indexing": "position mod slots" if self.ring else "position"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KVLayer":
+        return cls(int(data["layer"]), str(data["kind"]), int(data["num_kv_heads"]), int(data["head_dim"]),
+                   int(data["slots"]), data["indexing"] == "position mod slots")
+
+
+def kv_layout(config: ModelConfig, capacity: Capacity) -> tuple[KVLayer, ...]:
+    return tuple(
+        KVLayer(i, layer.kind, layer.num_kv_heads, layer.head_dim, capacity.slots(layer.kind),
+                capacity.slots(layer.kind) < capacity.max_context)
+        for i, layer in enumerate(config.layers)
+    )
+
+
+def kv_specs(layout: tuple[KVLayer, ...], prefix: str, length: int | str | None, doc: str) -> list[TensorSpec]:
+    """K then V per layer; length None: each layer's own slots."""
+    return [
+        TensorSpec(f"{prefix}{part}_{kv.layer}", ("batch", kv.num_kv_heads, kv.slots if length is None else length,
+                                                  kv.head_dim), MODEL_DTYPE, f"layer {kv.layer} ({kv.kind}) {part}s: {doc}")
+        for part in ("key", "value")
+        for kv in layout
+    ]
+
+
+def _context_specs(capacity: Capacity) -> list[TensorSpec]:
+    return [
+        TensorSpec("context_length", ("batch",), "int64", "committed tokens in the K/V buffers (left padding included)"),
+        TensorSpec("context_mask", ("batch", capacity.max_context), "bool",
+                   "per absolute position: False where the row is left padding"),
+    ]
+
+
+def encode_io(config: ModelConfig, capacity: Capacity) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    layout = kv_layout(config, capacity)
+    past_doc = "buffer of the committed context (full layers: slot = position; sliding: slot = position mod slots)"
+    inputs = [
+        TensorSpec("input_ids", ("batch", "chunk"), "int64", "prompt chunk or committed canvas"),
+        TensorSpec("positions", ("batch", "chunk"), "int64", "absolute position of each token"),
+        *_context_specs(capacity),
+        *kv_specs(layout, "past_", None, past_doc),
+    ]
+    outputs = kv_specs(layout, "", "chunk", "the chunk's K/V, to be written into the buffers at its positions")
+    return inputs, outputs
+
+
+def denoise_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    b, c, h = "batch", capacity.canvas, config.hidden_size
+    inputs = [
+        TensorSpec("canvas", (b, c), "int64", "current canvas token ids"),
+        TensorSpec("self_cond", (b, c, h), MODEL_DTYPE, "soft embedding of the previous step (zeros at the first step)"),
+        *_context_specs(capacity),
+        TensorSpec("temperature", (b,), "float32", "this step's temperature t_min + (t_max - t_min) * t / N"),
+        TensorSpec("entropy_bound", (b,), "float32", "entropy budget of the acceptance rule"),
+        TensorSpec("uniforms", (b, c), "float32", "one U[0,1) draw per position for sampling (inverse CDF)"),
+        TensorSpec("renoise_ids", (b, c), "int64", "uniform random token ids for rejected positions"),
+        *kv_specs(kv_layout(config, capacity), "past_", None, "buffer of the committed context (read only)"),
+    ]
+    outputs = [
+        TensorSpec("sampled", (b, c), "int64", "token sampled at each position from the temperature-scaled logits"),
+        TensorSpec("argmax", (b, c), "int64", "argmax canvas (the draft; committed after the last step)"),
+        TensorSpec("entropy", (b, c), "float32", "entropy of each position's temperature-scaled distribution"),
+        TensorSpec("accepted", (b, c), "bool", "entropy-bound acceptance mask"),
+        TensorSpec("next_canvas", (b, c), "int64", "accepted samples kept, all other positions renoised"),
+        TensorSpec("next_self_cond", (b, c, h), MODEL_DTYPE, "soft embedding for the next step"),
+        TensorSpec("mean_entropy", (b,), "float32", "mean entropy over the canvas (adaptive-stop confidence)"),
+    ]
+    if debug_logits:
+        outputs.append(
+            TensorSpec("logits", (b, c, config.vocab_size), "float32", "softcapped logits before temperature (debug)")
+        )
+    return inputs, outputs
+
+
+def graph_profiles(graph: str, capacity: Capacity) -> Profiles:
+    """Shape ranges [min, opt, max] per symbolic dim, one entry per TensorRT optimization profile."""
+    batch = [1, capacity.max_batch, capacity.max_batch]
+    if graph == "encode":
+        return {
+            "prefill": {"batch": batch, "chunk": [1, capacity.max_prefill, capacity.max_prefill]},
+            "commit": {"batch": batch, "chunk": [capacity.canvas, capacity.canvas, capacity.canvas]},
+        }
+    return {"step": {"batch": batch}}
+
+
+def narrow_profiles(profiles: Profiles, capacity: Capacity) -> Profiles:
+    """Profiles whose batch and chunk ranges stay within `capacity` (see Capacity.narrowed); a range that starts
+    above the limit (the commit profile's chunk, one canvas) is kept as it is."""
+    limits = {"batch": capacity.max_batch, "chunk": capacity.max_prefill}
+    narrowed: Profiles = {}
+    for name, dims in profiles.items():
+        narrowed[name] = {}
+        for dim, (low, opt, high) in dims.items():
+            high = max(low, min(high, limits.get(dim, high)))
+            narrowed[name][dim] = [low, min(opt, high), high]
+    return narrowed
+
+
+def select_profile(profiles: Profiles, batch: int, chunk: int | None = None) -> int:
+    """Index of the first optimization profile (in manifest order) whose ranges hold batch (and chunk)."""
+    for index, dims in enumerate(profiles.values()):
+        if dims["batch"][0] <= batch <= dims["batch"][2] and (
+            chunk is None or dims["chunk"][0] <= chunk <= dims["chunk"][2]
+        ):
+            return index
+    raise ArtifactError(f"no optimization profile of these engines takes batch {batch}"
+                        + (f" with a chunk of {chunk}" if chunk is not None else "") + "; rebuild with a larger capacity")
+
+
+# ONNX Runtime's and TensorRT's names for the contract's dtypes, for checking what a backend loaded.
+ONNX_TYPES = {"int64": "tensor(int64)", "bool": "tensor(bool)", "float32": "tensor(float)", "fp32": "tensor(float)",
+              "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
+
+
+def check_io(declared: list[TensorSpec], found: list[tuple[str, str, tuple[int | str | None, ...]]], model_dtype: str,
+             source: str, types: dict[str, str], what: str) -> None:
+    """Refuses a graph or engine whose `what` ("inputs"/"outputs") differ from the manifest's in name, dtype or static
+    shape. found: (name, the runtime's dtype name, shape with symbolic dims as strings, None or -1)."""
+    expected = {spec.name: spec for spec in declared}
+    actual = {name: (dtype, shape) for name, dtype, shape in found}
+    if set(expected) != set(actual):
+        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+        raise ArtifactError(f"{source} does not have the {what} its manifest declares (missing {missing or 'none'}, "
+                            f"unexpected {extra or 'none'}); re-export or rebuild it")
+    for name, spec in expected.items():
+        dtype, shape = actual[name]
+        want = types[model_dtype if spec.dtype == MODEL_DTYPE else spec.dtype]
+        static = [d if isinstance(d, int) else None for d in spec.shape]
+        got = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+        if dtype != want or len(got) != len(static) or any(s is not None and s != g for s, g in zip(static, got)):
+            raise ArtifactError(f"{source}: {what[:-1]} {name} is {dtype} {list(shape)}, its manifest declares {want} "
+                                f"{list(spec.shape)}; re-export or rebuild it")

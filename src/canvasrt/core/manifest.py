@@ -1,0 +1,466 @@
+"""manifest.json: the contract between export, calibration, build, runtime and Triton, as typed data.
+
+A stage learns everything about a directory from its manifest: an artifact directory's `ArtifactManifest` (model
+geometry, capacities, each graph's file, digest and I/O, dtype, generation defaults, tokenizer, FP8 calibration) or
+an engine directory's `EngineManifest` (the same model description plus each engine's profiles and layer
+precisions). Both share `StepSpec`, which is all the generation loop needs, and which the torch backend builds for a
+checkpoint. This module is the only one that reads or writes manifest JSON; it needs only the standard library, so
+the ONNX Runtime path and the Triton models use it without PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import ModelConfig
+from .contract import GRAPHS, Capacity, KVLayer, Profiles, TensorSpec
+from .errors import ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT = "canvasrt-artifacts"
+ENGINE_FORMAT = "canvasrt-engines"
+# Bump on any change to graph I/O or buffer layout; readers refuse other versions instead of misreading them.
+FORMAT_VERSION = 1
+ENGINE_FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def canvasrt_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("canvasrt")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """FP8 artifacts: how they were calibrated, and the calibration record they were written with."""
+
+    method: str
+    weights: str
+    prompts: str
+    excluded: tuple[str, ...]
+    samples: int
+    calibration: str = "calibration.json"
+    calibration_sha256: str | None = None
+    format: str = "fp8"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "method": self.method, "weights": self.weights, "prompts": self.prompts,
+                "excluded": list(self.excluded), "samples": self.samples, "calibration": self.calibration,
+                "calibration_sha256": self.calibration_sha256}
+
+    @classmethod
+    def from_calibration(cls, record: dict[str, Any]) -> "Quantization":
+        """The quantization a calibration record (calibration.json) describes."""
+        return cls(method=record["method"], weights=record["weights"], prompts=record["prompts"],
+                   excluded=tuple(record.get("excluded", ())), samples=int(record["samples"]))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "Quantization | None":
+        if not data:
+            return None
+        return cls(method=data["method"], weights=data["weights"], prompts=data["prompts"],
+                   excluded=tuple(data.get("excluded", ())), samples=int(data["samples"]),
+                   calibration=data.get("calibration", "calibration.json"),
+                   calibration_sha256=data.get("calibration_sha256"), format=data.get("format", "fp8"))
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What the loop needs to know about whatever runs the step: model geometry, capacities, K/V layout, the
+    precision the step computes in, the generation defaults (a generation_config.json's dict), and for FP8 how it
+    was quantized."""
+
+    model: ModelConfig
+    capacity: Capacity
+    kv_layout: tuple[KVLayer, ...]
+    dtype: str
+    generation: dict[str, Any]
+    quantization: Quantization | None
+
+    @property
+    def precision(self) -> str:
+        """fp8 for Q/DQ artifacts (and their simulation or engines), else the dtype: what parity tolerances and
+        reports are keyed by."""
+        return "fp8" if self.quantization else self.dtype
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profiles: Profiles
+    data_file: str | None = None
+    data_sha256: str | None = None
+    quantized: tuple[str, ...] | None = None  # FP8 artifacts: the weights behind Q/DQ
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
+    def has_output(self, name: str) -> bool:
+        return any(spec.name == name for spec in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"file": self.file, "sha256": self.sha256}
+        if self.data_file is not None:
+            data.update(data_file=self.data_file, data_sha256=self.data_sha256)
+        data.update(inputs=[s.to_dict() for s in self.inputs], outputs=[s.to_dict() for s in self.outputs],
+                    profiles=self.profiles)
+        if self.quantized is not None:
+            data["quantized"] = list(self.quantized)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GraphEntry":
+        return cls(
+            file=str(data["file"]), sha256=str(data["sha256"]),
+            inputs=tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
+            profiles={name: {dim: list(r) for dim, r in dims.items()} for name, dims in data["profiles"].items()},
+            data_file=data.get("data_file"), data_sha256=data.get("data_sha256"),
+            quantized=tuple(data["quantized"]) if data.get("quantized") is not None else None,
+        )
+
+
+def _read_json(directory: Path, what: str, fix: str) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is not a directory; pass {what}")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST}; it is not {what} ({fix})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc.msg}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not a canvasrt manifest (a JSON object); {fix}")
+    return data
+
+
+def manifest_format(directory: Path) -> str | None:
+    """The `format` a directory's manifest declares, or None when it has no readable one."""
+    try:
+        data = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class ArtifactManifest(StepSpec):
+    """An artifact directory of `canvasrt export` (or `canvasrt calibrate`)."""
+
+    directory: Path
+    graphs: dict[str, GraphEntry]
+    moe: str
+    opset: int
+    debug_logits: bool
+    config_digest: str
+    checkpoint: dict[str, Any]  # {"path": the checkpoint exported from, "files": sha256 per config/weight file}
+    tokenizer: tuple[str, ...]
+    canvasrt_version: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint["path"])
+
+    def graph_path(self, graph: str) -> Path:
+        return self.directory / self.graphs[graph].file
+
+    def calibration_path(self) -> Path:
+        if self.quantization is None:
+            raise ArtifactError(f"{self.directory} is not quantized; run `canvasrt calibrate` for FP8 artifacts")
+        return self.directory / self.quantization.calibration
+
+    def calibration(self) -> dict[str, Any]:
+        """The FP8 calibration record (scales per tensor) these Q/DQ graphs were written with."""
+        path = self.calibration_path()
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            raise ArtifactError(f"{self.directory} holds FP8 graphs but no readable {path.name}; copy it back or "
+                                "re-run `canvasrt calibrate`") from None
+
+    def with_capacity(self, capacity: Capacity) -> "ArtifactManifest":
+        return replace(self, capacity=capacity)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "canvasrt_version": self.canvasrt_version,
+            "versions": self.versions,
+            "model": self.model.to_dict(),
+            "config_digest": self.config_digest,
+            "checkpoint": self.checkpoint,
+            "dtype": self.dtype,
+            "moe": self.moe,
+            "opset": self.opset,
+            "debug_logits": self.debug_logits,
+            "capacity": self.capacity.to_dict(),
+            "kv_layout": [kv.to_dict() for kv in self.kv_layout],
+            "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
+            "generation": self.generation,
+            "tokenizer": list(self.tokenizer),
+            "quantization": self.quantization.to_dict() if self.quantization else None,
+        }
+
+    def write(self, directory: Path) -> None:
+        write_json(directory / MANIFEST, self.to_json())
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], directory: Path) -> "ArtifactManifest":
+        return cls(
+            model=ModelConfig.from_dict(data["model"]),
+            capacity=Capacity(**data["capacity"]),
+            kv_layout=tuple(KVLayer.from_dict(kv) for kv in data["kv_layout"]),
+            dtype=str(data["dtype"]),
+            generation=dict(data.get("generation") or {}),
+            directory=directory,
+            graphs={name: GraphEntry.from_dict(entry) for name, entry in data["graphs"].items()},
+            moe=str(data["moe"]),
+            opset=int(data["opset"]),
+            debug_logits=bool(data["debug_logits"]),
+            config_digest=str(data["config_digest"]),
+            checkpoint=dict(data["checkpoint"]),
+            tokenizer=tuple(data.get("tokenizer") or ()),
+            quantization=Quantization.from_dict(data.get("quantization")),
+            canvasrt_version=str(data.get("canvasrt_version", "?")),
+            versions=dict(data.get("versions") or {}),
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path, require_graphs: bool = True) -> "ArtifactManifest":
+        """Loads and checks an artifact directory's manifest; every failure is a one-line ArtifactError.
+        require_graphs=False: a copy of the manifest whose graphs live elsewhere (Triton's loop model)."""
+        directory = Path(directory)
+        fix = "re-run `canvasrt export`"
+        data = _read_json(directory, "a canvasrt artifact directory (the output of `canvasrt export`)", fix)
+        path = directory / MANIFEST
+        if data.get("format") == ENGINE_FORMAT:
+            raise ArtifactError(f"{directory} is an engine directory (`canvasrt build`); pass the artifact directory "
+                                "it was built from")
+        if data.get("format") != FORMAT:
+            raise ArtifactError(f"{path} is not a canvasrt manifest (format {data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{directory} was written by canvasrt {data.get('canvasrt_version', '?')} (artifact format "
+                f"{data.get('format_version')}), this canvasrt reads format {FORMAT_VERSION}; re-export it"
+            )
+        try:
+            manifest = cls.from_json(data, directory)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{path} is missing or mistypes a field ({type(exc).__name__}: {exc}); {fix}") from None
+        manifest.validate(require_graphs)
+        return manifest
+
+    def validate(self, require_graphs: bool = True) -> None:
+        for graph in GRAPHS:
+            entry = self.graphs.get(graph)
+            if entry is None or (require_graphs and not (self.directory / entry.file).is_file()):
+                raise ArtifactError(f"{self.directory} lacks the {graph} graph named in its manifest; re-run "
+                                    "`canvasrt export`")
+        if len(self.kv_layout) != self.model.num_layers:
+            raise ArtifactError(f"{self.directory / MANIFEST}: kv_layout has {len(self.kv_layout)} layers, the model "
+                                f"{self.model.num_layers}; re-run `canvasrt export`")
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    file: str
+    onnx_sha256: str
+    bytes: int
+    profiles: Profiles
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    layers: str | None  # the builder's layer information file
+    gemms: dict[str, int] | None  # GEMM layers by the datatypes they read
+
+    def input(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
+    def has_output(self, name: str) -> bool:
+        return any(spec.name == name for spec in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "onnx_sha256": self.onnx_sha256, "bytes": self.bytes, "profiles": self.profiles,
+                "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
+                "layers": self.layers, "gemms": self.gemms}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineEntry":
+        return cls(
+            file=str(data["file"]), onnx_sha256=str(data["onnx_sha256"]), bytes=int(data["bytes"]),
+            profiles={name: {dim: list(r) for dim, r in dims.items()} for name, dims in data["profiles"].items()},
+            inputs=tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
+            layers=data.get("layers"), gemms=data.get("gemms"),
+        )
+
+
+@dataclass(frozen=True)
+class BuildKey:
+    """Everything an engine build depends on; an earlier build with an equal key is reused."""
+
+    graphs: dict[str, str]  # graph -> ONNX sha256
+    calibration_sha256: str | None
+    builder: str
+    builder_version: str
+    target: str
+    workspace: int | None
+    max_batch: int
+    max_context: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class EngineManifest(StepSpec):
+    """An engine directory of `canvasrt build`: one engine per graph, built for one target."""
+
+    directory: Path
+    key: BuildKey
+    artifacts: Path  # the artifact directory the engines were built from
+    engines: dict[str, EngineEntry]
+
+    def engine_path(self, graph: str) -> Path:
+        return self.directory / self.engines[graph].file
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch every engine's profiles take (a build may narrow them below the artifacts')."""
+        return min(dims["batch"][2] for entry in self.engines.values() for dims in entry.profiles.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": ENGINE_FORMAT,
+            "format_version": ENGINE_FORMAT_VERSION,
+            "key": self.key.to_dict(),
+            "artifacts": str(self.artifacts),
+            "precision": self.dtype,
+            "quantization": self.quantization.to_dict() if self.quantization else None,
+            "model": self.model.to_dict(),
+            "capacity": self.capacity.to_dict(),
+            "kv_layout": [kv.to_dict() for kv in self.kv_layout],
+            "generation": self.generation,
+            "engines": {name: entry.to_dict() for name, entry in self.engines.items()},
+        }
+
+    def write(self, directory: Path) -> None:
+        write_json(directory / MANIFEST, self.to_json())
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], directory: Path) -> "EngineManifest":
+        return cls(
+            model=ModelConfig.from_dict(data["model"]),
+            capacity=Capacity(**data["capacity"]),
+            kv_layout=tuple(KVLayer.from_dict(kv) for kv in data["kv_layout"]),
+            dtype=str(data["precision"]),
+            generation=dict(data.get("generation") or {}),
+            directory=directory,
+            key=BuildKey(**data["key"]),
+            artifacts=Path(data["artifacts"]),
+            quantization=Quantization.from_dict(data.get("quantization")),
+            engines={name: EngineEntry.from_dict(entry) for name, entry in data["engines"].items()},
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EngineManifest":
+        directory = Path(directory)
+        fix = "rebuild it with `canvasrt build`"
+        data = _read_json(directory, "an engine directory (the output of `canvasrt build`)", fix)
+        if data.get("format") != ENGINE_FORMAT:
+            raise ArtifactError(f"{directory} is not an engine directory (run `canvasrt build` on the artifacts)")
+        if data.get("format_version") != ENGINE_FORMAT_VERSION:
+            raise ArtifactError(f"{directory} holds engines of format {data.get('format_version')}, this canvasrt "
+                                f"reads format {ENGINE_FORMAT_VERSION}; {fix}")
+        try:
+            manifest = cls.from_json(data, directory)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{directory / MANIFEST} is missing or mistypes a field ({type(exc).__name__}: "
+                                f"{exc}); {fix}") from None
+        for graph in GRAPHS:
+            entry = manifest.engines.get(graph)
+            if entry is None or not (directory / entry.file).is_file():
+                raise ArtifactError(f"{directory} lacks the {graph} engine named in its manifest; {fix}")
+        return manifest
+
+    @classmethod
+    def load_if_current(cls, directory: Path, key: BuildKey) -> "EngineManifest | None":
+        """The engine manifest in `directory` when it was built with exactly `key`, else None."""
+        if manifest_format(directory) != ENGINE_FORMAT:
+            return None
+        try:
+            manifest = cls.load(directory)
+        except ArtifactError:
+            return None
+        return manifest if manifest.key == key else None
+
+
+@contextmanager
+def staged_directory(final: str | Path, marker: str = MANIFEST) -> Iterator[Path]:
+    """Yields a temporary sibling directory that replaces `final` only if the block succeeds.
+
+    An existing `final` is replaced only when it is empty or holds `marker` (a previous output of the same kind),
+    so a typo cannot wipe an unrelated directory; on failure nothing at `final` changes.
+    """
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ArtifactError(f"{final} exists and is not a directory; choose another output path")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
+        raise ArtifactError(f"{final} exists, is not empty and holds no {marker}; choose an empty or new path")
+    parent = final.parent if str(final.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any other directory
+    except OSError as exc:
+        raise ArtifactError(f"cannot write to {parent} ({exc.strerror}); choose a writable output directory") from None
+    try:
+        yield staging
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
+            os.replace(final, retired / "previous")
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

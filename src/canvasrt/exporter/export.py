@@ -1,0 +1,229 @@
+"""`canvasrt export`: checkpoint directory -> artifact directory (encode.onnx, denoise.onnx, manifest.json, ...).
+
+Both graphs are traced from the same `DiffusionGemmaText` through `torch.onnx.export(dynamo=True)`, checked with
+onnx.checker, and written with their I/O contract into the manifest. Everything is staged in a temporary directory
+that replaces the output only when the whole export succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import torch
+
+from ..core.contract import Capacity, TensorSpec, denoise_io, encode_io, graph_profiles, kv_layout
+from ..core.errors import CanvasrtError
+from ..core.manifest import (ArtifactManifest, GraphEntry, canvasrt_version, digest_json, sha256_file,
+                             staged_directory, write_json)
+from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
+from ..model.modeling import MOE_FORMULATIONS
+from .graphs import DenoiseGraph, EncodeGraph, example_inputs
+
+OPSET = 21  # FP8 Q/DQ with a FLOAT8E4M3FN zero point (calibration) needs opset >= 21 on ONNX Runtime
+EXTERNAL_DATA_ABOVE = 64 << 20
+WRAPPER_PREFIX = "model."  # EncodeGraph / DenoiseGraph hold the text model as `.model`
+
+ProgressFn = Callable[[str], None]
+
+
+def export(
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    dtype: str = "fp32",
+    moe: str = "dense",
+    max_batch: int = 4,
+    max_context: int = 2048,
+    max_prefill: int | None = None,
+    debug_logits: bool = False,
+    external_data: bool | None = None,
+    progress: ProgressFn = lambda _: None,
+) -> ArtifactManifest:
+    """Exports both graphs and returns the manifest that was written.
+
+    external_data: weights in `<graph>.onnx.data` next to each graph; None decides by size (above 64 MiB).
+    """
+    if dtype not in DTYPES:
+        raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if moe not in MOE_FORMULATIONS:
+        raise CanvasrtError(f"unknown MoE formulation {moe!r}; use one of {', '.join(MOE_FORMULATIONS)}")
+    if max_batch < 1:
+        raise CanvasrtError(f"--max-batch must be at least 1 (got {max_batch})")
+    checkpoint = Checkpoint.open(checkpoint_dir)
+    config = checkpoint.config
+    if max_context <= config.canvas_length:
+        raise CanvasrtError(
+            f"--max-context {max_context} leaves no room for a prompt and a committed canvas of "
+            f"{config.canvas_length} tokens; use at least {config.canvas_length + 1}"
+        )
+    if max_context > config.max_position_embeddings:
+        raise CanvasrtError(
+            f"--max-context {max_context} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}; lower it"
+        )
+    capacity = Capacity.for_model(config, max_batch, max_context, max_prefill)
+
+    with staged_directory(output_dir) as staging:
+        progress("loading weights")
+        model = checkpoint.load_text_model(moe=moe, dtype=dtype)
+        torch_dtype = DTYPES[dtype]
+        enc_in, enc_out = encode_io(config, capacity)
+        den_in, den_out = denoise_io(config, capacity, debug_logits)
+        # Example sizes differ from every static size so that tracing cannot confuse a dynamic dim with one.
+        dims = {"batch": 2, "chunk": _unused_size(config, capacity)}
+        graphs = {}
+        progress("exporting encode.onnx")
+        graphs["encode"] = _export_graph(
+            EncodeGraph(model), enc_in, enc_out, example_inputs(enc_in, dims, torch_dtype), staging / "encode.onnx",
+            capacity, checkpoint, dtype, external_data,
+        )
+        progress("exporting denoise.onnx")
+        graphs["denoise"] = _export_graph(
+            DenoiseGraph(model, debug_logits), den_in, den_out, example_inputs(den_in, dims, torch_dtype),
+            staging / "denoise.onnx", capacity, checkpoint, dtype, external_data,
+        )
+        del model
+        progress("writing manifest")
+        for source in checkpoint.tokenizer_files():
+            shutil.copy2(source, staging / source.name)
+        generation = checkpoint.generation_config()
+        if generation:
+            write_json(staging / "generation_config.json", generation)
+        manifest = ArtifactManifest(
+            model=config,
+            capacity=capacity,
+            kv_layout=kv_layout(config, capacity),
+            dtype=dtype,
+            generation=generation,
+            directory=Path(output_dir),
+            graphs=graphs,
+            moe=moe,
+            opset=OPSET,
+            debug_logits=debug_logits,
+            config_digest=digest_json(config.to_dict()),
+            checkpoint={"path": str(Path(checkpoint_dir).resolve()), "files": checkpoint.file_digests()},
+            tokenizer=tuple(p.name for p in checkpoint.tokenizer_files()),
+            quantization=None,
+            canvasrt_version=canvasrt_version(),
+            versions={"torch": torch.__version__, "onnx": onnx.__version__, "transformers": _transformers_version()},
+        )
+        manifest.write(staging)
+    return manifest
+
+
+def _export_graph(
+    module: torch.nn.Module,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    capacity: Capacity,
+    checkpoint: Checkpoint,
+    dtype: str,
+    external_data: bool | None,
+) -> GraphEntry:
+    batch = torch.export.Dim("batch", min=1, max=capacity.max_batch)
+    chunk = torch.export.Dim("chunk", min=1, max=capacity.max_prefill)
+    symbols = {"batch": batch, "chunk": chunk}
+    dynamic = [{axis: symbols[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in inputs]
+    # The K/V buffers arrive through the wrappers' *past, whose dynamic shapes torch.export wants as one tuple.
+    n_named = sum(1 for spec in inputs if not spec.name.startswith("past_"))
+    with warnings.catch_warnings(), _quiet_torch_onnx():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=[spec.name for spec in inputs],
+            output_names=[spec.name for spec in outputs],
+            dynamic_shapes=(*dynamic[:n_named], tuple(dynamic[n_named:])),
+            opset_version=OPSET,
+            verbose=False,
+        )
+        if external_data if external_data is not None else _needs_external_data(module):
+            _save_streaming_weights(program, path, checkpoint, dtype)
+        else:
+            program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    data = path.with_name(path.name + ".data")
+    return GraphEntry(
+        file=path.name,
+        sha256=sha256_file(path),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        profiles=graph_profiles(path.stem, capacity),
+        **({"data_file": data.name, "data_sha256": sha256_file(data)} if data.exists() else {}),
+    )
+
+
+def _save_streaming_weights(program: Any, path: Path, checkpoint: Checkpoint, dtype: str) -> None:
+    """Saves with external data written straight from the checkpoint files.
+
+    Letting the exporter serialise the weights would read every parameter through the memory-mapped checkpoint
+    and make all of it resident at once; copying each tensor file-to-file (converting one tensor at a time where
+    the dtype changes) keeps the export's memory independent of the model size.
+    """
+    import onnx_ir as ir
+
+    model = program.model
+    data_name = path.name + ".data"
+    with open(path.with_name(data_name), "wb") as data:
+        for name, value in model.graph.initializers.items():
+            source = checkpoint_name(name.removeprefix(WRAPPER_PREFIX))
+            if not name.startswith(WRAPPER_PREFIX) or source not in checkpoint.tensor_files:
+                continue  # small constants made during tracing stay inline
+            data.write(b"\0" * (-data.tell() % 64))
+            offset = data.tell()
+            length = checkpoint.write_tensor(source, dtype, data)
+            tensor = value.const_value
+            value.const_value = ir.ExternalTensor(
+                data_name, offset, length, tensor.dtype, shape=tensor.shape, name=name, base_dir=str(path.parent)
+            )
+    ir.save(model, str(path))
+
+
+def _needs_external_data(module: torch.nn.Module) -> bool:
+    # Protobuf cannot hold more than 2 GiB, and serialising weights into one in-memory message would also double the
+    # export's peak memory, so anything beyond a small model streams its weights to a .data file instead.
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    return size > EXTERNAL_DATA_ABOVE
+
+
+def _unused_size(config: Any, capacity: Capacity) -> int:
+    taken = {capacity.canvas, capacity.sliding, capacity.max_context, config.hidden_size, config.vocab_size, 2}
+    taken |= {layer.head_dim for layer in config.layers} | {layer.num_kv_heads for layer in config.layers}
+    size = 3
+    while size in taken:
+        size += 1
+    return min(size, capacity.max_prefill)
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+class _quiet_torch_onnx:
+    """torch.onnx logs every export stage at INFO and prints to stdout; keep the CLI's output to its own lines."""
+
+    def __enter__(self) -> None:
+        self._loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+        self._levels = [logger.level for logger in self._loggers]
+        for logger in self._loggers:
+            logger.setLevel(logging.ERROR)
+        import contextlib
+        import io
+
+        self._redirect = contextlib.redirect_stdout(io.StringIO())
+        self._redirect.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._redirect.__exit__(*exc)
+        for logger, level in zip(self._loggers, self._levels):
+            logger.setLevel(level)
+

@@ -1,0 +1,242 @@
+"""A DiffusionGemma checkpoint directory in Hugging Face format, read lazily.
+
+What is physically stored (transformers 5.23 `save_pretrained`): the single text stack under `model.decoder.*`
+(encoder text weights and lm_head are tied to it and not saved), each encoder layer's own `layer_scalar`, and the
+vision tower, which canvasrt does not use. Weights come from one `model.safetensors` or from shards listed in
+`model.safetensors.index.json`; tensors are memory-mapped and materialised one at a time, straight into the model.
+
+config.json is parsed by transformers' own config class, so both serialisations it accepts (the 5.23
+`per_layer_config` form and the older explicit `global_head_dim` / `num_global_key_value_heads` form) and its
+defaults are interpreted exactly as the reference interprets them, then reduced to canvasrt's `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from ..core.config import FULL, LayerSpec, ModelConfig
+from ..core.errors import CheckpointError
+from ..core.manifest import sha256_file
+from .modeling import DiffusionGemmaText
+
+TEXT_PREFIX = "model.decoder."
+ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    tensor_files: dict[str, Path]
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        config = load_model_config(path)
+        return cls(path=path, config=config, tensor_files=_index_tensors(path))
+
+    # -- tensors --------------------------------------------------------------------------------------------------
+
+    def _handle(self, name: str) -> Any:
+        file = self.tensor_files.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.path} is missing tensor {name}; the checkpoint is incomplete or not DiffusionGemma")
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def write_tensor(self, name: str, dtype: str, out: BinaryIO) -> int:
+        """Appends tensor `name`, converted to `dtype`, to `out` without mapping the checkpoint into memory: a
+        plain byte copy when the dtype matches, else one tensor at a time through a conversion buffer."""
+        file = self.tensor_files[name]
+        entry, data_start = _safetensors_header(file)[name], _safetensors_header_size(file)
+        begin, end = entry["data_offsets"]
+        with open(file, "rb") as src:
+            src.seek(data_start + begin)
+            if SAFETENSORS_DTYPES[entry["dtype"]] == DTYPES[dtype]:
+                remaining = end - begin
+                while remaining:
+                    block = src.read(min(remaining, 1 << 24))
+                    out.write(block)
+                    remaining -= len(block)
+                return end - begin
+            raw = torch.frombuffer(bytearray(src.read(end - begin)), dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        converted = raw.to(DTYPES[dtype]).view(torch.uint8).numpy().tobytes()
+        out.write(converted)
+        return len(converted)
+
+    def load_text_model(self, moe: str = "dense", dtype: str = "fp32") -> DiffusionGemmaText:
+        """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights)."""
+        model = DiffusionGemmaText(self.config, moe=moe)
+        target = DTYPES[dtype]
+        for name, param in list(model.named_parameters()):
+            source = checkpoint_name(name)
+            shape = self.shape(source)
+            if shape != tuple(param.shape):
+                raise CheckpointError(
+                    f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(param.shape)}"
+                )
+            owner, attr = _owner(model, name)
+            owner._parameters[attr] = torch.nn.Parameter(self.tensor(source).to(target), requires_grad=False)
+        return model.eval()
+
+    # -- other files ----------------------------------------------------------------------------------------------
+
+    def generation_config(self) -> dict[str, Any]:
+        path = self.path / "generation_config.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc.msg}); fix or remove it") from None
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of config.json and every weight file, so artifacts can name exactly what they came from."""
+        files = [self.path / "config.json", *sorted(set(self.tensor_files.values()))]
+        return {f.name: sha256_file(f) for f in files}
+
+
+def _index_tensors(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map); re-save the checkpoint") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if missing:
+            raise CheckpointError(f"{path} is missing shard(s) {', '.join(missing)} listed in {index.name}")
+        return files
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json; it holds no weights")
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+@functools.lru_cache(maxsize=64)
+def _safetensors_header_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(size))
+
+
+def checkpoint_name(param_name: str) -> str:
+    """The checkpoint tensor behind a parameter of DiffusionGemmaText."""
+    if param_name.endswith("encoder_layer_scalar"):
+        return ENCODER_SCALAR.format(param_name.split(".")[1])
+    return TEXT_PREFIX + param_name
+
+
+def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return model.get_submodule(path), attr
+
+
+def read_config_json(checkpoint_dir: Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / "config.json"
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"{checkpoint_dir} is not a directory; pass a Hugging Face checkpoint directory")
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint_dir} has no config.json; pass a Hugging Face checkpoint directory")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or re-save it") from None
+    model_type = data.get("model_type")
+    if model_type != "diffusion_gemma":
+        raise CheckpointError(
+            f"{path} has model_type {model_type!r}, not 'diffusion_gemma'; canvasrt only handles DiffusionGemma checkpoints"
+        )
+    return data
+
+
+def load_model_config(checkpoint_dir: Path) -> ModelConfig:
+    """Parses config.json (either serialisation) into a ModelConfig."""
+    read_config_json(checkpoint_dir)
+    from transformers import DiffusionGemmaConfig
+
+    try:
+        hf = DiffusionGemmaConfig.from_pretrained(str(checkpoint_dir))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint_dir}/config.json is not a valid DiffusionGemma config: {exc}") from None
+    return model_config_from_hf(hf)
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    text = hf.text_config
+    layers = []
+    for idx, kind in enumerate(text.layer_types):
+        per_layer = text.per_layer_config[idx]
+        rope = text.rope_parameters[kind]
+        head_dim = int(per_layer.head_dim)
+        rope_type = rope.get("rope_type", "default")
+        if rope_type == "proportional":
+            # Proportional RoPE rotates int(factor * head_dim // 2) frequency pairs; exponents use the full head_dim.
+            rotary_pairs = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        elif rope_type == "default" and rope.get("partial_rotary_factor", 1.0) == 1.0:
+            rotary_pairs = head_dim // 2
+        else:
+            raise CheckpointError(f"layer {idx} uses RoPE {rope}, which canvasrt does not implement")
+        layers.append(
+            LayerSpec(
+                kind=kind,
+                head_dim=head_dim,
+                num_kv_heads=int(per_layer.num_key_value_heads),
+                rope_theta=float(rope["rope_theta"]),
+                rotary_pairs=rotary_pairs,
+                value_from_key=kind == FULL,
+            )
+        )
+    eos = getattr(hf, "eos_token_id", None)
+    if eos is None:
+        eos = text.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    if not text.num_experts or not text.top_k_experts:
+        raise CheckpointError("config has no MoE (num_experts/top_k_experts unset); DiffusionGemma always has experts")
+    return ModelConfig(
+        vocab_size=int(text.vocab_size),
+        hidden_size=int(text.hidden_size),
+        intermediate_size=int(text.intermediate_size),
+        num_heads=int(text.num_attention_heads),
+        layers=tuple(layers),
+        sliding_window=int(text.sliding_window),
+        rms_norm_eps=float(text.rms_norm_eps),
+        logit_softcap=float(text.final_logit_softcapping),
+        num_experts=int(text.num_experts),
+        top_k_experts=int(text.top_k_experts),
+        moe_intermediate_size=int(text.moe_intermediate_size),
+        canvas_length=int(hf.canvas_length),
+        max_position_embeddings=int(text.max_position_embeddings),
+        pad_token_id=int(text.pad_token_id if text.pad_token_id is not None else 0),
+        eos_token_ids=tuple(int(e) for e in eos_ids),
+    )

@@ -1,0 +1,514 @@
+"""DiffusionGemma's text stack as plain PyTorch with explicit state: the one model canvasrt exports and runs.
+
+Two entry points, both pure functions of their tensor inputs (no cache objects, no data-dependent control flow, no
+in-place updates of inputs), so that `torch.onnx.export` traces them into static graphs:
+
+- `DiffusionGemmaText.encode`: the causal encoder over a chunk of tokens (prompt prefill or canvas commit). It reads
+  the K/V buffers of the committed context and returns the chunk's new per-layer K/V; the caller writes them into
+  the buffers at the chunk's positions.
+- `DiffusionGemmaText.denoise`: one bidirectional denoising step over the canvas, followed by the sampler math of
+  transformers' `generate` (temperature, sampling, entropy-bound acceptance, renoising, the next self-conditioning
+  soft embedding), so that no [batch, canvas, vocabulary] tensor has to leave the step.
+
+K/V buffer layout (see docs/ARTIFACTS.md): full-attention layers keep one slot per absolute position up to the
+declared context capacity; sliding layers keep a ring of `sliding_capacity` slots (slot = position mod capacity),
+which is exactly what a sliding layer may see (transformers keeps the last W - 1 tokens). Which slot holds which
+position, and whether it is visible, is recomputed in the graph from `context_length` and `context_mask`.
+
+The math follows transformers 5.23's `modeling_diffusion_gemma.py` operation for operation, including where it
+computes in fp32 (norms, softmaxes, router, logits) and where it casts back, because parity is measured against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import SLIDING, LayerSpec, ModelConfig
+
+MOE_FORMULATIONS = ("dense", "sparse")
+# Differs from transformers (which masks with -inf through its mask builders): the additive bias for hidden keys is
+# finite on purpose. A query that sees no key (a left-padding position in prefill) must get a uniform softmax, not
+# NaN, because NaN would leak into the K/V buffers; visible keys get exactly the same probabilities either way.
+_HIDDEN = torch.finfo(torch.float32).min
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma RMSNorm: fp32 inside, weight applied as-is (not 1 + w), cast back to the input dtype."""
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through a 2-D matmul: it exports as Gemm(transB=1), so the graph keeps the weight as stored
+    instead of carrying a transposed copy of it (which would double the export's memory and the file size)."""
+    return F.linear(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+def _linear(dim_in: int, dim_out: int) -> Linear:
+    return Linear(dim_in, dim_out, bias=False, device="meta").requires_grad_(False)
+
+
+class GatedMLP(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x)): the dense MLP of every layer and the self-conditioning MLP."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = _linear(hidden, intermediate)
+        self.up_proj = _linear(hidden, intermediate)
+        self.down_proj = _linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def inverse_frequencies(spec: LayerSpec) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim / 2], computed exactly as transformers computes them; pairs beyond
+    `rotary_pairs` get frequency 0 (they pass through unrotated)."""
+    half = spec.head_dim // 2
+    exponents = torch.arange(0, 2 * spec.rotary_pairs, 2, dtype=torch.int64).float() / spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta**exponents)
+    return torch.cat([inv_freq, torch.zeros(half - spec.rotary_pairs)])
+
+
+def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, head_dim] for rotate-half RoPE at absolute positions."""
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, heads, d]; cos/sin [B, S, d]."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.num_heads = config.num_heads
+        d, nkv = spec.head_dim, spec.num_kv_heads
+        self.q_proj = _linear(config.hidden_size, config.num_heads * d)
+        self.k_proj = _linear(config.hidden_size, nkv * d)
+        self.v_proj = None if spec.value_from_key else _linear(config.hidden_size, nkv * d)
+        self.o_proj = _linear(config.num_heads * d, config.hidden_size)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.eps = config.rms_norm_eps
+
+    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V this layer caches for tokens x: post-norm, post-RoPE keys and normalised values [B, nkv, S, d]."""
+        b, s, _ = x.shape
+        raw_k = self.k_proj(x).view(b, s, self.spec.num_kv_heads, self.spec.head_dim)
+        raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(b, s, self.spec.num_kv_heads, self.spec.head_dim)
+        k = apply_rotary(self.k_norm(raw_k), cos, sin).transpose(1, 2)
+        v = rms_norm(raw_v, None, self.eps).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [B, S, H]; keys/values [B, nkv, L, d] (context then chunk); bias [B, 1, S or 1, L] additive fp32."""
+        b, s, _ = x.shape
+        d, nkv = self.spec.head_dim, self.spec.num_kv_heads
+        group = self.num_heads // nkv
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(b, s, self.num_heads, d)), cos, sin)
+        # Differs from transformers' repeat_kv + matmul: grouped-query attention as a [B, nkv, group, S, d] view, so
+        # the graph never materialises repeated K/V; heads h = kv * group + g, the same order as repeat_kv.
+        q = q.transpose(1, 2).reshape(b, nkv, group, s, d)
+        scores = torch.matmul(q, keys[:, :, None].transpose(-1, -2))  # scaling is 1.0 in Gemma 4
+        probs = torch.softmax(scores.float() + bias[:, :, None], dim=-1).to(x.dtype)
+        out = torch.matmul(probs, values[:, :, None])  # [B, nkv, group, S, d]
+        return self.o_proj(out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d))
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.proj = _linear(config.hidden_size, config.num_experts)
+        self.scale = nn.Parameter(torch.empty(config.hidden_size, device="meta"), requires_grad=False)
+        self.per_expert_scale = nn.Parameter(torch.empty(config.num_experts, device="meta"), requires_grad=False)
+        self.top_k = config.top_k_experts
+        self.eps = config.rms_norm_eps
+        self.root_size = config.hidden_size**-0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert weights (fp32, renormalised, then scaled per expert) and indices, [T, k] each."""
+        z = rms_norm(x, None, self.eps) * self.scale * self.root_size
+        probs = torch.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index
+
+
+class Experts(nn.Module):
+    """The routed experts, in one of two exact formulations (`MOE_FORMULATIONS`). Both differ from transformers'
+    eager experts, a Python loop over the experts hit by the batch, which cannot be traced into a static graph; the
+    sums they compute are the same up to float summation order.
+
+    dense: every expert runs on every token and a [tokens, experts] weight matrix (zero for unselected experts)
+      combines them: static shapes and a few large batched GEMMs, at num_experts / top_k times the routed FLOPs.
+    sparse: each expert runs only on the tokens routed to it (select, compute, scatter-add back), so shapes depend
+      on the routing; routed FLOPs only.
+    """
+
+    def __init__(self, config: ModelConfig, formulation: str):
+        super().__init__()
+        if formulation not in MOE_FORMULATIONS:
+            raise ValueError(f"unknown MoE formulation {formulation!r}; use one of {MOE_FORMULATIONS}")
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h, device="meta"), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, h, i, device="meta"), requires_grad=False)
+        self.num_experts = e
+        self.intermediate = i
+        self.formulation = formulation
+        # Calibration's hook on each expert's down-projection input ([E, I, T]) and the routing mask ([E, T]): it
+        # records ranges, or returns a replacement (fake quantization). Eager only; None while exporting.
+        self.down_input_hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [T, H] (already pre-normed); weights/index [T, k] from the router."""
+        if self.formulation == "dense":
+            return self._dense(x, weights, index)
+        return self._sparse(x, weights, index)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        experts = torch.arange(self.num_experts, dtype=index.dtype)
+        combine = ((index[:, :, None] == experts).to(weights.dtype) * weights[:, :, None]).sum(dim=1)  # [T, E]
+        # Token-minor layout ([E, features, T]) multiplies the expert weights as stored, without transposed copies.
+        gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, T]
+        act = F.gelu(gate_up[:, : self.intermediate], approximate="tanh") * gate_up[:, self.intermediate :]
+        if self.down_input_hook is not None:
+            replaced = self.down_input_hook(act, combine.t() != 0)
+            act = act if replaced is None else replaced
+        out = torch.matmul(self.down_proj, act)  # [E, H, T]
+        return (out * combine.t()[:, None, :]).sum(dim=0).t().to(x.dtype)
+
+    def _sparse(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            routed = index == e  # [T, k]
+            tokens = torch.nonzero(routed.any(dim=-1)).squeeze(-1)
+            picked = x.index_select(0, tokens)
+            gate, up = F.linear(picked, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            w = (weights * routed.to(weights.dtype)).sum(dim=-1).index_select(0, tokens)
+            out = out.index_add(0, tokens, (y * w[:, None]).to(x.dtype))
+        return out
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec, moe: str):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, spec)
+        self.mlp = GatedMLP(h, config.intermediate_size)
+        self.router = Router(config)
+        self.experts = Experts(config, moe)
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "post_feedforward_layernorm_1",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_2",
+        ):
+            setattr(self, name, RMSNorm(h, eps))
+        # Buffers are not tied in the checkpoint, so encoder and decoder each carry their own scalar.
+        self.layer_scalar = nn.Parameter(torch.empty(1, device="meta"), requires_grad=False)
+        self.encoder_layer_scalar = nn.Parameter(torch.empty(1, device="meta"), requires_grad=False)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        bias: torch.Tensor,
+        encoder: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the new hidden states and this chunk's K/V."""
+        x = self.input_layernorm(h)
+        k, v = self.self_attn.key_value(x, cos, sin)
+        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        h = h + self.post_attention_layernorm(self.self_attn(x, cos, sin, keys, values, bias))
+        residual = h
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(residual)))
+        flat = residual.reshape(-1, residual.shape[-1])
+        weights, index = self.router(flat)
+        routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index)
+        routed = self.post_feedforward_layernorm_2(routed.reshape(residual.shape))
+        h = residual + self.post_feedforward_layernorm(dense + routed)
+        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar), k, v
+
+
+class SelfConditioning(GatedMLP):
+    """Adds an MLP of the previous step's soft embedding to the canvas embedding (zeros at the first step give
+    exactly rms(embeds), since the MLP has no bias)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, config.intermediate_size)
+        self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eps = config.rms_norm_eps
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return rms_norm(embeds + super().forward(self.pre_norm(soft)), None, self.eps)
+
+
+@dataclass
+class DenoiseOutputs:
+    """One denoising step's results; every tensor is [B, C] or [B] except the self-conditioning state."""
+
+    sampled: torch.Tensor
+    argmax: torch.Tensor
+    entropy: torch.Tensor
+    accepted: torch.Tensor
+    next_canvas: torch.Tensor
+    next_self_cond: torch.Tensor
+    mean_entropy: torch.Tensor
+    logits: torch.Tensor | None = None  # [B, C, V] softcapped, before temperature; only for parity work
+
+
+class DiffusionGemmaText(nn.Module):
+    """The shared text stack (checkpoint prefix `model.decoder.`), used in encoder and decoder mode."""
+
+    def __init__(self, config: ModelConfig, moe: str = "dense"):
+        super().__init__()
+        self.config = config
+        self.moe = moe
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta").requires_grad_(False)
+        self.layers = nn.ModuleList(Layer(config, spec, moe) for spec in config.layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.embed_scale = math.sqrt(config.hidden_size)
+        # Buffers, so that the graphs carry the exact frequencies as constants: computing them in the graph would
+        # let the runtime's pow() differ in the last bit, an angle error that grows with the position.
+        self._rope_buffers = {}
+        for spec in dict.fromkeys(config.layers):
+            name = f"rope_inv_freq_{len(self._rope_buffers)}"
+            self.register_buffer(name, inverse_frequencies(spec), persistent=False)
+            self._rope_buffers[spec] = name
+
+    def _rotary(self, spec: LayerSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_tables(getattr(self, self._rope_buffers[spec]), positions, self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # The scale is rounded to the weight dtype first (53.0 instead of 53.07 in bf16), as transformers does.
+        scale = torch.tensor(self.embed_scale, dtype=self.dtype)
+        return self.embed_tokens(ids) * scale
+
+    # -- attention visibility -------------------------------------------------------------------------------------
+
+    def _context_visibility(
+        self, spec: LayerSpec, capacity: int, context_length: torch.Tensor, context_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each buffer slot: the absolute position it holds [B, slots] and whether that slot holds a live token."""
+        slots = torch.arange(capacity, dtype=torch.int64)[None, :]
+        length = context_length[:, None]
+        if spec.kind == SLIDING:
+            # Ring buffer: the newest position p < length with p = slot (mod capacity).
+            position = length - 1 - torch.remainder(length - 1 - slots, capacity)
+        else:
+            position = slots.expand(context_length.shape[0], capacity)
+        live = (position >= 0) & (position < length)
+        padded_ok = torch.gather(context_mask, 1, position.clamp(min=0))
+        return position, live & padded_ok
+
+    def _bias(self, visible: torch.Tensor) -> torch.Tensor:
+        return torch.where(visible, torch.zeros((), dtype=torch.float32), torch.full((), _HIDDEN))
+
+    # -- encoder ------------------------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        context_length: torch.Tensor,
+        context_mask: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Causal pass over a chunk at `positions` [B, S]; returns its K/V per layer ([B, nkv, S, d] each).
+
+        context_length [B]: committed tokens before the chunk; context_mask [B, capacity]: False at left padding
+        (the chunk's own positions included).
+        """
+        h = self.embed(input_ids)
+        query_pos = positions[:, :, None]
+        chunk_ok = torch.gather(context_mask, 1, positions)[:, None, :]
+        chunk_causal = positions[:, None, :] <= query_pos
+        tables = {}
+        new_keys, new_values = [], []
+        window = self.config.sliding_window
+        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
+            if spec not in tables:
+                tables[spec] = self._rotary(spec, positions)
+            cos, sin = tables[spec]
+            x = layer.input_layernorm(h)
+            k, v = layer.self_attn.key_value(x, cos, sin)
+            new_keys.append(k)
+            new_values.append(v)
+            if i == len(self.layers) - 1:
+                break  # the encoder only produces K/V; the last layer's attention and FFN feed nothing
+            slot_pos, live = self._context_visibility(spec, past_keys[i].shape[2], context_length, context_mask)
+            ctx_visible = live[:, None, :].expand(-1, positions.shape[1], -1)
+            chunk_visible = chunk_causal & chunk_ok
+            if spec.kind == SLIDING:
+                ctx_visible = ctx_visible & (slot_pos[:, None, :] > query_pos - window)
+                chunk_visible = chunk_visible & (positions[:, None, :] > query_pos - window)
+            bias = self._bias(torch.cat([ctx_visible, chunk_visible], dim=2))[:, None]
+            h, _, _ = layer(h, cos, sin, past_keys[i], past_values[i], bias, encoder=True)
+        return new_keys, new_values
+
+    # -- decoder ------------------------------------------------------------------------------------------------
+
+    def denoise_logits(
+        self,
+        canvas: torch.Tensor,
+        self_cond: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        context_length: torch.Tensor,
+        context_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Bidirectional pass over the canvas [B, C]; fp32 softcapped logits [B, C, V]."""
+        b, c = canvas.shape
+        h = self.self_conditioning(self.embed(canvas), self_cond)
+        positions = context_length[:, None] + torch.arange(c, dtype=torch.int64)[None, :]
+        canvas_bias = torch.zeros(b, 1, 1, c, dtype=torch.float32)
+        tables, biases = {}, {}
+        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
+            if spec not in tables:
+                tables[spec] = self._rotary(spec, positions)
+                _, live = self._context_visibility(spec, past_keys[i].shape[2], context_length, context_mask)
+                biases[spec] = torch.cat([self._bias(live)[:, None, None, :], canvas_bias], dim=3)
+            cos, sin = tables[spec]
+            h, _, _ = layer(h, cos, sin, past_keys[i], past_values[i], biases[spec])
+        h = self.norm(h)
+        logits = linear(h, self.embed_tokens.weight).float()
+        cap = self.config.logit_softcap
+        return torch.tanh(logits / cap) * cap
+
+    def soft_embedding(self, processed_logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        return soft_embedding(processed_logits, self.embed_tokens.weight, probs)
+
+    def denoise(
+        self,
+        canvas: torch.Tensor,
+        self_cond: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        context_length: torch.Tensor,
+        context_mask: torch.Tensor,
+        temperature: torch.Tensor,
+        entropy_bound: torch.Tensor,
+        uniforms: torch.Tensor | None,
+        renoise_ids: torch.Tensor,
+        exponentials: torch.Tensor | None = None,
+        with_logits: bool = False,
+    ) -> DenoiseOutputs:
+        """One denoising step plus the sampler.
+
+        temperature, entropy_bound [B] fp32; renoise_ids [B, C]: the fresh random tokens for rejected positions.
+        Sampling draws either come as `uniforms` [B, C] (inverse CDF: the portable form the graphs use) or as
+        `exponentials` [B*C, V] (argmax(p / q), which is what torch.multinomial computes, for bit-exact
+        reproduction of transformers' generate()).
+        """
+        logits = self.denoise_logits(canvas, self_cond, past_keys, past_values, context_length, context_mask)
+        z = logits / temperature[:, None, None]
+        probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+        if exponentials is not None:
+            sampled = torch.argmax(probs.reshape(exponentials.shape) / exponentials, dim=-1).reshape(canvas.shape)
+        else:
+            sampled = sample_inverse_cdf(probs, uniforms)
+        argmax = torch.argmax(z, dim=-1)
+        entropy = categorical_entropy(z)
+        accepted = entropy_bound_accept(entropy, entropy_bound)
+        return DenoiseOutputs(
+            sampled=sampled,
+            argmax=argmax,
+            entropy=entropy,
+            accepted=accepted,
+            next_canvas=torch.where(accepted, sampled, renoise_ids),
+            next_self_cond=self.soft_embedding(z, probs),
+            mean_entropy=entropy.mean(dim=-1),
+            logits=logits if with_logits else None,
+        )
+
+
+# -- sampler math (shared by every backend through the graphs or this module) ------------------------------------
+
+
+def soft_embedding(processed_logits: torch.Tensor, embedding: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The next step's self-conditioning input: softmax of the temperature-scaled logits (as stored in the
+    embedding dtype) times the embedding matrix [V, H], times the embedding scale sqrt(H) rounded to that dtype.
+    `probs`: softmax(processed_logits) in fp32, reused when the embedding is fp32 (the cast is then the identity, so
+    it is the same softmax)."""
+    if probs is None or embedding.dtype != torch.float32:
+        probs = torch.softmax(processed_logits.to(embedding.dtype), dim=-1, dtype=torch.float32)
+    scale = torch.tensor(math.sqrt(embedding.shape[1]), dtype=embedding.dtype)
+    return torch.matmul(probs.to(embedding.dtype), embedding) * scale
+
+
+def categorical_entropy(z: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(z) per position, computed like torch.distributions.Categorical(logits=z).entropy()."""
+    log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    return -(log_p * torch.softmax(log_p, dim=-1)).sum(dim=-1)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Accept the lowest-entropy positions while the entropy summed over strictly lower ranks stays <= bound.
+
+    Sort, cumulative sum and scatter back, exactly like transformers' EntropyBoundSampler, so that borderline
+    positions are decided by the same fp32 sums.
+    """
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    selected = (torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy) <= bound[:, None]
+    return torch.zeros_like(selected).scatter(1, order, selected)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Categorical sample per position from one uniform in [0, 1): the first index whose CDF exceeds u."""
+    cdf = torch.cumsum(probs, dim=-1)
+    threshold = uniforms[..., None] * cdf[..., -1:]
+    index = (cdf <= threshold).sum(dim=-1)
+    return torch.clamp(index, max=probs.shape[-1] - 1)

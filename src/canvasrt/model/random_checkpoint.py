@@ -1,0 +1,133 @@
+"""`canvasrt random-checkpoint`: random DiffusionGemma checkpoints in exactly the released on-disk format.
+
+The model is built and saved by transformers itself (`DiffusionGemmaForBlockDiffusion.save_pretrained`), so the
+files are what a user's real checkpoint looks like; a byte-level tokenizer (built with `tokenizers`) and a
+generation_config.json make text prompts and `generate` work. Presets:
+
+- tiny: seconds on CPU, and every feature on: sliding and full layers, full layers with K=V and partial
+  (proportional) RoPE, GQA on both kinds, MoE with top-k > 1, non-unit norms and layer scalars, and a sliding window
+  (8) shorter than a typical prompt.
+- small / bench: timing-sized (vocabulary 32k, canvas 256, 16 experts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import CanvasrtError
+from ..core.manifest import staged_directory
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2: DiffusionGemma's pad / eos / bos ids
+_TINY_VISION = dict(
+    image_size=20, patch_size=5, num_channels=3, hidden_size=16, num_key_value_heads=1, num_hidden_layers=1,
+    num_attention_heads=4, intermediate_size=37,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        text=dict(
+            vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+            sliding_window=8, max_position_embeddings=4096, initializer_range=0.2,
+        ),
+        canvas_length=16,
+        generation=dict(max_new_tokens=32, max_denoising_steps=16),
+    ),
+    "small": dict(
+        text=dict(
+            vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+            layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+            num_global_key_value_heads=2, num_experts=16, top_k_experts=2, moe_intermediate_size=256,
+            sliding_window=128, max_position_embeddings=8192, initializer_range=0.05,
+        ),
+        canvas_length=256,
+        generation=dict(max_new_tokens=256, max_denoising_steps=48),
+    ),
+    "bench": dict(
+        text=dict(
+            vocab_size=32768, hidden_size=768, intermediate_size=1536, num_hidden_layers=8,
+            layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=96, global_head_dim=192,
+            num_global_key_value_heads=2, num_experts=16, top_k_experts=2, moe_intermediate_size=384,
+            sliding_window=512, max_position_embeddings=8192, initializer_range=0.04,
+        ),
+        canvas_length=256,
+        generation=dict(max_new_tokens=256, max_denoising_steps=48),
+    ),
+}
+
+
+def write_random_checkpoint(output: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    if preset not in PRESETS:
+        raise CanvasrtError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    with staged_directory(output, marker="config.json") as staging:
+        model = build_random_model(spec["text"], spec["canvas_length"], seed)
+        model.save_pretrained(str(staging))
+        generation_config(**spec["generation"]).save_pretrained(str(staging))
+        byte_level_tokenizer(spec["text"]["vocab_size"]).save(str(staging / "tokenizer.json"))
+    return Path(output)
+
+
+def build_random_model(text: dict[str, Any], canvas_length: int, seed: int) -> torch.nn.Module:
+    """A randomly initialised DiffusionGemmaForBlockDiffusion whose norms, scales and layer scalars are not 1."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    config = DiffusionGemmaConfig(text_config=dict(text), vision_config=dict(_TINY_VISION), canvas_length=canvas_length)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.model.decoder.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(("router.scale", "per_expert_scale")):
+                param.copy_(1.0 + 0.25 * torch.randn(param.shape, generator=generator))
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Gemma 4 attends with scaling 1.0: trained q/k norms carry the 1/sqrt(head_dim). Without it random
+                # attention is near one-hot, and any change in summation order is amplified layer after layer.
+                param.mul_(param.shape[0] ** -0.25)
+        decoder_layers = model.model.decoder.layers
+        encoder_layers = model.model.encoder.language_model.layers
+        for dec, enc in zip(decoder_layers, encoder_layers):
+            scalar = 0.6 + 0.8 * torch.rand(1, generator=generator)
+            dec.layer_scalar.copy_(scalar)
+            enc.layer_scalar.copy_(scalar)  # the converter clones the same values into the encoder
+    return model
+
+
+def generation_config(max_new_tokens: int, max_denoising_steps: int) -> Any:
+    from transformers import DiffusionGemmaGenerationConfig, EntropyBoundSamplerConfig
+
+    return DiffusionGemmaGenerationConfig(
+        max_new_tokens=max_new_tokens,
+        max_denoising_steps=max_denoising_steps,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+        eos_token_id=[1],
+        pad_token_id=0,
+        bos_token_id=2,
+    )
+
+
+def byte_level_tokenizer(vocab_size: int) -> Any:
+    """Specials at 0..2, the 256 byte symbols next, unused filler up to vocab_size: any UTF-8 text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    names = [*SPECIAL_TOKENS, *alphabet]
+    if vocab_size < len(names):
+        raise CanvasrtError(f"vocab_size {vocab_size} cannot hold a byte-level tokenizer ({len(names)} tokens)")
+    names += [f"<unused{i}>" for i in range(vocab_size - len(names))]
+    tokenizer = Tokenizer(models.BPE(vocab={name: i for i, name in enumerate(names)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer

@@ -1,0 +1,112 @@
+"""The step backend for executors that run the exported graphs on host-memory tensors: ONNX Runtime in process, and
+Triton step models called over BLS.
+
+The K/V buffers, the context mask and the self-conditioning state live in this object (host memory) and are fed to
+the graphs without copies; the loop only exchanges the small per-step tensors with it. A subclass says how a graph
+runs (`run_graph`) and how it is loaded, nothing else.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+
+from ...core.errors import ArtifactError, CanvasrtError
+from ...core.kv import NUMPY_DTYPES, HostKVBuffers, context_mask
+from ...core.manifest import ArtifactManifest
+from ..step import Draws, StepBackend, StepResult
+
+
+class HostGraphBackend(StepBackend):
+    def __init__(self, manifest: ArtifactManifest):
+        super().__init__(manifest)
+        self.manifest = manifest
+        if manifest.dtype not in NUMPY_DTYPES:
+            raise ArtifactError(f"{manifest.directory} holds {manifest.dtype} graphs, which cannot be fed from numpy; "
+                                "export with --dtype fp32 or fp16")
+        self.dtype = NUMPY_DTYPES[manifest.dtype]
+        self.buffers = HostKVBuffers(manifest.kv_layout, self.dtype)
+        self.num_layers = len(manifest.kv_layout)
+        self.output_names = {graph: entry.output_names for graph, entry in manifest.graphs.items()}
+        # The graphs' static context width, which engines built with a smaller --max-context keep
+        self.context_slots = int(manifest.graphs["denoise"].input("context_mask").shape[1])
+        self.self_cond = np.zeros((0, manifest.capacity.canvas, manifest.model.hidden_size), self.dtype)
+
+    @abstractmethod
+    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Runs the graph ("encode" or "denoise") and returns its outputs in manifest order."""
+
+    def kv_cache(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return [k.copy() for k in self.buffers.keys], [v.copy() for v in self.buffers.values]
+
+    def self_conditioning(self) -> np.ndarray:
+        return self.self_cond.copy()
+
+    def set_self_conditioning(self, state: np.ndarray) -> None:
+        self.self_cond = np.ascontiguousarray(state, dtype=self.dtype)
+
+    def _start(self, padding: np.ndarray) -> None:
+        batch = padding.shape[0]
+        if batch > self.spec.capacity.max_batch:
+            raise CanvasrtError(f"batch of {batch} exceeds the artifacts' max batch {self.spec.capacity.max_batch}; "
+                                "re-export with a larger --max-batch")
+        self.buffers.reset(batch)
+        self.mask = context_mask(padding, self.context_slots)
+        self.self_cond = np.zeros((batch, self.spec.capacity.canvas, self.spec.model.hidden_size), self.dtype)
+
+    def _kv_feeds(self) -> dict[str, np.ndarray]:
+        feeds = {}
+        for i in range(self.num_layers):
+            feeds[f"past_key_{i}"] = self.buffers.keys[i]
+            feeds[f"past_value_{i}"] = self.buffers.values[i]
+        return feeds
+
+    def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
+        batch = input_ids.shape[0]
+        feeds = {
+            "input_ids": input_ids.astype(np.int64, copy=False),
+            "positions": np.broadcast_to(positions.astype(np.int64), (batch, positions.shape[0])).copy(),
+            "context_length": context_length.astype(np.int64, copy=False),
+            "context_mask": self.mask,
+            **self._kv_feeds(),
+        }
+        out = self.run_graph("encode", feeds)
+        self.buffers.write(positions, out[: self.num_layers], out[self.num_layers :])
+
+    def _denoise(
+        self,
+        canvas: np.ndarray,
+        context_length: np.ndarray,
+        temperature: np.ndarray,
+        entropy_bound: np.ndarray,
+        draws: Draws,
+        first_step: bool,
+        frozen: np.ndarray,
+    ) -> StepResult:
+        if draws.uniforms is None:
+            raise CanvasrtError(f"the {self.name} backend samples from uniforms (--rng counter); --rng hf needs --backend torch")
+        if first_step:
+            self.self_cond.fill(0)
+        feeds = {
+            "canvas": canvas,
+            "self_cond": self.self_cond,
+            "context_length": context_length,
+            "context_mask": self.mask,
+            "temperature": temperature,
+            "entropy_bound": entropy_bound,
+            "uniforms": draws.uniforms,
+            "renoise_ids": draws.renoise_ids,
+            **self._kv_feeds(),
+        }
+        out = dict(zip(self.output_names["denoise"], self.run_graph("denoise", feeds)))
+        next_self_cond = out.pop("next_self_cond")
+        self.self_cond = np.where(frozen[:, None, None], self.self_cond, next_self_cond)
+        return StepResult(
+            argmax=out.pop("argmax"),
+            next_canvas=out.pop("next_canvas"),
+            accepted=out.pop("accepted"),
+            entropy=out.pop("entropy"),
+            mean_entropy=out.pop("mean_entropy"),
+            extras=out,
+        )

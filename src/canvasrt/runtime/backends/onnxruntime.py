@@ -1,0 +1,73 @@
+"""ONNX Runtime backend: runs encode.onnx / denoise.onnx of an artifact directory. Needs only numpy and onnxruntime.
+
+The host-resident state (K/V buffers, context mask, self-conditioning) is HostGraphBackend's, which is also ONNX
+Runtime's CPU device memory: the sessions read it without copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...core.contract import ONNX_TYPES, check_io
+from ...core.errors import ArtifactError, CanvasrtError
+from ...core.manifest import ArtifactManifest
+from .host import HostGraphBackend
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def create_session(path: Path, provider: str = "cpu", threads: int | None = None) -> Any:
+    """An InferenceSession on the named provider, or a one-line error saying how to get that provider."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise CanvasrtError(f"unknown ONNX Runtime provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise CanvasrtError(
+            f"this ONNX Runtime ({ort.__version__}) has no {wanted}; install canvasrt[gpu] (onnxruntime-gpu) on a "
+            "machine with that GPU stack, or use --provider cpu"
+        )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidProtobuf/... types, all for a bad graph file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it") from None
+
+
+class OnnxRuntimeBackend(HostGraphBackend):
+    name = "onnxruntime"
+
+    def __init__(self, manifest: ArtifactManifest, provider: str = "cpu", threads: int | None = None):
+        super().__init__(manifest)
+        self.provider = provider
+        self.threads = threads
+        self.sessions: dict[str, Any] = {}
+
+    def _activate(self) -> None:
+        for graph, entry in self.manifest.graphs.items():
+            path = self.manifest.graph_path(graph)
+            session = create_session(path, self.provider, self.threads)
+            for what, declared, found in (("inputs", entry.inputs, session.get_inputs()),
+                                          ("outputs", entry.outputs, session.get_outputs())):
+                check_io(list(declared), [(a.name, a.type, tuple(a.shape)) for a in found], self.manifest.dtype,
+                         str(path), ONNX_TYPES, what)
+            self.sessions[graph] = session
+
+    def _deactivate(self) -> None:
+        self.sessions.clear()
+
+    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.sessions[graph].run(None, feeds))

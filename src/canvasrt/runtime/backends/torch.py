@@ -1,0 +1,126 @@
+"""PyTorch backend: the export-friendly model itself (the module the exporter traces), run eagerly from a checkpoint.
+
+It is the only backend that accepts exponential draws, which reproduce torch.multinomial and with them
+transformers' generate() bit for bit (`--rng hf`). Given a calibration record it simulates FP8 artifacts with their
+own scales (`canvasrt.model.fp8`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...core.contract import Capacity, kv_layout
+from ...core.errors import CanvasrtError
+from ...core.kv import context_mask, write_chunk
+from ...core.manifest import Quantization, StepSpec
+from ...model.checkpoint import DTYPES, Checkpoint
+from ..step import Draws, StepBackend, StepResult
+
+
+class TorchBackend(StepBackend):
+    name = "torch"
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        dtype: str = "fp32",
+        moe: str = "dense",
+        max_batch: int = 16,
+        max_context: int | None = None,
+        threads: int | None = None,
+        calibration: dict[str, Any] | None = None,
+    ):
+        if dtype not in DTYPES:
+            raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        self.checkpoint = Checkpoint.open(checkpoint_dir)
+        config = self.checkpoint.config
+        capacity = Capacity.for_model(config, max_batch, max_context or min(config.max_position_embeddings, 4096), None)
+        quantization = Quantization.from_calibration(calibration) if calibration is not None else None
+        super().__init__(StepSpec(config, capacity, kv_layout(config, capacity), dtype,
+                                  self.checkpoint.generation_config(), quantization))
+        self.dtype, self.moe, self.threads = dtype, moe, threads
+        self.calibration = calibration  # FP8 scales to simulate (calibration.json of FP8 artifacts)
+        self.model: Any = None
+
+    def _activate(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model = self.checkpoint.load_text_model(moe=self.moe, dtype=self.dtype)
+        if self.calibration is not None:
+            from ...model.fp8 import apply_fake_quantization
+
+            apply_fake_quantization(self.model, self.calibration)
+
+    def _deactivate(self) -> None:
+        self.model = None
+
+    def kv_cache(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return [k.float().numpy().copy() for k in self.keys], [v.float().numpy().copy() for v in self.values]
+
+    def self_conditioning(self) -> np.ndarray:
+        return self.self_cond.float().numpy().copy()
+
+    def set_self_conditioning(self, state: np.ndarray) -> None:
+        self.self_cond = torch.from_numpy(np.array(state, dtype=np.float32)).to(DTYPES[self.dtype])
+
+    def _start(self, padding: np.ndarray) -> None:
+        batch = padding.shape[0]
+        torch_dtype = DTYPES[self.dtype]
+        self.keys = [torch.zeros(batch, b.num_kv_heads, b.slots, b.head_dim, dtype=torch_dtype) for b in self.spec.kv_layout]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.mask = torch.from_numpy(context_mask(padding, self.spec.capacity.max_context))
+        self.self_cond = torch.zeros(batch, self.spec.capacity.canvas, self.spec.model.hidden_size, dtype=torch_dtype)
+
+    @torch.inference_mode()
+    def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
+        batch = input_ids.shape[0]
+        pos = torch.from_numpy(positions.astype(np.int64))
+        new_k, new_v = self.model.encode(
+            torch.from_numpy(input_ids),
+            pos[None].expand(batch, -1),
+            self.keys,
+            self.values,
+            torch.from_numpy(context_length),
+            self.mask,
+        )
+        write_chunk(self.spec.kv_layout, self.keys, self.values, positions, new_k, new_v)
+
+    @torch.inference_mode()
+    def _denoise(
+        self,
+        canvas: np.ndarray,
+        context_length: np.ndarray,
+        temperature: np.ndarray,
+        entropy_bound: np.ndarray,
+        draws: Draws,
+        first_step: bool,
+        frozen: np.ndarray,
+    ) -> StepResult:
+        if first_step:
+            self.self_cond.zero_()
+        out = self.model.denoise(
+            torch.from_numpy(canvas),
+            self.self_cond,
+            self.keys,
+            self.values,
+            torch.from_numpy(context_length),
+            self.mask,
+            torch.from_numpy(temperature),
+            torch.from_numpy(entropy_bound),
+            None if draws.uniforms is None else torch.from_numpy(draws.uniforms),
+            torch.from_numpy(draws.renoise_ids),
+            exponentials=draws.exponentials,
+        )
+        keep = torch.from_numpy(frozen)[:, None, None]
+        self.self_cond = torch.where(keep, self.self_cond, out.next_self_cond)
+        return StepResult(
+            argmax=out.argmax.numpy(),
+            next_canvas=out.next_canvas.numpy(),
+            accepted=out.accepted.numpy(),
+            entropy=out.entropy.numpy(),
+            mean_entropy=out.mean_entropy.numpy(),
+        )

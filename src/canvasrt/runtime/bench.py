@@ -1,0 +1,165 @@
+"""`canvasrt bench`: step latency, prefill/commit latency and throughput of several backends in one run.
+
+Every backend runs the same request (random prompt ids, fixed seed) with the adaptive stop disabled, so each canvas
+takes exactly `steps` denoising steps; one untimed warm-up run precedes the timed one. `transformers` times the
+reference's own generate(), one step being the interval between consecutive draft callbacks within a canvas.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from ..core.manifest import ArtifactManifest, EngineManifest
+from ..core.target import CheckpointDir, Target, open_target, target_kind
+from .backends import open_backend
+from .loop import generate, left_pad
+from .rng import make_draws
+from .settings import resolve_settings
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {"median_ms": float(np.median(array) * 1e3), "p90_ms": float(np.percentile(array, 90) * 1e3)}
+
+
+def bench(
+    target: str | Path,
+    backends: list[str] | None,
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    canvases: int,
+    threads: int | None,
+    provider: str = "cpu",
+) -> dict[str, Any]:
+    opened = open_target(target)
+    kind = target_kind(opened)
+    backends = backends or {"artifacts": ["onnxruntime", "torch"], "engines": ["tensorrt"], "checkpoint": ["torch"]}[kind]
+    results: dict[str, Any] = {"config": {"batch": batch, "prompt_length": prompt_length, "steps": steps,
+                                          "canvases": canvases, "threads": threads}, "backends": {}}
+    for name in backends:
+        if name == "transformers":
+            results["backends"][name] = _bench_transformers(opened, batch, prompt_length, steps, canvases, threads)
+        else:
+            results["backends"][name] = _bench_backend(opened, name, batch, prompt_length, steps, canvases, threads,
+                                                       provider)
+    first = backends[0]
+    base = results["backends"][first]["step"]["median_ms"]
+    for name, entry in results["backends"].items():
+        entry["step_speedup_vs_" + first] = base / entry["step"]["median_ms"]
+    if "transformers" in results["backends"]:
+        ref = results["backends"]["transformers"]["step"]["median_ms"]
+        for entry in results["backends"].values():
+            entry["step_speedup_vs_transformers"] = ref / entry["step"]["median_ms"]
+    return results
+
+
+def _request(vocab: int, batch: int, prompt_length: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return left_pad(rng.integers(3, vocab, size=(batch, prompt_length)).tolist(), 0)
+
+
+def _no_early_stop(generation: dict[str, Any], steps: int, canvas: int, canvases: int) -> Any:
+    # An unreachable stability threshold keeps every canvas at exactly `steps` steps, so runs compare like for like.
+    return resolve_settings(generation, {"max_new_tokens": canvases * canvas, "max_denoising_steps": steps,
+                                         "stability_threshold": steps + 1})
+
+
+def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, steps: int, canvases: int,
+                   threads: int | None, provider: str) -> dict[str, Any]:
+    backend = open_backend(target, name, provider=provider, threads=threads, max_batch=batch)
+    spec = backend.spec
+    canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
+    settings = _no_early_stop(spec.generation, steps, canvas, canvases)
+    ids, padding = _request(vocab, batch, prompt_length)
+    with backend:
+        for _ in range(2):  # the first run warms up sessions and allocators
+            backend.transfer_bytes = {kind: 0 for kind in backend.transfer_bytes}
+            result = generate(backend, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
+    t = result.timings
+    wall, inside = sum(t["step_wall_s"]), sum(t["step_backend_s"])
+    new_tokens = int((result.new_tokens != settings.pad_token_id).sum())
+    return {
+        "step": _stats(t["step_wall_s"]),
+        "step_backend": _stats(t["step_backend_s"]),
+        "host_overhead_share": (wall - inside) / wall,
+        "prefill_ms": t["prefill_s"] * 1e3,
+        "commit_ms": t["commit_s"] * 1e3 / max(len(result.steps_per_block) - 1, 1),
+        "steps_per_block": result.steps_per_block,
+        "tokens_per_forward": float(np.mean(result.tokens_per_forward)),
+        "tokens_per_s": new_tokens / t["total_s"],
+        "transfer_bytes_per_step": backend.transfer_bytes["denoise"] / max(t["steps"], 1),
+    }
+
+
+def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: int, canvases: int,
+                        threads: int | None) -> dict[str, Any]:
+    import torch
+
+    from .reference import Reference
+
+    if isinstance(target, EngineManifest):  # engines -> the artifacts they were built from -> their checkpoint
+        target = ArtifactManifest.load(target.artifacts)
+    source = target.directory if isinstance(target, CheckpointDir) else target.checkpoint_path
+    if threads:
+        torch.set_num_threads(threads)
+    reference = Reference(source)
+    config = reference.model.config
+    canvas, vocab = config.canvas_length, config.text_config.vocab_size
+    ids, padding = _request(vocab, batch, prompt_length)
+    stamps: list[tuple[int, float]] = []
+
+    class Clock:
+        block = 0
+
+        def put(self, value: Any) -> None:
+            self.block += 1
+
+        def put_draft(self, value: Any) -> None:
+            stamps.append((self.block, time.perf_counter()))
+
+        def end(self) -> None:
+            pass
+
+    kwargs = dict(max_new_tokens=canvases * canvas, max_denoising_steps=steps, stability_threshold=steps + 1,
+                  streamer=Clock())
+    for _ in range(2):
+        stamps.clear()
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        reference.model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(padding).long(), **kwargs)
+        total = time.perf_counter() - start
+    intervals = [b[1] - a[1] for a, b in zip(stamps, stamps[1:]) if a[0] == b[0]]
+    return {
+        "step": _stats(intervals),
+        "steps_per_block": [steps] * canvases,
+        "tokens_per_s": batch * canvases * canvas / total,
+    }
+
+
+def format_table(results: dict[str, Any]) -> Table:
+    names = list(results["backends"])
+    table = Table(title=f"canvasrt bench {results['config']}")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    rows = [
+        ("step median (ms)", lambda e: f"{e['step']['median_ms']:.2f}"),
+        ("step p90 (ms)", lambda e: f"{e['step']['p90_ms']:.2f}"),
+        ("host overhead", lambda e: f"{100 * e['host_overhead_share']:.2f}%" if "host_overhead_share" in e else "-"),
+        ("prefill (ms)", lambda e: f"{e['prefill_ms']:.1f}" if "prefill_ms" in e else "-"),
+        ("commit (ms)", lambda e: f"{e['commit_ms']:.1f}" if "commit_ms" in e else "-"),
+        ("steps per block", lambda e: str(e["steps_per_block"])),
+        ("tokens per second", lambda e: f"{e['tokens_per_s']:.1f}"),
+        (f"step speedup vs {names[0]}", lambda e: f"{e['step_speedup_vs_' + names[0]]:.2f}x"),
+    ]
+    if "transformers" in results["backends"]:
+        rows.append(("step speedup vs transformers", lambda e: f"{e['step_speedup_vs_transformers']:.2f}x"))
+    for label, fmt in rows:
+        table.add_row(label, *(fmt(results["backends"][n]) for n in names))
+    return table

@@ -1,0 +1,225 @@
+"""The block-diffusion generation loop over any StepBackend (transformers 5.23's DiffusionGemma generate(), in
+`models/diffusion_gemma/generation_diffusion_gemma.py`), written against numpy so that it runs without PyTorch.
+
+Per canvas: a random canvas, up to N denoising steps with the linear temperature schedule, entropy-bound acceptance
+and renoising (inside the step), the stable-and-confident adaptive stop with per-row freezing, then the argmax
+canvas is committed (EOS handling, encoder pass over the block). `stream()` yields an event per step and per
+committed block; `generate()` runs it to the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..core.errors import CanvasrtError
+from .rng import DrawSource
+from .settings import GenerationSettings
+from .step import StepBackend
+
+
+@dataclass
+class Draft:
+    """After each denoising step: the argmax canvas so far and the stop state."""
+
+    block: int
+    step: int  # 1-based steps run in this block
+    argmax: np.ndarray
+    accepted: np.ndarray
+    mean_entropy: np.ndarray
+    done: np.ndarray
+
+
+@dataclass
+class Committed:
+    """A finished canvas, after EOS/pad handling, as appended to the sequences."""
+
+    block: int
+    tokens: np.ndarray
+    finished: np.ndarray
+    steps: int
+
+
+@dataclass
+class GenerationResult:
+    sequences: np.ndarray  # [B, P + blocks * C]: left-padded prompt then the committed canvases, like transformers
+    prompt_length: int
+    steps_per_block: list[int]
+    tokens_per_forward: np.ndarray  # [B]
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> np.ndarray:
+        return self.sequences[:, self.prompt_length :]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, P] ids and the [B, P] mask of real tokens, padded on the left as transformers pads for generation."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise CanvasrtError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = True
+    return ids, mask
+
+
+class Timer:
+    """Accumulates wall time inside backend calls, so the loop can report its own (host) overhead."""
+
+    def __init__(self) -> None:
+        self.backend = 0.0
+        self.last = 0.0
+
+    def run(self, fn, *args, **kwargs):  # noqa: ANN001, ANN201 - thin pass-through
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.last = time.perf_counter() - start
+            self.backend += self.last
+
+
+def check_request(backend: StepBackend, ids: np.ndarray, settings: GenerationSettings) -> int:
+    """Validates a request against the model and capacities; returns the number of canvases to generate."""
+    vocab = backend.spec.model.vocab_size
+    capacity = backend.spec.capacity
+    canvas = capacity.canvas
+    if ids.min() < 0 or ids.max() >= vocab:
+        bad = int(ids.max() if ids.max() >= vocab else ids.min())
+        raise CanvasrtError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+    if ids.shape[0] > capacity.max_batch:
+        raise CanvasrtError(f"{ids.shape[0]} prompts exceed the max batch {capacity.max_batch}; "
+                            "re-export with a larger --max-batch or split the prompts file")
+    blocks = math.ceil(settings.max_new_tokens / canvas)
+    needed = ids.shape[1] + (blocks - 1) * canvas
+    if needed > capacity.max_context:
+        raise CanvasrtError(
+            f"a prompt of {ids.shape[1]} tokens plus {blocks} canvas(es) of {canvas} needs {needed} context "
+            f"positions, more than the maximum context of {capacity.max_context}; shorten the prompt, lower "
+            "--max-new-tokens, or re-export with a larger --max-context"
+        )
+    return blocks
+
+
+def stream(
+    backend: StepBackend,
+    ids: np.ndarray,
+    padding: np.ndarray,
+    settings: GenerationSettings,
+    draws: DrawSource,
+) -> Iterator[Draft | Committed | GenerationResult]:
+    """Runs generation, yielding a Draft per step, a Committed per canvas, and finally the GenerationResult."""
+    blocks = check_request(backend, ids, settings)
+    canvas_len, chunk_max = backend.spec.capacity.canvas, backend.spec.capacity.max_prefill
+    batch, prompt_len = ids.shape
+    n_steps = settings.max_denoising_steps
+    eos = np.asarray(settings.eos_token_ids, dtype=np.int64)
+    bound = np.full(batch, settings.entropy_bound, dtype=np.float32)
+    timer = Timer()
+    timings: dict[str, Any] = {"prefill_s": 0.0, "commit_s": 0.0, "steps": 0, "step_s": 0.0}
+    step_wall: list[float] = []  # per denoising step: whole loop iteration
+    step_backend: list[float] = []  # per denoising step: inside the backend call
+    started = time.perf_counter()
+
+    backend.start(padding)
+    context = np.zeros(batch, dtype=np.int64)
+    t0 = time.perf_counter()
+    for begin in range(0, prompt_len, chunk_max):
+        chunk = ids[:, begin : begin + chunk_max]
+        timer.run(backend.encode, chunk, np.arange(begin, begin + chunk.shape[1], dtype=np.int64), context)
+        context = context + chunk.shape[1]
+    timings["prefill_s"] = time.perf_counter() - t0
+
+    sequences = ids
+    finished = np.zeros(batch, dtype=bool)
+    forwards = np.zeros(batch, dtype=np.int64)
+    steps_per_block: list[int] = []
+    for block in range(blocks):
+        if block > 0:
+            t0 = time.perf_counter()
+            positions = np.arange(sequences.shape[1] - canvas_len, sequences.shape[1], dtype=np.int64)
+            timer.run(backend.encode, np.ascontiguousarray(sequences[:, -canvas_len:]), positions, context)
+            context = context + canvas_len
+            timings["commit_s"] += time.perf_counter() - t0
+        canvas = draws.initial_canvas(block)
+        argmax = canvas
+        done = np.zeros(batch, dtype=bool)
+        history = np.full((settings.stability_threshold, batch, canvas_len), -1, dtype=np.int64)
+        step = 0
+        t0 = time.perf_counter()
+        for remaining in range(n_steps, 0, -1):
+            iteration_start = time.perf_counter()
+            step += 1
+            forwards += ~(done | finished)
+            temperature = np.full(batch, settings.temperature(remaining), dtype=np.float32)
+            result = timer.run(
+                backend.denoise, canvas, context, temperature, bound, draws.step(block, step), step == 1, done
+            )
+            # Rows that already stopped keep their canvas and argmax (transformers freezes them the same way).
+            new_argmax = np.where(done[:, None], argmax, result.argmax)
+            canvas = np.where(done[:, None], canvas, result.next_canvas)
+            if settings.stability_threshold == 0:
+                stable = np.ones(batch, dtype=bool)
+            else:
+                stable = (history == new_argmax[None]).all(axis=(0, 2))
+                history = np.roll(history, -1, axis=0)
+                history[-1] = new_argmax
+            done = done | (stable & (result.mean_entropy < settings.confidence_threshold))
+            argmax = new_argmax
+            step_backend.append(timer.last)
+            step_wall.append(time.perf_counter() - iteration_start)
+            yield Draft(block, step, argmax, result.accepted, result.mean_entropy, done.copy())
+            if done.all():
+                break
+        timings["step_s"] += time.perf_counter() - t0
+        timings["steps"] += step
+        steps_per_block.append(step)
+
+        block_tokens = argmax.copy()
+        finished_now = np.isin(block_tokens, eos).any(axis=1) if eos.size else np.zeros(batch, dtype=bool)
+        if settings.pad_token_id is not None:
+            block_tokens[finished] = settings.pad_token_id
+            if eos.size:
+                is_eos = np.isin(block_tokens, eos)
+                seen = np.cumsum(is_eos, axis=1)
+                block_tokens[(seen > 0) & ~((seen == 1) & is_eos)] = settings.pad_token_id  # keep the first EOS
+        finished = finished | finished_now
+        sequences = np.concatenate([sequences, block_tokens], axis=1)
+        yield Committed(block, block_tokens, finished.copy(), step)
+        if finished.all():
+            break
+
+    new = sequences[:, prompt_len:]
+    valid = (new != settings.pad_token_id).sum(axis=1) if settings.pad_token_id is not None else new.shape[1]
+    timings["total_s"] = time.perf_counter() - started
+    timings["backend_s"] = timer.backend
+    timings["step_wall_s"] = step_wall
+    timings["step_backend_s"] = step_backend
+    yield GenerationResult(
+        sequences=sequences,
+        prompt_length=prompt_len,
+        steps_per_block=steps_per_block,
+        # float32, as transformers divides two integer tensors in torch's default dtype
+        tokens_per_forward=np.float32(valid) / np.maximum(forwards, 1).astype(np.float32),
+        timings=timings,
+    )
+
+
+def generate(
+    backend: StepBackend,
+    ids: np.ndarray,
+    padding: np.ndarray,
+    settings: GenerationSettings,
+    draws: DrawSource,
+) -> GenerationResult:
+    for event in stream(backend, ids, padding, settings, draws):
+        if isinstance(event, GenerationResult):
+            return event
+    raise AssertionError("stream() ended without a result")

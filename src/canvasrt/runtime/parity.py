@@ -1,0 +1,463 @@
+"""`canvasrt parity`: every level checked against transformers' DiffusionGemmaForBlockDiffusion.
+
+Any `StepBackend` can be checked, through the step interface alone: the ONNX graphs on ONNX Runtime, FP8 artifacts
+simulated by the torch backend, TensorRT engines.
+
+step: the reference and the backend get identical inputs at five points: a prefill, a first step without
+  self-conditioning, a later step with it, a commit, and a step once the context has grown past the sliding window.
+  Per output: max absolute error, relative error (max |a - r| / max |r|), cosine similarity, and agreement for
+  discrete outputs (argmax, samples, acceptance). The reference runs all five first and keeps only what is compared;
+  it is freed before the backend is activated, so the two are never resident together.
+loop: the torch backend with --rng hf against transformers' generate() (identical sequences and tokens per
+  forward), and the backend against the torch backend in counter mode (committed-token agreement and steps per
+  block); FP8 backends against the torch backend simulating the same scales.
+
+The result is a report that CI can gate on: exit 0 within tolerance, 1 outside; JSON and JUnit XML on request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.errors import ArtifactError
+from ..core.manifest import ArtifactManifest, StepSpec
+from ..core.target import CheckpointDir, open_target
+from ..model.checkpoint import Checkpoint
+from ..model.modeling import categorical_entropy, entropy_bound_accept, sample_inverse_cdf, soft_embedding
+from .backends import open_backend
+from .backends.torch import TorchBackend
+from .loop import generate, left_pad
+from .reference import Reference
+from .rng import make_draws
+from .settings import GenerationSettings, resolve_settings
+from .step import Draws, StepBackend
+
+# Tolerances per artifact dtype.
+# rel_p99: per position (a token's logits row, a token's K or V head vectors, a single entropy), max |a - r| over
+#   that position divided by max |r| over the tensor; the 99th percentile over positions must stay under the limit.
+#   The plain maximum is reported too but not gated: MoE top-k routing is discontinuous, so a token whose two best
+#   experts are tied to within rounding can pick another expert under any other kernel's summation order and move
+#   its own logits a lot while every other position agrees to 1e-6 (seen on the bench preset).
+# nrmse: ||a - r|| / ||r||; cos: cosine similarity. fp16/bf16 gate on these, since one ill-conditioned element (an
+#   RMS-normalised near-zero vector) dominates half-precision maxima in random-weight models.
+# argmax: minimum agreement of the argmax canvas; agree: of acceptance and next canvas (where routing is decided).
+# A stage whose reference routing has a near-tie (relative gap between the k-th and (k+1)-th router probability
+# below ROUTING_TIE for some token) may legitimately route that token differently; the canvas attends
+# bidirectionally, so the change spreads to every position a little. Such stages are reported with the tie count
+# and judged by TIE_LIMITS instead (still tight enough to catch a wrong mask, weight or formula).
+ROUTING_TIE = 1e-6
+TIE_LIMITS = {"nrmse": 0.05, "cos": 0.998}
+
+TOLERANCES = {
+    "fp32": {"rel_p99": 1e-4, "cos": 0.999, "argmax": 1.0, "agree": 0.99},
+    "fp16": {"nrmse": 0.1, "cos": 0.995, "argmax": 0.9, "agree": 0.9},
+    "bf16": {"nrmse": 0.15, "cos": 0.99, "argmax": 0.8, "agree": 0.8},
+    # FP8 Q/DQ artifacts against the fp32 reference: a quantization error budget, not an implementation check.
+    # Entropies are judged in nats there: a confident model's entropies are ~0.01, so relative errors say nothing.
+    "fp8": {"nrmse": 0.25, "cos": 0.97, "argmax": 0.7, "agree": 0.7, "entropy_nats": 0.25},
+}
+
+
+@dataclass
+class Check:
+    stage: str
+    output: str
+    metrics: dict[str, float]
+    limits: dict[str, float]
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class Report:
+    level: str
+    checkpoint: str
+    artifacts: str
+    dtype: str
+    backend: str
+    checks: list[Check] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def write_junit(self, path: str | Path) -> None:
+        suite = ET.Element(
+            "testsuite",
+            name=f"canvasrt.parity.{self.level}",
+            tests=str(len(self.checks)),
+            failures=str(sum(not c.passed for c in self.checks)),
+        )
+        for check in self.checks:
+            case = ET.SubElement(suite, "testcase", classname=f"parity.{self.level}.{check.stage}", name=check.output)
+            details = json.dumps({"metrics": check.metrics, "limits": check.limits, "note": check.note})
+            if not check.passed:
+                ET.SubElement(case, "failure", message=f"{check.stage}/{check.output} outside tolerance").text = details
+            else:
+                ET.SubElement(case, "system-out").text = details
+        ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+
+
+def continuous(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    a = np.asarray(actual, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if not a.size:
+        return {"max_abs": 0.0, "rel": 0.0, "rel_p99": 0.0, "nrmse": 0.0, "cos": 1.0}
+    diff = np.abs(a - r)
+    per_position = diff.reshape(-1, a.shape[-1]).max(axis=1) if a.ndim >= 3 else diff.ravel()
+    scale, norm = float(np.max(np.abs(r))), float(np.linalg.norm(r))
+    scale = scale if scale > 0 else 1.0
+    denom = float(np.linalg.norm(a) * norm)
+    return {
+        "max_abs": float(diff.max()),
+        "rel": float(diff.max()) / scale,
+        "rel_p99": float(np.percentile(per_position, 99)) / scale,
+        "nrmse": float(np.linalg.norm(a - r)) / norm if norm > 0 else float(diff.max()),
+        "cos": float((a.ravel() @ r.ravel()) / denom) if denom > 0 else 1.0,
+    }
+
+
+def _judge_continuous(stage: str, name: str, actual: np.ndarray, reference: np.ndarray, tol: dict) -> Check:
+    m = continuous(actual, reference)
+    if "entropy" in name and "entropy_nats" in tol:
+        limits = {"max_abs": tol["entropy_nats"]}
+    else:
+        limits = {k: tol[k] for k in ("rel_p99", "nrmse", "cos") if k in tol}
+    ok = all(m[k] >= v if k == "cos" else m[k] <= v for k, v in limits.items())
+    return Check(stage, name, m, limits, ok)
+
+
+def _judge_agreement(stage: str, name: str, actual: np.ndarray, reference: np.ndarray, minimum: float) -> Check:
+    agree = float(np.mean(np.asarray(actual) == np.asarray(reference)))
+    return Check(stage, name, {"agreement": agree}, {"agreement": minimum}, agree >= minimum)
+
+
+# -- step level ---------------------------------------------------------------------------------------------------
+
+
+def _check_model_matches(checkpoint: Checkpoint, spec: StepSpec, target: Path) -> None:
+    if spec.model != checkpoint.config:
+        raise ArtifactError(f"{target} was exported from a checkpoint with another config than {checkpoint.path}")
+
+
+def _step_reference(ref_logits: torch.Tensor, temperature: float, bound: float, draws: Draws,
+                    embedding: torch.Tensor) -> dict[str, Any]:
+    """The sampler math on the reference logits, with the same draws the backend gets."""
+    z = ref_logits / temperature
+    probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+    sampled = sample_inverse_cdf(probs, torch.from_numpy(draws.uniforms))
+    entropy = categorical_entropy(z)
+    accepted = entropy_bound_accept(entropy, torch.full((z.shape[0],), bound))
+    return {
+        "logits": ref_logits.numpy(),
+        "argmax": torch.argmax(z, dim=-1).numpy(),
+        "sampled": sampled.numpy(),
+        "entropy": entropy.numpy(),
+        "mean_entropy": entropy.mean(-1).numpy(),
+        "accepted": accepted.numpy(),
+        "next_canvas": torch.where(accepted, sampled, torch.from_numpy(draws.renoise_ids)).numpy(),
+        # what transformers computes from these logits when they self-condition the next step
+        "next_self_cond": soft_embedding(z, embedding).numpy(),
+    }
+
+
+@dataclass
+class StepStage:
+    """One denoising step of the plan: its inputs and what the reference produced from them."""
+
+    name: str
+    canvas: np.ndarray
+    temperature: float
+    draws: Draws
+    self_cond: np.ndarray | None  # None: the first step of a canvas (zero state)
+    reference: dict[str, Any]
+    routing_margin: np.ndarray
+
+
+@dataclass
+class EncodeStage:
+    name: str
+    ids: np.ndarray
+    positions: np.ndarray
+    valid: np.ndarray  # [B, context] bool: the real (non-padding) positions encoded so far
+    reference_kv: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per layer: K, V [B, nkv, n, d], positions [n]
+
+
+@torch.inference_mode()
+def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSettings, seed: int,
+                    threads: int | None) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
+    """Runs the reference over the whole plan: prefill, two steps, commit, a step past the window."""
+    if threads:
+        torch.set_num_threads(threads)
+    cap, model = spec.capacity, spec.model
+    canvas, vocab, window = cap.canvas, model.vocab_size, model.sliding_window
+    rng = np.random.default_rng(seed)
+    # A prompt past the sliding window where capacity allows, a second row left-padded by 3 when batch allows.
+    prompt_len = max(4, min(cap.max_prefill, cap.max_context - canvas, window + 4))
+    batch = min(2, cap.max_batch)
+    ids = rng.integers(3, vocab, size=(batch, prompt_len)).astype(np.int64)
+    padding = np.ones((batch, prompt_len), dtype=bool)
+    if batch > 1:
+        padding[1, :3] = False
+        ids[1, :3] = settings.pad_token_id or 0
+    info: dict[str, Any] = {"batch": batch, "prompt_length": prompt_len, "canvas": canvas, "sliding_window": window,
+                            "seed": seed}
+    reference = Reference(checkpoint_dir)
+    plan: list[StepStage | EncodeStage] = []
+
+    def kv(state: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return [(k.numpy().copy(), v.numpy().copy(), p)
+                for k, v, p in (reference.cached_kv(state, i) for i in range(model.num_layers))]
+
+    def step(name: str, canvas_ids: np.ndarray, remaining: int, previous: StepStage | None) -> StepStage:
+        temperature = settings.temperature(remaining)
+        draws = Draws(
+            renoise_ids=rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64),
+            uniforms=rng.random((batch, canvas), dtype=np.float32),
+        )
+        self_cond_logits = None
+        if previous is not None:  # the previous step's temperature-scaled logits, as transformers passes them
+            self_cond_logits = torch.from_numpy(previous.reference["logits"]) / previous.temperature
+        logits = reference.logits(state, canvas_ids, self_cond_logits)
+        ref = _step_reference(logits, temperature, settings.entropy_bound, draws, reference.embedding)
+        stage = StepStage(name, canvas_ids, temperature, draws,
+                          None if previous is None else previous.reference["next_self_cond"], ref,
+                          reference.routing_margin)
+        plan.append(stage)
+        return stage
+
+    state = reference.encode(None, ids, padding)
+    plan.append(EncodeStage("prefill", ids, np.arange(prompt_len), padding, kv(state)))
+    n = settings.max_denoising_steps
+    first = step("step_first", rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64), n, None)
+    second = step("step_self_conditioned", first.reference["next_canvas"], max(n - 1, 1), first)
+    commit_ids = np.ascontiguousarray(second.reference["argmax"])
+    state = reference.encode(state, commit_ids, np.ones((batch, canvas), dtype=bool))
+    valid = np.concatenate([padding, np.ones((batch, canvas), bool)], 1)
+    plan.append(EncodeStage("commit", commit_ids, np.arange(prompt_len, prompt_len + canvas), valid, kv(state)))
+    info["context_after_commit"] = prompt_len + canvas
+    info["past_sliding_window"] = bool(prompt_len + canvas > window - 1)
+    step("step_after_commit", rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64), n, None)
+    return plan, info
+
+
+def step_parity(checkpoint_dir: str | Path, backend: StepBackend, seed: int = 0, threads: int | None = None,
+                target: str | Path = "") -> Report:
+    """Step-level parity of an inactive backend against the reference; the backend is activated here, after the
+    reference has been freed."""
+    checkpoint = Checkpoint.open(checkpoint_dir)
+    spec = backend.spec
+    _check_model_matches(checkpoint, spec, Path(target))
+    dtype = spec.precision
+    tol = TOLERANCES[dtype]
+    report = Report("step", str(checkpoint_dir), str(target), dtype, backend.name)
+    backend.preflight()  # fail before the reference runs, not after, when the backend cannot run here
+    settings = resolve_settings(spec.generation)
+    plan, report.info = _reference_plan(Path(checkpoint_dir), spec, settings, seed, threads)
+
+    batch = plan[0].ids.shape[0]
+    context = np.zeros(batch, dtype=np.int64)
+    with backend:
+        backend.start(plan[0].valid)
+        for stage in plan:
+            if isinstance(stage, EncodeStage):
+                backend.encode(stage.ids, stage.positions, context)
+                context = context + stage.ids.shape[1]
+                report.checks += _kv_checks(stage, backend, tol)
+            else:
+                report.checks += _step_checks(stage, backend, context, settings, tol, dtype, report)
+    return report
+
+
+def _step_checks(stage: StepStage, backend: StepBackend, context: np.ndarray, settings: GenerationSettings,
+                 tol: dict[str, float], dtype: str, report: Report) -> list[Check]:
+    ref, batch = stage.reference, stage.canvas.shape[0]
+    ties = int((stage.routing_margin < ROUTING_TIE).sum())
+    if ties:
+        report.info.setdefault("routing_ties", {})[stage.name] = ties
+    stage_tol = tol
+    if ties and dtype == "fp32":
+        stage_tol = {**{k: v for k, v in tol.items() if k != "rel_p99"}, **TIE_LIMITS}
+    untied = stage.routing_margin >= ROUTING_TIE  # discrete outputs are compared where routing is decided
+    if stage.self_cond is not None:
+        backend.set_self_conditioning(stage.self_cond)
+    out = backend.denoise(
+        stage.canvas,
+        context,
+        np.full(batch, stage.temperature, np.float32),
+        np.full(batch, settings.entropy_bound, np.float32),
+        stage.draws,
+        stage.self_cond is None,
+        np.zeros(batch, dtype=bool),
+    )
+    name = stage.name
+    checks = []
+    if "logits" in out.extras:
+        checks.append(_judge_continuous(name, "logits", out.extras["logits"], ref["logits"], stage_tol))
+        argmax_logits = np.argmax(out.extras["logits"], axis=-1)
+        checks.append(_judge_agreement(name, "logits_argmax", argmax_logits, np.argmax(ref["logits"], -1), tol["argmax"]))
+    checks.append(_judge_agreement(name, "argmax", out.argmax[untied], ref["argmax"][untied], tol["argmax"]))
+    checks.append(_judge_continuous(name, "entropy", out.entropy, ref["entropy"], stage_tol))
+    checks.append(_judge_continuous(name, "mean_entropy", out.mean_entropy, ref["mean_entropy"], stage_tol))
+    checks.append(_judge_continuous(name, "next_self_cond", backend.self_conditioning(), ref["next_self_cond"], stage_tol))
+    accepted = ref["accepted"] & untied
+    if "sampled" in out.extras and accepted.any():
+        # Reported, not gated: a sample is a discontinuous function of the logits (the always-accepted
+        # lowest-entropy token of a flat random model sits on a near-uniform CDF); next_canvas carries what matters.
+        check = _judge_agreement(name, "sampled_accepted", out.extras["sampled"][accepted], ref["sampled"][accepted], 0.0)
+        check.note = f"{int(accepted.sum())} accepted positions"
+        checks.append(check)
+    for output, actual in (("accepted", out.accepted), ("next_canvas", out.next_canvas)):
+        checks.append(_judge_agreement(name, output, actual[untied], ref[output][untied], tol["agree"]))
+    return checks
+
+
+def _kv_checks(stage: EncodeStage, backend: StepBackend, tol: dict[str, float]) -> list[Check]:
+    """Compares each layer's buffered K/V with the reference cache at the positions both hold and that are real."""
+    keys, values = backend.kv_cache()
+    worst: dict[str, tuple[float, Check]] = {}
+    for i, layer in enumerate(backend.spec.kv_layout):
+        ref_k, ref_v, positions = stage.reference_kv[i]
+        slots = positions % layer.slots if layer.ring else positions
+        real = stage.valid[:, positions]  # [B, n]
+        for part, ours, theirs in (("key", keys[i], ref_k), ("value", values[i], ref_v)):
+            a = ours[:, :, slots].transpose(0, 2, 1, 3)[real]
+            r = theirs.transpose(0, 2, 1, 3)[real]
+            check = _judge_continuous(stage.name, part, a, r, tol)
+            check.note = f"worst layer {i}"
+            if part not in worst or check.metrics["rel"] > worst[part][0]:
+                worst[part] = (check.metrics["rel"], check)
+            if not check.passed:
+                worst[part] = (math.inf, check)
+    return [entry[1] for entry in worst.values()]
+
+
+# -- loop level ---------------------------------------------------------------------------------------------------
+
+
+def loop_parity(
+    checkpoint_dir: str | Path, backend: StepBackend, simulated: StepBackend, seed: int = 0,
+    threads: int | None = None, max_new_tokens: int | None = None, target: str | Path = "",
+) -> Report:
+    """Loop-level parity of an inactive backend. `simulated`: an inactive torch backend that computes what the
+    backend should (fp32, or the same FP8 scales); one backend is active at a time."""
+    checkpoint = Checkpoint.open(checkpoint_dir)
+    spec = backend.spec
+    _check_model_matches(checkpoint, spec, Path(target))
+    cap, model = spec.capacity, spec.model
+    canvas, vocab = cap.canvas, model.vocab_size
+    dtype = spec.precision
+    report = Report("loop", str(checkpoint_dir), str(target), dtype, backend.name)
+    backend.preflight()
+    rng = np.random.default_rng(seed)
+    prompt_len = max(4, min(cap.max_context - 2 * canvas, model.sliding_window + 4, 24))
+    blocks = 2 if prompt_len + canvas <= cap.max_context else 1
+    settings = resolve_settings(spec.generation, {"max_new_tokens": max_new_tokens or blocks * canvas})
+    rows = [rng.integers(3, vocab, size=prompt_len).tolist(), rng.integers(3, vocab, size=max(1, prompt_len - 3)).tolist()]
+    rows = rows[: min(2, cap.max_batch)]
+    report.info = {"prompt_lengths": [len(r) for r in rows], "settings": settings.to_dict(), "seed": seed}
+    report.checks += _hf_checks(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated.moe)
+
+    ids, padding = left_pad(rows, settings.pad_token_id or 0)
+    if simulated.spec.quantization:
+        # FP8 is compared with the torch backend simulating the same FP8 scales: this is where the Q/DQ placement
+        # and scales are checked token for token; the accuracy cost is what `canvasrt eval` measures.
+        report.info["torch_backend"] = "fake-quantized with the artifacts' calibration"
+    results = {}
+    for runner in (simulated, backend):
+        with runner:
+            results[runner.name] = generate(runner, ids, padding, settings,
+                                            make_draws("counter", seed, len(rows), vocab, canvas))
+    a, t = results[backend.name], results[simulated.name]
+    minimum = 1.0 if dtype in ("fp32", "fp8") else TOLERANCES[dtype]["agree"]
+    width = min(a.new_tokens.shape[1], t.new_tokens.shape[1])
+    stage = f"{backend.name}_vs_torch"
+    for block in range(math.ceil(width / canvas)):
+        sl = slice(block * canvas, (block + 1) * canvas)
+        report.checks.append(
+            _judge_agreement(f"{stage}_block{block}", "committed_tokens", a.new_tokens[:, sl], t.new_tokens[:, sl], minimum)
+        )
+    exact = dtype in ("fp32", "fp8")
+    report.checks.append(
+        Check(stage, "steps_per_block", {backend.name: a.steps_per_block, "torch": t.steps_per_block}, {},
+              a.steps_per_block == t.steps_per_block or not exact)
+    )
+    report.checks.append(
+        Check(stage, "sequence_length", {backend.name: a.sequences.shape[1], "torch": t.sequences.shape[1]}, {},
+              a.sequences.shape == t.sequences.shape or not exact)
+    )
+    return report
+
+
+@torch.inference_mode()
+def _hf_checks(checkpoint_dir: str | Path, rows: list[list[int]], settings: GenerationSettings, seed: int,
+               threads: int | None, max_context: int, moe: str) -> list[Check]:
+    """The torch backend with --rng hf against transformers' generate(), batch of one and of two."""
+    checks = []
+    hf_kwargs = {
+        "max_new_tokens": settings.max_new_tokens,
+        "max_denoising_steps": settings.max_denoising_steps,
+        "t_min": settings.t_min,
+        "t_max": settings.t_max,
+        "stability_threshold": settings.stability_threshold,
+        "confidence_threshold": settings.confidence_threshold,
+    }
+    expected = []
+    for batch in range(1, len(rows) + 1):
+        ids, padding = left_pad(rows[:batch], settings.pad_token_id or 0)
+        # Eager attention, except where transformers' generate() cannot run it (left padding, see reference.py).
+        reference = Reference(checkpoint_dir, attention="eager" if padding.all() else "sdpa")
+        expected.append(reference.generate(ids, padding, seed, **hf_kwargs))
+        del reference
+    with TorchBackend(checkpoint_dir, moe=moe, max_batch=len(rows), max_context=max_context,
+                      threads=threads) as torch_backend:
+        vocab, canvas = torch_backend.spec.model.vocab_size, torch_backend.spec.capacity.canvas
+        for batch, hf in enumerate(expected, 1):
+            ids, padding = left_pad(rows[:batch], settings.pad_token_id or 0)
+            ours = generate(torch_backend, ids, padding, settings, make_draws("hf", seed, batch, vocab, canvas))
+            same = np.array_equal(ours.sequences, hf.sequences.numpy())
+            tpf = float(np.max(np.abs(ours.tokens_per_forward - hf.tokens_per_forward.numpy())))
+            checks.append(Check(f"torch_hf_batch{batch}", "sequences", {"identical": float(same)}, {"identical": 1.0}, same))
+            checks.append(Check(f"torch_hf_batch{batch}", "tokens_per_forward", {"max_abs": tpf}, {"max_abs": 0.0},
+                                tpf == 0.0))
+    return checks
+
+
+# -- entry point --------------------------------------------------------------------------------------------------
+
+
+def parity(checkpoint_dir: str | Path, target: str | Path, level: str = "step", backend: str | None = None,
+           seed: int = 0, threads: int | None = None, max_new_tokens: int | None = None) -> Report:
+    """Parity of TARGET (artifacts or engines) on `backend` (default: by target kind) against the checkpoint."""
+    opened = open_target(target)
+    if isinstance(opened, CheckpointDir):
+        raise ArtifactError(f"{target} is a checkpoint; parity checks exported artifacts or engines against it "
+                            "(run `canvasrt export` first)")
+    runner = open_backend(opened, backend, threads=threads, max_batch=opened.capacity.max_batch)
+    if level == "step":
+        return step_parity(checkpoint_dir, runner, seed=seed, threads=threads, target=target)
+    artifacts = opened if isinstance(opened, ArtifactManifest) else ArtifactManifest.load(opened.artifacts)
+    moe = artifacts.moe
+    calibration = artifacts.calibration() if artifacts.quantization else None
+    simulated = TorchBackend(checkpoint_dir, moe=moe, max_batch=opened.capacity.max_batch,
+                             max_context=opened.capacity.max_context, threads=threads, calibration=calibration)
+    return loop_parity(checkpoint_dir, runner, simulated, seed=seed, threads=threads, max_new_tokens=max_new_tokens,
+                       target=target)

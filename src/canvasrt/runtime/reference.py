@@ -1,0 +1,103 @@
+"""The PyTorch reference: transformers' DiffusionGemmaForBlockDiffusion, driven step by step or through generate().
+
+Eager experts (the plain per-expert loop) and, by default, eager attention, in fp32: the numerics every canvasrt
+level is measured against. With left padding in the batch, transformers 5.23's generate() fails under eager
+attention (its decoder mask builder calls torch.finfo on the integer canvas), so padded batches use SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import read_config_json
+
+
+@dataclass
+class ReferenceCache:
+    cache: Any
+    attention_mask: torch.Tensor  # [B, context] bool over everything encoded so far
+    length: int
+
+
+class Reference:
+    def __init__(self, checkpoint_dir: str | Path, attention: str = "eager"):
+        from transformers import DiffusionGemmaForBlockDiffusion
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+        read_config_json(Path(checkpoint_dir))
+        self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+            str(checkpoint_dir), attn_implementation=attention, dtype=torch.float32
+        ).eval()
+        self.model.set_experts_implementation("eager")
+        self.text_config = self.model.config.get_text_config(decoder=True)
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.model.model.decoder.embed_tokens.weight
+
+    @torch.inference_mode()
+    def encode(self, state: ReferenceCache | None, ids: np.ndarray, padding: np.ndarray) -> ReferenceCache:
+        """Appends a chunk to the cache (a new DynamicCache when state is None)."""
+        from transformers.cache_utils import DynamicCache
+
+        if state is None:
+            state = ReferenceCache(DynamicCache(config=self.text_config), torch.zeros(ids.shape[0], 0, dtype=torch.bool), 0)
+        mask = torch.cat([state.attention_mask, torch.from_numpy(padding)], dim=1)
+        positions = torch.arange(state.length, state.length + ids.shape[1])[None]
+        self.model.model.encoder(
+            input_ids=torch.from_numpy(ids), attention_mask=mask, position_ids=positions, past_key_values=state.cache
+        )
+        return ReferenceCache(state.cache, mask, state.length + ids.shape[1])
+
+    @torch.inference_mode()
+    def logits(self, state: ReferenceCache, canvas: np.ndarray, self_cond_logits: torch.Tensor | None) -> torch.Tensor:
+        """Softcapped fp32 logits [B, C, V] of one decoder pass over the canvas. Records, per token, the smallest
+        relative gap between the k-th and (k+1)-th router probability over all layers in `self.routing_margin`."""
+        c = canvas.shape[1]
+        decoder_mask = torch.cat([state.attention_mask, torch.ones(canvas.shape[0], c, dtype=torch.bool)], dim=1)
+        margins: list[torch.Tensor] = []
+        k = self.text_config.top_k_experts
+
+        def record(module: Any, args: Any, output: Any) -> None:
+            top = torch.topk(output[0], k + 1, dim=-1).values
+            margins.append((top[:, k - 1] - top[:, k]) / top[:, k - 1])
+
+        hooks = [layer.router.register_forward_hook(record) for layer in self.model.model.decoder.layers]
+        try:
+            logits = self._decode(state, canvas, self_cond_logits, decoder_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.routing_margin = torch.stack(margins).amin(dim=0).reshape(canvas.shape).numpy()
+        return logits
+
+    def _decode(self, state: ReferenceCache, canvas: np.ndarray, self_cond_logits: torch.Tensor | None,
+                decoder_mask: torch.Tensor) -> torch.Tensor:
+        c = canvas.shape[1]
+        return self.model(
+            decoder_input_ids=torch.from_numpy(canvas),
+            past_key_values=state.cache,
+            decoder_position_ids=torch.arange(state.length, state.length + c)[None],
+            decoder_attention_mask=decoder_mask,
+            self_conditioning_logits=self_cond_logits,
+        ).logits
+
+    def cached_kv(self, state: ReferenceCache, layer: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The layer's cached K/V [B, nkv, n, d] and the absolute positions of those n entries."""
+        entry = state.cache.layers[layer]
+        n = entry.keys.shape[2]
+        return entry.keys, entry.values, np.arange(state.length - n, state.length)
+
+    @torch.inference_mode()
+    def generate(self, ids: np.ndarray, padding: np.ndarray, seed: int, **settings: Any) -> Any:
+        torch.manual_seed(seed)
+        return self.model.generate(
+            torch.from_numpy(ids), attention_mask=torch.from_numpy(padding).long(), **settings
+        )

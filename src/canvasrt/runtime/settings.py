@@ -1,0 +1,75 @@
+"""Generation settings, resolved the way transformers' DiffusionGemma generate() resolves them.
+
+Order: explicit overrides > the checkpoint's generation_config.json > transformers' built-in defaults
+(`DiffusionGemmaGenerationConfig._get_default_generation_params`, copied here because the runtime must not need
+transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ..core.errors import CanvasrtError
+
+DEFAULTS = {
+    "max_new_tokens": 256,
+    "max_denoising_steps": 48,
+    "entropy_bound": 0.1,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int
+    max_denoising_steps: int
+    entropy_bound: float
+    t_min: float
+    t_max: float
+    stability_threshold: int
+    confidence_threshold: float
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+
+    def temperature(self, remaining: int) -> float:
+        """Linear schedule over the remaining-step counter t = N..1: t_max at the first step."""
+        return self.t_min + (self.t_max - self.t_min) * (remaining / self.max_denoising_steps)
+
+    def validate(self) -> "GenerationSettings":
+        checks = [
+            (self.max_new_tokens > 0, f"--max-new-tokens must be positive (got {self.max_new_tokens})"),
+            (self.max_denoising_steps > 0, f"--max-denoising-steps must be positive (got {self.max_denoising_steps})"),
+            (self.entropy_bound > 0, f"--entropy-bound must be positive (got {self.entropy_bound})"),
+            (0 <= self.t_min < self.t_max, f"need 0 <= --t-min < --t-max (got {self.t_min}, {self.t_max})"),
+            (self.stability_threshold >= 0, f"--stability-threshold must be >= 0 (got {self.stability_threshold})"),
+            (self.confidence_threshold > 0, f"--confidence-threshold must be positive (got {self.confidence_threshold})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CanvasrtError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def resolve_settings(generation_config: dict[str, Any], overrides: dict[str, Any] | None = None) -> GenerationSettings:
+    """generation_config: the parsed generation_config.json (may be empty). overrides: non-None values win."""
+    values = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if generation_config.get(key) is not None:
+            values[key] = generation_config[key]
+    sampler = generation_config.get("sampler_config") or {}
+    if sampler.get("entropy_bound") is not None:
+        values["entropy_bound"] = sampler["entropy_bound"]
+    eos = generation_config.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    settings = GenerationSettings(
+        **values, eos_token_ids=tuple(int(e) for e in eos_ids), pad_token_id=generation_config.get("pad_token_id")
+    )
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return replace(settings, **changes).validate()

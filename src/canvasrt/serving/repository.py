@@ -1,0 +1,195 @@
+"""`canvasrt triton`: a Triton Inference Server model repository from an artifact or engine directory.
+
+    canvasrt_generate/   Python backend, decoupled: the loop (canvasrt.serving.model), streaming each canvas;
+                         with --step-backend in-process it holds the graphs and runs them through ONNX Runtime
+    canvasrt_encode/     step model called through BLS: tensorrt_plan, onnxruntime_onnx, or the Python backend
+    canvasrt_denoise/    running ONNX Runtime (canvasrt.serving.step_model, --step-backend python)
+
+config.pbtxt files are built as Triton's own ModelConfig protobuf (tritonclient ships it) and printed with
+text_format, then parsed back and compared, so a file that Triton would misread is never written. The step models
+take the manifest's graph I/O with the batch dimension as Triton's batch dimension: every step tensor is batch-first
+and a denoise call's other dimensions never vary, so Triton's dynamic batcher can merge the steps of concurrent
+requests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..core.contract import GRAPHS, MODEL_DTYPE
+from ..core.errors import ArtifactError, CanvasrtError
+from ..core.kv import NUMPY_DTYPES
+from ..core.manifest import ArtifactManifest, EngineEntry, EngineManifest, GraphEntry, staged_directory
+from ..core.target import CheckpointDir, open_target
+from .bls import STEP_MODELS
+from .model import ARTIFACTS
+from .protocol import INPUTS, OUTPUTS, Field
+
+GENERATE_MODEL = "canvasrt_generate"
+STEP_BACKENDS = ("tensorrt", "onnxruntime", "python", "in-process")
+TRITON_DTYPES = {"int64": "INT64", "int32": "INT32", "bool": "BOOL", "float32": "FP32", "fp32": "FP32", "fp16": "FP16",
+                 "bf16": "BF16"}
+ENTRY = '''"""Triton Python-backend model written by `canvasrt triton`; its code lives in canvasrt.serving.{module}.
+
+Triton's Python stub runs an isolated interpreter that ignores PYTHONPATH, so `canvasrt serve` names the environment
+holding canvasrt in CANVASRT_PYTHONPATH instead. Where canvasrt is installed in the server's Python it is unset.
+"""
+
+import os
+import site
+
+for _path in filter(None, os.environ.get("CANVASRT_PYTHONPATH", "").split(os.pathsep)):
+    site.addsitedir(_path)
+
+from canvasrt.serving.{module} import TritonPythonModel  # noqa: E402,F401
+'''
+
+
+def _model_config() -> Any:
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise CanvasrtError(f"writing Triton model configs needs tritonclient[grpc] ({exc}); install canvasrt[triton]") from None
+    return model_config_pb2
+
+
+def _io(message: Any, field: Field, optional: bool = False) -> None:
+    pb = _model_config()
+    config_type = "TYPE_STRING" if field.dtype == "BYTES" else f"TYPE_{field.dtype}"  # config and protocol name it apart
+    entry = message.add(name=field.name, data_type=pb.DataType.Value(config_type), dims=list(field.dims))
+    if optional:
+        entry.optional = True
+    if not field.dims:  # a per-row scalar ([batch]): Triton wants dims [1], reshaped to nothing for the model
+        entry.dims.append(1)
+        entry.reshape.SetInParent()
+
+
+def generate_config(instances: int, parameters: dict[str, str]) -> Any:
+    pb = _model_config()
+    config = pb.ModelConfig(name=GENERATE_MODEL, backend="python", max_batch_size=0)
+    config.model_transaction_policy.decoupled = True
+    for field in INPUTS:
+        _io(config.input, field, optional=True)
+    for field in OUTPUTS:
+        _io(config.output, field)
+    config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_CPU)
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def step_config(graph: str, entry: GraphEntry | EngineEntry, dtype: str, step_backend: str, filename: str,
+                instances: int, max_batch: int, threads: int) -> Any:
+    pb = _model_config()
+    config = pb.ModelConfig(name=STEP_MODELS[graph], max_batch_size=max_batch)
+    if step_backend == "python":  # the Python backend takes default_model_filename for its script: name the graph apart
+        config.backend = "python"
+        config.parameters["graph"].string_value = filename
+        config.parameters["threads"].string_value = str(threads)
+    else:
+        config.platform = "tensorrt_plan" if step_backend == "tensorrt" else "onnxruntime_onnx"
+        config.default_model_filename = filename
+    for specs, message in ((entry.inputs, config.input), (entry.outputs, config.output)):
+        for spec in specs:
+            dims = tuple(d if isinstance(d, int) else -1 for d in spec.shape[1:])
+            _io(message, Field(spec.name, TRITON_DTYPES[dtype if spec.dtype == MODEL_DTYPE else spec.dtype], dims,
+                               spec.doc))
+    config.dynamic_batching.SetInParent()
+    if step_backend == "tensorrt":
+        group = config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_GPU)
+        group.profile.extend(str(i) for i in range(len(entry.profiles)))
+    else:
+        kind = pb.ModelInstanceGroup.KIND_CPU if step_backend == "python" else pb.ModelInstanceGroup.KIND_AUTO
+        config.instance_group.add(count=instances, kind=kind)
+    return config
+
+
+def write_config(directory: Path, config: Any) -> None:
+    """Writes config.pbtxt and proves it parses back to the same message."""
+    from google.protobuf import text_format
+
+    text = text_format.MessageToString(config)
+    again = text_format.Parse(text, type(config)())
+    if again != config:
+        raise AssertionError(f"{config.name}: config.pbtxt does not parse back to the config written")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.pbtxt").write_text(text)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    # Hard links make a repository of a multi-GB model instant where source and repository share a file system.
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def write_repository(target: str | Path, output: str | Path, step_backend: str | None = None, instances: int = 1,
+                     max_batch: int | None = None, threads: int = 0) -> dict[str, Any]:
+    """Writes the model repository; returns a summary (models, step backend, source)."""
+    output = Path(output)
+    opened = open_target(target)
+    if isinstance(opened, CheckpointDir):
+        raise CanvasrtError(f"{target} is a checkpoint; Triton serves exported graphs or engines (run `canvasrt export`)")
+    engines = opened if isinstance(opened, EngineManifest) else None
+    step_backend = step_backend or ("tensorrt" if engines else "onnxruntime")
+    if step_backend not in STEP_BACKENDS:
+        raise CanvasrtError(f"unknown step backend {step_backend!r}; use one of {', '.join(STEP_BACKENDS)}")
+    if (step_backend == "tensorrt") != (engines is not None):
+        raise CanvasrtError(f"--step-backend {step_backend} needs " + ("an engine directory (`canvasrt build`)"
+                            if step_backend == "tensorrt" else "an artifact directory (`canvasrt export`), not engines"))
+    if instances < 1:
+        raise CanvasrtError(f"--instances must be at least 1, got {instances}")
+    if threads < 0:
+        raise CanvasrtError(f"--threads must be 0 (ONNX Runtime's default) or more, got {threads}")
+    if engines is not None:
+        manifest = ArtifactManifest.load(engines.artifacts)
+        stale = [g for g in GRAPHS if engines.engines[g].onnx_sha256 != manifest.graphs[g].sha256]
+        if stale:
+            raise ArtifactError(f"the engines in {target} were built from other graphs than {engines.artifacts} now "
+                                "holds; rebuild them")
+    else:
+        assert isinstance(opened, ArtifactManifest)
+        manifest = opened
+    if manifest.dtype not in NUMPY_DTYPES:
+        raise CanvasrtError(f"the loop model feeds {manifest.dtype} tensors from numpy, which has no such type; "
+                            "export with --dtype fp32 or fp16")
+    # a build may have narrowed the profiles below the artifacts' capacity
+    capacity = engines.max_batch if engines is not None else manifest.capacity.max_batch
+    max_batch = capacity if max_batch is None else max_batch
+    if not 1 <= max_batch <= capacity:
+        raise CanvasrtError(f"--max-batch must be between 1 and the artifacts' max batch {capacity}, got {max_batch}")
+    parameters = {"step_backend": "in-process" if step_backend == "in-process" else "bls", "threads": str(threads)}
+    with staged_directory(output, marker=f"{GENERATE_MODEL}/config.pbtxt") as staging:
+        model_dir = staging / GENERATE_MODEL / "1"
+        artifacts = manifest.directory
+        if step_backend == "in-process":
+            shutil.copytree(artifacts, model_dir / ARTIFACTS, copy_function=_link_or_copy)
+        else:
+            (model_dir / ARTIFACTS).mkdir(parents=True)
+            for name in manifest.tokenizer:
+                _link_or_copy(str(artifacts / name), str(model_dir / ARTIFACTS / name))
+            # The loop's limits are the engines' where a build narrowed them (`canvasrt build --max-context`)
+            (manifest.with_capacity(engines.capacity) if engines is not None else manifest).write(model_dir / ARTIFACTS)
+            for graph in GRAPHS:
+                step_dir = staging / STEP_MODELS[graph]
+                (step_dir / "1").mkdir(parents=True)
+                entry: GraphEntry | EngineEntry
+                if engines is not None:
+                    entry = engines.engines[graph]
+                    _link_or_copy(str(engines.engine_path(graph)), str(step_dir / "1" / entry.file))
+                else:
+                    entry = manifest.graphs[graph]
+                    for source in artifacts.glob(entry.file + "*"):  # the graph and its external data, if any
+                        _link_or_copy(str(source), str(step_dir / "1" / source.name))
+                if step_backend == "python":
+                    (step_dir / "1" / "model.py").write_text(ENTRY.format(module="step_model"))
+                write_config(step_dir, step_config(graph, entry, manifest.dtype, step_backend, entry.file, instances,
+                                                   max_batch, threads))
+        (model_dir / "model.py").write_text(ENTRY.format(module="model"))
+        write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
+    models = [GENERATE_MODEL] + ([] if step_backend == "in-process" else list(STEP_MODELS.values()))
+    return {"models": models, "step_backend": step_backend, "source": str(target), "max_batch": max_batch}
