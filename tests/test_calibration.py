@@ -57,6 +57,24 @@ def test_fp8_step_parity_within_the_fp8_budget(sort_checkpoint, sort_fp8, tmp_pa
     assert json.loads((tmp_path / "r.json").read_text())["dtype"] == "fp8"
 
 
+def test_fp8_simulation_is_checked_by_the_same_parity(sort_checkpoint, sort_fp8, tmp_path):
+    """--backend torch on FP8 artifacts: the torch backend with their scales, through the same step parity as the
+    graphs, judged by the same FP8 budget; its entropies agree with the graphs' where both are compared."""
+    reports = {}
+    for backend in ("torch", "onnxruntime"):
+        result = cli("parity", sort_checkpoint, sort_fp8, "--backend", backend, "--report", tmp_path / f"{backend}.json")
+        assert result.exit_code == 0, result.output
+        reports[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
+    assert reports["torch"]["backend"] == "torch" and reports["torch"]["dtype"] == "fp8"
+    checks = {b: {(c["stage"], c["output"]): c for c in r["checks"]} for b, r in reports.items()}
+    shared = checks["torch"].keys() & checks["onnxruntime"].keys()
+    assert {out for _, out in shared} >= {"key", "value", "argmax", "entropy", "next_self_cond", "next_canvas"}
+    for key in shared:
+        if key[1] == "entropy":
+            simulated, graphs = checks["torch"][key]["metrics"]["max_abs"], checks["onnxruntime"][key]["metrics"]["max_abs"]
+            assert abs(simulated - graphs) < 0.05
+
+
 def test_fp8_engines_build_for_sm89_and_sm120_and_are_refused_for_sm80(sort_fp8, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     for target in ("sm89", "sm120"):

@@ -177,7 +177,7 @@ def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_
         config = read_config(tmp_path / "repo" / f"canvasrt_{graph}" / "config.pbtxt")
         assert config.platform == "tensorrt_plan"
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-        assert list(config.instance_group[0].profile) == [str(i) for i in range(len(engines["engines"][graph]["profiles"]))]
+        assert list(config.instance_group[0].profile) == [str(i) for i in range(len(engines.engines[graph].profiles))]
         assert (tmp_path / "repo" / f"canvasrt_{graph}" / "1" / config.default_model_filename).stat().st_size > 0
     assert len(read_config(tmp_path / "repo" / "canvasrt_encode" / "config.pbtxt").instance_group[0].profile) == 2
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..model.checkpoint import Checkpoint
+from ..model.checkpoint import Checkpoint, torch_device
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, Quantization, sha256_file, staged_directory, write_json
 from ..runtime import tasks
@@ -53,9 +53,11 @@ def calibration_prompts(checkpoint: Path, prompts_file: Path | None, task: str |
 
 def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path, prompts_file: Path | None = None,
               task: str | None = None, samples: int = 64, method: str = "max", weights: str = "per-channel",
-              exclude: tuple[str, ...] = (), progress: Any = lambda _: None) -> ArtifactManifest:
+              exclude: tuple[str, ...] = (), progress: Any = lambda _: None, device: str = "cpu",
+              dtype: str = "fp32") -> ArtifactManifest:
     """exclude: regular expressions; matching GEMMs (e.g. the worst groups of `parity --bisect`) stay unquantized."""
     checkpoint = Path(checkpoint)
+    torch_device(device)  # before anything runs
     manifest = ArtifactManifest.load(artifacts)
     if method not in METHODS:
         raise CanvasrtError(f"calibration method {method!r} is not implemented; use one of {', '.join(METHODS)}")
@@ -71,7 +73,7 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
     if not rows or any(len(r) == 0 for r in rows):
         raise CanvasrtError(f"the calibration set ({source}) is empty or has an empty prompt")
     progress(f"running the loop on {len(rows)} calibration prompts ({source})")
-    ranges = collect_ranges(checkpoint, rows, method=method)
+    ranges = collect_ranges(checkpoint, rows, method=method, device=device, dtype=dtype)
     try:
         patterns = [re.compile(p) for p in exclude]
     except re.error as exc:

@@ -1,6 +1,6 @@
 """Activation ranges for FP8: the input amax of every quantized GEMM, recorded while the real loop runs.
 
-The torch backend runs the whole generation loop (prefill, every denoising step from near-uniform noise to a
+The torch backend (sparse MoE, any device and dtype) runs the whole generation loop (prefill, every denoising step from near-uniform noise to a
 near-clean canvas, commits) on calibration prompts with hooks on the GEMM inputs, so the ranges cover the whole
 schedule. Expert down-projections are ranged per expert over the tokens routed to it; an expert that saw fewer
 than `min_tokens` tokens falls back to the largest range of its layer (conservative: no clipping).
@@ -46,10 +46,13 @@ class Ranges:
 
     def sample(self, name: str, values: list[np.ndarray]) -> None:
         """values: |x| per slice (one slice per tensor, or one per expert)."""
-        kept = self.samples.setdefault(name, [np.zeros(0, np.float32) for _ in values])
         for i, v in enumerate(values):
-            pool = np.concatenate([kept[i], v.ravel()])
-            kept[i] = pool if pool.size <= SAMPLE_CAP else self.rng.choice(pool, SAMPLE_CAP, replace=False)
+            self.sample_slice(name, i, v, len(values))
+
+    def sample_slice(self, name: str, index: int, values: np.ndarray, slices: int) -> None:
+        kept = self.samples.setdefault(name, [np.zeros(0, np.float32) for _ in range(slices)])
+        pool = np.concatenate([kept[index], values.ravel()])
+        kept[index] = pool if pool.size <= SAMPLE_CAP else self.rng.choice(pool, SAMPLE_CAP, replace=False)
 
     def finalize(self, method: str) -> None:
         """Replaces the running max by the method's range (max keeps it)."""
@@ -82,8 +85,11 @@ def _choose(sample: np.ndarray, method: str) -> float:
 
 
 def collect_ranges(checkpoint_dir: str | Path, prompts: list[list[int]], seed: int = 0, batch: int = 8,
-                   min_tokens: int = 16, method: str = "max") -> Ranges:
-    backend = TorchBackend(checkpoint_dir, moe="dense", max_batch=batch)
+                   min_tokens: int = 16, method: str = "max", device: str = "cpu", dtype: str = "fp32",
+                   moe: str = "sparse") -> Ranges:
+    """moe: sparse (default) runs each expert on its routed tokens only, at the cost of the active parameters; the
+    dense formulation gives the same ranges at num_experts / top_k times the expert work."""
+    backend = TorchBackend(checkpoint_dir, dtype=dtype, moe=moe, max_batch=batch, device=device)
     ranges = Ranges()
     spec = backend.spec
     settings = resolve_settings(spec.generation)
@@ -94,7 +100,7 @@ def collect_ranges(checkpoint_dir: str | Path, prompts: list[list[int]], seed: i
                 module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.weight"))
             if isinstance(module, Experts):
                 module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.gate_up_proj"))
-                module.down_input_hook = _expert_observer(ranges, f"{name}.down_proj")
+                module.down_input_hook = _expert_observer(ranges, f"{name}.down_proj", module.num_experts)
         for start in range(0, len(prompts), batch):
             rows = prompts[start : start + batch]
             ids, padding = left_pad(rows, settings.pad_token_id or 0)
@@ -115,20 +121,22 @@ def _amax_hook(ranges: Ranges, name: str) -> Any:
     return hook
 
 
-def _expert_observer(ranges: Ranges, name: str) -> Any:
-    def observe(act: torch.Tensor, routed: torch.Tensor) -> None:  # records only: returns no replacement
-        # act [E, I, T]; only routed tokens matter: the others are multiplied by a zero routing weight.
-        magnitude = act.detach().abs()
-        per_expert = (magnitude * routed[:, None, :]).amax(dim=(1, 2)).numpy()
-        ranges.update(name, per_expert)
-        picks = []
-        for e in range(act.shape[0]):
-            values = magnitude[e][:, routed[e]].reshape(-1).float().numpy()
-            picks.append(values[ranges.rng.integers(0, values.size, min(values.size, 4096))] if values.size else values)
-        ranges.sample(name, picks)
-        counts = routed.sum(dim=1).tolist()
-        previous = ranges.expert_tokens.get(name, [0] * len(counts))
-        ranges.expert_tokens[name] = [a + b for a, b in zip(previous, counts)]
+def _expert_observer(ranges: Ranges, name: str, experts: int) -> Any:
+    def observe(act: torch.Tensor, routed: torch.Tensor, first: int) -> None:  # records only: returns no replacement
+        # act [E', I, T]; only routed tokens matter: the others are multiplied by a zero routing weight.
+        magnitude = act.detach().abs().float()
+        amax = np.asarray(ranges.amax.get(name, np.zeros(experts)), dtype=np.float64).copy()
+        counts = ranges.expert_tokens.setdefault(name, [0] * experts)
+        kept = ranges.samples.setdefault(name, [np.zeros(0, np.float32) for _ in range(experts)])
+        for offset in range(act.shape[0]):
+            e = first + offset
+            values = magnitude[offset][:, routed[offset]].reshape(-1).numpy()
+            counts[e] += int(routed[offset].sum())
+            if values.size:
+                amax[e] = max(amax[e], float(values.max()))
+                pick = values[ranges.rng.integers(0, values.size, min(values.size, 4096))]
+                ranges.sample_slice(name, e, pick, len(kept))
+        ranges.amax[name] = amax
 
     return observe
 

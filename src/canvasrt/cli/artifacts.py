@@ -136,15 +136,24 @@ def _gemms(counts: dict[str, int] | None) -> str:
               help="activation range: running max, 99.99th percentile of |x|, or the clip that minimises FP8 MSE")
 @click.option("--weights", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel", show_default=True)
 @click.option("--exclude", multiple=True, help="regex of GEMM weights to keep unquantized (repeatable), e.g. 'layers\\.1\\.'")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where the calibration loop (the torch backend, sparse MoE) runs")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="the calibration loop's dtype (bf16 halves its memory for the released model)")
 def calibrate_command(checkpoint: Path, artifacts: Path, output: Path, prompts_file: Path | None, task: str | None,
-                      samples: int, method: str, weights: str, exclude: tuple[str, ...]) -> None:
+                      samples: int, method: str, weights: str, exclude: tuple[str, ...], device: str,
+                      dtype: str) -> None:
     """FP8 (E4M3) Q/DQ artifacts, calibrated by running the loop over the whole denoising schedule."""
     from ..calibration.calibrate import calibrate
+    from ..model.checkpoint import torch_device
+
+    torch_device(device)  # before the progress display starts
 
     with stage_progress() as progress:
         stage = progress.add_task("starting", total=None)
         manifest = calibrate(checkpoint, artifacts, output, prompts_file, task, samples, method, weights, exclude,
-                             progress=lambda text: progress.update(stage, description=text))
+                             progress=lambda text: progress.update(stage, description=text), device=device,
+                             dtype=dtype)
         progress.update(stage, description="done")
     q = manifest.quantization
     assert q is not None

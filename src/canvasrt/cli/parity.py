@@ -22,10 +22,14 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 @click.option("--junit", type=click.Path(path_type=Path), help="write a JUnit XML report here")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where the reference and the torch backends run")
+@click.option("--reference-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="dtype of the reference and the torch backends (tolerances assume fp32)")
 @click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
 def parity_command(
     checkpoint: Path, target: Path, level: str, backend: str | None, report_path: Path | None, junit: Path | None,
-    seed: int, threads: int | None, bisect: bool,
+    seed: int, threads: int | None, device: str, reference_dtype: str, bisect: bool,
 ) -> None:
     """Compare TARGET (artifacts or engines) against the transformers reference built from CHECKPOINT.
     Exit 0 within tolerance, 1 not."""
@@ -36,7 +40,8 @@ def parity_command(
         return
 
     with Console(stderr=True).status(f"running {level} parity: the reference, then {target}, on the same inputs"):
-        report = parity(checkpoint, target, level, backend, seed=seed, threads=threads)
+        report = parity(checkpoint, target, level, backend, seed=seed, threads=threads, device=device,
+                        reference_dtype=reference_dtype)
     table = Table(title=f"parity --level {level} ({report.backend}, {report.dtype})", show_lines=False)
     for column in ("stage", "output", "figures", "limits", "ok"):
         table.add_column(column)

@@ -20,6 +20,10 @@ from ..runtime.rng import RNG_MODES, make_draws
 from ..runtime.settings import resolve_settings
 
 err = Console(stderr=True)
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                             help="where the torch paths run (torch backend, transformers)")
+dtype_option = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+                            help="the torch backend's dtype (default fp32)")
 
 
 def settings_options(fn: Any) -> Any:
@@ -55,10 +59,13 @@ SETTING_KEYS = (
 @click.option("--threads", type=int, default=None, help="CPU threads for the backend")
 @click.option("--json", "as_json", is_flag=True, help="print sequences, text, steps, tokens per forward and timings as JSON")
 @click.option("--watch", is_flag=True, help="show the canvas denoising live")
+@device_option
+@dtype_option
 @settings_options
 def generate_command(
     target: Path, prompt: str | None, prompt_ids: str | None, prompts_file: Path | None, backend: str | None,
-    provider: str, rng: str, seed: int, threads: int | None, as_json: bool, watch: bool, **overrides: Any,
+    provider: str, rng: str, seed: int, threads: int | None, as_json: bool, watch: bool, device: str,
+    dtype: str | None, **overrides: Any,
 ) -> None:
     """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime)."""
     sources = [s for s in (prompt, prompt_ids, prompts_file) if s is not None]
@@ -70,7 +77,8 @@ def generate_command(
         prompts = [{"ids": parse_ids(prompt_ids)}]
     else:
         prompts = read_prompts_file(prompts_file)
-    runner = open_backend(target, backend, provider=provider, threads=threads, max_batch=max(16, len(prompts)))
+    runner = open_backend(target, backend, provider=provider, threads=threads, max_batch=max(16, len(prompts)),
+                          device=device, dtype=dtype)
     if rng == "hf" and runner.name != "torch":
         raise CanvasrtError("--rng hf reproduces transformers' torch RNG and needs --backend torch")
     spec = runner.spec
@@ -78,7 +86,7 @@ def generate_command(
     rows = prompt_rows(prompts, target)
     ids, padding = left_pad(rows, settings.pad_token_id or 0)
     codec = _codec(target)
-    draws = make_draws(rng, seed, len(rows), spec.model.vocab_size, spec.capacity.canvas)
+    draws = make_draws(rng, seed, len(rows), spec.model.vocab_size, spec.capacity.canvas, device=device)
     with runner:
         events = stream(runner, ids, padding, settings, draws)
         result = _watch(events, codec, settings, len(rows)) if watch else _last(events)
@@ -208,8 +216,10 @@ def bench_command(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)
+@device_option
+@dtype_option
 def eval_command(target: Path, task: str, samples: int, backends: tuple[str, ...], seed: int, threads: int | None,
-                 as_json: bool) -> None:
+                 as_json: bool, device: str, dtype: str | None) -> None:
     """Exact-match accuracy, steps per canvas and tokens per forward on TASK's held-out prompts."""
     from ..core.target import open_target
     from ..runtime.evaluate import evaluate
@@ -217,7 +227,7 @@ def eval_command(target: Path, task: str, samples: int, backends: tuple[str, ...
     results = []
     for name in backends or [default_backend(open_target(target))]:
         with err.status(f"{name}: generating {samples} held-out {task} answers"):
-            results.append(evaluate(target, task, samples, name, seed, threads))
+            results.append(evaluate(target, task, samples, name, seed, threads, device, dtype))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from ..core.config import FULL, LayerSpec, ModelConfig
-from ..core.errors import CheckpointError
+from ..core.errors import CanvasrtError, CheckpointError
 from ..core.manifest import sha256_file
 from .modeling import DiffusionGemmaText
 
@@ -83,8 +83,9 @@ class Checkpoint:
         out.write(converted)
         return len(converted)
 
-    def load_text_model(self, moe: str = "dense", dtype: str = "fp32") -> DiffusionGemmaText:
-        """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights)."""
+    def load_text_model(self, moe: str = "dense", dtype: str = "fp32", device: str = "cpu") -> DiffusionGemmaText:
+        """Builds the export-friendly model and fills it tensor by tensor, each converted and moved to `device` as it
+        is read (no second copy of the weights)."""
         model = DiffusionGemmaText(self.config, moe=moe)
         target = DTYPES[dtype]
         for name, param in list(model.named_parameters()):
@@ -95,8 +96,9 @@ class Checkpoint:
                     f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(param.shape)}"
                 )
             owner, attr = _owner(model, name)
-            owner._parameters[attr] = torch.nn.Parameter(self.tensor(source).to(target), requires_grad=False)
-        return model.eval()
+            owner._parameters[attr] = torch.nn.Parameter(self.tensor(source).to(device=device, dtype=target),
+                                                         requires_grad=False)
+        return model.to(device).eval()  # the RoPE buffers
 
     # -- other files ----------------------------------------------------------------------------------------------
 
@@ -148,6 +150,20 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
         return json.loads(f.read(size))
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def torch_device(device: str) -> str:
+    """A --device value checked against what this PyTorch can use; one line naming the fix otherwise."""
+    if device not in DEVICES:
+        raise CanvasrtError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}, " + ("built without CUDA" if torch.version.cuda is None else
+                                                   f"CUDA {torch.version.cuda}, no GPU or driver visible")
+        raise CanvasrtError(f"--device cuda requested but torch sees no GPU ({build}); use --device cpu")
+    return device
 
 
 def checkpoint_name(param_name: str) -> str:

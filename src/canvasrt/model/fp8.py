@@ -63,6 +63,6 @@ def apply_fake_quantization(model: DiffusionGemmaText, calibration: dict[str, An
             gate_up = torch.tensor(np.float32(tensors[f"{name}.gate_up_proj"]["scale"]))
             module.register_forward_pre_hook(lambda m, args, s=gate_up: (fake_quantize(args[0], s), *args[1:]))
             down = torch.tensor(np.asarray(tensors[f"{name}.down_proj"]["scale"], np.float32)).reshape(-1, 1, 1)
-            module.down_input_hook = lambda act, routed, s=down: fake_quantize(act, s)
+            module.down_input_hook = lambda act, routed, first, s=down: fake_quantize(act, s[first : first + act.shape[0]])
             done += [f"{name}.gate_up_proj", f"{name}.down_proj"]
     return done

@@ -32,6 +32,7 @@ from torch import nn
 from ..core.config import SLIDING, LayerSpec, ModelConfig
 
 MOE_FORMULATIONS = ("dense", "sparse")
+DownInputHook = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
 # Differs from transformers (which masks with -inf through its mask builders): the additive bias for hidden keys is
 # finite on purpose. A query that sees no key (a left-padding position in prefill) must get a uniform softmax, not
 # NaN, because NaN would leak into the K/V buffers; visible keys get exactly the same probabilities either way.
@@ -195,9 +196,10 @@ class Experts(nn.Module):
         self.num_experts = e
         self.intermediate = i
         self.formulation = formulation
-        # Calibration's hook on each expert's down-projection input ([E, I, T]) and the routing mask ([E, T]): it
-        # records ranges, or returns a replacement (fake quantization). Eager only; None while exporting.
-        self.down_input_hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
+        # Calibration's hook on the experts' down-projection inputs: (act [E', I, T'], routed [E', T'], first) for the
+        # E' consecutive experts from `first` (dense: all experts and tokens; sparse: one expert, its routed tokens).
+        # It records ranges, or returns a replacement (fake quantization). Eager only; None while exporting.
+        self.down_input_hook: DownInputHook | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [T, H] (already pre-normed); weights/index [T, k] from the router."""
@@ -206,13 +208,13 @@ class Experts(nn.Module):
         return self._sparse(x, weights, index)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        experts = torch.arange(self.num_experts, dtype=index.dtype)
+        experts = torch.arange(self.num_experts, dtype=index.dtype, device=index.device)
         combine = ((index[:, :, None] == experts).to(weights.dtype) * weights[:, :, None]).sum(dim=1)  # [T, E]
         # Token-minor layout ([E, features, T]) multiplies the expert weights as stored, without transposed copies.
         gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, T]
         act = F.gelu(gate_up[:, : self.intermediate], approximate="tanh") * gate_up[:, self.intermediate :]
         if self.down_input_hook is not None:
-            replaced = self.down_input_hook(act, combine.t() != 0)
+            replaced = self.down_input_hook(act, combine.t() != 0, 0)
             act = act if replaced is None else replaced
         out = torch.matmul(self.down_proj, act)  # [E, H, T]
         return (out * combine.t()[:, None, :]).sum(dim=0).t().to(x.dtype)
@@ -224,7 +226,12 @@ class Experts(nn.Module):
             tokens = torch.nonzero(routed.any(dim=-1)).squeeze(-1)
             picked = x.index_select(0, tokens)
             gate, up = F.linear(picked, self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            inner = F.gelu(gate, approximate="tanh") * up  # [T_e, I]
+            if self.down_input_hook is not None:
+                seen = torch.ones(1, inner.shape[0], dtype=torch.bool, device=inner.device)
+                replaced = self.down_input_hook(inner.t()[None], seen, e)
+                inner = inner if replaced is None else replaced[0].t()
+            y = F.linear(inner, self.down_proj[e])
             w = (weights * routed.to(weights.dtype)).sum(dim=-1).index_select(0, tokens)
             out = out.index_add(0, tokens, (y * w[:, None]).to(x.dtype))
         return out
@@ -342,7 +349,7 @@ class DiffusionGemmaText(nn.Module):
         self, spec: LayerSpec, capacity: int, context_length: torch.Tensor, context_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For each buffer slot: the absolute position it holds [B, slots] and whether that slot holds a live token."""
-        slots = torch.arange(capacity, dtype=torch.int64)[None, :]
+        slots = torch.arange(capacity, dtype=torch.int64, device=context_length.device)[None, :]
         length = context_length[:, None]
         if spec.kind == SLIDING:
             # Ring buffer: the newest position p < length with p = slot (mod capacity).
@@ -413,8 +420,8 @@ class DiffusionGemmaText(nn.Module):
         """Bidirectional pass over the canvas [B, C]; fp32 softcapped logits [B, C, V]."""
         b, c = canvas.shape
         h = self.self_conditioning(self.embed(canvas), self_cond)
-        positions = context_length[:, None] + torch.arange(c, dtype=torch.int64)[None, :]
-        canvas_bias = torch.zeros(b, 1, 1, c, dtype=torch.float32)
+        positions = context_length[:, None] + torch.arange(c, dtype=torch.int64, device=canvas.device)[None, :]
+        canvas_bias = torch.zeros(b, 1, 1, c, dtype=torch.float32, device=canvas.device)
         tables, biases = {}, {}
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
             if spec not in tables:

@@ -24,7 +24,8 @@ from .step import StepBackend
 
 
 def evaluate(target: str | Path, task: str, samples: int, backend: str, seed: int = 0,
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, device: str = "cpu", dtype: str | None = None) -> dict[str, Any]:
+    """device, dtype: where and in what the torch paths run (the torch backend, transformers)."""
     target = Path(target)
     if task not in tasks.TASKS:
         raise CanvasrtError(f"unknown task {task!r}; use one of {', '.join(tasks.TASKS)}")
@@ -36,9 +37,9 @@ def evaluate(target: str | Path, task: str, samples: int, backend: str, seed: in
     rows = [codec.encode(example.prompt) for example in examples]
     start = time.perf_counter()
     if backend == "transformers":
-        outputs = _generate_transformers(target, rows, seed, threads)
+        outputs = _generate_transformers(target, rows, seed, threads, device, dtype or "fp32")
     else:
-        outputs = _generate_backend(target, backend, rows, seed, threads)
+        outputs = _generate_backend(target, backend, rows, seed, threads, device, dtype)
     elapsed = time.perf_counter() - start
     correct, steps, tpf = 0, [], []
     failures = []
@@ -67,8 +68,9 @@ def _batches(rows: list[list[int]], size: int) -> list[list[list[int]]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def _generate_backend(target: Path, name: str, rows: list[list[int]], seed: int, threads: int | None) -> list:
-    with open_backend(target, name, threads=threads, max_batch=16) as runner:
+def _generate_backend(target: Path, name: str, rows: list[list[int]], seed: int, threads: int | None, device: str,
+                      dtype: str | None) -> list:
+    with open_backend(target, name, threads=threads, max_batch=16, device=device, dtype=dtype) as runner:
         return _generate_batches(runner, rows, seed)
 
 
@@ -93,7 +95,8 @@ def _generate_batches(runner: StepBackend, rows: list[list[int]], seed: int) -> 
     return results
 
 
-def _generate_transformers(target: Path, rows: list[list[int]], seed: int, threads: int | None) -> list:
+def _generate_transformers(target: Path, rows: list[list[int]], seed: int, threads: int | None, device: str,
+                           dtype: str) -> list:
     import torch
 
     from .reference import Reference
@@ -102,7 +105,8 @@ def _generate_transformers(target: Path, rows: list[list[int]], seed: int, threa
         raise CanvasrtError("--backend transformers evaluates a checkpoint directory, not exported artifacts")
     if threads:
         torch.set_num_threads(threads)
-    reference = Reference(target, attention="sdpa")  # eager attention cannot generate left-padded batches (5.23)
+    # eager attention cannot generate left-padded batches (5.23)
+    reference = Reference(target, attention="sdpa", device=device, dtype=dtype)
     from ..model.checkpoint import Checkpoint
 
     settings = resolve_settings(Checkpoint.open(target).generation_config())

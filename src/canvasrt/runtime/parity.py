@@ -203,7 +203,7 @@ class EncodeStage:
 
 @torch.inference_mode()
 def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSettings, seed: int,
-                    threads: int | None) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
+                    threads: int | None, device: str, dtype: str) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
     """Runs the reference over the whole plan: prefill, two steps, commit, a step past the window."""
     if threads:
         torch.set_num_threads(threads)
@@ -220,7 +220,7 @@ def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSe
         ids[1, :3] = settings.pad_token_id or 0
     info: dict[str, Any] = {"batch": batch, "prompt_length": prompt_len, "canvas": canvas, "sliding_window": window,
                             "seed": seed}
-    reference = Reference(checkpoint_dir)
+    reference = Reference(checkpoint_dir, device=device, dtype=dtype)
     plan: list[StepStage | EncodeStage] = []
 
     def kv(state: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -260,9 +260,9 @@ def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSe
 
 
 def step_parity(checkpoint_dir: str | Path, backend: StepBackend, seed: int = 0, threads: int | None = None,
-                target: str | Path = "") -> Report:
-    """Step-level parity of an inactive backend against the reference; the backend is activated here, after the
-    reference has been freed."""
+                target: str | Path = "", device: str = "cpu", reference_dtype: str = "fp32") -> Report:
+    """Step-level parity of an inactive backend against the reference (on `device`, in `reference_dtype`); the
+    backend is activated here, after the reference has been freed."""
     checkpoint = Checkpoint.open(checkpoint_dir)
     spec = backend.spec
     _check_model_matches(checkpoint, spec, Path(target))
@@ -271,7 +271,8 @@ def step_parity(checkpoint_dir: str | Path, backend: StepBackend, seed: int = 0,
     report = Report("step", str(checkpoint_dir), str(target), dtype, backend.name)
     backend.preflight()  # fail before the reference runs, not after, when the backend cannot run here
     settings = resolve_settings(spec.generation)
-    plan, report.info = _reference_plan(Path(checkpoint_dir), spec, settings, seed, threads)
+    plan, report.info = _reference_plan(Path(checkpoint_dir), spec, settings, seed, threads, device, reference_dtype)
+    report.info["reference"] = {"device": device, "dtype": reference_dtype}
 
     batch = plan[0].ids.shape[0]
     context = np.zeros(batch, dtype=np.int64)
@@ -374,7 +375,7 @@ def loop_parity(
     rows = [rng.integers(3, vocab, size=prompt_len).tolist(), rng.integers(3, vocab, size=max(1, prompt_len - 3)).tolist()]
     rows = rows[: min(2, cap.max_batch)]
     report.info = {"prompt_lengths": [len(r) for r in rows], "settings": settings.to_dict(), "seed": seed}
-    report.checks += _hf_checks(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated.moe)
+    report.checks += generate_parity(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated)
 
     ids, padding = left_pad(rows, settings.pad_token_id or 0)
     if simulated.spec.quantization:
@@ -408,9 +409,10 @@ def loop_parity(
 
 
 @torch.inference_mode()
-def _hf_checks(checkpoint_dir: str | Path, rows: list[list[int]], settings: GenerationSettings, seed: int,
-               threads: int | None, max_context: int, moe: str) -> list[Check]:
-    """The torch backend with --rng hf against transformers' generate(), batch of one and of two."""
+def generate_parity(checkpoint_dir: str | Path, rows: list[list[int]], settings: GenerationSettings, seed: int,
+               threads: int | None, max_context: int, like: TorchBackend) -> list[Check]:
+    """The torch backend with --rng hf against transformers' generate(), batch of one and of two, both on the
+    device, in the dtype and with the MoE formulation of `like`."""
     checks = []
     hf_kwargs = {
         "max_new_tokens": settings.max_new_tokens,
@@ -424,15 +426,17 @@ def _hf_checks(checkpoint_dir: str | Path, rows: list[list[int]], settings: Gene
     for batch in range(1, len(rows) + 1):
         ids, padding = left_pad(rows[:batch], settings.pad_token_id or 0)
         # Eager attention, except where transformers' generate() cannot run it (left padding, see reference.py).
-        reference = Reference(checkpoint_dir, attention="eager" if padding.all() else "sdpa")
+        reference = Reference(checkpoint_dir, attention="eager" if padding.all() else "sdpa", device=like.device,
+                              dtype=like.dtype)
         expected.append(reference.generate(ids, padding, seed, **hf_kwargs))
         del reference
-    with TorchBackend(checkpoint_dir, moe=moe, max_batch=len(rows), max_context=max_context,
-                      threads=threads) as torch_backend:
+    with TorchBackend(checkpoint_dir, dtype=like.dtype, moe=like.moe, max_batch=len(rows), max_context=max_context,
+                      threads=threads, device=like.device) as torch_backend:
         vocab, canvas = torch_backend.spec.model.vocab_size, torch_backend.spec.capacity.canvas
         for batch, hf in enumerate(expected, 1):
             ids, padding = left_pad(rows[:batch], settings.pad_token_id or 0)
-            ours = generate(torch_backend, ids, padding, settings, make_draws("hf", seed, batch, vocab, canvas))
+            draws = make_draws("hf", seed, batch, vocab, canvas, device=like.device)
+            ours = generate(torch_backend, ids, padding, settings, draws)
             same = np.array_equal(ours.sequences, hf.sequences.numpy())
             tpf = float(np.max(np.abs(ours.tokens_per_forward - hf.tokens_per_forward.numpy())))
             checks.append(Check(f"torch_hf_batch{batch}", "sequences", {"identical": float(same)}, {"identical": 1.0}, same))
@@ -445,19 +449,23 @@ def _hf_checks(checkpoint_dir: str | Path, rows: list[list[int]], settings: Gene
 
 
 def parity(checkpoint_dir: str | Path, target: str | Path, level: str = "step", backend: str | None = None,
-           seed: int = 0, threads: int | None = None, max_new_tokens: int | None = None) -> Report:
-    """Parity of TARGET (artifacts or engines) on `backend` (default: by target kind) against the checkpoint."""
+           seed: int = 0, threads: int | None = None, max_new_tokens: int | None = None, device: str = "cpu",
+           reference_dtype: str = "fp32") -> Report:
+    """Parity of TARGET (artifacts or engines) on `backend` (default: by target kind) against the checkpoint.
+    device and reference_dtype: where and in what the torch paths (the reference, the torch backends) run."""
     opened = open_target(target)
     if isinstance(opened, CheckpointDir):
         raise ArtifactError(f"{target} is a checkpoint; parity checks exported artifacts or engines against it "
                             "(run `canvasrt export` first)")
-    runner = open_backend(opened, backend, threads=threads, max_batch=opened.capacity.max_batch)
+    runner = open_backend(opened, backend, threads=threads, max_batch=opened.capacity.max_batch, device=device)
     if level == "step":
-        return step_parity(checkpoint_dir, runner, seed=seed, threads=threads, target=target)
+        return step_parity(checkpoint_dir, runner, seed=seed, threads=threads, target=target, device=device,
+                           reference_dtype=reference_dtype)
     artifacts = opened if isinstance(opened, ArtifactManifest) else ArtifactManifest.load(opened.artifacts)
     moe = artifacts.moe
     calibration = artifacts.calibration() if artifacts.quantization else None
-    simulated = TorchBackend(checkpoint_dir, moe=moe, max_batch=opened.capacity.max_batch,
-                             max_context=opened.capacity.max_context, threads=threads, calibration=calibration)
+    simulated = TorchBackend(checkpoint_dir, dtype=reference_dtype, moe=moe, max_batch=opened.capacity.max_batch,
+                             max_context=opened.capacity.max_context, threads=threads, calibration=calibration,
+                             device=device)
     return loop_parity(checkpoint_dir, runner, simulated, seed=seed, threads=threads, max_new_tokens=max_new_tokens,
                        target=target)

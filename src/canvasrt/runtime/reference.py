@@ -1,7 +1,8 @@
 """The PyTorch reference: transformers' DiffusionGemmaForBlockDiffusion, driven step by step or through generate().
 
-Eager experts (the plain per-expert loop) and, by default, eager attention, in fp32: the numerics every canvasrt
-level is measured against. With left padding in the batch, transformers 5.23's generate() fails under eager
+Eager experts (the plain per-expert loop) and, by default, eager attention, in fp32 on CPU: the numerics every canvasrt
+level is measured against (`device` and `dtype` move it, e.g. to CUDA in bf16 for the released model). Inputs go to
+its device and results come back to the host. With left padding in the batch, transformers 5.23's generate() fails under eager
 attention (its decoder mask builder calls torch.finfo on the integer canvas), so padded batches use SDPA.
 """
 
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..model.checkpoint import read_config_json
+from ..core.errors import CanvasrtError
+from ..model.checkpoint import DTYPES, read_config_json, torch_device
 
 
 @dataclass
@@ -25,22 +27,26 @@ class ReferenceCache:
 
 
 class Reference:
-    def __init__(self, checkpoint_dir: str | Path, attention: str = "eager"):
+    def __init__(self, checkpoint_dir: str | Path, attention: str = "eager", device: str = "cpu", dtype: str = "fp32"):
         from transformers import DiffusionGemmaForBlockDiffusion
         from transformers.utils import logging
 
         logging.disable_progress_bar()
         logging.set_verbosity_error()
         read_config_json(Path(checkpoint_dir))
+        if dtype not in DTYPES:
+            raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        self.device = torch_device(device)
         self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            str(checkpoint_dir), attn_implementation=attention, dtype=torch.float32
+            str(checkpoint_dir), attn_implementation=attention, dtype=DTYPES[dtype], device_map=self.device
         ).eval()
         self.model.set_experts_implementation("eager")
         self.text_config = self.model.config.get_text_config(decoder=True)
 
     @property
     def embedding(self) -> torch.Tensor:
-        return self.model.model.decoder.embed_tokens.weight
+        """The embedding matrix, in fp32 on the host (what the sampler math of parity multiplies)."""
+        return self.model.model.decoder.embed_tokens.weight.float().cpu()
 
     @torch.inference_mode()
     def encode(self, state: ReferenceCache | None, ids: np.ndarray, padding: np.ndarray) -> ReferenceCache:
@@ -48,11 +54,12 @@ class Reference:
         from transformers.cache_utils import DynamicCache
 
         if state is None:
-            state = ReferenceCache(DynamicCache(config=self.text_config), torch.zeros(ids.shape[0], 0, dtype=torch.bool), 0)
-        mask = torch.cat([state.attention_mask, torch.from_numpy(padding)], dim=1)
-        positions = torch.arange(state.length, state.length + ids.shape[1])[None]
+            empty = torch.zeros(ids.shape[0], 0, dtype=torch.bool, device=self.device)
+            state = ReferenceCache(DynamicCache(config=self.text_config), empty, 0)
+        mask = torch.cat([state.attention_mask, self._tensor(padding)], dim=1)
+        positions = torch.arange(state.length, state.length + ids.shape[1], device=self.device)[None]
         self.model.model.encoder(
-            input_ids=torch.from_numpy(ids), attention_mask=mask, position_ids=positions, past_key_values=state.cache
+            input_ids=self._tensor(ids), attention_mask=mask, position_ids=positions, past_key_values=state.cache
         )
         return ReferenceCache(state.cache, mask, state.length + ids.shape[1])
 
@@ -61,7 +68,8 @@ class Reference:
         """Softcapped fp32 logits [B, C, V] of one decoder pass over the canvas. Records, per token, the smallest
         relative gap between the k-th and (k+1)-th router probability over all layers in `self.routing_margin`."""
         c = canvas.shape[1]
-        decoder_mask = torch.cat([state.attention_mask, torch.ones(canvas.shape[0], c, dtype=torch.bool)], dim=1)
+        decoder_mask = torch.cat([state.attention_mask, torch.ones(canvas.shape[0], c, dtype=torch.bool,
+                                                                   device=self.device)], dim=1)
         margins: list[torch.Tensor] = []
         k = self.text_config.top_k_experts
 
@@ -75,29 +83,32 @@ class Reference:
         finally:
             for hook in hooks:
                 hook.remove()
-        self.routing_margin = torch.stack(margins).amin(dim=0).reshape(canvas.shape).numpy()
-        return logits
+        self.routing_margin = torch.stack(margins).amin(dim=0).reshape(canvas.shape).float().cpu().numpy()
+        return logits.float().cpu()
 
     def _decode(self, state: ReferenceCache, canvas: np.ndarray, self_cond_logits: torch.Tensor | None,
                 decoder_mask: torch.Tensor) -> torch.Tensor:
         c = canvas.shape[1]
         return self.model(
-            decoder_input_ids=torch.from_numpy(canvas),
+            decoder_input_ids=self._tensor(canvas),
             past_key_values=state.cache,
-            decoder_position_ids=torch.arange(state.length, state.length + c)[None],
+            decoder_position_ids=torch.arange(state.length, state.length + c, device=self.device)[None],
             decoder_attention_mask=decoder_mask,
-            self_conditioning_logits=self_cond_logits,
+            self_conditioning_logits=None if self_cond_logits is None else self_cond_logits.to(self.device),
         ).logits
 
     def cached_kv(self, state: ReferenceCache, layer: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """The layer's cached K/V [B, nkv, n, d] and the absolute positions of those n entries."""
         entry = state.cache.layers[layer]
         n = entry.keys.shape[2]
-        return entry.keys, entry.values, np.arange(state.length - n, state.length)
+        return entry.keys.float().cpu(), entry.values.float().cpu(), np.arange(state.length - n, state.length)
 
     @torch.inference_mode()
     def generate(self, ids: np.ndarray, padding: np.ndarray, seed: int, **settings: Any) -> Any:
         torch.manual_seed(seed)
-        return self.model.generate(
-            torch.from_numpy(ids), attention_mask=torch.from_numpy(padding).long(), **settings
-        )
+        out = self.model.generate(self._tensor(ids), attention_mask=self._tensor(padding).long(), **settings)
+        out.sequences, out.tokens_per_forward = out.sequences.cpu(), out.tokens_per_forward.cpu()
+        return out
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)

@@ -50,28 +50,33 @@ class CounterDraws:
 
 
 class TorchDraws:
-    def __init__(self, seed: int, batch: int, vocab_size: int, canvas: int):
+    """Draws on `device`'s generator, as transformers draws on the device its inputs live on."""
+
+    def __init__(self, seed: int, batch: int, vocab_size: int, canvas: int, device: str = "cpu"):
         import torch
 
         self.torch = torch
         torch.manual_seed(seed)
-        self.batch, self.vocab_size, self.canvas = batch, vocab_size, canvas
+        self.batch, self.vocab_size, self.canvas, self.device = batch, vocab_size, canvas, device
 
     def initial_canvas(self, block: int) -> np.ndarray:
-        return self.torch.randint(0, self.vocab_size, (self.batch, self.canvas)).numpy()
+        return self.torch.randint(0, self.vocab_size, (self.batch, self.canvas), device=self.device).cpu().numpy()
 
     def step(self, block: int, step: int) -> Draws:
         # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn over the whole [B*C, V] probability matrix.
-        exponentials = self.torch.empty(self.batch * self.canvas, self.vocab_size).exponential_(1)
-        renoise = self.torch.randint(0, self.vocab_size, (self.batch, self.canvas))
-        return Draws(renoise_ids=renoise.numpy(), exponentials=exponentials)
+        torch = self.torch
+        exponentials = torch.empty(self.batch * self.canvas, self.vocab_size, device=self.device).exponential_(1)
+        renoise = torch.randint(0, self.vocab_size, (self.batch, self.canvas), device=self.device)
+        return Draws(renoise_ids=renoise.cpu().numpy(), exponentials=exponentials)
 
 
-def make_draws(mode: str, seed: int, batch: int, vocab_size: int, canvas: int, row_seeds: list[int] | None = None) -> DrawSource:
-    """row_seeds overrides the per-row seeds of counter mode (default seed + row index)."""
+def make_draws(mode: str, seed: int, batch: int, vocab_size: int, canvas: int, row_seeds: list[int] | None = None,
+               device: str = "cpu") -> DrawSource:
+    """row_seeds overrides the per-row seeds of counter mode (default seed + row index); device: where hf mode
+    draws (the torch backend's device)."""
     if mode == "counter":
         seeds = np.asarray(row_seeds if row_seeds is not None else [seed + r for r in range(batch)], dtype=np.uint64)
         return CounterDraws(seeds, vocab_size, canvas)
     if mode == "hf":
-        return TorchDraws(seed, batch, vocab_size, canvas)
+        return TorchDraws(seed, batch, vocab_size, canvas, device)
     raise ValueError(f"unknown rng mode {mode!r}")

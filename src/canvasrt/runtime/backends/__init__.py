@@ -25,9 +25,10 @@ def default_backend(target: Target) -> str:
 
 def open_backend(
     target: str | Path | Target, name: str | None = None, provider: str = "cpu", threads: int | None = None,
-    max_batch: int = 16,
+    max_batch: int = 16, device: str = "cpu", dtype: str | None = None,
 ) -> StepBackend:
-    """An inactive backend for `target` (a path or an opened target); `with backend:` activates it."""
+    """An inactive backend for `target` (a path or an opened target); `with backend:` activates it. device, dtype:
+    the torch backend's (fp32 unless given)."""
     if isinstance(target, (str, Path)):
         target = open_target(target)
     name = name or default_backend(target)
@@ -50,10 +51,12 @@ def open_backend(
     from .torch import TorchBackend
 
     if isinstance(target, CheckpointDir):
-        return TorchBackend(target.directory, max_batch=max_batch, threads=threads)
+        return TorchBackend(target.directory, dtype=dtype or "fp32", max_batch=max_batch, threads=threads,
+                            device=device)
     source = target.checkpoint_path
     if not (source / "config.json").is_file():
         raise CanvasrtError(f"--backend torch needs the checkpoint {source} these artifacts came from; it is gone")
     calibration = target.calibration() if target.quantization else None
-    return TorchBackend(source, moe=target.moe, max_batch=target.capacity.max_batch,
-                        max_context=target.capacity.max_context, threads=threads, calibration=calibration)
+    return TorchBackend(source, dtype=dtype or "fp32", moe=target.moe, max_batch=target.capacity.max_batch,
+                        max_context=target.capacity.max_context, threads=threads, calibration=calibration,
+                        device=device)

@@ -1,0 +1,76 @@
+"""The torch paths at scale: the sparse MoE (routed tokens only) against the dense formulation, calibration ranges
+from either, and the --device plumbing (CUDA requested where torch sees none is one line)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from canvasrt.calibration.ranges import collect_ranges
+from canvasrt.cli import main
+from canvasrt.runtime.backends.torch import TorchBackend
+from canvasrt.runtime.loop import generate, left_pad
+from canvasrt.runtime.rng import make_draws
+from canvasrt.runtime.settings import resolve_settings
+
+
+def _run(checkpoint, moe):
+    rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22]]
+    ids, padding = left_pad(rows, 0)
+    with TorchBackend(checkpoint, moe=moe, max_context=128) as backend:
+        settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 6})
+        result = generate(backend, ids, padding, settings, make_draws("counter", 2, 2, backend.spec.model.vocab_size,
+                                                                       backend.spec.capacity.canvas))
+        backend.start(padding)
+        backend.encode(ids, np.arange(ids.shape[1]), np.zeros(2, np.int64))
+        canvas = torch.from_numpy(np.arange(32).reshape(2, 16) % backend.spec.model.vocab_size)
+        with torch.inference_mode():
+            logits = backend.model.denoise_logits(canvas, torch.zeros(2, 16, backend.spec.model.hidden_size),
+                                                  backend.keys, backend.values, torch.full((2,), ids.shape[1]),
+                                                  backend.mask)
+    return result, logits
+
+
+def test_sparse_torch_moe_equals_the_dense_one(tiny_checkpoint):
+    dense, dense_logits = _run(tiny_checkpoint, "dense")
+    sparse, sparse_logits = _run(tiny_checkpoint, "sparse")
+    assert (sparse_logits - dense_logits).abs().max() < 1e-4 * dense_logits.abs().max()
+    assert np.array_equal(dense.sequences, sparse.sequences)
+    assert dense.steps_per_block == sparse.steps_per_block
+
+
+def test_sparse_calibration_ranges_equal_the_dense_ones(sort_checkpoint):
+    rows = [[7, 8, 9, 10, 11], [12, 13, 14]]
+    dense = collect_ranges(sort_checkpoint, rows, moe="dense")
+    sparse = collect_ranges(sort_checkpoint, rows, moe="sparse")
+    assert dense.amax.keys() == sparse.amax.keys() and any(k.endswith("down_proj") for k in dense.amax)
+    for name in dense.amax:
+        np.testing.assert_allclose(np.asarray(sparse.amax[name]), np.asarray(dense.amax[name]), rtol=1e-5)
+    assert dense.expert_tokens == sparse.expert_tokens and sum(map(sum, dense.expert_tokens.values())) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where torch sees no GPU")
+@pytest.mark.parametrize("command", [
+    ["generate", "{ckpt}", "--prompt-ids", "5,6", "--device", "cuda"],
+    ["eval", "{sort}", "--task", "sort", "--samples", "2", "--backend", "transformers", "--device", "cuda"],
+    ["parity", "{ckpt}", "{art}", "--device", "cuda"],
+    ["calibrate", "{ckpt}", "{art}", "-o", "{out}", "--device", "cuda"],
+])
+def test_cuda_where_torch_sees_no_gpu_is_one_line(command, tiny_checkpoint, tiny_artifacts, sort_checkpoint, tmp_path):
+    args = [a.format(ckpt=tiny_checkpoint, art=tiny_artifacts, sort=sort_checkpoint, out=tmp_path / "fp8")
+            for a in command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--device cuda requested but torch sees no GPU" in lines[0]
+    assert not (tmp_path / "fp8").exists()
+
+
+def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):
+    result = CliRunner().invoke(main, ["generate", str(tiny_checkpoint), "--prompt-ids", "5,6,7", "--device", "cpu",
+                                       "--dtype", "bf16", "--max-denoising-steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    with TorchBackend(tiny_checkpoint, dtype="bf16", device="cpu") as backend:
+        assert next(backend.model.parameters()).dtype == torch.bfloat16
