@@ -38,8 +38,8 @@ class Reference:
             raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.device = torch_device(device)
         self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            str(checkpoint_dir), attn_implementation=attention, dtype=DTYPES[dtype], device_map=self.device
-        ).eval()
+            str(checkpoint_dir), attn_implementation=attention, dtype=DTYPES[dtype]
+        ).to(self.device).eval()  # not device_map=: that needs accelerate
         self.model.set_experts_implementation("eager")
         self.text_config = self.model.config.get_text_config(decoder=True)
 
