@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from ..core.contract import Profiles, narrow_profiles
-from ..core.errors import ArtifactError, CanvasrtError
-from ..core.manifest import (ArtifactManifest, BuildKey, EngineEntry, EngineManifest, GraphEntry, sha256_file,
-                             staged_directory)
+from ..core.errors import CanvasrtError
+from ..core.manifest import (ENGINE_OUTPUT, ArtifactManifest, BuildKey, EngineEntry, EngineManifest, GraphEntry,
+                             check_output, sha256_file, staged_directory)
 
 FLAVOURS = ("tensorrt", "tensorrt-rtx")
 RTX_TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm120": (12, 0), "sm121": (12, 1)}
@@ -293,21 +293,6 @@ def resolve_builder(builder: str) -> str:
     return "tensorrt" if hasattr(tensorrt, "__version__") else "tensorrt-rtx"
 
 
-def calibration_digest(manifest: ArtifactManifest) -> str | None:
-    """sha256 of an FP8 artifact directory's calibration record; None for unquantized artifacts."""
-    if manifest.quantization is None:
-        return None
-    path = manifest.calibration_path()
-    if not path.is_file():
-        raise ArtifactError(f"{manifest.directory} holds FP8 graphs but not their {path.name}; copy it back or re-run "
-                            "`canvasrt calibrate`")
-    digest = sha256_file(path)
-    if (manifest.quantization.calibration_sha256 or digest) != digest:
-        raise ArtifactError(f"{path} is not the calibration these FP8 graphs were written with; "
-                            "re-run `canvasrt calibrate`")
-    return digest
-
-
 def build_engines(
     artifacts: str | Path,
     output: str | Path,
@@ -326,6 +311,7 @@ def build_engines(
     Every refusal comes before anything is built or written."""
     output = Path(output)
     manifest = ArtifactManifest.load(artifacts)
+    check_output(output, ENGINE_OUTPUT, inputs=[artifacts])
     flavour = resolve_builder(builder)
     if flavour == "tensorrt-rtx" and target not in RTX_TARGETS:
         raise CanvasrtError(f"TensorRT-RTX builds for {', '.join(RTX_TARGETS)}; {target!r} is not one (SM90 needs --builder tensorrt)")
@@ -337,7 +323,7 @@ def build_engines(
         raise CanvasrtError(f"{target} has no FP8 tensor cores; build FP8 artifacts for one of {', '.join(sorted(FP8_TARGETS))}")
     workspace_bytes = parse_size(workspace) if workspace else None
     capacity = manifest.capacity.narrowed(max_batch, max_context)
-    calibration = calibration_digest(manifest)
+    manifest.verify()  # graphs, external data and calibration as exported: hashing them is cheap next to a build
     cache = Path(timing_cache) if timing_cache is not None else None
     if cache is not None:
         if flavour == "tensorrt-rtx":
@@ -347,7 +333,7 @@ def build_engines(
             raise CanvasrtError(f"--timing-cache {cache} must name a file in an existing directory")
     key = BuildKey(
         graphs={name: graph.sha256 for name, graph in manifest.graphs.items()},
-        calibration_sha256=calibration,
+        calibration_sha256=manifest.quantization.calibration_sha256 if manifest.quantization else None,
         builder=flavour,
         builder_version=_builder_version(flavour),
         target=target,
@@ -359,7 +345,7 @@ def build_engines(
     if earlier is not None:
         return earlier, True
     engines = {}
-    with staged_directory(output) as staging:
+    with staged_directory(output, ENGINE_OUTPUT, inputs=[artifacts]) as staging:
         for name, graph in manifest.graphs.items():
             if progress:
                 progress(f"building {name} engine ({flavour}, {target})")
@@ -370,7 +356,8 @@ def build_engines(
             if built.layers:
                 (staging / f"{name}.layers.txt").write_text(built.layers + "\n")
             engines[name] = EngineEntry(
-                file=f"{name}.engine", onnx_sha256=graph.sha256, bytes=len(built.data), profiles=profiles,
+                file=f"{name}.engine", sha256=sha256_file(staging / f"{name}.engine"), onnx_sha256=graph.sha256,
+                bytes=len(built.data), profiles=profiles,
                 inputs=graph.inputs, outputs=graph.outputs, layers=f"{name}.layers.txt" if built.layers else None,
                 gemms=gemm_precisions(engine_layers(built.layers)) if built.layers else None,
             )

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..model.checkpoint import Checkpoint, torch_device
 from ..core.errors import CanvasrtError
-from ..core.manifest import ArtifactManifest, Quantization, sha256_file, staged_directory, write_json
+from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, Quantization, check_output, sha256_file,
+                             staged_directory, write_json)
 from ..runtime import tasks
 from ..runtime.prompts import TextCodec, prompt_rows, read_prompts_file
 from .qdq import WEIGHT_MODES, quantize_graph
@@ -59,6 +60,7 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
     checkpoint = Path(checkpoint)
     torch_device(device)  # before anything runs
     manifest = ArtifactManifest.load(artifacts)
+    check_output(output, ARTIFACT_OUTPUT, inputs=[checkpoint, artifacts])  # before the loop runs, not after
     if method not in METHODS:
         raise CanvasrtError(f"calibration method {method!r} is not implemented; use one of {', '.join(METHODS)}")
     if weights not in WEIGHT_MODES:
@@ -69,6 +71,7 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
         raise CanvasrtError(f"{artifacts} was exported from a checkpoint with another config than {checkpoint}")
     if samples < 1:
         raise CanvasrtError(f"--samples must be at least 1 (got {samples})")
+    manifest.verify()  # the graphs and weights the Q/DQ graphs are written from are the exported ones
     rows, source = calibration_prompts(checkpoint, prompts_file, task, samples)
     if not rows or any(len(r) == 0 for r in rows):
         raise CanvasrtError(f"the calibration set ({source}) is empty or has an empty prompt")
@@ -98,17 +101,14 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
         "expert_tokens": ranges.expert_tokens,
         "expert_fallbacks": ranges.fallbacks,
     }
-    with staged_directory(output) as staging:
+    with staged_directory(output, ARTIFACT_OUTPUT, inputs=[checkpoint, artifacts]) as staging:
         write_json(staging / "calibration.json", calibration)
         graphs = {}
         for name, graph in manifest.graphs.items():
             progress(f"writing Q/DQ {graph.file}")
             path = staging / graph.file
             quantized = quantize_graph(manifest.graph_path(name), path, ranges.amax, weights)
-            data = path.with_name(path.name + ".data")
-            graphs[name] = replace(graph, sha256=sha256_file(path), quantized=tuple(quantized),
-                                   data_file=data.name if data.exists() else None,
-                                   data_sha256=sha256_file(data) if data.exists() else None)
+            graphs[name] = GraphEntry.of_file(path, graph.inputs, graph.outputs, graph.profiles, quantized)
         for extra in ("generation_config.json", *manifest.tokenizer):
             if (manifest.directory / extra).is_file():
                 shutil.copy2(manifest.directory / extra, staging / extra)

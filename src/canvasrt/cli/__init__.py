@@ -15,6 +15,7 @@ from .artifacts import build_command, calibrate_command, export_command, random_
 from .parity import parity_command
 from .run import bench_command, eval_command, generate_command
 from .serve import serve_command, triton_command
+from .verify import verify_command
 
 
 class Group(click.Group):
@@ -42,3 +43,4 @@ main.add_command(eval_command)
 main.add_command(parity_command)
 main.add_command(triton_command)
 main.add_command(serve_command)
+main.add_command(verify_command)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
+
+from ..core.errors import CanvasrtError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -35,6 +38,9 @@ def parity_command(
     Exit 0 within tolerance, 1 not."""
     from ..runtime.parity import parity
 
+    # Refused before the check runs: a report that cannot be written must not turn into exit code 1 after it
+    _check_report_path(report_path, "--report")
+    _check_report_path(junit, "--junit")
     if bisect:
         _bisect(checkpoint, target, seed, threads, report_path)
         return
@@ -77,6 +83,19 @@ def _bisect(checkpoint: Path, artifacts: Path, seed: int, threads: int | None, r
     out.print(table)
     if report_path:
         report_path.write_text(json.dumps({"bisect": ranking}, indent=2) + "\n")
+
+
+def _check_report_path(path: Path | None, option: str) -> None:
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CanvasrtError(f"{option} {path} is a directory; name the report file to write")
+    if not folder.is_dir():
+        raise CanvasrtError(f"{option} {path}: the folder {folder} does not exist; create it or write the report "
+                            "elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise CanvasrtError(f"{option} {path}: the folder {folder} is not writable; write the report elsewhere")
 
 
 def _fmt(value: object) -> str:

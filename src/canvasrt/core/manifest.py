@@ -18,7 +18,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .config import ModelConfig
 from .contract import GRAPHS, Capacity, KVLayer, Profiles, TensorSpec
@@ -27,9 +27,10 @@ from .errors import ArtifactError
 MANIFEST = "manifest.json"
 FORMAT = "canvasrt-artifacts"
 ENGINE_FORMAT = "canvasrt-engines"
-# Bump on any change to graph I/O or buffer layout; readers refuse other versions instead of misreading them.
-FORMAT_VERSION = 1
-ENGINE_FORMAT_VERSION = 1
+# Bump on any change to graph I/O, buffer layout or what the manifest records; readers refuse other versions instead
+# of misreading them. Artifacts 2 and engines 2: file sizes (and the engines' sha256) for the checks on load.
+FORMAT_VERSION = 2
+ENGINE_FORMAT_VERSION = 2
 
 
 def sha256_file(path: Path) -> str:
@@ -38,6 +39,35 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def resolves_inside(directory: Path, name: str) -> bool:
+    """Whether `directory / name` resolves (symlinks followed) to a path strictly inside `directory`: a manifest or an
+    index names files of its own directory, and a `../` or absolute name or a link out of it must not make a stage
+    read, hash or copy anything the user did not name."""
+    root = Path(directory).resolve()
+    if Path(name).is_absolute():
+        return False
+    path = (root / name).resolve()
+    return path != root and path.is_relative_to(root)
+
+
+def file_problems(directory: Path, name: str, what: str, size: int | None, sha256: str | None, fix: str) -> list[str]:
+    """What is wrong with a file a manifest names: outside its directory, missing, of another size or (when `sha256`
+    is given) of other contents. Empty when the file is as promised."""
+    path = directory / name
+    if not resolves_inside(directory, name):
+        return [f"{directory}: the {what} {name} resolves outside the directory (a ../ or absolute name, or a link); "
+                f"put the file itself in {directory} or {fix}"]
+    if not path.is_file():
+        return [f"{directory} lacks the {what} named in its manifest ({name}); {fix}"]
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return [f"{path} has {actual} bytes, its manifest says {size}: the {what} was changed, truncated or swapped "
+                f"after it was written; {fix}"]
+    if sha256 is not None and sha256_file(path) != sha256:
+        return [f"{path} does not match the sha256 in its manifest: the {what} was changed after it was written; {fix}"]
+    return []
 
 
 def digest_json(data: Any) -> str:
@@ -115,12 +145,27 @@ class StepSpec:
 class GraphEntry:
     file: str
     sha256: str
+    bytes: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     profiles: Profiles
     data_file: str | None = None
     data_sha256: str | None = None
+    data_bytes: int | None = None
     quantized: tuple[str, ...] | None = None  # FP8 artifacts: the weights behind Q/DQ
+
+    @classmethod
+    def of_file(cls, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], profiles: Profiles,
+                quantized: Sequence[str] | None = None) -> "GraphEntry":
+        """The entry for a graph just written at `path`, with its external data file `<file>.data` if there is one:
+        names, sizes and digests, as the checks on load and `canvasrt verify` expect them."""
+        data = path.with_name(path.name + ".data")
+        external = data.is_file()
+        return cls(file=path.name, sha256=sha256_file(path), bytes=path.stat().st_size, inputs=tuple(inputs),
+                   outputs=tuple(outputs), profiles=profiles, data_file=data.name if external else None,
+                   data_sha256=sha256_file(data) if external else None,
+                   data_bytes=data.stat().st_size if external else None,
+                   quantized=tuple(quantized) if quantized is not None else None)
 
     @property
     def output_names(self) -> list[str]:
@@ -133,9 +178,9 @@ class GraphEntry:
         return any(spec.name == name for spec in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"file": self.file, "sha256": self.sha256}
+        data: dict[str, Any] = {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
         if self.data_file is not None:
-            data.update(data_file=self.data_file, data_sha256=self.data_sha256)
+            data.update(data_file=self.data_file, data_sha256=self.data_sha256, data_bytes=self.data_bytes)
         data.update(inputs=[s.to_dict() for s in self.inputs], outputs=[s.to_dict() for s in self.outputs],
                     profiles=self.profiles)
         if self.quantized is not None:
@@ -145,11 +190,12 @@ class GraphEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GraphEntry":
         return cls(
-            file=str(data["file"]), sha256=str(data["sha256"]),
+            file=str(data["file"]), sha256=str(data["sha256"]), bytes=int(data["bytes"]),
             inputs=tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
             profiles={name: {dim: list(r) for dim, r in dims.items()} for name, dims in data["profiles"].items()},
             data_file=data.get("data_file"), data_sha256=data.get("data_sha256"),
+            data_bytes=int(data["data_bytes"]) if data.get("data_file") is not None else None,
             quantized=tuple(data["quantized"]) if data.get("quantized") is not None else None,
         )
 
@@ -263,9 +309,8 @@ class ArtifactManifest(StepSpec):
         )
 
     @classmethod
-    def load(cls, directory: str | Path, require_graphs: bool = True) -> "ArtifactManifest":
-        """Loads and checks an artifact directory's manifest; every failure is a one-line ArtifactError.
-        require_graphs=False: a copy of the manifest whose graphs live elsewhere (Triton's loop model)."""
+    def read(cls, directory: str | Path) -> "ArtifactManifest":
+        """Parses an artifact directory's manifest (format, version, fields) without checking the files it names."""
         directory = Path(directory)
         fix = "re-run `canvasrt export`"
         data = _read_json(directory, "a canvasrt artifact directory (the output of `canvasrt export`)", fix)
@@ -281,26 +326,79 @@ class ArtifactManifest(StepSpec):
                 f"{data.get('format_version')}), this canvasrt reads format {FORMAT_VERSION}; re-export it"
             )
         try:
-            manifest = cls.from_json(data, directory)
+            return cls.from_json(data, directory)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{path} is missing or mistypes a field ({type(exc).__name__}: {exc}); {fix}") from None
+
+    @classmethod
+    def load(cls, directory: str | Path, require_graphs: bool = True) -> "ArtifactManifest":
+        """Loads and checks an artifact directory's manifest; every failure is a one-line ArtifactError.
+        require_graphs=False: a copy of the manifest whose graphs live elsewhere (Triton's loop model)."""
+        manifest = cls.read(directory)
         manifest.validate(require_graphs)
         return manifest
 
-    def validate(self, require_graphs: bool = True) -> None:
+    @property
+    def fix(self) -> str:
+        return "re-run `canvasrt calibrate`" if self.quantization else "re-run `canvasrt export`"
+
+    def problems(self, digests: bool = False, require_graphs: bool = True) -> list[str]:
+        """Everything that does not match the manifest: graph and external data files outside the directory,
+        missing or of another size (and with `digests`, of other contents), tokenizer and calibration files named
+        outside it, and with `digests` a calibration record other than the one the FP8 graphs were written with."""
+        found = []
         for graph in GRAPHS:
             entry = self.graphs.get(graph)
-            if entry is None or (require_graphs and not (self.directory / entry.file).is_file()):
-                raise ArtifactError(f"{self.directory} lacks the {graph} graph named in its manifest; re-run "
-                                    "`canvasrt export`")
+            if entry is None:
+                found.append(f"{self.directory} lacks the {graph} graph named in its manifest; {self.fix}")
+                continue
+            if not require_graphs:
+                continue
+            found += file_problems(self.directory, entry.file, f"{graph} graph", entry.bytes,
+                                   entry.sha256 if digests else None, self.fix)
+            if entry.data_file is not None:
+                found += file_problems(self.directory, entry.data_file, f"{graph} graph's external data",
+                                       entry.data_bytes, entry.data_sha256 if digests else None, self.fix)
+        for name in self.tokenizer:
+            if not resolves_inside(self.directory, name):
+                found.append(f"{self.directory}: the tokenizer file {name} resolves outside the directory; put the "
+                             f"file itself in {self.directory} or {self.fix}")
+        if self.quantization is not None:
+            record = self.quantization.calibration
+            if not resolves_inside(self.directory, record):
+                found.append(f"{self.directory}: the calibration record {record} resolves outside the directory; put "
+                             f"the file itself in {self.directory} or re-run `canvasrt calibrate`")
+            elif digests and require_graphs:
+                path = self.directory / record
+                recorded = self.quantization.calibration_sha256
+                if not path.is_file():
+                    found.append(f"{self.directory} holds FP8 graphs but not their {record}; copy it back or re-run "
+                                 "`canvasrt calibrate`")
+                elif recorded is not None and sha256_file(path) != recorded:
+                    found.append(f"{path} is not the calibration these FP8 graphs were written with; re-run "
+                                 "`canvasrt calibrate`")
         if len(self.kv_layout) != self.model.num_layers:
-            raise ArtifactError(f"{self.directory / MANIFEST}: kv_layout has {len(self.kv_layout)} layers, the model "
-                                f"{self.model.num_layers}; re-run `canvasrt export`")
+            found.append(f"{self.directory / MANIFEST}: kv_layout has {len(self.kv_layout)} layers, the model "
+                         f"{self.model.num_layers}; re-run `canvasrt export`")
+        return found
+
+    def validate(self, require_graphs: bool = True) -> None:
+        """Raises the first problem found without reading file contents (sizes, not digests): cheap enough for
+        every load."""
+        for problem in self.problems(require_graphs=require_graphs):
+            raise ArtifactError(problem)
+
+    def verify(self) -> None:
+        """Raises the first problem, digests included: for the stages whose work dwarfs hashing the graphs once
+        (calibrate, build, Triton packaging)."""
+        for problem in self.problems(digests=True):
+            raise ArtifactError(problem)
 
 
 @dataclass(frozen=True)
 class EngineEntry:
     file: str
+    sha256: str
     onnx_sha256: str
     bytes: int
     profiles: Profiles
@@ -316,14 +414,16 @@ class EngineEntry:
         return any(spec.name == name for spec in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "onnx_sha256": self.onnx_sha256, "bytes": self.bytes, "profiles": self.profiles,
+        return {"file": self.file, "sha256": self.sha256, "onnx_sha256": self.onnx_sha256, "bytes": self.bytes,
+                "profiles": self.profiles,
                 "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
                 "layers": self.layers, "gemms": self.gemms}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineEntry":
         return cls(
-            file=str(data["file"]), onnx_sha256=str(data["onnx_sha256"]), bytes=int(data["bytes"]),
+            file=str(data["file"]), sha256=str(data["sha256"]), onnx_sha256=str(data["onnx_sha256"]),
+            bytes=int(data["bytes"]),
             profiles={name: {dim: list(r) for dim, r in dims.items()} for name, dims in data["profiles"].items()},
             inputs=tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
@@ -399,7 +499,8 @@ class EngineManifest(StepSpec):
         )
 
     @classmethod
-    def load(cls, directory: str | Path) -> "EngineManifest":
+    def read(cls, directory: str | Path) -> "EngineManifest":
+        """Parses an engine directory's manifest (format, version, fields) without checking the files it names."""
         directory = Path(directory)
         fix = "rebuild it with `canvasrt build`"
         data = _read_json(directory, "an engine directory (the output of `canvasrt build`)", fix)
@@ -409,40 +510,131 @@ class EngineManifest(StepSpec):
             raise ArtifactError(f"{directory} holds engines of format {data.get('format_version')}, this canvasrt "
                                 f"reads format {ENGINE_FORMAT_VERSION}; {fix}")
         try:
-            manifest = cls.from_json(data, directory)
+            return cls.from_json(data, directory)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{directory / MANIFEST} is missing or mistypes a field ({type(exc).__name__}: "
                                 f"{exc}); {fix}") from None
-        for graph in GRAPHS:
-            entry = manifest.engines.get(graph)
-            if entry is None or not (directory / entry.file).is_file():
-                raise ArtifactError(f"{directory} lacks the {graph} engine named in its manifest; {fix}")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "EngineManifest":
+        manifest = cls.read(directory)
+        for problem in manifest.problems():
+            raise ArtifactError(problem)
         return manifest
+
+    def problems(self, digests: bool = False) -> list[str]:
+        """Everything that does not match the manifest: engine files outside the directory, missing or of another
+        size (and with `digests`, of other contents), layer files named outside it, and build keys that disagree
+        with the engines or the quantization they record."""
+        fix = "rebuild it with `canvasrt build`"
+        found = []
+        for graph in GRAPHS:
+            entry = self.engines.get(graph)
+            if entry is None:
+                found.append(f"{self.directory} lacks the {graph} engine named in its manifest; {fix}")
+                continue
+            found += file_problems(self.directory, entry.file, f"{graph} engine", entry.bytes,
+                                   entry.sha256 if digests else None, fix)
+            if entry.layers is not None and not resolves_inside(self.directory, entry.layers):
+                found.append(f"{self.directory}: the {graph} layer information {entry.layers} resolves outside the "
+                             f"directory; {fix}")
+            if self.key.graphs.get(graph) != entry.onnx_sha256:
+                found.append(f"{self.directory / MANIFEST}: the {graph} engine's graph digest disagrees with the build "
+                             f"key; {fix}")
+        recorded = self.quantization.calibration_sha256 if self.quantization else None
+        if self.key.calibration_sha256 != recorded:
+            found.append(f"{self.directory / MANIFEST}: the build key's calibration digest disagrees with the "
+                         f"quantization it records; {fix}")
+        return found
+
+    def verify(self) -> None:
+        """Raises the first problem, engine digests included (Triton packaging)."""
+        for problem in self.problems(digests=True):
+            raise ArtifactError(problem)
 
     @classmethod
     def load_if_current(cls, directory: Path, key: BuildKey) -> "EngineManifest | None":
-        """The engine manifest in `directory` when it was built with exactly `key`, else None."""
+        """The engine manifest in `directory` when it was built with exactly `key` and its engine files are still
+        the ones built (sizes and digests), else None: a build to redo."""
         if manifest_format(directory) != ENGINE_FORMAT:
             return None
         try:
             manifest = cls.load(directory)
         except ArtifactError:
             return None
-        return manifest if manifest.key == key else None
+        return manifest if manifest.key == key and not manifest.problems(digests=True) else None
 
 
-@contextmanager
-def staged_directory(final: str | Path, marker: str = MANIFEST) -> Iterator[Path]:
-    """Yields a temporary sibling directory that replaces `final` only if the block succeeds.
+def directory_problems(directory: str | Path) -> tuple[str, list[str]]:
+    """`canvasrt verify` of an artifact or engine directory: its kind and every problem (one line each), digests
+    included; a manifest that cannot be read is one problem."""
+    directory = Path(directory)
+    engines = manifest_format(directory) == ENGINE_FORMAT
+    try:
+        manifest = EngineManifest.read(directory) if engines else ArtifactManifest.read(directory)
+    except ArtifactError as exc:
+        return ("engines" if engines else "artifacts"), [str(exc)]
+    return ("engines" if engines else "artifacts"), manifest.problems(digests=True)
 
-    An existing `final` is replaced only when it is empty or holds `marker` (a previous output of the same kind),
-    so a typo cannot wipe an unrelated directory; on failure nothing at `final` changes.
-    """
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes, and how to recognise an earlier output of it: the only non-empty directory the
+    command may replace."""
+
+    name: str  # "an artifact directory"
+    commands: str  # the commands that write it, for the message
+    holds: Callable[[Path], bool]
+
+
+ARTIFACT_OUTPUT = OutputKind("an artifact directory", "`canvasrt export` and `canvasrt calibrate`",
+                             lambda directory: manifest_format(directory) == FORMAT)
+ENGINE_OUTPUT = OutputKind("an engine directory", "`canvasrt build`",
+                           lambda directory: manifest_format(directory) == ENGINE_FORMAT)
+
+
+def _holding(directory: Path) -> str:
+    kind = manifest_format(directory)
+    if kind == FORMAT:
+        return "canvasrt artifacts"
+    if kind == ENGINE_FORMAT:
+        return "canvasrt engines"
+    if (directory / "config.json").is_file():
+        return "a checkpoint (config.json)"
+    return "files of another kind"
+
+
+def check_output(final: str | Path, kind: OutputKind, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuses an output path the command must not replace: a file, one of its own inputs (the same directory,
+    one inside it or one holding it, links resolved), or a non-empty directory that is not an earlier output of
+    the same kind. Writers call it before their work starts; `staged_directory` calls it again."""
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise ArtifactError(f"{final} exists and is not a directory; choose another output path")
-    if final.is_dir() and any(final.iterdir()) and not (final / marker).is_file():
-        raise ArtifactError(f"{final} exists, is not empty and holds no {marker}; choose an empty or new path")
+    resolved = final.resolve()
+    for source in inputs:
+        origin = Path(source).resolve()
+        relation = ("is" if resolved == origin else "lies inside" if resolved.is_relative_to(origin)
+                    else "contains" if origin.is_relative_to(resolved) else None)
+        if relation:
+            raise ArtifactError(f"the output {final} {relation} the input {source}, which writing it would replace "
+                                "or change; choose an output path outside the input")
+    if final.is_dir() and any(final.iterdir()) and not kind.holds(final):
+        raise ArtifactError(f"{final} is not empty and holds {_holding(final)}, not {kind.name}: only {kind.name} "
+                            f"(from {kind.commands}) is replaced; choose a new or empty output path, or remove "
+                            f"{final} yourself")
+
+
+@contextmanager
+def staged_directory(final: str | Path, kind: OutputKind, inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """Yields a temporary sibling directory that replaces `final` only if the block succeeds.
+
+    An existing `final` is replaced only when it is empty or an earlier output of `kind`, and never when it is one
+    of `inputs` or overlaps one (`check_output`), so a typo cannot wipe an unrelated directory or the command's own
+    source; on failure nothing at `final` changes.
+    """
+    final = Path(final)
+    check_output(final, kind, inputs)
     parent = final.parent if str(final.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 
 from ..core.contract import Capacity, TensorSpec, denoise_io, encode_io, graph_profiles, kv_layout
 from ..core.errors import CanvasrtError
-from ..core.manifest import (ArtifactManifest, GraphEntry, canvasrt_version, digest_json, sha256_file,
+from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, canvasrt_version, digest_json,
                              staged_directory, write_json)
 from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
 from ..model.modeling import MOE_FORMULATIONS
@@ -67,7 +67,7 @@ def export(
         )
     capacity = Capacity.for_model(config, max_batch, max_context, max_prefill)
 
-    with staged_directory(output_dir) as staging:
+    with staged_directory(output_dir, ARTIFACT_OUTPUT, inputs=[checkpoint_dir]) as staging:
         progress("loading weights")
         model = checkpoint.load_text_model(moe=moe, dtype=dtype)
         torch_dtype = DTYPES[dtype]
@@ -149,15 +149,7 @@ def _export_graph(
         else:
             program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
-    data = path.with_name(path.name + ".data")
-    return GraphEntry(
-        file=path.name,
-        sha256=sha256_file(path),
-        inputs=tuple(inputs),
-        outputs=tuple(outputs),
-        profiles=graph_profiles(path.stem, capacity),
-        **({"data_file": data.name, "data_sha256": sha256_file(data)} if data.exists() else {}),
-    )
+    return GraphEntry.of_file(path, inputs, outputs, graph_profiles(path.stem, capacity))
 
 
 def _save_streaming_weights(program: Any, path: Path, checkpoint: Checkpoint, dtype: str) -> None:

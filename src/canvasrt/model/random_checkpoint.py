@@ -12,13 +12,31 @@ generation_config.json make text prompts and `generate` work. Presets:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..core.errors import CanvasrtError
-from ..core.manifest import staged_directory
+from ..core.manifest import OutputKind, staged_directory, write_json
+
+# Written next to the checkpoint's own files: it tells a checkpoint canvasrt made, which a later run may replace,
+# from a user's real checkpoint, which no command replaces.
+MARKER = "canvasrt_checkpoint.json"
+MARKER_FORMAT = "canvasrt-checkpoint"
+
+
+def _written_by_canvasrt(directory: Path) -> bool:
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
+
+
+CHECKPOINT_OUTPUT = OutputKind("a checkpoint written by canvasrt", "`canvasrt random-checkpoint`",
+                               _written_by_canvasrt)
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2: DiffusionGemma's pad / eos / bos ids
 _TINY_VISION = dict(
@@ -67,7 +85,9 @@ def write_random_checkpoint(output: str | Path, preset: str = "tiny", seed: int 
     if preset not in PRESETS:
         raise CanvasrtError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
-    with staged_directory(output, marker="config.json") as staging:
+    with staged_directory(output, CHECKPOINT_OUTPUT) as staging:
+        write_json(staging / MARKER, {"format": MARKER_FORMAT, "written_by": "canvasrt random-checkpoint",
+                                      "preset": preset, "seed": seed})
         model = build_random_model(spec["text"], spec["canvas_length"], seed)
         model.save_pretrained(str(staging))
         generation_config(**spec["generation"]).save_pretrained(str(staging))

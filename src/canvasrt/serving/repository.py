@@ -22,13 +22,15 @@ from typing import Any
 from ..core.contract import GRAPHS, MODEL_DTYPE
 from ..core.errors import ArtifactError, CanvasrtError
 from ..core.kv import NUMPY_DTYPES
-from ..core.manifest import ArtifactManifest, EngineEntry, EngineManifest, GraphEntry, staged_directory
+from ..core.manifest import ArtifactManifest, EngineEntry, EngineManifest, GraphEntry, OutputKind, staged_directory
 from ..core.target import CheckpointDir, open_target
 from .bls import STEP_MODELS
 from .model import ARTIFACTS
 from .protocol import INPUTS, OUTPUTS, Field
 
 GENERATE_MODEL = "canvasrt_generate"
+REPOSITORY_OUTPUT = OutputKind("a canvasrt model repository", "`canvasrt triton`",
+                               lambda directory: (directory / GENERATE_MODEL / "config.pbtxt").is_file())
 STEP_BACKENDS = ("tensorrt", "onnxruntime", "python", "in-process")
 TRITON_DTYPES = {"int64": "INT64", "int32": "INT32", "bool": "BOOL", "float32": "FP32", "fp32": "FP32", "fp16": "FP16",
                  "bf16": "BF16"}
@@ -145,6 +147,7 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
         raise CanvasrtError(f"--instances must be at least 1, got {instances}")
     if threads < 0:
         raise CanvasrtError(f"--threads must be 0 (ONNX Runtime's default) or more, got {threads}")
+    opened.verify()  # what is packaged (graphs or engines) is what was exported or built: digests, once
     if engines is not None:
         manifest = ArtifactManifest.load(engines.artifacts)
         stale = [g for g in GRAPHS if engines.engines[g].onnx_sha256 != manifest.graphs[g].sha256]
@@ -163,7 +166,8 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
     if not 1 <= max_batch <= capacity:
         raise CanvasrtError(f"--max-batch must be between 1 and the artifacts' max batch {capacity}, got {max_batch}")
     parameters = {"step_backend": "in-process" if step_backend == "in-process" else "bls", "threads": str(threads)}
-    with staged_directory(output, marker=f"{GENERATE_MODEL}/config.pbtxt") as staging:
+    inputs = [Path(target)] + ([engines.artifacts] if engines is not None else [])
+    with staged_directory(output, REPOSITORY_OUTPUT, inputs) as staging:
         model_dir = staging / GENERATE_MODEL / "1"
         artifacts = manifest.directory
         if step_backend == "in-process":

@@ -1,0 +1,274 @@
+"""Nothing lost, nothing silently wrong (issue 15, classes 1-3): commands replace only their own kind of output and
+never their input; artifacts, engines and weights that do not match what they promise are refused; files named
+outside their directory are not followed; `canvasrt verify` checks everything; exit code 1 means only "outside
+tolerance". Every bad input is built from a copy of a good fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from canvasrt.cli import main
+from canvasrt.core.errors import CheckpointError
+from canvasrt.core.manifest import sha256_file
+from canvasrt.model.checkpoint import Checkpoint
+from canvasrt.model.random_checkpoint import write_random_checkpoint
+
+TENSOR = "model.decoder.layers.1.self_attn.q_proj.weight"
+
+
+def cli(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(result, *words: str) -> str:
+    """Exit 2, one `error:` line naming the problem, no traceback; returns the line."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def with_tensor(checkpoint: Path, out: Path, name: str, value: torch.Tensor) -> Path:
+    """A copy of `checkpoint` whose tensor `name` is replaced by `value`."""
+    copy = shutil.copytree(checkpoint, out)
+    tensors = load_file(str(copy / "model.safetensors"))
+    tensors[name] = value
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return copy
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_artifacts, tmp_path_factory) -> Path:
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path_factory.mktemp("eng") / "tiny-sm89"
+    result = cli("build", tiny_artifacts, "-o", out, "--target", "sm89")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# -- 1. data loss ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["random_over_real_checkpoint", "export_over_engines", "export_into_its_input",
+                                  "export_inside_its_input", "calibrate_over_its_input", "build_over_its_input",
+                                  "triton_over_a_checkpoint"])
+def test_a_command_replaces_only_its_own_kind_of_output_and_never_its_input(
+        case, tiny_checkpoint, tiny_artifacts, tiny_engines, tmp_path):
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    engines = shutil.copytree(tiny_engines, tmp_path / "eng")
+    args, victim, words = {
+        "random_over_real_checkpoint": (["random-checkpoint", checkpoint], checkpoint,
+                                        ["holds a checkpoint", "new or empty output path"]),
+        "export_over_engines": (["export", checkpoint, "-o", engines], engines, ["holds canvasrt engines"]),
+        "export_into_its_input": (["export", checkpoint, "-o", checkpoint], checkpoint, ["is the input"]),
+        "export_inside_its_input": (["export", checkpoint, "-o", checkpoint / "art"], checkpoint, ["lies inside"]),
+        "calibrate_over_its_input": (["calibrate", checkpoint, artifacts, "-o", artifacts], artifacts,
+                                     ["is the input"]),
+        "build_over_its_input": (["build", artifacts, "-o", artifacts], artifacts, ["is the input"]),
+        "triton_over_a_checkpoint": (["triton", artifacts, "-o", checkpoint], checkpoint, ["holds a checkpoint"]),
+    }[case]
+    before = {d: snapshot(d) for d in (checkpoint, artifacts, engines)}
+    assert_refused(cli(*args), *words)
+    for directory, files in before.items():
+        assert snapshot(directory) == files, directory  # byte-identical, nothing added
+    assert leftovers(tmp_path) == [] and leftovers(checkpoint) == []
+
+
+def test_random_checkpoint_replaces_its_own_earlier_output(tmp_path):
+    out = write_random_checkpoint(tmp_path / "random", seed=1)
+    first = sha256_file(out / "model.safetensors")
+    write_random_checkpoint(out, seed=2)
+    assert sha256_file(out / "model.safetensors") != first and leftovers(tmp_path) == []
+
+
+# -- 2. integrity ------------------------------------------------------------------------------------------------
+
+
+def test_a_changed_or_swapped_graph_is_refused_on_load(tiny_artifacts, tmp_path):
+    grown = shutil.copytree(tiny_artifacts, tmp_path / "grown")
+    with open(grown / "denoise.onnx", "ab") as f:
+        f.write(b"\0")
+    assert_refused(cli("generate", grown, "--prompt-ids", "5"), "denoise.onnx has", "changed, truncated or swapped")
+    swapped = shutil.copytree(tiny_artifacts, tmp_path / "swapped")
+    os.replace(swapped / "encode.onnx", swapped / "tmp.onnx")
+    os.replace(swapped / "denoise.onnx", swapped / "encode.onnx")
+    os.replace(swapped / "tmp.onnx", swapped / "denoise.onnx")
+    assert_refused(cli("generate", swapped, "--prompt-ids", "5"), "encode.onnx has", "re-run `canvasrt export`")
+
+
+def flip_a_byte(path: Path) -> None:
+    """Same size, other contents: only a digest tells."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_graph_with_other_contents_is_refused_where_digests_are_checked(tiny_checkpoint, tiny_artifacts, tmp_path):
+    broken = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    flip_a_byte(broken / "encode.onnx")
+    for args in (["triton", broken, "-o", tmp_path / "repo"], ["build", broken, "-o", tmp_path / "eng"],
+                 ["calibrate", tiny_checkpoint, broken, "-o", tmp_path / "fp8", "--samples", "1"]):
+        assert_refused(cli(*args), "encode.onnx does not match the sha256 in its manifest", "re-run `canvasrt export`")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    result = cli("verify", broken)
+    assert_refused(result, "encode.onnx does not match the sha256")
+
+
+def test_a_reused_build_whose_engine_changed_is_rebuilt(tiny_artifacts, tiny_engines, tmp_path):
+    engines = shutil.copytree(tiny_engines, tmp_path / "eng")
+    again = cli("build", tiny_artifacts, "-o", engines, "--target", "sm89")
+    assert again.exit_code == 0 and "up to date" in again.output
+    flip_a_byte(engines / "denoise.engine")
+    assert_refused(cli("verify", engines), "denoise.engine does not match the sha256", "rebuild it")
+    assert_refused(cli("triton", engines, "-o", tmp_path / "repo"), "denoise.engine does not match the sha256")
+    rebuilt = cli("build", tiny_artifacts, "-o", engines, "--target", "sm89")
+    assert rebuilt.exit_code == 0 and "up to date" not in rebuilt.output, rebuilt.output
+    assert cli("verify", engines).exit_code == 0
+
+
+def test_verify_reports_every_problem_and_passes_clean_targets(tiny_checkpoint, tiny_artifacts, tiny_engines,
+                                                               tmp_path):
+    for clean in (tiny_checkpoint, tiny_artifacts, tiny_engines):
+        result = cli("verify", clean)
+        assert result.exit_code == 0 and "verified" in result.output, result.output
+    broken = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    flip_a_byte(broken / "encode.onnx")
+    (broken / "denoise.onnx").unlink()
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["tokenizer"].append("../../etc/passwd")
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("verify", broken)
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(lines) == 3, result.output
+    assert "encode.onnx does not match" in lines[0] and "lacks the denoise graph" in lines[1]
+    assert "tokenizer file ../../etc/passwd resolves outside" in lines[2]
+
+
+def test_directories_of_the_previous_formats_are_refused_with_the_fix(tiny_artifacts, tiny_engines, tmp_path):
+    for source, fix in ((tiny_artifacts, "re-export it"), (tiny_engines, "rebuild it with `canvasrt build`")):
+        old = shutil.copytree(source, tmp_path / source.name)
+        manifest = json.loads((old / "manifest.json").read_text())
+        manifest["format_version"] = 1  # no file sizes yet
+        (old / "manifest.json").write_text(json.dumps(manifest))
+        assert_refused(cli("generate", old, "--prompt-ids", "5"), fix)
+
+
+# -- 2. weights that cannot be weights ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, words", [
+    (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), ["holds NaN or Inf", TENSOR]),
+    (lambda t: t.index_fill(1, torch.tensor([0]), float("inf")), ["holds NaN or Inf", TENSOR]),
+    (lambda t: t.to(torch.int32), ["stored as I32", TENSOR, "float weights"]),
+    (lambda t: t.to(torch.float64), ["stored as F64", TENSOR]),
+])
+def test_weights_that_are_not_finite_floats_are_refused_with_their_name(value, words, tiny_checkpoint,
+                                                                       tiny_artifacts, tmp_path):
+    original = load_file(str(tiny_checkpoint / "model.safetensors"))[TENSOR]
+    broken = with_tensor(tiny_checkpoint, tmp_path / "ckpt", TENSOR, value(original))
+    for args in (["export", broken, "-o", tmp_path / "out"], ["generate", broken, "--prompt-ids", "5"],
+                 ["calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"],
+                 ["verify", broken]):
+        assert_refused(cli(*args), *words)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_the_streaming_copy_checks_values_and_conversions(tiny_checkpoint, tmp_path):
+    original = load_file(str(tiny_checkpoint / "model.safetensors"))[TENSOR]
+    nan = Checkpoint.open(with_tensor(tiny_checkpoint, tmp_path / "nan", TENSOR, original.index_fill(
+        0, torch.tensor([1]), float("nan"))))
+    with open(tmp_path / "out.data", "wb") as out, pytest.raises(CheckpointError, match=f"{TENSOR} holds NaN"):
+        nan.write_tensor(TENSOR, "fp32", out)
+    large = with_tensor(tiny_checkpoint, tmp_path / "large", TENSOR, original.index_fill(0, torch.tensor([1]), 1e6))
+    with open(tmp_path / "out.data", "wb") as out, pytest.raises(CheckpointError, match=f"{TENSOR} overflows fp16"):
+        Checkpoint.open(large).write_tensor(TENSOR, "fp16", out)
+    assert_refused(cli("export", large, "-o", tmp_path / "art", "--dtype", "fp16"), "overflows fp16", "--dtype fp32")
+    with open(tmp_path / "out.data", "wb") as out:  # fp32 holds 1e6: the plain copy goes through
+        assert Checkpoint.open(large).write_tensor(TENSOR, "fp32", out) == original.numel() * 4
+
+
+# -- 2. exit code 1 means only "outside tolerance" ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--report", "--junit"])
+def test_parity_refuses_an_unwritable_report_before_running(option, tiny_checkpoint, tiny_artifacts, tmp_path):
+    result = cli("parity", tiny_checkpoint, tiny_artifacts, option, tmp_path / "missing" / "r.json")
+    assert_refused(result, option, "does not exist", "create it")
+    assert "passed" not in result.output and not (tmp_path / "missing").exists()  # the check never ran
+
+
+# -- 3. reading outside what the user named ----------------------------------------------------------------------
+
+
+def test_a_checkpoint_index_naming_files_outside_is_refused(variant_checkpoint, tmp_path):
+    for how in ("dotdot", "link"):
+        checkpoint = shutil.copytree(variant_checkpoint, tmp_path / how / "ckpt")
+        index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+        shard = sorted(set(index["weight_map"].values()))[0]
+        os.replace(checkpoint / shard, tmp_path / how / shard)
+        if how == "dotdot":
+            index["weight_map"] = {k: f"../{shard}" if v == shard else v for k, v in index["weight_map"].items()}
+            (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+        else:
+            (checkpoint / shard).symlink_to(tmp_path / how / shard)
+        for args in (["generate", checkpoint, "--prompt-ids", "5"], ["export", checkpoint, "-o", tmp_path / "art"],
+                     ["verify", checkpoint]):
+            assert_refused(cli(*args), "resolves outside the checkpoint directory", "put the file itself in")
+        assert not (tmp_path / "art").exists()
+
+
+def test_a_hugging_face_cache_snapshot_is_a_checkpoint(tiny_checkpoint, tmp_path):
+    """huggingface_hub's layout: every file of a snapshot links into the repository's blobs/."""
+    repo = tmp_path / "models--google--tiny"
+    snapshot_dir = repo / "snapshots" / "0123abc"
+    snapshot_dir.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in tiny_checkpoint.iterdir():
+        blob = repo / "blobs" / sha256_file(file)
+        shutil.copy2(file, blob)
+        (snapshot_dir / file.name).symlink_to(Path("../../blobs") / blob.name)
+    assert Checkpoint.open(snapshot_dir).problems() == []
+
+
+def test_manifests_naming_files_outside_are_refused(tiny_artifacts, tiny_engines, tmp_path):
+    for graph_file in ("../outside/encode.onnx", "link.onnx"):
+        artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
+        (tmp_path / "outside").mkdir()
+        os.replace(artifacts / "encode.onnx", tmp_path / "outside" / "encode.onnx")
+        if graph_file == "link.onnx":
+            (artifacts / "link.onnx").symlink_to(tmp_path / "outside" / "encode.onnx")
+        manifest = json.loads((artifacts / "manifest.json").read_text())
+        manifest["graphs"]["encode"]["file"] = graph_file
+        (artifacts / "manifest.json").write_text(json.dumps(manifest))
+        for args in (["generate", artifacts, "--prompt-ids", "5"], ["triton", artifacts, "-o", tmp_path / "repo"],
+                     ["verify", artifacts]):
+            assert_refused(cli(*args), f"the encode graph {graph_file} resolves outside the directory")
+        assert not (tmp_path / "repo").exists()
+        shutil.rmtree(artifacts)
+        shutil.rmtree(tmp_path / "outside")
+    engines = shutil.copytree(tiny_engines, tmp_path / "eng")
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["engines"]["denoise"]["file"] = "../elsewhere.engine"
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    assert_refused(cli("verify", engines), "the denoise engine ../elsewhere.engine resolves outside the directory")
+    assert_refused(cli("triton", engines, "-o", tmp_path / "repo"), "resolves outside the directory")
