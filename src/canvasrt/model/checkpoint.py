@@ -32,6 +32,7 @@ ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CONVERT_CHUNK = 1 << 24  # bytes of the checkpoint converted at a time when the export dtype differs
 
 
 @dataclass
@@ -63,28 +64,39 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
-    def write_tensor(self, name: str, dtype: str, out: BinaryIO) -> int:
-        """Appends tensor `name`, converted to `dtype`, to `out` without mapping the checkpoint into memory: a
-        plain byte copy when the dtype matches, else one tensor at a time through a conversion buffer."""
+    def stored(self, name: str) -> "StoredTensor":
+        """Where tensor `name` lies in its safetensors file, read from the header alone."""
         file = self.tensor_files[name]
-        entry, data_start = _safetensors_header(file)[name], _safetensors_header_size(file)
+        entry = _safetensors_header(file)[name]
         begin, end = entry["data_offsets"]
-        with open(file, "rb") as src:
-            src.seek(data_start + begin)
-            if SAFETENSORS_DTYPES[entry["dtype"]] == DTYPES[dtype]:
-                remaining = end - begin
-                while remaining:
-                    block = src.read(min(remaining, 1 << 24))
-                    out.write(block)
-                    remaining -= len(block)
-                return end - begin
-            raw = torch.frombuffer(bytearray(src.read(end - begin)), dtype=SAFETENSORS_DTYPES[entry["dtype"]])
-        converted = raw.to(DTYPES[dtype]).view(torch.uint8).numpy().tobytes()
-        out.write(converted)
-        return len(converted)
+        return StoredTensor(file, entry["dtype"], tuple(entry["shape"]), _safetensors_header_size(file) + begin, end - begin)
 
-    def load_text_model(self, moe: str = "dense", dtype: str = "fp32") -> DiffusionGemmaText:
-        """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights)."""
+    def write_tensor(self, name: str, dtype: str | None, out: BinaryIO) -> int:
+        """Appends tensor `name`, converted to `dtype` (None: as stored), to `out` without mapping the checkpoint
+        into memory: a plain byte copy when the dtype matches, else a conversion of CONVERT_CHUNK bytes at a time,
+        so that even a layer's expert tensor (0.5 GB at the released width) never sits in memory whole."""
+        stored = self.stored(name)
+        source = SAFETENSORS_DTYPES.get(stored.dtype)
+        target = source if dtype is None else DTYPES[dtype]
+        step = CONVERT_CHUNK - CONVERT_CHUNK % (source.itemsize if source is not None else 8)
+        written = 0
+        with open(stored.file, "rb") as src:
+            src.seek(stored.offset)
+            remaining = stored.length
+            while remaining:
+                block = src.read(min(remaining, step))
+                remaining -= len(block)
+                if source != target:
+                    block = torch.frombuffer(bytearray(block), dtype=source).to(target).view(torch.uint8).numpy().tobytes()
+                out.write(block)
+                written += len(block)
+        return written
+
+    def load_text_model(self, moe: str = "dense", dtype: str = "fp32", fake_mode: Any = None) -> DiffusionGemmaText:
+        """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights).
+
+        fake_mode: a torch FakeTensorMode; the parameters are then fake tensors of it (shape and dtype only, no
+        data), for tracing a model of any size without reading its weights."""
         model = DiffusionGemmaText(self.config, moe=moe)
         target = DTYPES[dtype]
         for name, param in list(model.named_parameters()):
@@ -94,8 +106,13 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(param.shape)}"
                 )
+            if fake_mode is not None:
+                with fake_mode:
+                    value = torch.empty(shape, dtype=target)
+            else:
+                value = self.tensor(source).to(target)
             owner, attr = _owner(model, name)
-            owner._parameters[attr] = torch.nn.Parameter(self.tensor(source).to(target), requires_grad=False)
+            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
         return model.eval()
 
     # -- other files ----------------------------------------------------------------------------------------------
@@ -116,6 +133,15 @@ class Checkpoint:
         """sha256 of config.json and every weight file, so artifacts can name exactly what they came from."""
         files = [self.path / "config.json", *sorted(set(self.tensor_files.values()))]
         return {f.name: sha256_file(f) for f in files}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    file: Path
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: tuple[int, ...]
+    offset: int  # of the first byte in the file
+    length: int
 
 
 def _index_tensors(path: Path) -> dict[str, Path]:
