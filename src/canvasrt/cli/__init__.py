@@ -11,7 +11,7 @@ import sys
 import click
 
 from ..core.errors import CanvasrtError
-from .artifacts import build_command, calibrate_command, export_command, random_checkpoint_command
+from .artifacts import build_command, calibrate_command, export_command, random_checkpoint_command, slice_command
 from .parity import parity_command
 from .run import bench_command, eval_command, generate_command
 from .serve import serve_command, triton_command
@@ -34,6 +34,7 @@ def main() -> None:
 
 
 main.add_command(random_checkpoint_command)
+main.add_command(slice_command)
 main.add_command(export_command)
 main.add_command(calibrate_command)
 main.add_command(build_command)

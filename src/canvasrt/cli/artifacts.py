@@ -19,16 +19,37 @@ def stage_progress() -> Progress:
 
 @click.command("random-checkpoint")
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "small", "bench"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(["tiny", "small", "bench", "released"]), default="tiny", show_default=True,
+              help="released: the 26B-A4B's exact layer shapes, bf16 (use --layers: 2 layers are 4.8 GB)")
+@click.option("--layers", type=int, default=None, help="number of layers (default: the preset's; released: 30)")
 @click.option("--seed", type=int, default=0, show_default=True)
-def random_checkpoint_command(output: Path, preset: str, seed: int) -> None:
+def random_checkpoint_command(output: Path, preset: str, layers: int | None, seed: int) -> None:
     """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
     from ..model.random_checkpoint import write_random_checkpoint
 
     with stage_progress() as progress:
         progress.add_task(f"writing {preset} checkpoint to {output}", total=None)
-        write_random_checkpoint(output, preset=preset, seed=seed)
+        write_random_checkpoint(output, preset=preset, seed=seed, layers=layers)
     click.echo(f"wrote {preset} checkpoint to {output}")
+
+
+@click.command("slice")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--layers", required=True, help="comma-separated layer indices to keep, in order, e.g. 0,5")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="checkpoint directory to write")
+def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
+    """Write a checkpoint of a few of CHECKPOINT's layers, real weights kept (few-layer numeric validation)."""
+    from ..core.errors import CheckpointError
+    from ..model.slicing import slice_checkpoint
+
+    try:
+        indices = [int(part) for part in layers.split(",")]
+    except ValueError:
+        raise CheckpointError(f"--layers {layers!r} is not a comma-separated list of layer indices, e.g. 0,5") from None
+    with stage_progress() as progress:
+        progress.add_task(f"slicing layers {layers} of {checkpoint}", total=None)
+        written = slice_checkpoint(checkpoint, indices, output)
+    click.echo(f"wrote layers {layers} of {checkpoint} to {output} ({written / 1e9:.2f} GB of tensors)")
 
 
 @click.command("export")

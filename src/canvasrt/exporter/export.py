@@ -3,6 +3,11 @@
 Both graphs are traced from the same `DiffusionGemmaText` through `torch.onnx.export(dynamo=True)`, checked with
 onnx.checker, and written with their I/O contract into the manifest. Everything is staged in a temporary directory
 that replaces the output only when the whole export succeeded.
+
+The model is traced with fake parameters (shape and dtype, no data); each weight is then attached as a lazy tensor
+that reads (and converts) it from the checkpoint only when it is needed: while the optimizer folds small constants,
+and when the graph is saved, where large weights are streamed file to file. Memory therefore does not grow with
+the model, whatever the export dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Callable
 
 import onnx
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..core.contract import Capacity, TensorSpec, denoise_io, encode_io, graph_profiles, kv_layout
 from ..core.errors import CanvasrtError
@@ -26,6 +32,9 @@ from .graphs import DenoiseGraph, EncodeGraph, example_inputs
 
 OPSET = 21  # FP8 Q/DQ with a FLOAT8E4M3FN zero point (calibration) needs opset >= 21 on ONNX Runtime
 EXTERNAL_DATA_ABOVE = 64 << 20
+# ONNX Runtime maps an external weight into memory (instead of copying it) when its offset is a multiple of the
+# allocation granularity: 4 KiB pages on Linux, 64 KiB on Windows.
+DATA_ALIGNMENT = 64 << 10
 WRAPPER_PREFIX = "model."  # EncodeGraph / DenoiseGraph hold the text model as `.model`
 
 ProgressFn = Callable[[str], None]
@@ -68,9 +77,11 @@ def export(
     capacity = Capacity.for_model(config, max_batch, max_context, max_prefill)
 
     with staged_directory(output_dir, ARTIFACT_OUTPUT, inputs=[checkpoint_dir]) as staging:
-        progress("loading weights")
-        model = checkpoint.load_text_model(moe=moe, dtype=dtype)
+        progress("tracing")
+        model = checkpoint.load_text_model(moe=moe, dtype=dtype, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
         torch_dtype = DTYPES[dtype]
+        if external_data is None:
+            external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
         enc_in, enc_out = encode_io(config, capacity)
         den_in, den_out = denoise_io(config, capacity, debug_logits)
         # Example sizes differ from every static size so that tracing cannot confuse a dynamic dim with one.
@@ -124,9 +135,12 @@ def _export_graph(
     capacity: Capacity,
     checkpoint: Checkpoint,
     dtype: str,
-    external_data: bool | None,
+    external_data: bool,
 ) -> GraphEntry:
-    batch = torch.export.Dim("batch", min=1, max=capacity.max_batch)
+    # torch.export cannot trace a dim whose range is a single value, and specialises sizes 0 and 1, so the trace
+    # always sees a batch range reaching the example batch; the capacity's max batch (1 included) is enforced by
+    # the backends and the engines' profiles, not by the graph.
+    batch = torch.export.Dim("batch", min=1, max=max(capacity.max_batch, int(args[0].shape[0])))
     chunk = torch.export.Dim("chunk", min=1, max=capacity.max_prefill)
     symbols = {"batch": batch, "chunk": chunk}
     dynamic = [{axis: symbols[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in inputs]
@@ -142,35 +156,57 @@ def _export_graph(
             output_names=[spec.name for spec in outputs],
             dynamic_shapes=(*dynamic[:n_named], tuple(dynamic[n_named:])),
             opset_version=OPSET,
+            optimize=False,  # the optimizer folds constants, which needs the weights attached first
             verbose=False,
         )
-        if external_data if external_data is not None else _needs_external_data(module):
-            _save_streaming_weights(program, path, checkpoint, dtype)
+        sources = _attach_weights(program.model, checkpoint, dtype)
+        program.optimize()
+        if external_data:
+            _save_streaming_weights(program.model, path, checkpoint, dtype, sources)
         else:
             program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
     return GraphEntry.of_file(path, inputs, outputs, graph_profiles(path.stem, capacity))
 
 
-def _save_streaming_weights(program: Any, path: Path, checkpoint: Checkpoint, dtype: str) -> None:
+def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str) -> dict[str, str]:
+    """Replaces each traced (fake) weight with a lazy tensor read from the checkpoint on access; returns the
+    checkpoint tensor behind each initializer name. Small constants made during tracing are real already."""
+    import onnx_ir as ir
+
+    torch_dtype = DTYPES[dtype]
+    sources = {}
+    for name, value in model.graph.initializers.items():
+        source = checkpoint_name(name.removeprefix(WRAPPER_PREFIX))
+        if not name.startswith(WRAPPER_PREFIX) or source not in checkpoint.tensor_files:
+            continue
+        sources[name] = source
+        traced = value.const_value
+        value.const_value = ir.LazyTensor(
+            lambda source=source: ir.tensor(checkpoint.tensor(source).to(torch_dtype)),
+            dtype=traced.dtype, shape=traced.shape, name=name,
+        )
+    return sources
+
+
+def _save_streaming_weights(model: Any, path: Path, checkpoint: Checkpoint, dtype: str, sources: dict[str, str]) -> None:
     """Saves with external data written straight from the checkpoint files.
 
     Letting the exporter serialise the weights would read every parameter through the memory-mapped checkpoint
-    and make all of it resident at once; copying each tensor file-to-file (converting one tensor at a time where
-    the dtype changes) keeps the export's memory independent of the model size.
+    and make all of it resident at once; copying each tensor file-to-file (converting it in bounded chunks where
+    the dtype changes) keeps the export's memory independent of the model size. Offsets are page-aligned so that
+    ONNX Runtime can memory-map each weight instead of copying it.
     """
     import onnx_ir as ir
 
-    model = program.model
     data_name = path.name + ".data"
     with open(path.with_name(data_name), "wb") as data:
         for name, value in model.graph.initializers.items():
-            source = checkpoint_name(name.removeprefix(WRAPPER_PREFIX))
-            if not name.startswith(WRAPPER_PREFIX) or source not in checkpoint.tensor_files:
-                continue  # small constants made during tracing stay inline
-            data.write(b"\0" * (-data.tell() % 64))
+            if name not in sources:
+                continue  # constants made during tracing or by the optimizer stay inline
+            data.write(b"\0" * (-data.tell() % DATA_ALIGNMENT))
             offset = data.tell()
-            length = checkpoint.write_tensor(source, dtype, data)
+            length = checkpoint.write_tensor(sources[name], dtype, data)
             tensor = value.const_value
             value.const_value = ir.ExternalTensor(
                 data_name, offset, length, tensor.dtype, shape=tensor.shape, name=name, base_dir=str(path.parent)
@@ -178,11 +214,10 @@ def _save_streaming_weights(program: Any, path: Path, checkpoint: Checkpoint, dt
     ir.save(model, str(path))
 
 
-def _needs_external_data(module: torch.nn.Module) -> bool:
+def _weight_bytes(module: torch.nn.Module) -> int:
     # Protobuf cannot hold more than 2 GiB, and serialising weights into one in-memory message would also double the
     # export's peak memory, so anything beyond a small model streams its weights to a .data file instead.
-    size = sum(p.numel() * p.element_size() for p in module.parameters())
-    return size > EXTERNAL_DATA_ABOVE
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _unused_size(config: Any, capacity: Capacity) -> int:

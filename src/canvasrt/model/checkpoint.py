@@ -33,7 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What a DiffusionGemma weight can be stored as; anything else (integers, F64, FP8) is refused, not converted.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-COPY_BLOCK = 1 << 24  # bytes per read of the streaming copy, a multiple of every weight dtype's size
+COPY_BLOCK = 1 << 24  # bytes per read of the streaming copy (checked, and converted where the dtype differs)
 
 
 @dataclass
@@ -98,35 +98,41 @@ class Checkpoint:
         self._check_finite(name, values, converted_to=dtype)
         return values
 
-    def write_tensor(self, name: str, dtype: str, out: BinaryIO) -> int:
-        """Appends tensor `name`, converted to `dtype`, to `out` without mapping the checkpoint into memory: a
-        plain byte copy when the dtype matches, else one tensor at a time through a conversion buffer. Either way
-        the values are checked as they pass (float, finite)."""
+    def stored(self, name: str) -> "StoredTensor":
+        """Where tensor `name` lies in its safetensors file, read from the header alone."""
         file = self.tensor_files[name]
-        entry, data_start = _safetensors_header(file)[name], _safetensors_header_size(file)
-        stored = self._float_dtype(name, entry["dtype"])
+        entry = _safetensors_header(file)[name]
         begin, end = entry["data_offsets"]
-        with open(file, "rb") as src:
-            src.seek(data_start + begin)
-            if stored == DTYPES[dtype]:
-                buffer = bytearray(COPY_BLOCK)
-                remaining = end - begin
-                while remaining:
-                    view = memoryview(buffer)[: src.readinto(memoryview(buffer)[: min(remaining, len(buffer))])]
-                    if not view:
-                        raise CheckpointError(f"{file} ends inside tensor {name}; the file is truncated: re-save or "
-                                              "re-download it")
-                    self._check_finite(name, torch.frombuffer(view, dtype=stored))
-                    out.write(view)
-                    remaining -= len(view)
-                return end - begin
-            raw = torch.frombuffer(bytearray(src.read(end - begin)), dtype=stored)
-        self._check_finite(name, raw)
-        converted = raw.to(DTYPES[dtype])
-        self._check_finite(name, converted, converted_to=dtype)
-        data = converted.view(torch.uint8).numpy().tobytes()
-        out.write(data)
-        return len(data)
+        return StoredTensor(file, entry["dtype"], tuple(entry["shape"]), _safetensors_header_size(file) + begin, end - begin)
+
+    def write_tensor(self, name: str, dtype: str | None, out: BinaryIO) -> int:
+        """Appends tensor `name`, converted to `dtype` (None: as stored), to `out` without mapping the checkpoint
+        into memory: COPY_BLOCK bytes at a time, each block checked as it passes (float, finite) and converted where
+        the dtype differs, so that even a layer's expert tensor (0.5 GB at the released width) never sits in memory
+        whole."""
+        stored = self.stored(name)
+        source = self._float_dtype(name, stored.dtype)
+        target = source if dtype is None else DTYPES[dtype]
+        buffer = bytearray(COPY_BLOCK - COPY_BLOCK % source.itemsize)
+        written = 0
+        with open(stored.file, "rb") as src:
+            src.seek(stored.offset)
+            remaining = stored.length
+            while remaining:
+                view = memoryview(buffer)[: src.readinto(memoryview(buffer)[: min(remaining, len(buffer))])]
+                if not view:
+                    raise CheckpointError(f"{stored.file} ends inside tensor {name}; the file is truncated: re-save "
+                                          "or re-download it")
+                remaining -= len(view)
+                values = torch.frombuffer(view, dtype=source)
+                self._check_finite(name, values)
+                if source != target:
+                    values = values.to(target)
+                    self._check_finite(name, values, converted_to=dtype)
+                    view = memoryview(values.view(torch.uint8).numpy())
+                out.write(view)
+                written += len(view)
+        return written
 
     def _checked_shape(self, source: str, param: torch.Tensor) -> None:
         shape = self.shape(source)
@@ -135,16 +141,25 @@ class Checkpoint:
                 f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(param.shape)}"
             )
 
-    def load_text_model(self, moe: str = "dense", dtype: str = "fp32", device: str = "cpu") -> DiffusionGemmaText:
+    def load_text_model(self, moe: str = "dense", dtype: str = "fp32", device: str = "cpu",
+                        fake_mode: Any = None) -> DiffusionGemmaText:
         """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights), each
-        checked on the way in (float, finite, the shape config.json implies), converted and moved to `device`."""
+        checked on the way in (float, finite, the shape config.json implies), converted and moved to `device`.
+
+        fake_mode: a torch FakeTensorMode; the parameters are then fake tensors of it (shape and dtype only, no
+        data), for tracing a model of any size without reading its weights."""
         model = DiffusionGemmaText(self.config, moe=moe)
         for name, param in list(model.named_parameters()):
             source = checkpoint_name(name)
             self._checked_shape(source, param)
+            if fake_mode is not None:
+                with fake_mode:
+                    value = torch.empty(param.shape, dtype=DTYPES[dtype])
+            else:
+                value = self.converted(source, dtype).to(device)
             owner, attr = _owner(model, name)
-            owner._parameters[attr] = torch.nn.Parameter(self.converted(source, dtype).to(device), requires_grad=False)
-        return model.to(device).eval()  # the RoPE buffers
+            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        return model.eval() if fake_mode is not None else model.to(device).eval()  # .to: the RoPE buffers
 
     def problems(self) -> list[str]:
         """`canvasrt verify` of a checkpoint: every weight the model reads, one at a time (shape, dtype, finite
@@ -177,6 +192,15 @@ class Checkpoint:
         """sha256 of config.json and every weight file, so artifacts can name exactly what they came from."""
         files = [self.path / "config.json", *sorted(set(self.tensor_files.values()))]
         return {f.name: sha256_file(f) for f in files}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    file: Path
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: tuple[int, ...]
+    offset: int  # of the first byte in the file
+    length: int
 
 
 def _index_tensors(path: Path) -> dict[str, Path]:

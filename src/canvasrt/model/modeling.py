@@ -348,14 +348,16 @@ class DiffusionGemmaText(nn.Module):
     def _context_visibility(
         self, spec: LayerSpec, capacity: int, context_length: torch.Tensor, context_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each buffer slot: the absolute position it holds [B, slots] and whether that slot holds a live token."""
+        """For each buffer slot: the absolute position it holds ([B, slots], or [1, slots] on full layers) and whether
+        that slot holds a live token [B, slots]."""
         slots = torch.arange(capacity, dtype=torch.int64, device=context_length.device)[None, :]
         length = context_length[:, None]
-        if spec.kind == SLIDING:
-            # Ring buffer: the newest position p < length with p = slot (mod capacity).
-            position = length - 1 - torch.remainder(length - 1 - slots, capacity)
-        else:
-            position = slots.expand(context_length.shape[0], capacity)
+        if spec.kind != SLIDING:
+            # Slot = position: the padding mask applies as it is. (Gathering it through positions broadcast to the
+            # batch would be a constant at a static batch of 1, which TensorRT-RTX's Myelin compiler rejects.)
+            return slots, (slots < length) & context_mask[:, :capacity]
+        # Ring buffer: the newest position p < length with p = slot (mod capacity).
+        position = length - 1 - torch.remainder(length - 1 - slots, capacity)
         live = (position >= 0) & (position < length)
         padded_ok = torch.gather(context_mask, 1, position.clamp(min=0))
         return position, live & padded_ok

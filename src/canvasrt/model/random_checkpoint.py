@@ -8,6 +8,12 @@ generation_config.json make text prompts and `generate` work. Presets:
   (proportional) RoPE, GQA on both kinds, MoE with top-k > 1, non-unit norms and layer scalars, and a sliding window
   (8) shorter than a typical prompt.
 - small / bench: timing-sized (vocabulary 32k, canvas 256, 16 experts).
+- released: the released 26B-A4B's exact layer shapes (hidden 2816, 128 experts top-8, vocabulary 262144, window
+  1024, canvas 256) and its layer pattern, in bf16 like the released checkpoint; with `layers` a few of them, for
+  measuring every stage at the real width (two layers: 4.8 GB).
+
+`layers` sets the number of layers of any preset: its layer pattern repeated, the last layer full attention (as
+transformers forces it).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ _TINY_VISION = dict(
     num_attention_heads=4, intermediate_size=37,
 )
 
+_RELEASED_PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         text=dict(
@@ -78,30 +86,76 @@ PRESETS: dict[str, dict[str, Any]] = {
         canvas_length=256,
         generation=dict(max_new_tokens=256, max_denoising_steps=48),
     ),
+    "released": dict(
+        text=dict(
+            vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+            layer_types=_RELEASED_PATTERN * 5,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+            num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+            sliding_window=1024, max_position_embeddings=262144, use_bidirectional_attention="vision",
+            initializer_range=0.02,
+        ),
+        canvas_length=256,
+        generation=dict(max_new_tokens=256, max_denoising_steps=48),
+        dtype=torch.bfloat16,
+    ),
 }
 
 
-def write_random_checkpoint(output: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    if preset not in PRESETS:
+def write_random_checkpoint(output: str | Path, preset: str = "tiny", seed: int = 0, layers: int | None = None,
+                            device: str = "cpu") -> Path:
+    """device: where the model is built before it is saved (cuda builds the released width in seconds)."""
+    spec = PRESETS.get(preset)
+    if spec is None:
         raise CanvasrtError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
-    spec = PRESETS[preset]
+    text = preset_text(preset, layers)
     with staged_directory(output, CHECKPOINT_OUTPUT) as staging:
         write_json(staging / MARKER, {"format": MARKER_FORMAT, "written_by": "canvasrt random-checkpoint",
-                                      "preset": preset, "seed": seed})
-        model = build_random_model(spec["text"], spec["canvas_length"], seed)
+                                      "preset": preset, "seed": seed, "layers": text["num_hidden_layers"]})
+        model = build_random_model(text, spec["canvas_length"], seed, spec.get("dtype", torch.float32), device)
         model.save_pretrained(str(staging))
+        del model
         generation_config(**spec["generation"]).save_pretrained(str(staging))
-        byte_level_tokenizer(spec["text"]["vocab_size"]).save(str(staging / "tokenizer.json"))
+        byte_level_tokenizer(text["vocab_size"]).save(str(staging / "tokenizer.json"))
     return Path(output)
 
 
-def build_random_model(text: dict[str, Any], canvas_length: int, seed: int) -> torch.nn.Module:
-    """A randomly initialised DiffusionGemmaForBlockDiffusion whose norms, scales and layer scalars are not 1."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+def preset_text(preset: str, layers: int | None = None) -> dict[str, Any]:
+    """The text config of a preset, with `layers` layers: its layer pattern repeated, the last one full attention."""
+    text = dict(PRESETS[preset]["text"])
+    if layers is None:
+        return text
+    if layers < 1:
+        raise CanvasrtError(f"--layers must be at least 1 (got {layers})")
+    pattern = text["layer_types"]
+    types = [pattern[i % len(pattern)] for i in range(layers)]
+    types[-1] = "full_attention"  # transformers forces the last layer to full attention
+    return {**text, "num_hidden_layers": layers, "layer_types": types}
+
+
+def preset_config(text: dict[str, Any], canvas_length: int) -> Any:
+    """The DiffusionGemmaConfig a random checkpoint of this text config is built from (with a tiny vision tower)."""
+    from transformers import DiffusionGemmaConfig
+
+    return DiffusionGemmaConfig(text_config=dict(text), vision_config=dict(_TINY_VISION), canvas_length=canvas_length)
+
+
+def build_random_model(text: dict[str, Any], canvas_length: int, seed: int,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """A randomly initialised DiffusionGemmaForBlockDiffusion whose norms, scales and layer scalars are not 1,
+    built on `device` (its random draws then come from that device's generator)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
-    config = DiffusionGemmaConfig(text_config=dict(text), vision_config=dict(_TINY_VISION), canvas_length=canvas_length)
-    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    config = preset_config(text, canvas_length)
+    # Built directly in the checkpoint's dtype: a bf16 model at the released width needs half the memory of fp32.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = DiffusionGemmaForBlockDiffusion(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.model.decoder.named_parameters():
