@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from .options import seed_range
+
 err = Console(stderr=True)
 
 
@@ -20,7 +22,7 @@ def stage_progress() -> Progress:
 @click.command("random-checkpoint")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--preset", type=click.Choice(["tiny", "small", "bench"]), default="tiny", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
 def random_checkpoint_command(output: Path, preset: str, seed: int) -> None:
     """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
     from ..model.random_checkpoint import write_random_checkpoint

@@ -9,6 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from .options import positive, seed_range
+
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
@@ -20,8 +22,8 @@ out = Console(width=None if sys.stdout.isatty() else 160)
               help="torch (FP8 artifacts: simulated with their scales), onnxruntime or tensorrt; default: by TARGET")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the JSON report here")
 @click.option("--junit", type=click.Path(path_type=Path), help="write a JUnit XML report here")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
+@click.option("--threads", type=int, default=None, callback=positive, help="CPU threads for torch and ONNX Runtime")
 @click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
 def parity_command(
     checkpoint: Path, target: Path, level: str, backend: str | None, report_path: Path | None, junit: Path | None,
