@@ -74,3 +74,23 @@ def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):
     assert result.exit_code == 0, result.output
     with TorchBackend(tiny_checkpoint, dtype="bf16", device="cpu") as backend:
         assert next(backend.model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
+    """scripts/gpu_check.py is the one script a GPU machine runs; on a CPU with the tiny preset it runs the same code
+    end to end in seconds: parity passes and the 30-layer extrapolation is printed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "tiny", "--layers", "2", "4",
+                             "--steps", "2", "--loop-steps", "4", "--max-context", "96"],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "OUT": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert figures["passed"] and [r["layers"] for r in figures["runs"]] == [2, 4]
+    for moe in ("sparse", "dense"):
+        assert figures[f"extrapolated_{moe}"]["step_ms_30_layers"] > 0

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -136,7 +138,15 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
         (request_inputs(seed=4), "exactly one of the inputs 'prompt'"),
         (request_inputs(prompt_ids=[2, 3], max_new_tokens=4096), "more than the maximum context of 128"),
         (request_inputs(prompt_ids=[2, 999]), "outside the vocabulary"),
+        (request_inputs(prompt_ids=[2, 3], max_denoising_steps=2**31 - 1, confidence_threshold=1e-30),
+         "--max-denoising-steps must be between 1 and 1024"),
+        (request_inputs(prompt_ids=[2, 3], t_max=1e39), "--t-max must be a finite number"),  # FP32: arrives as inf
+        (request_inputs(prompt_ids=[2, 3], stability_threshold=2**31 - 1), "--stability-threshold must be between"),
+        (request_inputs(prompt_ids=[2, 3], deadline_ms=0), "deadline_ms must be at least 1"),
+        (request_inputs(prompt_ids=[2, 3], seed=-1), "seed must be non-negative"),
     ]
+    if transport == "grpc":  # JSON carries text only, so bytes that are not UTF-8 go over gRPC alone
+        bad.append(({"prompt": np.array([b"caf\xe9"], dtype=np.object_)}, "the prompt is not UTF-8 text"))
     for inputs, message in bad:
         with pytest.raises(TritonRequestError, match=message):
             send(url, inputs)
@@ -254,3 +264,63 @@ def test_serve_names_the_fix_when_the_server_lacks_a_step_backend(tiny_artifacts
     result = cli("serve", tmp_path / "repo", "--python-env", triton_env, "--http-port", http, "--grpc-port", grpc)
     assert result.exit_code == 2 and "backend 'onnxruntime'" in result.output
     assert "--step-backend in-process" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+LONG = dict(prompt_ids=[2, 3], max_new_tokens=112, max_denoising_steps=1024, confidence_threshold=1e-30, stream=False)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_long_request_or_a_killed_serve_cannot_take_the_service_down(tiny_artifacts, triton_env, tmp_path):
+    """One instance, so a request left running would block the next: a cancelled gRPC request stops its loop, an
+    HTTP request past its deadline ends in an error, the next requests are served, readiness stays true; a SIGKILL of
+    `canvasrt serve` takes tritonserver with it."""
+    repository, log = tmp_path / "repo", tmp_path / "server.log"
+    write_repository(tiny_artifacts, repository, "in-process", instances=1, threads=1)
+    http, grpc = free_ports(2)
+    command = [str(Path(sys.executable).parent / "canvasrt"), "serve", str(repository), "--python-env", str(triton_env),
+               "--http-port", str(http), "--grpc-port", str(grpc), "--log", str(log)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        assert line.startswith("serving"), line + process.stderr.read()
+        (server,) = _children(process.pid)
+        grpc_url, http_url = f"127.0.0.1:{grpc}", f"127.0.0.1:{http}"
+        short = request_inputs(prompt_ids=[2, 3], seed=1)
+        expected_done = generate_grpc(grpc_url, short)[-1]
+
+        # 7 canvases of 1024 steps without an early stop: seconds at the least; the client gives up after one
+        with pytest.raises(queue.Empty):
+            generate_grpc(grpc_url, request_inputs(**LONG), timeout=1.0)  # leaving early cancels the request
+        started = time.monotonic()
+        assert generate_grpc(grpc_url, short)[-1] == expected_done
+        assert time.monotonic() - started < 30
+        assert "request cancelled by its client" in log.read_text()
+
+        started = time.monotonic()
+        with pytest.raises(TritonRequestError, match="passed its deadline_ms of 300"):
+            generate_http(http_url, request_inputs(**LONG, deadline_ms=300))
+        assert time.monotonic() - started < 30
+        assert generate_http(http_url, short)[-1] == expected_done
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=5) as reply:
+            assert reply.status == 200
+    finally:
+        process.kill()  # SIGKILL: no handler of canvasrt serve runs
+        process.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while _running(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(server), "tritonserver outlived the SIGKILL of canvasrt serve"
+    for port in (http, grpc):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -110,8 +114,32 @@ def _build_log(flavour: str, trt: Any) -> Any:
     return _LOGGERS[flavour]
 
 
-def progress_monitor(trt: Any, report: PhaseCallback) -> Any:
-    """A `trt.IProgressMonitor` of either flavour that reports the stack of open phases after every event."""
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM recorded instead of raised while the block runs, then delivered again on leaving it.
+
+    During a build Python runs only inside TensorRT's callbacks, and an exception raised in its logger's callback
+    is lost in the bindings: a Ctrl-C there used to vanish and the build ran to the end. Recorded here, the signal
+    cancels the build through the progress monitor, and is re-raised once TensorRT has returned. Outside the main
+    thread (where handlers cannot be set) nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    numbers = [n for n in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(n) is not signal.SIG_IGN]
+    previous = {n: signal.signal(n, lambda signum, frame: received.append(signum)) for n in numbers}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+def progress_monitor(trt: Any, report: PhaseCallback | None, cancelled: Callable[[], bool] = lambda: False) -> Any:
+    """A `trt.IProgressMonitor` of either flavour that reports the stack of open phases after every event and
+    cancels the build once `cancelled()` is true."""
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -140,12 +168,12 @@ def progress_monitor(trt: Any, report: PhaseCallback) -> Any:
         def _report(self) -> bool:
             # Ctrl-C and callback errors surface here, inside TensorRT's callback, where raising cannot cross back
             # into the builder: keep the exception, cancel the build (step_complete returns False), re-raise later.
-            if self.interrupted is None:
+            if self.interrupted is None and report is not None:
                 try:
                     report(tuple(self.phases))
                 except BaseException as exc:
                     self.interrupted = exc
-            return self.interrupted is None
+            return self.interrupted is None and not cancelled()
 
     return Monitor()
 
@@ -200,14 +228,17 @@ def build_engine(
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         detail = f"{errors[0].node_name() or 'graph'}: {errors[0].desc()}" if errors else "the ONNX parser failed"
         raise CanvasrtError(f"{flavour} could not build {name}: {_one_line(detail)}")
-    monitor = progress_monitor(trt, phases) if phases else None
-    options: dict[str, Any] = {
-        "profiles": profiles_for(graph, profiles),
-        "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,  # the layer information needs it
-        **({"progress_monitor": monitor} if monitor else {}),
-        **_memory_pools(trt, workspace),
-    }
+    if network.num_layers == 0:  # the parser takes an empty file, or bytes that decode to nothing, as an empty model
+        raise ArtifactError(f"{onnx_path} holds no ONNX graph (empty or not ONNX); re-run `canvasrt export`")
     with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(deferred_signals())  # entered first, so it re-raises after the cleanup below
+        monitor = progress_monitor(trt, phases, lambda: bool(signals))
+        options: dict[str, Any] = {
+            "profiles": profiles_for(graph, profiles),
+            "profiling_verbosity": trt.ProfilingVerbosity.DETAILED,  # the layer information needs it
+            "progress_monitor": monitor,
+            **_memory_pools(trt, workspace),
+        }
         fresh = None
         if timing_cache is not None:
             # Open files rather than paths: Polygraphy locks a path through a `.lock` file it leaves behind.
@@ -225,10 +256,14 @@ def build_engine(
         try:
             data = loaders.EngineBytesFromNetwork((builder, network, parser), config=config, save_timing_cache=fresh)()
         except Exception as exc:  # Polygraphy raises its own error type; the builder's first error says more
-            if monitor is not None and monitor.interrupted is not None:
+            if monitor.interrupted is not None:
                 raise monitor.interrupted from None
+            if signals:  # cancelled by the signal; leaving the ExitStack delivers it again to its own handler
+                raise KeyboardInterrupt from None
             detail = log.errors[0] if log.errors else str(exc)
             raise CanvasrtError(f"{flavour} could not build {name}: {_one_line(detail)}") from None
+        if signals:  # it came after the last step: the engine is built, but the user asked to stop
+            raise KeyboardInterrupt
         if timing_cache is not None and fresh is not None:
             fresh.close()
             umask = os.umask(0)
@@ -273,13 +308,17 @@ SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def parse_size(text: str) -> int:
-    """'4G', '512M', '1048576' -> bytes."""
+    """'4G', '512M', '1048576' -> bytes (at least one)."""
+    given = text
     text = text.strip().upper().removesuffix("B")
     scale = SIZE_UNITS.get(text[-1:], 1)
     try:
-        return int(float(text[:-1] if scale > 1 else text) * scale)
+        size = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
-        raise CanvasrtError(f"--workspace takes a size like 4G or 512M, not {text!r}") from None
+        size = math.nan
+    if not (math.isfinite(size) and size >= 1):
+        raise CanvasrtError(f"--workspace takes a size like 4G or 512M, at least one byte, not {given!r}")
+    return int(size)
 
 
 def resolve_builder(builder: str) -> str:

@@ -22,7 +22,7 @@ from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, Quan
                              staged_directory, write_json)
 from ..runtime import tasks
 from ..runtime.prompts import TextCodec, prompt_rows, read_prompts_file
-from .qdq import WEIGHT_MODES, quantize_graph
+from .qdq import WEIGHT_MODES, quantize_graph, read_graph
 from .ranges import METHODS, collect_ranges, scale_for
 # Used without --prompts/--task: mixed-length text, so prefill, commits and every denoising step see typical input.
 BUILTIN_PROMPTS = [
@@ -71,6 +71,10 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
         raise CanvasrtError(f"{artifacts} was exported from a checkpoint with another config than {checkpoint}")
     if samples < 1:
         raise CanvasrtError(f"--samples must be at least 1 (got {samples})")
+    if prompts_file is not None and task is not None:
+        raise CanvasrtError("give at most one of --prompts and --task: both name the calibration set")
+    for name in manifest.graphs:  # before the calibration run, which takes long at the released model's size
+        read_graph(manifest.graph_path(name), load_external_data=False)
     manifest.verify()  # the graphs and weights the Q/DQ graphs are written from are the exported ones
     rows, source = calibration_prompts(checkpoint, prompts_file, task, samples)
     if not rows or any(len(r) == 0 for r in rows):

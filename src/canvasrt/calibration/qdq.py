@@ -16,9 +16,11 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from ..core.errors import ArtifactError
 from ..model.fp8 import E4M3_MAX, QUANTIZED, scale_for
 
 WEIGHT_MODES = ("per-channel", "per-tensor")
@@ -32,10 +34,22 @@ def _fp8_constant(name: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, LazyValues(proto))
 
 
+def read_graph(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """onnx.load with a one-line error for a file that is no ONNX graph: empty, truncated or something else."""
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except (DecodeError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ArtifactError(f"{path} is not a readable ONNX graph ({reason}); re-run `canvasrt export`") from None
+    if not model.graph.node:
+        raise ArtifactError(f"{path} holds no ONNX graph (empty or not ONNX); re-run `canvasrt export`")
+    return model
+
+
 def quantize_graph(source: Path, destination: Path, amax: dict[str, Any], weights: str) -> list[str]:
     """Writes the Q/DQ version of one graph; returns the quantized weight names."""
-    model = onnx.load(str(source))
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(source), load_external_data=False).graph.initializer)
+    model = read_graph(source)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in read_graph(source, False).graph.initializer)
     graph = gs.import_onnx(model)
     done = []
     for node in list(graph.nodes):

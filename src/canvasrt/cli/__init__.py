@@ -1,12 +1,15 @@
 """The `canvasrt` command: one group; each module of this package holds the commands of one stage and calls that
 stage's API. No stage imports this package.
 
-User errors (CanvasrtError) become one line on stderr and exit code 2; parity failures exit 1.
+User errors (CanvasrtError) become one line on stderr and exit code 2; parity failures exit 1; Ctrl-C exits 130 and
+SIGTERM 143, after the command has unwound (no staged output left behind).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -18,13 +21,33 @@ from .serve import serve_command, triton_command
 from .verify import verify_command
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every command unwinds the same way: staged outputs removed, servers
+    stopped."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 class Group(click.Group):
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click API
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return super().invoke(ctx)
         except CanvasrtError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Terminated:
+            click.echo("terminated (SIGTERM)", err=True)
+            sys.exit(128 + signal.SIGTERM)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=Group)

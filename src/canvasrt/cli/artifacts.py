@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from .options import seed_range
+
 err = Console(stderr=True)
 
 
@@ -22,7 +24,7 @@ def stage_progress() -> Progress:
 @click.option("--preset", type=click.Choice(["tiny", "small", "bench", "released"]), default="tiny", show_default=True,
               help="released: the 26B-A4B's exact layer shapes, bf16 (use --layers: 2 layers are 4.8 GB)")
 @click.option("--layers", type=int, default=None, help="number of layers (default: the preset's; released: 30)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
 def random_checkpoint_command(output: Path, preset: str, layers: int | None, seed: int) -> None:
     """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
     from ..model.random_checkpoint import write_random_checkpoint

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..core.errors import CanvasrtError
+from .options import positive, seed_range
 
 out = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -23,8 +24,8 @@ out = Console(width=None if sys.stdout.isatty() else 160)
               help="torch (FP8 artifacts: simulated with their scales), onnxruntime or tensorrt; default: by TARGET")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the JSON report here")
 @click.option("--junit", type=click.Path(path_type=Path), help="write a JUnit XML report here")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
+@click.option("--threads", type=int, default=None, callback=positive, help="CPU threads for torch and ONNX Runtime")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="where the reference and the torch backends run")
 @click.option("--reference-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,

@@ -18,6 +18,7 @@ from ..runtime.loop import Committed, Draft, GenerationResult, left_pad, stream
 from ..runtime.prompts import TextCodec, parse_ids, prompt_rows, read_prompts_file, until_eos
 from ..runtime.rng import RNG_MODES, make_draws
 from ..runtime.settings import resolve_settings
+from .options import positive, seed_range
 
 err = Console(stderr=True)
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -55,8 +56,8 @@ SETTING_KEYS = (
 @click.option("--backend", type=str, default=None, help=f"one of {', '.join(BACKENDS)} (default: by TARGET kind)")
 @click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime provider: cpu, cuda, tensorrt")
 @click.option("--rng", type=click.Choice(RNG_MODES), default="counter", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for the backend")
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
+@click.option("--threads", type=int, default=None, callback=positive, help="CPU threads for the backend")
 @click.option("--json", "as_json", is_flag=True, help="print sequences, text, steps, tokens per forward and timings as JSON")
 @click.option("--watch", is_flag=True, help="show the canvas denoising live")
 @device_option
@@ -186,11 +187,13 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
 @click.command("bench")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--backend", "backends", multiple=True, help="repeatable; also 'transformers' for the reference step")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--prompt-length", type=int, default=64, show_default=True)
-@click.option("--steps", type=int, default=8, show_default=True, help="denoising steps per canvas (no early stop)")
-@click.option("--canvases", type=int, default=1, show_default=True, help="canvases to generate (commits = canvases - 1)")
-@click.option("--threads", type=int, default=None)
+@click.option("--batch", type=int, default=1, show_default=True, callback=positive)
+@click.option("--prompt-length", type=int, default=64, show_default=True, callback=positive)
+@click.option("--steps", type=int, default=8, show_default=True, callback=positive,
+              help="denoising steps per canvas (no early stop)")
+@click.option("--canvases", type=int, default=1, show_default=True, callback=positive,
+              help="canvases to generate (commits = canvases - 1)")
+@click.option("--threads", type=int, default=None, callback=positive)
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_command(
@@ -213,8 +216,8 @@ def bench_command(
 @click.option("--samples", type=int, default=100, show_default=True, help="held-out prompts")
 @click.option("--backend", "backends", multiple=True,
               help="repeatable: transformers (checkpoint), torch, onnxruntime (default: by TARGET kind)")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
+@click.option("--threads", type=int, default=None, callback=positive)
 @click.option("--json", "as_json", is_flag=True)
 @device_option
 @dtype_option

@@ -10,13 +10,16 @@ the ONNX Runtime path and the Triton models use it without PyTorch.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -200,6 +203,28 @@ class GraphEntry:
         )
 
 
+SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_field_types(value: Any, where: str = "manifest") -> None:
+    """TypeError naming the first field of a loaded manifest (nested dataclasses, tuples and dicts of them included)
+    whose value is not of its declared scalar type: JSON gives "4" as readily as 4, and a string capacity would
+    only fail deep inside a backend."""
+    if is_dataclass(value):
+        for item in fields(value):
+            inner = getattr(value, item.name)
+            expected = SCALARS.get(getattr(item.type, "__name__", str(item.type)))
+            if expected is not None and (not isinstance(inner, expected) or (bool not in expected and isinstance(inner, bool))):
+                raise TypeError(f"{where}.{item.name} is {inner!r}, not {item.type}")
+            check_field_types(inner, f"{where}.{item.name}")
+    elif isinstance(value, (tuple, list)):
+        for index, inner in enumerate(value):
+            check_field_types(inner, f"{where}[{index}]")
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            check_field_types(inner, f"{where}.{key}")
+
+
 def _read_json(directory: Path, what: str, fix: str) -> dict[str, Any]:
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is not a directory; pass {what}")
@@ -326,7 +351,8 @@ class ArtifactManifest(StepSpec):
                 f"{data.get('format_version')}), this canvasrt reads format {FORMAT_VERSION}; re-export it"
             )
         try:
-            return cls.from_json(data, directory)
+            manifest = cls.from_json(data, directory)
+            check_field_types(manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{path} is missing or mistypes a field ({type(exc).__name__}: {exc}); {fix}") from None
 
@@ -510,7 +536,8 @@ class EngineManifest(StepSpec):
             raise ArtifactError(f"{directory} holds engines of format {data.get('format_version')}, this canvasrt "
                                 f"reads format {ENGINE_FORMAT_VERSION}; {fix}")
         try:
-            return cls.from_json(data, directory)
+            manifest = cls.from_json(data, directory)
+            check_field_types(manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{directory / MANIFEST} is missing or mistypes a field ({type(exc).__name__}: "
                                 f"{exc}); {fix}") from None
@@ -577,6 +604,38 @@ def directory_problems(directory: str | Path) -> tuple[str, list[str]]:
     return ("engines" if engines else "artifacts"), manifest.problems(digests=True)
 
 
+def _staging_prefix(name: str, pid: int | None = None) -> str:
+    """`.<name>.<host>-<pid>.`: a staging directory names the process that writes it, so a later run can tell a
+    killed run's leftovers from a live run's work."""
+    return f".{name}.{socket.gethostname()}-{os.getpid() if pid is None else pid}."
+
+
+def remove_stale_staging(parent: Path, name: str) -> None:
+    """Removes the staging (`.partial`) siblings of `name` that a process of this host left behind when it was killed
+    (SIGKILL, power loss): their pid is gone. A live process's are never touched; those of another host (a shared
+    file system) neither, since their pid means nothing here. (A `.old` sibling may hold the only copy of a previous
+    output, so it stays.)"""
+    pattern = re.compile(re.escape(f".{name}.{socket.gethostname()}-") + r"(\d+)\..*\.partial")
+    for entry in parent.glob(f".{glob.escape(name)}.*"):
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match[1])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+
+
 @dataclass(frozen=True)
 class OutputKind:
     """What a command writes, and how to recognise an earlier output of it: the only non-empty directory the
@@ -638,7 +697,8 @@ def staged_directory(final: str | Path, kind: OutputKind, inputs: Sequence[str |
     parent = final.parent if str(final.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
+        remove_stale_staging(parent, final.name)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final.name), suffix=".partial", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any other directory

@@ -62,6 +62,9 @@ def export(
         raise CanvasrtError(f"unknown MoE formulation {moe!r}; use one of {', '.join(MOE_FORMULATIONS)}")
     if max_batch < 1:
         raise CanvasrtError(f"--max-batch must be at least 1 (got {max_batch})")
+    if max_prefill is not None and max_prefill < 1:
+        raise CanvasrtError(f"--max-prefill must be at least 1 (got {max_prefill}); leave it out to prefill up to "
+                            "--max-context tokens per call")
     checkpoint = Checkpoint.open(checkpoint_dir)
     config = checkpoint.config
     if max_context <= config.canvas_length:

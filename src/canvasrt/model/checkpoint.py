@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from ..core.config import FULL, LayerSpec, ModelConfig
+from ..core.config import FULL, SLIDING, LayerSpec, ModelConfig
 from ..core.errors import CanvasrtError, CheckpointError
 from ..core.manifest import resolves_inside, sha256_file
 from .modeling import DiffusionGemmaText
@@ -56,7 +57,7 @@ class Checkpoint:
         if file is None:
             raise CheckpointError(f"{self.path} is missing tensor {name}; the checkpoint is incomplete or not DiffusionGemma")
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
+            self._handles[file] = _open_safetensors(file)
         return self._handles[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -181,9 +182,13 @@ class Checkpoint:
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc.msg}); fix or remove it") from None
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({_reason(exc)}); fix or remove it") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object of generation settings; "
+                                  "fix or remove it")
+        return data
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
@@ -208,8 +213,11 @@ def _index_tensors(path: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise CheckpointError(f"{index} is not a safetensors index (no weight_map); re-save the checkpoint") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index} is not a safetensors index (an object whose weight_map maps tensor names "
+                                  "to file names); re-save the checkpoint")
         files = {name: _weight_file(path, file, index.name) for name, file in weight_map.items()}
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
@@ -219,8 +227,16 @@ def _index_tensors(path: Path) -> dict[str, Path]:
     if not single.is_file():
         raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json; it holds no weights")
     _weight_file(path, single.name, single.name)
-    with safe_open(str(single), framework="pt") as handle:
-        return {name: single for name in handle.keys()}
+    return {name: single for name in _open_safetensors(single).keys()}
+
+
+def _open_safetensors(path: Path) -> Any:
+    """safe_open, which checks the header and that the tensors cover the file exactly; a bad file is one line."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_reason(exc)}); it is truncated or "
+                              "corrupt: copy or re-save the checkpoint") from None
 
 
 def _weight_file(path: Path, name: str, source: str) -> Path:
@@ -243,15 +259,23 @@ def _weight_file(path: Path, name: str, source: str) -> Path:
 
 @functools.lru_cache(maxsize=64)
 def _safetensors_header_size(path: Path) -> int:
+    _open_safetensors(path)  # the same checks as the tensors' reader before trusting the length field
     with open(path, "rb") as f:
         return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
 @functools.lru_cache(maxsize=64)
 def _safetensors_header(path: Path) -> dict[str, Any]:
+    size = _safetensors_header_size(path) - 8
     with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(size))
+        f.seek(8)
+        return dict(json.loads(f.read(size)))
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's message on one line (safetensors and transformers indent theirs over several)."""
+    text = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+    return " ".join(text.split()).removeprefix("Error while deserializing header: ") or type(exc).__name__
 
 
 DEVICES = ("cpu", "cuda")
@@ -290,6 +314,10 @@ def read_config_json(checkpoint_dir: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix or re-save it") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; fix or re-save it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not a config object; fix or re-save it")
     model_type = data.get("model_type")
     if model_type != "diffusion_gemma":
         raise CheckpointError(
@@ -299,21 +327,79 @@ def read_config_json(checkpoint_dir: Path) -> dict[str, Any]:
 
 
 def load_model_config(checkpoint_dir: Path) -> ModelConfig:
-    """Parses config.json (either serialisation) into a ModelConfig."""
+    """Parses config.json (either serialisation) into a ModelConfig, with transformers' own checks (types, layer
+    types and their count) and then `check_model_config`'s: every config value is checked here, once."""
     read_config_json(checkpoint_dir)
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import DiffusionGemmaConfig
 
+    path = Path(checkpoint_dir) / "config.json"
     try:
         hf = DiffusionGemmaConfig.from_pretrained(str(checkpoint_dir))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{checkpoint_dir}/config.json is not a valid DiffusionGemma config: {exc}") from None
-    return model_config_from_hf(hf)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+        # transformers' type errors go on to list every type a field could have; the field and its value say enough
+        reason = _reason(exc).split(" doesn't match any type")[0]
+        raise CheckpointError(f"{path} is not a valid DiffusionGemma config: {reason[:300]}; fix config.json") from None
+    try:
+        config = model_config_from_hf(hf)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}; fix config.json") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a valid DiffusionGemma config ({type(exc).__name__}: "
+                              f"{_reason(exc)[:200]}); fix config.json") from None
+    problem = check_model_config(config)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; fix config.json")
+    return config
+
+
+def check_model_config(config: ModelConfig) -> str | None:
+    """The first value of `config` that the model cannot run with, or None. Beyond transformers' checks: what
+    canvasrt's graphs (and the reference's own modules) need, e.g. top-k within the experts, a sliding window of at
+    least 2 (a ring of W - 1 cached tokens), GQA head counts, even head dims for RoPE, ids inside the vocabulary.
+    (Layer types are checked while reading them: each selects its RoPE parameters.)"""
+    positive = {
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_heads,
+        "num_experts": config.num_experts, "top_k_experts": config.top_k_experts,
+        "moe_intermediate_size": config.moe_intermediate_size, "canvas_length": config.canvas_length,
+        "max_position_embeddings": config.max_position_embeddings, "num_hidden_layers": config.num_layers,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            return f"{name} must be at least 1, got {value}"
+    if config.top_k_experts > config.num_experts:
+        return f"top_k_experts {config.top_k_experts} exceeds num_experts {config.num_experts}"
+    if config.sliding_window < 2:
+        return f"sliding_window must be at least 2 (a token and one cached neighbour), got {config.sliding_window}"
+    if config.canvas_length >= config.max_position_embeddings:
+        return (f"canvas_length {config.canvas_length} leaves no position for a prompt within "
+                f"max_position_embeddings {config.max_position_embeddings}")
+    for name, value in (("rms_norm_eps", config.rms_norm_eps), ("final_logit_softcapping", config.logit_softcap)):
+        if not (math.isfinite(value) and value > 0):
+            return f"{name} must be a positive number, got {value}"
+    for idx, layer in enumerate(config.layers):
+        if layer.head_dim < 2 or layer.head_dim % 2:
+            return f"layer {idx} has head_dim {layer.head_dim}; RoPE needs an even head_dim of at least 2"
+        if layer.num_kv_heads < 1 or config.num_heads % layer.num_kv_heads:
+            return (f"layer {idx} has {layer.num_kv_heads} key/value heads, which do not divide "
+                    f"num_attention_heads {config.num_heads}")
+        if not (math.isfinite(layer.rope_theta) and layer.rope_theta > 0):
+            return f"layer {idx} has rope_theta {layer.rope_theta}; it must be a positive number"
+    for name, ids in (("pad_token_id", (config.pad_token_id,)), ("eos_token_id", config.eos_token_ids)):
+        outside = [i for i in ids if not 0 <= i < config.vocab_size]
+        if outside:
+            return f"{name} {outside[0]} is outside the vocabulary [0, {config.vocab_size})"
+    return None
 
 
 def model_config_from_hf(hf: Any) -> ModelConfig:
     text = hf.text_config
     layers = []
     for idx, kind in enumerate(text.layer_types):
+        if kind not in (SLIDING, FULL):
+            raise CheckpointError(f"layer {idx} has layer type {kind!r}; DiffusionGemma layers are {SLIDING!r} or "
+                                  f"{FULL!r}")
         per_layer = text.per_layer_config[idx]
         rope = text.rope_parameters[kind]
         head_dim = int(per_layer.head_dim)
@@ -341,6 +427,9 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     if not text.num_experts or not text.top_k_experts:
         raise CheckpointError("config has no MoE (num_experts/top_k_experts unset); DiffusionGemma always has experts")
+    if text.final_logit_softcapping is None:  # the reference divides the logits by it unconditionally
+        raise CheckpointError("config has no final_logit_softcapping; DiffusionGemma's logits are always softcapped "
+                              "(30.0 in the released config)")
     return ModelConfig(
         vocab_size=int(text.vocab_size),
         hidden_size=int(text.hidden_size),

@@ -6,12 +6,16 @@ Uses the `tokenizers` library only (tokenizer.json), so it runs wherever the ONN
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..core.errors import CanvasrtError
+
+INT64 = (-(1 << 63), (1 << 63) - 1)  # token ids travel as int64 (numpy, ONNX, Triton): larger ones cannot be ids
+_ID = re.compile(r"[+-]?[0-9]+")
 
 
 class TextCodec:
@@ -21,9 +25,18 @@ class TextCodec:
             raise CanvasrtError(f"{directory} has no tokenizer.json; pass token ids (--prompt-ids) instead of text")
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises bare Exception for every unreadable file, nothing narrower
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise CanvasrtError(f"{path} is not a tokenizers tokenizer.json ({reason}); copy the checkpoint's "
+                                "tokenizer.json back or pass --prompt-ids") from None
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 arrive from argv as lone surrogates
+            raise CanvasrtError(f"prompt text {text!r} is not valid UTF-8; pass UTF-8 text or --prompt-ids") from None
         # The tokenizer's own post-processor decides about special tokens (a <bos>, say), as in training.
         return self.tokenizer.encode(text).ids
 
@@ -48,18 +61,37 @@ def until_eos(ids: np.ndarray, eos_ids: tuple[int, ...], pad_id: int | None) -> 
 
 
 def parse_ids(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise CanvasrtError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    """'5, 6,7' -> [5, 6, 7]. Spaces may surround an id, never split one: '1 2, 3' is refused, not read as 12, 3."""
+    parts = [part.strip() for part in text.split(",")]
+    if parts and not parts[-1]:
+        parts.pop()  # a trailing comma
+    if not parts or not all(_ID.fullmatch(part) for part in parts):
+        raise CanvasrtError(f"--prompt-ids must be comma-separated integers like 5,6,7, got {text!r}")
+    return [int(part) for part in parts]  # prompt_rows checks their range, as for a prompts file's
+
+
+def check_ids(ids: Any) -> list[int]:
+    """A prompt's ids as given (CLI, prompts file): a list of integers within int64; the vocabulary is checked
+    against the model later, with the request."""
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CanvasrtError(f"prompt ids must be a list of integers, got {ids!r}")
+    outside = [i for i in ids if not INT64[0] <= i <= INT64[1]]
+    if outside:
+        raise CanvasrtError(f"prompt token id {outside[0]} does not fit in int64, so it is no token id; pass ids of "
+                            "the model's vocabulary")
+    return ids
 
 
 def read_prompts_file(path: Path) -> list[dict[str, Any]]:
     """One JSON object per line: {"text": ...} or {"ids": [...]}."""
     if not path.is_file():
         raise CanvasrtError(f"prompts file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CanvasrtError(f"prompts file {path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -68,6 +100,8 @@ def read_prompts_file(path: Path) -> list[dict[str, Any]]:
             raise CanvasrtError(f"{path}:{number} is not JSON; each line must be {{\"text\": ...}} or {{\"ids\": [...]}}") from None
         if not isinstance(entry, dict) or not ({"text", "ids"} & entry.keys()):
             raise CanvasrtError(f"{path}:{number} needs a \"text\" or an \"ids\" field")
+        if "ids" not in entry and not isinstance(entry["text"], str):
+            raise CanvasrtError(f"{path}:{number}: \"text\" must be a string, got {entry['text']!r}")
         prompts.append(entry)
     if not prompts:
         raise CanvasrtError(f"prompts file {path} holds no prompts")
@@ -79,10 +113,7 @@ def prompt_rows(prompts: list[dict[str, Any]], codec_dir: Path) -> list[list[int
     rows = []
     for entry in prompts:
         if "ids" in entry:
-            ids = entry["ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                raise CanvasrtError(f"prompt ids must be a list of integers, got {ids!r}")
-            rows.append(ids)
+            rows.append(check_ids(entry["ids"]))
         else:
             codec = codec or TextCodec(codec_dir)
             rows.append(codec.encode(entry["text"]))

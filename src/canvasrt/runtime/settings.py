@@ -3,10 +3,16 @@
 Order: explicit overrides > the checkpoint's generation_config.json > transformers' built-in defaults
 (`DiffusionGemmaGenerationConfig._get_default_generation_params`, copied here because the runtime must not need
 transformers).
+
+`GenerationSettings.validate` is the one check of a request's settings, for the CLI and Triton alike: integers
+within their bounds, floats finite in float32 (the dtype the step takes them in; 1e39 would arrive as infinity and
+turn every temperature into padding). The context capacity bounds max_new_tokens with the prompt
+(`loop.check_request`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -21,6 +27,10 @@ DEFAULTS = {
     "stability_threshold": 1,
     "confidence_threshold": 0.005,
 }
+# Far above the released config's 48; a request may not hold an instance for millions of steps. Also bounds the
+# stability window, whose history the loop keeps per step.
+MAX_DENOISING_STEPS = 1024
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -40,12 +50,24 @@ class GenerationSettings:
         return self.t_min + (self.t_max - self.t_min) * (remaining / self.max_denoising_steps)
 
     def validate(self) -> "GenerationSettings":
+        for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise CanvasrtError(f"--{name.replace('_', '-')} must be an integer (got {value!r})")
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite32(value):
+                raise CanvasrtError(f"--{name.replace('_', '-')} must be a finite number (at most {FLOAT32_MAX:.3g}), "
+                                    f"got {value!r}")
+        steps = self.max_denoising_steps
         checks = [
             (self.max_new_tokens > 0, f"--max-new-tokens must be positive (got {self.max_new_tokens})"),
-            (self.max_denoising_steps > 0, f"--max-denoising-steps must be positive (got {self.max_denoising_steps})"),
+            (0 < steps <= MAX_DENOISING_STEPS,
+             f"--max-denoising-steps must be between 1 and {MAX_DENOISING_STEPS} (got {steps})"),
             (self.entropy_bound > 0, f"--entropy-bound must be positive (got {self.entropy_bound})"),
             (0 <= self.t_min < self.t_max, f"need 0 <= --t-min < --t-max (got {self.t_min}, {self.t_max})"),
-            (self.stability_threshold >= 0, f"--stability-threshold must be >= 0 (got {self.stability_threshold})"),
+            (0 <= self.stability_threshold <= MAX_DENOISING_STEPS,
+             f"--stability-threshold must be between 0 and {MAX_DENOISING_STEPS} (got {self.stability_threshold})"),
             (self.confidence_threshold > 0, f"--confidence-threshold must be positive (got {self.confidence_threshold})"),
         ]
         for ok, message in checks:
@@ -55,6 +77,10 @@ class GenerationSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _finite32(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
 def resolve_settings(generation_config: dict[str, Any], overrides: dict[str, Any] | None = None) -> GenerationSettings:

@@ -40,6 +40,7 @@ def generate_grpc(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE
 
     replies: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
+    finished = False
     try:
         client.start_stream(callback=lambda result, error: replies.put((result, error)))
         tensors = []
@@ -55,12 +56,16 @@ def generate_grpc(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE
         while True:
             result, error = replies.get(timeout=timeout)
             if error is not None:
+                finished = True  # an error response is the request's final one
                 raise TritonRequestError(error.message())
             collected.append({f.name: _plain(f.name, result.as_numpy(f.name)) for f in OUTPUTS})
             if collected[-1]["event"] == "done":
+                finished = True
                 return collected
     finally:
-        client.stop_stream()
+        # Leaving early (a timeout, Ctrl-C): cancel the request, which stops its loop on the server; closing the
+        # stream without cancelling would wait for the whole generation.
+        client.stop_stream(cancel_requests=not finished)
         client.close()
 
 

@@ -4,8 +4,8 @@ The model repository holds a few-line `model.py` that imports this class, so the
 Parameters come from config.pbtxt (`canvasrt triton` writes them): `step_backend` is `in-process` (ONNX Runtime
 inside this model) or `bls` (the step models, called through BLS); `threads` bounds ONNX Runtime's threads per
 instance. Requests are served one at a time per instance, each as a batch of one; concurrency comes from instances.
-Errors that concern the request (no prompt, too many tokens) go back as a Triton error response and leave the model
-serving; nothing here needs PyTorch.
+Errors that concern the request (no prompt, too many tokens, a passed deadline) go back as a Triton error response and
+leave the model serving; a request its client cancelled stops at the next step. Nothing here needs PyTorch.
 """
 
 from __future__ import annotations
@@ -58,9 +58,17 @@ class TritonPythonModel:
             try:
                 inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
                 parsed = parse_request(inputs, self.generation, self.codec.encode if self.codec else None)
-                for tensors in responses(self.backend, parsed, self.codec):
+                finished, sent = False, 0
+                for tensors in responses(self.backend, parsed, self.codec, sender.is_cancelled):
+                    finished = tensors["event"][0] == b"done"
                     reply = pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in tensors.items()])
-                    sender.send(reply, flags=final if tensors["event"][0] == b"done" else 0)
+                    sender.send(reply, flags=final if finished else 0)
+                    sent += 1
+                if not finished:  # the client cancelled: Triton still wants the final flag, for nobody to read
+                    pb_utils.Logger.log_info(f"canvasrt_generate: request cancelled by its client after {sent} "
+                                             "response(s); its loop stopped")
+                    error = pb_utils.TritonError("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+                    sender.send(pb_utils.InferenceResponse(error=error), flags=final)
             except Exception as exc:  # every request gets its final response; the instance serves the next one
                 message = str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)

@@ -5,12 +5,18 @@ generation config, exactly as in `canvasrt generate`. The model streams one resp
 (`event` "block"), per denoising step on request (`event` "draft"), and a final one (`event` "done") with the whole
 generation. Every response carries every output, so clients read one schema.
 
+What one request may cost is bounded: its settings by `GenerationSettings.validate` (at most MAX_DENOISING_STEPS
+steps per canvas, finite float32 temperatures and thresholds), its prompt plus canvases by the model's context
+capacity (`loop.check_request`), its run time by its own `deadline_ms`, and a request whose client cancels (gRPC
+stream cancellation) stops at the next denoising step, so an instance is never held by a request nobody waits for.
+
 Plain numpy and the standard library: the Triton model, the repository writer and the clients share this file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,7 @@ INPUTS = (
     Field("seed", "INT64", (1,), "seed of the counter RNG (default 0); the same seed gives the same tokens anywhere"),
     Field("stream", "BOOL", (1,), "false: send only the final response (HTTP /generate takes exactly one)"),
     Field("stream_drafts", "BOOL", (1,), "also stream the argmax canvas after every denoising step"),
+    Field("deadline_ms", "INT32", (1,), "milliseconds the generation may run; past it the request ends in an error"),
     *SETTING_INPUTS,
 )
 OUTPUTS = (
@@ -67,6 +74,7 @@ class GenerationRequest:
     settings: GenerationSettings
     stream: bool
     stream_drafts: bool
+    deadline_ms: int | None = None
 
 
 def _scalar(inputs: dict[str, np.ndarray], name: str) -> Any:
@@ -87,7 +95,11 @@ def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, An
         if encode is None:
             raise CanvasrtError("these artifacts carry no tokenizer; send 'prompt_ids' instead of 'prompt'")
         raw = _scalar(inputs, "prompt")
-        ids = encode(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as exc:
+            raise CanvasrtError(f"the prompt is not UTF-8 text (byte {exc.start}); send UTF-8 or 'prompt_ids'") from None
+        ids = encode(text)
     else:
         ids = [int(i) for i in inputs["prompt_ids"].reshape(-1)]
     if not ids:
@@ -99,7 +111,11 @@ def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, An
         raise CanvasrtError(f"seed must be non-negative, got {seed}")
     streaming = bool(_scalar(inputs, "stream")) if "stream" in inputs else True
     drafts = bool(_scalar(inputs, "stream_drafts")) if "stream_drafts" in inputs else False
-    return GenerationRequest(ids=ids, seed=seed, settings=settings, stream=streaming, stream_drafts=streaming and drafts)
+    deadline = int(_scalar(inputs, "deadline_ms")) if "deadline_ms" in inputs else None
+    if deadline is not None and deadline < 1:
+        raise CanvasrtError(f"deadline_ms must be at least 1, got {deadline}")
+    return GenerationRequest(ids=ids, seed=seed, settings=settings, stream=streaming, stream_drafts=streaming and drafts,
+                             deadline_ms=deadline)
 
 
 def response(event: str, block: int, step: int, ids: np.ndarray, text: str, tokens_per_forward: float = 0.0) -> dict[str, np.ndarray]:
@@ -115,7 +131,8 @@ def response(event: str, block: int, step: int, ids: np.ndarray, text: str, toke
 
 
 def request_inputs(prompt: str | None = None, prompt_ids: list[int] | None = None, seed: int | None = None,
-                   stream: bool = True, stream_drafts: bool = False, **settings: Any) -> dict[str, np.ndarray]:
+                   stream: bool = True, stream_drafts: bool = False, deadline_ms: int | None = None,
+                   **settings: Any) -> dict[str, np.ndarray]:
     """Client side: the input tensors for a request (None values are left out, so the model's defaults apply)."""
     inputs: dict[str, np.ndarray] = {}
     if prompt is not None:
@@ -128,6 +145,8 @@ def request_inputs(prompt: str | None = None, prompt_ids: list[int] | None = Non
         inputs["stream"] = np.array([False])
     if stream_drafts:
         inputs["stream_drafts"] = np.array([True])
+    if deadline_ms is not None:
+        inputs["deadline_ms"] = np.array([deadline_ms], dtype=np.int32)
     fields = {f.name: f for f in SETTING_INPUTS}
     for name, value in settings.items():
         if name not in fields:
@@ -137,9 +156,14 @@ def request_inputs(prompt: str | None = None, prompt_ids: list[int] | None = Non
     return inputs
 
 
-def responses(backend: StepBackend, request: GenerationRequest, codec: TextCodec | None) -> Iterator[dict[str, np.ndarray]]:
-    """Runs one request through the loop on a started backend, yielding the output tensors of each response."""
+def responses(backend: StepBackend, request: GenerationRequest, codec: TextCodec | None,
+              cancelled: Callable[[], bool] = lambda: False) -> Iterator[dict[str, np.ndarray]]:
+    """Runs one request through the loop on a started backend, yielding the output tensors of each response.
+
+    After every denoising step: `cancelled()` true ends the responses early (without "done"); a request past its
+    deadline raises CanvasrtError. The backend needs no cleanup either way: the next request starts afresh."""
     settings = request.settings
+    started = time.monotonic()
     ids, padding = left_pad([request.ids], settings.pad_token_id or 0)
     draws = make_draws("counter", request.seed, 1, backend.spec.model.vocab_size, backend.spec.capacity.canvas)
 
@@ -147,6 +171,15 @@ def responses(backend: StepBackend, request: GenerationRequest, codec: TextCodec
         return codec.decode(until_eos(tokens, settings.eos_token_ids, settings.pad_token_id)) if codec else ""
 
     for event in stream(backend, ids, padding, settings, draws):
+        if cancelled():
+            return
+        elapsed_ms = (time.monotonic() - started) * 1000
+        late = request.deadline_ms is not None and elapsed_ms > request.deadline_ms
+        if late and isinstance(event, (Draft, Committed)):  # a finished generation is sent, however late
+            where = f"canvas {event.block}, step {event.step}" if isinstance(event, Draft) else f"canvas {event.block}"
+            raise CanvasrtError(f"the request passed its deadline_ms of {request.deadline_ms} at {where} "
+                                f"({elapsed_ms:.0f} ms); raise deadline_ms or lower max_denoising_steps / "
+                                "max_new_tokens")
         if isinstance(event, Draft):
             if request.stream_drafts:
                 yield response("draft", event.block, event.step, event.argmax[0], "")

@@ -9,6 +9,7 @@ the stub of Triton 2.51 was built against numpy 1, and under numpy 2 it returns 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from ..core.errors import CanvasrtError
 
@@ -122,6 +123,27 @@ def backend_directory(installation: Installation, env: PythonEnv, scratch: Path)
     return python.parent
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def stop_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send the child SIGTERM when this process dies, however it dies: a SIGKILL of
+    `canvasrt serve` (or of a test) must not leave tritonserver holding the ports. The signal follows the thread
+    that started the child, so start servers from a thread that outlives them (the main thread does). Triton drains
+    and unloads on SIGTERM, so its Python stubs and shared memory go too. None where there is no prctl."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: after fork the child should only make the call
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class TritonServer:
     """A tritonserver process on a model repository; a context manager that waits for readiness and stops it."""
 
@@ -187,6 +209,7 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(backend_directory(self.installation, self.env, self.scratch)),
             stdout=self._log_file, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True,
+            preexec_fn=stop_with_parent(),
         )
         self.wait_ready()
 

@@ -1,0 +1,325 @@
+"""Bad input gets one line naming the problem and the fix, exit code 2, no traceback, nothing written; Ctrl-C and
+SIGTERM stop a command without leaving staged output behind.
+
+Each bad input is made from a good one (a copy of a session fixture, then corrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from canvasrt.cli import main
+from canvasrt.core.manifest import _staging_prefix
+from click.testing import CliRunner
+
+CANVASRT = str(Path(sys.executable).parent / "canvasrt")
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(result, *fragments: str) -> None:
+    """Exit code 2 and one error line, the last on stderr (after any progress line), holding every fragment; no
+    traceback."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def assert_nothing_written(output: Path) -> None:
+    assert not output.exists()
+    assert not list(output.parent.glob(f".{output.name}.*")), list(output.parent.iterdir())
+
+
+def copy(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    """Rewrites a JSON file after `change` edited its data in place."""
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+# -- checkpoint files -------------------------------------------------------------------------------------------------
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _header_length(path: Path, length: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", length) + data[8:])
+
+
+def _header_garbage(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + b"{garbage" + data[16:])
+
+
+WEIGHTS = "model.safetensors"
+CHECKPOINT_FILES = [
+    ("empty weights", lambda c: (c / WEIGHTS).write_bytes(b""), ["model.safetensors", "header too small", "re-save"]),
+    ("truncated header", lambda c: _truncate(c / WEIGHTS, 1000), ["invalid header length", "truncated or corrupt"]),
+    ("truncated data", lambda c: _truncate(c / WEIGHTS, (c / WEIGHTS).stat().st_size - 100),
+     ["file not fully covered", "truncated or corrupt"]),
+    ("corrupt header", lambda c: _header_garbage(c / WEIGHTS), ["invalid JSON in header", "truncated or corrupt"]),
+    ("oversized header", lambda c: _header_length(c / WEIGHTS, 1 << 40), ["header too large"]),
+    ("index is a list", lambda c: (c / "model.safetensors.index.json").write_text("[1, 2]"),
+     ["is not a safetensors index", "re-save the checkpoint"]),
+    ("weight_map is a list", lambda c: (c / "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
+     ["is not a safetensors index"]),
+    ("config is a list", lambda c: (c / "config.json").write_text("[1, 2]"), ["config.json holds a JSON list", "fix"]),
+    ("text_config is a list", lambda c: edit_json(c / "config.json", lambda d: d.update(text_config=[1])),
+     ["not a valid DiffusionGemma config", "text_config", "fix config.json"]),
+    ("generation config is a list", lambda c: (c / "generation_config.json").write_text("[1]"),
+     ["generation_config.json holds a JSON list", "fix or remove it"]),
+    ("config not UTF-8", lambda c: (c / "config.json").write_bytes(b'{"model_type": "\xff"}'), ["not UTF-8"]),
+]
+
+
+@pytest.mark.parametrize("corrupt, fragments", [c[1:] for c in CHECKPOINT_FILES], ids=[c[0] for c in CHECKPOINT_FILES])
+def test_malformed_checkpoint_files(tiny_checkpoint, tmp_path, corrupt, fragments):
+    checkpoint = copy(tiny_checkpoint, tmp_path / "ckpt")
+    corrupt(checkpoint)
+    assert_refused(cli("export", checkpoint, "-o", tmp_path / "out"), *fragments)
+    assert_nothing_written(tmp_path / "out")
+
+
+def _text(key: str, value: object) -> Callable[[dict], None]:
+    return lambda config: config["text_config"].update({key: value})
+
+
+def _layer_types(change: Callable[[list], object]) -> Callable[[dict], None]:
+    return lambda config: change(config["text_config"]["layer_types"])
+
+
+CONFIG_VALUES = [
+    ("top-k above the experts", _text("top_k_experts", 99), "top_k_experts 99 exceeds num_experts 4"),
+    ("canvas length 0", lambda c: c.update(canvas_length=0), "canvas_length must be at least 1, got 0"),
+    ("canvas length negative", lambda c: c.update(canvas_length=-3), "canvas_length must be at least 1, got -3"),
+    ("canvas length not a number", lambda c: c.update(canvas_length="x"), "Field 'canvas_length'"),
+    ("sliding window 0", _text("sliding_window", 0), "sliding_window must be at least 2"),
+    ("sliding window 1", _text("sliding_window", 1), "sliding_window must be at least 2"),
+    ("unknown layer type", _layer_types(lambda t: t.__setitem__(0, "bogus_attention")), "layer_types"),
+    ("layer type transformers knows, canvasrt does not", _layer_types(lambda t: t.__setitem__(0, "linear_attention")),
+     "layer 0 has layer type 'linear_attention'"),
+    ("layer types too short", _layer_types(lambda t: t.pop()), "must be equal to the number of `layer_types`"),
+    ("head count not a number", _text("num_attention_heads", "eight"), "Field 'num_attention_heads'"),
+    ("head count fractional", _text("num_attention_heads", 2.5), "Field 'num_attention_heads'"),
+    ("head count 0", _text("num_attention_heads", 0), "num_attention_heads must be at least 1"),
+    ("hidden size 0", _text("hidden_size", 0), "hidden_size must be at least 1"),
+    ("kv heads not dividing heads", _text("num_key_value_heads", 3), "3 key/value heads, which do not divide"),
+    ("odd head dim", _text("head_dim", 7), "RoPE needs an even head_dim"),
+    ("negative norm epsilon", _text("rms_norm_eps", -1.0), "rms_norm_eps must be a positive number"),
+    ("no softcap", _text("final_logit_softcapping", None), "final_logit_softcapping"),
+    ("eos outside the vocabulary", _text("eos_token_id", 10**6), "eos_token_id 1000000 is outside the vocabulary"),
+    ("pad outside the vocabulary", _text("pad_token_id", 10**6), "pad_token_id 1000000 is outside the vocabulary"),
+    ("canvas beyond the positions", lambda c: c.update(canvas_length=10**7), "leaves no position for a prompt"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", [c[1:] for c in CONFIG_VALUES], ids=[c[0] for c in CONFIG_VALUES])
+def test_config_values_are_checked_where_the_config_is_read(tiny_checkpoint, tmp_path, change, fragment):
+    checkpoint = copy(tiny_checkpoint, tmp_path / "ckpt")
+    edit_json(checkpoint / "config.json", change)
+    assert_refused(cli("export", checkpoint, "-o", tmp_path / "out"), fragment, "config.json")
+    assert_nothing_written(tmp_path / "out")
+
+
+# -- artifact files -------------------------------------------------------------------------------------------------
+
+def _manifest(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    return lambda artifacts: edit_json(artifacts / "manifest.json", change)
+
+
+ARTIFACT_FILES = [
+    ("manifest is a list", lambda a: (a / "manifest.json").write_text("[]"), "not a canvasrt manifest"),
+    ("graphs a list", _manifest(lambda m: m.update(graphs=[])), "mistypes a field"),
+    ("no capacity", _manifest(lambda m: m.pop("capacity")), "KeyError: 'capacity'"),
+    ("capacity a list", _manifest(lambda m: m.update(capacity=[1])), "mistypes a field"),
+    ("capacity value a string", _manifest(lambda m: m["capacity"].update(max_batch="4")),
+     "manifest.capacity.max_batch is '4', not int"),
+    ("layer spec a list", _manifest(lambda m: m["model"]["layers"].__setitem__(0, [1])), "mistypes a field"),
+    ("layer head_dim a string", _manifest(lambda m: m["model"]["layers"][0].update(head_dim="16")),
+     "manifest.model.layers[0].head_dim"),
+    ("kv layout slots not a number", _manifest(lambda m: m["kv_layout"][0].update(slots="x")), "mistypes a field"),
+    ("graph entry a list", _manifest(lambda m: m["graphs"].update(encode=[1])), "mistypes a field"),
+    ("empty graph", lambda a: (a / "encode.onnx").write_bytes(b""), "encode.onnx"),
+    ("truncated graph", lambda a: _truncate(a / "denoise.onnx", 5000), "denoise.onnx"),
+    ("graph not ONNX", lambda a: (a / "encode.onnx").write_text("hello, not a graph"), "encode.onnx"),
+]
+
+
+@pytest.mark.parametrize("corrupt, fragment", [c[1:] for c in ARTIFACT_FILES], ids=[c[0] for c in ARTIFACT_FILES])
+def test_malformed_artifacts_generate(tiny_artifacts, tmp_path, corrupt, fragment):
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    corrupt(artifacts)
+    assert_refused(cli("generate", artifacts, "--prompt-ids", "1,2,3", "--max-new-tokens", 16), fragment)
+
+
+GRAPH_FILES = [c for c in ARTIFACT_FILES if "graph" in c[0] and "entry" not in c[0]]
+
+
+@pytest.mark.parametrize("corrupt, fragment", [c[1:] for c in GRAPH_FILES], ids=[c[0] for c in GRAPH_FILES])
+def test_malformed_graphs_calibrate_and_build(tiny_checkpoint, tiny_artifacts, tmp_path, corrupt, fragment):
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    corrupt(artifacts)
+    result = cli("calibrate", tiny_checkpoint, artifacts, "-o", tmp_path / "fp8", "--samples", 1)
+    assert_refused(result, fragment, "re-run `canvasrt export`")
+    assert_nothing_written(tmp_path / "fp8")
+    pytest.importorskip("tensorrt_rtx")
+    assert_refused(cli("build", artifacts, "-o", tmp_path / "engines", "--max-context", 32), fragment)
+    assert_nothing_written(tmp_path / "engines")
+
+
+@pytest.mark.parametrize("content", [b'{"a": 1}', b"[1]", b"\xff\xfe"], ids=["object", "list", "binary"])
+def test_a_tokenizer_that_is_not_a_tokenizer(tiny_artifacts, tmp_path, content):
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    (artifacts / "tokenizer.json").write_bytes(content)
+    assert_refused(cli("generate", artifacts, "--prompt", "hi"), "is not a tokenizers tokenizer.json", "--prompt-ids")
+
+
+# -- options and prompts --------------------------------------------------------------------------------------------
+
+GENERATE_OPTIONS = [
+    (["--prompt-ids", "1 2, 3"], "--prompt-ids must be comma-separated integers"),
+    (["--prompt-ids", "1,,2"], "--prompt-ids must be comma-separated integers"),
+    (["--prompt-ids", f"1,{1 << 64}"], f"prompt token id {1 << 64} does not fit in int64"),
+    (["--prompt-ids", "1,2", "--seed", str(1 << 70)], "--seed must be between 0 and 9223372036854775807"),
+    (["--prompt-ids", "1,2", "--seed", "-1"], "--seed must be between 0"),
+    (["--prompt-ids", "1,2", "--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["--prompt-ids", "1,2", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--prompt-ids", "1,2", "--t-max", "inf"], "--t-max must be a finite number"),
+    (["--prompt-ids", "1,2", "--t-max", "1e39"], "--t-max must be a finite number"),
+    (["--prompt-ids", "1,2", "--t-min", "nan"], "--t-min must be a finite number"),
+    (["--prompt-ids", "1,2", "--entropy-bound", "inf"], "--entropy-bound must be a finite number"),
+    (["--prompt-ids", "1,2", "--confidence-threshold", "inf"], "--confidence-threshold must be a finite number"),
+    (["--prompt-ids", "1,2", "--confidence-threshold", "nan"], "--confidence-threshold must be a finite number"),
+    (["--prompt-ids", "1,2", "--max-denoising-steps", str((1 << 31) - 1)], "between 1 and 1024"),
+    (["--prompt-ids", "1,2", "--stability-threshold", "100000"], "--stability-threshold must be between 0 and 1024"),
+    (["--prompt", "caf\udce9"], "is not valid UTF-8"),  # how argv bytes that are not UTF-8 reach Python
+]
+
+
+@pytest.mark.parametrize("args, fragment", GENERATE_OPTIONS, ids=[" ".join(a[-2:]) for a, _ in GENERATE_OPTIONS])
+def test_generate_refuses_options_that_make_no_sense(tiny_artifacts, args, fragment):
+    assert_refused(cli("generate", tiny_artifacts, *args), fragment)
+
+
+PROMPTS_FILES = [
+    (b'{"ids": [1, 99999999999999999999999]}\n', "does not fit in int64"),
+    (b'{"text": "caf\xe9"}\n', "is not UTF-8 text (byte 13); re-encode it as UTF-8"),
+    (b'{"text": 5}\n', '"text" must be a string'),
+    (b'{"ids": [1, true]}\n', "must be a list of integers"),
+]
+
+
+@pytest.mark.parametrize("content, fragment", PROMPTS_FILES, ids=["id beyond int64", "latin-1", "text a number", "bool id"])
+def test_prompts_files_generate_and_calibrate(tiny_checkpoint, tiny_artifacts, tmp_path, content, fragment):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(content)
+    assert_refused(cli("generate", tiny_artifacts, "--prompts-file", prompts), fragment)
+    assert_refused(cli("calibrate", tiny_checkpoint, tiny_artifacts, "-o", tmp_path / "fp8", "--prompts", prompts,
+                       "--samples", 1), fragment)
+    assert_nothing_written(tmp_path / "fp8")
+
+
+def test_other_commands_refuse_options_that_make_no_sense(tiny_checkpoint, tiny_artifacts, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"ids": [1, 2, 3]}\n')
+    for args, fragment in [
+        (["export", tiny_checkpoint, "-o", tmp_path / "out", "--max-prefill", 0], "--max-prefill must be at least 1"),
+        (["export", tiny_checkpoint, "-o", tmp_path / "out", "--max-prefill", -5], "--max-prefill must be at least 1"),
+        (["build", tiny_artifacts, "-o", tmp_path / "out", "--workspace", "-1G"], "at least one byte"),
+        (["build", tiny_artifacts, "-o", tmp_path / "out", "--workspace", "0"], "at least one byte"),
+        (["calibrate", tiny_checkpoint, tiny_artifacts, "-o", tmp_path / "out", "--task", "sort", "--prompts", prompts],
+         "at most one of --prompts and --task"),
+        (["bench", tiny_artifacts, "--threads", -1], "--threads must be at least 1"),
+        (["bench", tiny_artifacts, "--steps", 0], "--steps must be at least 1"),
+        (["eval", tiny_artifacts, "--task", "sort", "--threads", 0], "--threads must be at least 1"),
+        (["parity", tiny_checkpoint, tiny_artifacts, "--seed", -2], "--seed must be between 0"),
+        (["random-checkpoint", tmp_path / "out", "--seed", 1 << 64], "--seed must be between 0"),
+    ]:
+        assert_refused(cli(*args), fragment)
+        assert_nothing_written(tmp_path / "out")
+
+
+def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    assert cli("build", tiny_artifacts, "-o", tmp_path / "engines", "--max-context", 32).exit_code == 0
+    (tmp_path / "engines" / "denoise.engine").unlink()
+    assert_refused(cli("triton", tmp_path / "engines", "-o", tmp_path / "repo"), "lacks the denoise engine",
+                   "canvasrt build")
+    assert_nothing_written(tmp_path / "repo")
+
+
+# -- signals ----------------------------------------------------------------------------------------------------------
+
+def _start_and_signal(command: list, output: Path, number: int, settle: float) -> subprocess.CompletedProcess:
+    """Runs `command`, sends `number` once its staging directory exists and `settle` seconds have passed."""
+    process = subprocess.Popen([CANVASRT, *map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 300
+    while not list(output.parent.glob(f".{output.name}.*.partial")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the command never started writing"
+        time.sleep(0.05)
+    time.sleep(settle)
+    process.send_signal(number)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("number, code, line", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, number, code, line):
+    pytest.importorskip("tensorrt_rtx")
+    output = tmp_path / "engines"
+    started = time.monotonic()
+    done = _start_and_signal(["build", tiny_artifacts, "-o", output, "--max-context", 32], output, number, settle=2.0)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == line and "Traceback" not in done.stderr
+    assert "built" not in done.stdout
+    assert_nothing_written(output)
+    assert time.monotonic() - started < 60
+
+
+def test_sigterm_stops_export_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    output = tmp_path / "art"
+    done = _start_and_signal(["export", tiny_checkpoint, "-o", output, "--max-context", 64], output, signal.SIGTERM,
+                             settle=0.5)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in done.stderr
+    assert_nothing_written(output)
+
+
+def test_staging_left_by_a_killed_run_is_removed_and_a_live_runs_kept(tiny_artifacts, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{_staging_prefix('repo', dead.pid)}abc.partial"
+    live = tmp_path / f"{_staging_prefix('repo', os.getpid())}def.partial"  # this test's process: alive
+    foreign = tmp_path / ".repo.another-host-1.ghi.partial"
+    for directory in (stale, live, foreign):
+        directory.mkdir()
+        (directory / "encode.onnx").write_bytes(b"x" * 1000)
+    assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
+    assert not stale.exists() and live.is_dir() and foreign.is_dir()
