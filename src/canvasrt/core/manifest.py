@@ -355,6 +355,7 @@ class ArtifactManifest(StepSpec):
             check_field_types(manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{path} is missing or mistypes a field ({type(exc).__name__}: {exc}); {fix}") from None
+        return manifest
 
     @classmethod
     def load(cls, directory: str | Path, require_graphs: bool = True) -> "ArtifactManifest":
@@ -541,6 +542,7 @@ class EngineManifest(StepSpec):
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"{directory / MANIFEST} is missing or mistypes a field ({type(exc).__name__}: "
                                 f"{exc}); {fix}") from None
+        return manifest
 
     @classmethod
     def load(cls, directory: str | Path) -> "EngineManifest":

@@ -163,13 +163,29 @@ def _export_graph(
             verbose=False,
         )
         sources = _attach_weights(program.model, checkpoint, dtype)
-        program.optimize()
-        if external_data:
-            _save_streaming_weights(program.model, path, checkpoint, dtype, sources)
-        else:
-            program.save(str(path), external_data=False)
+        try:
+            program.optimize()
+            if external_data:
+                _save_streaming_weights(program.model, path, checkpoint, dtype, sources)
+            else:
+                program.save(str(path), external_data=False)
+        except Exception as exc:  # a weight refused while the serializer reads it arrives wrapped in its error
+            cause = _canvasrt_cause(exc)
+            if cause is None:
+                raise
+            raise cause from None
     onnx.checker.check_model(str(path), full_check=True)
     return GraphEntry.of_file(path, inputs, outputs, graph_profiles(path.stem, capacity))
+
+
+def _canvasrt_cause(exc: BaseException) -> CanvasrtError | None:
+    """The user error (a refused weight, say) somewhere in an exception's chain, if there is one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, CanvasrtError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str) -> dict[str, str]:
@@ -177,7 +193,6 @@ def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str) -> dict[str,
     checkpoint tensor behind each initializer name. Small constants made during tracing are real already."""
     import onnx_ir as ir
 
-    torch_dtype = DTYPES[dtype]
     sources = {}
     for name, value in model.graph.initializers.items():
         source = checkpoint_name(name.removeprefix(WRAPPER_PREFIX))
@@ -186,7 +201,7 @@ def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str) -> dict[str,
         sources[name] = source
         traced = value.const_value
         value.const_value = ir.LazyTensor(
-            lambda source=source: ir.tensor(checkpoint.tensor(source).to(torch_dtype)),
+            lambda source=source: ir.tensor(checkpoint.converted(source, dtype)),
             dtype=traced.dtype, shape=traced.shape, name=name,
         )
     return sources
