@@ -162,10 +162,10 @@ ARTIFACT_FILES = [
     ("layer head_dim a string", _manifest(lambda m: m["model"]["layers"][0].update(head_dim="16")),
      "manifest.model.layers[0].head_dim"),
     ("kv layout slots not a number", _manifest(lambda m: m["kv_layout"][0].update(slots="x")), "mistypes a field"),
-    ("graph entry a list", _manifest(lambda m: m["graphs"].update(encode=[1])), "mistypes a field"),
-    ("empty graph", lambda a: (a / "encode.onnx").write_bytes(b""), "encode.onnx"),
-    ("truncated graph", lambda a: _truncate(a / "denoise.onnx", 5000), "denoise.onnx"),
-    ("graph not ONNX", lambda a: (a / "encode.onnx").write_text("hello, not a graph"), "encode.onnx"),
+    ("graph entry a list", _manifest(lambda m: m["graphs"].update(backbone=[1])), "mistypes a field"),
+    ("empty graph", lambda a: (a / "backbone.onnx").write_bytes(b""), "backbone.onnx"),
+    ("truncated graph", lambda a: _truncate(a / "backbone.onnx", 5000), "backbone.onnx"),
+    ("graph not ONNX", lambda a: (a / "backbone.onnx").write_text("hello, not a graph"), "backbone.onnx"),
 ]
 
 
@@ -266,8 +266,8 @@ def test_other_commands_refuse_options_that_make_no_sense(tiny_checkpoint, tiny_
 def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     assert cli("build", tiny_artifacts, "-o", tmp_path / "engines", "--max-context", 32).exit_code == 0
-    (tmp_path / "engines" / "denoise.engine").unlink()
-    assert_refused(cli("triton", tmp_path / "engines", "-o", tmp_path / "repo"), "lacks the denoise engine",
+    (tmp_path / "engines" / "backbone.engine").unlink()
+    assert_refused(cli("triton", tmp_path / "engines", "-o", tmp_path / "repo"), "lacks the backbone engine",
                    "canvasrt build")
     assert_nothing_written(tmp_path / "repo")
 
@@ -320,6 +320,6 @@ def test_staging_left_by_a_killed_run_is_removed_and_a_live_runs_kept(tiny_artif
     foreign = tmp_path / ".repo.another-host-1.ghi.partial"
     for directory in (stale, live, foreign):
         directory.mkdir()
-        (directory / "encode.onnx").write_bytes(b"x" * 1000)
+        (directory / "backbone.onnx").write_bytes(b"x" * 1000)
     assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
     assert not stale.exists() and live.is_dir() and foreign.is_dir()

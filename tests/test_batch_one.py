@@ -60,7 +60,8 @@ def test_build_at_max_batch_1(batch_one_artifacts, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "engines" / "manifest.json").read_text())
     assert manifest["key"]["max_batch"] == 1
-    assert all((tmp_path / "engines" / f"{graph}.engine").stat().st_size > 0 for graph in ("encode", "denoise"))
+    assert (tmp_path / "engines" / "backbone.engine").stat().st_size > 0
+    assert {dims["batch"][2] for dims in manifest["engines"]["backbone"]["profiles"].values()} == {1}
 
 
 def test_triton_serves_a_max_batch_1_repository(batch_one_artifacts, tmp_path):
@@ -69,7 +70,7 @@ def test_triton_serves_a_max_batch_1_repository(batch_one_artifacts, tmp_path):
     repository = tmp_path / "repo"
     result = cli("triton", batch_one_artifacts, "-o", repository, "--step-backend", "python", "--max-batch", 1)
     assert result.exit_code == 0, result.output
-    assert "max_batch_size: 1" in (repository / "canvasrt_denoise" / "config.pbtxt").read_text()
+    assert "max_batch_size: 1" in (repository / "canvasrt_backbone" / "config.pbtxt").read_text()
     reference = generated(batch_one_artifacts)
     http, grpc = free_ports(2)
     with TritonServer(repository, TRITON_ENV, http_port=http, grpc_port=grpc) as server:

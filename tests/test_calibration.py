@@ -30,13 +30,13 @@ def test_calibrated_graphs_hold_fp8_gemms_and_the_calibration(sort_fp8):
     manifest = json.loads((sort_fp8 / "manifest.json").read_text())
     calibration = json.loads((sort_fp8 / "calibration.json").read_text())
     assert manifest["quantization"]["format"] == "fp8" and manifest["quantization"]["prompts"] == "task sort calibration split"
-    denoise = manifest["graphs"]["denoise"]
-    assert any(name.endswith("experts.down_proj") for name in denoise["quantized"])
-    assert not any("embed_tokens" in name or "router" in name for name in denoise["quantized"])
-    model = onnx.load(str(sort_fp8 / "denoise.onnx"))
+    backbone = manifest["graphs"]["backbone"]
+    assert any(name.endswith("experts.down_proj") for name in backbone["quantized"])
+    assert not any("embed_tokens" in name or "router" in name for name in backbone["quantized"])
+    model = onnx.load(str(sort_fp8 / "backbone.onnx"))
     fp8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.name.endswith(".fp8")]
-    assert len(fp8) == len(denoise["quantized"])
-    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(denoise["quantized"])
+    assert len(fp8) == len(backbone["quantized"])
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(backbone["quantized"])
     for entry in calibration["tensors"].values():  # scales rounded so that amax / scale stays within E4M3's 448
         assert (np.asarray(entry["amax"]) / np.asarray(entry["scale"]) <= 448).all()
 
@@ -171,7 +171,7 @@ def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_u
             assert (ours <= top + 1e-6).all()
             clipped += int((ours < top - 1e-6).sum())
         assert clipped > 0  # the method really chose tighter ranges somewhere
-        denoise = json.loads((out / "manifest.json").read_text())["graphs"]["denoise"]
-        assert not any(n.startswith("layers.1.") for n in denoise["quantized"])
+        backbone = json.loads((out / "manifest.json").read_text())["graphs"]["backbone"]
+        assert not any(n.startswith("layers.1.") for n in backbone["quantized"])
         evaluation = cli("eval", out, "--task", "sort", "--samples", "50", "--json")
         assert json.loads(evaluation.output)[0]["exact_match"] >= 0.95

@@ -73,39 +73,54 @@ def test_engine_manifest_records_what_was_built(engines, precision, target, requ
         graph = source["graphs"][name]
         assert engine["onnx_sha256"] == graph["sha256"] and engine["profiles"] == graph["profiles"]
         assert (engines[precision, target] / engine["file"]).stat().st_size == engine["bytes"] > 100_000
-        assert sum(engine["gemms"].values()) == sum(l.kind == "gemm" for l in layers(engines[precision, target], name))
+        built = layers(engines[precision, target], name)
+        assert {l.profile for l in built} == set(range(len(engine["profiles"])))  # one engine, every phase in it
+        assert list(engine["gemms"]) == list(engine["profiles"]) == ["prefill", "commit", "denoise"]
+        for index, counts in enumerate(engine["gemms"].values()):
+            assert sum(counts.values()) == sum(l.kind == "gemm" and l.profile == index for l in built) > 0
+
+
+def canvas_only(weight: str, layers: int) -> bool:
+    """Projections only canvas tokens run through: self-conditioning, and the last layer's attention queries and
+    output and its FFN (encoder tokens need only the last layer's K/V)."""
+    last = f"layers.{layers - 1}."
+    return weight.startswith("self_conditioning.") or (
+        weight.startswith(last) and not weight.startswith((f"{last}self_attn.k_proj", f"{last}self_attn.v_proj")))
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_fp8_engine_runs_the_quantized_projections_as_fp8_gemms(engines, tiny_fp8_artifacts, target):
-    """Every quantized projection lands in a GEMM layer that reads FP8 (E4M3) activations and FP8 weights, in every
-    optimization profile. The MoE experts' batched GEMMs are no GEMM layers: the compiler fuses them with their
-    dequantization into fp32 runtime_fusion kernels, so for them only the FP8 storage of the weights holds."""
-    quantized = json.loads((tiny_fp8_artifacts / "manifest.json").read_text())["graphs"]
+    """Every quantized projection lands in a GEMM layer that reads FP8 (E4M3) activations and FP8 weights, once in
+    each optimization profile that runs it: the denoise profile runs them all, prefill and commit all but the
+    canvas-only ones (which TensorRT removes there, on zero rows). The MoE experts' batched GEMMs are no GEMM
+    layers: the compiler fuses them with their dequantization into fp32 runtime_fusion kernels, so for them only the
+    FP8 storage of the weights holds."""
+    source = json.loads((tiny_fp8_artifacts / "manifest.json").read_text())
     manifest = json.loads((engines["fp8", target] / "manifest.json").read_text())
-    for graph in ("encode", "denoise"):
-        found = layers(engines["fp8", target], graph)
-        fp8_gemms = [l for l in found if l.kind == "gemm" and set(l.inputs + l.weights) == {"FP8"}]
-        experts = [w for w in quantized[graph]["quantized"] if ".experts." in w]
-        projections = [w for w in quantized[graph]["quantized"] if w not in experts]
-        assert projections and experts
-        profiles = len(manifest["engines"][graph]["profiles"])
-        assert [w for w in projections
-                if sum(f"node_of_{w}.dequantized" in l.onnx for l in fp8_gemms) != profiles] == []
-        assert [w for w in experts
-                if not any(f"node_of_{w}.dequantized" in l.onnx and "FP8" in l.weights for l in found)] == []
-        assert [l.name for l in found if l.kind == "gemm" and any(".experts." in node for node in l.onnx)] == []
-        assert manifest["engines"][graph]["gemms"]["FP8"] == len(fp8_gemms) > 0
+    found = layers(engines["fp8", target], "backbone")
+    quantized = source["graphs"]["backbone"]["quantized"]
+    experts = [w for w in quantized if ".experts." in w]
+    projections = [w for w in quantized if w not in experts]
+    assert projections and experts and any(canvas_only(w, source["model"]["num_layers"]) for w in projections)
+    for index, phase in enumerate(manifest["engines"]["backbone"]["profiles"]):
+        fp8_gemms = [l for l in found if l.kind == "gemm" and l.profile == index and set(l.inputs + l.weights) == {"FP8"}]
+        runs = {w: sum(f"node_of_{w}.dequantized" in l.onnx for l in fp8_gemms) for w in projections}
+        expected = {w: int(phase == "denoise" or not canvas_only(w, source["model"]["num_layers"])) for w in projections}
+        assert runs == expected, phase
+        assert manifest["engines"]["backbone"]["gemms"][phase]["FP8"] == len(fp8_gemms) > 0
+    assert [w for w in experts
+            if not any(f"node_of_{w}.dequantized" in l.onnx and "FP8" in l.weights for l in found)] == []
+    assert [l.name for l in found if l.kind == "gemm" and any(".experts." in node for node in l.onnx)] == []
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("precision, dtype", [("fp32", "Float"), ("fp16", "Half")])
 def test_unquantized_engines_hold_no_fp8(engines, precision, dtype, target):
-    for graph in ("encode", "denoise"):
-        found = layers(engines[precision, target], graph)
-        assert not any("FP8" in l.inputs + l.weights + l.outputs for l in found)
-        manifest = json.loads((engines[precision, target] / "manifest.json").read_text())
-        assert dtype in manifest["engines"][graph]["gemms"] and "FP8" not in manifest["engines"][graph]["gemms"]
+    found = layers(engines[precision, target], "backbone")
+    assert not any("FP8" in l.inputs + l.weights + l.outputs for l in found)
+    manifest = json.loads((engines[precision, target] / "manifest.json").read_text())
+    for counts in manifest["engines"]["backbone"]["gemms"].values():
+        assert dtype in counts and "FP8" not in counts
 
 
 def test_a_matching_build_is_reused_and_a_narrower_request_rebuilds(engines, tiny_artifacts, tmp_path):
@@ -118,9 +133,11 @@ def test_a_matching_build_is_reused_and_a_narrower_request_rebuilds(engines, tin
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["key"]["max_batch"], manifest["key"]["max_context"]) == (2, 64)
     assert manifest["capacity"] == {"max_batch": 2, "max_context": 64, "max_prefill": 64, "canvas": 16, "sliding": 7}
-    assert manifest["engines"]["encode"]["profiles"] == {"prefill": {"batch": [1, 2, 2], "chunk": [1, 64, 64]},
-                                                         "commit": {"batch": [1, 2, 2], "chunk": [16, 16, 16]}}
-    assert manifest["engines"]["denoise"]["profiles"] == {"step": {"batch": [1, 2, 2]}}
+    assert manifest["engines"]["backbone"]["profiles"] == {
+        "prefill": {"batch": [1, 2, 2], "chunk": [1, 64, 64], "rows": [0, 0, 0]},
+        "commit": {"batch": [1, 2, 2], "chunk": [16, 16, 16], "rows": [0, 0, 0]},
+        "denoise": {"batch": [1, 2, 2], "chunk": [0, 0, 0], "rows": [16, 16, 16]},
+    }
 
 
 @pytest.mark.parametrize("args, message", [
@@ -151,8 +168,8 @@ def test_fp8_artifacts_without_their_calibration_are_refused(tiny_fp8_artifacts,
 
 
 def test_sparse_moe_graph_is_refused_by_tensorrt_rtx_with_a_clear_error(tiny_sparse_artifacts):
-    entry = ArtifactManifest.load(tiny_sparse_artifacts).graphs["denoise"]
-    with pytest.raises(CanvasrtError, match="could not build denoise.onnx: .*NonZero"):
+    entry = ArtifactManifest.load(tiny_sparse_artifacts).backbone
+    with pytest.raises(CanvasrtError, match="could not build backbone.onnx: .*NonZero"):
         build_engine(tiny_sparse_artifacts / entry.file, entry, "tensorrt-rtx", "sm89")
 
 
@@ -164,8 +181,8 @@ def test_build_refuses_sparse_graphs_for_tensorrt_rtx_up_front(tiny_sparse_artif
 
 @pytest.fixture(scope="module")
 def monitored_build(tiny_artifacts, tmp_path_factory):
-    """One build of the encode graph that reports its phases and writes a timing cache."""
-    entry = ArtifactManifest.load(tiny_artifacts).graphs["encode"]
+    """One build of the backbone that reports its phases and writes a timing cache."""
+    entry = ArtifactManifest.load(tiny_artifacts).backbone
     cache = tmp_path_factory.mktemp("cache") / "timing.cache"
     events = []
     built = build_engine(tiny_artifacts / entry.file, entry, "tensorrt-rtx", "sm89", timing_cache=cache,
@@ -183,7 +200,7 @@ def test_progress_monitor_reports_the_build_phases(monitored_build):
 
 
 def test_progress_monitor_turns_an_interrupt_into_a_cancelled_build(tiny_artifacts):
-    entry = ArtifactManifest.load(tiny_artifacts).graphs["encode"]
+    entry = ArtifactManifest.load(tiny_artifacts).backbone
 
     def interrupt(stack):
         if len(stack) > 1:

@@ -104,16 +104,14 @@ def test_random_checkpoint_replaces_its_own_earlier_output(tmp_path):
 # -- 2. integrity ------------------------------------------------------------------------------------------------
 
 
-def test_a_changed_or_swapped_graph_is_refused_on_load(tiny_artifacts, tmp_path):
+def test_a_changed_or_swapped_graph_is_refused_on_load(tiny_artifacts, tiny_debug_artifacts, tmp_path):
     grown = shutil.copytree(tiny_artifacts, tmp_path / "grown")
-    with open(grown / "denoise.onnx", "ab") as f:
+    with open(grown / "backbone.onnx", "ab") as f:
         f.write(b"\0")
-    assert_refused(cli("generate", grown, "--prompt-ids", "5"), "denoise.onnx has", "changed, truncated or swapped")
+    assert_refused(cli("generate", grown, "--prompt-ids", "5"), "backbone.onnx has", "changed, truncated or swapped")
     swapped = shutil.copytree(tiny_artifacts, tmp_path / "swapped")
-    os.replace(swapped / "encode.onnx", swapped / "tmp.onnx")
-    os.replace(swapped / "denoise.onnx", swapped / "encode.onnx")
-    os.replace(swapped / "tmp.onnx", swapped / "denoise.onnx")
-    assert_refused(cli("generate", swapped, "--prompt-ids", "5"), "encode.onnx has", "re-run `canvasrt export`")
+    shutil.copy2(tiny_debug_artifacts / "backbone.onnx", swapped / "backbone.onnx")  # another export's graph
+    assert_refused(cli("generate", swapped, "--prompt-ids", "5"), "backbone.onnx has", "re-run `canvasrt export`")
 
 
 def flip_a_byte(path: Path) -> None:
@@ -125,22 +123,22 @@ def flip_a_byte(path: Path) -> None:
 
 def test_a_graph_with_other_contents_is_refused_where_digests_are_checked(tiny_checkpoint, tiny_artifacts, tmp_path):
     broken = shutil.copytree(tiny_artifacts, tmp_path / "art")
-    flip_a_byte(broken / "encode.onnx")
+    flip_a_byte(broken / "backbone.onnx")
     for args in (["triton", broken, "-o", tmp_path / "repo"], ["build", broken, "-o", tmp_path / "eng"],
                  ["calibrate", tiny_checkpoint, broken, "-o", tmp_path / "fp8", "--samples", "1"]):
-        assert_refused(cli(*args), "encode.onnx does not match the sha256 in its manifest", "re-run `canvasrt export`")
+        assert_refused(cli(*args), "backbone.onnx does not match the sha256 in its manifest", "re-run `canvasrt export`")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     result = cli("verify", broken)
-    assert_refused(result, "encode.onnx does not match the sha256")
+    assert_refused(result, "backbone.onnx does not match the sha256")
 
 
 def test_a_reused_build_whose_engine_changed_is_rebuilt(tiny_artifacts, tiny_engines, tmp_path):
     engines = shutil.copytree(tiny_engines, tmp_path / "eng")
     again = cli("build", tiny_artifacts, "-o", engines, "--target", "sm89")
     assert again.exit_code == 0 and "up to date" in again.output
-    flip_a_byte(engines / "denoise.engine")
-    assert_refused(cli("verify", engines), "denoise.engine does not match the sha256", "rebuild it")
-    assert_refused(cli("triton", engines, "-o", tmp_path / "repo"), "denoise.engine does not match the sha256")
+    flip_a_byte(engines / "backbone.engine")
+    assert_refused(cli("verify", engines), "backbone.engine does not match the sha256", "rebuild it")
+    assert_refused(cli("triton", engines, "-o", tmp_path / "repo"), "backbone.engine does not match the sha256")
     rebuilt = cli("build", tiny_artifacts, "-o", engines, "--target", "sm89")
     assert rebuilt.exit_code == 0 and "up to date" not in rebuilt.output, rebuilt.output
     assert cli("verify", engines).exit_code == 0
@@ -152,23 +150,23 @@ def test_verify_reports_every_problem_and_passes_clean_targets(tiny_checkpoint, 
         result = cli("verify", clean)
         assert result.exit_code == 0 and "verified" in result.output, result.output
     broken = shutil.copytree(tiny_artifacts, tmp_path / "art")
-    flip_a_byte(broken / "encode.onnx")
-    (broken / "denoise.onnx").unlink()
+    flip_a_byte(broken / "backbone.onnx")
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["tokenizer"].append("../../etc/passwd")
+    manifest["kv_layout"].pop()
     (broken / "manifest.json").write_text(json.dumps(manifest))
     result = cli("verify", broken)
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and "Traceback" not in result.output and len(lines) == 3, result.output
-    assert "encode.onnx does not match" in lines[0] and "lacks the denoise graph" in lines[1]
-    assert "tokenizer file ../../etc/passwd resolves outside" in lines[2]
+    assert "backbone.onnx does not match" in lines[0] and "tokenizer file ../../etc/passwd resolves outside" in lines[1]
+    assert "kv_layout has 3 layers, the model 4" in lines[2]
 
 
 def test_directories_of_the_previous_formats_are_refused_with_the_fix(tiny_artifacts, tiny_engines, tmp_path):
     for source, fix in ((tiny_artifacts, "re-export it"), (tiny_engines, "rebuild it with `canvasrt build`")):
         old = shutil.copytree(source, tmp_path / source.name)
         manifest = json.loads((old / "manifest.json").read_text())
-        manifest["format_version"] = 1  # no file sizes yet
+        manifest["format_version"] = 2  # two graphs (encode, denoise) and two engines
         (old / "manifest.json").write_text(json.dumps(manifest))
         assert_refused(cli("generate", old, "--prompt-ids", "5"), fix)
 
@@ -251,24 +249,24 @@ def test_a_hugging_face_cache_snapshot_is_a_checkpoint(tiny_checkpoint, tmp_path
 
 
 def test_manifests_naming_files_outside_are_refused(tiny_artifacts, tiny_engines, tmp_path):
-    for graph_file in ("../outside/encode.onnx", "link.onnx"):
+    for graph_file in ("../outside/backbone.onnx", "link.onnx"):
         artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
         (tmp_path / "outside").mkdir()
-        os.replace(artifacts / "encode.onnx", tmp_path / "outside" / "encode.onnx")
+        os.replace(artifacts / "backbone.onnx", tmp_path / "outside" / "backbone.onnx")
         if graph_file == "link.onnx":
-            (artifacts / "link.onnx").symlink_to(tmp_path / "outside" / "encode.onnx")
+            (artifacts / "link.onnx").symlink_to(tmp_path / "outside" / "backbone.onnx")
         manifest = json.loads((artifacts / "manifest.json").read_text())
-        manifest["graphs"]["encode"]["file"] = graph_file
+        manifest["graphs"]["backbone"]["file"] = graph_file
         (artifacts / "manifest.json").write_text(json.dumps(manifest))
         for args in (["generate", artifacts, "--prompt-ids", "5"], ["triton", artifacts, "-o", tmp_path / "repo"],
                      ["verify", artifacts]):
-            assert_refused(cli(*args), f"the encode graph {graph_file} resolves outside the directory")
+            assert_refused(cli(*args), f"the backbone graph {graph_file} resolves outside the directory")
         assert not (tmp_path / "repo").exists()
         shutil.rmtree(artifacts)
         shutil.rmtree(tmp_path / "outside")
     engines = shutil.copytree(tiny_engines, tmp_path / "eng")
     manifest = json.loads((engines / "manifest.json").read_text())
-    manifest["engines"]["denoise"]["file"] = "../elsewhere.engine"
+    manifest["engines"]["backbone"]["file"] = "../elsewhere.engine"
     (engines / "manifest.json").write_text(json.dumps(manifest))
-    assert_refused(cli("verify", engines), "the denoise engine ../elsewhere.engine resolves outside the directory")
+    assert_refused(cli("verify", engines), "the backbone engine ../elsewhere.engine resolves outside the directory")
     assert_refused(cli("triton", engines, "-o", tmp_path / "repo"), "resolves outside the directory")

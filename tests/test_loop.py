@@ -161,7 +161,7 @@ def test_generate_refuses_broken_or_foreign_artifacts(tiny_artifacts, tmp_path):
     (tmp_path / "nographs").mkdir()
     shutil.copy(tiny_artifacts / "manifest.json", tmp_path / "nographs" / "manifest.json")
     result = cli("generate", tmp_path / "nographs", "--prompt-ids", "5")
-    assert result.exit_code == 2 and "lacks the encode graph" in result.output
+    assert result.exit_code == 2 and "lacks the backbone graph" in result.output
 
 
 def test_bench_reports_backends_side_by_side(tiny_artifacts):

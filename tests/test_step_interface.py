@@ -46,14 +46,14 @@ def _copy_with_manifest(source, target, edit):
 
 def test_onnxruntime_backend_checks_the_graphs_against_the_manifest(tiny_artifacts, tmp_path):
     def rename(manifest):
-        manifest["graphs"]["denoise"]["inputs"][0]["name"] = "tokens"
+        manifest["graphs"]["backbone"]["inputs"][2]["name"] = "tokens"
 
     def reshape(manifest):
-        spec = next(s for s in manifest["graphs"]["encode"]["inputs"] if s["name"] == "context_mask")
+        spec = next(s for s in manifest["graphs"]["backbone"]["inputs"] if s["name"] == "context_mask")
         spec["shape"][1] += 1
 
     def retype(manifest):
-        spec = next(s for s in manifest["graphs"]["denoise"]["outputs"] if s["name"] == "entropy")
+        spec = next(s for s in manifest["graphs"]["backbone"]["outputs"] if s["name"] == "entropy")
         spec["dtype"] = "int64"
 
     for edit, message in ((rename, "missing \\['tokens'\\]"), (reshape, "context_mask is tensor\\(bool\\)"),

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from dataclasses import replace
 
 from canvasrt.cli import main
-from canvasrt.core.contract import select_profile
+from canvasrt.core.contract import PHASES, encoder_phase
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.manifest import EngineManifest
 from canvasrt.runtime.backends.tensorrt import check_engines_fit, plan_buffers
@@ -37,23 +37,25 @@ def test_engines_from_another_builder_version_or_gpu_are_refused(engines):
         check_engines_fit(as_trt, "10.13.0", (8, 9))
 
 
-def test_profile_selection_follows_the_manifest(engines):
-    graphs = EngineManifest.load(engines).engines
-    assert select_profile(graphs["encode"].profiles, 2, 16) == 0  # prefill covers chunk 16 too and comes first
-    assert select_profile(graphs["encode"].profiles, 1, 100) == 0
-    assert select_profile(graphs["denoise"].profiles, 4) == 0
-    with pytest.raises(CanvasrtError, match="no optimization profile"):
-        select_profile(graphs["encode"].profiles, 9, 16)
-    commit_only = {"commit": graphs["encode"].profiles["commit"]}
-    with pytest.raises(CanvasrtError, match="chunk of 3"):
-        select_profile(commit_only, 1, 3)
+def test_each_phase_has_its_profile_and_takes_its_calls(engines):
+    """The backend binds one execution context to each phase's profile; every call a phase makes fits it."""
+    manifest = EngineManifest.load(engines)
+    profiles = manifest.backbone.profiles
+    assert tuple(profiles) == PHASES
+    canvas, prefill = manifest.capacity.canvas, manifest.capacity.max_prefill
+    for chunk in (1, 5, canvas - 1, canvas + 1, prefill):
+        assert encoder_phase(chunk, canvas) == "prefill"
+        assert profiles["prefill"]["chunk"][0] <= chunk <= profiles["prefill"]["chunk"][2]
+    assert encoder_phase(canvas, canvas) == "commit" and profiles["commit"]["chunk"] == [canvas] * 3
+    assert profiles["prefill"]["rows"] == profiles["commit"]["rows"] == profiles["denoise"]["chunk"] == [0, 0, 0]
+    assert profiles["denoise"]["rows"] == [canvas] * 3
 
 
 def test_buffer_plan_matches_the_graphs_and_is_allocated_once(engines, tiny_artifacts):
     manifest = EngineManifest.load(engines)
     plan = plan_buffers(manifest, 2)
-    denoise = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["denoise"]
-    past = [tuple([2, *s["shape"][1:]]) for s in denoise["inputs"] if s["name"].startswith("past_key_")]
+    backbone = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["backbone"]
+    past = [tuple([2, *s["shape"][1:]]) for s in backbone["inputs"] if s["name"].startswith("past_key_")]
     assert plan.kv == past
     assert plan.context_mask == (2, 128) and plan.self_cond == (2, 16, 64)
     assert plan.device_bytes == 2 * sum(2 * h * s * d for _, h, s, d in plan.kv) * 4 + 2 * 128 + 2 * 2 * 16 * 64 * 4

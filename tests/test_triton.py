@@ -117,8 +117,8 @@ def test_sixteen_concurrent_streams_equal_their_sequential_runs(served, tiny_art
         check_equal(responses, expected(tiny_artifacts, seed, prompt_ids=prompt))
         outputs.add(tuple(responses[-1]["ids"]))
     assert len(outputs) == 16  # the seeds really differ
-    if "canvasrt_denoise" in served_models(served):
-        stats = json.load(urllib.request.urlopen(f"http://{served.http_url}/v2/models/canvasrt_denoise/stats"))
+    if "canvasrt_backbone" in served_models(served):
+        stats = json.load(urllib.request.urlopen(f"http://{served.http_url}/v2/models/canvasrt_backbone/stats"))
         counts = stats["model_stats"][0]
         # Triton's dynamic batcher merged denoise steps of concurrent requests into shared executions
         assert counts["execution_count"] < counts["inference_count"]
@@ -162,17 +162,17 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
     assert [i.name for i in generate.input] == [f.name for f in INPUTS] and all(i.optional for i in generate.input)
     assert [o.name for o in generate.output] == [f.name for f in OUTPUTS]
     assert generate.parameters["step_backend"].string_value == "bls"
-    for graph in ("encode", "denoise"):
-        config = read_config(repository / f"canvasrt_{graph}" / "config.pbtxt")
-        entry = manifest["graphs"][graph]
-        assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 2
-        assert config.instance_group[0].count == 3 and config.HasField("dynamic_batching")
-        assert [i.name for i in config.input] == [s["name"] for s in entry["inputs"]]
-        assert [o.name for o in config.output] == [s["name"] for s in entry["outputs"]]
-        for message, spec in zip(config.input, entry["inputs"]):
-            shape = [d if isinstance(d, int) else -1 for d in spec["shape"][1:]]
-            assert list(message.dims) == (shape or [1]) and message.HasField("reshape") == (not shape)
-        assert (repository / f"canvasrt_{graph}" / "1" / config.default_model_filename).is_file()
+    assert sorted(p.name for p in repository.iterdir()) == ["canvasrt_backbone", "canvasrt_generate"]
+    config = read_config(repository / "canvasrt_backbone" / "config.pbtxt")
+    entry = manifest["graphs"]["backbone"]
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 2
+    assert config.instance_group[0].count == 3 and config.HasField("dynamic_batching")
+    assert [i.name for i in config.input] == [s["name"] for s in entry["inputs"]]
+    assert [o.name for o in config.output] == [s["name"] for s in entry["outputs"]]
+    for message, spec in zip(config.input, entry["inputs"]):
+        shape = [d if isinstance(d, int) else -1 for d in spec["shape"][1:]]
+        assert list(message.dims) == (shape or [1]) and message.HasField("reshape") == (not shape)
+    assert (repository / "canvasrt_backbone" / "1" / config.default_model_filename).is_file()
     artifacts = repository / "canvasrt_generate" / "1" / "artifacts"
     assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["tokenizer"]}
 
@@ -183,13 +183,12 @@ def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_
     write_repository(tmp_path / "engines", tmp_path / "repo")
     served = json.loads((tmp_path / "repo" / "canvasrt_generate" / "1" / "artifacts" / "manifest.json").read_text())
     assert served["capacity"]["max_context"] == 64  # the loop keeps requests within what the engines were built for
-    for graph in ("encode", "denoise"):
-        config = read_config(tmp_path / "repo" / f"canvasrt_{graph}" / "config.pbtxt")
-        assert config.platform == "tensorrt_plan"
-        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-        assert list(config.instance_group[0].profile) == [str(i) for i in range(len(engines.engines[graph].profiles))]
-        assert (tmp_path / "repo" / f"canvasrt_{graph}" / "1" / config.default_model_filename).stat().st_size > 0
-    assert len(read_config(tmp_path / "repo" / "canvasrt_encode" / "config.pbtxt").instance_group[0].profile) == 2
+    config = read_config(tmp_path / "repo" / "canvasrt_backbone" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan"
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    # Triton picks, per request, the instance's profile whose ranges hold its shapes: each phase gets its own
+    assert list(config.instance_group[0].profile) == ["0", "1", "2"] == [str(i) for i in range(len(engines.backbone.profiles))]
+    assert (tmp_path / "repo" / "canvasrt_backbone" / "1" / config.default_model_filename).stat().st_size > 0
 
 
 @pytest.mark.parametrize("args, message", [

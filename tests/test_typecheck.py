@@ -119,22 +119,30 @@ def test_tensorrt_backend_type_checks_against_the_tensorrt_stubs(stubs, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# A call the backend makes -> a call TensorRT does not have, and what mypy must say. Two runs, because a misspelt
+# A call the backend makes -> a call TensorRT does not have, and what mypy must say. One run per group, because a misspelt
 # call types its result as Any and so hides mistakes made with that result (deserialize_cuda_engine -> the engine).
 MISTAKES = {
     "engine and context": {
         "trt.Logger(trt.Logger.WARNING)": ("trt.Logger(trt.Logger.WARN)", '"type[Logger]" has no attribute "WARN"'),
-        "engine.create_execution_context()": ("engine.create_context()",
-                                              '"ICudaEngine" has no attribute "create_context"'),
+        "engine.create_execution_context(": ("engine.create_context(",
+                                             '"ICudaEngine" has no attribute "create_context"'),
         "context.set_tensor_address(name, tensor.data_ptr())": (
             "context.set_tensor_pointer(name, tensor.data_ptr())",
             '"IExecutionContext" has no attribute "set_tensor_pointer"'),
         "context.execute_async_v3(": ("context.execute_async_v4(",
                                       '"IExecutionContext" has no attribute "execute_async_v4"'),
-        "set_optimization_profile_async(profile,": (
-            "set_optimization_profile_async(str(profile),",
+        "engine.get_device_memory_size_for_profile_v2(": (
+            "engine.get_memory_size_for_profile(", '"ICudaEngine" has no attribute "get_memory_size_for_profile"'),
+        "trt.ExecutionContextAllocationStrategy.USER_MANAGED": (
+            "trt.ExecutionContextAllocationStrategy.USER",
+            '"type[ExecutionContextAllocationStrategy]" has no attribute "USER"'),
+    },
+    "context setup": {
+        "set_optimization_profile_async(names.index(phase),": (
+            "set_optimization_profile_async(phase,",
             'Argument 1 to "set_optimization_profile_async" of "IExecutionContext" has incompatible type "str"; '
             'expected "int"'),
+        "context.set_device_memory(": ("context.set_memory(", '"IExecutionContext" has no attribute "set_memory"'),
     },
     "runtime": {
         "self.runtime.deserialize_cuda_engine(": ("self.runtime.deserialize_engine(",

@@ -64,6 +64,7 @@ class EngineLayer:
     weights: tuple[str, ...]  # datatypes of the constants it reads, scalars (GEMM alpha/beta) left out
     outputs: tuple[str, ...]
     onnx: tuple[str, ...]  # the ONNX nodes it implements
+    profile: int | None  # the optimization profile it belongs to (TensorRT-RTX compiles one program per profile)
 
 
 def _load(flavour: str) -> tuple[Any, Any]:
@@ -275,6 +276,7 @@ def build_engine(
 
 _LAYER = re.compile(r"Name: (?P<name>.*?), LayerType: (?P<kind>\w+), Inputs: \[(?P<inputs>.*?)\], "
                     r"Constants: \[(?P<constants>.*?)\], Outputs: \[(?P<outputs>.*?)\], TacticName: ")
+_PROFILE = re.compile(r"_myl(\d+)_\d+$")  # TensorRT-RTX names each profile's layers "..._myl<profile>_<n>"
 _TENSOR = re.compile(r"\{[^{}]*?Dimensions: \[(?P<dims>[^\]]*)\][^{}]*?Datatype: (?P<dtype>\w+)[^{}]*\}")
 
 
@@ -293,6 +295,7 @@ def engine_layers(information: str) -> list[EngineLayer]:
                 name=match["name"], kind=match["kind"], inputs=_dtypes(match["inputs"]),
                 weights=_dtypes(match["constants"], scalars=False), outputs=_dtypes(match["outputs"]),
                 onnx=tuple(re.findall(r"\[ONNX Layer: ([^\]]+)\]", line)),
+                profile=int(profile[1]) if (profile := _PROFILE.search(match["name"])) else None,
             ))
     return layers
 
@@ -301,6 +304,12 @@ def gemm_precisions(layers: list[EngineLayer]) -> dict[str, int]:
     """GEMM layers counted by the datatypes they read (activations and weights), e.g. {"FP8": 19, "Float": 9}."""
     counts = Counter("+".join(sorted(set(layer.inputs + layer.weights))) for layer in layers if layer.kind == "gemm")
     return dict(sorted(counts.items()))
+
+
+def gemms_per_profile(layers: list[EngineLayer], profiles: Profiles) -> dict[str, dict[str, int]]:
+    """`gemm_precisions` for each optimization profile, by the profile's (phase's) name."""
+    return {name: gemm_precisions([layer for layer in layers if layer.profile == index])
+            for index, name in enumerate(profiles)}
 
 
 FP8_TARGETS = {"sm89", "sm90", "sm120", "sm121"}  # Ada, Hopper and Blackwell have FP8 tensor cores
@@ -344,7 +353,7 @@ def build_engines(
     timing_cache: str | Path | None = None,
     phases: PhaseCallback | None = None,
 ) -> tuple[EngineManifest, bool]:
-    """Builds one engine per graph of an artifact directory. Returns the engine manifest and whether it was reused
+    """Builds the backbone's engine, one optimization profile per phase. Returns the engine manifest and whether it was reused
     (an earlier build in `output` from the same graphs, calibration, builder version, target and options).
 
     Every refusal comes before anything is built or written."""
@@ -398,7 +407,7 @@ def build_engines(
                 file=f"{name}.engine", sha256=sha256_file(staging / f"{name}.engine"), onnx_sha256=graph.sha256,
                 bytes=len(built.data), profiles=profiles,
                 inputs=graph.inputs, outputs=graph.outputs, layers=f"{name}.layers.txt" if built.layers else None,
-                gemms=gemm_precisions(engine_layers(built.layers)) if built.layers else None,
+                gemms=gemms_per_profile(engine_layers(built.layers), profiles) if built.layers else None,
             )
         engine_manifest = EngineManifest(
             model=manifest.model,

@@ -113,6 +113,8 @@ def collect_ranges(checkpoint_dir: str | Path, prompts: list[list[int]], seed: i
 
 def _amax_hook(ranges: Ranges, name: str) -> Any:
     def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if args[0].numel() == 0:  # an encoder call runs the last layer's attention and FFN on no tokens
+            return
         magnitude = args[0].detach().abs()
         ranges.update(name, float(magnitude.amax()))
         flat = magnitude.reshape(-1).float().numpy()

@@ -70,7 +70,8 @@ def export_command(
     checkpoint: Path, output: Path, dtype: str, moe: str, max_batch: int, max_context: int,
     max_prefill: int | None, debug_logits: bool, external_data: bool | None,
 ) -> None:
-    """Export CHECKPOINT's encoder and one denoising step to ONNX (encode.onnx, denoise.onnx, manifest.json)."""
+    """Export CHECKPOINT's backbone (prefill, commit and one denoising step, one copy of the weights) to ONNX
+    (backbone.onnx, manifest.json)."""
     from ..exporter.export import export
 
     start = time.perf_counter()
@@ -82,10 +83,10 @@ def export_command(
             progress=lambda text: progress.update(task, description=text),
         )
         progress.update(task, description="done")
-    sizes = {name: manifest.graph_path(name).stat().st_size for name in manifest.graphs}
+    sizes = ", ".join(f"{g.file} {(g.bytes + (g.data_bytes or 0)) / 1e6:.1f} MB"
+                      + (f" (weights in {g.data_file})" if g.data_file else "") for g in manifest.graphs.values())
     click.echo(
-        f"exported {dtype} graphs to {output} in {time.perf_counter() - start:.1f}s: "
-        + ", ".join(f"{n}.onnx {s / 1e6:.1f} MB" for n, s in sizes.items())
+        f"exported {dtype} graph to {output} in {time.perf_counter() - start:.1f}s: {sizes}"
         + f"; capacity {json.dumps(manifest.capacity.to_dict())}"
     )
 
@@ -144,8 +145,11 @@ def build_command(artifacts: Path, output: Path, target: str, builder: str, max_
                f"{sizes}")
 
 
-def _gemms(counts: dict[str, int] | None) -> str:
-    return f" (GEMMs: {', '.join(f'{n} {dtype}' for dtype, n in counts.items())})" if counts else ""
+def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:
+    if not profiles:
+        return ""
+    return " (GEMMs: " + "; ".join(f"{phase} " + ", ".join(f"{n} {dtype}" for dtype, n in counts.items())
+                                   for phase, counts in profiles.items()) + ")"
 
 
 @click.command("calibrate")

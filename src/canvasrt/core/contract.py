@@ -1,8 +1,13 @@
 """The step graphs' contract: capacities, the K/V layout, and each graph's inputs and outputs, as plain data.
 
-Written once here; the exporter traces graphs that honour it and copies it into the manifest, every backend checks
-what it loads against it, and docs/ARTIFACTS.md documents it. Symbolic dims: `batch` (dynamic) and `chunk` (encoder
-tokens per call, dynamic); everything else is a static number taken from the model config and the capacities.
+Written once here; the exporter traces a graph that honours it and copies it into the manifest, every backend checks
+what it loads against it, and docs/ARTIFACTS.md documents it.
+
+There is one graph, the backbone: the encoder and the decoder are the same transformer, so one set of weights serves
+the three phases, told apart by the shapes of a call. Symbolic dims: `batch`, `chunk` (encoder tokens: a prompt chunk
+or a canvas being committed) and `rows` (canvas tokens being denoised); a prefill or commit has rows = 0, a denoising
+step chunk = 0, and each phase has its own TensorRT optimization profile (`PHASES`). Everything else is a static
+number taken from the model config and the capacities.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from typing import Any
 from .config import SLIDING, ModelConfig
 from .errors import ArtifactError
 
-GRAPHS = ("encode", "denoise")
+GRAPHS = ("backbone",)
+PHASES = ("prefill", "commit", "denoise")  # the backbone's optimization profiles, in this order
 MODEL_DTYPE = "model"  # placeholder dtype in the contract: the export dtype (fp32, fp16 or bf16)
 Profiles = dict[str, dict[str, list[int]]]  # profile name -> symbolic dim -> [min, opt, max]
 
@@ -131,56 +137,49 @@ def _context_specs(capacity: Capacity) -> list[TensorSpec]:
     ]
 
 
-def encode_io(config: ModelConfig, capacity: Capacity) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def backbone_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    b, h = "batch", config.hidden_size
     layout = kv_layout(config, capacity)
     past_doc = "buffer of the committed context (full layers: slot = position; sliding: slot = position mod slots)"
     inputs = [
-        TensorSpec("input_ids", ("batch", "chunk"), "int64", "prompt chunk or committed canvas"),
-        TensorSpec("positions", ("batch", "chunk"), "int64", "absolute position of each token"),
-        *_context_specs(capacity),
-        *kv_specs(layout, "past_", None, past_doc),
-    ]
-    outputs = kv_specs(layout, "", "chunk", "the chunk's K/V, to be written into the buffers at its positions")
-    return inputs, outputs
-
-
-def denoise_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    b, c, h = "batch", capacity.canvas, config.hidden_size
-    inputs = [
-        TensorSpec("canvas", (b, c), "int64", "current canvas token ids"),
-        TensorSpec("self_cond", (b, c, h), MODEL_DTYPE, "soft embedding of the previous step (zeros at the first step)"),
+        TensorSpec("input_ids", (b, "chunk"), "int64", "encoder tokens: a prompt chunk or the canvas being committed"),
+        TensorSpec("positions", (b, "chunk"), "int64", "absolute position of each encoder token"),
+        TensorSpec("canvas", (b, "rows"), "int64", "the canvas being denoised (at the positions after the context)"),
+        TensorSpec("self_cond", (b, "rows", h), MODEL_DTYPE, "soft embedding of the previous step (zeros at the first step)"),
         *_context_specs(capacity),
         TensorSpec("temperature", (b,), "float32", "this step's temperature t_min + (t_max - t_min) * t / N"),
         TensorSpec("entropy_bound", (b,), "float32", "entropy budget of the acceptance rule"),
-        TensorSpec("uniforms", (b, c), "float32", "one U[0,1) draw per position for sampling (inverse CDF)"),
-        TensorSpec("renoise_ids", (b, c), "int64", "uniform random token ids for rejected positions"),
-        *kv_specs(kv_layout(config, capacity), "past_", None, "buffer of the committed context (read only)"),
+        TensorSpec("uniforms", (b, "rows"), "float32", "one U[0,1) draw per position for sampling (inverse CDF)"),
+        TensorSpec("renoise_ids", (b, "rows"), "int64", "uniform random token ids for rejected positions"),
+        *kv_specs(layout, "past_", None, past_doc),
     ]
     outputs = [
-        TensorSpec("sampled", (b, c), "int64", "token sampled at each position from the temperature-scaled logits"),
-        TensorSpec("argmax", (b, c), "int64", "argmax canvas (the draft; committed after the last step)"),
-        TensorSpec("entropy", (b, c), "float32", "entropy of each position's temperature-scaled distribution"),
-        TensorSpec("accepted", (b, c), "bool", "entropy-bound acceptance mask"),
-        TensorSpec("next_canvas", (b, c), "int64", "accepted samples kept, all other positions renoised"),
-        TensorSpec("next_self_cond", (b, c, h), MODEL_DTYPE, "soft embedding for the next step"),
-        TensorSpec("mean_entropy", (b,), "float32", "mean entropy over the canvas (adaptive-stop confidence)"),
+        *kv_specs(layout, "", "chunk", "the encoder tokens' K/V, to be written into the buffers at their positions"),
+        TensorSpec("sampled", (b, "rows"), "int64", "token sampled at each position from the temperature-scaled logits"),
+        TensorSpec("argmax", (b, "rows"), "int64", "argmax canvas (the draft; committed after the last step)"),
+        TensorSpec("entropy", (b, "rows"), "float32", "entropy of each position's temperature-scaled distribution"),
+        TensorSpec("accepted", (b, "rows"), "bool", "entropy-bound acceptance mask"),
+        TensorSpec("next_canvas", (b, "rows"), "int64", "accepted samples kept, all other positions renoised"),
+        TensorSpec("next_self_cond", (b, "rows", h), MODEL_DTYPE, "soft embedding for the next step"),
+        TensorSpec("mean_entropy", (b,), "float32", "mean entropy over the canvas (adaptive-stop confidence; NaN "
+                   "when rows = 0)"),
     ]
     if debug_logits:
         outputs.append(
-            TensorSpec("logits", (b, c, config.vocab_size), "float32", "softcapped logits before temperature (debug)")
+            TensorSpec("logits", (b, "rows", config.vocab_size), "float32", "softcapped logits before temperature (debug)")
         )
     return inputs, outputs
 
 
-def graph_profiles(graph: str, capacity: Capacity) -> Profiles:
-    """Shape ranges [min, opt, max] per symbolic dim, one entry per TensorRT optimization profile."""
+def graph_profiles(capacity: Capacity) -> Profiles:
+    """Shape ranges [min, opt, max] per symbolic dim, one entry per phase (TensorRT optimization profile)."""
     batch = [1, capacity.max_batch, capacity.max_batch]
-    if graph == "encode":
-        return {
-            "prefill": {"batch": batch, "chunk": [1, capacity.max_prefill, capacity.max_prefill]},
-            "commit": {"batch": batch, "chunk": [capacity.canvas, capacity.canvas, capacity.canvas]},
-        }
-    return {"step": {"batch": batch}}
+    canvas, none = [capacity.canvas] * 3, [0, 0, 0]
+    return {
+        "prefill": {"batch": batch, "chunk": [1, capacity.max_prefill, capacity.max_prefill], "rows": none},
+        "commit": {"batch": batch, "chunk": canvas, "rows": none},
+        "denoise": {"batch": batch, "chunk": none, "rows": canvas},
+    }
 
 
 def narrow_profiles(profiles: Profiles, capacity: Capacity) -> Profiles:
@@ -196,15 +195,9 @@ def narrow_profiles(profiles: Profiles, capacity: Capacity) -> Profiles:
     return narrowed
 
 
-def select_profile(profiles: Profiles, batch: int, chunk: int | None = None) -> int:
-    """Index of the first optimization profile (in manifest order) whose ranges hold batch (and chunk)."""
-    for index, dims in enumerate(profiles.values()):
-        if dims["batch"][0] <= batch <= dims["batch"][2] and (
-            chunk is None or dims["chunk"][0] <= chunk <= dims["chunk"][2]
-        ):
-            return index
-    raise ArtifactError(f"no optimization profile of these engines takes batch {batch}"
-                        + (f" with a chunk of {chunk}" if chunk is not None else "") + "; rebuild with a larger capacity")
+def encoder_phase(chunk: int, canvas: int) -> str:
+    """The phase (and so the optimization profile) of an encoder call over `chunk` tokens: a commit is one canvas."""
+    return "commit" if chunk == canvas else "prefill"
 
 
 # ONNX Runtime's and TensorRT's names for the contract's dtypes, for checking what a backend loaded.

@@ -32,8 +32,9 @@ FORMAT = "canvasrt-artifacts"
 ENGINE_FORMAT = "canvasrt-engines"
 # Bump on any change to graph I/O, buffer layout or what the manifest records; readers refuse other versions instead
 # of misreading them. Artifacts 2 and engines 2: file sizes (and the engines' sha256) for the checks on load.
-FORMAT_VERSION = 2
-ENGINE_FORMAT_VERSION = 2
+# Artifacts 3 and engines 3: one backbone graph and one engine (with a profile per phase) instead of encode + denoise.
+FORMAT_VERSION = 3
+ENGINE_FORMAT_VERSION = 3
 
 
 def sha256_file(path: Path) -> str:
@@ -271,6 +272,10 @@ class ArtifactManifest(StepSpec):
     def graph_path(self, graph: str) -> Path:
         return self.directory / self.graphs[graph].file
 
+    @property
+    def backbone(self) -> GraphEntry:
+        return self.graphs["backbone"]
+
     def calibration_path(self) -> Path:
         if self.quantization is None:
             raise ArtifactError(f"{self.directory} is not quantized; run `canvasrt calibrate` for FP8 artifacts")
@@ -432,13 +437,17 @@ class EngineEntry:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     layers: str | None  # the builder's layer information file
-    gemms: dict[str, int] | None  # GEMM layers by the datatypes they read
+    gemms: dict[str, dict[str, int]] | None  # per profile: GEMM layers by the datatypes they read
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
 
     def has_output(self, name: str) -> bool:
         return any(spec.name == name for spec in self.outputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "sha256": self.sha256, "onnx_sha256": self.onnx_sha256, "bytes": self.bytes,
@@ -477,7 +486,7 @@ class BuildKey:
 
 @dataclass(frozen=True)
 class EngineManifest(StepSpec):
-    """An engine directory of `canvasrt build`: one engine per graph, built for one target."""
+    """An engine directory of `canvasrt build`: the backbone's engine (a profile per phase), built for one target."""
 
     directory: Path
     key: BuildKey
@@ -486,6 +495,10 @@ class EngineManifest(StepSpec):
 
     def engine_path(self, graph: str) -> Path:
         return self.directory / self.engines[graph].file
+
+    @property
+    def backbone(self) -> EngineEntry:
+        return self.engines["backbone"]
 
     @property
     def max_batch(self) -> int:

@@ -1,7 +1,8 @@
-"""`canvasrt export`: checkpoint directory -> artifact directory (encode.onnx, denoise.onnx, manifest.json, ...).
+"""`canvasrt export`: checkpoint directory -> artifact directory (backbone.onnx, manifest.json, ...).
 
-Both graphs are traced from the same `DiffusionGemmaText` through `torch.onnx.export(dynamo=True)`, checked with
-onnx.checker, and written with their I/O contract into the manifest. Everything is staged in a temporary directory
+The backbone graph, which serves prefill, commit and denoising steps from one copy of the weights, is traced from
+`DiffusionGemmaText.step` through `torch.onnx.export(dynamo=True)`, checked with onnx.checker, and written with its
+I/O contract and per-phase profiles into the manifest. Everything is staged in a temporary directory
 that replaces the output only when the whole export succeeded.
 
 The model is traced with fake parameters (shape and dtype, no data); each weight is then attached as a lazy tensor
@@ -22,20 +23,20 @@ import onnx
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..core.contract import Capacity, TensorSpec, denoise_io, encode_io, graph_profiles, kv_layout
+from ..core.contract import Capacity, TensorSpec, backbone_io, graph_profiles, kv_layout
 from ..core.errors import CanvasrtError
 from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, canvasrt_version, digest_json,
                              staged_directory, write_json)
 from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
 from ..model.modeling import MOE_FORMULATIONS
-from .graphs import DenoiseGraph, EncodeGraph, example_inputs
+from .graphs import BackboneGraph, example_inputs
 
 OPSET = 21  # FP8 Q/DQ with a FLOAT8E4M3FN zero point (calibration) needs opset >= 21 on ONNX Runtime
 EXTERNAL_DATA_ABOVE = 64 << 20
 # ONNX Runtime maps an external weight into memory (instead of copying it) when its offset is a multiple of the
 # allocation granularity: 4 KiB pages on Linux, 64 KiB on Windows.
 DATA_ALIGNMENT = 64 << 10
-WRAPPER_PREFIX = "model."  # EncodeGraph / DenoiseGraph hold the text model as `.model`
+WRAPPER_PREFIX = "model."  # BackboneGraph holds the text model as `.model`
 
 ProgressFn = Callable[[str], None]
 
@@ -52,9 +53,9 @@ def export(
     external_data: bool | None = None,
     progress: ProgressFn = lambda _: None,
 ) -> ArtifactManifest:
-    """Exports both graphs and returns the manifest that was written.
+    """Exports the backbone graph and returns the manifest that was written.
 
-    external_data: weights in `<graph>.onnx.data` next to each graph; None decides by size (above 64 MiB).
+    external_data: weights in `backbone.onnx.data` next to the graph; None decides by size (above 64 MiB).
     """
     if dtype not in DTYPES:
         raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -85,21 +86,16 @@ def export(
         torch_dtype = DTYPES[dtype]
         if external_data is None:
             external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
-        enc_in, enc_out = encode_io(config, capacity)
-        den_in, den_out = denoise_io(config, capacity, debug_logits)
-        # Example sizes differ from every static size so that tracing cannot confuse a dynamic dim with one.
-        dims = {"batch": 2, "chunk": _unused_size(config, capacity)}
-        graphs = {}
-        progress("exporting encode.onnx")
-        graphs["encode"] = _export_graph(
-            EncodeGraph(model), enc_in, enc_out, example_inputs(enc_in, dims, torch_dtype), staging / "encode.onnx",
-            capacity, checkpoint, dtype, external_data,
-        )
-        progress("exporting denoise.onnx")
-        graphs["denoise"] = _export_graph(
-            DenoiseGraph(model, debug_logits), den_in, den_out, example_inputs(den_in, dims, torch_dtype),
-            staging / "denoise.onnx", capacity, checkpoint, dtype, external_data,
-        )
+        inputs, outputs = backbone_io(config, capacity, debug_logits)
+        # Example sizes differ from each other and from every static size, so that tracing cannot confuse a dynamic
+        # dim with another one or with a constant.
+        chunk = _unused_size(config, capacity, set())
+        dims = {"batch": 2, "chunk": chunk, "rows": _unused_size(config, capacity, {chunk})}
+        progress("exporting backbone.onnx")
+        graphs = {"backbone": _export_graph(
+            BackboneGraph(model, debug_logits), inputs, outputs, example_inputs(inputs, dims, torch_dtype),
+            staging / "backbone.onnx", capacity, checkpoint, dtype, external_data,
+        )}
         del model
         progress("writing manifest")
         for source in checkpoint.tokenizer_files():
@@ -142,10 +138,12 @@ def _export_graph(
 ) -> GraphEntry:
     # torch.export cannot trace a dim whose range is a single value, and specialises sizes 0 and 1, so the trace
     # always sees a batch range reaching the example batch; the capacity's max batch (1 included) is enforced by
-    # the backends and the engines' profiles, not by the graph.
+    # the backends and the engines' profiles, not by the graph. Either token group may be empty (min 0): that is
+    # how a call selects its phase.
     batch = torch.export.Dim("batch", min=1, max=max(capacity.max_batch, int(args[0].shape[0])))
-    chunk = torch.export.Dim("chunk", min=1, max=capacity.max_prefill)
-    symbols = {"batch": batch, "chunk": chunk}
+    chunk = torch.export.Dim("chunk", min=0, max=capacity.max_prefill)
+    rows = torch.export.Dim("rows", min=0, max=max(capacity.canvas, int(args[2].shape[1])))
+    symbols = {"batch": batch, "chunk": chunk, "rows": rows}
     dynamic = [{axis: symbols[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in inputs]
     # The K/V buffers arrive through the wrappers' *past, whose dynamic shapes torch.export wants as one tuple.
     n_named = sum(1 for spec in inputs if not spec.name.startswith("past_"))
@@ -175,7 +173,7 @@ def _export_graph(
                 raise
             raise cause from None
     onnx.checker.check_model(str(path), full_check=True)
-    return GraphEntry.of_file(path, inputs, outputs, graph_profiles(path.stem, capacity))
+    return GraphEntry.of_file(path, inputs, outputs, graph_profiles(capacity))
 
 
 def _canvasrt_cause(exc: BaseException) -> CanvasrtError | None:
@@ -238,8 +236,9 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _unused_size(config: Any, capacity: Capacity) -> int:
+def _unused_size(config: Any, capacity: Capacity, taken_too: set[int]) -> int:
     taken = {capacity.canvas, capacity.sliding, capacity.max_context, config.hidden_size, config.vocab_size, 2}
+    taken |= taken_too
     taken |= {layer.head_dim for layer in config.layers} | {layer.num_kv_heads for layer in config.layers}
     size = 3
     while size in taken:

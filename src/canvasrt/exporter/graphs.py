@@ -1,6 +1,6 @@
-"""The flat-argument modules traced into encode.onnx and denoise.onnx, and example inputs for tracing.
+"""The flat-argument module traced into backbone.onnx, and example inputs for tracing.
 
-Their argument and result order is the graph contract of `canvasrt.core.contract`, which the exporter copies into
+Its argument and result order is the graph contract of `canvasrt.core.contract`, which the exporter copies into
 the manifest.
 """
 
@@ -13,23 +13,8 @@ from ..core.contract import MODEL_DTYPE, TensorSpec
 from ..model.modeling import DiffusionGemmaText
 
 
-class EncodeGraph(nn.Module):
-    """Flat-argument wrapper traced into encode.onnx."""
-
-    def __init__(self, model: DiffusionGemmaText):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, positions, context_length, context_mask, *past):  # noqa: ANN001 - traced
-        n = self.model.config.num_layers
-        keys, values = self.model.encode(
-            input_ids, positions, list(past[:n]), list(past[n:]), context_length, context_mask
-        )
-        return (*keys, *values)
-
-
-class DenoiseGraph(nn.Module):
-    """Flat-argument wrapper traced into denoise.onnx."""
+class BackboneGraph(nn.Module):
+    """Flat-argument wrapper of `DiffusionGemmaText.step`, traced into backbone.onnx."""
 
     def __init__(self, model: DiffusionGemmaText, debug_logits: bool):
         super().__init__()
@@ -37,23 +22,17 @@ class DenoiseGraph(nn.Module):
         self.debug_logits = debug_logits
 
     def forward(
-        self, canvas, self_cond, context_length, context_mask, temperature, entropy_bound, uniforms, renoise_ids, *past
+        self, input_ids, positions, canvas, self_cond, context_length, context_mask, temperature, entropy_bound,
+        uniforms, renoise_ids, *past,
     ):  # noqa: ANN001 - traced
         n = self.model.config.num_layers
-        out = self.model.denoise(
-            canvas,
-            self_cond,
-            list(past[:n]),
-            list(past[n:]),
-            context_length,
-            context_mask,
-            temperature,
-            entropy_bound,
-            uniforms,
-            renoise_ids,
-            with_logits=self.debug_logits,
+        keys, values, out = self.model.step(
+            input_ids, positions, canvas, self_cond, list(past[:n]), list(past[n:]), context_length, context_mask,
+            temperature, entropy_bound, uniforms, renoise_ids, with_logits=self.debug_logits,
         )
         result = (
+            *keys,
+            *values,
             out.sampled,
             out.argmax,
             out.entropy,

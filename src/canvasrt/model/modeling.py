@@ -1,14 +1,20 @@
 """DiffusionGemma's text stack as plain PyTorch with explicit state: the one model canvasrt exports and runs.
 
-Two entry points, both pure functions of their tensor inputs (no cache objects, no data-dependent control flow, no
-in-place updates of inputs), so that `torch.onnx.export` traces them into static graphs:
+The encoder and the decoder are the same transformer, so there is one traced entry point,
+`DiffusionGemmaText.step`, a pure function of its tensor inputs (no cache objects, no data-dependent control flow, no
+in-place updates of inputs) that `torch.onnx.export` traces into the one backbone graph. Its phase follows from the
+shape of the sampler inputs: `rows` (= self_cond.shape[1]) is 0 for the encoder and the chunk length for a denoising
+step, "the first `rows` tokens of the chunk are canvas tokens".
 
-- `DiffusionGemmaText.encode`: the causal encoder over a chunk of tokens (prompt prefill or canvas commit). It reads
-  the K/V buffers of the committed context and returns the chunk's new per-layer K/V; the caller writes them into
-  the buffers at the chunk's positions.
-- `DiffusionGemmaText.denoise`: one bidirectional denoising step over the canvas, followed by the sampler math of
-  transformers' `generate` (temperature, sampling, entropy-bound acceptance, renoising, the next self-conditioning
-  soft embedding), so that no [batch, canvas, vocabulary] tensor has to leave the step.
+- encoder phase (rows = 0: prompt prefill or canvas commit): causal over the chunk, which reads the K/V buffers of
+  the committed context; the caller writes the chunk's K/V (an output of every call) into the buffers at its
+  positions. The last layer's attention and FFN, the LM head and the sampler run on zero rows: they cost nothing.
+- denoising phase (rows = chunk = canvas): bidirectional over the canvas with self-conditioning, then the sampler
+  math of transformers' `generate` (temperature, sampling, entropy-bound acceptance, renoising, the next
+  self-conditioning soft embedding), so that no [batch, canvas, vocabulary] tensor has to leave the step.
+
+`encode` and `denoise` are the eager forms of the two phases (the torch backend, parity and calibration use them);
+they run the same layers as `step`.
 
 K/V buffer layout (see docs/ARTIFACTS.md): full-attention layers keep one slot per absolute position up to the
 declared context capacity; sliding layers keep a ring of `sliding_capacity` slots (slot = position mod capacity),
@@ -267,12 +273,18 @@ class Layer(nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
         bias: torch.Tensor,
-        encoder: bool = False,
+        scalar: torch.Tensor,
+        queries_from: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the new hidden states and this chunk's K/V."""
+        """Returns the new hidden states and the K/V of every token of h. scalar [T, 1]: the per-token layer scalar
+        (the encoder's or the decoder's). queries_from: only tokens from this index on go on through attention and
+        the FFN (the last layer, where the encoder tokens are needed for their K/V only)."""
         x = self.input_layernorm(h)
         k, v = self.self_attn.key_value(x, cos, sin)
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        if queries_from is not None:
+            h, x, cos, sin = h[:, queries_from:], x[:, queries_from:], cos[:, queries_from:], sin[:, queries_from:]
+            bias, scalar = bias[:, :, queries_from:], scalar[queries_from:]
         h = h + self.post_attention_layernorm(self.self_attn(x, cos, sin, keys, values, bias))
         residual = h
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(residual)))
@@ -281,7 +293,7 @@ class Layer(nn.Module):
         routed = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index)
         routed = self.post_feedforward_layernorm_2(routed.reshape(residual.shape))
         h = residual + self.post_feedforward_layernorm(dense + routed)
-        return h * (self.encoder_layer_scalar if encoder else self.layer_scalar), k, v
+        return h * scalar, k, v
 
 
 class SelfConditioning(GatedMLP):
@@ -365,7 +377,82 @@ class DiffusionGemmaText(nn.Module):
     def _bias(self, visible: torch.Tensor) -> torch.Tensor:
         return torch.where(visible, torch.zeros((), dtype=torch.float32), torch.full((), _HIDDEN))
 
-    # -- encoder ------------------------------------------------------------------------------------------------
+    # -- the backbone: encoder tokens and canvas tokens in one pass -------------------------------------------------
+
+    def backbone(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        canvas: torch.Tensor,
+        self_cond: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        context_length: torch.Tensor,
+        context_mask: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """One pass over S encoder tokens (input_ids at `positions` [B, S]: a prompt chunk or a canvas to commit)
+        and R canvas tokens (`canvas` [B, R] with its self-conditioning input [B, R, H], at the positions after the
+        context). Returns the encoder tokens' K/V per layer ([B, nkv, S, d]) and the canvas tokens' final hidden
+        states [B, R, H], normed.
+
+        The two groups do not see each other: encoder tokens attend causally to the context and to each other,
+        canvas tokens bidirectionally to the context and the canvas, so a call is a prefill or commit (R = 0), a
+        denoising step (S = 0), or both at once. context_length [B]: committed tokens before the call;
+        context_mask [B, capacity]: False at left padding (the encoder tokens' own positions included).
+        """
+        b, s = input_ids.shape
+        r = canvas.shape[1]
+        h = torch.cat([self.embed(input_ids), self.self_conditioning(self.embed(canvas), self_cond)], dim=1)
+        canvas_pos = context_length[:, None] + torch.arange(r, dtype=torch.int64, device=canvas.device)[None, :]
+        all_pos = torch.cat([positions, canvas_pos], dim=1)
+        # Transformers keeps separate layer scalars for the encoder and the decoder (buffers are not tied)
+        encoder_rows = torch.ones(s, 1, dtype=torch.bool, device=canvas.device)
+        canvas_rows = torch.zeros(r, 1, dtype=torch.bool, device=canvas.device)
+        is_encoder = torch.cat([encoder_rows, canvas_rows])  # [S + R, 1]
+        chunk_ok = torch.gather(context_mask, 1, positions)[:, None, :]
+        chunk_visible = (positions[:, None, :] <= positions[:, :, None]) & chunk_ok
+        apart = torch.zeros(b, s, r, dtype=torch.bool, device=canvas.device)
+        canvas_visible = torch.ones(b, r, r, dtype=torch.bool, device=canvas.device)
+        tables, biases = {}, {}
+        new_keys, new_values = [], []
+        last = len(self.layers) - 1
+        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
+            if spec not in tables:
+                tables[spec] = self._rotary(spec, all_pos)
+                biases[spec] = self._bias(self._visibility(spec, past_keys[i].shape[2], context_length, context_mask,
+                                                           positions, chunk_visible, apart, canvas_visible))
+            cos, sin = tables[spec]
+            scalar = torch.where(is_encoder, layer.encoder_layer_scalar, layer.layer_scalar)
+            h, k, v = layer(h, cos, sin, past_keys[i], past_values[i], biases[spec], scalar,
+                            queries_from=s if i == last else None)
+            new_keys.append(k[:, :, :s])
+            new_values.append(v[:, :, :s])
+        return new_keys, new_values, self.norm(h)
+
+    def _visibility(
+        self,
+        spec: LayerSpec,
+        slots: int,
+        context_length: torch.Tensor,
+        context_mask: torch.Tensor,
+        positions: torch.Tensor,
+        chunk_visible: torch.Tensor,
+        apart: torch.Tensor,
+        canvas_visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """[B, 1, S + R, slots + S + R]: which key (context slot, encoder token, canvas token) each query sees.
+        The canvas sees every live slot: the sliding window applies to the encoder only, as in transformers."""
+        slot_pos, live = self._context_visibility(spec, slots, context_length, context_mask)
+        s, r = chunk_visible.shape[1], canvas_visible.shape[1]
+        encoder_ctx = live[:, None, :].expand(-1, s, -1)
+        encoder_chunk = chunk_visible
+        if spec.kind == SLIDING:
+            window_start = positions[:, :, None] - self.config.sliding_window
+            encoder_ctx = encoder_ctx & (slot_pos[:, None, :] > window_start)
+            encoder_chunk = encoder_chunk & (positions[:, None, :] > window_start)
+        encoder = torch.cat([encoder_ctx, encoder_chunk, apart], dim=2)
+        canvas = torch.cat([live[:, None, :].expand(-1, r, -1), apart.transpose(1, 2), canvas_visible], dim=2)
+        return torch.cat([encoder, canvas], dim=1)[:, None]
 
     def encode(
         self,
@@ -376,39 +463,13 @@ class DiffusionGemmaText(nn.Module):
         context_length: torch.Tensor,
         context_mask: torch.Tensor,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Causal pass over a chunk at `positions` [B, S]; returns its K/V per layer ([B, nkv, S, d] each).
-
-        context_length [B]: committed tokens before the chunk; context_mask [B, capacity]: False at left padding
-        (the chunk's own positions included).
-        """
-        h = self.embed(input_ids)
-        query_pos = positions[:, :, None]
-        chunk_ok = torch.gather(context_mask, 1, positions)[:, None, :]
-        chunk_causal = positions[:, None, :] <= query_pos
-        tables = {}
-        new_keys, new_values = [], []
-        window = self.config.sliding_window
-        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
-            if spec not in tables:
-                tables[spec] = self._rotary(spec, positions)
-            cos, sin = tables[spec]
-            x = layer.input_layernorm(h)
-            k, v = layer.self_attn.key_value(x, cos, sin)
-            new_keys.append(k)
-            new_values.append(v)
-            if i == len(self.layers) - 1:
-                break  # the encoder only produces K/V; the last layer's attention and FFN feed nothing
-            slot_pos, live = self._context_visibility(spec, past_keys[i].shape[2], context_length, context_mask)
-            ctx_visible = live[:, None, :].expand(-1, positions.shape[1], -1)
-            chunk_visible = chunk_causal & chunk_ok
-            if spec.kind == SLIDING:
-                ctx_visible = ctx_visible & (slot_pos[:, None, :] > query_pos - window)
-                chunk_visible = chunk_visible & (positions[:, None, :] > query_pos - window)
-            bias = self._bias(torch.cat([ctx_visible, chunk_visible], dim=2))[:, None]
-            h, _, _ = layer(h, cos, sin, past_keys[i], past_values[i], bias, encoder=True)
-        return new_keys, new_values
-
-    # -- decoder ------------------------------------------------------------------------------------------------
+        """The encoder phase (prefill or commit): the chunk's K/V per layer ([B, nkv, S, d] each)."""
+        b = input_ids.shape[0]
+        canvas = input_ids.new_zeros(b, 0)
+        none = torch.zeros(b, 0, self.config.hidden_size, dtype=self.dtype, device=input_ids.device)
+        keys, values, _ = self.backbone(input_ids, positions, canvas, none, past_keys, past_values, context_length,
+                                        context_mask)
+        return keys, values
 
     def denoise_logits(
         self,
@@ -419,26 +480,57 @@ class DiffusionGemmaText(nn.Module):
         context_length: torch.Tensor,
         context_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Bidirectional pass over the canvas [B, C]; fp32 softcapped logits [B, C, V]."""
-        b, c = canvas.shape
-        h = self.self_conditioning(self.embed(canvas), self_cond)
-        positions = context_length[:, None] + torch.arange(c, dtype=torch.int64, device=canvas.device)[None, :]
-        canvas_bias = torch.zeros(b, 1, 1, c, dtype=torch.float32, device=canvas.device)
-        tables, biases = {}, {}
-        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
-            if spec not in tables:
-                tables[spec] = self._rotary(spec, positions)
-                _, live = self._context_visibility(spec, past_keys[i].shape[2], context_length, context_mask)
-                biases[spec] = torch.cat([self._bias(live)[:, None, None, :], canvas_bias], dim=3)
-            cos, sin = tables[spec]
-            h, _, _ = layer(h, cos, sin, past_keys[i], past_values[i], biases[spec])
-        h = self.norm(h)
-        logits = linear(h, self.embed_tokens.weight).float()
+        """The denoising phase's bidirectional pass over the canvas [B, C]; fp32 softcapped logits [B, C, V]."""
+        nothing = canvas.new_zeros(canvas.shape[0], 0)
+        _, _, hidden = self.backbone(nothing, nothing, canvas, self_cond, past_keys, past_values, context_length,
+                                     context_mask)
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied LM head with Gemma's final softcap, in fp32."""
+        logits = linear(hidden, self.embed_tokens.weight).float()
         cap = self.config.logit_softcap
         return torch.tanh(logits / cap) * cap
 
     def soft_embedding(self, processed_logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
         return soft_embedding(processed_logits, self.embed_tokens.weight, probs)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        entropy_bound: torch.Tensor,
+        uniforms: torch.Tensor | None,
+        renoise_ids: torch.Tensor,
+        exponentials: torch.Tensor | None = None,
+        with_logits: bool = False,
+    ) -> DenoiseOutputs:
+        """The sampler over a denoising step's logits [B, C, V].
+
+        temperature, entropy_bound [B] fp32; renoise_ids [B, C]: the fresh random tokens for rejected positions.
+        Sampling draws either come as `uniforms` [B, C] (inverse CDF: the portable form the graphs use) or as
+        `exponentials` [B*C, V] (argmax(p / q), which is what torch.multinomial computes, for bit-exact
+        reproduction of transformers' generate()).
+        """
+        z = logits / temperature[:, None, None]
+        probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+        if exponentials is not None:
+            sampled = torch.argmax(probs.reshape(exponentials.shape) / exponentials, dim=-1).reshape(renoise_ids.shape)
+        else:
+            sampled = sample_inverse_cdf(probs, uniforms)
+        argmax = torch.argmax(z, dim=-1)
+        entropy = categorical_entropy(z)
+        accepted = entropy_bound_accept(entropy, entropy_bound)
+        return DenoiseOutputs(
+            sampled=sampled,
+            argmax=argmax,
+            entropy=entropy,
+            accepted=accepted,
+            next_canvas=torch.where(accepted, sampled, renoise_ids),
+            next_self_cond=self.soft_embedding(z, probs),
+            mean_entropy=entropy.mean(dim=-1),
+            logits=logits if with_logits else None,
+        )
 
     def denoise(
         self,
@@ -455,33 +547,33 @@ class DiffusionGemmaText(nn.Module):
         exponentials: torch.Tensor | None = None,
         with_logits: bool = False,
     ) -> DenoiseOutputs:
-        """One denoising step plus the sampler.
-
-        temperature, entropy_bound [B] fp32; renoise_ids [B, C]: the fresh random tokens for rejected positions.
-        Sampling draws either come as `uniforms` [B, C] (inverse CDF: the portable form the graphs use) or as
-        `exponentials` [B*C, V] (argmax(p / q), which is what torch.multinomial computes, for bit-exact
-        reproduction of transformers' generate()).
-        """
+        """The denoising phase: one step over the canvas plus the sampler (see `sample`)."""
         logits = self.denoise_logits(canvas, self_cond, past_keys, past_values, context_length, context_mask)
-        z = logits / temperature[:, None, None]
-        probs = torch.softmax(z, dim=-1, dtype=torch.float32)
-        if exponentials is not None:
-            sampled = torch.argmax(probs.reshape(exponentials.shape) / exponentials, dim=-1).reshape(canvas.shape)
-        else:
-            sampled = sample_inverse_cdf(probs, uniforms)
-        argmax = torch.argmax(z, dim=-1)
-        entropy = categorical_entropy(z)
-        accepted = entropy_bound_accept(entropy, entropy_bound)
-        return DenoiseOutputs(
-            sampled=sampled,
-            argmax=argmax,
-            entropy=entropy,
-            accepted=accepted,
-            next_canvas=torch.where(accepted, sampled, renoise_ids),
-            next_self_cond=self.soft_embedding(z, probs),
-            mean_entropy=entropy.mean(dim=-1),
-            logits=logits if with_logits else None,
-        )
+        return self.sample(logits, temperature, entropy_bound, uniforms, renoise_ids, exponentials, with_logits)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        canvas: torch.Tensor,
+        self_cond: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        context_length: torch.Tensor,
+        context_mask: torch.Tensor,
+        temperature: torch.Tensor,
+        entropy_bound: torch.Tensor,
+        uniforms: torch.Tensor,
+        renoise_ids: torch.Tensor,
+        with_logits: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], DenoiseOutputs]:
+        """The backbone graph: `backbone`, then the LM head and the sampler over the canvas tokens (none in the
+        encoder phase, where they cost nothing)."""
+        keys, values, hidden = self.backbone(input_ids, positions, canvas, self_cond, past_keys, past_values,
+                                             context_length, context_mask)
+        out = self.sample(self.logits(hidden), temperature, entropy_bound, uniforms, renoise_ids,
+                          with_logits=with_logits)
+        return keys, values, out
 
 
 # -- sampler math (shared by every backend through the graphs or this module) ------------------------------------

@@ -2,14 +2,15 @@
 
     canvasrt_generate/   Python backend, decoupled: the loop (canvasrt.serving.model), streaming each canvas;
                          with --step-backend in-process it holds the graphs and runs them through ONNX Runtime
-    canvasrt_encode/     step model called through BLS: tensorrt_plan, onnxruntime_onnx, or the Python backend
-    canvasrt_denoise/    running ONNX Runtime (canvasrt.serving.step_model, --step-backend python)
+    canvasrt_backbone/   the step model called through BLS for prefill, commit and denoising steps alike:
+                         tensorrt_plan (one engine, a profile per phase), onnxruntime_onnx, or the Python backend
+                         running ONNX Runtime (canvasrt.serving.step_model, --step-backend python)
 
 config.pbtxt files are built as Triton's own ModelConfig protobuf (tritonclient ships it) and printed with
 text_format, then parsed back and compared, so a file that Triton would misread is never written. The step models
 take the manifest's graph I/O with the batch dimension as Triton's batch dimension: every step tensor is batch-first
 and a denoise call's other dimensions never vary, so Triton's dynamic batcher can merge the steps of concurrent
-requests.
+requests (it merges only requests of equal shapes, so never two phases).
 """
 
 from __future__ import annotations

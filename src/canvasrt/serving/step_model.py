@@ -1,8 +1,8 @@
-"""`canvasrt_encode` / `canvasrt_denoise` on Triton's Python backend: one exported graph run by ONNX Runtime.
+"""`canvasrt_backbone` on Triton's Python backend: the exported backbone graph run by ONNX Runtime.
 
-For servers without Triton's onnxruntime backend that still want the steps as separate models (`--step-backend
+For servers without Triton's onnxruntime backend that still want the steps as a separate model (`--step-backend
 python`). Requests that Triton's dynamic batcher delivers together run as one batch when their non-batch shapes
-agree (every denoise call of a model agrees), which is where serving the steps separately pays off.
+agree (every denoise call agrees), which is where serving the steps separately pays off.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 Triton step models called over BLS.
 
 The K/V buffers, the context mask and the self-conditioning state live in this object (host memory) and are fed to
-the graphs without copies; the loop only exchanges the small per-step tensors with it. A subclass says how a graph
-runs (`run_graph`) and how it is loaded, nothing else.
+the backbone graph without copies; the loop only exchanges the small per-step tensors with it. Every call runs the
+one backbone graph: an encoder call feeds its chunk and empty canvas inputs, a denoising step feeds the canvas and an
+empty chunk. A subclass says how the graph runs (`run_backbone`) and how it is loaded, nothing else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from abc import abstractmethod
 
 import numpy as np
 
+from ...core.contract import encoder_phase
 from ...core.errors import ArtifactError, CanvasrtError
 from ...core.kv import NUMPY_DTYPES, HostKVBuffers, context_mask
 from ...core.manifest import ArtifactManifest
@@ -28,14 +30,15 @@ class HostGraphBackend(StepBackend):
         self.dtype = NUMPY_DTYPES[manifest.dtype]
         self.buffers = HostKVBuffers(manifest.kv_layout, self.dtype)
         self.num_layers = len(manifest.kv_layout)
-        self.output_names = {graph: entry.output_names for graph, entry in manifest.graphs.items()}
-        # The graphs' static context width, which engines built with a smaller --max-context keep
-        self.context_slots = int(manifest.graphs["denoise"].input("context_mask").shape[1])
+        self.output_names = manifest.backbone.output_names
+        # The graph's static context width, which engines built with a smaller --max-context keep
+        self.context_slots = int(manifest.backbone.input("context_mask").shape[1])
         self.self_cond = np.zeros((0, manifest.capacity.canvas, manifest.model.hidden_size), self.dtype)
 
     @abstractmethod
-    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Runs the graph ("encode" or "denoise") and returns its outputs in manifest order."""
+    def run_backbone(self, phase: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Runs the backbone graph for a call of `phase` (one of core.contract.PHASES) and returns its outputs in
+        manifest order."""
 
     def kv_cache(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return [k.copy() for k in self.buffers.keys], [v.copy() for v in self.buffers.values]
@@ -62,17 +65,24 @@ class HostGraphBackend(StepBackend):
             feeds[f"past_value_{i}"] = self.buffers.values[i]
         return feeds
 
+    def _no_canvas(self, batch: int) -> dict[str, np.ndarray]:
+        hidden = self.spec.model.hidden_size
+        return {"canvas": np.zeros((batch, 0), np.int64), "self_cond": np.zeros((batch, 0, hidden), self.dtype),
+                "temperature": np.ones(batch, np.float32), "entropy_bound": np.zeros(batch, np.float32),
+                "uniforms": np.zeros((batch, 0), np.float32), "renoise_ids": np.zeros((batch, 0), np.int64)}
+
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
-        batch = input_ids.shape[0]
+        batch, chunk = input_ids.shape
         feeds = {
             "input_ids": input_ids.astype(np.int64, copy=False),
-            "positions": np.broadcast_to(positions.astype(np.int64), (batch, positions.shape[0])).copy(),
+            "positions": np.broadcast_to(positions.astype(np.int64), (batch, chunk)).copy(),
+            **self._no_canvas(batch),
             "context_length": context_length.astype(np.int64, copy=False),
             "context_mask": self.mask,
             **self._kv_feeds(),
         }
-        out = self.run_graph("encode", feeds)
-        self.buffers.write(positions, out[: self.num_layers], out[self.num_layers :])
+        out = self.run_backbone(encoder_phase(chunk, self.spec.capacity.canvas), feeds)
+        self.buffers.write(positions, out[: self.num_layers], out[self.num_layers : 2 * self.num_layers])
 
     def _denoise(
         self,
@@ -88,7 +98,10 @@ class HostGraphBackend(StepBackend):
             raise CanvasrtError(f"the {self.name} backend samples from uniforms (--rng counter); --rng hf needs --backend torch")
         if first_step:
             self.self_cond.fill(0)
+        batch = canvas.shape[0]
         feeds = {
+            "input_ids": np.zeros((batch, 0), np.int64),
+            "positions": np.zeros((batch, 0), np.int64),
             "canvas": canvas,
             "self_cond": self.self_cond,
             "context_length": context_length,
@@ -99,7 +112,9 @@ class HostGraphBackend(StepBackend):
             "renoise_ids": draws.renoise_ids,
             **self._kv_feeds(),
         }
-        out = dict(zip(self.output_names["denoise"], self.run_graph("denoise", feeds)))
+        out = dict(zip(self.output_names, self.run_backbone("denoise", feeds)))
+        for name in self.output_names[: 2 * self.num_layers]:
+            del out[name]  # the canvas is not committed yet: no encoder tokens, empty K/V
         next_self_cond = out.pop("next_self_cond")
         self.self_cond = np.where(frozen[:, None, None], self.self_cond, next_self_cond)
         return StepResult(

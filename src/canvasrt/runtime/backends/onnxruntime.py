@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs encode.onnx / denoise.onnx of an artifact directory. Needs only numpy and onnxruntime.
+"""ONNX Runtime backend: runs backbone.onnx of an artifact directory, one session for every phase. Needs only numpy and onnxruntime.
 
 The host-resident state (K/V buffers, context mask, self-conditioning) is HostGraphBackend's, which is also ONNX
 Runtime's CPU device memory: the sessions read it without copies.
@@ -63,20 +63,20 @@ class OnnxRuntimeBackend(HostGraphBackend):
         super().__init__(manifest)
         self.provider = provider
         self.threads = threads
-        self.sessions: dict[str, Any] = {}
+        self.session: Any = None
 
     def _activate(self) -> None:
-        for graph, entry in self.manifest.graphs.items():
-            path = self.manifest.graph_path(graph)
-            session = create_session(path, self.provider, self.threads)
-            for what, declared, found in (("inputs", entry.inputs, session.get_inputs()),
-                                          ("outputs", entry.outputs, session.get_outputs())):
-                check_io(list(declared), [(a.name, a.type, tuple(a.shape)) for a in found], self.manifest.dtype,
-                         str(path), ONNX_TYPES, what)
-            self.sessions[graph] = session
+        entry = self.manifest.backbone
+        path = self.manifest.graph_path("backbone")
+        session = create_session(path, self.provider, self.threads)
+        for what, declared, found in (("inputs", entry.inputs, session.get_inputs()),
+                                      ("outputs", entry.outputs, session.get_outputs())):
+            check_io(list(declared), [(a.name, a.type, tuple(a.shape)) for a in found], self.manifest.dtype,
+                     str(path), ONNX_TYPES, what)
+        self.session = session
 
     def _deactivate(self) -> None:
-        self.sessions.clear()
+        self.session = None
 
-    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.sessions[graph].run(None, feeds))
+    def run_backbone(self, phase: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(None, feeds))

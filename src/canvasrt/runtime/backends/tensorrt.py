@@ -1,11 +1,14 @@
-"""TensorRT backend: runs the engines of `canvasrt build` on an NVIDIA GPU (full TensorRT; SM90 for H100).
+"""TensorRT backend: runs the backbone engine of `canvasrt build` on an NVIDIA GPU (full TensorRT; SM90 for H100).
 
+One engine holds the weights once and has an optimization profile per phase (prefill, commit, denoise); each phase
+runs on its own execution context of that engine, bound to its profile once, so no call switches profiles. The
+phases never run at the same time, so the contexts share one block of activation memory, the size of the largest.
 Device memory is held in PyTorch CUDA tensors (GPU machines have PyTorch; the ONNX Runtime path stays torch-free).
 The per-layer K/V cache, the context mask and two self-conditioning buffers (ping-pong) are planned once per batch
-size; every other engine input and output is allocated once per shape (batch, chunk), with the shapes and dtypes
-the engine itself reports, and reused by later calls of that shape. A step moves only the small per-step tensors
-between host and device. The encoder picks the `commit` optimization profile for canvas-sized chunks and `prefill`
-otherwise. On activation each engine's I/O names, dtypes and static dims are checked against the manifest.
+size; every other engine input and output is allocated once per shape (phase, batch, chunk), with the shapes and
+dtypes the engine itself reports, and reused by later calls of that shape. A step moves only the small per-step
+tensors between host and device. On activation the engine's I/O names, dtypes and static dims are checked against
+the manifest.
 
 Everything that does not need a GPU (manifest and version checks, profile selection, buffer planning) is plain
 functions tested on CPU. The class itself has not run yet (no GPU with TensorRT was available where it was written);
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.contract import check_io, select_profile
+from ...core.contract import PHASES, check_io, encoder_phase
 from ...core.errors import CanvasrtError
 from ...core.kv import buffer_shapes, context_mask, write_chunk
 from ...core.manifest import EngineManifest
@@ -68,7 +71,7 @@ def plan_buffers(manifest: EngineManifest, batch: int) -> BufferPlan:
         raise CanvasrtError(f"batch of {batch} exceeds the engines' max batch {cap.max_batch}")
     # The mask spans the graphs' static context, which `canvasrt build --max-context` leaves as exported while it
     # lowers capacity.max_context (the longest request the loop accepts).
-    mask = manifest.engines["denoise"].input("context_mask")
+    mask = manifest.backbone.input("context_mask")
     return BufferPlan(
         kv=list(buffer_shapes(manifest.kv_layout, batch)),
         context_mask=(batch, int(mask.shape[1])),
@@ -88,7 +91,7 @@ class TensorRTBackend(StepBackend):
         super().__init__(manifest)
         self.manifest = manifest
         self.device = device
-        self.io: dict[tuple[str, int, int], dict[str, Any]] = {}  # (graph, batch, chunk) -> tensors by name
+        self.io: dict[tuple[str, int, int], dict[str, Any]] = {}  # (phase, batch, chunk) -> tensors by name
 
     def preflight(self) -> None:
         """TensorRT and PyTorch must be importable and see a CUDA GPU; else a one-line error naming what is missing."""
@@ -116,35 +119,40 @@ class TensorRTBackend(StepBackend):
                              trt.DataType.BF16: torch.bfloat16, trt.DataType.INT64: torch.int64,
                              trt.DataType.BOOL: torch.bool}
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines: dict[str, trt.ICudaEngine] = {}
+        entry = self.manifest.backbone
+        engine = self.runtime.deserialize_cuda_engine(self.manifest.engine_path("backbone").read_bytes())
+        if engine is None:
+            raise CanvasrtError(f"TensorRT could not load {entry.file}; rebuild the engines on this machine")
+        self.engine = engine
+        self._check_io()
+        names = list(entry.profiles)
+        self.scratch = torch.empty(max(engine.get_device_memory_size_for_profile_v2(names.index(phase))
+                                       for phase in PHASES), dtype=torch.uint8, device="cuda")
+        self.stream = torch.cuda.Stream()
         self.contexts: dict[str, trt.IExecutionContext] = {}
-        for name, entry in self.manifest.engines.items():
-            path = self.manifest.engine_path(name)
-            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise CanvasrtError(f"TensorRT could not load {entry.file}; rebuild the engines on this machine")
-            self._check_io(engine, name)
-            context = engine.create_execution_context()
+        for phase in PHASES:
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if context is None:
                 raise CanvasrtError(f"TensorRT could not create an execution context for {entry.file}")
-            self.engines[name] = engine
-            self.contexts[name] = context
-        self.stream = torch.cuda.Stream()
+            context.set_optimization_profile_async(names.index(phase), self.stream.cuda_stream)
+            context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+            self.contexts[phase] = context
         self.state_dtype = self.torch_dtypes[getattr(trt.DataType, TRT_TYPES[self.manifest.dtype])]
 
-    def _check_io(self, engine: trt.ICudaEngine, graph: str) -> None:
-        entry = self.manifest.engines[graph]
+    def _check_io(self) -> None:
+        engine, entry = self.engine, self.manifest.backbone
         found: dict[bool, list[tuple[str, str, tuple[int | str | None, ...]]]] = {True: [], False: []}
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
             is_input = engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT
             found[is_input].append((name, engine.get_tensor_dtype(name).name, _dims(engine.get_tensor_shape(name))))
-        source = str(self.manifest.engine_path(graph))
+        source = str(self.manifest.engine_path("backbone"))
         check_io(list(entry.inputs), found[True], self.manifest.dtype, source, TRT_TYPES, "inputs")
         check_io(list(entry.outputs), found[False], self.manifest.dtype, source, TRT_TYPES, "outputs")
 
     def _deactivate(self) -> None:
-        self.contexts, self.engines, self.io = {}, {}, {}
+        self.contexts, self.io = {}, {}
+        del self.engine, self.scratch
 
     def kv_cache(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return ([k.float().cpu().numpy() for k in self.keys], [v.float().cpu().numpy() for v in self.values])
@@ -164,33 +172,34 @@ class TensorRTBackend(StepBackend):
         self.self_cond = torch.zeros(plan.self_cond, dtype=self.state_dtype, device="cuda")
         self.next_self_cond = torch.empty_like(self.self_cond)
 
-    def _buffers(self, graph: str, profile: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-        """The graph's non-state inputs and its outputs for these input shapes: allocated on first use of a shape,
-        the output shapes and dtypes as the engine reports them for it."""
-        context = self.contexts[graph]
-        context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+    def _buffers(self, phase: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        """The engine's non-state inputs and its outputs for a call of `phase` with these input shapes: allocated on
+        first use of a shape, the output shapes and dtypes as the engine reports them for it."""
+        context = self.contexts[phase]
         for name, shape in shapes.items():
             context.set_input_shape(name, shape)
-        key = (graph, shapes["context_length"][0], shapes.get("input_ids", (0, 0))[1])
+        key = (phase, shapes["context_length"][0], shapes["input_ids"][1])
         if key not in self.io:
-            engine = self.engines[graph]
+            engine = self.engine
             tensors: dict[str, Any] = {}
             for index in range(engine.num_io_tensors):
                 name = engine.get_tensor_name(index)
                 if name in STATE_INPUTS or name.startswith("past_") or name == "next_self_cond":
                     continue
                 shape = _dims(context.get_tensor_shape(name))
-                tensors[name] = self.torch.empty(shape, dtype=self.torch_dtypes[engine.get_tensor_dtype(name)],
-                                                 device="cuda")
+                # At least one element: an empty tensor (a phase's unused outputs) still needs a non-null address
+                size = int(np.prod(shape))
+                tensors[name] = self.torch.empty(max(size, 1), dtype=self.torch_dtypes[engine.get_tensor_dtype(name)],
+                                                 device="cuda")[:size].view(shape)
             self.io[key] = tensors
         return self.io[key]
 
-    def _run(self, graph: str, tensors: dict[str, Any]) -> None:
-        context = self.contexts[graph]
+    def _run(self, phase: str, tensors: dict[str, Any]) -> None:
+        context = self.contexts[phase]
         for name, tensor in tensors.items():
             context.set_tensor_address(name, tensor.data_ptr())
         if not context.execute_async_v3(self.stream.cuda_stream):
-            raise CanvasrtError(f"TensorRT failed to run the {graph} engine")
+            raise CanvasrtError(f"TensorRT failed to run the backbone engine ({phase})")
         self.stream.synchronize()
 
     def _upload(self, buffers: dict[str, Any], host: dict[str, np.ndarray]) -> None:
@@ -202,19 +211,26 @@ class TensorRTBackend(StepBackend):
         feeds.update({f"past_value_{i}": v for i, v in enumerate(self.values)})
         return feeds
 
+    def _no_canvas(self, batch: int) -> dict[str, np.ndarray]:
+        return {"canvas": np.zeros((batch, 0), np.int64), "temperature": np.ones(batch, np.float32),
+                "entropy_bound": np.zeros(batch, np.float32), "uniforms": np.zeros((batch, 0), np.float32),
+                "renoise_ids": np.zeros((batch, 0), np.int64)}
+
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
         batch, chunk = input_ids.shape
         host = {
             "input_ids": input_ids.astype(np.int64),
             "positions": np.broadcast_to(positions.astype(np.int64), (batch, chunk)),
             "context_length": context_length.astype(np.int64),
+            **self._no_canvas(batch),
         }
-        state = {"context_mask": self.mask, **self._kv_inputs()}
-        profile = select_profile(self.manifest.engines["encode"].profiles, batch, chunk)
-        buffers = self._buffers("encode", profile, {**{n: a.shape for n, a in host.items()},
-                                                    **{n: tuple(t.shape) for n, t in state.items()}})
+        state = {"context_mask": self.mask, "self_cond": self.self_cond[:, :0], **self._kv_inputs()}
+        phase = encoder_phase(chunk, self.manifest.capacity.canvas)
+        buffers = self._buffers(phase, {**{n: a.shape for n, a in host.items()},
+                                        **{n: tuple(t.shape) for n, t in state.items()}})
         self._upload(buffers, host)
-        self._run("encode", {**buffers, **state})
+        # An empty self_cond's address may be null, which TensorRT refuses for a bound tensor: bind the buffer itself
+        self._run(phase, {**buffers, **state, "self_cond": self.self_cond, "next_self_cond": self.next_self_cond})
         n = len(self.keys)
         write_chunk(self.manifest.kv_layout, self.keys, self.values, positions,
                     [buffers[f"key_{i}"] for i in range(n)], [buffers[f"value_{i}"] for i in range(n)])
@@ -233,21 +249,23 @@ class TensorRTBackend(StepBackend):
             raise CanvasrtError("the tensorrt backend samples from uniforms (--rng counter)")
         if first_step:
             self.self_cond.zero_()
-        host = {"canvas": canvas, "context_length": context_length, "temperature": temperature,
+        batch = canvas.shape[0]
+        host = {"input_ids": np.zeros((batch, 0), np.int64), "positions": np.zeros((batch, 0), np.int64),
+                "canvas": canvas, "context_length": context_length, "temperature": temperature,
                 "entropy_bound": entropy_bound, "uniforms": draws.uniforms, "renoise_ids": draws.renoise_ids}
         state = {"self_cond": self.self_cond, "context_mask": self.mask, "next_self_cond": self.next_self_cond,
                  **self._kv_inputs()}
-        profile = select_profile(self.manifest.engines["denoise"].profiles, canvas.shape[0])
         inputs = {n: t for n, t in state.items() if n != "next_self_cond"}
-        buffers = self._buffers("denoise", profile, {**{n: a.shape for n, a in host.items()},
-                                                     **{n: tuple(t.shape) for n, t in inputs.items()}})
+        buffers = self._buffers("denoise", {**{n: a.shape for n, a in host.items()},
+                                            **{n: tuple(t.shape) for n, t in inputs.items()}})
         self._upload(buffers, host)
         self._run("denoise", {**buffers, **state})
         if frozen.any():  # stopped rows keep their state: copy it into the buffer that becomes current
             rows = self.torch.from_numpy(np.flatnonzero(frozen)).to("cuda")
             self.next_self_cond.index_copy_(0, rows, self.self_cond.index_select(0, rows))
         self.self_cond, self.next_self_cond = self.next_self_cond, self.self_cond
-        outputs = {spec.name for spec in self.manifest.engines["denoise"].outputs} - {"next_self_cond"}
+        kv = {name for name in self.manifest.backbone.output_names if name.startswith(("key_", "value_"))}
+        outputs = set(self.manifest.backbone.output_names) - kv - {"next_self_cond"}
         result = {name: buffers[name].cpu().numpy() for name in outputs}
         return StepResult(
             argmax=result.pop("argmax"),
