@@ -126,6 +126,7 @@ class Scheduler:
         self.queue: deque[_Row] = deque()
         self.rows: list[_Row] = []  # slot i holds rows[i]; the last one may still be prefilling
         self.stats = SchedulerStats()
+        self.last_rows = 0  # rows in the latest step call
         self.lock = threading.Lock()
 
     @property
@@ -151,13 +152,14 @@ class Scheduler:
             self.queue.append(_Row(ticket, ids, blocks, draws))
         return ticket
 
-    def step(self) -> None:
-        """One iteration: drop cancelled rows, admit and prefill newcomers, one step call, stops and commits."""
-        self._drop_cancelled()
+    def step(self) -> list[Ticket]:
+        """One iteration: drop cancelled rows, admit and prefill newcomers, one step call, stops and commits.
+        Returns the tickets dropped because they were cancelled."""
+        dropped = self._drop_cancelled()
         self._prefill()
         active = [r for r in self.rows if r.prefilled == r.ids.shape[1]]
         if not active:
-            return
+            return dropped
         n = len(active)
         for row in active:
             row.step += 1
@@ -176,6 +178,7 @@ class Scheduler:
             np.asarray([row.step == 1 for row in active]),
             np.zeros(n, dtype=bool),
         )
+        self.last_rows = n
         self.stats.step_calls += 1
         self.stats.row_steps += n
         self.stats.occupancy[n] += 1
@@ -186,6 +189,15 @@ class Scheduler:
                 leaving.append(i)
         for slot in reversed(leaving):
             self._release(slot)
+        return dropped
+
+    def abort(self) -> list[Ticket]:
+        """Drops every request (after a failed backend call, whose rows' state is unknown); returns their tickets."""
+        with self.lock:
+            tickets = [r.ticket for r in (*self.rows, *self.queue)]
+            self.queue.clear()
+        self.rows.clear()
+        return tickets
 
     def run(self) -> None:
         """Steps until every request has left (in-process use: submit, then run)."""
@@ -246,17 +258,18 @@ class Scheduler:
         if len(self.rows) > last:  # the newcomer being prefilled sat right after the denoising rows
             self.backend.move_slot(last + 1, last)
 
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self) -> list[Ticket]:
         with self.lock:
-            kept = deque(r for r in self.queue if not r.ticket.cancelled)
-            self.stats.cancelled += len(self.queue) - len(kept)
-            self.queue = kept
+            dropped = [r.ticket for r in self.queue if r.ticket.cancelled]
+            self.queue = deque(r for r in self.queue if r.ticket not in dropped)
         for slot in reversed([i for i, r in enumerate(self.rows) if r.ticket.cancelled]):
-            self.stats.cancelled += 1
+            dropped.append(self.rows[slot].ticket)
             if self.rows[slot].prefilled < self.rows[slot].ids.shape[1]:
                 del self.rows[slot]  # the newcomer: last in the pool, nothing to move
             else:
                 self._release(slot)
+        self.stats.cancelled += len(dropped)
+        return dropped
 
     def _prefill(self) -> None:
         """Prompt chunks at the chunk boundaries of a batch-of-one run: at most one chunk's worth of tokens per
