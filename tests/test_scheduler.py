@@ -178,12 +178,13 @@ def test_a_rows_draws_depend_on_its_own_request_only(tiny_artifacts):
 
 
 def test_bench_concurrency_drives_the_scheduler(tiny_artifacts):
-    result = CliRunner().invoke(main, ["bench", str(tiny_artifacts), "--backend", "onnxruntime", "--concurrency", "8",
-                                       "--steps", "6", "--threads", "1", "--json"])
+    result = CliRunner().invoke(main, ["bench", str(tiny_artifacts), "--backend", "onnxruntime", "--concurrency", "4",
+                                       "--prompt-length", "8", "--steps", "6", "--threads", "1", "--json"])
     assert result.exit_code == 0, result.output
     entry = json.loads(result.output)["backends"]["onnxruntime"]
+    assert entry["inflight"]["occupancy"] == {"4": 6}
     batched, alone_ = entry["inflight"], entry["sequential"]
-    assert batched["row_steps"] == alone_["row_steps"] == 8 * 6
+    assert batched["row_steps"] == alone_["row_steps"] == 4 * 6
     assert batched["step_calls"] <= batched["row_steps"] / 4
     assert alone_["step_calls"] == alone_["row_steps"]
     assert batched["ids"] == alone_["ids"]
