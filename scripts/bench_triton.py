@@ -25,16 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def in_process(artifacts: Path, prompt: list[int], seeds: list[int]) -> tuple[list[float], list[list[int]]]:
     from canvasrt.runtime.backends import open_backend
-    from canvasrt.serving.protocol import parse_request, request_inputs, responses
+    from canvasrt.runtime.scheduler import RowRequest, Scheduler, Ticket
+    from canvasrt.serving.protocol import parse_request, request_inputs
 
     times, ids = [], []
     with open_backend(artifacts, "onnxruntime", threads=1) as backend:
+        scheduler = Scheduler(backend, max_queue=0, slots=1)
         for seed in seeds:
             start = time.perf_counter()
             request = parse_request(request_inputs(prompt_ids=prompt, seed=seed), backend.spec.generation, None)
-            done = list(responses(backend, request, None))[-1]
+            ticket = scheduler.submit(Ticket(RowRequest(request.ids, request.seed, request.settings)))
+            scheduler.run()
             times.append(time.perf_counter() - start)
-            ids.append(done["ids"].tolist())
+            ids.append(ticket.events[-1].new_tokens[0].tolist())
     return times, ids
 
 

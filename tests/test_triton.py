@@ -323,3 +323,47 @@ def test_a_long_request_or_a_killed_serve_cannot_take_the_service_down(tiny_arti
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
+
+
+def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_artifacts, triton_env, tmp_path):
+    """In-flight batching: 16 concurrent gRPC streams (mixed prompt lengths, settings and canvas counts) through one
+    instance of 4 slots, each exactly its own `canvasrt generate`; one cancelled mid-run leaves the others unaffected;
+    the step calls and their occupancy are on Triton's metrics endpoint."""
+    repository = tmp_path / "repo"
+    write_repository(tiny_artifacts, repository, "in-process", instances=1, threads=1, max_queue=16)
+    rng = np.random.default_rng(3)
+    requests = []
+    for i in range(16):
+        settings = {"max_new_tokens": [16, 32, 48][i % 3], "max_denoising_steps": [16, 6, 11][i % 3],
+                    "confidence_threshold": [0.005, 10.0][i % 2], "stability_threshold": [1, 2][i % 2]}
+        requests.append((rng.integers(3, 280, size=int(rng.integers(1, 40))).tolist(), 40 + i, settings))
+    references = []
+    for ids, seed, settings in requests:
+        flags = [x for key, value in settings.items() for x in ("--" + key.replace("_", "-"), value)]
+        result = cli("generate", tiny_artifacts, "--prompt-ids", ",".join(map(str, ids)), "--seed", seed,
+                     "--threads", 1, "--json", *flags)
+        assert result.exit_code == 0, result.output
+        references.append(json.loads(result.output))
+    http, grpc = free_ports(2)
+    with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc) as server:
+        with ThreadPoolExecutor(17) as pool:
+            cancelled = pool.submit(generate_grpc, server.grpc_url, request_inputs(**LONG), timeout=2.0)
+            futures = [pool.submit(generate_grpc, server.grpc_url, request_inputs(prompt_ids=ids, seed=seed, **settings))
+                       for ids, seed, settings in requests]
+            replies = [f.result(timeout=600) for f in futures]
+            with pytest.raises(queue.Empty):
+                cancelled.result(timeout=600)
+        for reply, reference in zip(replies, references):
+            check_equal(reply, reference)
+        with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
+            metrics = page.read().decode()
+        log = Path(server.log_path).read_text()
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("canvasrt_") and "{" not in line.split()[0] or line.startswith("canvasrt_step_calls_by")}
+    row_steps = sum(sum(r["steps_per_block"]) for r in references)
+    assert values["canvasrt_row_steps_total"] >= row_steps
+    assert values["canvasrt_step_calls_total"] < values["canvasrt_row_steps_total"] / 2  # rows shared step calls
+    occupancy = {key: value for key, value in values.items() if key.startswith("canvasrt_step_calls_by_rows")}
+    assert occupancy['canvasrt_step_calls_by_rows_total{rows="4"}'] > 0
+    assert sum(occupancy.values()) == values["canvasrt_step_calls_total"]
+    assert "request cancelled by its client" in log

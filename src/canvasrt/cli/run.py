@@ -195,14 +195,32 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
               help="canvases to generate (commits = canvases - 1)")
 @click.option("--threads", type=int, default=None, callback=positive)
 @click.option("--provider", default="cpu", show_default=True)
+@click.option("--concurrency", type=int, default=None, callback=positive,
+              help="N requests through the in-flight scheduler (N slots) against the same N one at a time")
 @click.option("--json", "as_json", is_flag=True)
 def bench_command(
     target: Path, backends: tuple[str, ...], batch: int, prompt_length: int, steps: int, canvases: int,
-    threads: int | None, provider: str, as_json: bool,
+    threads: int | None, provider: str, concurrency: int | None, as_json: bool,
 ) -> None:
     """Time the step backends on TARGET side by side in one run; ratios are against the first backend."""
-    from ..runtime.bench import bench, format_table
+    from ..runtime.bench import bench, bench_concurrency, format_table
 
+    if concurrency is not None:
+        results = {"config": {"concurrency": concurrency, "prompt_length": prompt_length, "steps": steps,
+                              "canvases": canvases, "threads": threads},
+                   "backends": {name or "default": bench_concurrency(target, name, concurrency, prompt_length, steps,
+                                                                     canvases, threads, provider)
+                                for name in (list(backends) or [None])}}
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+        else:
+            for name, entry in results["backends"].items():
+                for mode in ("inflight", "sequential"):
+                    e = entry[mode]
+                    click.echo(f"{name} {mode}: {e['step_calls']} step calls for {e['row_steps']} row-steps, "
+                               f"{e['tokens_per_s']:.1f} tokens/s, first block median "
+                               f"{float(np.median(e['first_block_ms'])):.1f} ms")
+        return
     results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider)
     if as_json:
         click.echo(json.dumps(results, indent=2))

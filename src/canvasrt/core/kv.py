@@ -66,5 +66,16 @@ class HostKVBuffers:
             for array in (*self.keys, *self.values):
                 array.fill(0)
 
+    def rows(self, start: int, stop: int) -> "HostKVBuffers":
+        """Views of rows [start, stop): writes through them land in these buffers."""
+        view = HostKVBuffers(self.layout, self.dtype)
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.batch = stop - start
+        return view
+
+    def arrays(self) -> list[np.ndarray]:
+        return [*self.keys, *self.values]
+
     def write(self, positions: np.ndarray, new_keys: Sequence[np.ndarray], new_values: Sequence[np.ndarray]) -> None:
         write_chunk(self.layout, self.keys, self.values, positions, new_keys, new_values)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ..core.manifest import ArtifactManifest, EngineManifest
 from ..core.target import CheckpointDir, Target, open_target, target_kind
-from .backends import open_backend
+from .backends import default_backend, open_backend
 from .loop import generate, left_pad
 from .rng import make_draws
 from .settings import resolve_settings
@@ -95,6 +95,44 @@ def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, st
         "tokens_per_s": new_tokens / t["total_s"],
         "transfer_bytes_per_step": backend.transfer_bytes["denoise"] / max(t["steps"], 1),
     }
+
+
+def bench_concurrency(target: str | Path, name: str | None, concurrency: int, prompt_length: int, steps: int,
+                      canvases: int, threads: int | None, provider: str = "cpu") -> dict[str, Any]:
+    """`concurrency` requests (seeds 0..N-1) through the in-flight scheduler with that many slots, then the same
+    requests through one slot (one at a time, no batching), in one run: step calls, row-steps, tokens/s, time to
+    first block. Both must return the same ids."""
+    from .scheduler import RowRequest, Scheduler, Ticket
+
+    opened = open_target(target)
+    backend = open_backend(opened, name or default_backend(opened), provider=provider, threads=threads,
+                           max_batch=concurrency)
+    spec = backend.spec
+    canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
+    settings = _no_early_stop(spec.generation, steps, canvas, canvases)
+    ids, _ = _request(vocab, concurrency, prompt_length)
+    requests = [RowRequest(row.tolist(), seed, settings) for seed, row in enumerate(ids)]
+    results: dict[str, Any] = {}
+    with backend:
+        for mode, slots in (("warmup", 1), ("inflight", concurrency), ("sequential", 1)):
+            scheduler = Scheduler(backend, max_queue=concurrency, slots=slots)
+            start = time.perf_counter()
+            tickets = [scheduler.submit(Ticket(r)) for r in requests]
+            scheduler.run()
+            total = time.perf_counter() - start
+            done = [t.events[-1] for t in tickets]
+            new_tokens = sum(int((d.new_tokens != settings.pad_token_id).sum()) for d in done)
+            stats = scheduler.stats
+            results[mode] = {
+                "slots": slots, "step_calls": stats.step_calls, "row_steps": stats.row_steps,
+                "occupancy": dict(sorted(stats.occupancy.items())),
+                "tokens_per_s": new_tokens / total, "total_s": total,
+                "first_block_ms": [round(t.first_block_s * 1e3, 2) for t in tickets],
+                "ids": [d.new_tokens[0].tolist() for d in done],
+            }
+    del results["warmup"]
+    results["inflight"]["speedup"] = results["inflight"]["tokens_per_s"] / results["sequential"]["tokens_per_s"]
+    return results
 
 
 def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: int, canvases: int,

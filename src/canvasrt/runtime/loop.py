@@ -108,6 +108,42 @@ def check_request(backend: StepBackend, ids: np.ndarray, settings: GenerationSet
     return blocks
 
 
+def stop_rule(history: np.ndarray, argmax: np.ndarray, mean_entropy: np.ndarray,
+              settings: GenerationSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The adaptive stop after a step: rows whose argmax [B, C] has stayed the same for `stability_threshold` steps
+    (history [T, B, C], -1 where not yet seen) and whose mean entropy is below the confidence threshold. Returns
+    those rows [B] and the updated history."""
+    if settings.stability_threshold == 0:
+        stable = np.ones(argmax.shape[0], dtype=bool)
+    else:
+        stable = (history == argmax[None]).all(axis=(0, 2))
+        history = np.roll(history, -1, axis=0)
+        history[-1] = argmax
+    return stable & (mean_entropy < settings.confidence_threshold), history
+
+
+def commit_rule(argmax: np.ndarray, finished: np.ndarray, settings: GenerationSettings) -> tuple[np.ndarray, np.ndarray]:
+    """A stopped canvas [B, C] as committed: rows finished before are all pad, everything after a row's first EOS is
+    pad. Returns the block's tokens and the rows finished after it."""
+    eos = np.asarray(settings.eos_token_ids, dtype=np.int64)
+    block_tokens = argmax.copy()
+    finished_now = np.isin(block_tokens, eos).any(axis=1) if eos.size else np.zeros(argmax.shape[0], dtype=bool)
+    if settings.pad_token_id is not None:
+        block_tokens[finished] = settings.pad_token_id
+        if eos.size:
+            is_eos = np.isin(block_tokens, eos)
+            seen = np.cumsum(is_eos, axis=1)
+            block_tokens[(seen > 0) & ~((seen == 1) & is_eos)] = settings.pad_token_id  # keep the first EOS
+    return block_tokens, finished | finished_now
+
+
+def tokens_per_forward(new: np.ndarray, forwards: np.ndarray, settings: GenerationSettings) -> np.ndarray:
+    """Generated tokens [B, N] that are not pad, per denoising forward each row ran."""
+    valid = (new != settings.pad_token_id).sum(axis=1) if settings.pad_token_id is not None else new.shape[1]
+    # float32, as transformers divides two integer tensors in torch's default dtype
+    return np.float32(valid) / np.maximum(forwards, 1).astype(np.float32)
+
+
 def stream(
     backend: StepBackend,
     ids: np.ndarray,
@@ -120,7 +156,6 @@ def stream(
     canvas_len, chunk_max = backend.spec.capacity.canvas, backend.spec.capacity.max_prefill
     batch, prompt_len = ids.shape
     n_steps = settings.max_denoising_steps
-    eos = np.asarray(settings.eos_token_ids, dtype=np.int64)
     bound = np.full(batch, settings.entropy_bound, dtype=np.float32)
     timer = Timer()
     timings: dict[str, Any] = {"prefill_s": 0.0, "commit_s": 0.0, "steps": 0, "step_s": 0.0}
@@ -165,13 +200,8 @@ def stream(
             # Rows that already stopped keep their canvas and argmax (transformers freezes them the same way).
             new_argmax = np.where(done[:, None], argmax, result.argmax)
             canvas = np.where(done[:, None], canvas, result.next_canvas)
-            if settings.stability_threshold == 0:
-                stable = np.ones(batch, dtype=bool)
-            else:
-                stable = (history == new_argmax[None]).all(axis=(0, 2))
-                history = np.roll(history, -1, axis=0)
-                history[-1] = new_argmax
-            done = done | (stable & (result.mean_entropy < settings.confidence_threshold))
+            stopping, history = stop_rule(history, new_argmax, result.mean_entropy, settings)
+            done = done | stopping
             argmax = new_argmax
             step_backend.append(timer.last)
             step_wall.append(time.perf_counter() - iteration_start)
@@ -182,22 +212,12 @@ def stream(
         timings["steps"] += step
         steps_per_block.append(step)
 
-        block_tokens = argmax.copy()
-        finished_now = np.isin(block_tokens, eos).any(axis=1) if eos.size else np.zeros(batch, dtype=bool)
-        if settings.pad_token_id is not None:
-            block_tokens[finished] = settings.pad_token_id
-            if eos.size:
-                is_eos = np.isin(block_tokens, eos)
-                seen = np.cumsum(is_eos, axis=1)
-                block_tokens[(seen > 0) & ~((seen == 1) & is_eos)] = settings.pad_token_id  # keep the first EOS
-        finished = finished | finished_now
+        block_tokens, finished = commit_rule(argmax, finished, settings)
         sequences = np.concatenate([sequences, block_tokens], axis=1)
         yield Committed(block, block_tokens, finished.copy(), step)
         if finished.all():
             break
 
-    new = sequences[:, prompt_len:]
-    valid = (new != settings.pad_token_id).sum(axis=1) if settings.pad_token_id is not None else new.shape[1]
     timings["total_s"] = time.perf_counter() - started
     timings["backend_s"] = timer.backend
     timings["step_wall_s"] = step_wall
@@ -206,8 +226,7 @@ def stream(
         sequences=sequences,
         prompt_length=prompt_len,
         steps_per_block=steps_per_block,
-        # float32, as transformers divides two integer tensors in torch's default dtype
-        tokens_per_forward=np.float32(valid) / np.maximum(forwards, 1).astype(np.float32),
+        tokens_per_forward=tokens_per_forward(sequences[:, prompt_len:], forwards, settings),
         timings=timings,
     )
 

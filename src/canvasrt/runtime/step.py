@@ -13,17 +13,27 @@ a backend left active when it is collected warns. Subclasses implement the under
 
 `kv_cache()`, `self_conditioning()` and `set_self_conditioning()` expose the state for inspection, so that parity
 compares any backend through this interface alone.
+
+Slots (in-flight batching, `canvasrt.runtime.scheduler`): `open_slots(n)` allocates n rows of state once; each row
+is one request's slot. `admit()` clears one row, `encode_slot()` runs a chunk for one row alone (batch 1 on views
+of that row's buffers), `denoise_rows(n, ...)` runs one step over rows [0, n), and `move_slot()` moves a row's state
+to another slot. The scheduler keeps the rows that denoise packed in [0, n): a step then reads the buffers' leading
+rows as they are (a view, no K/V gather), and a leaving row costs one row copy, once. All of it is implemented here,
+over the state buffers a backend names in ROW_STATE, so every backend gets it with the same meaning.
 """
 
 from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..core.errors import CanvasrtError
 from ..core.manifest import StepSpec
 
 
@@ -50,10 +60,30 @@ class StepResult:
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # sampled, and logits when the graph has them
 
 
+def _narrow(buffer: Any, start: int, stop: int) -> Any:
+    if isinstance(buffer, list):
+        return [b[start:stop] for b in buffer]
+    if hasattr(buffer, "rows"):  # HostKVBuffers
+        return buffer.rows(start, stop)
+    return buffer[start:stop]
+
+
+def _arrays(buffer: Any) -> list[Any]:
+    if isinstance(buffer, list):
+        return buffer
+    if hasattr(buffer, "arrays"):
+        return buffer.arrays()
+    return [buffer]
+
+
 class StepBackend(ABC):
     """One denoising-step executor: torch, onnxruntime, tensorrt, or Triton step models (triton-bls)."""
 
     name: str = "?"
+    # Attributes holding per-request state whose first axis is the row (numpy arrays or torch tensors, lists of
+    # them, or a HostKVBuffers). ROW_SCRATCH: row-first buffers a call overwrites before reading (no state).
+    ROW_STATE: tuple[str, ...] = ("keys", "values", "mask", "self_cond")
+    ROW_SCRATCH: tuple[str, ...] = ()
 
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec
@@ -133,11 +163,94 @@ class StepBackend(ABC):
         have stopped; their self-conditioning state is kept as it was."""
         self._require_active()
         result = self._denoise(canvas, context_length, temperature, entropy_bound, draws, first_step, frozen)
-        sent = [canvas, context_length, temperature, entropy_bound, draws.renoise_ids, frozen]
-        received = [result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy]
-        self._count("denoise", *sent, *([draws.uniforms] if draws.uniforms is not None else []), *received,
-                    *result.extras.values())
+        self._count_denoise(canvas, context_length, temperature, entropy_bound, draws, frozen, result)
         return result
+
+    # -- slots: many requests, each in its own row ----------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        """Rows of the slot pool (0 before open_slots)."""
+        return getattr(self, "_slots", 0)
+
+    def open_slots(self, rows: int) -> None:
+        """Allocates a pool of `rows` request slots, all empty; replaces whatever start() set up."""
+        self._require_active()
+        if not 1 <= rows <= self.spec.capacity.max_batch:
+            raise CanvasrtError(f"{rows} slots do not fit the max batch {self.spec.capacity.max_batch}; "
+                                "re-export with a larger --max-batch")
+        self._start(np.ones((rows, 1), dtype=bool))  # no left padding: every slot's prompt starts at position 0
+        self._slots = rows
+
+    def admit(self, slot: int) -> None:
+        """Clears one slot for a new request (its K/V, context mask and self-conditioning rows only)."""
+        self._check_slot(slot)
+        for name in self.ROW_STATE:
+            for array in _arrays(getattr(self, name)):
+                array[slot] = 0
+        self.mask[slot] = True  # every backend's context mask; a slot's prompt has no left padding
+
+    def move_slot(self, source: int, destination: int) -> None:
+        """Moves a request's state from one slot to another (the source keeps a stale copy until admitted again)."""
+        self._check_slot(source)
+        self._check_slot(destination)
+        for name in self.ROW_STATE:
+            for array in _arrays(getattr(self, name)):
+                array[destination] = array[source]
+
+    def encode_slot(self, slot: int, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
+        """encode() for one slot: input_ids [1, S], context_length [1]; the other rows are neither read nor written."""
+        self._check_slot(slot)
+        with self._rows(slot, slot + 1):
+            self._encode(input_ids, positions, context_length)
+        self._count("encode", input_ids, positions, context_length)
+
+    def denoise_rows(
+        self,
+        rows: int,
+        canvas: np.ndarray,
+        context_length: np.ndarray,
+        temperature: np.ndarray,
+        entropy_bound: np.ndarray,
+        draws: Draws,
+        first_step: np.ndarray,
+        frozen: np.ndarray,
+    ) -> StepResult:
+        """denoise() over slots [0, rows), with first_step [rows] bool per row; every array is [rows, ...]."""
+        self._require_active()
+        if not 1 <= rows <= self.slots:
+            raise RuntimeError(f"denoise_rows({rows}) outside the {self.slots} open slots")
+        with self._rows(0, rows):
+            if first_step.any():
+                for array in _arrays(self.self_cond):  # a new canvas starts from a zero self-conditioning state
+                    array[np.flatnonzero(first_step)] = 0
+            result = self._denoise(canvas, context_length, temperature, entropy_bound, draws, False, frozen)
+        self._count_denoise(canvas, context_length, temperature, entropy_bound, draws, frozen, result)
+        return result
+
+    def _check_slot(self, slot: int) -> None:
+        self._require_active()
+        if not 0 <= slot < self.slots:
+            raise RuntimeError(f"slot {slot} outside the {self.slots} open slots; call open_slots() first")
+
+    @contextmanager
+    def _rows(self, start: int, stop: int) -> Iterator[None]:
+        """Runs a call on rows [start, stop) of the pool: the state attributes become views of those rows for its
+        duration; state a call replaced instead of updating in place (self-conditioning) is copied back."""
+        pool = {name: getattr(self, name) for name in (*self.ROW_STATE, *self.ROW_SCRATCH)}
+        views = {name: _narrow(buffer, start, stop) for name, buffer in pool.items()}
+        for name, view in views.items():
+            setattr(self, name, view)
+        try:
+            yield
+            for name in self.ROW_STATE:
+                now = getattr(self, name)
+                if now is not views[name]:
+                    for target, source in zip(_arrays(pool[name]), _arrays(now)):
+                        target[start:stop] = source
+        finally:
+            for name, buffer in pool.items():
+                setattr(self, name, buffer)
 
     # -- inspection -------------------------------------------------------------------------------------------------
 
@@ -170,6 +283,13 @@ class StepBackend(ABC):
     @abstractmethod
     def _denoise(self, canvas: np.ndarray, context_length: np.ndarray, temperature: np.ndarray,
                  entropy_bound: np.ndarray, draws: Draws, first_step: bool, frozen: np.ndarray) -> StepResult: ...
+
+    def _count_denoise(self, canvas: np.ndarray, context_length: np.ndarray, temperature: np.ndarray,
+                       entropy_bound: np.ndarray, draws: Draws, frozen: np.ndarray, result: StepResult) -> None:
+        sent = [canvas, context_length, temperature, entropy_bound, draws.renoise_ids, frozen]
+        received = [result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy]
+        self._count("denoise", *sent, *([draws.uniforms] if draws.uniforms is not None else []), *received,
+                    *result.extras.values())
 
     def _count(self, call: str, *arrays: np.ndarray) -> None:
         self.transfer_bytes[call] += sum(int(a.nbytes) for a in arrays)

@@ -3,24 +3,69 @@
 The model repository holds a few-line `model.py` that imports this class, so the logic lives here, in one place.
 Parameters come from config.pbtxt (`canvasrt triton` writes them): `step_backend` is `in-process` (ONNX Runtime
 inside this model) or `bls` (the step models, called through BLS); `threads` bounds ONNX Runtime's threads per
-instance. Requests are served one at a time per instance, each as a batch of one; concurrency comes from instances.
-Errors that concern the request (no prompt, too many tokens, a passed deadline) go back as a Triton error response and
-leave the model serving; a request its client cancelled stops at the next step. Nothing here needs PyTorch.
+instance; `slots` is how many requests one instance batches (in-flight batching, `canvasrt.runtime.scheduler`; 1
+serves them one at a time) and `max_queue` how many more may wait.
+
+`execute()` only parses requests and hands them to the instance's scheduler; one thread per instance runs the
+scheduler's iterations and sends each row's responses as they happen. Errors that concern the request (no prompt,
+too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving; a
+request its client cancelled leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
+row-steps they carried, step calls by rows in them (the batch occupancy), and the rows and queue now; the log at
+verbose level has a line per step. Nothing here needs PyTorch.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest
 from ..runtime.prompts import TextCodec
+from ..runtime.scheduler import Event, RowRequest, Scheduler, Ticket
 from ..runtime.step import StepBackend
-from .protocol import parse_request, responses
+from .protocol import GenerationRequest, ResponseStream, parse_request
 
 ARTIFACTS = "artifacts"  # the model version directory's copy of the artifacts (graphs only for in-process)
+DEFAULT_QUEUE = 64
+
+
+class _Relay:
+    """One request's responses, sent from the scheduler's thread through the request's response sender."""
+
+    def __init__(self, model: "TritonPythonModel", sender: Any, request: GenerationRequest):
+        self.model, self.sender = model, sender
+        self.stream = ResponseStream(request, model.codec)
+        self.sent = 0
+        self.closed = False
+        self.ticket: Ticket | None = None
+
+    def on_event(self, event: Event) -> None:
+        if self.closed:
+            return
+        late = self.stream.deadline_error(event)
+        if late is not None:
+            self.fail(late)
+            assert self.ticket is not None
+            self.ticket.cancel()
+            return
+        pb_utils = self.model.pb_utils
+        for tensors in self.stream.responses(event):
+            final = tensors["event"][0] == b"done"
+            reply = pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in tensors.items()])
+            self.sender.send(reply, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+            self.sent += 1
+            self.closed = final
+
+    def fail(self, message: str, code: Any = None) -> None:
+        if self.closed:
+            return
+        pb_utils = self.model.pb_utils
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        self.sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.closed = True
 
 
 class TritonPythonModel:
@@ -36,6 +81,14 @@ class TritonPythonModel:
         tokenizer = directory / "tokenizer.json"
         self.codec = TextCodec(directory) if tokenizer.is_file() else None
         self.generation = self.backend.spec.generation
+        slots = int(parameters.get("slots", "0")) or self.backend.spec.capacity.max_batch
+        self.scheduler = Scheduler(self.backend, int(parameters.get("max_queue", str(DEFAULT_QUEUE))), slots)
+        self.relays: dict[int, _Relay] = {}
+        self._metrics(slots)
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.worker = threading.Thread(target=self._serve, name="canvasrt-scheduler", daemon=True)
+        self.worker.start()
 
     @staticmethod
     def _open_backend(directory: Path, parameters: dict[str, str]) -> StepBackend:
@@ -50,28 +103,95 @@ class TritonPythonModel:
         # the graphs live in the step models; this copy of the artifacts is their manifest and tokenizer only
         return TritonStepBackend(ArtifactManifest.load(directory, require_graphs=False))
 
+    def _metrics(self, slots: int) -> None:
+        family = self.pb_utils.MetricFamily
+        counter, gauge = family.COUNTER, family.GAUGE
+        self.metric_families = [
+            family(name="canvasrt_step_calls_total", description="denoising step calls", kind=counter),
+            family(name="canvasrt_row_steps_total", description="denoising steps summed over the rows of the calls",
+                   kind=counter),
+            family(name="canvasrt_step_calls_by_rows_total", description="step calls by the rows they carried "
+                   "(batch occupancy)", kind=counter),
+            family(name="canvasrt_rows", description="requests in the scheduler's slots", kind=gauge),
+            family(name="canvasrt_queued_requests", description="requests waiting for a slot", kind=gauge),
+        ]
+        steps, row_steps, by_rows, rows, queued = self.metric_families
+        self.metric_steps, self.metric_row_steps = steps.Metric(labels={}), row_steps.Metric(labels={})
+        self.metric_by_rows = {n: by_rows.Metric(labels={"rows": str(n)}) for n in range(1, slots + 1)}
+        self.metric_rows, self.metric_queued = rows.Metric(labels={}), queued.Metric(labels={})
+
     def execute(self, requests: list[Any]) -> None:
         pb_utils = self.pb_utils
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             sender = request.get_response_sender()
             try:
                 inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
                 parsed = parse_request(inputs, self.generation, self.codec.encode if self.codec else None)
-                finished, sent = False, 0
-                for tensors in responses(self.backend, parsed, self.codec, sender.is_cancelled):
-                    finished = tensors["event"][0] == b"done"
-                    reply = pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in tensors.items()])
-                    sender.send(reply, flags=final if finished else 0)
-                    sent += 1
-                if not finished:  # the client cancelled: Triton still wants the final flag, for nobody to read
-                    pb_utils.Logger.log_info(f"canvasrt_generate: request cancelled by its client after {sent} "
-                                             "response(s); its loop stopped")
-                    error = pb_utils.TritonError("the client cancelled the request", pb_utils.TritonError.CANCELLED)
-                    sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+                relay = _Relay(self, sender, parsed)
+                relay.ticket = Ticket(RowRequest(parsed.ids, parsed.seed, parsed.settings), relay.on_event,
+                                      sender.is_cancelled)
+                self.relays[id(relay.ticket)] = relay
+                try:
+                    self.scheduler.submit(relay.ticket)
+                except CanvasrtError:
+                    del self.relays[id(relay.ticket)]
+                    raise
             except Exception as exc:  # every request gets its final response; the instance serves the next one
                 message = str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        with self.wake:
+            self.wake.notify()
+
+    def _serve(self) -> None:
+        pb_utils = self.pb_utils
+        scheduler = self.scheduler
+        while True:
+            with self.wake:
+                while not (scheduler.busy or self.stopping):
+                    self.wake.wait()
+            if self.stopping:
+                return
+            calls = scheduler.stats.step_calls
+            try:
+                dropped = scheduler.step()
+            except Exception as exc:  # the failed call's rows have unknown state: end them all, keep serving
+                message = str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
+                pb_utils.Logger.log_error(f"canvasrt_generate: a step failed, ending its requests: {message}")
+                for ticket in scheduler.abort():
+                    self.relays.pop(id(ticket)).fail(message)
+                continue
+            for ticket in dropped:
+                relay = self.relays.pop(id(ticket))
+                if not relay.closed:  # the client cancelled: Triton still wants the final flag, for nobody to read
+                    pb_utils.Logger.log_info(f"canvasrt_generate: request cancelled by its client after {relay.sent} "
+                                             "response(s); its row left at the next step")
+                    relay.fail("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+            for key in [key for key, relay in self.relays.items() if relay.closed and relay.ticket.finished]:
+                del self.relays[key]
+            self._record(scheduler.stats.step_calls > calls)
+
+    def _record(self, stepped: bool) -> None:
+        scheduler = self.scheduler
+        rows, queued = len(scheduler.rows), len(scheduler.queue)
+        self.metric_rows.set(rows)
+        self.metric_queued.set(queued)
+        if stepped:
+            occupancy = scheduler.last_rows
+            self.metric_steps.increment(1)
+            self.metric_row_steps.increment(occupancy)
+            self.metric_by_rows[occupancy].increment(1)
+            self.pb_utils.Logger.log_verbose(f"canvasrt_generate: step {scheduler.stats.step_calls} carried "
+                                             f"{occupancy} row(s); {rows} in slots, {queued} waiting")
 
     def finalize(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.worker.join(timeout=60)
+        for ticket in self.scheduler.abort():
+            self.relays.pop(id(ticket)).fail("the server is shutting down")
         self.backend.deactivate()
+        # Triton wants a metric family released after its metrics
+        del self.metric_steps, self.metric_row_steps, self.metric_by_rows, self.metric_rows, self.metric_queued
+        del self.metric_families

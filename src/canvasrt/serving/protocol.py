@@ -8,7 +8,7 @@ generation. Every response carries every output, so clients read one schema.
 What one request may cost is bounded: its settings by `GenerationSettings.validate` (at most MAX_DENOISING_STEPS
 steps per canvas, finite float32 temperatures and thresholds), its prompt plus canvases by the model's context
 capacity (`loop.check_request`), its run time by its own `deadline_ms`, and a request whose client cancels (gRPC
-stream cancellation) stops at the next denoising step, so an instance is never held by a request nobody waits for.
+stream cancellation) leaves its slot at the next denoising step, so no slot is held by a request nobody waits for.
 
 Plain numpy and the standard library: the Triton model, the repository writer and the clients share this file.
 """
@@ -16,18 +16,15 @@ Plain numpy and the standard library: the Triton model, the repository writer an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..core.errors import CanvasrtError
-from ..runtime.loop import Committed, Draft, left_pad, stream
+from ..runtime.loop import Committed, Draft, GenerationResult
 from ..runtime.prompts import TextCodec, until_eos
-from ..runtime.rng import make_draws
 from ..runtime.settings import GenerationSettings, resolve_settings
-from ..runtime.step import StepBackend
 
 
 @dataclass(frozen=True)
@@ -156,37 +153,35 @@ def request_inputs(prompt: str | None = None, prompt_ids: list[int] | None = Non
     return inputs
 
 
-def responses(backend: StepBackend, request: GenerationRequest, codec: TextCodec | None,
-              cancelled: Callable[[], bool] = lambda: False) -> Iterator[dict[str, np.ndarray]]:
-    """Runs one request through the loop on a started backend, yielding the output tensors of each response.
+class ResponseStream:
+    """One request's responses from its events (as the loop or the scheduler yields them for a batch of one)."""
 
-    After every denoising step: `cancelled()` true ends the responses early (without "done"); a request past its
-    deadline raises CanvasrtError. The backend needs no cleanup either way: the next request starts afresh."""
-    settings = request.settings
-    started = time.monotonic()
-    ids, padding = left_pad([request.ids], settings.pad_token_id or 0)
-    draws = make_draws("counter", request.seed, 1, backend.spec.model.vocab_size, backend.spec.capacity.canvas)
+    def __init__(self, request: GenerationRequest, codec: TextCodec | None):
+        self.request = request
+        self.codec = codec
+        self.started = time.monotonic()
 
-    def text(tokens: np.ndarray) -> str:
-        return codec.decode(until_eos(tokens, settings.eos_token_ids, settings.pad_token_id)) if codec else ""
+    def text(self, tokens: np.ndarray) -> str:
+        settings = self.request.settings
+        return self.codec.decode(until_eos(tokens, settings.eos_token_ids, settings.pad_token_id)) if self.codec else ""
 
-    for event in stream(backend, ids, padding, settings, draws):
-        if cancelled():
-            return
-        elapsed_ms = (time.monotonic() - started) * 1000
-        late = request.deadline_ms is not None and elapsed_ms > request.deadline_ms
-        if late and isinstance(event, (Draft, Committed)):  # a finished generation is sent, however late
-            where = f"canvas {event.block}, step {event.step}" if isinstance(event, Draft) else f"canvas {event.block}"
-            raise CanvasrtError(f"the request passed its deadline_ms of {request.deadline_ms} at {where} "
-                                f"({elapsed_ms:.0f} ms); raise deadline_ms or lower max_denoising_steps / "
-                                "max_new_tokens")
+    def deadline_error(self, event: Draft | Committed | GenerationResult) -> str | None:
+        """The error to end the request with when it is past its deadline (a finished generation is sent, however
+        late)."""
+        elapsed_ms = (time.monotonic() - self.started) * 1000
+        if self.request.deadline_ms is None or elapsed_ms <= self.request.deadline_ms or isinstance(event, GenerationResult):
+            return None
+        where = f"canvas {event.block}, step {event.step}" if isinstance(event, Draft) else f"canvas {event.block}"
+        return (f"the request passed its deadline_ms of {self.request.deadline_ms} at {where} ({elapsed_ms:.0f} ms); "
+                "raise deadline_ms or lower max_denoising_steps / max_new_tokens")
+
+    def responses(self, event: Draft | Committed | GenerationResult) -> list[dict[str, np.ndarray]]:
+        """The output tensors of the responses this event makes (none for a draft unless drafts are streamed)."""
         if isinstance(event, Draft):
-            if request.stream_drafts:
-                yield response("draft", event.block, event.step, event.argmax[0], "")
-        elif isinstance(event, Committed):
-            if request.stream:
-                yield response("block", event.block, event.steps, event.tokens[0], text(event.tokens[0]))
-        else:
-            new = event.new_tokens[0]
-            yield response("done", len(event.steps_per_block), sum(event.steps_per_block), new, text(new),
-                           float(event.tokens_per_forward[0]))
+            return [response("draft", event.block, event.step, event.argmax[0], "")] if self.request.stream_drafts else []
+        if isinstance(event, Committed):
+            tokens = event.tokens[0]
+            return [response("block", event.block, event.steps, tokens, self.text(tokens))] if self.request.stream else []
+        new = event.new_tokens[0]
+        return [response("done", len(event.steps_per_block), sum(event.steps_per_block), new, self.text(new),
+                         float(event.tokens_per_forward[0]))]

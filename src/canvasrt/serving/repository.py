@@ -26,7 +26,7 @@ from ..core.kv import NUMPY_DTYPES
 from ..core.manifest import ArtifactManifest, EngineEntry, EngineManifest, GraphEntry, OutputKind, staged_directory
 from ..core.target import CheckpointDir, open_target
 from .bls import STEP_MODELS
-from .model import ARTIFACTS
+from .model import ARTIFACTS, DEFAULT_QUEUE
 from .protocol import INPUTS, OUTPUTS, Field
 
 GENERATE_MODEL = "canvasrt_generate"
@@ -131,8 +131,10 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 
 def write_repository(target: str | Path, output: str | Path, step_backend: str | None = None, instances: int = 1,
-                     max_batch: int | None = None, threads: int = 0) -> dict[str, Any]:
-    """Writes the model repository; returns a summary (models, step backend, source)."""
+                     max_batch: int | None = None, threads: int = 0, slots: int | None = None,
+                     max_queue: int = DEFAULT_QUEUE) -> dict[str, Any]:
+    """Writes the model repository; returns a summary (models, step backend, source). slots: requests one loop
+    instance batches (default max_batch; 1 serves them one at a time); max_queue: requests that may wait for one."""
     output = Path(output)
     opened = open_target(target)
     if isinstance(opened, CheckpointDir):
@@ -166,7 +168,13 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
     max_batch = capacity if max_batch is None else max_batch
     if not 1 <= max_batch <= capacity:
         raise CanvasrtError(f"--max-batch must be between 1 and the artifacts' max batch {capacity}, got {max_batch}")
-    parameters = {"step_backend": "in-process" if step_backend == "in-process" else "bls", "threads": str(threads)}
+    slots = max_batch if slots is None else slots
+    if not 1 <= slots <= max_batch:
+        raise CanvasrtError(f"--slots must be between 1 and the max batch {max_batch}, got {slots}")
+    if max_queue < 0:
+        raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
+    parameters = {"step_backend": "in-process" if step_backend == "in-process" else "bls", "threads": str(threads),
+                  "slots": str(slots), "max_queue": str(max_queue)}
     inputs = [Path(target)] + ([engines.artifacts] if engines is not None else [])
     with staged_directory(output, REPOSITORY_OUTPUT, inputs) as staging:
         model_dir = staging / GENERATE_MODEL / "1"
@@ -197,4 +205,5 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
         (model_dir / "model.py").write_text(ENTRY.format(module="model"))
         write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
     models = [GENERATE_MODEL] + ([] if step_backend == "in-process" else list(STEP_MODELS.values()))
-    return {"models": models, "step_backend": step_backend, "source": str(target), "max_batch": max_batch}
+    return {"models": models, "step_backend": step_backend, "source": str(target), "max_batch": max_batch,
+            "slots": slots}

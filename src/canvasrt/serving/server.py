@@ -148,7 +148,9 @@ class TritonServer:
     """A tritonserver process on a model repository; a context manager that waits for readiness and stops it."""
 
     def __init__(self, repository: str | Path, python_env_path: str | Path | None = None, http_port: int = 8000,
-                 grpc_port: int = 8001, log: Path | None = None, startup_timeout: float = 120.0):
+                 grpc_port: int = 8001, log: Path | None = None, startup_timeout: float = 120.0,
+                 metrics_port: int | None = None):
+        """metrics_port: Triton's Prometheus endpoint (None: any free port; `metrics_url` says which)."""
         self.repository = Path(repository).resolve()
         if not any(self.repository.glob("*/config.pbtxt")):
             raise CanvasrtError(f"{repository} holds no model (no */config.pbtxt); write one with `canvasrt triton`")
@@ -156,6 +158,7 @@ class TritonServer:
         check_python_env(self.env)
         self.installation = find_installation(self.env)
         self.http_port, self.grpc_port = http_port, grpc_port
+        self.metrics_port = free_ports(1)[0] if metrics_port is None else metrics_port
         self.check_ports()
         self.log = log
         self.startup_timeout = startup_timeout
@@ -171,13 +174,19 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def command(self, backends: Path) -> list[str]:
         return [
             str(self.installation.binary), "--model-repository", str(self.repository),
             "--backend-directory", str(backends),
             "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-            "--allow-metrics", "false", "--log-verbose", "0",
+            # CPU metrics and the models' own (batch occupancy); a CPU-only server has no GPU metrics to collect
+            "--allow-metrics", "true", "--allow-gpu-metrics", "false", "--metrics-address", "127.0.0.1",
+            "--metrics-port", str(self.metrics_port), "--log-verbose", "0",
         ]
 
     def environment(self) -> dict[str, str]:
@@ -193,7 +202,8 @@ class TritonServer:
 
     def check_ports(self) -> None:
         """A port already served would answer the readiness probe for another server; refuse it up front."""
-        for option, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port)):
+        for option, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
+                             ("--metrics-port", self.metrics_port)):
             with socket.socket() as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:

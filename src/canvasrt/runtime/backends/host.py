@@ -21,6 +21,8 @@ from ..step import Draws, StepBackend, StepResult
 
 
 class HostGraphBackend(StepBackend):
+    ROW_STATE = ("buffers", "mask", "self_cond")
+
     def __init__(self, manifest: ArtifactManifest):
         super().__init__(manifest)
         self.manifest = manifest

@@ -86,6 +86,7 @@ def _dims(dims: trt.Dims) -> tuple[int, ...]:
 
 class TensorRTBackend(StepBackend):
     name = "tensorrt"
+    ROW_SCRATCH = ("next_self_cond",)  # the ping-pong half a step writes before it is read
 
     def __init__(self, manifest: EngineManifest, device: int = 0):
         super().__init__(manifest)
