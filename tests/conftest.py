@@ -104,6 +104,13 @@ def tiny_sparse_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture(scope="session")
+def tiny_grouped_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "tiny-grouped"
+    export(tiny_checkpoint, out, moe="grouped", max_context=96, debug_logits=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny geometry whose EOS embedding is scaled up, so that EOS shows up in committed canvases."""
     return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=2.0)

@@ -41,7 +41,7 @@ def _logits_both_ways(reference, backend):
     return actual, expected
 
 
-@pytest.mark.parametrize("moe", ["dense", "sparse"])
+@pytest.mark.parametrize("moe", ["dense", "sparse", "grouped"])
 def test_logits_match_transformers(tiny_checkpoint, moe):
     actual, expected = _prefill_and_logits(tiny_checkpoint, moe)
     rel = (actual - expected).abs().max() / expected.abs().max()

@@ -58,8 +58,9 @@ def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="artifact directory to write")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--moe", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
-              help="dense: every expert on every token, static shapes; sparse: routed tokens only")
+@click.option("--moe", type=click.Choice(["dense", "sparse", "grouped"]), default="dense", show_default=True,
+              help="dense: every expert on every token, static shapes; sparse: routed tokens only, a branch per "
+                   "expert; grouped: routed tokens gathered per expert, one branch (ONNX Runtime)")
 @click.option("--max-batch", type=int, default=4, show_default=True)
 @click.option("--max-context", type=int, default=2048, show_default=True, help="committed tokens per request")
 @click.option("--max-prefill", type=int, default=None, help="encoder tokens per call (default: --max-context)")

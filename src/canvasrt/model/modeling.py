@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core.config import SLIDING, LayerSpec, ModelConfig
 
-MOE_FORMULATIONS = ("dense", "sparse")
+MOE_FORMULATIONS = ("dense", "sparse", "grouped")
 DownInputHook = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
 # Differs from transformers (which masks with -inf through its mask builders): the additive bias for hidden keys is
 # finite on purpose. A query that sees no key (a left-padding position in prefill) must get a uniform softmax, not
@@ -189,7 +189,11 @@ class Experts(nn.Module):
     dense: every expert runs on every token and a [tokens, experts] weight matrix (zero for unselected experts)
       combines them: static shapes and a few large batched GEMMs, at num_experts / top_k times the routed FLOPs.
     sparse: each expert runs only on the tokens routed to it (select, compute, scatter-add back), so shapes depend
-      on the routing; routed FLOPs only.
+      on the routing; routed FLOPs only, but one NonZero/ScatterND branch per expert in the graph.
+    grouped: the tokens routed to each expert are gathered into one [experts, capacity, H] batch, where capacity is
+      the busiest expert's token count in this call (a runtime value, so no token is ever dropped), and run through
+      the same batched GEMMs as dense; one branch for all experts, at experts x capacity token-rows instead of
+      experts x tokens. Slots beyond an expert's own tokens hold other tokens at routing weight zero.
     """
 
     def __init__(self, config: ModelConfig, formulation: str):
@@ -211,6 +215,8 @@ class Experts(nn.Module):
         """x [T, H] (already pre-normed); weights/index [T, k] from the router."""
         if self.formulation == "dense":
             return self._dense(x, weights, index)
+        if self.formulation == "grouped":
+            return self._grouped(x, weights, index)
         return self._sparse(x, weights, index)
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -224,6 +230,27 @@ class Experts(nn.Module):
             act = act if replaced is None else replaced
         out = torch.matmul(self.down_proj, act)  # [E, H, T]
         return (out * combine.t()[:, None, :]).sum(dim=0).t().to(x.dtype)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        experts = torch.arange(self.num_experts, dtype=index.dtype, device=index.device)
+        picked = index[:, :, None] == experts  # [T, k, E]
+        combine = (picked.to(weights.dtype) * weights[:, :, None]).sum(dim=1).t()  # [E, T]
+        routed = picked.any(dim=1).t()  # [E, T]
+        capacity = routed.sum(dim=1).max().item()
+        torch._check(capacity >= 0)
+        torch._check(capacity <= x.shape[0])
+        # Routed tokens first in each expert's row; the padding slots are filled with unrouted tokens.
+        _, tokens = torch.topk(routed.to(torch.float32), capacity, dim=1)  # [E, capacity]
+        slots = tokens.reshape(-1)
+        grouped = x.index_select(0, slots).reshape(self.num_experts, capacity, x.shape[1])
+        gate_up = torch.matmul(self.gate_up_proj, grouped.transpose(1, 2))  # [E, 2I, capacity]
+        act = F.gelu(gate_up[:, : self.intermediate], approximate="tanh") * gate_up[:, self.intermediate :]
+        if self.down_input_hook is not None:
+            replaced = self.down_input_hook(act, torch.gather(routed, 1, tokens), 0)
+            act = act if replaced is None else replaced
+        out = torch.matmul(self.down_proj, act) * torch.gather(combine, 1, tokens)[:, None, :]  # [E, H, capacity]
+        summed = torch.zeros(x.shape, dtype=out.dtype, device=x.device)
+        return summed.index_add(0, slots, out.transpose(1, 2).reshape(-1, x.shape[1])).to(x.dtype)
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)

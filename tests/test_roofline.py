@@ -1,0 +1,68 @@
+"""scripts/roofline.py on a tiny export: it runs, its GEMM counts match a hand computation, and the scaling to the
+released layer pattern and the routed formulation follow from the counted GEMMs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from canvasrt.core.config import FULL, SLIDING
+from canvasrt.core.manifest import ArtifactManifest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "roofline.py"
+
+
+def _roofline(artifacts: Path, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(SCRIPT), str(artifacts), "--json", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_roofline_counts_match_a_hand_computation(tiny_artifacts):
+    manifest = ArtifactManifest.load(tiny_artifacts)
+    config, canvas = manifest.model, manifest.capacity.canvas
+    r = _roofline(tiny_artifacts, "--layers", "30", "--batch", "2")
+    tokens = 2 * canvas
+    by_weight = {g["weight"]: g for g in r["gemms"] if g["weight"]}
+    # The experts' gate/up GEMM of layer 0, dense: every expert on every token, [E, 2I, H] x [H, tokens].
+    gate_up = by_weight["layers.0.experts.gate_up_proj"]
+    assert gate_up["flops"] == 2 * config.num_experts * 2 * config.moe_intermediate_size * config.hidden_size * tokens
+    assert gate_up["expert"] and gate_up["layer"] == "0"
+    assert gate_up["weight_elements"] == config.num_experts * 2 * config.moe_intermediate_size * config.hidden_size
+    q = by_weight["layers.1.self_attn.q_proj.weight"]
+    assert q["flops"] == 2 * tokens * config.hidden_size * config.num_heads * config.layers[1].head_dim
+    # Full-attention scores over every K/V slot plus the canvas: [B, nkv, group, C, d] x [B, nkv, 1, d, slots + C].
+    full = next(i for i, spec in enumerate(config.layers) if spec.kind == FULL)
+    scores = [g for g in r["gemms"] if g["layer"] == str(full) and g["weight"] is None]
+    d = config.layers[full].head_dim
+    assert scores[0]["flops"] == 2 * 2 * config.num_heads * canvas * d * (manifest.capacity.max_context + canvas)
+
+    assert r["layer_kinds"] == {SLIDING: 25, FULL: 5}
+    dense, routed = r["formulations"]["dense"], r["formulations"]["routed"]
+    per_layer = {}
+    for g in r["gemms"]:
+        per_layer[g["layer"]] = per_layer.get(g["layer"], 0) + g["flops"]
+    kinds = [spec.kind for spec in config.layers]
+    mean = {k: sum(per_layer[str(i)] for i, kind in enumerate(kinds) if kind == k) / kinds.count(k) for k in (SLIDING, FULL)}
+    assert dense["gflop"] * 1e9 == pytest.approx(per_layer["shared"] + 25 * mean[SLIDING] + 5 * mean[FULL], rel=1e-9)
+    share = config.top_k_experts / config.num_experts
+    assert routed["expert_gflop"] == pytest.approx(dense["expert_gflop"] * share, rel=1e-9)
+    assert dense["gflop"] - routed["gflop"] == pytest.approx(dense["expert_gflop"] * (1 - share), rel=1e-9)
+    for row in (dense, routed):
+        assert row["step_ms"] == pytest.approx(max(row["compute_ms"], row["memory_ms"]))
+        assert row["compute_ms"] == pytest.approx(row["gflop"] / 989)  # GFLOP / (989 TFLOP/s) in ms
+        assert row["tokens_per_s"] == pytest.approx(tokens / (48 * row["step_ms"] / 1e3))
+
+
+def test_roofline_prints_its_table(tiny_artifacts):
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tiny_artifacts)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("30 layers (25 sliding, 5 full)")
+    assert [line.split()[0] for line in lines[2:4]] == ["dense", "routed"]
