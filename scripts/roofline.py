@@ -1,7 +1,7 @@
-"""Roofline lower bound of one denoising step, counted from an exported denoise graph's shapes.
+"""Roofline lower bound of one denoising step, counted from an exported backbone graph's shapes.
 
-Reads `denoise.onnx` of an artifact directory without its weights (the graph proto and the initializers' shapes),
-fixes the batch, runs ONNX shape inference, and counts for every GEMM (MatMul, Gemm) its FLOPs, and as bytes every
+Reads `backbone.onnx` of an artifact directory without its weights (the graph proto and the initializers' shapes),
+fixes the shapes of a denoising step (the batch, no encoder tokens, a canvas of rows), runs ONNX shape inference, and counts for every GEMM (MatMul, Gemm) its FLOPs, and as bytes every
 GEMM weight (once per step) and the K/V buffers the step reads. Activations are left out, so the bytes are a lower
 bound too. Counts are attributed per layer (weights by name, activation GEMMs by the exporter's module scope) and
 scaled per layer kind to `--layers` layers in the released pattern (five sliding layers, then one full, the last
@@ -49,12 +49,12 @@ def released_pattern(layers: int) -> list[str]:
     return kinds
 
 
-def _fixed_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+def _denoise_shapes(model: onnx.ModelProto, batch: int, canvas: int) -> onnx.ModelProto:
+    sizes = {"batch": batch, "chunk": 0, "rows": canvas}  # the denoise phase of the backbone
     for value in model.graph.input:
         for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param == "batch":
-                dim.ClearField("dim_param")
-                dim.dim_value = batch
+            if dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
     del model.graph.value_info[:]  # the exporter's symbolic shapes; inference redoes them at this batch
     return shape_inference.infer_shapes(model, data_prop=True)
 
@@ -87,9 +87,9 @@ def _layer_of(names: list[str]) -> str:
     return SHARED
 
 
-def count_graph(path: Path, batch: int) -> dict[str, Any]:
+def count_graph(path: Path, batch: int, canvas: int) -> dict[str, Any]:
     """Every GEMM of the graph (node, op, weight, layer, expert, FLOPs) and the K/V inputs' element counts."""
-    model = _fixed_batch(onnx.load(str(path), load_external_data=False), batch)
+    model = _denoise_shapes(onnx.load(str(path), load_external_data=False), batch, canvas)
     shapes = _shapes(model)
     initializers = {t.name for t in model.graph.initializer}
     gemms = []
@@ -135,7 +135,7 @@ def roofline(artifacts: Path, layers: int, batch: int, bandwidth: float, tflops:
              other_bytes: float, kv_bytes: float, steps_per_canvas: int) -> dict[str, Any]:
     manifest = ArtifactManifest.load(artifacts)
     config = manifest.model
-    counted = count_graph(manifest.graph_path("denoise"), batch)
+    counted = count_graph(manifest.graph_path("backbone"), batch, manifest.capacity.canvas)
     per_layer = _per_layer(counted, weight_bytes, other_bytes, kv_bytes)
     kinds = [spec.kind for spec in config.layers]
     target = released_pattern(layers)

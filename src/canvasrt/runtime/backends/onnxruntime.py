@@ -16,10 +16,6 @@ from ...core.errors import ArtifactError, CanvasrtError
 from ...core.manifest import ArtifactManifest
 from .host import HostGraphBackend
 
-# Graphs whose external weights exceed this run their GEMMs on the weights as mapped from the file (no prepacked
-# copy): at the released width the copy would double the resident weights. Smaller ones keep the faster prepacking.
-PREPACK_UP_TO = 2 << 30
-
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -41,11 +37,10 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
         )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    data = path.with_name(path.name + ".data")
-    if data.is_file() and data.stat().st_size > PREPACK_UP_TO:
-        # The exporter page-aligns external weights, so the CPU provider maps them from the file instead of copying
-        # them; prepacking would still make a second, repacked copy of every GEMM weight in anonymous memory.
-        options.add_session_config_entry("session.disable_prepacking", "1")
+    # The exporter page-aligns external weights, so the CPU provider maps them from the file instead of copying
+    # them; prepacking would still make a second, repacked copy of every GEMM weight in anonymous memory. It bought
+    # no measurable step time on the bench preset (docs/PERFORMANCE.md, the one-copy section).
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     providers = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
