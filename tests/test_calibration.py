@@ -175,3 +175,55 @@ def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_u
         assert not any(n.startswith("layers.1.") for n in backbone["quantized"])
         evaluation = cli("eval", out, "--task", "sort", "--samples", "50", "--json")
         assert json.loads(evaluation.output)[0]["exact_match"] >= 0.95
+
+
+def test_qdq_graphs_stream_their_weights_in_bounded_blocks(tiny_fp16_artifacts, tmp_path, monkeypatch):
+    """quantize_graph on a graph with external weights: blocks of 4 KiB give the same FP8 bytes as one block per
+    tensor and as quantizing each weight whole, the weights land page-aligned in the new .data file, and what Python
+    holds at once stays far below the graph's weights (the old writer loaded them all)."""
+    import tracemalloc
+
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    from canvasrt.calibration import qdq
+    from canvasrt.exporter.export import DATA_ALIGNMENT
+    from canvasrt.model.fp8 import QUANTIZED, scale_for
+
+    source = tiny_fp16_artifacts / "denoise.onnx"
+    whole = onnx.load(str(source))
+    initializers = {t.name: t for t in whole.graph.initializer}
+    gemm_weights = {n.input[1] for n in whole.graph.node if n.op_type == "Gemm"}
+    gemm_weights |= {n.input[0] for n in whole.graph.node if n.op_type == "MatMul" and n.input[0] in initializers}
+    amax = {w.removeprefix("model."): np.float32(3.0) for w in gemm_weights
+            if w in initializers and QUANTIZED.search(w.removeprefix("model."))}
+    assert any(name.endswith("experts.gate_up_proj") for name in amax)
+    weight_bytes = (tiny_fp16_artifacts / "denoise.onnx.data").stat().st_size
+
+    def fp8_of(path):
+        model = onnx.load(str(path))
+        return {t.name: numpy_helper.to_array(t).view(np.uint8) for t in model.graph.initializer if t.name.endswith(".fp8")}
+
+    done = qdq.quantize_graph(source, tmp_path / "one.onnx", amax, "per-channel")
+    monkeypatch.setattr(qdq, "BLOCK_BYTES", 4096)
+    tracemalloc.start()
+    qdq.quantize_graph(source, tmp_path / "blocks.onnx", amax, "per-channel")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # the graph proto (0.9 MB here) is read and serialised whole; the weights (3.2 MB) must not be
+    assert peak < source.stat().st_size + weight_bytes / 4, (peak, source.stat().st_size, weight_bytes)
+    assert sorted(done) == sorted(amax)
+    one, blocks = fp8_of(tmp_path / "one.onnx"), fp8_of(tmp_path / "blocks.onnx")
+    assert one.keys() == blocks.keys() == {f"{name}.fp8" for name in amax}
+    for name in amax:
+        values = numpy_helper.to_array(initializers["model." + name]).astype(np.float32)
+        scale = scale_for(np.abs(values).reshape(values.shape[0], -1).max(axis=1))
+        expected = np.clip(values / scale.reshape(-1, *[1] * (values.ndim - 1)), -448, 448)
+        assert np.array_equal(one[f"{name}.fp8"], expected.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)), name
+        assert np.array_equal(blocks[f"{name}.fp8"], one[f"{name}.fp8"]), name
+    written = onnx.load(str(tmp_path / "blocks.onnx"), load_external_data=False)
+    external = [t for t in written.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all({e.key: e.value for e in t.external_data}["location"] == "blocks.onnx.data" and
+                            int({e.key: e.value for e in t.external_data}["offset"]) % DATA_ALIGNMENT == 0
+                            for t in external)
+    assert not any(t.name in initializers and t.name.removeprefix("model.") in amax for t in written.graph.initializer)

@@ -3,6 +3,9 @@ from either, and the --device plumbing (CUDA requested where torch sees none is 
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from click.testing import CliRunner
 
 from canvasrt.calibration.ranges import collect_ranges
 from canvasrt.cli import main
+from canvasrt.core.errors import CanvasrtError
 from canvasrt.runtime.backends.torch import TorchBackend
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.rng import make_draws
@@ -81,6 +85,36 @@ def test_cuda_where_torch_sees_no_gpu_is_one_line(command, tiny_checkpoint, tiny
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--device cuda requested but torch sees no GPU" in lines[0]
     assert not (tmp_path / "fp8").exists()
+
+
+def _beyond_memory(source, tmp_path):
+    """`source` with a config.json whose vocabulary puts the weights (17.6 TB in fp32, 8.8 TB in bf16) beyond any
+    machine's memory; the weight files are the original ones, so only a refusal from the sizes alone passes."""
+    out = tmp_path / "beyond-memory"
+    shutil.copytree(source, out)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["vocab_size"] = 1 << 36
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "{ckpt}", "--prompt-ids", "5,6", "--dtype", "fp32"],  # the torch backend
+    ["eval", "{ckpt}", "--task", "sort", "--samples", "2", "--backend", "transformers"],  # the parity reference
+])
+def test_weights_beyond_memory_are_refused_before_loading_with_the_figure(command, sort_checkpoint, tmp_path):
+    checkpoint = _beyond_memory(sort_checkpoint, tmp_path)
+    result = CliRunner().invoke(main, [a.format(ckpt=checkpoint) for a in command])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "needs 17592.2 GB for the weights" in lines[0] and "GB available" in lines[0], lines[0]
+    assert "--dtype bf16 (8796.1 GB)" in lines[0] and "free memory" in lines[0]
+
+
+def test_calibration_refuses_weights_beyond_memory_before_its_loop(sort_checkpoint, tmp_path):
+    with pytest.raises(CanvasrtError, match=r"needs 8796\.1 GB for the weights .* in bf16 .* available"):
+        collect_ranges(_beyond_memory(sort_checkpoint, tmp_path), [[7, 8, 9]], dtype="bf16")
 
 
 def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):

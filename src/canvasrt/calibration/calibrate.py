@@ -67,8 +67,10 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
         raise CanvasrtError(f"--weights takes one of {', '.join(WEIGHT_MODES)}")
     if manifest.quantization is not None:
         raise CanvasrtError(f"{artifacts} is already quantized; calibrate the fp32/fp16 export instead")
-    if manifest.model != Checkpoint.open(checkpoint).config:
+    opened = Checkpoint.open(checkpoint)
+    if manifest.model != opened.config:
         raise CanvasrtError(f"{artifacts} was exported from a checkpoint with another config than {checkpoint}")
+    opened.check_memory(dtype, device, "calibration's torch backend")  # before verify() reads every weight file
     if samples < 1:
         raise CanvasrtError(f"--samples must be at least 1 (got {samples})")
     if prompts_file is not None and task is not None:

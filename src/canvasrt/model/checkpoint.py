@@ -149,6 +149,8 @@ class Checkpoint:
 
         fake_mode: a torch FakeTensorMode; the parameters are then fake tensors of it (shape and dtype only, no
         data), for tracing a model of any size without reading its weights."""
+        if fake_mode is None:
+            self.check_memory(dtype, device, "loading the PyTorch model")
         model = DiffusionGemmaText(self.config, moe=moe)
         for name, param in list(model.named_parameters()):
             source = checkpoint_name(name)
@@ -161,6 +163,21 @@ class Checkpoint:
             owner, attr = _owner(model, name)
             owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
         return model.eval() if fake_mode is not None else model.to(device).eval()  # .to: the RoPE buffers
+
+    def check_memory(self, dtype: str, device: str, what: str) -> None:
+        """Refuses, before a weight is read, a load that cannot fit: the weights in `dtype` (sizes from config.json)
+        against the memory `device` has available now. Loading them anyway ends in the kernel's OOM killer or a CUDA
+        error minutes later, with nothing said about why."""
+        parameters = sum(p.numel() for p in DiffusionGemmaText(self.config).parameters())  # meta: shapes only
+        needed = parameters * DTYPES[dtype].itemsize
+        available = available_memory(device)
+        if available is None or needed <= available:
+            return
+        where = "the GPU has" if device == "cuda" else "this machine has"
+        smaller = "" if dtype == "bf16" else f", or --dtype bf16 ({parameters * 2 / 1e9:.1f} GB)"
+        raise CanvasrtError(f"{what} needs {needed / 1e9:.1f} GB for the weights of {self.path} in {dtype} "
+                            f"({parameters / 1e9:.2f}B parameters), but {where} {available / 1e9:.1f} GB available; "
+                            f"free memory, use a machine with more{smaller}")
 
     def problems(self) -> list[str]:
         """`canvasrt verify` of a checkpoint: every weight the model reads, one at a time (shape, dtype, finite
@@ -290,6 +307,27 @@ def torch_device(device: str) -> str:
                                                    f"CUDA {torch.version.cuda}, no GPU or driver visible")
         raise CanvasrtError(f"--device cuda requested but torch sees no GPU ({build}); use --device cpu")
     return device
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes a load on `device` can take now: the host's MemAvailable, lowered to what the cgroup (a container's
+    memory limit) leaves; the GPU's free memory for cuda. None where the system does not say (no /proc)."""
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    meminfo = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 memory controller here: the host's figure stands
+    return available
 
 
 def checkpoint_name(param_name: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ from .step import Draws, StepBackend
 # and judged by TIE_LIMITS instead (still tight enough to catch a wrong mask, weight or formula).
 ROUTING_TIE = 1e-6
 TIE_LIMITS = {"nrmse": 0.05, "cos": 0.998}
+# Bounds on what parity holds at once at the released vocabulary (262144): positions of the sampler math per block,
+# float64 elements per block of a comparison, and the size from which a kept reference output goes to disk.
+SAMPLER_BLOCK = 64
+METRIC_BLOCK = 1 << 22
+SPILL_ABOVE = 1 << 20
 
 TOLERANCES = {
     "fp32": {"rel_p99": 1e-4, "cos": 0.999, "argmax": 1.0, "agree": 0.99},
@@ -117,21 +123,34 @@ class Report:
 
 
 def continuous(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    a = np.asarray(actual, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
-    if not a.size:
+    """The metrics of `actual` against `reference`, accumulated in float64 over blocks of METRIC_BLOCK elements:
+    at the released width one step's logits are [B, 256, 262144], and float64 copies of both and of their
+    difference whole would be 3 GB per batch row."""
+    a_all, r_all = np.asarray(actual), np.asarray(reference)
+    if not a_all.size:
         return {"max_abs": 0.0, "rel": 0.0, "rel_p99": 0.0, "nrmse": 0.0, "cos": 1.0}
-    diff = np.abs(a - r)
-    per_position = diff.reshape(-1, a.shape[-1]).max(axis=1) if a.ndim >= 3 else diff.ravel()
-    scale, norm = float(np.max(np.abs(r))), float(np.linalg.norm(r))
+    width = a_all.shape[-1] if a_all.ndim >= 3 else 1  # a position: a row of the last axis, else one element
+    a_rows, r_rows = a_all.reshape(-1, width), r_all.reshape(-1, width)
+    per_position = np.empty(len(a_rows))
+    scale = ref_sq = act_sq = diff_sq = dot = 0.0
+    step = max(1, METRIC_BLOCK // width)
+    for begin in range(0, len(a_rows), step):
+        a = a_rows[begin:begin + step].astype(np.float64)
+        r = r_rows[begin:begin + step].astype(np.float64)
+        diff = a - r
+        per_position[begin:begin + step] = np.abs(diff).max(axis=1)
+        scale = max(scale, float(np.abs(r).max()))
+        ref_sq, act_sq = ref_sq + float(np.sum(r * r)), act_sq + float(np.sum(a * a))
+        diff_sq, dot = diff_sq + float(np.sum(diff * diff)), dot + float(np.sum(a * r))
+    max_abs, norm = float(per_position.max()), math.sqrt(ref_sq)
     scale = scale if scale > 0 else 1.0
-    denom = float(np.linalg.norm(a) * norm)
+    denom = math.sqrt(act_sq) * norm
     return {
-        "max_abs": float(diff.max()),
-        "rel": float(diff.max()) / scale,
+        "max_abs": max_abs,
+        "rel": max_abs / scale,
         "rel_p99": float(np.percentile(per_position, 99)) / scale,
-        "nrmse": float(np.linalg.norm(a - r)) / norm if norm > 0 else float(diff.max()),
-        "cos": float((a.ravel() @ r.ravel()) / denom) if denom > 0 else 1.0,
+        "nrmse": math.sqrt(diff_sq) / norm if norm > 0 else max_abs,
+        "cos": dot / denom if denom > 0 else 1.0,
     }
 
 
@@ -159,24 +178,54 @@ def _check_model_matches(checkpoint: Checkpoint, spec: StepSpec, target: Path) -
 
 
 def _step_reference(ref_logits: torch.Tensor, temperature: float, bound: float, draws: Draws,
-                    embedding: torch.Tensor) -> dict[str, Any]:
-    """The sampler math on the reference logits, with the same draws the backend gets."""
-    z = ref_logits / temperature
-    probs = torch.softmax(z, dim=-1, dtype=torch.float32)
-    sampled = sample_inverse_cdf(probs, torch.from_numpy(draws.uniforms))
-    entropy = categorical_entropy(z)
-    accepted = entropy_bound_accept(entropy, torch.full((z.shape[0],), bound))
+                    embedding: torch.Tensor, spill: "_Spill") -> dict[str, Any]:
+    """The sampler math on the reference logits, with the same draws the backend gets. Every per-position quantity
+    is computed on SAMPLER_BLOCK positions at a time (each temporary of the whole canvas is [B, C, V] in fp32: 0.5 GB
+    per batch row at the released vocabulary); the logits themselves are kept through `spill`."""
+    batch, canvas, vocab = ref_logits.shape
+    flat, uniforms = ref_logits.reshape(-1, vocab), torch.from_numpy(draws.uniforms).reshape(-1)
+    argmax = torch.empty(batch * canvas, dtype=torch.int64)
+    sampled = torch.empty(batch * canvas, dtype=torch.int64)
+    entropy = torch.empty(batch * canvas, dtype=torch.float32)
+    self_cond = torch.empty(batch * canvas, embedding.shape[1], dtype=torch.float32)
+    for begin in range(0, batch * canvas, SAMPLER_BLOCK):
+        rows = slice(begin, begin + SAMPLER_BLOCK)
+        z = flat[rows] / temperature
+        argmax[rows] = torch.argmax(z, dim=-1)
+        sampled[rows] = sample_inverse_cdf(torch.softmax(z, dim=-1, dtype=torch.float32), uniforms[rows])
+        entropy[rows] = categorical_entropy(z)
+        # what transformers computes from these logits when they self-condition the next step
+        self_cond[rows] = soft_embedding(z, embedding)
+    entropy = entropy.reshape(batch, canvas)
+    sampled = sampled.reshape(batch, canvas)
+    accepted = entropy_bound_accept(entropy, torch.full((batch,), bound))
     return {
-        "logits": ref_logits.numpy(),
-        "argmax": torch.argmax(z, dim=-1).numpy(),
+        "logits": spill.keep(ref_logits.numpy()),
+        "argmax": argmax.reshape(batch, canvas).numpy(),
         "sampled": sampled.numpy(),
         "entropy": entropy.numpy(),
         "mean_entropy": entropy.mean(-1).numpy(),
         "accepted": accepted.numpy(),
         "next_canvas": torch.where(accepted, sampled, torch.from_numpy(draws.renoise_ids)).numpy(),
-        # what transformers computes from these logits when they self-condition the next step
-        "next_self_cond": soft_embedding(z, embedding).numpy(),
+        "next_self_cond": self_cond.reshape(batch, canvas, -1).numpy(),
     }
+
+
+class _Spill:
+    """Keeps the reference's large outputs (logits, K/V) in .npy files of a temporary directory, read back
+    memory-mapped: the plan then holds about nothing in anonymous memory while the backend runs (three steps'
+    logits alone are 1.6 GB at the released width)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.count = directory, 0
+
+    def keep(self, array: np.ndarray) -> np.ndarray:
+        if array.nbytes < SPILL_ABOVE:
+            return array.copy()
+        self.count += 1
+        path = self.directory / f"{self.count}.npy"
+        np.save(path, array)
+        return np.load(path, mmap_mode="r")
 
 
 @dataclass
@@ -203,8 +252,10 @@ class EncodeStage:
 
 @torch.inference_mode()
 def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSettings, seed: int,
-                    threads: int | None, device: str, dtype: str) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
-    """Runs the reference over the whole plan: prefill, two steps, commit, a step past the window."""
+                    threads: int | None, device: str, dtype: str,
+                    spill: _Spill) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
+    """Runs the reference over the whole plan: prefill, two steps, commit, a step past the window. The reference
+    is freed on return; what the plan keeps of its outputs is small or spilled."""
     if threads:
         torch.set_num_threads(threads)
     cap, model = spec.capacity, spec.model
@@ -224,7 +275,7 @@ def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSe
     plan: list[StepStage | EncodeStage] = []
 
     def kv(state: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return [(k.numpy().copy(), v.numpy().copy(), p)
+        return [(spill.keep(k.numpy()), spill.keep(v.numpy()), p)
                 for k, v, p in (reference.cached_kv(state, i) for i in range(model.num_layers))]
 
     def step(name: str, canvas_ids: np.ndarray, remaining: int, previous: StepStage | None) -> StepStage:
@@ -235,9 +286,11 @@ def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSe
         )
         self_cond_logits = None
         if previous is not None:  # the previous step's temperature-scaled logits, as transformers passes them
-            self_cond_logits = torch.from_numpy(previous.reference["logits"]) / previous.temperature
+            self_cond_logits = torch.from_numpy(np.array(previous.reference["logits"])).div_(previous.temperature)
         logits = reference.logits(state, canvas_ids, self_cond_logits)
-        ref = _step_reference(logits, temperature, settings.entropy_bound, draws, reference.embedding)
+        del self_cond_logits
+        ref = _step_reference(logits, temperature, settings.entropy_bound, draws, reference.embedding, spill)
+        del logits
         stage = StepStage(name, canvas_ids, temperature, draws,
                           None if previous is None else previous.reference["next_self_cond"], ref,
                           reference.routing_margin)
@@ -271,20 +324,23 @@ def step_parity(checkpoint_dir: str | Path, backend: StepBackend, seed: int = 0,
     report = Report("step", str(checkpoint_dir), str(target), dtype, backend.name)
     backend.preflight()  # fail before the reference runs, not after, when the backend cannot run here
     settings = resolve_settings(spec.generation)
-    plan, report.info = _reference_plan(Path(checkpoint_dir), spec, settings, seed, threads, device, reference_dtype)
-    report.info["reference"] = {"device": device, "dtype": reference_dtype}
+    with tempfile.TemporaryDirectory(prefix="canvasrt-parity-") as spilled:
+        plan, report.info = _reference_plan(Path(checkpoint_dir), spec, settings, seed, threads, device,
+                                            reference_dtype, _Spill(Path(spilled)))
+        report.info["reference"] = {"device": device, "dtype": reference_dtype}
 
-    batch = plan[0].ids.shape[0]
-    context = np.zeros(batch, dtype=np.int64)
-    with backend:
-        backend.start(plan[0].valid)
-        for stage in plan:
-            if isinstance(stage, EncodeStage):
-                backend.encode(stage.ids, stage.positions, context)
-                context = context + stage.ids.shape[1]
-                report.checks += _kv_checks(stage, backend, tol)
-            else:
-                report.checks += _step_checks(stage, backend, context, settings, tol, dtype, report)
+        batch = plan[0].ids.shape[0]
+        context = np.zeros(batch, dtype=np.int64)
+        with backend:
+            backend.start(plan[0].valid)
+            for stage in plan:
+                if isinstance(stage, EncodeStage):
+                    backend.encode(stage.ids, stage.positions, context)
+                    context = context + stage.ids.shape[1]
+                    report.checks += _kv_checks(stage, backend, tol)
+                else:
+                    report.checks += _step_checks(stage, backend, context, settings, tol, dtype, report)
+        del plan  # the memory maps, before their files go
     return report
 
 

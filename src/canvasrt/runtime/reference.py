@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..core.errors import CanvasrtError
-from ..model.checkpoint import DTYPES, read_config_json, torch_device
+from ..model.checkpoint import DTYPES, Checkpoint, read_config_json, torch_device
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Reference:
         if dtype not in DTYPES:
             raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.device = torch_device(device)
+        Checkpoint.open(checkpoint_dir).check_memory(dtype, self.device, "the transformers reference")
         self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(
             str(checkpoint_dir), attn_implementation=attention, dtype=DTYPES[dtype]
         ).to(self.device).eval()  # not device_map=: that needs accelerate
