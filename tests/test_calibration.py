@@ -190,7 +190,7 @@ def test_qdq_graphs_stream_their_weights_in_bounded_blocks(tiny_fp16_artifacts, 
     from canvasrt.exporter.export import DATA_ALIGNMENT
     from canvasrt.model.fp8 import QUANTIZED, scale_for
 
-    source = tiny_fp16_artifacts / "denoise.onnx"
+    source = tiny_fp16_artifacts / "backbone.onnx"
     whole = onnx.load(str(source))
     initializers = {t.name: t for t in whole.graph.initializer}
     gemm_weights = {n.input[1] for n in whole.graph.node if n.op_type == "Gemm"}
@@ -198,7 +198,7 @@ def test_qdq_graphs_stream_their_weights_in_bounded_blocks(tiny_fp16_artifacts, 
     amax = {w.removeprefix("model."): np.float32(3.0) for w in gemm_weights
             if w in initializers and QUANTIZED.search(w.removeprefix("model."))}
     assert any(name.endswith("experts.gate_up_proj") for name in amax)
-    weight_bytes = (tiny_fp16_artifacts / "denoise.onnx.data").stat().st_size
+    weight_bytes = (tiny_fp16_artifacts / "backbone.onnx.data").stat().st_size
 
     def fp8_of(path):
         model = onnx.load(str(path))

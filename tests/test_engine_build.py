@@ -101,11 +101,11 @@ def test_fp8_engine_runs_the_quantized_projections_as_fp8_gemms(engines, tiny_fp
     quantized = source["graphs"]["backbone"]["quantized"]
     experts = [w for w in quantized if ".experts." in w]
     projections = [w for w in quantized if w not in experts]
-    assert projections and experts and any(canvas_only(w, source["model"]["num_layers"]) for w in projections)
+    assert projections and experts and any(canvas_only(w, len(source["model"]["layers"])) for w in projections)
     for index, phase in enumerate(manifest["engines"]["backbone"]["profiles"]):
         fp8_gemms = [l for l in found if l.kind == "gemm" and l.profile == index and set(l.inputs + l.weights) == {"FP8"}]
         runs = {w: sum(f"node_of_{w}.dequantized" in l.onnx for l in fp8_gemms) for w in projections}
-        expected = {w: int(phase == "denoise" or not canvas_only(w, source["model"]["num_layers"])) for w in projections}
+        expected = {w: int(phase == "denoise" or not canvas_only(w, len(source["model"]["layers"]))) for w in projections}
         assert runs == expected, phase
         assert manifest["engines"]["backbone"]["gemms"][phase]["FP8"] == len(fp8_gemms) > 0
     assert [w for w in experts

@@ -365,8 +365,9 @@ def build_engines(
         raise CanvasrtError(f"TensorRT-RTX builds for {', '.join(RTX_TARGETS)}; {target!r} is not one (SM90 needs --builder tensorrt)")
     if flavour == "tensorrt" and target not in ("current", "sm90"):
         raise CanvasrtError(f"--builder tensorrt builds for the GPU in this machine; use --target current or sm90, not {target!r}")
-    if flavour == "tensorrt-rtx" and manifest.moe == "sparse":
-        raise CanvasrtError("sparse-MoE graphs use NonZero, which TensorRT-RTX cannot parse; export with --moe dense")
+    if flavour == "tensorrt-rtx" and manifest.moe in ("sparse", "grouped"):
+        raise CanvasrtError(f"{manifest.moe}-MoE graphs use " + ("NonZero" if manifest.moe == "sparse" else
+                            "ScatterND with a reduction") + ", which TensorRT-RTX cannot parse; export with --moe dense")
     if manifest.quantization is not None and target not in FP8_TARGETS:
         raise CanvasrtError(f"{target} has no FP8 tensor cores; build FP8 artifacts for one of {', '.join(sorted(FP8_TARGETS))}")
     workspace_bytes = parse_size(workspace) if workspace else None

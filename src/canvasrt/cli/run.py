@@ -217,9 +217,11 @@ def bench_command(
             for name, entry in results["backends"].items():
                 for mode in ("inflight", "sequential"):
                     e = entry[mode]
+                    read = e["weight_bytes_per_token"]
                     click.echo(f"{name} {mode}: {e['step_calls']} step calls for {e['row_steps']} row-steps, "
                                f"{e['tokens_per_s']:.1f} tokens/s, first block median "
-                               f"{float(np.median(e['first_block_ms'])):.1f} ms")
+                               f"{float(np.median(e['first_block_ms'])):.1f} ms"
+                               + (f", {read / 1e6:.1f} MB of weights read per token" if read is not None else ""))
         return
     results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider)
     if as_json:

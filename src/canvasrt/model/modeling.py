@@ -430,7 +430,8 @@ class DiffusionGemmaText(nn.Module):
         b, s = input_ids.shape
         r = canvas.shape[1]
         h = torch.cat([self.embed(input_ids), self.self_conditioning(self.embed(canvas), self_cond)], dim=1)
-        canvas_pos = context_length[:, None] + torch.arange(r, dtype=torch.int64, device=canvas.device)[None, :]
+        # A cumulative sum rather than arange(R): shape inference follows it through the graph (scripts/roofline.py)
+        canvas_pos = context_length[:, None] + torch.cumsum(torch.ones_like(canvas), dim=1) - 1
         all_pos = torch.cat([positions, canvas_pos], dim=1)
         # Transformers keeps separate layer scalars for the encoder and the decoder (buffers are not tied)
         encoder_rows = torch.ones(s, 1, dtype=torch.bool, device=canvas.device)

@@ -101,7 +101,8 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
                       canvases: int, threads: int | None, provider: str = "cpu") -> dict[str, Any]:
     """`concurrency` requests (seeds 0..N-1) through the in-flight scheduler with that many slots, then the same
     requests through one slot (one at a time, no batching), in one run: step calls, row-steps, tokens/s, time to
-    first block. Both must return the same ids."""
+    first block, and the weight bytes read per generated token (every backbone call reads the weights once: what
+    batching saves on a GPU, where a step at small batch is bound by that read). Both must return the same ids."""
     from .scheduler import RowRequest, Scheduler, Ticket
 
     opened = open_target(target)
@@ -123,8 +124,11 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
             done = [t.events[-1] for t in tickets]
             new_tokens = sum(int((d.new_tokens != settings.pad_token_id).sum()) for d in done)
             stats = scheduler.stats
+            calls = stats.step_calls + stats.prefill_chunks + stats.commits
+            weights = _weight_bytes(opened)
             results[mode] = {
-                "slots": slots, "step_calls": stats.step_calls, "row_steps": stats.row_steps,
+                "slots": slots, "step_calls": stats.step_calls, "row_steps": stats.row_steps, "backbone_calls": calls,
+                "weight_bytes_per_token": weights * calls / new_tokens if weights is not None else None,
                 "occupancy": dict(sorted(stats.occupancy.items())),
                 "tokens_per_s": new_tokens / total, "total_s": total,
                 "first_block_ms": [round(t.first_block_s * 1e3, 2) for t in tickets],
@@ -133,6 +137,15 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     del results["warmup"]
     results["inflight"]["speedup"] = results["inflight"]["tokens_per_s"] / results["sequential"]["tokens_per_s"]
     return results
+
+
+def _weight_bytes(target: Target) -> int | None:
+    """Bytes of the weights a backbone call reads: the graph's weights or the engine (None for a checkpoint)."""
+    if isinstance(target, ArtifactManifest):
+        return sum(graph.data_bytes or graph.bytes for graph in target.graphs.values())
+    if isinstance(target, EngineManifest):
+        return sum(entry.bytes for entry in target.engines.values())
+    return None
 
 
 def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: int, canvases: int,
