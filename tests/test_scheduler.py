@@ -188,3 +188,6 @@ def test_bench_concurrency_drives_the_scheduler(tiny_artifacts):
     assert batched["step_calls"] <= batched["row_steps"] / 4
     assert alone_["step_calls"] == alone_["row_steps"]
     assert batched["ids"] == alone_["ids"]
+    assert batched["weight_bytes_per_token"] < alone_["weight_bytes_per_token"]  # step calls shared by 4 rows
+    late = entry["late_arrival"]
+    assert late["others"] == 3 and late["alone_ms"] > 0 and late["with_others_ms"] > 0

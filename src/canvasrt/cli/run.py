@@ -222,6 +222,9 @@ def bench_command(
                                f"{e['tokens_per_s']:.1f} tokens/s, first block median "
                                f"{float(np.median(e['first_block_ms'])):.1f} ms"
                                + (f", {read / 1e6:.1f} MB of weights read per token" if read is not None else ""))
+                late = entry["late_arrival"]
+                click.echo(f"{name} first block of a request arriving while {late['others']} others are mid-canvas: "
+                           f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x)")
         return
     results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider)
     if as_json:

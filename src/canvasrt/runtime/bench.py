@@ -19,7 +19,9 @@ from ..core.target import CheckpointDir, Target, open_target, target_kind
 from .backends import default_backend, open_backend
 from .loop import generate, left_pad
 from .rng import make_draws
+from .scheduler import RowRequest
 from .settings import resolve_settings
+from .step import StepBackend
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -103,7 +105,7 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     requests through one slot (one at a time, no batching), in one run: step calls, row-steps, tokens/s, time to
     first block, and the weight bytes read per generated token (every backbone call reads the weights once: what
     batching saves on a GPU, where a step at small batch is bound by that read). Both must return the same ids."""
-    from .scheduler import RowRequest, Scheduler, Ticket
+    from .scheduler import Scheduler, Ticket
 
     opened = open_target(target)
     backend = open_backend(opened, name or default_backend(opened), provider=provider, threads=threads,
@@ -134,9 +136,30 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
                 "first_block_ms": [round(t.first_block_s * 1e3, 2) for t in tickets],
                 "ids": [d.new_tokens[0].tolist() for d in done],
             }
+        results["late_arrival"] = _late_arrival(backend, requests, concurrency, steps)
     del results["warmup"]
     results["inflight"]["speedup"] = results["inflight"]["tokens_per_s"] / results["sequential"]["tokens_per_s"]
     return results
+
+
+def _late_arrival(backend: StepBackend, requests: list[RowRequest], concurrency: int, steps: int) -> dict[str, float]:
+    """Time to first block of the last request alone, and arriving while the others are halfway through their
+    first canvas (so it waits for its prefill between their steps and joins their step calls)."""
+    from .scheduler import Scheduler, Ticket
+
+    alone = Scheduler(backend, max_queue=concurrency, slots=concurrency)
+    ticket = alone.submit(Ticket(requests[-1]))
+    alone.run()
+    busy = Scheduler(backend, max_queue=concurrency, slots=concurrency)
+    for request in requests[:-1]:
+        busy.submit(Ticket(request))
+    for _ in range(max(steps // 2, 1)):
+        busy.step()
+    late = busy.submit(Ticket(requests[-1]))
+    busy.run()
+    assert ticket.first_block_s is not None and late.first_block_s is not None
+    return {"alone_ms": ticket.first_block_s * 1e3, "with_others_ms": late.first_block_s * 1e3,
+            "ratio": late.first_block_s / ticket.first_block_s, "others": concurrency - 1}
 
 
 def _weight_bytes(target: Target) -> int | None:
