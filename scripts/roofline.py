@@ -39,7 +39,9 @@ from canvasrt.model.fp8 import QUANTIZED
 WRAPPER_PREFIX = "model."
 LAYER = re.compile(r"(?:^|[./_])layers[._](\d+)[._]")
 SCOPE_KEYS = ("pkg.torch.onnx.name_scopes", "namespace")
-SHARED = "shared"  # embedding, self-conditioning, final norm, LM head, sampler: once per step
+SHARED = "shared"
+FOLD_ROUNDS = 8  # shape inference and folding alternate until nothing more folds
+FOLD_ELEMENTS = 64  # shape values are a few integers; anything larger is data, left to the graph  # embedding, self-conditioning, final norm, LM head, sampler: once per step
 
 
 def released_pattern(layers: int) -> list[str]:
@@ -55,8 +57,48 @@ def _denoise_shapes(model: onnx.ModelProto, batch: int, canvas: int) -> onnx.Mod
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in sizes:
                 dim.dim_value = sizes[dim.dim_param]
-    del model.graph.value_info[:]  # the exporter's symbolic shapes; inference redoes them at this batch
-    return shape_inference.infer_shapes(model, data_prop=True)
+    del model.graph.value_info[:]  # the exporter's symbolic shapes; inference redoes them at these sizes
+    for _ in range(FOLD_ROUNDS):
+        model = shape_inference.infer_shapes(model, data_prop=True)
+        if not _fold_shape_values(model):
+            return model
+    return model
+
+
+def _fold_shape_values(model: onnx.ModelProto) -> bool:
+    """Replaces every small node output that is computable from static shapes and constants (the shape arithmetic
+    of a Reshape target, say, which ONNX's data propagation does not follow through every op) by an initializer.
+    Weights stay untouched: external initializers are never read. Returns whether anything was folded."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    shapes = _shapes(model)
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= FOLD_ELEMENTS}
+    kept, folded = [], []
+    for node in model.graph.node:
+        known = node.op_type == "Shape" and node.input[0] in shapes
+        if not known and (not node.input or not all(i in values for i in node.input if i)):
+            kept.append(node)
+            continue
+        if node.op_type == "Shape":
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            outputs = [np.asarray(shapes[node.input[0]][start:end], dtype=np.int64)]
+        else:
+            outputs = ReferenceEvaluator(node).run(None, {i: values[i] for i in node.input if i})
+        if any(np.asarray(o).size > FOLD_ELEMENTS for o in outputs):
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, outputs):
+            values[name] = np.asarray(value)
+            folded.append(numpy_helper.from_array(np.asarray(value), name))
+    if not folded:
+        return False
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.graph.initializer.extend(folded)
+    return True
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:

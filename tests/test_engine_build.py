@@ -104,12 +104,12 @@ def test_fp8_engine_runs_the_quantized_projections_as_fp8_gemms(engines, tiny_fp
     assert projections and experts and any(canvas_only(w, len(source["model"]["layers"])) for w in projections)
     for index, phase in enumerate(manifest["engines"]["backbone"]["profiles"]):
         fp8_gemms = [l for l in found if l.kind == "gemm" and l.profile == index and set(l.inputs + l.weights) == {"FP8"}]
-        runs = {w: sum(f"node_of_{w}.dequantized" in l.onnx for l in fp8_gemms) for w in projections}
+        runs = {w: sum(f"{w}.dequantize" in l.onnx for l in fp8_gemms) for w in projections}
         expected = {w: int(phase == "denoise" or not canvas_only(w, len(source["model"]["layers"]))) for w in projections}
         assert runs == expected, phase
         assert manifest["engines"]["backbone"]["gemms"][phase]["FP8"] == len(fp8_gemms) > 0
     assert [w for w in experts
-            if not any(f"node_of_{w}.dequantized" in l.onnx and "FP8" in l.weights for l in found)] == []
+            if not any(f"{w}.dequantize" in l.onnx and "FP8" in l.weights for l in found)] == []
     assert [l.name for l in found if l.kind == "gemm" and any(".experts." in node for node in l.onnx)] == []
 
 

