@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from .config import SLIDING, ModelConfig
 from .errors import ArtifactError
 
@@ -193,6 +195,18 @@ def narrow_profiles(profiles: Profiles, capacity: Capacity) -> Profiles:
             high = max(low, min(high, limits.get(dim, high)))
             narrowed[name][dim] = [low, min(opt, high), high]
     return narrowed
+
+
+def no_canvas(batch: int) -> dict[str, np.ndarray]:
+    """The canvas group's inputs of an encoder call (rows = 0), self_cond aside: that one is backend state."""
+    return {"canvas": np.zeros((batch, 0), np.int64), "temperature": np.ones(batch, np.float32),
+            "entropy_bound": np.zeros(batch, np.float32), "uniforms": np.zeros((batch, 0), np.float32),
+            "renoise_ids": np.zeros((batch, 0), np.int64)}
+
+
+def no_chunk(batch: int) -> dict[str, np.ndarray]:
+    """The encoder group's inputs of a denoising step (chunk = 0)."""
+    return {"input_ids": np.zeros((batch, 0), np.int64), "positions": np.zeros((batch, 0), np.int64)}
 
 
 def encoder_phase(chunk: int, canvas: int) -> str:

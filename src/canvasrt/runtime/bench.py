@@ -116,6 +116,7 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     ids, _ = _request(vocab, concurrency, prompt_length)
     requests = [RowRequest(row.tolist(), seed, settings) for seed, row in enumerate(ids)]
     results: dict[str, Any] = {}
+    weights = _weight_bytes(opened)
     with backend:
         for mode, slots in (("warmup", 1), ("inflight", concurrency), ("sequential", 1)):
             scheduler = Scheduler(backend, max_queue=concurrency, slots=slots)
@@ -127,7 +128,6 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
             new_tokens = sum(int((d.new_tokens != settings.pad_token_id).sum()) for d in done)
             stats = scheduler.stats
             calls = stats.step_calls + stats.prefill_chunks + stats.commits
-            weights = _weight_bytes(opened)
             results[mode] = {
                 "slots": slots, "step_calls": stats.step_calls, "row_steps": stats.row_steps, "backbone_calls": calls,
                 "weight_bytes_per_token": weights * calls / new_tokens if weights is not None else None,

@@ -13,7 +13,7 @@ from abc import abstractmethod
 
 import numpy as np
 
-from ...core.contract import encoder_phase
+from ...core.contract import encoder_phase, no_canvas, no_chunk
 from ...core.errors import ArtifactError, CanvasrtError
 from ...core.kv import NUMPY_DTYPES, HostKVBuffers, context_mask
 from ...core.manifest import ArtifactManifest
@@ -67,18 +67,13 @@ class HostGraphBackend(StepBackend):
             feeds[f"past_value_{i}"] = self.buffers.values[i]
         return feeds
 
-    def _no_canvas(self, batch: int) -> dict[str, np.ndarray]:
-        hidden = self.spec.model.hidden_size
-        return {"canvas": np.zeros((batch, 0), np.int64), "self_cond": np.zeros((batch, 0, hidden), self.dtype),
-                "temperature": np.ones(batch, np.float32), "entropy_bound": np.zeros(batch, np.float32),
-                "uniforms": np.zeros((batch, 0), np.float32), "renoise_ids": np.zeros((batch, 0), np.int64)}
-
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
         batch, chunk = input_ids.shape
         feeds = {
             "input_ids": input_ids.astype(np.int64, copy=False),
             "positions": np.broadcast_to(positions.astype(np.int64), (batch, chunk)).copy(),
-            **self._no_canvas(batch),
+            **no_canvas(batch),
+            "self_cond": self.self_cond[:, :0],
             "context_length": context_length.astype(np.int64, copy=False),
             "context_mask": self.mask,
             **self._kv_feeds(),
@@ -102,8 +97,7 @@ class HostGraphBackend(StepBackend):
             self.self_cond.fill(0)
         batch = canvas.shape[0]
         feeds = {
-            "input_ids": np.zeros((batch, 0), np.int64),
-            "positions": np.zeros((batch, 0), np.int64),
+            **no_chunk(batch),
             "canvas": canvas,
             "self_cond": self.self_cond,
             "context_length": context_length,

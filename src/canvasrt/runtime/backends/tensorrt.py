@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.contract import PHASES, check_io, encoder_phase
+from ...core.contract import PHASES, check_io, encoder_phase, no_canvas, no_chunk
 from ...core.errors import CanvasrtError
 from ...core.kv import buffer_shapes, context_mask, write_chunk
 from ...core.manifest import EngineManifest
@@ -139,6 +139,9 @@ class TensorRTBackend(StepBackend):
             context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
             self.contexts[phase] = context
         self.state_dtype = self.torch_dtypes[getattr(trt.DataType, TRT_TYPES[self.manifest.dtype])]
+        # What a denoising step copies back: the sampler's outputs, not the (empty) encoder K/V or the next state
+        self.step_outputs = [name for name in entry.output_names
+                             if not name.startswith(("key_", "value_")) and name != "next_self_cond"]
 
     def _check_io(self) -> None:
         engine, entry = self.engine, self.manifest.backbone
@@ -212,18 +215,13 @@ class TensorRTBackend(StepBackend):
         feeds.update({f"past_value_{i}": v for i, v in enumerate(self.values)})
         return feeds
 
-    def _no_canvas(self, batch: int) -> dict[str, np.ndarray]:
-        return {"canvas": np.zeros((batch, 0), np.int64), "temperature": np.ones(batch, np.float32),
-                "entropy_bound": np.zeros(batch, np.float32), "uniforms": np.zeros((batch, 0), np.float32),
-                "renoise_ids": np.zeros((batch, 0), np.int64)}
-
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
         batch, chunk = input_ids.shape
         host = {
             "input_ids": input_ids.astype(np.int64),
             "positions": np.broadcast_to(positions.astype(np.int64), (batch, chunk)),
             "context_length": context_length.astype(np.int64),
-            **self._no_canvas(batch),
+            **no_canvas(batch),
         }
         state = {"context_mask": self.mask, "self_cond": self.self_cond[:, :0], **self._kv_inputs()}
         phase = encoder_phase(chunk, self.manifest.capacity.canvas)
@@ -251,8 +249,7 @@ class TensorRTBackend(StepBackend):
         if first_step:
             self.self_cond.zero_()
         batch = canvas.shape[0]
-        host = {"input_ids": np.zeros((batch, 0), np.int64), "positions": np.zeros((batch, 0), np.int64),
-                "canvas": canvas, "context_length": context_length, "temperature": temperature,
+        host = {**no_chunk(batch), "canvas": canvas, "context_length": context_length, "temperature": temperature,
                 "entropy_bound": entropy_bound, "uniforms": draws.uniforms, "renoise_ids": draws.renoise_ids}
         state = {"self_cond": self.self_cond, "context_mask": self.mask, "next_self_cond": self.next_self_cond,
                  **self._kv_inputs()}
@@ -265,9 +262,7 @@ class TensorRTBackend(StepBackend):
             rows = self.torch.from_numpy(np.flatnonzero(frozen)).to("cuda")
             self.next_self_cond.index_copy_(0, rows, self.self_cond.index_select(0, rows))
         self.self_cond, self.next_self_cond = self.next_self_cond, self.self_cond
-        kv = {name for name in self.manifest.backbone.output_names if name.startswith(("key_", "value_"))}
-        outputs = set(self.manifest.backbone.output_names) - kv - {"next_self_cond"}
-        result = {name: buffers[name].cpu().numpy() for name in outputs}
+        result = {name: buffers[name].cpu().numpy() for name in self.step_outputs}
         return StepResult(
             argmax=result.pop("argmax"),
             next_canvas=result.pop("next_canvas"),
