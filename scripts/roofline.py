@@ -2,7 +2,7 @@
 
 Reads `backbone.onnx` of an artifact directory without its weights (the graph proto and the initializers' shapes),
 fixes the shapes of a denoising step (the batch, no encoder tokens, a canvas of rows), runs ONNX shape inference, and counts for every GEMM (MatMul, Gemm) its FLOPs, and as bytes every
-GEMM weight (once per step) and the K/V buffers the step reads. Activations are left out, so the bytes are a lower
+GEMM weight (once per step) and the K/V slots the step reads (those covering `--context` committed tokens). Activations are left out, so the bytes are a lower
 bound too. Counts are attributed per layer (weights by name, activation GEMMs by the exporter's module scope) and
 scaled per layer kind to `--layers` layers in the released pattern (five sliding layers, then one full, the last
 layer full): export the released width with a few layers (`canvasrt random-checkpoint DIR --preset released
@@ -33,6 +33,7 @@ import onnx
 from onnx import shape_inference
 
 from canvasrt.core.config import FULL, SLIDING
+from canvasrt.core.contract import kv_spans, span_dim
 from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.model.fp8 import QUANTIZED
 
@@ -51,8 +52,8 @@ def released_pattern(layers: int) -> list[str]:
     return kinds
 
 
-def _denoise_shapes(model: onnx.ModelProto, batch: int, canvas: int) -> onnx.ModelProto:
-    sizes = {"batch": batch, "chunk": 0, "rows": canvas}  # the denoise phase of the backbone
+def _denoise_shapes(model: onnx.ModelProto, batch: int, canvas: int, spans: dict[str, int]) -> onnx.ModelProto:
+    sizes = {"batch": batch, "chunk": 0, "rows": canvas, **spans}  # the denoise phase of the backbone
     for value in model.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in sizes:
@@ -129,9 +130,9 @@ def _layer_of(names: list[str]) -> str:
     return SHARED
 
 
-def count_graph(path: Path, batch: int, canvas: int) -> dict[str, Any]:
+def count_graph(path: Path, batch: int, canvas: int, spans: dict[str, int]) -> dict[str, Any]:
     """Every GEMM of the graph (node, op, weight, layer, expert, FLOPs) and the K/V inputs' element counts."""
-    model = _denoise_shapes(onnx.load(str(path), load_external_data=False), batch, canvas)
+    model = _denoise_shapes(onnx.load(str(path), load_external_data=False), batch, canvas, spans)
     shapes = _shapes(model)
     initializers = {t.name for t in model.graph.initializer}
     gemms = []
@@ -173,11 +174,22 @@ def _per_layer(counted: dict[str, Any], weight_bytes: float, other_bytes: float,
     return totals
 
 
+def context_spans(manifest: ArtifactManifest, context: int) -> dict[str, int]:
+    """The K/V span dims a step at `context` committed tokens is fed (what the runtime's kv_spans picks)."""
+    spans = kv_spans(manifest.kv_layout, manifest.capacity, context)
+    return {dim: span for layer, span in zip(manifest.kv_layout, spans)
+            if isinstance(dim := span_dim(layer, manifest.capacity), str)}
+
+
 def roofline(artifacts: Path, layers: int, batch: int, bandwidth: float, tflops: float, weight_bytes: float,
-             other_bytes: float, kv_bytes: float, steps_per_canvas: int) -> dict[str, Any]:
+             other_bytes: float, kv_bytes: float, steps_per_canvas: int, context: int | None = None) -> dict[str, Any]:
     manifest = ArtifactManifest.load(artifacts)
     config = manifest.model
-    counted = count_graph(manifest.graph_path("backbone"), batch, manifest.capacity.canvas)
+    context = manifest.capacity.max_context if context is None else context
+    if not 0 <= context <= manifest.capacity.max_context:
+        raise SystemExit(f"--context {context} is outside the artifacts' 0..{manifest.capacity.max_context}")
+    counted = count_graph(manifest.graph_path("backbone"), batch, manifest.capacity.canvas,
+                          context_spans(manifest, context))
     per_layer = _per_layer(counted, weight_bytes, other_bytes, kv_bytes)
     kinds = [spec.kind for spec in config.layers]
     target = released_pattern(layers)
@@ -212,6 +224,7 @@ def roofline(artifacts: Path, layers: int, batch: int, bandwidth: float, tflops:
         "artifacts": str(artifacts), "exported_layers": len(kinds), "layers": layers,
         "layer_kinds": {SLIDING: target.count(SLIDING), FULL: target.count(FULL)},
         "batch": batch, "canvas": manifest.capacity.canvas, "max_context": manifest.capacity.max_context,
+        "context": context,
         "steps_per_canvas": steps_per_canvas, "experts_hit_share": hit,
         "device": {"bandwidth_tb_s": bandwidth, "tflops": tflops, "weight_bytes": weight_bytes,
                    "other_weight_bytes": other_bytes, "kv_bytes": kv_bytes},
@@ -222,7 +235,7 @@ def roofline(artifacts: Path, layers: int, batch: int, bandwidth: float, tflops:
 def _table(result: dict[str, Any]) -> str:
     head = (f"{result['layers']} layers ({result['layer_kinds'][SLIDING]} sliding, {result['layer_kinds'][FULL]} full) "
             f"scaled from {result['exported_layers']} exported; batch {result['batch']}, canvas {result['canvas']}, "
-            f"max context {result['max_context']}; {result['device']['bandwidth_tb_s']} TB/s, "
+            f"context {result['context']} of {result['max_context']}; {result['device']['bandwidth_tb_s']} TB/s, "
             f"{result['device']['tflops']} TFLOP/s")
     lines = [head, f"{'formulation':<12}{'GFLOP':>10}{'experts':>10}{'GB':>9}{'compute ms':>12}{'memory ms':>11}"
                    f"{'step ms':>9}  {'bound':<8}{'tokens/s':>10}"]
@@ -245,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other-bytes", type=float, default=2.0, help="bytes per other weight (embedding, router)")
     parser.add_argument("--kv-bytes", type=float, default=2.0, help="bytes per K/V element")
     parser.add_argument("--steps-per-canvas", type=int, default=48, help="denoising steps per committed canvas")
+    parser.add_argument("--context", type=int, default=None,
+                        help="committed tokens the step attends to (default: the artifacts' max context)")
     parser.add_argument("--json", action="store_true", help="print JSON (every GEMM included)")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.batch < 1 or args.steps_per_canvas < 1:
         parser.error("--layers, --batch and --steps-per-canvas must be at least 1")
     result = roofline(args.artifacts, args.layers, args.batch, args.bandwidth, args.tflops, args.weight_bytes,
-                      args.other_bytes, args.kv_bytes, args.steps_per_canvas)
+                      args.other_bytes, args.kv_bytes, args.steps_per_canvas, args.context)
     print(json.dumps(result, indent=1) if args.json else _table(result))
     return 0
 

@@ -22,7 +22,7 @@ def run(*args: str):
 
 def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
-    assert manifest["format_version"] == 3 and list(manifest["graphs"]) == ["backbone"] and manifest["dtype"] == "fp32"
+    assert manifest["format_version"] == 4 and list(manifest["graphs"]) == ["backbone"] and manifest["dtype"] == "fp32"
     assert {"tokenizer.json"} <= set(manifest["tokenizer"]) and (tiny_artifacts / "tokenizer.json").is_file()
     assert (tiny_artifacts / "generation_config.json").is_file()
     vocab = manifest["model"]["vocab_size"]

@@ -166,7 +166,7 @@ def test_directories_of_the_previous_formats_are_refused_with_the_fix(tiny_artif
     for source, fix in ((tiny_artifacts, "re-export it"), (tiny_engines, "rebuild it with `canvasrt build`")):
         old = shutil.copytree(source, tmp_path / source.name)
         manifest = json.loads((old / "manifest.json").read_text())
-        manifest["format_version"] = 2  # two graphs (encode, denoise) and two engines
+        manifest["format_version"] = 3  # K/V inputs of the full capacity
         (old / "manifest.json").write_text(json.dumps(manifest))
         assert_refused(cli("generate", old, "--prompt-ids", "5"), fix)
 

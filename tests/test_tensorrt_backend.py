@@ -49,14 +49,20 @@ def test_each_phase_has_its_profile_and_takes_its_calls(engines):
     assert encoder_phase(canvas, canvas) == "commit" and profiles["commit"]["chunk"] == [canvas] * 3
     assert profiles["prefill"]["rows"] == profiles["commit"]["rows"] == profiles["denoise"]["chunk"] == [0, 0, 0]
     assert profiles["denoise"]["rows"] == [canvas] * 3
+    # Every phase reads from one canvas of context up to all of it; the tiny preset's rings (7 slots) are static.
+    for phase in PHASES:
+        assert profiles[phase]["context"] == [canvas, manifest.capacity.max_context, manifest.capacity.max_context]
+        assert "window" not in profiles[phase]
 
 
 def test_buffer_plan_matches_the_graphs_and_is_allocated_once(engines, tiny_artifacts):
     manifest = EngineManifest.load(engines)
     plan = plan_buffers(manifest, 2)
     backbone = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["backbone"]
-    past = [tuple([2, *s["shape"][1:]]) for s in backbone["inputs"] if s["name"].startswith("past_key_")]
-    assert plan.kv == past
+    spans = backbone["profiles"]["denoise"]
+    past = [(2, s["shape"][1], s["shape"][2] if isinstance(s["shape"][2], int) else spans[s["shape"][2]][2],
+             s["shape"][3]) for s in backbone["inputs"] if s["name"].startswith("past_key_")]
+    assert plan.kv == past  # the buffers hold the largest span each K/V input takes
     assert plan.context_mask == (2, 128) and plan.self_cond == (2, 16, 64)
     assert plan.device_bytes == 2 * sum(2 * h * s * d for _, h, s, d in plan.kv) * 4 + 2 * 128 + 2 * 2 * 16 * 64 * 4
     with pytest.raises(CanvasrtError, match="exceeds the engines' max batch 4"):

@@ -25,13 +25,16 @@ def stage_progress() -> Progress:
               help="released: the 26B-A4B's exact layer shapes, bf16 (use --layers: 2 layers are 4.8 GB)")
 @click.option("--layers", type=int, default=None, help="number of layers (default: the preset's; released: 30)")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
-def random_checkpoint_command(output: Path, preset: str, layers: int | None, seed: int) -> None:
+@click.option("--max-positions", type=int, default=None,
+              help="max_position_embeddings, the longest context the model allows (default: the preset's)")
+def random_checkpoint_command(output: Path, preset: str, layers: int | None, seed: int,
+                              max_positions: int | None) -> None:
     """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
     from ..model.random_checkpoint import write_random_checkpoint
 
     with stage_progress() as progress:
         progress.add_task(f"writing {preset} checkpoint to {output}", total=None)
-        write_random_checkpoint(output, preset=preset, seed=seed, layers=layers)
+        write_random_checkpoint(output, preset=preset, seed=seed, layers=layers, max_positions=max_positions)
     click.echo(f"wrote {preset} checkpoint to {output}")
 
 

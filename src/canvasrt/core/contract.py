@@ -6,8 +6,11 @@ what it loads against it, and docs/ARTIFACTS.md documents it.
 There is one graph, the backbone: the encoder and the decoder are the same transformer, so one set of weights serves
 the three phases, told apart by the shapes of a call. Symbolic dims: `batch`, `chunk` (encoder tokens: a prompt chunk
 or a canvas being committed) and `rows` (canvas tokens being denoised); a prefill or commit has rows = 0, a denoising
-step chunk = 0, and each phase has its own TensorRT optimization profile (`PHASES`). Everything else is a static
-number taken from the model config and the capacities.
+step chunk = 0, and each phase has its own TensorRT optimization profile (`PHASES`).
+
+The K/V buffers are fed as their leading `context` slots (full-attention layers) or `window` slots (sliding rings),
+the live context rounded up to whole canvases (`kv_spans`), so attention costs what the context holds, not what the
+artifacts could hold. Everything else is a static number taken from the model config and the capacities.
 """
 
 from __future__ import annotations
@@ -121,11 +124,39 @@ def kv_layout(config: ModelConfig, capacity: Capacity) -> tuple[KVLayer, ...]:
     )
 
 
-def kv_specs(layout: tuple[KVLayer, ...], prefix: str, length: int | str | None, doc: str) -> list[TensorSpec]:
-    """K then V per layer; length None: each layer's own slots."""
+def span_dim(layer: KVLayer, capacity: Capacity) -> int | str:
+    """The past K/V length of a layer in the graph: `context` (full-attention layers and sliding layers whose ring
+    never wraps), `window` (rings), or the static slot count where a ring holds less than one canvas, since its span
+    is then always all of it."""
+    if not layer.ring:
+        return "context"
+    return "window" if capacity.canvas < layer.slots else layer.slots
+
+
+def span_ranges(layout: tuple[KVLayer, ...], capacity: Capacity) -> dict[str, list[int]]:
+    """[min, opt, max] of each symbolic span dim: from one canvas to every slot (TensorRT tunes for the most)."""
+    ranges = {}
+    for layer in layout:
+        dim = span_dim(layer, capacity)
+        if isinstance(dim, str):
+            high = capacity.max_context if dim == "context" else layer.slots
+            ranges[dim] = [min(capacity.canvas, high), high, high]
+    return ranges
+
+
+def kv_spans(layout: tuple[KVLayer, ...], capacity: Capacity, context_length: int) -> list[int]:
+    """Per layer, how many leading buffer slots a call reads: the longest row's context rounded up to whole canvases
+    (so the shapes change once per committed canvas, not per token), at most the layer's slots. Slots past a row's
+    context are masked in the graph, so any span that covers the context gives the same result."""
+    canvases = max(1, -(-int(context_length) // capacity.canvas))
+    return [min(canvases * capacity.canvas, layer.slots, capacity.max_context) for layer in layout]
+
+
+def kv_specs(layout: tuple[KVLayer, ...], prefix: str, length: list[int | str], doc: str) -> list[TensorSpec]:
+    """K then V per layer, `length[i]` slots of layer i."""
     return [
-        TensorSpec(f"{prefix}{part}_{kv.layer}", ("batch", kv.num_kv_heads, kv.slots if length is None else length,
-                                                  kv.head_dim), MODEL_DTYPE, f"layer {kv.layer} ({kv.kind}) {part}s: {doc}")
+        TensorSpec(f"{prefix}{part}_{kv.layer}", ("batch", kv.num_kv_heads, length[kv.layer], kv.head_dim), MODEL_DTYPE,
+                   f"layer {kv.layer} ({kv.kind}) {part}s: {doc}")
         for part in ("key", "value")
         for kv in layout
     ]
@@ -142,7 +173,8 @@ def _context_specs(capacity: Capacity) -> list[TensorSpec]:
 def backbone_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
     b, h = "batch", config.hidden_size
     layout = kv_layout(config, capacity)
-    past_doc = "buffer of the committed context (full layers: slot = position; sliding: slot = position mod slots)"
+    past_doc = ("the leading slots of the committed context's buffer (full layers: slot = position; sliding: slot = "
+                "position mod slots), at least the longest row's context")
     inputs = [
         TensorSpec("input_ids", (b, "chunk"), "int64", "encoder tokens: a prompt chunk or the canvas being committed"),
         TensorSpec("positions", (b, "chunk"), "int64", "absolute position of each encoder token"),
@@ -153,10 +185,11 @@ def backbone_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> 
         TensorSpec("entropy_bound", (b,), "float32", "entropy budget of the acceptance rule"),
         TensorSpec("uniforms", (b, "rows"), "float32", "one U[0,1) draw per position for sampling (inverse CDF)"),
         TensorSpec("renoise_ids", (b, "rows"), "int64", "uniform random token ids for rejected positions"),
-        *kv_specs(layout, "past_", None, past_doc),
+        *kv_specs(layout, "past_", [span_dim(kv, capacity) for kv in layout], past_doc),
     ]
     outputs = [
-        *kv_specs(layout, "", "chunk", "the encoder tokens' K/V, to be written into the buffers at their positions"),
+        *kv_specs(layout, "", ["chunk"] * len(layout),
+                  "the encoder tokens' K/V, to be written into the buffers at their positions"),
         TensorSpec("sampled", (b, "rows"), "int64", "token sampled at each position from the temperature-scaled logits"),
         TensorSpec("argmax", (b, "rows"), "int64", "argmax canvas (the draft; committed after the last step)"),
         TensorSpec("entropy", (b, "rows"), "float32", "entropy of each position's temperature-scaled distribution"),
@@ -173,21 +206,22 @@ def backbone_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> 
     return inputs, outputs
 
 
-def graph_profiles(capacity: Capacity) -> Profiles:
+def graph_profiles(config: ModelConfig, capacity: Capacity) -> Profiles:
     """Shape ranges [min, opt, max] per symbolic dim, one entry per phase (TensorRT optimization profile)."""
     batch = [1, capacity.max_batch, capacity.max_batch]
     canvas, none = [capacity.canvas] * 3, [0, 0, 0]
+    spans = span_ranges(kv_layout(config, capacity), capacity)
     return {
-        "prefill": {"batch": batch, "chunk": [1, capacity.max_prefill, capacity.max_prefill], "rows": none},
-        "commit": {"batch": batch, "chunk": canvas, "rows": none},
-        "denoise": {"batch": batch, "chunk": none, "rows": canvas},
+        "prefill": {"batch": batch, "chunk": [1, capacity.max_prefill, capacity.max_prefill], "rows": none, **spans},
+        "commit": {"batch": batch, "chunk": canvas, "rows": none, **spans},
+        "denoise": {"batch": batch, "chunk": none, "rows": canvas, **spans},
     }
 
 
 def narrow_profiles(profiles: Profiles, capacity: Capacity) -> Profiles:
-    """Profiles whose batch and chunk ranges stay within `capacity` (see Capacity.narrowed); a range that starts
-    above the limit (the commit profile's chunk, one canvas) is kept as it is."""
-    limits = {"batch": capacity.max_batch, "chunk": capacity.max_prefill}
+    """Profiles whose batch, chunk and context ranges stay within `capacity` (see Capacity.narrowed); a range that
+    starts above the limit (the commit profile's chunk, one canvas) is kept as it is."""
+    limits = {"batch": capacity.max_batch, "chunk": capacity.max_prefill, "context": capacity.max_context}
     narrowed: Profiles = {}
     for name, dims in profiles.items():
         narrowed[name] = {}

@@ -4,7 +4,8 @@ Full-attention layers hold one slot per absolute position; sliding layers a ring
 p lives in slot p mod slots (`KVLayer`). A chunk's K/V land at its positions; of a chunk longer than a ring only the
 last `slots` tokens survive, exactly like transformers' sliding cache. The functions index with numpy arrays, which
 numpy arrays and torch tensors (host or CUDA) both accept, so the host backends, the torch backend and the TensorRT
-backend share them.
+backend share them. A call reads only the buffers' leading slots that hold context (`leading_slots`, with the spans of
+`core.contract.kv_spans`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def context_mask(padding: np.ndarray, width: int) -> np.ndarray:
     mask = np.ones((padding.shape[0], width), dtype=bool)
     mask[:, : padding.shape[1]] = padding
     return mask
+
+
+def leading_slots(buffers: Sequence[Any], spans: Sequence[int]) -> list[Any]:
+    """Each buffer's first spans[i] slots as a dense tensor, which is what the graphs and engines take: the buffer
+    itself when the span is all of it, else a copy of those slots only (a cost that follows the live context)."""
+    fed = []
+    for buffer, span in zip(buffers, spans):
+        if span == buffer.shape[2]:
+            fed.append(buffer)
+        else:
+            view = buffer[:, :, :span]
+            fed.append(view.contiguous() if hasattr(view, "contiguous") else np.ascontiguousarray(view))
+    return fed
 
 
 def buffer_shapes(layout: Sequence[KVLayer], batch: int) -> list[tuple[int, int, int, int]]:

@@ -33,8 +33,9 @@ ENGINE_FORMAT = "canvasrt-engines"
 # Bump on any change to graph I/O, buffer layout or what the manifest records; readers refuse other versions instead
 # of misreading them. Artifacts 2 and engines 2: file sizes (and the engines' sha256) for the checks on load.
 # Artifacts 3 and engines 3: one backbone graph and one engine (with a profile per phase) instead of encode + denoise.
-FORMAT_VERSION = 3
-ENGINE_FORMAT_VERSION = 3
+# Artifacts 4 and engines 4: past K/V inputs of a symbolic span (`context`, `window`), the call's own keys first.
+FORMAT_VERSION = 4
+ENGINE_FORMAT_VERSION = 4
 
 
 def sha256_file(path: Path) -> str:

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..core.contract import Capacity, TensorSpec, backbone_io, graph_profiles, kv_layout
+from ..core.contract import Capacity, TensorSpec, backbone_io, graph_profiles, kv_layout, span_ranges
 from ..core.errors import CanvasrtError
 from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, canvasrt_version, digest_json,
                              staged_directory, write_json)
@@ -91,6 +91,8 @@ def export(
         # dim with another one or with a constant.
         chunk = _unused_size(config, capacity, set())
         dims = {"batch": 2, "chunk": chunk, "rows": _unused_size(config, capacity, {chunk})}
+        for dim, (low, _, high) in span_ranges(kv_layout(config, capacity), capacity).items():
+            dims[dim] = _unused_size(config, capacity, set(dims.values()), low, high)
         progress("exporting backbone.onnx")
         graphs = {"backbone": _export_graph(
             BackboneGraph(model, debug_logits), inputs, outputs, example_inputs(inputs, dims, torch_dtype),
@@ -144,6 +146,8 @@ def _export_graph(
     chunk = torch.export.Dim("chunk", min=0, max=capacity.max_prefill)
     rows = torch.export.Dim("rows", min=0, max=max(capacity.canvas, int(args[2].shape[1])))
     symbols = {"batch": batch, "chunk": chunk, "rows": rows}
+    symbols.update({dim: torch.export.Dim(dim, min=low, max=high)
+                    for dim, (low, _, high) in span_ranges(kv_layout(checkpoint.config, capacity), capacity).items()})
     dynamic = [{axis: symbols[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in inputs]
     # The K/V buffers arrive through the wrappers' *past, whose dynamic shapes torch.export wants as one tuple.
     n_named = sum(1 for spec in inputs if not spec.name.startswith("past_"))
@@ -173,7 +177,7 @@ def _export_graph(
                 raise
             raise cause from None
     onnx.checker.check_model(str(path), full_check=True)
-    return GraphEntry.of_file(path, inputs, outputs, graph_profiles(capacity))
+    return GraphEntry.of_file(path, inputs, outputs, graph_profiles(checkpoint.config, capacity))
 
 
 def _canvasrt_cause(exc: BaseException) -> CanvasrtError | None:
@@ -236,14 +240,15 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _unused_size(config: Any, capacity: Capacity, taken_too: set[int]) -> int:
+def _unused_size(config: Any, capacity: Capacity, taken_too: set[int], low: int = 3, high: int | None = None) -> int:
+    """The smallest size in [low, high] (high: the prefill limit) that is no other dim's example or static size."""
     taken = {capacity.canvas, capacity.sliding, capacity.max_context, config.hidden_size, config.vocab_size, 2}
     taken |= taken_too
     taken |= {layer.head_dim for layer in config.layers} | {layer.num_kv_heads for layer in config.layers}
-    size = 3
+    size = low
     while size in taken:
         size += 1
-    return min(size, capacity.max_prefill)
+    return min(size, capacity.max_prefill if high is None else high)
 
 
 def _transformers_version() -> str:

@@ -148,7 +148,8 @@ class Attention(nn.Module):
         values: torch.Tensor,
         bias: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, S, H]; keys/values [B, nkv, L, d] (context then chunk); bias [B, 1, S or 1, L] additive fp32."""
+        """x [B, S, H]; keys/values [B, nkv, L, d] (the call's tokens, then the context); bias [B, 1, S or 1, L]
+        additive fp32."""
         b, s, _ = x.shape
         d, nkv = self.spec.head_dim, self.spec.num_kv_heads
         group = self.num_heads // nkv
@@ -308,7 +309,9 @@ class Layer(nn.Module):
         the FFN (the last layer, where the encoder tokens are needed for their K/V only)."""
         x = self.input_layernorm(h)
         k, v = self.self_attn.key_value(x, cos, sin)
-        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        # The call's own tokens first: a key keeps its index whatever context span is fed, so rows sharing a call
+        # with a longer context only add masked (exactly zero) terms after theirs.
+        keys, values = torch.cat([k, past_k], dim=2), torch.cat([v, past_v], dim=2)
         if queries_from is not None:
             h, x, cos, sin = h[:, queries_from:], x[:, queries_from:], cos[:, queries_from:], sin[:, queries_from:]
             bias, scalar = bias[:, :, queries_from:], scalar[queries_from:]
@@ -385,18 +388,20 @@ class DiffusionGemmaText(nn.Module):
     # -- attention visibility -------------------------------------------------------------------------------------
 
     def _context_visibility(
-        self, spec: LayerSpec, capacity: int, context_length: torch.Tensor, context_mask: torch.Tensor
+        self, spec: LayerSpec, span: int, context_length: torch.Tensor, context_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each buffer slot: the absolute position it holds ([B, slots], or [1, slots] on full layers) and whether
-        that slot holds a live token [B, slots]."""
-        slots = torch.arange(capacity, dtype=torch.int64, device=context_length.device)[None, :]
+        """For each of the `span` leading buffer slots fed: the absolute position it holds ([B, span], or [1, span] on
+        full layers) and whether that slot holds a live token [B, span]."""
+        slots = torch.arange(span, dtype=torch.int64, device=context_length.device)[None, :]
         length = context_length[:, None]
         if spec.kind != SLIDING:
             # Slot = position: the padding mask applies as it is. (Gathering it through positions broadcast to the
             # batch would be a constant at a static batch of 1, which TensorRT-RTX's Myelin compiler rejects.)
-            return slots, (slots < length) & context_mask[:, :capacity]
-        # Ring buffer: the newest position p < length with p = slot (mod capacity).
-        position = length - 1 - torch.remainder(length - 1 - slots, capacity)
+            return slots, (slots < length) & context_mask[:, :span]
+        # Ring buffer: the newest position p < length with p = slot (mod ring). The ring is W - 1 slots whatever span
+        # is fed; a ring cut to max_context < W - 1 never wraps, and p mod (W - 1) = p there too.
+        ring = self.config.sliding_capacity
+        position = length - 1 - torch.remainder(length - 1 - slots, ring)
         live = (position >= 0) & (position < length)
         padded_ok = torch.gather(context_mask, 1, position.clamp(min=0))
         return position, live & padded_ok
@@ -425,7 +430,9 @@ class DiffusionGemmaText(nn.Module):
         The two groups do not see each other: encoder tokens attend causally to the context and to each other,
         canvas tokens bidirectionally to the context and the canvas, so a call is a prefill or commit (R = 0), a
         denoising step (S = 0), or both at once. context_length [B]: committed tokens before the call;
-        context_mask [B, capacity]: False at left padding (the encoder tokens' own positions included).
+        context_mask [B, capacity]: False at left padding (the encoder tokens' own positions included);
+        past_keys/past_values [B, nkv, span, d]: the leading slots of each layer's buffer, as many as cover the
+        longest row's context (`core.contract.kv_spans`; more only cost time).
         """
         b, s = input_ids.shape
         r = canvas.shape[1]
@@ -468,7 +475,7 @@ class DiffusionGemmaText(nn.Module):
         apart: torch.Tensor,
         canvas_visible: torch.Tensor,
     ) -> torch.Tensor:
-        """[B, 1, S + R, slots + S + R]: which key (context slot, encoder token, canvas token) each query sees.
+        """[B, 1, S + R, S + R + slots]: which key (encoder token, canvas token, context slot) each query sees.
         The canvas sees every live slot: the sliding window applies to the encoder only, as in transformers."""
         slot_pos, live = self._context_visibility(spec, slots, context_length, context_mask)
         s, r = chunk_visible.shape[1], canvas_visible.shape[1]
@@ -478,8 +485,8 @@ class DiffusionGemmaText(nn.Module):
             window_start = positions[:, :, None] - self.config.sliding_window
             encoder_ctx = encoder_ctx & (slot_pos[:, None, :] > window_start)
             encoder_chunk = encoder_chunk & (positions[:, None, :] > window_start)
-        encoder = torch.cat([encoder_ctx, encoder_chunk, apart], dim=2)
-        canvas = torch.cat([live[:, None, :].expand(-1, r, -1), apart.transpose(1, 2), canvas_visible], dim=2)
+        encoder = torch.cat([encoder_chunk, apart, encoder_ctx], dim=2)
+        canvas = torch.cat([apart.transpose(1, 2), canvas_visible, live[:, None, :].expand(-1, r, -1)], dim=2)
         return torch.cat([encoder, canvas], dim=1)[:, None]
 
     def encode(

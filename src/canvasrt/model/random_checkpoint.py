@@ -103,12 +103,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def write_random_checkpoint(output: str | Path, preset: str = "tiny", seed: int = 0, layers: int | None = None,
-                            device: str = "cpu") -> Path:
-    """device: where the model is built before it is saved (cuda builds the released width in seconds)."""
+                            device: str = "cpu", max_positions: int | None = None) -> Path:
+    """device: where the model is built before it is saved (cuda builds the released width in seconds).
+    max_positions: the config's max_position_embeddings instead of the preset's (the longest context it allows)."""
     spec = PRESETS.get(preset)
     if spec is None:
         raise CanvasrtError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     text = preset_text(preset, layers)
+    if max_positions is not None:
+        if max_positions <= spec["canvas_length"]:
+            raise CanvasrtError(f"--max-positions {max_positions} leaves no room for a prompt before a canvas of "
+                                f"{spec['canvas_length']} tokens; use at least {spec['canvas_length'] + 1}")
+        text["max_position_embeddings"] = max_positions
     with staged_directory(output, CHECKPOINT_OUTPUT) as staging:
         write_json(staging / MARKER, {"format": MARKER_FORMAT, "written_by": "canvasrt random-checkpoint",
                                       "preset": preset, "seed": seed, "layers": text["num_hidden_layers"]})

@@ -13,9 +13,9 @@ from abc import abstractmethod
 
 import numpy as np
 
-from ...core.contract import encoder_phase, no_canvas, no_chunk
+from ...core.contract import encoder_phase, kv_spans, no_canvas, no_chunk
 from ...core.errors import ArtifactError, CanvasrtError
-from ...core.kv import NUMPY_DTYPES, HostKVBuffers, context_mask
+from ...core.kv import NUMPY_DTYPES, HostKVBuffers, context_mask, leading_slots
 from ...core.manifest import ArtifactManifest
 from ..step import Draws, StepBackend, StepResult
 
@@ -60,11 +60,12 @@ class HostGraphBackend(StepBackend):
         self.mask = context_mask(padding, self.context_slots)
         self.self_cond = np.zeros((batch, self.spec.capacity.canvas, self.spec.model.hidden_size), self.dtype)
 
-    def _kv_feeds(self) -> dict[str, np.ndarray]:
+    def _kv_feeds(self, context_length: np.ndarray) -> dict[str, np.ndarray]:
+        """The K/V inputs: each buffer's leading slots that cover the longest row's context."""
+        spans = kv_spans(self.spec.kv_layout, self.spec.capacity, int(context_length.max(initial=0)))
         feeds = {}
-        for i in range(self.num_layers):
-            feeds[f"past_key_{i}"] = self.buffers.keys[i]
-            feeds[f"past_value_{i}"] = self.buffers.values[i]
+        for i, (k, v) in enumerate(zip(leading_slots(self.buffers.keys, spans), leading_slots(self.buffers.values, spans))):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k, v
         return feeds
 
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
@@ -76,7 +77,7 @@ class HostGraphBackend(StepBackend):
             "self_cond": self.self_cond[:, :0],
             "context_length": context_length.astype(np.int64, copy=False),
             "context_mask": self.mask,
-            **self._kv_feeds(),
+            **self._kv_feeds(context_length),
         }
         out = self.run_backbone(encoder_phase(chunk, self.spec.capacity.canvas), feeds)
         self.buffers.write(positions, out[: self.num_layers], out[self.num_layers : 2 * self.num_layers])
@@ -106,7 +107,7 @@ class HostGraphBackend(StepBackend):
             "entropy_bound": entropy_bound,
             "uniforms": draws.uniforms,
             "renoise_ids": draws.renoise_ids,
-            **self._kv_feeds(),
+            **self._kv_feeds(context_length),
         }
         out = dict(zip(self.output_names, self.run_backbone("denoise", feeds)))
         for name in self.output_names[: 2 * self.num_layers]:

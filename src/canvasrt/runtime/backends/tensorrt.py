@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.contract import PHASES, check_io, encoder_phase, no_canvas, no_chunk
+from ...core.contract import PHASES, check_io, encoder_phase, kv_spans, no_canvas, no_chunk
 from ...core.errors import CanvasrtError
-from ...core.kv import buffer_shapes, context_mask, write_chunk
+from ...core.kv import buffer_shapes, context_mask, leading_slots, write_chunk
 from ...core.manifest import EngineManifest
 from ..step import Draws, StepBackend, StepResult
 
@@ -210,9 +210,12 @@ class TensorRTBackend(StepBackend):
         for name, array in host.items():
             buffers[name].copy_(self.torch.from_numpy(np.ascontiguousarray(array)), non_blocking=True)
 
-    def _kv_inputs(self) -> dict[str, Any]:
-        feeds = {f"past_key_{i}": k for i, k in enumerate(self.keys)}
-        feeds.update({f"past_value_{i}": v for i, v in enumerate(self.values)})
+    def _kv_inputs(self, context_length: np.ndarray) -> dict[str, Any]:
+        """The buffers' leading slots that cover the longest row's context (a device copy of those slots unless
+        they are the whole buffer): the engine's K/V inputs have a span dim, so attention reads the live context."""
+        spans = kv_spans(self.manifest.kv_layout, self.manifest.capacity, int(context_length.max(initial=0)))
+        feeds = {f"past_key_{i}": k for i, k in enumerate(leading_slots(self.keys, spans))}
+        feeds.update({f"past_value_{i}": v for i, v in enumerate(leading_slots(self.values, spans))})
         return feeds
 
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
@@ -223,7 +226,7 @@ class TensorRTBackend(StepBackend):
             "context_length": context_length.astype(np.int64),
             **no_canvas(batch),
         }
-        state = {"context_mask": self.mask, "self_cond": self.self_cond[:, :0], **self._kv_inputs()}
+        state = {"context_mask": self.mask, "self_cond": self.self_cond[:, :0], **self._kv_inputs(context_length)}
         phase = encoder_phase(chunk, self.manifest.capacity.canvas)
         buffers = self._buffers(phase, {**{n: a.shape for n, a in host.items()},
                                         **{n: tuple(t.shape) for n, t in state.items()}})
@@ -252,7 +255,7 @@ class TensorRTBackend(StepBackend):
         host = {**no_chunk(batch), "canvas": canvas, "context_length": context_length, "temperature": temperature,
                 "entropy_bound": entropy_bound, "uniforms": draws.uniforms, "renoise_ids": draws.renoise_ids}
         state = {"self_cond": self.self_cond, "context_mask": self.mask, "next_self_cond": self.next_self_cond,
-                 **self._kv_inputs()}
+                 **self._kv_inputs(context_length)}
         inputs = {n: t for n, t in state.items() if n != "next_self_cond"}
         buffers = self._buffers("denoise", {**{n: a.shape for n, a in host.items()},
                                             **{n: tuple(t.shape) for n, t in inputs.items()}})
