@@ -99,3 +99,14 @@ def test_engines_take_both_span_dims_in_every_profile(variant_artifacts, tmp_pat
     profiles = EngineManifest.load(tmp_path / "eng").backbone.profiles
     for phase in PHASES:  # the context range follows the narrowed capacity; the rings keep theirs
         assert profiles[phase]["context"] == [16, 96, 96] and profiles[phase]["window"] == [16, 19, 19]
+
+
+def test_a_checkpoint_for_long_contexts_and_its_bad_size(tmp_path):
+    """random-checkpoint --max-positions: the context a test model allows (the 32768-position comparison uses it);
+    a size that leaves no room for a canvas is one line and exit 2, with nothing written."""
+    bad = CliRunner().invoke(main, ["random-checkpoint", str(tmp_path / "bad"), "--max-positions", "16"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output and not (tmp_path / "bad").exists()
+    assert "--max-positions 16 leaves no room for a prompt before a canvas of 16 tokens; use at least 17" in bad.output
+    good = CliRunner().invoke(main, ["random-checkpoint", str(tmp_path / "long"), "--max-positions", "32768"])
+    assert good.exit_code == 0, good.output
+    assert '"max_position_embeddings": 32768' in (tmp_path / "long" / "config.json").read_text()

@@ -5,8 +5,10 @@ runs on its own execution context of that engine, bound to its profile once, so 
 phases never run at the same time, so the contexts share one block of activation memory, the size of the largest.
 Device memory is held in PyTorch CUDA tensors (GPU machines have PyTorch; the ONNX Runtime path stays torch-free).
 The per-layer K/V cache, the context mask and two self-conditioning buffers (ping-pong) are planned once per batch
-size; every other engine input and output is allocated once per shape (phase, batch, chunk), with the shapes and
-dtypes the engine itself reports, and reused by later calls of that shape. A step moves only the small per-step
+size; a call binds the leading slots of each K/V buffer that cover its context (`core.contract.kv_spans`: a device
+copy of those slots, the whole buffer once the context fills it), so attention reads the live context only. Every
+other engine input and output is allocated once per shape (phase, batch, chunk), with the shapes and dtypes the engine
+itself reports, and reused by later calls of that shape. A step moves only the small per-step
 tensors between host and device. On activation the engine's I/O names, dtypes and static dims are checked against
 the manifest.
 
