@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -261,6 +262,84 @@ def test_other_commands_refuse_options_that_make_no_sense(tiny_checkpoint, tiny_
     ]:
         assert_refused(cli(*args), fragment)
         assert_nothing_written(tmp_path / "out")
+
+
+# -- serving options -------------------------------------------------------------------------------------------------
+
+TRITON_OPTIONS = [
+    (["--slots", 0], ["--slots must be between 1 and the max batch 4, got 0"]),
+    (["--slots", -3], ["--slots must be between 1 and the max batch 4, got -3"]),
+    (["--slots", 5], ["--slots must be between 1 and the max batch 4, got 5", "takes batches of at most 4",
+                      "re-export with `canvasrt export --max-batch`"]),
+    (["--max-batch", 2, "--slots", 3], ["--slots must be between 1 and the max batch 2, got 3",
+                                        "raise --max-batch (up to 4)"]),
+    (["--max-batch", 0], ["--max-batch must be between 1 and the artifacts' max batch 4, got 0"]),
+    (["--max-queue", -1], ["--max-queue must be 0 or more, got -1"]),
+    (["--instances", -1], ["--instances must be at least 1, got -1"]),
+    (["--threads", -2], ["--threads must be 0 (ONNX Runtime's default) or more, got -2"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", TRITON_OPTIONS, ids=[" ".join(map(str, a)) for a, _ in TRITON_OPTIONS])
+def test_triton_refuses_serving_options_that_make_no_sense(tiny_artifacts, tmp_path, args, fragments):
+    for step_backend in ("in-process", "onnxruntime"):
+        assert_refused(cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", step_backend, *args),
+                       *fragments)
+        assert_nothing_written(tmp_path / "repo")
+
+
+def test_triton_checks_its_options_before_hashing_the_graphs(tiny_artifacts, tmp_path):
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    graph = bytearray((artifacts / "backbone.onnx").read_bytes())
+    graph[-1] ^= 0xFF  # same size: only the digest tells
+    (artifacts / "backbone.onnx").write_bytes(bytes(graph))
+    assert_refused(cli("triton", artifacts, "-o", tmp_path / "repo", "--slots", 0), "--slots must be between 1")
+    assert_refused(cli("triton", artifacts, "-o", tmp_path / "repo"), "backbone.onnx")
+    assert_nothing_written(tmp_path / "repo")
+
+
+SERVE_OPTIONS = [
+    (["--http-port", -1], "--http-port must be between 1 and 65535, got -1"),
+    (["--grpc-port", 70000], "--grpc-port must be between 1 and 65535, got 70000"),
+    (["--metrics-port", 0], "--metrics-port must be between 1 and 65535, got 0"),
+    (["--http-port", 18000, "--grpc-port", 18000], "--http-port and --grpc-port are both 18000; give each endpoint its "
+                                                   "own port"),
+    (["--grpc-port", 18002, "--metrics-port", 18002], "--grpc-port and --metrics-port are both 18002"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", SERVE_OPTIONS, ids=[" ".join(map(str, a)) for a, _ in SERVE_OPTIONS])
+def test_serve_refuses_ports_that_make_no_sense(tiny_artifacts, tmp_path, args, fragment):
+    assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
+    assert_refused(cli("serve", tmp_path / "repo", *args), fragment)
+
+
+@pytest.mark.parametrize("where", ["in a missing folder", "a folder"])
+def test_serve_refuses_a_log_it_cannot_write_and_leaves_no_scratch(tiny_artifacts, triton_env, tmp_path, monkeypatch,
+                                                                  where):
+    from canvasrt.serving.server import free_ports
+
+    assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the server's scratch directory goes
+    log = tmp_path / "missing" / "server.log" if where == "in a missing folder" else tmp_path
+    ports = [x for option, port in zip(("--http-port", "--grpc-port", "--metrics-port"), free_ports(3))
+             for x in (option, port)]
+    result = cli("serve", tmp_path / "repo", "--python-env", triton_env, "--log", log, *ports)
+    assert_refused(result, f"cannot write the server log {log}", "give --log a file in a writable directory")
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, fragments", [
+    (0, ["--concurrency must be at least 1, got 0"]),
+    (-2, ["--concurrency must be at least 1, got -2"]),
+    (5, ["--concurrency 5 needs 5 slots, more than the max batch 4", "use --concurrency 4 or less",
+         "re-export with a larger --max-batch"]),
+], ids=["0", "negative", "above the max batch"])
+def test_bench_refuses_a_concurrency_that_makes_no_sense(tiny_artifacts, value, fragments):
+    for backend in ("onnxruntime", "torch"):
+        assert_refused(cli("bench", tiny_artifacts, "--backend", backend, "--concurrency", value, "--steps", 1), *fragments)
 
 
 def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):
