@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import shutil
 import signal
 import struct
@@ -349,6 +351,63 @@ def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):
     assert_refused(cli("triton", tmp_path / "engines", "-o", tmp_path / "repo"), "lacks the backbone engine",
                    "canvasrt build")
     assert_nothing_written(tmp_path / "repo")
+
+
+# -- progress display -------------------------------------------------------------------------------------------------
+
+def _screen(output: bytes) -> list[str]:
+    """The lines a terminal shows after `output`: text, carriage return, line feed, erase line (CSI 2K), cursor up
+    (CSI nA); other escape sequences (colours, cursor visibility) draw nothing."""
+    lines, row, column = [""], 0, 0
+    for token in re.findall(r"\x1b\[[?0-9;]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", output.decode(errors="replace")):
+        if token == "\r":
+            column = 0
+        elif token == "\n":
+            row += 1
+            lines += [""] * (row + 1 - len(lines))
+        elif token.startswith("\x1b["):
+            if token.endswith("K"):
+                lines[row] = ""
+            elif token.endswith("A"):
+                row = max(0, row - int(token[2:-1] or 1))
+        else:
+            lines[row] = lines[row][:column].ljust(column) + token + lines[row][column + len(token):]
+            column += len(token)
+    return [line.rstrip() for line in lines if line.strip()]
+
+
+def _stderr_on_a_terminal(command: list) -> tuple[int, bytes]:
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([CANVASRT, *map(str, command)], stdout=subprocess.DEVNULL, stderr=secondary,
+                               env={**os.environ, "TERM": "xterm", "COLUMNS": "160"})
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the command's end of the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    return process.wait(timeout=120), b"".join(chunks)
+
+
+def test_a_failing_stage_clears_its_spinner_before_the_error(tiny_checkpoint, tmp_path):
+    """The export's spinner is drawn before the checkpoint is read; the error must stand alone as the last line, in a
+    log (stderr a pipe) and on a terminal, where the spinner line was drawn."""
+    checkpoint = copy(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / "config.json").write_text("[1, 2]")
+    command = ["export", checkpoint, "-o", tmp_path / "out"]
+    logged = subprocess.run([CANVASRT, *map(str, command)], capture_output=True, text=True, timeout=120)
+    assert logged.returncode == 2
+    assert logged.stderr.splitlines() == [f"error: {checkpoint}/config.json holds a JSON list, not a config object; "
+                                          "fix or re-save it"]
+    code, drawn = _stderr_on_a_terminal(command)
+    assert code == 2 and b"\x1b[" in drawn  # rich drew a live display
+    assert _screen(drawn) == logged.stderr.splitlines()
+    assert_nothing_written(tmp_path / "out")
 
 
 # -- signals ----------------------------------------------------------------------------------------------------------
