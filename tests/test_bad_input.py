@@ -201,6 +201,28 @@ def test_a_tokenizer_that_is_not_a_tokenizer(tiny_artifacts, tmp_path, content):
     assert_refused(cli("generate", artifacts, "--prompt", "hi"), "is not a tokenizers tokenizer.json", "--prompt-ids")
 
 
+def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_artifacts, tmp_path):
+    """The prompt came as ids, so the run goes on; the text it cannot print is said once, on stderr, not dropped
+    silently; a readable tokenizer prints text and no warning."""
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    (artifacts / "tokenizer.json").write_bytes(b'{"a": 1}')
+    args = ["--prompt-ids", "5,6,7", "--max-new-tokens", 16]
+    for output in ([], ["--json"]):
+        result = cli("generate", artifacts, *args, *output)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+        assert warnings == [f"warning: {artifacts}/tokenizer.json cannot be read as a tokenizer (expected `,` or `}}` "
+                            "at line 1 column 5); printing token ids instead of text (copy the checkpoint's "
+                            "tokenizer.json back for text)"]
+        if output:
+            assert json.loads(result.stdout)["text"] == [None]
+        else:
+            assert re.fullmatch(r"\[0\]( [0-9]+){16}", result.stdout.strip()), result.stdout
+    readable = cli("generate", tiny_artifacts, *args)
+    assert readable.exit_code == 0 and "warning" not in readable.stderr
+    assert not re.fullmatch(r"\[0\]( [0-9]+){16}", readable.stdout.strip())
+
+
 # -- options and prompts --------------------------------------------------------------------------------------------
 
 GENERATE_OPTIONS = [
