@@ -6,6 +6,7 @@ Session-scoped because exports take tens of seconds; tests must not modify them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -120,6 +121,15 @@ def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_checkpoint() -> Callable[..., Path]:
     """The writer behind the checkpoint fixtures, for tests that need a checkpoint of their own."""
     return _write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def triton_env() -> Path:
+    """The Triton models' Python environment (numpy<2), which scripts/setup.sh creates."""
+    env = Path(os.environ.get("CANVASRT_TRITON_ENV", Path(__file__).resolve().parents[1] / ".venv-triton"))
+    if not (env / "pyvenv.cfg").is_file():
+        pytest.fail(f"{env} is missing: run scripts/setup.sh, which creates the Triton models' environment")
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -198,6 +201,28 @@ def test_a_tokenizer_that_is_not_a_tokenizer(tiny_artifacts, tmp_path, content):
     assert_refused(cli("generate", artifacts, "--prompt", "hi"), "is not a tokenizers tokenizer.json", "--prompt-ids")
 
 
+def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_artifacts, tmp_path):
+    """The prompt came as ids, so the run goes on; the text it cannot print is said once, on stderr, not dropped
+    silently; a readable tokenizer prints text and no warning."""
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    (artifacts / "tokenizer.json").write_bytes(b'{"a": 1}')
+    args = ["--prompt-ids", "5,6,7", "--max-new-tokens", 16]
+    for output in ([], ["--json"]):
+        result = cli("generate", artifacts, *args, *output)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+        assert warnings == [f"warning: {artifacts}/tokenizer.json cannot be read as a tokenizer (expected `,` or `}}` "
+                            "at line 1 column 5); printing token ids instead of text (copy the checkpoint's "
+                            "tokenizer.json back for text)"]
+        if output:
+            assert json.loads(result.stdout)["text"] == [None]
+        else:
+            assert re.fullmatch(r"\[0\]( [0-9]+){16}", result.stdout.strip()), result.stdout
+    readable = cli("generate", tiny_artifacts, *args)
+    assert readable.exit_code == 0 and "warning" not in readable.stderr
+    assert not re.fullmatch(r"\[0\]( [0-9]+){16}", readable.stdout.strip())
+
+
 # -- options and prompts --------------------------------------------------------------------------------------------
 
 GENERATE_OPTIONS = [
@@ -263,6 +288,84 @@ def test_other_commands_refuse_options_that_make_no_sense(tiny_checkpoint, tiny_
         assert_nothing_written(tmp_path / "out")
 
 
+# -- serving options -------------------------------------------------------------------------------------------------
+
+TRITON_OPTIONS = [
+    (["--slots", 0], ["--slots must be between 1 and the max batch 4, got 0"]),
+    (["--slots", -3], ["--slots must be between 1 and the max batch 4, got -3"]),
+    (["--slots", 5], ["--slots must be between 1 and the max batch 4, got 5", "takes batches of at most 4",
+                      "re-export with `canvasrt export --max-batch`"]),
+    (["--max-batch", 2, "--slots", 3], ["--slots must be between 1 and the max batch 2, got 3",
+                                        "raise --max-batch (up to 4)"]),
+    (["--max-batch", 0], ["--max-batch must be between 1 and the artifacts' max batch 4, got 0"]),
+    (["--max-queue", -1], ["--max-queue must be 0 or more, got -1"]),
+    (["--instances", -1], ["--instances must be at least 1, got -1"]),
+    (["--threads", -2], ["--threads must be 0 (ONNX Runtime's default) or more, got -2"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", TRITON_OPTIONS, ids=[" ".join(map(str, a)) for a, _ in TRITON_OPTIONS])
+def test_triton_refuses_serving_options_that_make_no_sense(tiny_artifacts, tmp_path, args, fragments):
+    for step_backend in ("in-process", "onnxruntime"):
+        assert_refused(cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", step_backend, *args),
+                       *fragments)
+        assert_nothing_written(tmp_path / "repo")
+
+
+def test_triton_checks_its_options_before_hashing_the_graphs(tiny_artifacts, tmp_path):
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    graph = bytearray((artifacts / "backbone.onnx").read_bytes())
+    graph[-1] ^= 0xFF  # same size: only the digest tells
+    (artifacts / "backbone.onnx").write_bytes(bytes(graph))
+    assert_refused(cli("triton", artifacts, "-o", tmp_path / "repo", "--slots", 0), "--slots must be between 1")
+    assert_refused(cli("triton", artifacts, "-o", tmp_path / "repo"), "backbone.onnx")
+    assert_nothing_written(tmp_path / "repo")
+
+
+SERVE_OPTIONS = [
+    (["--http-port", -1], "--http-port must be between 1 and 65535, got -1"),
+    (["--grpc-port", 70000], "--grpc-port must be between 1 and 65535, got 70000"),
+    (["--metrics-port", 0], "--metrics-port must be between 1 and 65535, got 0"),
+    (["--http-port", 18000, "--grpc-port", 18000], "--http-port and --grpc-port are both 18000; give each endpoint its "
+                                                   "own port"),
+    (["--grpc-port", 18002, "--metrics-port", 18002], "--grpc-port and --metrics-port are both 18002"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", SERVE_OPTIONS, ids=[" ".join(map(str, a)) for a, _ in SERVE_OPTIONS])
+def test_serve_refuses_ports_that_make_no_sense(tiny_artifacts, tmp_path, args, fragment):
+    assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
+    assert_refused(cli("serve", tmp_path / "repo", *args), fragment)
+
+
+@pytest.mark.parametrize("where", ["in a missing folder", "a folder"])
+def test_serve_refuses_a_log_it_cannot_write_and_leaves_no_scratch(tiny_artifacts, triton_env, tmp_path, monkeypatch,
+                                                                  where):
+    from canvasrt.serving.server import free_ports
+
+    assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the server's scratch directory goes
+    log = tmp_path / "missing" / "server.log" if where == "in a missing folder" else tmp_path
+    ports = [x for option, port in zip(("--http-port", "--grpc-port", "--metrics-port"), free_ports(3))
+             for x in (option, port)]
+    result = cli("serve", tmp_path / "repo", "--python-env", triton_env, "--log", log, *ports)
+    assert_refused(result, f"cannot write the server log {log}", "give --log a file in a writable directory")
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, fragments", [
+    (0, ["--concurrency must be at least 1, got 0"]),
+    (-2, ["--concurrency must be at least 1, got -2"]),
+    (5, ["--concurrency 5 needs 5 slots, more than the max batch 4", "use --concurrency 4 or less",
+         "re-export with a larger --max-batch"]),
+], ids=["0", "negative", "above the max batch"])
+def test_bench_refuses_a_concurrency_that_makes_no_sense(tiny_artifacts, value, fragments):
+    for backend in ("onnxruntime", "torch"):
+        assert_refused(cli("bench", tiny_artifacts, "--backend", backend, "--concurrency", value, "--steps", 1), *fragments)
+
+
 def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     assert cli("build", tiny_artifacts, "-o", tmp_path / "engines", "--max-context", 32).exit_code == 0
@@ -270,6 +373,63 @@ def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):
     assert_refused(cli("triton", tmp_path / "engines", "-o", tmp_path / "repo"), "lacks the backbone engine",
                    "canvasrt build")
     assert_nothing_written(tmp_path / "repo")
+
+
+# -- progress display -------------------------------------------------------------------------------------------------
+
+def _screen(output: bytes) -> list[str]:
+    """The lines a terminal shows after `output`: text, carriage return, line feed, erase line (CSI 2K), cursor up
+    (CSI nA); other escape sequences (colours, cursor visibility) draw nothing."""
+    lines, row, column = [""], 0, 0
+    for token in re.findall(r"\x1b\[[?0-9;]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", output.decode(errors="replace")):
+        if token == "\r":
+            column = 0
+        elif token == "\n":
+            row += 1
+            lines += [""] * (row + 1 - len(lines))
+        elif token.startswith("\x1b["):
+            if token.endswith("K"):
+                lines[row] = ""
+            elif token.endswith("A"):
+                row = max(0, row - int(token[2:-1] or 1))
+        else:
+            lines[row] = lines[row][:column].ljust(column) + token + lines[row][column + len(token):]
+            column += len(token)
+    return [line.rstrip() for line in lines if line.strip()]
+
+
+def _stderr_on_a_terminal(command: list) -> tuple[int, bytes]:
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([CANVASRT, *map(str, command)], stdout=subprocess.DEVNULL, stderr=secondary,
+                               env={**os.environ, "TERM": "xterm", "COLUMNS": "160"})
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the command's end of the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    return process.wait(timeout=120), b"".join(chunks)
+
+
+def test_a_failing_stage_clears_its_spinner_before_the_error(tiny_checkpoint, tmp_path):
+    """The export's spinner is drawn before the checkpoint is read; the error must stand alone as the last line, in a
+    log (stderr a pipe) and on a terminal, where the spinner line was drawn."""
+    checkpoint = copy(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / "config.json").write_text("[1, 2]")
+    command = ["export", checkpoint, "-o", tmp_path / "out"]
+    logged = subprocess.run([CANVASRT, *map(str, command)], capture_output=True, text=True, timeout=120)
+    assert logged.returncode == 2
+    assert logged.stderr.splitlines() == [f"error: {checkpoint}/config.json holds a JSON list, not a config object; "
+                                          "fix or re-save it"]
+    code, drawn = _stderr_on_a_terminal(command)
+    assert code == 2 and b"\x1b[" in drawn  # rich drew a live display
+    assert _screen(drawn) == logged.stderr.splitlines()
+    assert_nothing_written(tmp_path / "out")
 
 
 # -- signals ----------------------------------------------------------------------------------------------------------

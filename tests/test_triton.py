@@ -32,9 +32,6 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-ROOT = Path(__file__).resolve().parents[1]
-TRITON_ENV = Path(os.environ.get("CANVASRT_TRITON_ENV", ROOT / ".venv-triton"))
-
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
@@ -42,13 +39,6 @@ def cli(*args):
 
 def read_config(path: Path):
     return text_format.Parse(path.read_text(), mc.ModelConfig())
-
-
-@pytest.fixture(scope="module")
-def triton_env() -> Path:
-    if not (TRITON_ENV / "pyvenv.cfg").is_file():
-        pytest.fail(f"{TRITON_ENV} is missing: run scripts/setup.sh, which creates the Triton models' environment")
-    return TRITON_ENV
 
 
 @pytest.fixture(scope="module", params=["in-process", "python"])

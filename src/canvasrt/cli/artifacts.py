@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .options import seed_range
 
 err = Console(stderr=True)
+STAGE_COLUMNS = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
 
 
-def stage_progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
+@contextmanager
+def stage_progress(*columns: ProgressColumn) -> Iterator[Progress]:
+    """A stage's spinner (default columns) on stderr, kept when the stage completes. A failing stage's display is
+    cleared instead, so that the error line printed next is the last line and stands alone, not after a frozen
+    spinner (a log shows the spinner's last frame; a terminal the line redrawn once more)."""
+    progress = Progress(*(columns or STAGE_COLUMNS), console=err, transient=False)
+    progress.start()
+    try:
+        yield progress
+    except BaseException:  # Ctrl-C and SIGTERM too: "interrupted" is the last line as well
+        progress.live.transient = True
+        progress.live.stop()  # not progress.stop(), which ends a log's last frame with a line break, here a blank line
+        raise
+    progress.stop()
 
 
 @click.command("random-checkpoint")
@@ -119,7 +134,7 @@ def build_command(artifacts: Path, output: Path, target: str, builder: str, max_
     # stage_progress's columns plus a bar and a step count: TensorRT's progress monitor knows each phase's length.
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=False) as progress:
+    with stage_progress(*columns) as progress:
         task = progress.add_task("starting", total=None, steps="")
         bars: list[TaskID] = []  # one per open build phase, nested phases indented under their parent
 

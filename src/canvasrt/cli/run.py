@@ -15,7 +15,7 @@ from rich.text import Text
 from ..core.errors import CanvasrtError
 from ..runtime.backends import BACKENDS, default_backend, open_backend
 from ..runtime.loop import Committed, Draft, GenerationResult, left_pad, stream
-from ..runtime.prompts import TextCodec, parse_ids, prompt_rows, read_prompts_file, until_eos
+from ..runtime.prompts import TextCodec, UnreadableTokenizer, parse_ids, prompt_rows, read_prompts_file, until_eos
 from ..runtime.rng import RNG_MODES, make_draws
 from ..runtime.settings import resolve_settings
 from .options import positive, seed_range
@@ -117,9 +117,15 @@ def generate_command(
 
 
 def _codec(target: Path) -> TextCodec | None:
+    """The tokenizer for text output; None without one, and the output is ids. The prompt came as ids, so a
+    tokenizer.json that cannot be read costs the text only: a warning, before the run, and the ids are printed."""
+    if not (target / "tokenizer.json").is_file():
+        return None
     try:
         return TextCodec(target)
-    except CanvasrtError:
+    except UnreadableTokenizer as exc:
+        click.echo(f"warning: {exc.path} cannot be read as a tokenizer ({exc.reason}); printing token ids instead of "
+                   "text (copy the checkpoint's tokenizer.json back for text)", err=True)
         return None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, EngineManifest
 from ..core.target import CheckpointDir, Target, open_target, target_kind
 from .backends import default_backend, open_backend
@@ -111,6 +112,10 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     backend = open_backend(opened, name or default_backend(opened), provider=provider, threads=threads,
                            max_batch=concurrency)
     spec = backend.spec
+    if concurrency > spec.capacity.max_batch:  # one slot per request; refused before the backend activates
+        raise CanvasrtError(f"--concurrency {concurrency} needs {concurrency} slots, more than the max batch "
+                            f"{spec.capacity.max_batch} of {target}; use --concurrency {spec.capacity.max_batch} or "
+                            "less, or re-export with a larger --max-batch")
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
     settings = _no_early_stop(spec.generation, steps, canvas, canvases)
     ids, _ = _request(vocab, concurrency, prompt_length)

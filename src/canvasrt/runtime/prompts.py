@@ -18,6 +18,16 @@ INT64 = (-(1 << 63), (1 << 63) - 1)  # token ids travel as int64 (numpy, ONNX, T
 _ID = re.compile(r"[+-]?[0-9]+")
 
 
+class UnreadableTokenizer(CanvasrtError):
+    """A tokenizer.json that is there but cannot be read: callers that can do without text (ids given, ids printed)
+    tell it apart from a directory without one."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is not a tokenizers tokenizer.json ({reason}); copy the checkpoint's tokenizer.json "
+                         "back or pass --prompt-ids")
+        self.path, self.reason = path, reason
+
+
 class TextCodec:
     def __init__(self, directory: Path):
         path = directory / "tokenizer.json"
@@ -28,9 +38,7 @@ class TextCodec:
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises bare Exception for every unreadable file, nothing narrower
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise CanvasrtError(f"{path} is not a tokenizers tokenizer.json ({reason}); copy the checkpoint's "
-                                "tokenizer.json back or pass --prompt-ids") from None
+            raise UnreadableTokenizer(path, " ".join(str(exc).split()) or type(exc).__name__) from None
 
     def encode(self, text: str) -> list[int]:
         try:

@@ -150,7 +150,8 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
         raise CanvasrtError(f"--instances must be at least 1, got {instances}")
     if threads < 0:
         raise CanvasrtError(f"--threads must be 0 (ONNX Runtime's default) or more, got {threads}")
-    opened.verify()  # what is packaged (graphs or engines) is what was exported or built: digests, once
+    if max_queue < 0:
+        raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
     if engines is not None:
         manifest = ArtifactManifest.load(engines.artifacts)
         stale = [g for g in GRAPHS if engines.engines[g].onnx_sha256 != manifest.graphs[g].sha256]
@@ -170,9 +171,15 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
         raise CanvasrtError(f"--max-batch must be between 1 and the artifacts' max batch {capacity}, got {max_batch}")
     slots = max_batch if slots is None else slots
     if not 1 <= slots <= max_batch:
-        raise CanvasrtError(f"--slots must be between 1 and the max batch {max_batch}, got {slots}")
-    if max_queue < 0:
-        raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
+        # every slot is a row of each step call, which the step models take up to their max batch
+        fix = (f"raise --max-batch (up to {capacity})" if slots <= capacity else
+               f"{target} takes batches of at most {capacity}: " + ("rebuild with a larger `canvasrt build "
+               "--max-batch`, or re-export" if engines is not None else "re-export with `canvasrt export --max-batch`"))
+        raise CanvasrtError(f"--slots must be between 1 and the max batch {max_batch}, got {slots}"
+                            + (f"; {fix}" if slots > max_batch else ""))
+    # what is packaged (graphs or engines) is what was exported or built: digests, once, after the option checks
+    # so that a bad option is refused before gigabytes are hashed
+    opened.verify()
     parameters = {"step_backend": "in-process" if step_backend == "in-process" else "bls", "threads": str(threads),
                   "slots": str(slots), "max_queue": str(max_queue)}
     inputs = [Path(target)] + ([engines.artifacts] if engines is not None else [])

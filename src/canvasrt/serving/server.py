@@ -123,6 +123,19 @@ def backend_directory(installation: Installation, env: PythonEnv, scratch: Path)
     return python.parent
 
 
+def check_port_options(ports: dict[str, int]) -> None:
+    """Ports as tritonserver needs them: each its own, within 1-65535. Port 0 would let the server pick one that
+    nobody is told of, and the readiness probe would wait for its timeout on a port nothing listens on."""
+    for option, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise CanvasrtError(f"{option} must be between 1 and 65535, got {port}")
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if port in seen:
+            raise CanvasrtError(f"{seen[port]} and {option} are both {port}; give each endpoint its own port")
+        seen[port] = option
+
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -154,11 +167,12 @@ class TritonServer:
         self.repository = Path(repository).resolve()
         if not any(self.repository.glob("*/config.pbtxt")):
             raise CanvasrtError(f"{repository} holds no model (no */config.pbtxt); write one with `canvasrt triton`")
+        self.http_port, self.grpc_port = http_port, grpc_port
+        self.metrics_port = free_ports(1)[0] if metrics_port is None else metrics_port
+        check_port_options(self.ports())
         self.env = python_env(python_env_path)
         check_python_env(self.env)
         self.installation = find_installation(self.env)
-        self.http_port, self.grpc_port = http_port, grpc_port
-        self.metrics_port = free_ports(1)[0] if metrics_port is None else metrics_port
         self.check_ports()
         self.log = log
         self.startup_timeout = startup_timeout
@@ -200,10 +214,12 @@ class TritonServer:
         env["CANVASRT_PYTHONPATH"] = str(self.env.site_packages)
         return env
 
+    def ports(self) -> dict[str, int]:
+        return {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+
     def check_ports(self) -> None:
         """A port already served would answer the readiness probe for another server; refuse it up front."""
-        for option, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
-                             ("--metrics-port", self.metrics_port)):
+        for option, port in self.ports().items():
             with socket.socket() as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
@@ -215,7 +231,12 @@ class TritonServer:
     def start(self) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="canvasrt-triton-"))
         self.log_path = self.log or self.scratch / "tritonserver.log"
-        self._log_file = open(self.log_path, "wb")
+        try:
+            self._log_file = open(self.log_path, "wb")
+        except OSError as exc:
+            self._release()
+            raise CanvasrtError(f"cannot write the server log {self.log_path} ({exc.strerror}); give --log a file in "
+                                "a writable directory") from None
         self.process = subprocess.Popen(
             self.command(backend_directory(self.installation, self.env, self.scratch)),
             stdout=self._log_file, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True,
