@@ -8,7 +8,8 @@ them alike: a prefill of a `--prompt-length` prompt, then two canvases of `--ste
 stop), committed in between. Prints
 the median step, prefill and commit time per capacity and each one's ratio to the first, and checks that every export
 returns exactly the first one's tokens, step by step (same draws). The K/V inputs' span follows the live context
-(docs/ARTIFACTS.md), so the ratios should stay near 1 however large the capacity.
+(docs/ARTIFACTS.md), so the ratios should stay near 1 however large the capacity. `--full-span` adds, as the control,
+the largest export fed every slot of its buffers, which is what K/V inputs sized to the capacity cost.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
 
 
+class FullSpanBackend(OnnxRuntimeBackend):
+    """ONNX Runtime fed whole K/V buffers at every call: capacity-sized K/V inputs, the control of the comparison."""
+
+    def _kv_feeds(self, context_length: np.ndarray) -> dict[str, np.ndarray]:
+        full = np.full_like(context_length, self.spec.capacity.max_context)
+        return super()._kv_feeds(full)
+
+
 def _artifacts(checkpoint: Path, work: Path, max_context: int) -> ArtifactManifest:
     target = work / f"ctx-{max_context}"
     if not (target / "manifest.json").exists():
@@ -37,22 +46,26 @@ def _artifacts(checkpoint: Path, work: Path, max_context: int) -> ArtifactManife
 
 
 def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: int, steps: int, rounds: int,
-            threads: int) -> dict[str, Any]:
+            threads: int, full_span: bool = False) -> dict[str, Any]:
     manifests = [_artifacts(checkpoint, work, n) for n in contexts]
+    backends = [OnnxRuntimeBackend(m, threads=threads) for m in manifests]
+    names = [str(n) for n in contexts]
+    if full_span:
+        backends.append(FullSpanBackend(manifests[-1], threads=threads))
+        names.append(f"{contexts[-1]} full span")
     spec = manifests[0]
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
     settings = resolve_settings(spec.generation, {"max_new_tokens": 2 * canvas, "max_denoising_steps": steps,
                                                   "stability_threshold": steps + 1})
     rng = np.random.default_rng(0)
     ids, padding = left_pad(rng.integers(3, vocab, size=(1, prompt_length)).tolist(), 0)
-    backends = [OnnxRuntimeBackend(m, threads=threads) for m in manifests]
-    times: dict[int, dict[str, list[float]]] = {n: {"step": [], "prefill": [], "commit": []} for n in contexts}
-    tokens: dict[int, np.ndarray] = {}
+    times: dict[str, dict[str, list[float]]] = {n: {"step": [], "prefill": [], "commit": []} for n in names}
+    tokens: dict[str, np.ndarray] = {}
     for backend in backends:
         backend.activate()
     try:
         for round_ in range(rounds + 1):  # round 0 warms up every session
-            for n, backend in zip(contexts, backends):
+            for n, backend in zip(names, backends):
                 result = generate(backend, ids, padding, settings, make_draws("counter", 0, 1, vocab, canvas))
                 tokens[n] = result.new_tokens
                 if round_:
@@ -62,15 +75,15 @@ def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: in
     finally:
         for backend in backends:
             backend.deactivate()
-    first = contexts[0]
+    first = names[0]
     medians = {n: {kind: float(np.median(values) * 1e3) for kind, values in t.items()} for n, t in times.items()}
     return {
         "checkpoint": str(checkpoint), "prompt_length": prompt_length, "steps": steps, "rounds": rounds,
         "threads": threads,
-        "contexts": {str(n): {**{f"{k}_ms": v for k, v in medians[n].items()},
+        "contexts": {n: {**{f"{k}_ms": v for k, v in medians[n].items()},
                               **{f"{k}_ratio": medians[n][k] / medians[first][k] for k in medians[n]},
                               "same_tokens": bool(np.array_equal(tokens[n], tokens[first]))}
-                     for n in contexts},
+                     for n in names},
     }
 
 
@@ -84,21 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per export, after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--full-span", action="store_true",
+                        help="also run the largest export fed whole K/V buffers (capacity-sized inputs, the control)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if min(args.prompt_length, args.steps, args.rounds, args.threads) < 1:
         parser.error("--prompt-length, --steps, --rounds and --threads must be at least 1")
     result = compare(args.checkpoint, args.work, args.contexts, args.prompt_length, args.steps, args.rounds,
-                     args.threads)
+                     args.threads, args.full_span)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(f"prompt {args.prompt_length} tokens, {args.steps} steps x {args.rounds} rounds, "
               f"{args.threads} threads, ONNX Runtime CPU")
-        print(f"{'max context':>12}{'step ms':>10}{'ratio':>8}{'prefill ms':>12}{'ratio':>8}{'commit ms':>11}"
+        print(f"{'max context':>20}{'step ms':>10}{'ratio':>8}{'prefill ms':>12}{'ratio':>8}{'commit ms':>11}"
               f"{'ratio':>8}  same tokens")
         for n, r in result["contexts"].items():
-            print(f"{n:>12}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['prefill_ms']:>12.1f}{r['prefill_ratio']:>8.3f}"
+            print(f"{n:>20}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['prefill_ms']:>12.1f}{r['prefill_ratio']:>8.3f}"
                   f"{r['commit_ms']:>11.1f}{r['commit_ratio']:>8.3f}  {r['same_tokens']}")
     return 0 if all(r["same_tokens"] for r in result["contexts"].values()) else 1
 
