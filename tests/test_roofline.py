@@ -66,3 +66,18 @@ def test_roofline_prints_its_table(tiny_artifacts):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("30 layers (25 sliding, 5 full)")
     assert [line.split()[0] for line in lines[2:4]] == ["dense", "routed"]
+
+
+def test_roofline_counts_attention_over_the_live_context(tiny_artifacts):
+    """--context: the step's K/V inputs are the slots covering that context in whole canvases (20 tokens: 32 of the
+    128 full-layer slots), and so are the attention scores' FLOPs and the K/V bytes."""
+    manifest = ArtifactManifest.load(tiny_artifacts)
+    config, canvas = manifest.model, manifest.capacity.canvas
+    full = next(i for i, spec in enumerate(config.layers) if spec.kind == FULL)
+    d = config.layers[full].head_dim
+    counted = {context: _roofline(tiny_artifacts, "--context", str(context)) for context in (20, 128)}
+    for context, span in ((20, 32), (128, 128)):
+        scores = [g for g in counted[context]["gemms"] if g["layer"] == str(full) and g["weight"] is None]
+        assert scores[0]["flops"] == 2 * config.num_heads * canvas * d * (canvas + span)
+        assert counted[context]["context"] == context
+    assert counted[20]["formulations"]["dense"]["gbyte"] < counted[128]["formulations"]["dense"]["gbyte"]
