@@ -4,8 +4,8 @@ Every GEMM whose weight matches `ranges.QUANTIZED` gets QuantizeLinear/Dequantiz
 (one scale per tensor, as an FP8 GEMM reads its activations) and an FP8 weight initializer behind a
 DequantizeLinear (one scale per row of the initializer, or one per tensor): per output channel for 2-D weights,
 the linear layers' and the dense experts' (whose down-projection weight is [hidden, experts x features]), per
-expert for the grouped formulation's batched expert weights. Zero points are FP8 zeros (opset 21), so ONNX Runtime's CPU provider runs the graphs and
-TensorRT builds them strongly typed.
+expert for the grouped formulation's batched expert weights. Zero points are FP8 zeros (opset 21), so ONNX
+Runtime's CPU provider runs the graphs and TensorRT builds them strongly typed.
 """
 
 from __future__ import annotations
