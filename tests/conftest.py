@@ -144,3 +144,13 @@ def sort_artifacts(sort_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("art") / "sort"
     export(sort_checkpoint, out, max_context=64)
     return out
+
+
+@pytest.fixture(scope="session")
+def sort_fp8(sort_checkpoint: Path, sort_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained sort model's FP8 artifacts, calibrated on 32 prompts of the task's calibration split."""
+    from canvasrt.calibration.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("fp8") / "sort-fp8"
+    calibrate(sort_checkpoint, sort_artifacts, out, task="sort", samples=32)
+    return out

@@ -1,5 +1,6 @@
 """FP8 calibration on the trained sort model: Q/DQ graphs that ONNX Runtime runs, the accuracy cost measured with
-canvasrt eval, FP8 engines built for SM89, and one-line refusals."""
+canvasrt eval, FP8 engines refused for a GPU without FP8 tensor cores (tests/test_engine_build.py builds and checks
+them), and one-line refusals."""
 
 from __future__ import annotations
 
@@ -16,14 +17,6 @@ from canvasrt.cli import main
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def sort_fp8(sort_checkpoint, sort_artifacts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp8") / "sort-fp8"
-    result = cli("calibrate", sort_checkpoint, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32")
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def test_calibrated_graphs_hold_fp8_gemms_and_the_calibration(sort_fp8):
@@ -75,11 +68,8 @@ def test_fp8_simulation_is_checked_by_the_same_parity(sort_checkpoint, sort_fp8,
             assert abs(simulated - graphs) < 0.05
 
 
-def test_fp8_engines_build_for_sm89_and_sm120_and_are_refused_for_sm80(sort_fp8, tmp_path):
+def test_fp8_engines_are_refused_for_sm80(sort_fp8, tmp_path):
     pytest.importorskip("tensorrt_rtx")
-    for target in ("sm89", "sm120"):
-        built = cli("build", sort_fp8, "-o", tmp_path / target, "--target", target)
-        assert built.exit_code == 0, built.output
     refused = cli("build", sort_fp8, "-o", tmp_path / "sm80", "--target", "sm80")
     assert refused.exit_code == 2 and "sm80 has no FP8 tensor cores" in refused.output
     assert not (tmp_path / "sm80").exists()

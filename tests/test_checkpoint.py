@@ -66,3 +66,34 @@ def test_misshaped_tensor(tiny_checkpoint, tmp_path):
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model.decoder.norm.weight has shape \[7\]"):
         Checkpoint.open(ckpt).load_text_model()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_streamed_expert_weights_are_the_dense_formulations_parameters(tiny_checkpoint, tmp_path, monkeypatch, dtype):
+    """The dense experts' 2-D weights as the exporter streams them (the stored down-projection's axes reordered
+    block by block, here in blocks of a few rows) are byte for byte the parameters the loader builds, and differ
+    from the stored order; a file that ends inside such a tensor is refused."""
+    import io
+
+    from canvasrt.model import checkpoint as module
+    from canvasrt.model.modeling import stored_layout
+
+    checkpoint = Checkpoint.open(tiny_checkpoint)
+    model = checkpoint.load_text_model(moe="dense", dtype=dtype)
+    monkeypatch.setattr(module, "COPY_BLOCK", 3 * 4 * 32 * 4)  # 3 hidden rows of fp32 down, 4 experts x 32 features
+    for name in ("layers.1.experts.down_proj", "layers.1.experts.gate_up_proj"):
+        layout = stored_layout(model, name)
+        out = io.BytesIO()
+        checkpoint.write_tensor(f"model.decoder.{name}", dtype, out, layout.row_axis)
+        parameter = model.get_parameter(name)
+        assert out.getvalue() == parameter.contiguous().view(torch.uint8).numpy().tobytes(), name
+        stored = checkpoint.converted(f"model.decoder.{name}", dtype)
+        assert layout.shape == tuple(stored.shape) and torch.equal(stored.reshape(parameter.shape), parameter) == (
+            layout.row_axis == 0)
+    broken = Checkpoint.open(_copy(tiny_checkpoint, tmp_path / "c"))
+    down = "model.decoder.layers.3.experts.down_proj"
+    stored = broken.stored(down)  # the header is read (and kept) before the file is cut
+    with open(stored.file, "r+b") as f:
+        f.truncate(stored.offset + stored.length - 8)
+    with pytest.raises(CheckpointError, match=f"ends inside tensor {down}"):
+        broken.write_tensor(down, "fp32", io.BytesIO(), 1)

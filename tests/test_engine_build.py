@@ -24,6 +24,7 @@ pytest.importorskip("tensorrt_rtx")
 
 TARGETS = ("sm89", "sm120")
 PRECISIONS = {"fp32": "tiny_artifacts", "fp16": "tiny_fp16_artifacts", "fp8": "tiny_fp8_artifacts"}
+BUILT = {**PRECISIONS, "sort-fp8": "sort_fp8"}  # and the trained sort model's FP8 artifacts
 
 
 def cli(*args):
@@ -41,10 +42,11 @@ def tiny_fp8_artifacts(tiny_checkpoint, tiny_artifacts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(request, tmp_path_factory):
-    """fp32, fp16 and FP8 engines of the tiny preset for SM89 and SM120, each built once through `canvasrt build`."""
+    """fp32, fp16 and FP8 engines of the tiny preset and FP8 engines of the trained sort model, for SM89 and SM120,
+    each built once through `canvasrt build`."""
     root = tmp_path_factory.mktemp("engines")
     built = {}
-    for precision, fixture in PRECISIONS.items():
+    for precision, fixture in BUILT.items():
         for target in TARGETS:
             out = root / f"{precision}-{target}"
             result = cli("build", request.getfixturevalue(fixture), "-o", out, "--target", target)
@@ -89,28 +91,31 @@ def canvas_only(weight: str, layers: int) -> bool:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_fp8_engine_runs_the_quantized_projections_as_fp8_gemms(engines, tiny_fp8_artifacts, target):
-    """Every quantized projection lands in a GEMM layer that reads FP8 (E4M3) activations and FP8 weights, once in
-    each optimization profile that runs it: the denoise profile runs them all, prefill and commit all but the
-    canvas-only ones (which TensorRT removes there, on zero rows). The MoE experts' batched GEMMs are no GEMM
-    layers: the compiler fuses them with their dequantization into fp32 runtime_fusion kernels, so for them only the
-    FP8 storage of the weights holds."""
-    source = json.loads((tiny_fp8_artifacts / "manifest.json").read_text())
-    manifest = json.loads((engines["fp8", target] / "manifest.json").read_text())
-    found = layers(engines["fp8", target], "backbone")
+@pytest.mark.parametrize("model", ["fp8", "sort-fp8"])
+def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, target, request):
+    """Every quantized GEMM, the MoE experts' gate_up and down projections of every layer included, lands in a GEMM
+    layer that reads FP8 (E4M3) activations and FP8 weights, once in each optimization profile that runs it: the
+    denoise profile runs them all, prefill and commit all but the canvas-only ones (which TensorRT removes there, on
+    zero rows). Tiny preset and the trained sort model."""
+    artifacts = request.getfixturevalue(BUILT[model])
+    source = json.loads((artifacts / "manifest.json").read_text())
+    manifest = json.loads((engines[model, target] / "manifest.json").read_text())
+    found = layers(engines[model, target], "backbone")
     quantized = source["graphs"]["backbone"]["quantized"]
-    experts = [w for w in quantized if ".experts." in w]
-    projections = [w for w in quantized if w not in experts]
-    assert projections and experts and any(canvas_only(w, len(source["model"]["layers"])) for w in projections)
+    n_layers = len(source["model"]["layers"])
+    experts = {f"layers.{i}.experts.{proj}" for i in range(n_layers) for proj in ("gate_up_proj", "down_proj")}
+    assert experts <= set(quantized) and any(canvas_only(w, n_layers) for w in quantized)
     for index, phase in enumerate(manifest["engines"]["backbone"]["profiles"]):
         fp8_gemms = [l for l in found if l.kind == "gemm" and l.profile == index and set(l.inputs + l.weights) == {"FP8"}]
-        runs = {w: sum(f"{w}.dequantize" in l.onnx for l in fp8_gemms) for w in projections}
-        expected = {w: int(phase == "denoise" or not canvas_only(w, len(source["model"]["layers"]))) for w in projections}
+        runs = {w: sum(f"{w}.dequantize" in l.onnx for l in fp8_gemms) for w in quantized}
+        expected = {w: int(phase == "denoise" or not canvas_only(w, n_layers)) for w in quantized}
         assert runs == expected, phase
         assert manifest["engines"]["backbone"]["gemms"][phase]["FP8"] == len(fp8_gemms) > 0
-    assert [w for w in experts
-            if not any(f"{w}.dequantize" in l.onnx and "FP8" in l.weights for l in found)] == []
-    assert [l.name for l in found if l.kind == "gemm" and any(".experts." in node for node in l.onnx)] == []
+    # Nothing but these GEMMs reads an FP8 weight: the experts' batched GEMMs used to be fp32 runtime_fusion kernels
+    # that converted their FP8 weights on the fly. (Kernels after a GEMM may list its weight's DequantizeLinear:
+    # they apply the per-channel scales, Float constants.)
+    assert [l.name for l in found if "FP8" in l.weights
+            and not (l.kind == "gemm" and set(l.inputs + l.weights) == {"FP8"})] == []
 
 
 @pytest.mark.parametrize("target", TARGETS)

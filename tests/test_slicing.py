@@ -15,7 +15,7 @@ from safetensors import safe_open
 from canvasrt.cli import main
 from canvasrt.core.config import FULL, SLIDING
 from canvasrt.model.checkpoint import Checkpoint, load_model_config, model_config_from_hf
-from canvasrt.model.modeling import DiffusionGemmaText
+from canvasrt.model.modeling import MOE_FORMULATIONS, DiffusionGemmaText, stored_layout
 from canvasrt.model.random_checkpoint import PRESETS, preset_config, preset_text
 
 
@@ -141,9 +141,11 @@ def test_released_preset_has_the_released_layer_shapes(layers, kinds):
     assert shapes["layers.0.experts.gate_up_proj"] == (128, 1408, 2816)
     assert shapes["layers.0.experts.down_proj"] == (128, 2816, 704)
     assert shapes["layers.0.mlp.gate_proj.weight"] == (2112, 2816)
-    ours = {name: tuple(p.shape) for name, p in DiffusionGemmaText(config).named_parameters()
-            if not name.endswith("encoder_layer_scalar")}
-    assert ours == shapes  # canvasrt's model reads exactly these tensors
+    for moe in MOE_FORMULATIONS:
+        text = DiffusionGemmaText(config, moe)
+        ours = {name: stored_layout(text, name).shape for name, _ in text.named_parameters()
+                if not name.endswith("encoder_layer_scalar")}
+        assert ours == shapes, moe  # canvasrt's model reads exactly these tensors
     if layers == 2:  # the 2-layer model: 2.4B parameters, 4.8 GB in bf16
         assert 2.3e9 < sum(p.numel() for p in model.model.decoder.parameters()) < 2.5e9
 

@@ -143,3 +143,18 @@ def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     assert figures["passed"] and [r["layers"] for r in figures["runs"]] == [2, 4]
     for moe in ("sparse", "dense"):
         assert figures[f"extrapolated_{moe}"]["step_ms_30_layers"] > 0
+
+
+def test_fake_quantization_refuses_per_expert_down_ranges_of_older_calibrations(tiny_checkpoint):
+    """Calibrations written before the experts' down-projection became one GEMM range its input per expert; one
+    scale per tensor is what the graphs and the simulation apply now."""
+    from canvasrt.core.errors import ArtifactError
+    from canvasrt.model.checkpoint import Checkpoint
+    from canvasrt.model.fp8 import apply_fake_quantization
+
+    model = Checkpoint.open(tiny_checkpoint).load_text_model()
+    tensors = {"layers.0.experts.gate_up_proj": {"scale": 0.01}, "layers.0.experts.down_proj": {"scale": [0.01] * 4}}
+    with pytest.raises(ArtifactError, match="layers.0.experts.down_proj has an input range per expert"):
+        apply_fake_quantization(model, {"weights": "per-channel", "tensors": tensors})
+    tensors["layers.0.experts.down_proj"] = {"scale": 0.01}
+    assert apply_fake_quantization(model, {"weights": "per-channel", "tensors": tensors}) == list(tensors)

@@ -1,7 +1,7 @@
 """`canvasrt calibrate`: FP8 artifacts from fp32/fp16 artifacts and the checkpoint they were exported from.
 
 Writes a new artifact directory: Q/DQ graphs, calibration.json (per tensor: amax, scale, method, samples; per
-expert: tokens seen and fallbacks), the copied tokenizer and generation config, and a manifest whose
+expert layer: the tokens each expert saw), the copied tokenizer and generation config, and a manifest whose
 `quantization` names the calibration by digest, so later stages (build, runtime, Triton) can tell FP8 artifacts
 and their calibration apart.
 """
@@ -91,8 +91,7 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
     for name in excluded:
         del ranges.amax[name]
     coverage = [min(counts) for counts in ranges.expert_tokens.values()]
-    progress(f"fewest tokens any expert saw: {min(coverage) if coverage else 'n/a'}; "
-             f"{sum(len(v) for v in ranges.fallbacks.values())} expert ranges fell back to their layer's maximum")
+    progress(f"fewest tokens any expert saw: {min(coverage) if coverage else 'n/a'}")
     calibration = {
         "method": method,
         "format": "fp8-e4m3",
@@ -105,7 +104,6 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
         },
         "excluded": excluded,
         "expert_tokens": ranges.expert_tokens,
-        "expert_fallbacks": ranges.fallbacks,
     }
     with staged_directory(output, ARTIFACT_OUTPUT, inputs=[checkpoint, artifacts]) as staging:
         write_json(staging / "calibration.json", calibration)

@@ -1,10 +1,11 @@
 """FP8 (E4M3) Q/DQ graphs from calibrated ranges, rewritten on the graph proto with the weights streamed through.
 
 Every GEMM whose weight matches `ranges.QUANTIZED` gets QuantizeLinear/DequantizeLinear on its activation input
-(per tensor; per expert for the expert down-projection, whose input is [experts, features, tokens]) and an FP8
-weight initializer behind a DequantizeLinear (per output channel for linear layers, per expert for expert weights,
-or one scale per tensor). Zero points are FP8 zeros (opset 21), so ONNX Runtime's CPU provider runs the graphs and
-TensorRT builds them strongly typed.
+(one scale per tensor, as an FP8 GEMM reads its activations) and an FP8 weight initializer behind a
+DequantizeLinear (one scale per row of the initializer, or one per tensor): per output channel for 2-D weights,
+the linear layers' and the dense experts' (whose down-projection weight is [hidden, experts x features]), per
+expert for the grouped formulation's batched expert weights. Zero points are FP8 zeros (opset 21), so ONNX
+Runtime's CPU provider runs the graphs and TensorRT builds them strongly typed.
 """
 
 from __future__ import annotations
@@ -178,12 +179,10 @@ def _qdq_activation(x: str, name: str, amax: np.ndarray, dtype: Any,
     scale, zero = f"{name}.input_scale", f"{name}.input_zero_point"
     created += [numpy_helper.from_array(np.asarray(scale_for(amax), dtype=dtype), scale),
                 _fp8_constant(zero, np.zeros(amax.shape, np.float32))]
-    attrs = {"axis": 0} if amax.ndim == 1 else {}  # per expert for the expert down-projection's input
     return [
-        helper.make_node("QuantizeLinear", [x, scale, zero], [f"{name}.input_fp8"], name=f"{name}.input_quantize",
-                         **attrs),
+        helper.make_node("QuantizeLinear", [x, scale, zero], [f"{name}.input_fp8"], name=f"{name}.input_quantize"),
         helper.make_node("DequantizeLinear", [f"{name}.input_fp8", scale, zero], [f"{name}.input_qdq"],
-                         name=f"{name}.input_dequantize", **attrs),
+                         name=f"{name}.input_dequantize"),
     ]
 
 
@@ -197,7 +196,7 @@ def _dq_weight(store: _WeightStore, weight: onnx.TensorProto, name: str, mode: s
         scale = scale_for(np.float32(row_amax.max()))
         attrs: dict[str, Any] = {}
         row_scale = np.full(shape[0], scale, dtype=np.float32)
-    else:  # one scale per output channel (linear [out, in]) or per expert (experts [E, ...])
+    else:  # one scale per row: output channel of a 2-D weight [out, in], expert of a batched one [E, ...]
         scale = scale_for(row_amax)
         attrs = {"axis": 0}
         row_scale = scale

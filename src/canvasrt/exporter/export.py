@@ -28,7 +28,7 @@ from ..core.errors import CanvasrtError
 from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, canvasrt_version, digest_json,
                              staged_directory, write_json)
 from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
-from ..model.modeling import MOE_FORMULATIONS
+from ..model.modeling import MOE_FORMULATIONS, StoredLayout, stored_layout
 from .graphs import BackboneGraph, example_inputs
 
 OPSET = 21  # FP8 Q/DQ with a FLOAT8E4M3FN zero point (calibration) needs opset >= 21 on ONNX Runtime
@@ -164,7 +164,7 @@ def _export_graph(
             optimize=False,  # the optimizer folds constants, which needs the weights attached first
             verbose=False,
         )
-        sources = _attach_weights(program.model, checkpoint, dtype)
+        sources = _attach_weights(program.model, checkpoint, dtype, module)
         try:
             program.optimize()
             if external_data:
@@ -190,9 +190,11 @@ def _canvasrt_cause(exc: BaseException) -> CanvasrtError | None:
     return None
 
 
-def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str) -> dict[str, str]:
+def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str,
+                    module: torch.nn.Module) -> dict[str, tuple[str, StoredLayout]]:
     """Replaces each traced (fake) weight with a lazy tensor read from the checkpoint on access; returns the
-    checkpoint tensor behind each initializer name. Small constants made during tracing are real already."""
+    checkpoint tensor behind each initializer name (the traced `module`'s parameter name) and how the parameter lies
+    in it. Small constants made during tracing are real already."""
     import onnx_ir as ir
 
     sources = {}
@@ -200,22 +202,27 @@ def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str) -> dict[str,
         source = checkpoint_name(name.removeprefix(WRAPPER_PREFIX))
         if not name.startswith(WRAPPER_PREFIX) or source not in checkpoint.tensor_files:
             continue
-        sources[name] = source
+        layout = stored_layout(module, name)
+        sources[name] = source, layout
         traced = value.const_value
+        shape = tuple(int(d) for d in traced.shape)
         value.const_value = ir.LazyTensor(
-            lambda source=source: ir.tensor(checkpoint.converted(source, dtype)),
+            lambda source=source, layout=layout, shape=shape: ir.tensor(
+                layout.to_parameter(checkpoint.converted(source, dtype), shape)),
             dtype=traced.dtype, shape=traced.shape, name=name,
         )
     return sources
 
 
-def _save_streaming_weights(model: Any, path: Path, checkpoint: Checkpoint, dtype: str, sources: dict[str, str]) -> None:
+def _save_streaming_weights(model: Any, path: Path, checkpoint: Checkpoint, dtype: str,
+                            sources: dict[str, tuple[str, StoredLayout]]) -> None:
     """Saves with external data written straight from the checkpoint files.
 
     Letting the exporter serialise the weights would read every parameter through the memory-mapped checkpoint
     and make all of it resident at once; copying each tensor file-to-file (converting it in bounded chunks where
-    the dtype changes) keeps the export's memory independent of the model size. Offsets are page-aligned so that
-    ONNX Runtime can memory-map each weight instead of copying it.
+    the dtype changes, reordering its axes block by block where the parameter's layout differs from the stored one)
+    keeps the export's memory independent of the model size. Offsets are page-aligned so that ONNX Runtime can
+    memory-map each weight instead of copying it.
     """
     import onnx_ir as ir
 
@@ -224,9 +231,10 @@ def _save_streaming_weights(model: Any, path: Path, checkpoint: Checkpoint, dtyp
         for name, value in model.graph.initializers.items():
             if name not in sources:
                 continue  # constants made during tracing or by the optimizer stay inline
+            source, layout = sources[name]
             data.write(b"\0" * (-data.tell() % DATA_ALIGNMENT))
             offset = data.tell()
-            length = checkpoint.write_tensor(sources[name], dtype, data)
+            length = checkpoint.write_tensor(source, dtype, data, layout.row_axis)
             tensor = value.const_value
             value.const_value = ir.ExternalTensor(
                 data_name, offset, length, tensor.dtype, shape=tensor.shape, name=name, base_dir=str(path.parent)

@@ -18,15 +18,16 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.config import FULL, SLIDING, LayerSpec, ModelConfig
 from ..core.errors import CanvasrtError, CheckpointError
 from ..core.manifest import resolves_inside, sha256_file
-from .modeling import DiffusionGemmaText
+from .modeling import DiffusionGemmaText, stored_layout
 
 TEXT_PREFIX = "model.decoder."
 ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"
@@ -106,40 +107,56 @@ class Checkpoint:
         begin, end = entry["data_offsets"]
         return StoredTensor(file, entry["dtype"], tuple(entry["shape"]), _safetensors_header_size(file) + begin, end - begin)
 
-    def write_tensor(self, name: str, dtype: str | None, out: BinaryIO) -> int:
+    def write_tensor(self, name: str, dtype: str | None, out: BinaryIO, row_axis: int = 0) -> int:
         """Appends tensor `name`, converted to `dtype` (None: as stored), to `out` without mapping the checkpoint
         into memory: COPY_BLOCK bytes at a time, each block checked as it passes (float, finite) and converted where
         the dtype differs, so that even a layer's expert tensor (0.5 GB at the released width) never sits in memory
-        whole."""
+        whole. row_axis: the stored axis written first (`StoredLayout.row_axis`), the others following in order."""
         stored = self.stored(name)
         source = self._float_dtype(name, stored.dtype)
         target = source if dtype is None else DTYPES[dtype]
-        buffer = bytearray(COPY_BLOCK - COPY_BLOCK % source.itemsize)
         written = 0
-        with open(stored.file, "rb") as src:
-            src.seek(stored.offset)
-            remaining = stored.length
-            while remaining:
-                view = memoryview(buffer)[: src.readinto(memoryview(buffer)[: min(remaining, len(buffer))])]
-                if not view:
-                    raise CheckpointError(f"{stored.file} ends inside tensor {name}; the file is truncated: re-save "
-                                          "or re-download it")
-                remaining -= len(view)
-                values = torch.frombuffer(view, dtype=source)
-                self._check_finite(name, values)
-                if source != target:
-                    values = values.to(target)
-                    self._check_finite(name, values, converted_to=dtype)
-                    view = memoryview(values.view(torch.uint8).numpy())
-                out.write(view)
-                written += len(view)
+        for view in self._stored_blocks(name, stored, source.itemsize, row_axis):
+            values = torch.frombuffer(view, dtype=source)
+            self._check_finite(name, values)
+            if source != target:
+                values = values.to(target)
+                self._check_finite(name, values, converted_to=dtype)
+                view = memoryview(values.view(torch.uint8).numpy())
+            out.write(view)
+            written += len(view)
         return written
 
-    def _checked_shape(self, source: str, param: torch.Tensor) -> None:
+    def _stored_blocks(self, name: str, stored: "StoredTensor", itemsize: int, row_axis: int) -> Iterator[memoryview]:
+        """The bytes of a stored tensor in blocks of at most COPY_BLOCK (one row along `row_axis` at least), with that
+        axis moved first: a block of rows along it gathers one run of bytes per index of the axes before it."""
+        if row_axis == 0:  # the stored order: consecutive bytes
+            outer, rows, run = 1, stored.length // itemsize, itemsize
+        else:
+            outer = int(np.prod(stored.shape[:row_axis], dtype=np.int64))
+            rows = stored.shape[row_axis]
+            run = int(np.prod(stored.shape[row_axis + 1:], dtype=np.int64)) * itemsize  # bytes of a row per index
+        per_block = max(1, COPY_BLOCK // (outer * run))
+        with open(stored.file, "rb") as src:
+            for begin in range(0, rows, per_block):
+                count = min(per_block, rows - begin)
+                block = np.empty((count, outer, run), dtype=np.uint8)
+                for index in range(outer):
+                    part = block[:, index, :]
+                    target = part if outer == 1 else np.empty_like(part)  # readinto needs contiguous memory
+                    src.seek(stored.offset + (index * rows + begin) * run)
+                    if src.readinto(memoryview(target.reshape(-1))) != target.size:
+                        raise CheckpointError(f"{stored.file} ends inside tensor {name}; the file is truncated: re-save "
+                                              "or re-download it")
+                    if outer > 1:
+                        part[...] = target
+                yield memoryview(block.reshape(-1))
+
+    def _checked_shape(self, source: str, implied: tuple[int, ...]) -> None:
         shape = self.shape(source)
-        if shape != tuple(param.shape):
+        if shape != implied:
             raise CheckpointError(
-                f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(param.shape)}"
+                f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(implied)}"
             )
 
     def load_text_model(self, moe: str = "dense", dtype: str = "fp32", device: str = "cpu",
@@ -153,13 +170,13 @@ class Checkpoint:
             self.check_memory(dtype, device, "loading the PyTorch model")
         model = DiffusionGemmaText(self.config, moe=moe)
         for name, param in list(model.named_parameters()):
-            source = checkpoint_name(name)
-            self._checked_shape(source, param)
+            source, layout = checkpoint_name(name), stored_layout(model, name)
+            self._checked_shape(source, layout.shape)
             if fake_mode is not None:
                 with fake_mode:
                     value = torch.empty(param.shape, dtype=DTYPES[dtype])
             else:
-                value = self.converted(source, dtype).to(device)
+                value = layout.to_parameter(self.converted(source, dtype), param.shape).to(device)
             owner, attr = _owner(model, name)
             owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
         return model.eval() if fake_mode is not None else model.to(device).eval()  # .to: the RoPE buffers
@@ -183,10 +200,11 @@ class Checkpoint:
         """`canvasrt verify` of a checkpoint: every weight the model reads, one at a time (shape, dtype, finite
         values), one line per problem."""
         found = []
-        for name, param in DiffusionGemmaText(self.config).named_parameters():  # meta tensors: shapes only
+        model = DiffusionGemmaText(self.config)  # meta tensors: shapes only
+        for name, _ in model.named_parameters():
             source = checkpoint_name(name)
             try:
-                self._checked_shape(source, param)
+                self._checked_shape(source, stored_layout(model, name).shape)
                 self.tensor(source)
             except CheckpointError as exc:
                 found.append(str(exc))

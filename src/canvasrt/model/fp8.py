@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.errors import ArtifactError
 from .modeling import DiffusionGemmaText, Experts, Linear
 
 # GEMMs run in FP8 (by weight name, as the graphs name their initializers without the leading "model.").
@@ -39,6 +40,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_scale(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """One scale per row (the output channels of a 2-D GEMM weight, the experts of a batched one) or per tensor,
+    as the Q/DQ writer scales the graph's initializer of the same layout."""
     magnitude = weight.detach().abs().float()
     if mode == "per-tensor":
         return torch.from_numpy(scale_for(float(magnitude.max())))
@@ -57,12 +60,16 @@ def apply_fake_quantization(model: DiffusionGemmaText, calibration: dict[str, An
             module.register_forward_pre_hook(lambda m, args, s=scale: (fake_quantize(args[0], s),))
             done.append(f"{name}.weight")
         if isinstance(module, Experts) and f"{name}.gate_up_proj" in tensors:
+            down_scale = np.asarray(tensors[f"{name}.down_proj"]["scale"], np.float32)
+            if down_scale.ndim:
+                raise ArtifactError(f"{name}.down_proj has an input range per expert: a calibration by a canvasrt older "
+                                    "than the experts' one-GEMM down-projection; re-run `canvasrt calibrate`")
             for attr in ("gate_up_proj", "down_proj"):
                 param = getattr(module, attr)
                 param.data = fake_quantize(param.data, _weight_scale(param.data, mode))
             gate_up = torch.tensor(np.float32(tensors[f"{name}.gate_up_proj"]["scale"]))
             module.register_forward_pre_hook(lambda m, args, s=gate_up: (fake_quantize(args[0], s), *args[1:]))
-            down = torch.tensor(np.asarray(tensors[f"{name}.down_proj"]["scale"], np.float32)).reshape(-1, 1, 1)
-            module.down_input_hook = lambda act, routed, first, s=down: fake_quantize(act, s[first : first + act.shape[0]])
+            down = torch.tensor(down_scale)
+            module.down_input_hook = lambda act, routed, first, s=down: fake_quantize(act, s)
             done += [f"{name}.gate_up_proj", f"{name}.down_proj"]
     return done

@@ -39,6 +39,21 @@ from ..core.config import SLIDING, LayerSpec, ModelConfig
 
 MOE_FORMULATIONS = ("dense", "sparse", "grouped")
 DownInputHook = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class StoredLayout:
+    """Where a parameter's values lie in its checkpoint tensor: that tensor's shape, and which of its axes runs along
+    the parameter's first axis; the other axes follow in their order, and the result is reshaped to the parameter's
+    shape. Row axis 0 is the stored order itself (a reshape at most: the same bytes)."""
+
+    shape: tuple[int, ...]
+    row_axis: int = 0
+
+    def to_parameter(self, stored: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        return stored.movedim(self.row_axis, 0).reshape(shape)
+
+
 # Differs from transformers (which masks with -inf through its mask builders): the additive bias for hidden keys is
 # finite on purpose. A query that sees no key (a left-padding position in prefill) must get a uniform softmax, not
 # NaN, because NaN would leak into the K/V buffers; visible keys get exactly the same probabilities either way.
@@ -183,18 +198,25 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts, in one of two exact formulations (`MOE_FORMULATIONS`). Both differ from transformers'
+    """The routed experts, in one of three exact formulations (`MOE_FORMULATIONS`). All differ from transformers'
     eager experts, a Python loop over the experts hit by the batch, which cannot be traced into a static graph; the
-    sums they compute are the same up to float summation order.
+    sums they compute are the same up to float summation order. Each applies the routing weights to the activations
+    between the two GEMMs (transformers scales the down-projection's output: the same product, since the
+    down-projection is linear), so that every formulation's down-projection reads the same values: the routed
+    activations, already weighted, zero where a token is not routed to an expert.
 
-    dense: every expert runs on every token and a [tokens, experts] weight matrix (zero for unselected experts)
-      combines them: static shapes and a few large batched GEMMs, at num_experts / top_k times the routed FLOPs.
+    dense: every expert runs on every token, as two plain 2-D GEMMs over all experts' concatenated weights:
+      x [T, H] times gate_up [E*2I, H] (the checkpoint's [E, 2I, H] as it is stored), the gated activation
+      [T, E, I] times a [T, E] weight matrix (zero for unselected experts), then [T, E*I] times down [H, E*I] (the
+      checkpoint's [E, H, I] with the hidden axis first, see `stored_layouts`). Static shapes, and GEMMs that
+      TensorRT runs on FP8 tensor cores once their weights are FP8; num_experts / top_k times the routed FLOPs.
     sparse: each expert runs only on the tokens routed to it (select, compute, scatter-add back), so shapes depend
       on the routing; routed FLOPs only, but one NonZero/ScatterND branch per expert in the graph.
     grouped: the tokens routed to each expert are gathered into one [experts, capacity, H] batch, where capacity is
       the busiest expert's token count in this call (a runtime value, so no token is ever dropped), and run through
-      the same batched GEMMs as dense; one branch for all experts, at experts x capacity token-rows instead of
-      experts x tokens. Slots beyond an expert's own tokens hold other tokens at routing weight zero.
+      batched GEMMs over the weights as stored ([E, 2I, H], [E, H, I]); one branch for all experts, at
+      experts x capacity token-rows instead of experts x tokens. Slots beyond an expert's own tokens hold other
+      tokens at routing weight zero.
     """
 
     def __init__(self, config: ModelConfig, formulation: str):
@@ -202,14 +224,23 @@ class Experts(nn.Module):
         if formulation not in MOE_FORMULATIONS:
             raise ValueError(f"unknown MoE formulation {formulation!r}; use one of {MOE_FORMULATIONS}")
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h, device="meta"), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(e, h, i, device="meta"), requires_grad=False)
+        gate_up, down = (e, 2 * i, h), (e, h, i)  # the checkpoint's shapes
+        # How the parameters lie in the checkpoint's tensors, where that is not as they are used: the dense
+        # formulation's 2-D weights, whose down-projection takes the checkpoint's hidden axis as its rows.
+        self.stored_layouts: dict[str, StoredLayout] = {}
+        if formulation == "dense":
+            self.stored_layouts = {"gate_up_proj": StoredLayout(gate_up), "down_proj": StoredLayout(down, row_axis=1)}
+            gate_up, down = (e * 2 * i, h), (h, e * i)
+        self.gate_up_proj = nn.Parameter(torch.empty(gate_up, device="meta"), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(down, device="meta"), requires_grad=False)
         self.num_experts = e
         self.intermediate = i
         self.formulation = formulation
-        # Calibration's hook on the experts' down-projection inputs: (act [E', I, T'], routed [E', T'], first) for the
-        # E' consecutive experts from `first` (dense: all experts and tokens; sparse: one expert, its routed tokens).
-        # It records ranges, or returns a replacement (fake quantization). Eager only; None while exporting.
+        # Calibration's hook on the down-projection's input: (act [N, E', I], routed [N, E'], first), a view of the
+        # weighted activations of N token slots and the E' consecutive experts from `first`, and which slots are
+        # routed to each (dense: all tokens and experts; grouped: every expert's slots; sparse: one expert, its
+        # routed tokens). It records ranges, or returns a replacement (fake quantization). Eager only; None while
+        # exporting.
         self.down_input_hook: DownInputHook | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -220,17 +251,18 @@ class Experts(nn.Module):
             return self._grouped(x, weights, index)
         return self._sparse(x, weights, index)
 
+    def _gated(self, gate_up: torch.Tensor, axis: int) -> torch.Tensor:
+        gate, up = gate_up.split(self.intermediate, dim=axis)
+        return F.gelu(gate, approximate="tanh") * up
+
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         experts = torch.arange(self.num_experts, dtype=index.dtype, device=index.device)
         combine = ((index[:, :, None] == experts).to(weights.dtype) * weights[:, :, None]).sum(dim=1)  # [T, E]
-        # Token-minor layout ([E, features, T]) multiplies the expert weights as stored, without transposed copies.
-        gate_up = torch.matmul(self.gate_up_proj, x.t())  # [E, 2I, T]
-        act = F.gelu(gate_up[:, : self.intermediate], approximate="tanh") * gate_up[:, self.intermediate :]
+        gate_up = linear(x, self.gate_up_proj).reshape(-1, self.num_experts, 2 * self.intermediate)
+        act = (self._gated(gate_up, -1) * combine[:, :, None]).to(x.dtype)  # [T, E, I]
         if self.down_input_hook is not None:
-            replaced = self.down_input_hook(act, combine.t() != 0, 0)
-            act = act if replaced is None else replaced
-        out = torch.matmul(self.down_proj, act)  # [E, H, T]
-        return (out * combine.t()[:, None, :]).sum(dim=0).t().to(x.dtype)
+            act = _hooked(self.down_input_hook, act, combine != 0, 0)
+        return linear(act.reshape(-1, self.num_experts * self.intermediate), self.down_proj)
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         experts = torch.arange(self.num_experts, dtype=index.dtype, device=index.device)
@@ -244,31 +276,42 @@ class Experts(nn.Module):
         _, tokens = torch.topk(routed.to(torch.float32), capacity, dim=1)  # [E, capacity]
         slots = tokens.reshape(-1)
         grouped = x.index_select(0, slots).reshape(self.num_experts, capacity, x.shape[1])
+        # Token-minor layout ([E, features, capacity]) multiplies the expert weights as stored.
         gate_up = torch.matmul(self.gate_up_proj, grouped.transpose(1, 2))  # [E, 2I, capacity]
-        act = F.gelu(gate_up[:, : self.intermediate], approximate="tanh") * gate_up[:, self.intermediate :]
+        act = (self._gated(gate_up, 1) * torch.gather(combine, 1, tokens)[:, None, :]).to(x.dtype)
         if self.down_input_hook is not None:
-            replaced = self.down_input_hook(act, torch.gather(routed, 1, tokens), 0)
-            act = act if replaced is None else replaced
-        out = torch.matmul(self.down_proj, act) * torch.gather(combine, 1, tokens)[:, None, :]  # [E, H, capacity]
+            seen = torch.gather(routed, 1, tokens).t()
+            act = _hooked(self.down_input_hook, act.permute(2, 0, 1), seen, 0).permute(1, 2, 0)
+        out = torch.matmul(self.down_proj, act)  # [E, H, capacity]
         summed = torch.zeros(x.shape, dtype=out.dtype, device=x.device)
-        return summed.index_add(0, slots, out.transpose(1, 2).reshape(-1, x.shape[1])).to(x.dtype)
+        return summed.index_add(0, slots, out.transpose(1, 2).reshape(-1, x.shape[1]))
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
             routed = index == e  # [T, k]
             tokens = torch.nonzero(routed.any(dim=-1)).squeeze(-1)
-            picked = x.index_select(0, tokens)
-            gate, up = F.linear(picked, self.gate_up_proj[e]).chunk(2, dim=-1)
-            inner = F.gelu(gate, approximate="tanh") * up  # [T_e, I]
-            if self.down_input_hook is not None:
-                seen = torch.ones(1, inner.shape[0], dtype=torch.bool, device=inner.device)
-                replaced = self.down_input_hook(inner.t()[None], seen, e)
-                inner = inner if replaced is None else replaced[0].t()
-            y = F.linear(inner, self.down_proj[e])
             w = (weights * routed.to(weights.dtype)).sum(dim=-1).index_select(0, tokens)
-            out = out.index_add(0, tokens, (y * w[:, None]).to(x.dtype))
+            gate_up = F.linear(x.index_select(0, tokens), self.gate_up_proj[e])
+            inner = (self._gated(gate_up, -1) * w[:, None]).to(x.dtype)  # [T_e, I]
+            if self.down_input_hook is not None:
+                seen = torch.ones(inner.shape[0], 1, dtype=torch.bool, device=inner.device)
+                inner = _hooked(self.down_input_hook, inner[:, None], seen, e)[:, 0]
+            out = out.index_add(0, tokens, F.linear(inner, self.down_proj[e]))
         return out
+
+
+def stored_layout(module: nn.Module, name: str) -> StoredLayout:
+    """How parameter `name` of `module` lies in its checkpoint tensor: the loader and the exporter's weight streaming
+    both read the checkpoint through this."""
+    owner, _, attr = name.rpartition(".")
+    layouts: dict[str, StoredLayout] = getattr(module.get_submodule(owner), "stored_layouts", {})
+    return layouts.get(attr) or StoredLayout(tuple(module.get_parameter(name).shape))
+
+
+def _hooked(hook: DownInputHook, act: torch.Tensor, routed: torch.Tensor, first: int) -> torch.Tensor:
+    replaced = hook(act, routed, first)
+    return act if replaced is None else replaced
 
 
 class Layer(nn.Module):

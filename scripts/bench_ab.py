@@ -1,0 +1,75 @@
+"""Two artifact directories timed on one backend in one run, alternating (A, B, A, B, ...), so that both see the
+same machine load: on a shared machine two `canvasrt bench` runs one after the other can differ by more than the
+change being measured.
+
+    python scripts/bench_ab.py BEFORE AFTER --rounds 3 --steps 4 --canvases 2 --prompt-length 64 --threads 2
+
+Each round is one `canvasrt bench` of each directory (its own warm-up run, then the timed one); printed per
+directory: every round's step median, their median, and AFTER's speedup over BEFORE, as JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from canvasrt.runtime.bench import bench
+
+def bench_ab(before: Path, after: Path, backend: str, rounds: int, batch: int, prompt_length: int, steps: int,
+             canvases: int, threads: int | None) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        for name, target in (("before", before), ("after", after)):
+            result = bench(target, [backend], batch, prompt_length, steps, canvases, threads)
+            runs[name].append(result["backends"][backend])
+    summary: dict[str, Any] = {"backend": backend, "rounds": rounds}
+    for name, entries in runs.items():
+        summary[name] = {
+            "target": str(before if name == "before" else after),
+            "step_median_ms": [e["step"]["median_ms"] for e in entries],
+            "prefill_ms": [e["prefill_ms"] for e in entries],
+            "commit_ms": [e["commit_ms"] for e in entries],
+        }
+        for key in ("step_median_ms", "prefill_ms", "commit_ms"):
+            summary[name][f"{key}_median"] = float(np.median(summary[name][key]))
+    for key in ("step_median_ms", "prefill_ms", "commit_ms"):
+        summary[f"{key.removesuffix('_ms')}_speedup"] = (summary["before"][f"{key}_median"]
+                                                         / summary["after"][f"{key}_median"])
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--canvases", type=int, default=2, help="at least 2, so that a commit is timed")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.canvases < 2:
+        parser.error("--canvases must be at least 2: the commit between two canvases is one of the figures")
+    summary = bench_ab(args.before, args.after, args.backend, args.rounds, args.batch, args.prompt_length, args.steps,
+                       args.canvases, args.threads)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    for name in ("before", "after"):
+        entry = summary[name]
+        rounds = ", ".join(f"{v:.1f}" for v in entry["step_median_ms"])
+        print(f"{name:6} {entry['target']}: step median per round {rounds} ms -> {entry['step_median_ms_median']:.1f} ms; "
+              f"prefill {entry['prefill_ms_median']:.1f} ms, commit {entry['commit_ms_median']:.1f} ms")
+    print(f"after vs before: step {summary['step_median_speedup']:.2f}x, prefill {summary['prefill_speedup']:.2f}x, "
+          f"commit {summary['commit_speedup']:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
