@@ -138,10 +138,10 @@ def test_a_matching_build_is_reused_and_a_narrower_request_rebuilds(engines, tin
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["key"]["max_batch"], manifest["key"]["max_context"]) == (2, 64)
     assert manifest["capacity"] == {"max_batch": 2, "max_context": 64, "max_prefill": 64, "canvas": 16, "sliding": 7}
-    assert manifest["engines"]["backbone"]["profiles"] == {
-        "prefill": {"batch": [1, 2, 2], "chunk": [1, 64, 64], "rows": [0, 0, 0]},
-        "commit": {"batch": [1, 2, 2], "chunk": [16, 16, 16], "rows": [0, 0, 0]},
-        "denoise": {"batch": [1, 2, 2], "chunk": [0, 0, 0], "rows": [16, 16, 16]},
+    assert manifest["engines"]["backbone"]["profiles"] == {  # the K/V span narrowed with the context
+        "prefill": {"batch": [1, 2, 2], "chunk": [1, 64, 64], "rows": [0, 0, 0], "context": [16, 64, 64]},
+        "commit": {"batch": [1, 2, 2], "chunk": [16, 16, 16], "rows": [0, 0, 0], "context": [16, 64, 64]},
+        "denoise": {"batch": [1, 2, 2], "chunk": [0, 0, 0], "rows": [16, 16, 16], "context": [16, 64, 64]},
     }
 
 
