@@ -41,6 +41,7 @@ class RecordingBackend(OnnxRuntimeBackend):
 
     def run_backbone(self, phase, feeds):
         self.calls.append((phase, {dim: feeds[f"past_key_{i}"].shape[2] for i, dim in self.dims.items()}))
+        self.fed.append([feeds[f"past_{kind}_{i}"] for kind in ("key", "value") for i in range(self.num_layers)])
         return super().run_backbone(phase, feeds)
 
 
@@ -48,7 +49,7 @@ def test_each_call_reads_the_span_of_its_context(variant_artifacts):
     manifest = ArtifactManifest.load(variant_artifacts)
     backend = RecordingBackend(manifest)
     dims = [span_dim(layer, manifest.capacity) for layer in manifest.kv_layout]
-    backend.dims, backend.calls = {dims.index("context"): "context", dims.index("window"): "window"}, []
+    backend.dims, backend.calls, backend.fed = {dims.index("context"): "context", dims.index("window"): "window"}, [], []
     settings = resolve_settings(manifest.generation, {"max_new_tokens": 32, "max_denoising_steps": 2,
                                                       "stability_threshold": 3})
     ids, padding = left_pad([list(range(3, 23))], 0)  # 20 prompt tokens, two canvases of 16
@@ -57,6 +58,15 @@ def test_each_call_reads_the_span_of_its_context(variant_artifacts):
     assert backend.calls == [("prefill", {"context": 16, "window": 16})]  \
         + [("denoise", {"context": 32, "window": 19})] * 2 + [("commit", {"context": 32, "window": 19})] \
         + [("denoise", {"context": 48, "window": 19})] * 2
+    # The context is copied once per canvas, not per step: the steps of a canvas and its commit (same context, no
+    # write in between) are fed the same arrays; the next canvas's steps, after the commit wrote, new ones.
+    prefill, step_1a, step_1b, commit, step_2a, step_2b = backend.fed
+    assert all(a is b for a, b in zip(step_1a, step_1b)) and all(a is b for a, b in zip(step_1a, commit))
+    buffers = backend.buffers.keys + backend.buffers.values
+    assert all(a is b for a, b in zip(step_2a, step_2b))
+    assert not any(a is b for a, b, buffer in zip(commit, step_2a, buffers) if a is not buffer)
+    copied = [a for fed in (prefill, step_1a, step_2a) for a, buffer in zip(fed, buffers) if a is not buffer]
+    assert backend.context_copy_bytes == sum(a.nbytes for a in copied) > 0
 
 
 def test_any_span_that_covers_the_context_gives_the_same_step(variant_artifacts):

@@ -13,9 +13,9 @@ from abc import abstractmethod
 
 import numpy as np
 
-from ...core.contract import encoder_phase, kv_spans, no_canvas, no_chunk
+from ...core.contract import encoder_phase, no_canvas, no_chunk
 from ...core.errors import ArtifactError, CanvasrtError
-from ...core.kv import NUMPY_DTYPES, HostKVBuffers, context_mask, leading_slots
+from ...core.kv import NUMPY_DTYPES, HostKVBuffers, context_mask
 from ...core.manifest import ArtifactManifest
 from ..step import Draws, StepBackend, StepResult
 
@@ -61,10 +61,9 @@ class HostGraphBackend(StepBackend):
         self.self_cond = np.zeros((batch, self.spec.capacity.canvas, self.spec.model.hidden_size), self.dtype)
 
     def _kv_feeds(self, context_length: np.ndarray) -> dict[str, np.ndarray]:
-        """The K/V inputs: each buffer's leading slots that cover the longest row's context."""
-        spans = kv_spans(self.spec.kv_layout, self.spec.capacity, int(context_length.max(initial=0)))
+        """The K/V inputs: each buffer's leading slots that cover the longest row's context (`StepBackend._context`)."""
         feeds = {}
-        for i, (k, v) in enumerate(zip(leading_slots(self.buffers.keys, spans), leading_slots(self.buffers.values, spans))):
+        for i, (k, v) in enumerate(zip(*self._context(self.buffers.keys, self.buffers.values, context_length))):
             feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k, v
         return feeds
 

@@ -6,9 +6,10 @@ phases never run at the same time, so the contexts share one block of activation
 Device memory is held in PyTorch CUDA tensors (GPU machines have PyTorch; the ONNX Runtime path stays torch-free).
 The per-layer K/V cache, the context mask and two self-conditioning buffers (ping-pong) are planned once per batch
 size; a call binds the leading slots of each K/V buffer that cover its context (`core.contract.kv_spans`: a device
-copy of those slots, the whole buffer once the context fills it), so attention reads the live context only. Every
-other engine input and output is allocated once per shape (phase, batch, chunk), with the shapes and dtypes the engine
-itself reports, and reused by later calls of that shape. A step moves only the small per-step
+copy of those slots, the whole buffer once the context fills it; kept across a canvas's steps,
+`StepBackend._context`), so attention reads the live context only. Every other engine input and output is allocated
+once per shape (phase, batch, chunk), with the shapes and dtypes the engine itself reports, and reused by later calls
+of that shape. A step moves only the small per-step
 tensors between host and device. On activation the engine's I/O names, dtypes and static dims are checked against
 the manifest.
 
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.contract import PHASES, check_io, encoder_phase, kv_spans, no_canvas, no_chunk
+from ...core.contract import PHASES, check_io, encoder_phase, no_canvas, no_chunk
 from ...core.errors import CanvasrtError
-from ...core.kv import buffer_shapes, context_mask, leading_slots, write_chunk
+from ...core.kv import buffer_shapes, context_mask, write_chunk
 from ...core.manifest import EngineManifest
 from ..step import Draws, StepBackend, StepResult
 
@@ -213,11 +214,11 @@ class TensorRTBackend(StepBackend):
             buffers[name].copy_(self.torch.from_numpy(np.ascontiguousarray(array)), non_blocking=True)
 
     def _kv_inputs(self, context_length: np.ndarray) -> dict[str, Any]:
-        """The buffers' leading slots that cover the longest row's context (a device copy of those slots unless
-        they are the whole buffer): the engine's K/V inputs have a span dim, so attention reads the live context."""
-        spans = kv_spans(self.manifest.kv_layout, self.manifest.capacity, int(context_length.max(initial=0)))
-        feeds = {f"past_key_{i}": k for i, k in enumerate(leading_slots(self.keys, spans))}
-        feeds.update({f"past_value_{i}": v for i, v in enumerate(leading_slots(self.values, spans))})
+        """The buffers' leading slots that cover the longest row's context (`StepBackend._context`): the engine's
+        K/V inputs have a span dim, so attention reads the live context."""
+        keys, values = self._context(self.keys, self.values, context_length)
+        feeds = {f"past_key_{i}": k for i, k in enumerate(keys)}
+        feeds.update({f"past_value_{i}": v for i, v in enumerate(values)})
         return feeds
 
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:

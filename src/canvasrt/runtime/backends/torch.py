@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core.contract import Capacity, kv_layout, kv_spans
+from ...core.contract import Capacity, kv_layout
 from ...core.errors import CanvasrtError
-from ...core.kv import context_mask, leading_slots, write_chunk
+from ...core.kv import context_mask, write_chunk
 from ...core.manifest import Quantization, StepSpec
 from ...model.checkpoint import DTYPES, Checkpoint, torch_device
 from ..step import Draws, StepBackend, StepResult
@@ -84,15 +84,11 @@ class TorchBackend(StepBackend):
         self.self_cond = torch.zeros(batch, self.spec.capacity.canvas, self.spec.model.hidden_size, dtype=torch_dtype,
                                      device=self.device)
 
-    def _past(self, context_length: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        spans = kv_spans(self.spec.kv_layout, self.spec.capacity, int(context_length.max(initial=0)))
-        return leading_slots(self.keys, spans), leading_slots(self.values, spans)
-
     @torch.inference_mode()
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
         batch = input_ids.shape[0]
         pos = self._tensor(positions.astype(np.int64))
-        keys, values = self._past(context_length)
+        keys, values = self._context(self.keys, self.values, context_length)
         new_k, new_v = self.model.encode(
             self._tensor(input_ids),
             pos[None].expand(batch, -1),
@@ -116,7 +112,7 @@ class TorchBackend(StepBackend):
     ) -> StepResult:
         if first_step:
             self.self_cond.zero_()
-        keys, values = self._past(context_length)
+        keys, values = self._context(self.keys, self.values, context_length)
         out = self.model.denoise(
             self._tensor(canvas),
             self.self_cond,
