@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from canvasrt.runtime.backends import open_backend
 from canvasrt.runtime.backends.torch import TorchBackend
 from canvasrt.cli import main
+from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.reference import Reference
 from canvasrt.runtime.rng import make_draws
@@ -173,6 +174,10 @@ def test_bench_reports_backends_side_by_side(tiny_artifacts):
     assert set(entries) == {"onnxruntime", "torch", "transformers"}
     assert entries["onnxruntime"]["steps_per_block"] == [3, 3]
     assert 0 <= entries["onnxruntime"]["host_overhead_share"] < 1
+    # prefill and two canvases: at most three copies of the K/V buffers' slots over the six steps, not one per step
+    kv_bytes = 2 * 4 * sum(layer.num_kv_heads * layer.slots * layer.head_dim
+                           for layer in ArtifactManifest.load(tiny_artifacts).kv_layout)
+    assert 0 < entries["onnxruntime"]["context_copy_bytes_per_step"] <= 3 * kv_bytes / 6
     assert entries["torch"]["step_speedup_vs_onnxruntime"] > 0
     assert entries["onnxruntime"]["step_speedup_vs_transformers"] > 0
 

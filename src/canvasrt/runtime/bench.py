@@ -83,6 +83,7 @@ def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, st
     with backend:
         for _ in range(2):  # the first run warms up sessions and allocators
             backend.transfer_bytes = {kind: 0 for kind in backend.transfer_bytes}
+            backend.context_copy_bytes = 0
             result = generate(backend, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
     t = result.timings
     wall, inside = sum(t["step_wall_s"]), sum(t["step_backend_s"])
@@ -97,6 +98,8 @@ def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, st
         "tokens_per_forward": float(np.mean(result.tokens_per_forward)),
         "tokens_per_s": new_tokens / t["total_s"],
         "transfer_bytes_per_step": backend.transfer_bytes["denoise"] / max(t["steps"], 1),
+        # K/V slots copied into the calls' context inputs (once per canvas and prefill chunk, not per step)
+        "context_copy_bytes_per_step": backend.context_copy_bytes / max(t["steps"], 1),
     }
 
 
@@ -235,6 +238,8 @@ def format_table(results: dict[str, Any]) -> Table:
         ("commit (ms)", lambda e: f"{e['commit_ms']:.1f}" if "commit_ms" in e else "-"),
         ("steps per block", lambda e: str(e["steps_per_block"])),
         ("tokens per second", lambda e: f"{e['tokens_per_s']:.1f}"),
+        ("K/V context copied per step (MB)",
+         lambda e: f"{e['context_copy_bytes_per_step'] / 1e6:.3f}" if "context_copy_bytes_per_step" in e else "-"),
         (f"step speedup vs {names[0]}", lambda e: f"{e['step_speedup_vs_' + names[0]]:.2f}x"),
     ]
     if "transformers" in results["backends"]:
