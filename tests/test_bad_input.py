@@ -355,6 +355,25 @@ def test_serve_refuses_a_log_it_cannot_write_and_leaves_no_scratch(tiny_artifact
     assert list(scratch.iterdir()) == []
 
 
+MALFORMED = [
+    (["triton", "ART", "-o", "REPO", "--slots", "x"], "canvasrt triton: Invalid value for '--slots': 'x' is not a valid "
+                                                      "integer; see `canvasrt triton --help`"),
+    (["generate", "ART", "--seed", "x"], "canvasrt generate: Invalid value for '--seed': 'x' is not a valid integer"),
+    (["export"], "canvasrt export: Missing argument 'CHECKPOINT'; see `canvasrt export --help`"),
+    (["build", "ART", "--bogus"], "canvasrt build: No such option '--bogus'"),
+    (["exprt"], "canvasrt: No such command 'exprt'. Did you mean 'export'?; see `canvasrt --help`"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", MALFORMED, ids=[" ".join(a) for a, _ in MALFORMED])
+def test_malformed_command_lines_are_one_line(tiny_artifacts, tmp_path, args, fragment):
+    """click's usage errors (a value of the wrong type, a missing argument, an unknown option or command) would be
+    usage, hint and error on three lines: they are one error line and exit 2 like every other bad input."""
+    names = {"ART": tiny_artifacts, "REPO": tmp_path / "repo"}
+    assert_refused(cli(*(names.get(a, a) for a in args)), fragment)
+    assert_nothing_written(tmp_path / "repo")
+
+
 @pytest.mark.parametrize("value, fragments", [
     (0, ["--concurrency must be at least 1, got 0"]),
     (-2, ["--concurrency must be at least 1, got -2"]),

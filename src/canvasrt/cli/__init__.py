@@ -1,8 +1,9 @@
 """The `canvasrt` command: one group; each module of this package holds the commands of one stage and calls that
 stage's API. No stage imports this package.
 
-User errors (CanvasrtError) become one line on stderr and exit code 2; parity failures exit 1; Ctrl-C exits 130 and
-SIGTERM 143, after the command has unwound (no staged output left behind).
+User errors (CanvasrtError) become one line on stderr and exit code 2, and so do a command's bad options and
+arguments (click's usage errors, which it would print as usage, hint and error on three lines); parity failures exit
+1; Ctrl-C exits 130 and SIGTERM 143, after the command has unwound (no staged output left behind).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class Group(click.Group):
         except CanvasrtError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            path = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {path}: {exc.format_message().rstrip('.')}; see `{path} --help`", err=True)
+            sys.exit(2)
         except Terminated:
             click.echo("terminated (SIGTERM)", err=True)
             sys.exit(128 + signal.SIGTERM)
@@ -50,7 +57,7 @@ class Group(click.Group):
                 signal.signal(signal.SIGTERM, previous)
 
 
-@click.group(cls=Group)
+@click.group(cls=Group, name="canvasrt")
 @click.version_option(package_name="canvasrt")
 def main() -> None:
     """canvasrt: export, quantize, build and run DiffusionGemma block-diffusion models."""
