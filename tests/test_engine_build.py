@@ -172,10 +172,11 @@ def test_fp8_artifacts_without_their_calibration_are_refused(tiny_fp8_artifacts,
     assert not (tmp_path / "e").exists()
 
 
-def test_sparse_moe_graph_is_refused_by_tensorrt_rtx_with_a_clear_error(tiny_sparse_artifacts):
+def test_sparse_moe_graph_is_refused_by_tensorrt_rtx_with_a_clear_error(tiny_sparse_artifacts, tmp_path):
     entry = ArtifactManifest.load(tiny_sparse_artifacts).backbone
     with pytest.raises(CanvasrtError, match="could not build backbone.onnx: .*NonZero"):
-        build_engine(tiny_sparse_artifacts / entry.file, entry, "tensorrt-rtx", "sm89")
+        build_engine(tiny_sparse_artifacts / entry.file, tmp_path / "e.engine", entry, "tensorrt-rtx", "sm89")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_build_refuses_sparse_graphs_for_tensorrt_rtx_up_front(tiny_sparse_artifacts, tmp_path):
@@ -189,22 +190,23 @@ def monitored_build(tiny_artifacts, tmp_path_factory):
     """One build of the backbone that reports its phases and writes a timing cache."""
     entry = ArtifactManifest.load(tiny_artifacts).backbone
     cache = tmp_path_factory.mktemp("cache") / "timing.cache"
+    engine = tmp_path_factory.mktemp("engine") / "backbone.engine"
     events = []
-    built = build_engine(tiny_artifacts / entry.file, entry, "tensorrt-rtx", "sm89", timing_cache=cache,
+    built = build_engine(tiny_artifacts / entry.file, engine, entry, "tensorrt-rtx", "sm89", timing_cache=cache,
                          phases=events.append)
-    return entry, built, events, cache
+    return entry, built, events, cache, engine
 
 
 def test_progress_monitor_reports_the_build_phases(monitored_build):
-    _, built, events, _ = monitored_build
-    assert len(built.data) > 100_000 and built.layers
+    _, built, events, _, engine = monitored_build
+    assert engine.stat().st_size == built.bytes > 100_000 and built.layers
     assert events[0][0].name == "Building engine" and events[0][0].steps > 1 and events[-1] == ()
     assert {"Building engine", "Optimizing graph"} <= {phase.name for stack in events for phase in stack}
     assert all(0 <= phase.done <= phase.steps for stack in events for phase in stack)
     assert max(stack[0].done for stack in events if stack) > 0  # steps are counted, not only phases opened
 
 
-def test_progress_monitor_turns_an_interrupt_into_a_cancelled_build(tiny_artifacts):
+def test_progress_monitor_turns_an_interrupt_into_a_cancelled_build(tiny_artifacts, tmp_path):
     entry = ArtifactManifest.load(tiny_artifacts).backbone
 
     def interrupt(stack):
@@ -212,16 +214,18 @@ def test_progress_monitor_turns_an_interrupt_into_a_cancelled_build(tiny_artifac
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_engine(tiny_artifacts / entry.file, entry, "tensorrt-rtx", "sm89", phases=interrupt)
+        build_engine(tiny_artifacts / entry.file, tmp_path / "e.engine", entry, "tensorrt-rtx", "sm89",
+                     phases=interrupt)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_timing_cache_is_written_atomically_and_survives_a_rebuild(monitored_build, tiny_artifacts):
+def test_timing_cache_is_written_atomically_and_survives_a_rebuild(monitored_build, tiny_artifacts, tmp_path):
     """TensorRT-RTX times no tactics (its timing cache stays empty: 0 keys), so this checks the file handling that
     the TensorRT path shares: written by rename, no lock or temporary file left, loaded and rewritten by the next
     build."""
-    entry, _, _, cache = monitored_build
+    entry, _, _, cache, _ = monitored_build
     assert cache.is_file() and cache.stat().st_size > 0
     assert sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]
     first = cache.read_bytes()
-    build_engine(tiny_artifacts / entry.file, entry, "tensorrt-rtx", "sm89", timing_cache=cache)
+    build_engine(tiny_artifacts / entry.file, tmp_path / "e.engine", entry, "tensorrt-rtx", "sm89", timing_cache=cache)
     assert cache.read_bytes() == first and sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]

@@ -50,7 +50,7 @@ PhaseCallback = Callable[[tuple[Phase, ...]], None]
 
 @dataclass(frozen=True)
 class BuiltEngine:
-    data: bytes
+    bytes: int  # the size of the engine file written
     layers: str  # the builder's layer information, one line per layer; empty when the builder reported none
 
 
@@ -204,6 +204,7 @@ def profiles_for(graph: GraphEntry, profiles: Profiles | None = None) -> list[An
 
 def build_engine(
     onnx_path: str | Path,
+    engine_path: Path,
     graph: GraphEntry,
     flavour: str,
     target: str | None = None,
@@ -212,8 +213,13 @@ def build_engine(
     timing_cache: Path | None = None,
     phases: PhaseCallback | None = None,
 ) -> BuiltEngine:
-    """Parses and builds one graph. `timing_cache` is loaded when it exists and replaced (atomically) after the build;
-    `phases` hears the stack of open build phases from TensorRT's progress monitor."""
+    """Parses and builds one graph into `engine_path`. `timing_cache` is loaded when it exists and replaced
+    (atomically) after the build; `phases` hears the stack of open build phases from TensorRT's progress monitor.
+
+    Memory: the parser holds the graph's weights and the builder returns the serialized engine, about one copy of
+    the weights each. The parser, the network and the builder are released before the engine is written, and the
+    engine goes to the file from TensorRT's own buffer, not through a copy in Python bytes: each of those would be a
+    third copy at the peak (the released width's FP8 build measured 3x its weights before, docs/PERFORMANCE.md)."""
     if flavour not in FLAVOURS:
         raise CanvasrtError(f"unknown builder {flavour!r}; use one of {', '.join(FLAVOURS)}")
     if flavour == "tensorrt-rtx" and target not in RTX_TARGETS:
@@ -271,7 +277,12 @@ def build_engine(
             os.umask(umask)
             os.chmod(fresh.name, 0o666 & ~umask)  # mkstemp's 0600 would hide the cache from a team's other builds
             os.replace(fresh.name, timing_cache)
-    return BuiltEngine(bytes(data), log.layers)
+    del config, network, parser, builder
+    with open(engine_path, "wb") as out:
+        out.write(memoryview(data))
+    size = int(data.nbytes)
+    del data
+    return BuiltEngine(size, log.layers)
 
 
 _LAYER = re.compile(r"Name: (?P<name>.*?), LayerType: (?P<kind>\w+), Inputs: \[(?P<inputs>.*?)\], "
@@ -399,14 +410,13 @@ def build_engines(
             if progress:
                 progress(f"building {name} engine ({flavour}, {target})")
             profiles = narrow_profiles(graph.profiles, capacity)
-            built = build_engine(manifest.graph_path(name), graph, flavour, target, workspace_bytes, profiles, cache,
-                                 phases)
-            (staging / f"{name}.engine").write_bytes(built.data)
+            built = build_engine(manifest.graph_path(name), staging / f"{name}.engine", graph, flavour, target,
+                                 workspace_bytes, profiles, cache, phases)
             if built.layers:
                 (staging / f"{name}.layers.txt").write_text(built.layers + "\n")
             engines[name] = EngineEntry(
                 file=f"{name}.engine", sha256=sha256_file(staging / f"{name}.engine"), onnx_sha256=graph.sha256,
-                bytes=len(built.data), profiles=profiles,
+                bytes=built.bytes, profiles=profiles,
                 inputs=graph.inputs, outputs=graph.outputs, layers=f"{name}.layers.txt" if built.layers else None,
                 gemms=gemms_per_profile(engine_layers(built.layers), profiles) if built.layers else None,
             )
