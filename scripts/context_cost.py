@@ -10,6 +10,8 @@ the median step, prefill and commit time per capacity and each one's ratio to th
 returns exactly the first one's tokens, step by step (same draws). The K/V inputs' span follows the live context
 (docs/ARTIFACTS.md), so the ratios should stay near 1 however large the capacity. `--full-span` adds, as the control,
 the largest export fed every slot of its buffers, which is what K/V inputs sized to the capacity cost.
+`--per-step-copy` adds the largest export with the context's slots copied again at every step instead of once per
+canvas (`StepBackend._context`), which is what the copy costs when it is not kept.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ class FullSpanBackend(OnnxRuntimeBackend):
         return super()._kv_feeds(full)
 
 
+class PerStepCopyBackend(OnnxRuntimeBackend):
+    """ONNX Runtime with the context feed dropped before every call: the K/V slots copied at every step."""
+
+    def _context(self, keys: list[Any], values: list[Any], context_length: np.ndarray) -> tuple[list[Any], list[Any]]:
+        self._fed = None
+        return super()._context(keys, values, context_length)
+
+
 def _artifacts(checkpoint: Path, work: Path, max_context: int) -> ArtifactManifest:
     target = work / f"ctx-{max_context}"
     if not (target / "manifest.json").exists():
@@ -46,13 +56,16 @@ def _artifacts(checkpoint: Path, work: Path, max_context: int) -> ArtifactManife
 
 
 def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: int, steps: int, rounds: int,
-            threads: int, full_span: bool = False) -> dict[str, Any]:
+            threads: int, full_span: bool = False, per_step_copy: bool = False) -> dict[str, Any]:
     manifests = [_artifacts(checkpoint, work, n) for n in contexts]
     backends = [OnnxRuntimeBackend(m, threads=threads) for m in manifests]
     names = [str(n) for n in contexts]
     if full_span:
         backends.append(FullSpanBackend(manifests[-1], threads=threads))
         names.append(f"{contexts[-1]} full span")
+    if per_step_copy:
+        backends.append(PerStepCopyBackend(manifests[-1], threads=threads))
+        names.append(f"{contexts[-1]} copy per step")
     spec = manifests[0]
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
     settings = resolve_settings(spec.generation, {"max_new_tokens": 2 * canvas, "max_denoising_steps": steps,
@@ -99,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--full-span", action="store_true",
                         help="also run the largest export fed whole K/V buffers (capacity-sized inputs, the control)")
+    parser.add_argument("--per-step-copy", action="store_true",
+                        help="also run the largest export with the context copied at every step, not once per canvas")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if min(args.prompt_length, args.steps, args.rounds, args.threads) < 1:
         parser.error("--prompt-length, --steps, --rounds and --threads must be at least 1")
     result = compare(args.checkpoint, args.work, args.contexts, args.prompt_length, args.steps, args.rounds,
-                     args.threads, args.full_span)
+                     args.threads, args.full_span, args.per_step_copy)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
