@@ -74,17 +74,20 @@ def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: in
     ids, padding = left_pad(rng.integers(3, vocab, size=(1, prompt_length)).tolist(), 0)
     times: dict[str, dict[str, list[float]]] = {n: {"step": [], "prefill": [], "commit": []} for n in names}
     tokens: dict[str, np.ndarray] = {}
+    copied = {n: 0 for n in names}  # K/V bytes copied into the calls' context inputs, per timed step
     for backend in backends:
         backend.activate()
     try:
         for round_ in range(rounds + 1):  # round 0 warms up every session
             for n, backend in zip(names, backends):
+                backend.context_copy_bytes = 0
                 result = generate(backend, ids, padding, settings, make_draws("counter", 0, 1, vocab, canvas))
                 tokens[n] = result.new_tokens
                 if round_:
                     times[n]["step"] += result.timings["step_wall_s"]
                     times[n]["prefill"].append(result.timings["prefill_s"])
                     times[n]["commit"].append(result.timings["commit_s"])
+                    copied[n] = backend.context_copy_bytes // result.timings["steps"]
     finally:
         for backend in backends:
             backend.deactivate()
@@ -95,7 +98,8 @@ def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: in
         "threads": threads,
         "contexts": {n: {**{f"{k}_ms": v for k, v in medians[n].items()},
                               **{f"{k}_ratio": medians[n][k] / medians[first][k] for k in medians[n]},
-                              "same_tokens": bool(np.array_equal(tokens[n], tokens[first]))}
+                              "same_tokens": bool(np.array_equal(tokens[n], tokens[first])),
+                              "context_copy_bytes_per_step": copied[n]}
                      for n in names},
     }
 
@@ -126,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompt {args.prompt_length} tokens, {args.steps} steps x {args.rounds} rounds, "
               f"{args.threads} threads, ONNX Runtime CPU")
         print(f"{'max context':>20}{'step ms':>10}{'ratio':>8}{'prefill ms':>12}{'ratio':>8}{'commit ms':>11}"
-              f"{'ratio':>8}  same tokens")
+              f"{'ratio':>8}{'copied MB/step':>16}  same tokens")
         for n, r in result["contexts"].items():
             print(f"{n:>20}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['prefill_ms']:>12.1f}{r['prefill_ratio']:>8.3f}"
-                  f"{r['commit_ms']:>11.1f}{r['commit_ratio']:>8.3f}  {r['same_tokens']}")
+                  f"{r['commit_ms']:>11.1f}{r['commit_ratio']:>8.3f}{r['context_copy_bytes_per_step'] / 1e6:>16.2f}"
+                  f"  {r['same_tokens']}")
     return 0 if all(r["same_tokens"] for r in result["contexts"].values()) else 1
 
 
