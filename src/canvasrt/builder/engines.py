@@ -216,10 +216,10 @@ def build_engine(
     """Parses and builds one graph into `engine_path`. `timing_cache` is loaded when it exists and replaced
     (atomically) after the build; `phases` hears the stack of open build phases from TensorRT's progress monitor.
 
-    Memory: the parser holds the graph's weights and the builder returns the serialized engine, about one copy of
-    the weights each. The parser, the network and the builder are released before the engine is written, and the
-    engine goes to the file from TensorRT's own buffer, not through a copy in Python bytes: each of those would be a
-    third copy at the peak (the released width's FP8 build measured 3x its weights before, docs/PERFORMANCE.md)."""
+    Memory: the peak is inside the build, about two copies of the weights in anonymous memory (the parser's and the
+    builder's) plus the graph's weights file as it is read (docs/PERFORMANCE.md, released width). The parser, the
+    network and the builder are released before the engine is written, from TensorRT's own buffer rather than
+    through a Python bytes copy, so writing adds nothing to that peak."""
     if flavour not in FLAVOURS:
         raise CanvasrtError(f"unknown builder {flavour!r}; use one of {', '.join(FLAVOURS)}")
     if flavour == "tensorrt-rtx" and target not in RTX_TARGETS:
