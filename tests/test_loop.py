@@ -95,6 +95,20 @@ def test_loop_parity_cli(fixture, request, tiny_checkpoint, variant_checkpoint, 
     assert ("torch_hf_batch2", "sequences") in outputs and ("onnxruntime_vs_torch_block1", "committed_tokens") in outputs
 
 
+def test_loop_parity_generates_what_max_new_tokens_says(tiny_checkpoint, tiny_artifacts, tmp_path):
+    """--max-new-tokens: one canvas instead of the default two (what makes the released width's loop level half as
+    long); with the step level it is refused, since that level generates nothing."""
+    result = cli("parity", tiny_checkpoint, tiny_artifacts, "--level", "loop", "--max-new-tokens", 16,
+                 "--report", tmp_path / "r.json", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["info"]["settings"]["max_new_tokens"] == 16
+    stages = {c["stage"] for c in report["checks"]}
+    assert "onnxruntime_vs_torch_block0" in stages and "onnxruntime_vs_torch_block1" not in stages
+    refused = cli("parity", tiny_checkpoint, tiny_artifacts, "--max-new-tokens", 16)
+    assert refused.exit_code == 2 and "--max-new-tokens sets what the loop level generates" in refused.output
+
+
 def _bytes_per_step(artifacts) -> float:
     with open_backend(artifacts, "onnxruntime") as backend:
         settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 4})

@@ -30,10 +30,13 @@ out = Console(width=None if sys.stdout.isatty() else 160)
               help="where the reference and the torch backends run")
 @click.option("--reference-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="dtype of the reference and the torch backends (tolerances assume fp32)")
+@click.option("--max-new-tokens", type=int, default=None, callback=positive,
+              help="--level loop: tokens each row generates, rounded up to whole canvases (default: two canvases "
+                   "where the context allows, else one)")
 @click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
 def parity_command(
     checkpoint: Path, target: Path, level: str, backend: str | None, report_path: Path | None, junit: Path | None,
-    seed: int, threads: int | None, device: str, reference_dtype: str, bisect: bool,
+    seed: int, threads: int | None, device: str, reference_dtype: str, max_new_tokens: int | None, bisect: bool,
 ) -> None:
     """Compare TARGET (artifacts or engines) against the transformers reference built from CHECKPOINT.
     Exit 0 within tolerance, 1 not."""
@@ -42,13 +45,15 @@ def parity_command(
     # Refused before the check runs: a report that cannot be written must not turn into exit code 1 after it
     _check_report_path(report_path, "--report")
     _check_report_path(junit, "--junit")
+    if max_new_tokens is not None and level != "loop":
+        raise CanvasrtError("--max-new-tokens sets what the loop level generates; add --level loop or leave it out")
     if bisect:
         _bisect(checkpoint, target, seed, threads, report_path)
         return
 
     with Console(stderr=True).status(f"running {level} parity: the reference, then {target}, on the same inputs"):
-        report = parity(checkpoint, target, level, backend, seed=seed, threads=threads, device=device,
-                        reference_dtype=reference_dtype)
+        report = parity(checkpoint, target, level, backend, seed=seed, threads=threads, max_new_tokens=max_new_tokens,
+                        device=device, reference_dtype=reference_dtype)
     table = Table(title=f"parity --level {level} ({report.backend}, {report.dtype})", show_lines=False)
     for column in ("stage", "output", "figures", "limits", "ok"):
         table.add_column(column)
