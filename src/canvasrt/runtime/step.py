@@ -99,7 +99,7 @@ class StepBackend(ABC):
         self.context_copy_bytes = 0
         self._active = False
         self._window: tuple[int, int] | None = None  # the rows a slot call runs on (`_rows`); None: all of them
-        self._fed: tuple[Any, list[Any], list[Any]] | None = None  # (stamp, keys, values) of the last context feed
+        self._fed: tuple[Any, list[Any], list[Any]] | None = None  # (rows and spans, keys, values) of the last feed
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class StepBackend(ABC):
         """The K/V inputs of a call over these buffers: their leading slots that cover the longest row's context,
         the same copies as the previous call's while the buffers, the rows and the spans are unchanged."""
         spans = kv_spans(self.spec.kv_layout, self.spec.capacity, int(context_length.max(initial=0)))
-        stamp = (self._window, tuple(spans), len(keys[0]) if keys else 0)
+        stamp = (self._window, tuple(spans))
         if self._fed is None or self._fed[0] != stamp:
             self._fed = None  # the previous copies are dropped before the new ones are made
             fed_keys, fed_values = leading_slots(keys, spans), leading_slots(values, spans)
