@@ -7,9 +7,9 @@
 #   scripts/released_width.sh DIR [LAYERS ...]     # default: 2 4
 #   STAGES="export parity" scripts/released_width.sh /work/big 2
 #
-# Stages (STAGES, default all): checkpoint, export (bf16, fp16, fp32), parity (step, and loop over LOOP_TOKENS new
-# tokens per row, default 256: one canvas, on the fp32 artifacts), calibrate (FP8 artifacts DIR/art-N-fp8 from the fp32 ones, CALIBRATE_SAMPLES prompts, default 2, on
-# the checkpoint's schedule), build (FP8 TensorRT-RTX engines for SM89 from DIR/art-N-fp8).
+# Stages (STAGES, default all): checkpoint, export (bf16, fp16, fp32), parity (step and loop on the fp32 artifacts;
+# LOOP_TOKENS, if set, is the loop level's --max-new-tokens), calibrate (FP8 artifacts DIR/art-N-fp8 from the fp32
+# ones, CALIBRATE_SAMPLES prompts, default 2, on the checkpoint's schedule), build (FP8 TensorRT-RTX engines for SM89 from DIR/art-N-fp8).
 # Each measured command runs under /usr/bin/time -v; its log is DIR/<stage>.log and one line per stage goes to
 # DIR/released-width.tsv: stage, exit status, wall seconds, peak RSS (KB). Artifacts no later stage needs are
 # deleted as soon as they are measured.
@@ -19,7 +19,7 @@ shift
 LAYERS=${*:-2 4}
 STAGES=${STAGES:-checkpoint export parity calibrate build}
 CALIBRATE_SAMPLES=${CALIBRATE_SAMPLES:-2}
-LOOP_TOKENS=${LOOP_TOKENS:-256}
+LOOP_TOKENS=${LOOP_TOKENS:+--max-new-tokens $LOOP_TOKENS}
 CANVASRT=${CANVASRT:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/canvasrt}
 mkdir -p "$DIR"
 TSV="$DIR/released-width.tsv"
@@ -52,7 +52,7 @@ for n in $LAYERS; do
   fi
   if has parity; then
     measure "parity-step-$n" "$CANVASRT" parity "$ckpt" "$DIR/art-$n-fp32" --level step --report "$DIR/parity-step-$n.json"
-    measure "parity-loop-$n" "$CANVASRT" parity "$ckpt" "$DIR/art-$n-fp32" --level loop --max-new-tokens "$LOOP_TOKENS" --report "$DIR/parity-loop-$n.json"
+    measure "parity-loop-$n" "$CANVASRT" parity "$ckpt" "$DIR/art-$n-fp32" --level loop $LOOP_TOKENS --report "$DIR/parity-loop-$n.json"
   fi
   if has calibrate; then
     measure "calibrate-$n" "$CANVASRT" calibrate "$ckpt" "$DIR/art-$n-fp32" -o "$DIR/art-$n-fp8" --samples "$CALIBRATE_SAMPLES"
