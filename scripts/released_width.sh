@@ -9,7 +9,8 @@
 #
 # Stages (STAGES, default all): checkpoint, export (bf16, fp16, fp32), parity (step and loop on the fp32 artifacts;
 # LOOP_TOKENS, if set, is the loop level's --max-new-tokens), calibrate (FP8 artifacts DIR/art-N-fp8 from the fp32
-# ones, CALIBRATE_SAMPLES prompts, default 2, on the checkpoint's schedule), build (FP8 TensorRT-RTX engines for SM89 from DIR/art-N-fp8).
+# ones, CALIBRATE_SAMPLES prompts, default 2, on the checkpoint's schedule), build (FP8 TensorRT-RTX engines for
+# SM89 from DIR/art-N-fp8).
 # Each measured command runs under /usr/bin/time -v; its log is DIR/<stage>.log and one line per stage goes to
 # DIR/released-width.tsv: stage, exit status, wall seconds, peak RSS (KB). Artifacts no later stage needs are
 # deleted as soon as they are measured.
