@@ -17,7 +17,8 @@ compares any backend through this interface alone.
 Context feeds: a call's K/V inputs are the buffers' leading slots that cover the longest row's context
 (`core.contract.kv_spans`), a dense copy unless that is the whole buffer. Within a canvas every denoising step reads
 the same context, so `_context()` keeps the copy until the buffers change (start, encode, admit, move_slot): one copy
-per canvas instead of one per step (at the released width and 8192 tokens of context, 671 MB of fp32 K/V per step).
+per canvas instead of one per step (at the released width and 8192 tokens of context, 335 MB of fp32 K/V per row
+and step).
 `context_copy_bytes` counts what was copied.
 
 Slots (in-flight batching, `canvasrt.runtime.scheduler`): `open_slots(n)` allocates n rows of state once; each row
