@@ -299,6 +299,7 @@ TRITON_OPTIONS = [
                                         "raise --max-batch (up to 4)"]),
     (["--max-batch", 0], ["--max-batch must be between 1 and the artifacts' max batch 4, got 0"]),
     (["--max-queue", -1], ["--max-queue must be 0 or more, got -1"]),
+    (["--batch-window-ms", -5], ["--batch-window-ms must be 0 (step at once) or more, got -5"]),
     (["--instances", -1], ["--instances must be at least 1, got -1"]),
     (["--threads", -2], ["--threads must be 0 (ONNX Runtime's default) or more, got -2"]),
 ]

@@ -29,12 +29,16 @@ if TYPE_CHECKING:
               help="requests one loop instance batches in its step calls (default: the max batch; 1: one at a time)")
 @click.option("--max-queue", type=int, default=64, show_default=True,
               help="requests that may wait for a slot per instance; more are refused with an error")
+@click.option("--batch-window-ms", type=int, default=0, show_default=True,
+              help="how long an idle loop instance holds its first step for more requests to join it (a burst of "
+                   "requests then shares every step call; costs the first request up to this much latency)")
 def triton_command(target: Path, output: Path, step_backend: str | None, instances: int, max_batch: int | None,
-                   threads: int, slots: int | None, max_queue: int) -> None:
+                   threads: int, slots: int | None, max_queue: int, batch_window_ms: int) -> None:
     """Write a Triton model repository for TARGET (an artifact or engine directory)."""
     from ..serving.repository import write_repository
 
-    summary = write_repository(target, output, step_backend, instances, max_batch, threads, slots, max_queue)
+    summary = write_repository(target, output, step_backend, instances, max_batch, threads, slots, max_queue,
+                               batch_window_ms)
     click.echo(f"wrote {output}: {', '.join(summary['models'])} (steps: {summary['step_backend']}, "
                f"instances {instances}, {summary['slots']} slot(s) each); serve it with `canvasrt serve {output}`")
 

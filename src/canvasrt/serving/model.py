@@ -4,7 +4,9 @@ The model repository holds a few-line `model.py` that imports this class, so the
 Parameters come from config.pbtxt (`canvasrt triton` writes them): `step_backend` is `in-process` (ONNX Runtime
 inside this model) or `bls` (the step models, called through BLS); `threads` bounds ONNX Runtime's threads per
 instance; `slots` is how many requests one instance batches (in-flight batching, `canvasrt.runtime.scheduler`; 1
-serves them one at a time) and `max_queue` how many more may wait.
+serves them one at a time), `max_queue` how many more may wait, and `batch_window_ms` how long an idle instance holds
+its first step for more requests to join it (like the dynamic batcher's queue delay: a burst that arrives over a
+few milliseconds then shares every step call instead of joining a step or a few late).
 
 `execute()` only parses requests and hands them to the instance's scheduler; one thread per instance runs the
 scheduler's iterations and sends each row's responses as they happen. Errors that concern the request (no prompt,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,7 @@ class TritonPythonModel:
         self.generation = self.backend.spec.generation
         slots = int(parameters.get("slots", "0")) or self.backend.spec.capacity.max_batch
         self.scheduler = Scheduler(self.backend, int(parameters.get("max_queue", str(DEFAULT_QUEUE))), slots)
+        self.batch_window_s = int(parameters.get("batch_window_ms", "0")) / 1000
         self.relays: dict[int, _Relay] = {}
         self._metrics(slots)
         self.wake = threading.Condition()
@@ -150,6 +154,8 @@ class TritonPythonModel:
             with self.wake:
                 while not (scheduler.busy or self.stopping):
                     self.wake.wait()
+                if not scheduler.rows and self.batch_window_s:
+                    self._gather()
             if self.stopping:
                 return
             calls = scheduler.stats.step_calls
@@ -170,6 +176,16 @@ class TritonPythonModel:
             for key in [key for key, relay in self.relays.items() if relay.closed and relay.ticket.finished]:
                 del self.relays[key]
             self._record(scheduler.stats.step_calls > calls)
+
+    def _gather(self) -> None:
+        """With `wake` held and no request in the slots, so the queued ones are newcomers to an idle instance: waits
+        up to the batch window for requests to fill the slots before the first step."""
+        deadline = time.monotonic() + self.batch_window_s
+        while not self.stopping and len(self.scheduler.queue) < self.scheduler.backend.slots:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.wake.wait(left)
 
     def _record(self, stepped: bool) -> None:
         scheduler = self.scheduler

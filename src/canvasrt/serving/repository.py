@@ -132,9 +132,10 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 def write_repository(target: str | Path, output: str | Path, step_backend: str | None = None, instances: int = 1,
                      max_batch: int | None = None, threads: int = 0, slots: int | None = None,
-                     max_queue: int = DEFAULT_QUEUE) -> dict[str, Any]:
+                     max_queue: int = DEFAULT_QUEUE, batch_window_ms: int = 0) -> dict[str, Any]:
     """Writes the model repository; returns a summary (models, step backend, source). slots: requests one loop
-    instance batches (default max_batch; 1 serves them one at a time); max_queue: requests that may wait for one."""
+    instance batches (default max_batch; 1 serves them one at a time); max_queue: requests that may wait for one;
+    batch_window_ms: how long an idle loop instance holds its first step for more requests to join it."""
     output = Path(output)
     opened = open_target(target)
     if isinstance(opened, CheckpointDir):
@@ -152,6 +153,8 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
         raise CanvasrtError(f"--threads must be 0 (ONNX Runtime's default) or more, got {threads}")
     if max_queue < 0:
         raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
+    if batch_window_ms < 0:
+        raise CanvasrtError(f"--batch-window-ms must be 0 (step at once) or more, got {batch_window_ms}")
     if engines is not None:
         manifest = ArtifactManifest.load(engines.artifacts)
         stale = [g for g in GRAPHS if engines.engines[g].onnx_sha256 != manifest.graphs[g].sha256]
@@ -181,7 +184,7 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
     # so that a bad option is refused before gigabytes are hashed
     opened.verify()
     parameters = {"step_backend": "in-process" if step_backend == "in-process" else "bls", "threads": str(threads),
-                  "slots": str(slots), "max_queue": str(max_queue)}
+                  "slots": str(slots), "max_queue": str(max_queue), "batch_window_ms": str(batch_window_ms)}
     inputs = [Path(target)] + ([engines.artifacts] if engines is not None else [])
     with staged_directory(output, REPOSITORY_OUTPUT, inputs) as staging:
         model_dir = staging / GENERATE_MODEL / "1"
