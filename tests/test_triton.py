@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from canvasrt.builder.engines import build_engines
 from canvasrt.cli import main
+from canvasrt.core.errors import CanvasrtError
 from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
 from canvasrt.serving.protocol import INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
@@ -119,6 +120,13 @@ def served_models(server) -> set[str]:
     return {m["name"] for m in json.load(urllib.request.urlopen(request))}
 
 
+@pytest.mark.parametrize("setting, value", [("t_max", 1e39), ("entropy_bound", -1e39), ("max_new_tokens", 2**31),
+                                            ("stability_threshold", -(2**31) - 1)])
+def test_the_client_refuses_a_setting_its_input_type_cannot_hold(setting, value):
+    with pytest.raises(CanvasrtError, match=rf"^{setting} .* does not fit the input's (FP32|INT32) \(.*\); send a value"):
+        request_inputs(prompt_ids=[2, 3], **{setting: value})
+
+
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transport):
     send = generate_grpc if transport == "grpc" else generate_http
@@ -130,7 +138,7 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
         (request_inputs(prompt_ids=[2, 999]), "outside the vocabulary"),
         (request_inputs(prompt_ids=[2, 3], max_denoising_steps=2**31 - 1, confidence_threshold=1e-30),
          "--max-denoising-steps must be between 1 and 1024"),
-        (request_inputs(prompt_ids=[2, 3], t_max=1e39), "--t-max must be a finite number"),  # FP32: arrives as inf
+        (request_inputs(prompt_ids=[2, 3], t_max=float("inf")), "--t-max must be a finite number"),
         (request_inputs(prompt_ids=[2, 3], stability_threshold=2**31 - 1), "--stability-threshold must be between"),
         (request_inputs(prompt_ids=[2, 3], deadline_ms=0), "deadline_ms must be at least 1"),
         (request_inputs(prompt_ids=[2, 3], seed=-1), "seed must be non-negative"),

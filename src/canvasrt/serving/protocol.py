@@ -149,8 +149,23 @@ def request_inputs(prompt: str | None = None, prompt_ids: list[int] | None = Non
         if name not in fields:
             raise CanvasrtError(f"unknown generation setting {name!r}; use one of {', '.join(fields)}")
         if value is not None:
-            inputs[name] = np.array([value], dtype=NUMPY[fields[name].dtype])
+            inputs[name] = _setting_tensor(name, value, fields[name].dtype)
     return inputs
+
+
+def _setting_tensor(name: str, value: Any, triton_dtype: str) -> np.ndarray:
+    # numpy would wrap an out-of-range int or turn a finite float into inf (with a warning), which the server then
+    # refuses under a value the caller never sent
+    dtype = NUMPY[triton_dtype]
+    if np.issubdtype(dtype, np.integer):
+        low, high = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+        span = f"{low} to {high}"
+    else:
+        low, high = float(np.finfo(dtype).min), float(np.finfo(dtype).max)
+        span = f"{low:.4g} to {high:.4g}"
+    if np.isfinite(value) and not low <= value <= high:
+        raise CanvasrtError(f"{name} {value} does not fit the input's {triton_dtype} ({span}); send a value in that range")
+    return np.array([value], dtype=dtype)
 
 
 class ResponseStream:
