@@ -4,8 +4,10 @@ For N in --layers: writes a random checkpoint with the released layer shapes and
 the torch backend's step parity and its --rng hf generation parity against transformers on that device, and times
 one denoising step at canvas 256, batch 1, in bf16, for the sparse (routed tokens only) and the dense MoE. From the
 2- and 4-layer timings it extrapolates to the released 30 layers: ms per step and tokens per second at 48 steps per
-canvas (no early stop) and at the steps per canvas the parity run measured. Prints every figure and writes them as
-JSON to $OUT/gpu_check.json when OUT is set. `--device cpu --preset tiny` runs the same code on a CPU in seconds
+canvas (no early stop) and at the steps per canvas the parity run measured. In-flight batching (issue 14): the same
+8 one-canvas requests through 8 slots and through one, and the time to first block of a late arrival, on the torch
+backend in bf16 (what `canvasrt bench CKPT --backend torch --concurrency 8 --device cuda --dtype bf16` runs).
+Prints every figure and writes them as JSON to $OUT/gpu_check.json when OUT is set. `--device cpu --preset tiny` runs the same code on a CPU in seconds
 (tests/test_torch_paths.py does).
 """
 
@@ -24,6 +26,7 @@ import torch
 
 from canvasrt.model.random_checkpoint import PRESETS, write_random_checkpoint
 from canvasrt.runtime.backends.torch import TorchBackend
+from canvasrt.runtime.bench import bench_concurrency
 from canvasrt.runtime.parity import generate_parity, step_parity
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
@@ -58,6 +61,19 @@ def time_step(checkpoint: Path, device: str, moe: str, steps: int) -> float:
         return float(np.median(times[2:]) * 1e3)
 
 
+def inflight(checkpoint: Path, args: argparse.Namespace) -> dict:
+    """`bench --concurrency` on the device: where a small-batch step is bound by reading the weights, rows that
+    share step calls should cost little more than one, which the CPU (bound by compute) cannot show."""
+    results = bench_concurrency(checkpoint, "torch", args.concurrency, 16, args.loop_steps * 2, 1, None,
+                                device=args.device, dtype="bf16")
+    batched, alone = results["inflight"], results["sequential"]
+    return {"step_calls": batched["step_calls"], "row_steps": batched["row_steps"],
+            "tokens_per_s_batched": batched["tokens_per_s"], "tokens_per_s_one_slot": alone["tokens_per_s"],
+            "speedup": batched["speedup"], "late_arrival": results["late_arrival"],
+            # bf16 routing can differ with the batch in the last bit; recorded, not gated on
+            "same_ids": batched["ids"] == alone["ids"]}
+
+
 def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
     checkpoint = work / f"{args.preset}-{layers}"
     start = time.perf_counter()
@@ -79,6 +95,8 @@ def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
                                   "failed": [f"{c.stage}/{c.output}" for c in checks if not c.passed]}
     for moe in ("sparse", "dense"):
         figures[f"step_ms_{moe}"] = time_step(checkpoint, args.device, moe, args.steps)
+    if args.concurrency:
+        figures["inflight"] = inflight(checkpoint, args)
     if args.device == "cuda":
         figures["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return figures
@@ -92,6 +110,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed denoising steps per configuration")
     parser.add_argument("--loop-steps", type=int, default=8, help="denoising steps per canvas in generate parity")
     parser.add_argument("--max-context", type=int, default=1536)
+    parser.add_argument("--concurrency", type=int, default=8, help="requests of the in-flight measurement (0: skip)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU; run on a machine with one, or pass --device cpu", file=sys.stderr)

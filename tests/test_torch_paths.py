@@ -127,7 +127,7 @@ def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):
 
 def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     """scripts/gpu_check.py is the one script a GPU machine runs; on a CPU with the tiny preset it runs the same code
-    end to end in seconds: parity passes and the 30-layer extrapolation is printed."""
+    end to end in seconds: parity passes, the 30-layer extrapolation is printed, the in-flight rows share calls."""
     import json
     import os
     import subprocess
@@ -143,6 +143,9 @@ def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     assert figures["passed"] and [r["layers"] for r in figures["runs"]] == [2, 4]
     for moe in ("sparse", "dense"):
         assert figures[f"extrapolated_{moe}"]["step_ms_30_layers"] > 0
+    for run in figures["runs"]:
+        batched = run["inflight"]
+        assert batched["step_calls"] * 4 <= batched["row_steps"] and batched["late_arrival"]["ratio"] > 0
 
 
 def test_fake_quantization_refuses_per_expert_down_ranges_of_older_calibrations(tiny_checkpoint):

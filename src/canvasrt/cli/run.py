@@ -203,10 +203,12 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--concurrency", type=int, default=None, callback=positive,
               help="N requests through the in-flight scheduler (N slots) against the same N one at a time")
+@device_option
+@dtype_option
 @click.option("--json", "as_json", is_flag=True)
 def bench_command(
     target: Path, backends: tuple[str, ...], batch: int, prompt_length: int, steps: int, canvases: int,
-    threads: int | None, provider: str, concurrency: int | None, as_json: bool,
+    threads: int | None, provider: str, concurrency: int | None, device: str, dtype: str | None, as_json: bool,
 ) -> None:
     """Time the step backends on TARGET side by side in one run; ratios are against the first backend."""
     from ..runtime.bench import bench, bench_concurrency, format_table
@@ -215,7 +217,7 @@ def bench_command(
         results = {"config": {"concurrency": concurrency, "prompt_length": prompt_length, "steps": steps,
                               "canvases": canvases, "threads": threads},
                    "backends": {name or "default": bench_concurrency(target, name, concurrency, prompt_length, steps,
-                                                                     canvases, threads, provider)
+                                                                     canvases, threads, provider, device, dtype)
                                 for name in (list(backends) or [None])}}
         if as_json:
             click.echo(json.dumps(results, indent=2))
@@ -232,7 +234,8 @@ def bench_command(
                 click.echo(f"{name} first block of a request arriving while {late['others']} others are mid-canvas: "
                            f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x)")
         return
-    results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider)
+    results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider, device,
+                    dtype)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:

@@ -39,7 +39,10 @@ def bench(
     canvases: int,
     threads: int | None,
     provider: str = "cpu",
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict[str, Any]:
+    """device, dtype: the torch backend's."""
     opened = open_target(target)
     kind = target_kind(opened)
     backends = backends or {"artifacts": ["onnxruntime", "torch"], "engines": ["tensorrt"], "checkpoint": ["torch"]}[kind]
@@ -47,10 +50,11 @@ def bench(
                                           "canvases": canvases, "threads": threads}, "backends": {}}
     for name in backends:
         if name == "transformers":
-            results["backends"][name] = _bench_transformers(opened, batch, prompt_length, steps, canvases, threads)
+            results["backends"][name] = _bench_transformers(opened, batch, prompt_length, steps, canvases, threads,
+                                                            device, dtype)
         else:
             results["backends"][name] = _bench_backend(opened, name, batch, prompt_length, steps, canvases, threads,
-                                                       provider)
+                                                       provider, device, dtype)
     first = backends[0]
     base = results["backends"][first]["step"]["median_ms"]
     for name, entry in results["backends"].items():
@@ -74,8 +78,8 @@ def _no_early_stop(generation: dict[str, Any], steps: int, canvas: int, canvases
 
 
 def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, steps: int, canvases: int,
-                   threads: int | None, provider: str) -> dict[str, Any]:
-    backend = open_backend(target, name, provider=provider, threads=threads, max_batch=batch)
+                   threads: int | None, provider: str, device: str, dtype: str | None) -> dict[str, Any]:
+    backend = open_backend(target, name, provider=provider, threads=threads, max_batch=batch, device=device, dtype=dtype)
     spec = backend.spec
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
     settings = _no_early_stop(spec.generation, steps, canvas, canvases)
@@ -104,7 +108,8 @@ def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, st
 
 
 def bench_concurrency(target: str | Path, name: str | None, concurrency: int, prompt_length: int, steps: int,
-                      canvases: int, threads: int | None, provider: str = "cpu") -> dict[str, Any]:
+                      canvases: int, threads: int | None, provider: str = "cpu", device: str = "cpu",
+                      dtype: str | None = None) -> dict[str, Any]:
     """`concurrency` requests (seeds 0..N-1) through the in-flight scheduler with that many slots, then the same
     requests through one slot (one at a time, no batching), in one run: step calls, row-steps, tokens/s, time to
     first block, and the weight bytes read per generated token (every backbone call reads the weights once: what
@@ -113,7 +118,7 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
 
     opened = open_target(target)
     backend = open_backend(opened, name or default_backend(opened), provider=provider, threads=threads,
-                           max_batch=concurrency)
+                           max_batch=concurrency, device=device, dtype=dtype)
     spec = backend.spec
     if concurrency > spec.capacity.max_batch:  # one slot per request; refused before the backend activates
         raise CanvasrtError(f"--concurrency {concurrency} needs {concurrency} slots, more than the max batch "
@@ -180,7 +185,7 @@ def _weight_bytes(target: Target) -> int | None:
 
 
 def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: int, canvases: int,
-                        threads: int | None) -> dict[str, Any]:
+                        threads: int | None, device: str, dtype: str | None) -> dict[str, Any]:
     import torch
 
     from .reference import Reference
@@ -190,7 +195,7 @@ def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: i
     source = target.directory if isinstance(target, CheckpointDir) else target.checkpoint_path
     if threads:
         torch.set_num_threads(threads)
-    reference = Reference(source)
+    reference = Reference(source, device=device, dtype=dtype or "fp32")
     config = reference.model.config
     canvas, vocab = config.canvas_length, config.text_config.vocab_size
     ids, padding = _request(vocab, batch, prompt_length)
@@ -214,7 +219,8 @@ def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: i
         stamps.clear()
         start = time.perf_counter()
         torch.manual_seed(0)
-        reference.model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(padding).long(), **kwargs)
+        reference.model.generate(torch.from_numpy(ids).to(reference.device),
+                                 attention_mask=torch.from_numpy(padding).long().to(reference.device), **kwargs)
         total = time.perf_counter() - start
     intervals = [b[1] - a[1] for a, b in zip(stamps, stamps[1:]) if a[0] == b[0]]
     return {

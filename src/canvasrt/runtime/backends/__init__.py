@@ -34,6 +34,9 @@ def open_backend(
     name = name or default_backend(target)
     if name not in BACKENDS:
         raise CanvasrtError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if device != "cpu" and name != "torch":
+        raise CanvasrtError(f"--device {device} places the torch paths; --backend {name} runs where its own runtime "
+                            "does (ONNX Runtime: --provider), so drop --device or use --backend torch")
     if (name == "tensorrt") != isinstance(target, EngineManifest):
         raise CanvasrtError(f"--backend {name} cannot run {target.directory}: engine directories (`canvasrt build`) run on "
                             "--backend tensorrt, and only there")
