@@ -232,7 +232,9 @@ def bench_command(
                                + (f", {read / 1e6:.1f} MB of weights read per token" if read is not None else ""))
                 late = entry["late_arrival"]
                 click.echo(f"{name} first block of a request arriving while {late['others']} others are mid-canvas: "
-                           f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x)")
+                           f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x; "
+                           f"medians of {len(late['ratios'])}, ratios "
+                           + ", ".join(f"{r:.2f}" for r in late["ratios"]) + ")")
         return
     results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider, device,
                     dtype)

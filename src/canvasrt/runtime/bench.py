@@ -155,24 +155,31 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     return results
 
 
-def _late_arrival(backend: StepBackend, requests: list[RowRequest], concurrency: int, steps: int) -> dict[str, float]:
+def _late_arrival(backend: StepBackend, requests: list[RowRequest], concurrency: int, steps: int,
+                  repeats: int = 3) -> dict[str, Any]:
     """Time to first block of the last request alone, and arriving while the others are halfway through their
-    first canvas (so it waits for its prefill between their steps and joins their step calls)."""
+    first canvas (so it waits for its prefill between their steps and joins their step calls). Medians of `repeats`
+    interleaved pairs: one first block is a few dozen steps, short enough for the machine's noise to show."""
     from .scheduler import Scheduler, Ticket
 
-    alone = Scheduler(backend, max_queue=concurrency, slots=concurrency)
-    ticket = alone.submit(Ticket(requests[-1]))
-    alone.run()
-    busy = Scheduler(backend, max_queue=concurrency, slots=concurrency)
-    for request in requests[:-1]:
-        busy.submit(Ticket(request))
-    for _ in range(max(steps // 2, 1)):
-        busy.step()
-    late = busy.submit(Ticket(requests[-1]))
-    busy.run()
-    assert ticket.first_block_s is not None and late.first_block_s is not None
-    return {"alone_ms": ticket.first_block_s * 1e3, "with_others_ms": late.first_block_s * 1e3,
-            "ratio": late.first_block_s / ticket.first_block_s, "others": concurrency - 1}
+    alone_s, with_others_s = [], []
+    for _ in range(repeats):
+        alone = Scheduler(backend, max_queue=concurrency, slots=concurrency)
+        ticket = alone.submit(Ticket(requests[-1]))
+        alone.run()
+        busy = Scheduler(backend, max_queue=concurrency, slots=concurrency)
+        for request in requests[:-1]:
+            busy.submit(Ticket(request))
+        for _ in range(max(steps // 2, 1)):
+            busy.step()
+        late = busy.submit(Ticket(requests[-1]))
+        busy.run()
+        assert ticket.first_block_s is not None and late.first_block_s is not None
+        alone_s.append(ticket.first_block_s)
+        with_others_s.append(late.first_block_s)
+    alone_ms, with_others_ms = float(np.median(alone_s)) * 1e3, float(np.median(with_others_s)) * 1e3
+    return {"alone_ms": alone_ms, "with_others_ms": with_others_ms, "ratio": with_others_ms / alone_ms,
+            "ratios": [w / a for w, a in zip(with_others_s, alone_s)], "others": concurrency - 1}
 
 
 def _weight_bytes(target: Target) -> int | None:
