@@ -8,7 +8,14 @@ time) through
 Every path uses one ONNX Runtime thread and must return the same ids; the table gives mean milliseconds per request
 and the ratio to in-process.
 
+With --concurrency N (issue 14, in-flight batching as served): N concurrent one-canvas requests (no early stop) to
+one loop instance of N slots and to one of a single slot (`--slots 1`: one at a time, what `--instances 1` served
+before in-flight batching), in the same run: tokens/s over the N, the step calls and row-steps from the metrics
+endpoint, and the time to first block of a request that arrives while the N - 1 others are halfway through their
+canvas, against the same request alone (medians of 3 pairs). Every reply must equal its in-process run.
+
     .venv/bin/python scripts/bench_triton.py --presets tiny small --requests 20
+    .venv/bin/python scripts/bench_triton.py --presets tiny small --concurrency 8 --steps 16
 """
 
 from __future__ import annotations
@@ -61,12 +68,101 @@ def served(artifacts: Path, step_backend: str, work: Path, env: Path, prompt: li
     return times, ids
 
 
+def _metric(url: str, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise SystemExit(f"the metrics endpoint {url} has no {name}")
+
+
+def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurrency: int, steps: int) -> dict:
+    """N concurrent one-canvas requests to N slots and to one slot, and the late arrival, as served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from canvasrt.core.manifest import ArtifactManifest
+    from canvasrt.runtime.backends import open_backend
+    from canvasrt.runtime.scheduler import RowRequest, Scheduler, Ticket
+    from canvasrt.runtime.settings import resolve_settings
+    from canvasrt.serving.client import generate_grpc
+    from canvasrt.serving.protocol import request_inputs
+    from canvasrt.serving.repository import write_repository
+    from canvasrt.serving.server import TritonServer, free_ports
+
+    manifest = ArtifactManifest.load(artifacts)
+    canvas = manifest.capacity.canvas
+    settings = {"max_new_tokens": canvas, "max_denoising_steps": steps, "stability_threshold": steps + 1}
+    seeds = list(range(concurrency))
+    with open_backend(artifacts, "onnxruntime", threads=1) as backend:
+        scheduler = Scheduler(backend, max_queue=concurrency, slots=1)
+        resolved = resolve_settings(backend.spec.generation, settings)
+        tickets = [scheduler.submit(Ticket(RowRequest(prompt, seed, resolved))) for seed in seeds]
+        scheduler.run()
+        reference = [t.events[-1].new_tokens[0].tolist() for t in tickets]
+
+    def send(url: str, seed: int) -> tuple[float, list[int]]:
+        start = time.perf_counter()
+        done = generate_grpc(url, request_inputs(prompt_ids=prompt, seed=seed, **settings))[-1]
+        return time.perf_counter() - start, done["ids"]
+
+    results: dict = {}
+    for mode, slots in (("batched", concurrency), ("one slot", 1)):
+        repository = work / f"repo-inflight-{slots}"
+        write_repository(artifacts, repository, "in-process", threads=1, slots=slots, max_queue=concurrency)
+        http, grpc = free_ports(2)
+        with TritonServer(repository, env, http_port=http, grpc_port=grpc) as server:
+            send(server.grpc_url, 10_000)  # warm-up
+            calls0 = _metric(server.metrics_url, "canvasrt_step_calls_total")
+            rows0 = _metric(server.metrics_url, "canvasrt_row_steps_total")
+            start = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                replies = list(pool.map(lambda seed: send(server.grpc_url, seed), seeds))
+            wall = time.perf_counter() - start
+            if [ids for _, ids in replies] != reference:
+                raise SystemExit(f"{artifacts}: {mode} returned other ids than their in-process runs")
+            entry = {"slots": slots, "tokens_per_s": concurrency * canvas / wall, "wall_s": wall,
+                     "step_calls": _metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
+                     "row_steps": _metric(server.metrics_url, "canvasrt_row_steps_total") - rows0}
+            if slots > 1:
+                entry["late_arrival"] = _late_arrival(server, send, seeds, steps)
+            results[mode] = entry
+    return results
+
+
+def _late_arrival(server, send, seeds: list[int], steps: int, repeats: int = 3) -> dict:
+    """The last seed alone, then again while the others are halfway through their canvas (from the metrics:
+    row-steps the others have run); one canvas, so its first block is its whole request."""
+    import threading
+
+    alone_s, late_s = [], []
+    for _ in range(repeats):
+        alone_s.append(send(server.grpc_url, seeds[-1])[0])
+        others = seeds[:-1]
+        start_rows = _metric(server.metrics_url, "canvasrt_row_steps_total")
+        threads = [threading.Thread(target=send, args=(server.grpc_url, seed)) for seed in others]
+        for thread in threads:
+            thread.start()
+        while _metric(server.metrics_url, "canvasrt_row_steps_total") - start_rows < len(others) * (steps // 2):
+            time.sleep(0.002)
+        late_s.append(send(server.grpc_url, seeds[-1])[0])
+        for thread in threads:
+            thread.join()
+    alone, late = statistics.median(alone_s) * 1e3, statistics.median(late_s) * 1e3
+    return {"alone_ms": alone, "with_others_ms": late, "ratio": late / alone,
+            "ratios": [w / a for w, a in zip(late_s, alone_s)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--python-env", type=Path, default=ROOT / ".venv-triton")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="N: measure in-flight batching as served instead (N slots against one)")
+    parser.add_argument("--steps", type=int, default=16, help="--concurrency: denoising steps per canvas")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -81,7 +177,12 @@ def main() -> None:
         for preset in args.presets:
             checkpoint = write_random_checkpoint(work / f"{preset}-ckpt", preset)
             artifacts = work / f"{preset}-onnx"
-            export(checkpoint, artifacts, max_context=512)
+            export(checkpoint, artifacts, max_context=512, max_batch=max(4, args.concurrency))
+            if args.concurrency:
+                rows.append({"preset": preset, **inflight(artifacts, work, args.python_env, prompt, args.concurrency,
+                                                          args.steps)})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             results = {"in-process": in_process(artifacts, prompt, seeds)}
             for mode, step_backend in (("triton", "in-process"), ("triton-bls", "python")):
                 results[mode] = served(artifacts, step_backend, work, args.python_env, prompt, seeds)
@@ -92,10 +193,25 @@ def main() -> None:
                 mean = statistics.mean(times) * 1e3
                 rows.append({"preset": preset, "path": mode, "requests": len(times), "mean_ms": round(mean, 2),
                              "ratio": round(mean / (statistics.mean(reference[0]) * 1e3), 3)})
-    print("| preset | path | requests | mean ms / request | vs in-process |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['preset']} | {row['path']} | {row['requests']} | {row['mean_ms']:.1f} | {row['ratio']:.2f}x |")
+    if args.concurrency:
+        print(f"| preset | loop instance | step calls / row-steps | tokens/s over {args.concurrency} | first block, "
+              "late arrival / alone |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            base = row["one slot"]["tokens_per_s"]
+            for mode in ("batched", "one slot"):
+                e = row[mode]
+                late = e.get("late_arrival")
+                print(f"| {row['preset']} | {e['slots']} slot(s) | {e['step_calls']:.0f} / {e['row_steps']:.0f} | "
+                      f"{e['tokens_per_s']:.1f} ({e['tokens_per_s'] / base:.2f}x) | "
+                      + (f"{late['with_others_ms']:.1f} / {late['alone_ms']:.1f} ms: {late['ratio']:.2f}x |"
+                         if late else "- |"))
+    else:
+        print("| preset | path | requests | mean ms / request | vs in-process |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['preset']} | {row['path']} | {row['requests']} | {row['mean_ms']:.1f} | "
+                  f"{row['ratio']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -401,3 +401,17 @@ def test_a_burst_of_eight_shares_every_step_call(tiny_checkpoint, triton_env, tm
     assert values["canvasrt_row_steps_total"] == 8 * 16
     assert values["canvasrt_step_calls_total"] == 16
     assert values['canvasrt_step_calls_by_rows_total{rows="8"}'] == 16
+
+
+def test_the_served_batching_benchmark_runs(tmp_path):
+    """scripts/bench_triton.py --concurrency (the served figures of docs/PERFORMANCE.md): it exits 0 only when every
+    reply equals its in-process run; the batched instance shares step calls, the single slot does not."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_triton.py"
+    result = subprocess.run([sys.executable, str(script), "--presets", "tiny", "--concurrency", "4", "--steps", "4",
+                             "--json", str(tmp_path / "served.json")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = json.loads((tmp_path / "served.json").read_text())
+    batched, alone = row["batched"], row["one slot"]
+    assert batched["row_steps"] == alone["row_steps"] == 4 * 4
+    assert batched["step_calls"] < batched["row_steps"] and alone["step_calls"] == alone["row_steps"]
+    assert batched["late_arrival"]["ratio"] > 0 and len(batched["late_arrival"]["ratios"]) == 3
