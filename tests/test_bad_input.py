@@ -388,9 +388,10 @@ def test_bench_refuses_a_concurrency_that_makes_no_sense(tiny_artifacts, value, 
 
 def test_device_is_refused_where_it_would_be_ignored(tiny_artifacts):
     """--device places the torch paths; ONNX Runtime would silently run on its provider instead."""
-    for command in (["bench", "--concurrency", 2], ["generate", "--prompt-ids", "2,3"]):
+    for command in (["bench", "--concurrency", 2], ["bench"], ["generate", "--prompt-ids", "2,3"]):
         assert_refused(cli(command[0], tiny_artifacts, "--backend", "onnxruntime", "--device", "cuda", *command[1:]),
-                       "--device cuda places the torch paths", "drop --device or use --backend torch")
+                       "--device cuda places the torch paths; --backend onnxruntime runs on its own runtime",
+                       "drop --device or use --backend torch")
 
 
 def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):

@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.text import Text
 
 from ..core.errors import CanvasrtError
-from ..runtime.backends import BACKENDS, default_backend, open_backend
+from ..runtime.backends import BACKENDS, default_backend, open_backend, refuse_unused_device
 from ..runtime.loop import Committed, Draft, GenerationResult, left_pad, stream
 from ..runtime.prompts import TextCodec, UnreadableTokenizer, parse_ids, prompt_rows, read_prompts_file, until_eos
 from ..runtime.rng import RNG_MODES, make_draws
@@ -80,6 +80,7 @@ def generate_command(
         prompts = read_prompts_file(prompts_file)
     runner = open_backend(target, backend, provider=provider, threads=threads, max_batch=max(16, len(prompts)),
                           device=device, dtype=dtype)
+    refuse_unused_device(device, [runner.name])
     if rng == "hf" and runner.name != "torch":
         raise CanvasrtError("--rng hf reproduces transformers' torch RNG and needs --backend torch")
     spec = runner.spec

@@ -17,7 +17,7 @@ from rich.table import Table
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, EngineManifest
 from ..core.target import CheckpointDir, Target, open_target, target_kind
-from .backends import default_backend, open_backend
+from .backends import default_backend, open_backend, refuse_unused_device
 from .loop import generate, left_pad
 from .rng import make_draws
 from .scheduler import RowRequest
@@ -46,6 +46,7 @@ def bench(
     opened = open_target(target)
     kind = target_kind(opened)
     backends = backends or {"artifacts": ["onnxruntime", "torch"], "engines": ["tensorrt"], "checkpoint": ["torch"]}[kind]
+    refuse_unused_device(device, backends)
     results: dict[str, Any] = {"config": {"batch": batch, "prompt_length": prompt_length, "steps": steps,
                                           "canvases": canvases, "threads": threads}, "backends": {}}
     for name in backends:
@@ -117,8 +118,10 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     from .scheduler import Scheduler, Ticket
 
     opened = open_target(target)
-    backend = open_backend(opened, name or default_backend(opened), provider=provider, threads=threads,
-                           max_batch=concurrency, device=device, dtype=dtype)
+    name = name or default_backend(opened)
+    refuse_unused_device(device, [name])
+    backend = open_backend(opened, name, provider=provider, threads=threads, max_batch=concurrency, device=device,
+                           dtype=dtype)
     spec = backend.spec
     if concurrency > spec.capacity.max_batch:  # one slot per request; refused before the backend activates
         raise CanvasrtError(f"--concurrency {concurrency} needs {concurrency} slots, more than the max batch "

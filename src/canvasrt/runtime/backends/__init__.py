@@ -23,6 +23,14 @@ def default_backend(target: Target) -> str:
     return DEFAULTS[target_kind(target)]
 
 
+def refuse_unused_device(device: str, names: list[str]) -> None:
+    """--device places the torch paths (the torch backend, the transformers reference) only: a run of none of
+    them would silently ignore it."""
+    if device != "cpu" and not {"torch", "transformers"} & set(names):
+        raise CanvasrtError(f"--device {device} places the torch paths; --backend {', '.join(names)} runs on its own "
+                            "runtime (ONNX Runtime: --provider), so drop --device or use --backend torch")
+
+
 def open_backend(
     target: str | Path | Target, name: str | None = None, provider: str = "cpu", threads: int | None = None,
     max_batch: int = 16, device: str = "cpu", dtype: str | None = None,
@@ -34,9 +42,6 @@ def open_backend(
     name = name or default_backend(target)
     if name not in BACKENDS:
         raise CanvasrtError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if device != "cpu" and name != "torch":
-        raise CanvasrtError(f"--device {device} places the torch paths; --backend {name} runs where its own runtime "
-                            "does (ONNX Runtime: --provider), so drop --device or use --backend torch")
     if (name == "tensorrt") != isinstance(target, EngineManifest):
         raise CanvasrtError(f"--backend {name} cannot run {target.directory}: engine directories (`canvasrt build`) run on "
                             "--backend tensorrt, and only there")
