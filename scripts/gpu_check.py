@@ -7,8 +7,8 @@ one denoising step at canvas 256, batch 1, in bf16, for the sparse (routed token
 canvas (no early stop) and at the steps per canvas the parity run measured. In-flight batching (issue 14): the same
 8 one-canvas requests through 8 slots and through one, and the time to first block of a late arrival, on the torch
 backend in bf16 (what `canvasrt bench CKPT --backend torch --concurrency 8 --device cuda --dtype bf16` runs).
-Prints every figure and writes them as JSON to $OUT/gpu_check.json when OUT is set. `--device cpu --preset tiny` runs the same code on a CPU in seconds
-(tests/test_torch_paths.py does).
+Prints every figure and writes them as JSON to $OUT/gpu_check.json when OUT is set. `--device cpu --preset tiny`
+runs the same code on a CPU in seconds (tests/test_torch_paths.py does).
 """
 
 from __future__ import annotations
