@@ -19,8 +19,18 @@ import numpy as np
 
 from canvasrt.runtime.bench import bench
 
-def bench_ab(before: Path, after: Path, backend: str, rounds: int, batch: int, prompt_length: int, steps: int,
-             canvases: int, threads: int | None) -> dict[str, Any]:
+
+def bench_ab(
+    before: Path,
+    after: Path,
+    backend: str,
+    rounds: int,
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    canvases: int,
+    threads: int | None,
+) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     for _ in range(rounds):
         for name, target in (("before", before), ("after", after)):
@@ -37,8 +47,9 @@ def bench_ab(before: Path, after: Path, backend: str, rounds: int, batch: int, p
         for key in ("step_median_ms", "prefill_ms", "commit_ms"):
             summary[name][f"{key}_median"] = float(np.median(summary[name][key]))
     for key in ("step_median_ms", "prefill_ms", "commit_ms"):
-        summary[f"{key.removesuffix('_ms')}_speedup"] = (summary["before"][f"{key}_median"]
-                                                         / summary["after"][f"{key}_median"])
+        summary[f"{key.removesuffix('_ms')}_speedup"] = (
+            summary["before"][f"{key}_median"] / summary["after"][f"{key}_median"]
+        )
     return summary
 
 
@@ -57,18 +68,31 @@ def main() -> None:
     args = parser.parse_args()
     if args.canvases < 2:
         parser.error("--canvases must be at least 2: the commit between two canvases is one of the figures")
-    summary = bench_ab(args.before, args.after, args.backend, args.rounds, args.batch, args.prompt_length, args.steps,
-                       args.canvases, args.threads)
+    summary = bench_ab(
+        args.before,
+        args.after,
+        args.backend,
+        args.rounds,
+        args.batch,
+        args.prompt_length,
+        args.steps,
+        args.canvases,
+        args.threads,
+    )
     if args.json:
         print(json.dumps(summary, indent=2))
         return
     for name in ("before", "after"):
         entry = summary[name]
         rounds = ", ".join(f"{v:.1f}" for v in entry["step_median_ms"])
-        print(f"{name:6} {entry['target']}: step median per round {rounds} ms -> {entry['step_median_ms_median']:.1f} ms; "
-              f"prefill {entry['prefill_ms_median']:.1f} ms, commit {entry['commit_ms_median']:.1f} ms")
-    print(f"after vs before: step {summary['step_median_speedup']:.2f}x, prefill {summary['prefill_speedup']:.2f}x, "
-          f"commit {summary['commit_speedup']:.2f}x faster")
+        print(
+            f"{name:6} {entry['target']}: step median per round {rounds} ms -> {entry['step_median_ms_median']:.1f} ms; "
+            f"prefill {entry['prefill_ms_median']:.1f} ms, commit {entry['commit_ms_median']:.1f} ms"
+        )
+    print(
+        f"after vs before: step {summary['step_median_speedup']:.2f}x, prefill {summary['prefill_speedup']:.2f}x, "
+        f"commit {summary['commit_speedup']:.2f}x faster"
+    )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def in_process(artifacts: Path, prompt: list[int], seeds: list[int]) -> tuple[li
     return times, ids
 
 
-def served(artifacts: Path, step_backend: str, work: Path, env: Path, prompt: list[int], seeds: list[int]) -> tuple[list[float], list[list[int]]]:
+def served(
+    artifacts: Path, step_backend: str, work: Path, env: Path, prompt: list[int], seeds: list[int]
+) -> tuple[list[float], list[list[int]]]:
     from canvasrt.serving.client import generate_grpc
     from canvasrt.serving.protocol import request_inputs
     from canvasrt.serving.repository import write_repository
@@ -122,9 +124,13 @@ def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurre
             wall = time.perf_counter() - start
             if [ids for _, ids in replies] != reference:
                 raise SystemExit(f"{artifacts}: {mode} returned other ids than their in-process runs")
-            entry = {"slots": slots, "tokens_per_s": concurrency * canvas / wall, "wall_s": wall,
-                     "step_calls": _metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
-                     "row_steps": _metric(server.metrics_url, "canvasrt_row_steps_total") - rows0}
+            entry = {
+                "slots": slots,
+                "tokens_per_s": concurrency * canvas / wall,
+                "wall_s": wall,
+                "step_calls": _metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
+                "row_steps": _metric(server.metrics_url, "canvasrt_row_steps_total") - rows0,
+            }
             if slots > 1:
                 entry["late_arrival"] = _late_arrival(server, send, seeds, steps)
             results[mode] = entry
@@ -150,8 +156,12 @@ def _late_arrival(server, send, seeds: list[int], steps: int, repeats: int = 3) 
         for thread in threads:
             thread.join()
     alone, late = statistics.median(alone_s) * 1e3, statistics.median(late_s) * 1e3
-    return {"alone_ms": alone, "with_others_ms": late, "ratio": late / alone,
-            "ratios": [w / a for w, a in zip(late_s, alone_s)]}
+    return {
+        "alone_ms": alone,
+        "with_others_ms": late,
+        "ratio": late / alone,
+        "ratios": [w / a for w, a in zip(late_s, alone_s)],
+    }
 
 
 def main() -> None:
@@ -160,8 +170,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--python-env", type=Path, default=ROOT / ".venv-triton")
-    parser.add_argument("--concurrency", type=int, default=0,
-                        help="N: measure in-flight batching as served instead (N slots against one)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="N: measure in-flight batching as served instead (N slots against one)",
+    )
     parser.add_argument("--steps", type=int, default=16, help="--concurrency: denoising steps per canvas")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -179,8 +193,12 @@ def main() -> None:
             artifacts = work / f"{preset}-onnx"
             export(checkpoint, artifacts, max_context=512, max_batch=max(4, args.concurrency))
             if args.concurrency:
-                rows.append({"preset": preset, **inflight(artifacts, work, args.python_env, prompt, args.concurrency,
-                                                          args.steps)})
+                rows.append(
+                    {
+                        "preset": preset,
+                        **inflight(artifacts, work, args.python_env, prompt, args.concurrency, args.steps),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             results = {"in-process": in_process(artifacts, prompt, seeds)}
@@ -191,27 +209,42 @@ def main() -> None:
                 if ids != reference[1]:
                     raise SystemExit(f"{preset}: {mode} returned other ids than in-process")
                 mean = statistics.mean(times) * 1e3
-                rows.append({"preset": preset, "path": mode, "requests": len(times), "mean_ms": round(mean, 2),
-                             "ratio": round(mean / (statistics.mean(reference[0]) * 1e3), 3)})
+                rows.append(
+                    {
+                        "preset": preset,
+                        "path": mode,
+                        "requests": len(times),
+                        "mean_ms": round(mean, 2),
+                        "ratio": round(mean / (statistics.mean(reference[0]) * 1e3), 3),
+                    }
+                )
     if args.concurrency:
-        print(f"| preset | loop instance | step calls / row-steps | tokens/s over {args.concurrency} | first block, "
-              "late arrival / alone |")
+        print(
+            f"| preset | loop instance | step calls / row-steps | tokens/s over {args.concurrency} | first block, "
+            "late arrival / alone |"
+        )
         print("|---|---|---|---|---|")
         for row in rows:
             base = row["one slot"]["tokens_per_s"]
             for mode in ("batched", "one slot"):
                 e = row[mode]
                 late = e.get("late_arrival")
-                print(f"| {row['preset']} | {e['slots']} slot(s) | {e['step_calls']:.0f} / {e['row_steps']:.0f} | "
-                      f"{e['tokens_per_s']:.1f} ({e['tokens_per_s'] / base:.2f}x) | "
-                      + (f"{late['with_others_ms']:.1f} / {late['alone_ms']:.1f} ms: {late['ratio']:.2f}x |"
-                         if late else "- |"))
+                print(
+                    f"| {row['preset']} | {e['slots']} slot(s) | {e['step_calls']:.0f} / {e['row_steps']:.0f} | "
+                    f"{e['tokens_per_s']:.1f} ({e['tokens_per_s'] / base:.2f}x) | "
+                    + (
+                        f"{late['with_others_ms']:.1f} / {late['alone_ms']:.1f} ms: {late['ratio']:.2f}x |"
+                        if late
+                        else "- |"
+                    )
+                )
     else:
         print("| preset | path | requests | mean ms / request | vs in-process |")
         print("|---|---|---|---|---|")
         for row in rows:
-            print(f"| {row['preset']} | {row['path']} | {row['requests']} | {row['mean_ms']:.1f} | "
-                  f"{row['ratio']:.2f}x |")
+            print(
+                f"| {row['preset']} | {row['path']} | {row['requests']} | {row['mean_ms']:.1f} | {row['ratio']:.2f}x |"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -55,8 +55,17 @@ def _artifacts(checkpoint: Path, work: Path, max_context: int) -> ArtifactManife
     return ArtifactManifest.load(target)
 
 
-def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: int, steps: int, rounds: int,
-            threads: int, full_span: bool = False, per_step_copy: bool = False) -> dict[str, Any]:
+def compare(
+    checkpoint: Path,
+    work: Path,
+    contexts: list[int],
+    prompt_length: int,
+    steps: int,
+    rounds: int,
+    threads: int,
+    full_span: bool = False,
+    per_step_copy: bool = False,
+) -> dict[str, Any]:
     manifests = [_artifacts(checkpoint, work, n) for n in contexts]
     backends = [OnnxRuntimeBackend(m, threads=threads) for m in manifests]
     names = [str(n) for n in contexts]
@@ -68,13 +77,14 @@ def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: in
         names.append(f"{contexts[-1]} copy per step")
     spec = manifests[0]
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
-    settings = resolve_settings(spec.generation, {"max_new_tokens": 2 * canvas, "max_denoising_steps": steps,
-                                                  "stability_threshold": steps + 1})
+    settings = resolve_settings(
+        spec.generation, {"max_new_tokens": 2 * canvas, "max_denoising_steps": steps, "stability_threshold": steps + 1}
+    )
     rng = np.random.default_rng(0)
     ids, padding = left_pad(rng.integers(3, vocab, size=(1, prompt_length)).tolist(), 0)
     times: dict[str, dict[str, list[float]]] = {n: {"step": [], "prefill": [], "commit": []} for n in names}
     tokens: dict[str, np.ndarray] = {}
-    copied = {n: 0 for n in names}  # K/V bytes copied into the calls' context inputs, per timed step
+    copied = dict.fromkeys(names, 0)  # K/V bytes copied into the calls' context inputs, per timed step
     for backend in backends:
         backend.activate()
     try:
@@ -94,13 +104,20 @@ def compare(checkpoint: Path, work: Path, contexts: list[int], prompt_length: in
     first = names[0]
     medians = {n: {kind: float(np.median(values) * 1e3) for kind, values in t.items()} for n, t in times.items()}
     return {
-        "checkpoint": str(checkpoint), "prompt_length": prompt_length, "steps": steps, "rounds": rounds,
+        "checkpoint": str(checkpoint),
+        "prompt_length": prompt_length,
+        "steps": steps,
+        "rounds": rounds,
         "threads": threads,
-        "contexts": {n: {**{f"{k}_ms": v for k, v in medians[n].items()},
-                              **{f"{k}_ratio": medians[n][k] / medians[first][k] for k in medians[n]},
-                              "same_tokens": bool(np.array_equal(tokens[n], tokens[first])),
-                              "context_copy_bytes_per_step": copied[n]}
-                     for n in names},
+        "contexts": {
+            n: {
+                **{f"{k}_ms": v for k, v in medians[n].items()},
+                **{f"{k}_ratio": medians[n][k] / medians[first][k] for k in medians[n]},
+                "same_tokens": bool(np.array_equal(tokens[n], tokens[first])),
+                "context_copy_bytes_per_step": copied[n],
+            }
+            for n in names
+        },
     }
 
 
@@ -108,33 +125,60 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("work", type=Path, help="directory for the exports (reused when present)")
-    parser.add_argument("--max-context", dest="contexts", type=int, action="append", required=True,
-                        help="repeatable; the first is the baseline")
+    parser.add_argument(
+        "--max-context",
+        dest="contexts",
+        type=int,
+        action="append",
+        required=True,
+        help="repeatable; the first is the baseline",
+    )
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per export, after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--full-span", action="store_true",
-                        help="also run the largest export fed whole K/V buffers (capacity-sized inputs, the control)")
-    parser.add_argument("--per-step-copy", action="store_true",
-                        help="also run the largest export with the context copied at every step, not once per canvas")
+    parser.add_argument(
+        "--full-span",
+        action="store_true",
+        help="also run the largest export fed whole K/V buffers (capacity-sized inputs, the control)",
+    )
+    parser.add_argument(
+        "--per-step-copy",
+        action="store_true",
+        help="also run the largest export with the context copied at every step, not once per canvas",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if min(args.prompt_length, args.steps, args.rounds, args.threads) < 1:
         parser.error("--prompt-length, --steps, --rounds and --threads must be at least 1")
-    result = compare(args.checkpoint, args.work, args.contexts, args.prompt_length, args.steps, args.rounds,
-                     args.threads, args.full_span, args.per_step_copy)
+    result = compare(
+        args.checkpoint,
+        args.work,
+        args.contexts,
+        args.prompt_length,
+        args.steps,
+        args.rounds,
+        args.threads,
+        args.full_span,
+        args.per_step_copy,
+    )
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"prompt {args.prompt_length} tokens, {args.steps} steps x {args.rounds} rounds, "
-              f"{args.threads} threads, ONNX Runtime CPU")
-        print(f"{'max context':>20}{'step ms':>10}{'ratio':>8}{'prefill ms':>12}{'ratio':>8}{'commit ms':>11}"
-              f"{'ratio':>8}{'copied MB/step':>16}  same tokens")
+        print(
+            f"prompt {args.prompt_length} tokens, {args.steps} steps x {args.rounds} rounds, "
+            f"{args.threads} threads, ONNX Runtime CPU"
+        )
+        print(
+            f"{'max context':>20}{'step ms':>10}{'ratio':>8}{'prefill ms':>12}{'ratio':>8}{'commit ms':>11}"
+            f"{'ratio':>8}{'copied MB/step':>16}  same tokens"
+        )
         for n, r in result["contexts"].items():
-            print(f"{n:>20}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['prefill_ms']:>12.1f}{r['prefill_ratio']:>8.3f}"
-                  f"{r['commit_ms']:>11.1f}{r['commit_ratio']:>8.3f}{r['context_copy_bytes_per_step'] / 1e6:>16.2f}"
-                  f"  {r['same_tokens']}")
+            print(
+                f"{n:>20}{r['step_ms']:>10.1f}{r['step_ratio']:>8.3f}{r['prefill_ms']:>12.1f}{r['prefill_ratio']:>8.3f}"
+                f"{r['commit_ms']:>11.1f}{r['commit_ratio']:>8.3f}{r['context_copy_bytes_per_step'] / 1e6:>16.2f}"
+                f"  {r['same_tokens']}"
+            )
     return 0 if all(r["same_tokens"] for r in result["contexts"].values()) else 1
 
 

@@ -53,8 +53,15 @@ def time_step(checkpoint: Path, device: str, moe: str, steps: int) -> float:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            backend.denoise(draws.initial_canvas(0), np.full(1, prompt, np.int64), np.full(1, 0.8, np.float32),
-                            np.full(1, 0.1, np.float32), d, step == 0, np.zeros(1, bool))
+            backend.denoise(
+                draws.initial_canvas(0),
+                np.full(1, prompt, np.int64),
+                np.full(1, 0.8, np.float32),
+                np.full(1, 0.1, np.float32),
+                d,
+                step == 0,
+                np.zeros(1, bool),
+            )
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -64,14 +71,20 @@ def time_step(checkpoint: Path, device: str, moe: str, steps: int) -> float:
 def inflight(checkpoint: Path, args: argparse.Namespace) -> dict:
     """`bench --concurrency` on the device: where a small-batch step is bound by reading the weights, rows that
     share step calls should cost little more than one, which the CPU (bound by compute) cannot show."""
-    results = bench_concurrency(checkpoint, "torch", args.concurrency, 16, args.loop_steps * 2, 1, None,
-                                device=args.device, dtype="bf16")
+    results = bench_concurrency(
+        checkpoint, "torch", args.concurrency, 16, args.loop_steps * 2, 1, None, device=args.device, dtype="bf16"
+    )
     batched, alone = results["inflight"], results["sequential"]
-    return {"step_calls": batched["step_calls"], "row_steps": batched["row_steps"],
-            "tokens_per_s_batched": batched["tokens_per_s"], "tokens_per_s_one_slot": alone["tokens_per_s"],
-            "speedup": batched["speedup"], "late_arrival": results["late_arrival"],
-            # bf16 routing can differ with the batch in the last bit; recorded, not gated on
-            "same_ids": batched["ids"] == alone["ids"]}
+    return {
+        "step_calls": batched["step_calls"],
+        "row_steps": batched["row_steps"],
+        "tokens_per_s_batched": batched["tokens_per_s"],
+        "tokens_per_s_one_slot": alone["tokens_per_s"],
+        "speedup": batched["speedup"],
+        "late_arrival": results["late_arrival"],
+        # bf16 routing can differ with the batch in the last bit; recorded, not gated on
+        "same_ids": batched["ids"] == alone["ids"],
+    }
 
 
 def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
@@ -83,16 +96,23 @@ def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
     start = time.perf_counter()
     backend = TorchBackend(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
     report = step_parity(checkpoint, backend, target=checkpoint, device=args.device)
-    figures["step_parity"] = {"passed": report.passed, "s": time.perf_counter() - start,
-                              "failed": [f"{c.stage}/{c.output}" for c in report.checks if not c.passed]}
+    figures["step_parity"] = {
+        "passed": report.passed,
+        "s": time.perf_counter() - start,
+        "failed": [f"{c.stage}/{c.output}" for c in report.checks if not c.passed],
+    }
     start = time.perf_counter()
     like = TorchBackend(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
-    settings = resolve_settings(like.spec.generation, {"max_new_tokens": like.spec.capacity.canvas,
-                                                       "max_denoising_steps": args.loop_steps})
+    settings = resolve_settings(
+        like.spec.generation, {"max_new_tokens": like.spec.capacity.canvas, "max_denoising_steps": args.loop_steps}
+    )
     rows = [list(range(3, 3 + 24)), list(range(40, 40 + 21))]
     checks = generate_parity(checkpoint, rows, settings, 0, None, args.max_context, like)
-    figures["generate_parity"] = {"passed": all(c.passed for c in checks), "s": time.perf_counter() - start,
-                                  "failed": [f"{c.stage}/{c.output}" for c in checks if not c.passed]}
+    figures["generate_parity"] = {
+        "passed": all(c.passed for c in checks),
+        "s": time.perf_counter() - start,
+        "failed": [f"{c.stage}/{c.output}" for c in checks if not c.passed],
+    }
     for moe in ("sparse", "dense"):
         figures[f"step_ms_{moe}"] = time_step(checkpoint, args.device, moe, args.steps)
     if args.concurrency:
@@ -113,10 +133,17 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests of the in-flight measurement (0: skip)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU; run on a machine with one, or pass --device cpu", file=sys.stderr)
+        print(
+            "error: --device cuda but torch sees no GPU; run on a machine with one, or pass --device cpu",
+            file=sys.stderr,
+        )
         return 2
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-               "preset": args.preset, "runs": []}
+    results = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory(prefix="canvasrt-gpu-check-") as work:
         for layers in args.layers:
             figures = check(layers, args, Path(work))
@@ -131,7 +158,9 @@ def main() -> int:
             fixed = ra[f"step_ms_{moe}"] - a * per_layer
             step_ms = fixed + RELEASED_LAYERS * per_layer
             results[f"extrapolated_{moe}"] = {
-                "per_layer_ms": per_layer, "fixed_ms": fixed, "step_ms_30_layers": step_ms,
+                "per_layer_ms": per_layer,
+                "fixed_ms": fixed,
+                "step_ms_30_layers": step_ms,
                 "tokens_per_s_48_steps": canvas / (48 * step_ms / 1e3),
                 "tokens_per_s_8_steps": canvas / (8 * step_ms / 1e3),
             }

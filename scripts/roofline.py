@@ -74,8 +74,11 @@ def _fold_shape_values(model: onnx.ModelProto) -> bool:
     from onnx.reference import ReferenceEvaluator
 
     shapes = _shapes(model)
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-              if t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= FOLD_ELEMENTS}
+    values = {
+        t.name: numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(t.dims)) <= FOLD_ELEMENTS
+    }
     kept, folded = [], []
     for node in model.graph.node:
         known = node.op_type == "Shape" and node.input[0] in shapes
@@ -141,24 +144,35 @@ def count_graph(path: Path, batch: int, canvas: int, spans: dict[str, int]) -> d
             continue
         a, b = (shapes.get(name) for name in node.input[:2])
         if a is None or b is None:
-            raise SystemExit(f"{path}: no static shape for the inputs of {node.name} at batch {batch}; "
-                             "is this an export with data-dependent shapes (sparse or grouped MoE)? count the dense one")
+            raise SystemExit(
+                f"{path}: no static shape for the inputs of {node.name} at batch {batch}; "
+                "is this an export with data-dependent shapes (sparse or grouped MoE)? count the dense one"
+            )
         attrs = {attr.name: attr.i for attr in node.attribute}
         weight = next((n.removeprefix(WRAPPER_PREFIX) for n in node.input[:2] if n in initializers), None)
         scope = [p.value for p in node.metadata_props if p.key in SCOPE_KEYS]
-        gemms.append({
-            "node": node.name, "op": node.op_type, "weight": weight,
-            "weight_elements": int(np.prod(shapes[WRAPPER_PREFIX + weight] if WRAPPER_PREFIX + weight in shapes
-                                           else shapes[weight])) if weight else 0,
-            "layer": _layer_of([weight or "", *scope, node.name]),
-            "expert": bool(weight and ".experts." in weight),
-            "flops": gemm_flops(node.op_type, a, b, attrs),
-        })
+        gemms.append(
+            {
+                "node": node.name,
+                "op": node.op_type,
+                "weight": weight,
+                "weight_elements": int(
+                    np.prod(shapes[WRAPPER_PREFIX + weight] if WRAPPER_PREFIX + weight in shapes else shapes[weight])
+                )
+                if weight
+                else 0,
+                "layer": _layer_of([weight or "", *scope, node.name]),
+                "expert": bool(weight and ".experts." in weight),
+                "flops": gemm_flops(node.op_type, a, b, attrs),
+            }
+        )
     kv = {value.name: int(np.prod(shapes[value.name])) for value in model.graph.input if value.name.startswith("past_")}
     return {"gemms": gemms, "kv": kv}
 
 
-def _per_layer(counted: dict[str, Any], weight_bytes: float, other_bytes: float, kv_bytes: float) -> dict[str, dict[str, float]]:
+def _per_layer(
+    counted: dict[str, Any], weight_bytes: float, other_bytes: float, kv_bytes: float
+) -> dict[str, dict[str, float]]:
     """FLOPs and bytes per layer ('shared' for the rest), experts apart from everything else."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     seen = set()
@@ -177,19 +191,33 @@ def _per_layer(counted: dict[str, Any], weight_bytes: float, other_bytes: float,
 def context_spans(manifest: ArtifactManifest, context: int) -> dict[str, int]:
     """The K/V span dims a step at `context` committed tokens is fed (what the runtime's kv_spans picks)."""
     spans = kv_spans(manifest.kv_layout, manifest.capacity, context)
-    return {dim: span for layer, span in zip(manifest.kv_layout, spans)
-            if isinstance(dim := span_dim(layer, manifest.capacity), str)}
+    return {
+        dim: span
+        for layer, span in zip(manifest.kv_layout, spans)
+        if isinstance(dim := span_dim(layer, manifest.capacity), str)
+    }
 
 
-def roofline(artifacts: Path, layers: int, batch: int, bandwidth: float, tflops: float, weight_bytes: float,
-             other_bytes: float, kv_bytes: float, steps_per_canvas: int, context: int | None = None) -> dict[str, Any]:
+def roofline(
+    artifacts: Path,
+    layers: int,
+    batch: int,
+    bandwidth: float,
+    tflops: float,
+    weight_bytes: float,
+    other_bytes: float,
+    kv_bytes: float,
+    steps_per_canvas: int,
+    context: int | None = None,
+) -> dict[str, Any]:
     manifest = ArtifactManifest.load(artifacts)
     config = manifest.model
     context = manifest.capacity.max_context if context is None else context
     if not 0 <= context <= manifest.capacity.max_context:
         raise SystemExit(f"--context {context} is outside the artifacts' 0..{manifest.capacity.max_context}")
-    counted = count_graph(manifest.graph_path("backbone"), batch, manifest.capacity.canvas,
-                          context_spans(manifest, context))
+    counted = count_graph(
+        manifest.graph_path("backbone"), batch, manifest.capacity.canvas, context_spans(manifest, context)
+    )
     per_layer = _per_layer(counted, weight_bytes, other_bytes, kv_bytes)
     kinds = [spec.kind for spec in config.layers]
     target = released_pattern(layers)
@@ -197,8 +225,10 @@ def roofline(artifacts: Path, layers: int, batch: int, bandwidth: float, tflops:
     if missing:
         raise SystemExit(f"{artifacts} has no {' or '.join(missing)} layer to scale from; export at least one of each")
     fields = ("expert_flops", "other_flops", "expert_bytes", "other_bytes")
-    by_kind = {kind: {f: float(np.mean([per_layer[str(i)][f] for i, k in enumerate(kinds) if k == kind])) for f in fields}
-               for kind in set(kinds)}
+    by_kind = {
+        kind: {f: float(np.mean([per_layer[str(i)][f] for i, k in enumerate(kinds) if k == kind])) for f in fields}
+        for kind in set(kinds)
+    }
     step = {f: per_layer[SHARED][f] + sum(by_kind[kind][f] for kind in target) for f in fields}
     tokens = batch * manifest.capacity.canvas
     share = config.top_k_experts / config.num_experts
@@ -214,36 +244,60 @@ def roofline(artifacts: Path, layers: int, batch: int, bandwidth: float, tflops:
         compute_ms, memory_ms = flops / (tflops * 1e12) * 1e3, moved / (bandwidth * 1e12) * 1e3
         bound = max(compute_ms, memory_ms)
         rows[name] = {
-            "gflop": flops / 1e9, "expert_gflop": expert_flops / 1e9, "gbyte": moved / 1e9,
-            "compute_ms": compute_ms, "memory_ms": memory_ms, "step_ms": bound,
+            "gflop": flops / 1e9,
+            "expert_gflop": expert_flops / 1e9,
+            "gbyte": moved / 1e9,
+            "compute_ms": compute_ms,
+            "memory_ms": memory_ms,
+            "step_ms": bound,
             "bound_by": "compute" if compute_ms >= memory_ms else "memory",
             "canvas_positions_per_s": tokens / bound * 1e3,
             "tokens_per_s": tokens / (steps_per_canvas * bound) * 1e3,
         }
     return {
-        "artifacts": str(artifacts), "exported_layers": len(kinds), "layers": layers,
+        "artifacts": str(artifacts),
+        "exported_layers": len(kinds),
+        "layers": layers,
         "layer_kinds": {SLIDING: target.count(SLIDING), FULL: target.count(FULL)},
-        "batch": batch, "canvas": manifest.capacity.canvas, "max_context": manifest.capacity.max_context,
+        "batch": batch,
+        "canvas": manifest.capacity.canvas,
+        "max_context": manifest.capacity.max_context,
         "context": context,
-        "steps_per_canvas": steps_per_canvas, "experts_hit_share": hit,
-        "device": {"bandwidth_tb_s": bandwidth, "tflops": tflops, "weight_bytes": weight_bytes,
-                   "other_weight_bytes": other_bytes, "kv_bytes": kv_bytes},
-        "formulations": rows, "gemms": counted["gemms"],
+        "steps_per_canvas": steps_per_canvas,
+        "experts_hit_share": hit,
+        "device": {
+            "bandwidth_tb_s": bandwidth,
+            "tflops": tflops,
+            "weight_bytes": weight_bytes,
+            "other_weight_bytes": other_bytes,
+            "kv_bytes": kv_bytes,
+        },
+        "formulations": rows,
+        "gemms": counted["gemms"],
     }
 
 
 def _table(result: dict[str, Any]) -> str:
-    head = (f"{result['layers']} layers ({result['layer_kinds'][SLIDING]} sliding, {result['layer_kinds'][FULL]} full) "
-            f"scaled from {result['exported_layers']} exported; batch {result['batch']}, canvas {result['canvas']}, "
-            f"context {result['context']} of {result['max_context']}; {result['device']['bandwidth_tb_s']} TB/s, "
-            f"{result['device']['tflops']} TFLOP/s")
-    lines = [head, f"{'formulation':<12}{'GFLOP':>10}{'experts':>10}{'GB':>9}{'compute ms':>12}{'memory ms':>11}"
-                   f"{'step ms':>9}  {'bound':<8}{'tokens/s':>10}"]
+    head = (
+        f"{result['layers']} layers ({result['layer_kinds'][SLIDING]} sliding, {result['layer_kinds'][FULL]} full) "
+        f"scaled from {result['exported_layers']} exported; batch {result['batch']}, canvas {result['canvas']}, "
+        f"context {result['context']} of {result['max_context']}; {result['device']['bandwidth_tb_s']} TB/s, "
+        f"{result['device']['tflops']} TFLOP/s"
+    )
+    lines = [
+        head,
+        f"{'formulation':<12}{'GFLOP':>10}{'experts':>10}{'GB':>9}{'compute ms':>12}{'memory ms':>11}"
+        f"{'step ms':>9}  {'bound':<8}{'tokens/s':>10}",
+    ]
     for name, r in result["formulations"].items():
-        lines.append(f"{name:<12}{r['gflop']:>10.1f}{r['expert_gflop']:>10.1f}{r['gbyte']:>9.2f}{r['compute_ms']:>12.3f}"
-                     f"{r['memory_ms']:>11.3f}{r['step_ms']:>9.3f}  {r['bound_by']:<8}{r['tokens_per_s']:>10.0f}")
-    lines.append(f"tokens/s at {result['steps_per_canvas']} steps per canvas; experts hit per layer (routed, uniform): "
-                 f"{100 * result['experts_hit_share']:.2f}%")
+        lines.append(
+            f"{name:<12}{r['gflop']:>10.1f}{r['expert_gflop']:>10.1f}{r['gbyte']:>9.2f}{r['compute_ms']:>12.3f}"
+            f"{r['memory_ms']:>11.3f}{r['step_ms']:>9.3f}  {r['bound_by']:<8}{r['tokens_per_s']:>10.0f}"
+        )
+    lines.append(
+        f"tokens/s at {result['steps_per_canvas']} steps per canvas; experts hit per layer (routed, uniform): "
+        f"{100 * result['experts_hit_share']:.2f}%"
+    )
     return "\n".join(lines)
 
 
@@ -258,14 +312,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other-bytes", type=float, default=2.0, help="bytes per other weight (embedding, router)")
     parser.add_argument("--kv-bytes", type=float, default=2.0, help="bytes per K/V element")
     parser.add_argument("--steps-per-canvas", type=int, default=48, help="denoising steps per committed canvas")
-    parser.add_argument("--context", type=int, default=None,
-                        help="committed tokens the step attends to (default: the artifacts' max context)")
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="committed tokens the step attends to (default: the artifacts' max context)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (every GEMM included)")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.batch < 1 or args.steps_per_canvas < 1:
         parser.error("--layers, --batch and --steps-per-canvas must be at least 1")
-    result = roofline(args.artifacts, args.layers, args.batch, args.bandwidth, args.tflops, args.weight_bytes,
-                      args.other_bytes, args.kv_bytes, args.steps_per_canvas, args.context)
+    result = roofline(
+        args.artifacts,
+        args.layers,
+        args.batch,
+        args.bandwidth,
+        args.tflops,
+        args.weight_bytes,
+        args.other_bytes,
+        args.kv_bytes,
+        args.steps_per_canvas,
+        args.context,
+    )
     print(json.dumps(result, indent=1) if args.json else _table(result))
     return 0
 

@@ -27,7 +27,9 @@ def checkpoint_weight_bytes(checkpoint: Path, dtype: str) -> int:
 
     from canvasrt.model.checkpoint import Checkpoint
 
-    model = Checkpoint.open(checkpoint).load_text_model(dtype=dtype, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+    model = Checkpoint.open(checkpoint).load_text_model(
+        dtype=dtype, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)
+    )
     return sum(p.numel() for p in model.parameters()) * WIDTH[dtype]
 
 
@@ -73,8 +75,15 @@ def session_memory(artifacts: Path) -> dict[str, dict[str, int]]:
         backend.encode(np.arange(3, 11)[None], np.arange(8), np.zeros(1, np.int64))
         backend.encode(np.full((1, canvas), 5), np.arange(8, 8 + canvas), np.full(1, 8))
         draws = Draws(renoise_ids=np.zeros((1, canvas), np.int64), uniforms=np.full((1, canvas), 0.5, np.float32))
-        backend.denoise(np.full((1, canvas), 5), np.full(1, 8 + canvas), np.ones(1, np.float32), np.zeros(1, np.float32),
-                        draws, True, np.zeros(1, bool))
+        backend.denoise(
+            np.full((1, canvas), 5),
+            np.full(1, 8 + canvas),
+            np.ones(1, np.float32),
+            np.zeros(1, np.float32),
+            draws,
+            True,
+            np.zeros(1, bool),
+        )
         ran = _memory()
     return {"before": before, "loaded": loaded, "after_each_phase": ran}
 
@@ -96,8 +105,12 @@ def main() -> None:
     manifest = ArtifactManifest.load(args.artifacts)
     weights = checkpoint_weight_bytes(args.checkpoint, manifest.dtype)
     graphs = {name: graph_weight_bytes(manifest.graph_path(name)) for name in manifest.graphs}
-    child = subprocess.run([sys.executable, __file__, str(args.checkpoint), str(args.artifacts), "--child"],
-                           check=True, capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, __file__, str(args.checkpoint), str(args.artifacts), "--child"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     memory = json.loads(child.stdout.strip().splitlines()[-1])
     report = {
         "dtype": manifest.dtype,
@@ -119,13 +132,17 @@ def main() -> None:
         return
     gib = 1 << 30
     print(f"checkpoint text weights ({manifest.dtype}): {weights / gib:.3f} GiB")
-    print(f"artifact weights: {sum(graphs.values()) / gib:.3f} GiB ({', '.join(graphs)}), ratio {report['artifact_ratio']:.4f}")
+    print(
+        f"artifact weights: {sum(graphs.values()) / gib:.3f} GiB ({', '.join(graphs)}), ratio {report['artifact_ratio']:.4f}"
+    )
     for stage in ("loaded", "after_each_phase"):
         m = memory[stage]
         grown = (m["VmRSS"] - memory["before"]["VmRSS"]) / weights
-        print(f"onnxruntime {stage}: RSS {m['VmRSS'] / gib:.3f} GiB (anonymous {m['RssAnon'] / gib:.3f}, file "
-              f"{m['RssFile'] / gib:.3f}); growth over the process before loading / weights = {grown:.3f}, "
-              f"total RSS / weights = {m['VmRSS'] / weights:.3f}")
+        print(
+            f"onnxruntime {stage}: RSS {m['VmRSS'] / gib:.3f} GiB (anonymous {m['RssAnon'] / gib:.3f}, file "
+            f"{m['RssFile'] / gib:.3f}); growth over the process before loading / weights = {grown:.3f}, "
+            f"total RSS / weights = {m['VmRSS'] / weights:.3f}"
+        )
     if args.engines is not None:
         print(f"engine: {sum(report['engine_bytes'].values()) / gib:.3f} GiB, ratio {report['engine_ratio']:.4f}")
 

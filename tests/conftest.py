@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -23,16 +23,34 @@ torch.set_num_threads(1)
 # a full layer first, top-1 routing, a window longer than the prompt of the step parity (so the ring wraps later),
 # another vocabulary size; same canvas so transfer sizes stay comparable.
 VARIANT = dict(
-    vocab_size=320, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+    vocab_size=320,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=3,
     layer_types=["full_attention", "sliding_attention", "full_attention"],
-    num_attention_heads=2, num_key_value_heads=2, head_dim=24, global_head_dim=16,
-    num_global_key_value_heads=2, num_experts=3, top_k_experts=1, moe_intermediate_size=16,
-    sliding_window=20, max_position_embeddings=1024, initializer_range=0.2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=24,
+    global_head_dim=16,
+    num_global_key_value_heads=2,
+    num_experts=3,
+    top_k_experts=1,
+    moe_intermediate_size=16,
+    sliding_window=20,
+    max_position_embeddings=1024,
+    initializer_range=0.2,
 )
 
 
-def _write_checkpoint(path: Path, text: dict, canvas: int = 16, seed: int = 0, old_format: bool = False,
-                     shard: str | None = None, eos_boost: float | None = None) -> Path:
+def _write_checkpoint(
+    path: Path,
+    text: dict,
+    canvas: int = 16,
+    seed: int = 0,
+    old_format: bool = False,
+    shard: str | None = None,
+    eos_boost: float | None = None,
+) -> Path:
     """A random checkpoint saved by transformers (optionally sharded, or rewritten in the older config format)."""
     model = build_random_model(text, canvas, seed)
     if eos_boost is not None:

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from click.testing import CliRunner
+
 from canvasrt.cli import main
 from canvasrt.core.manifest import _staging_prefix
-from click.testing import CliRunner
 
 CANVASRT = str(Path(sys.executable).parent / "canvasrt")
 
@@ -64,6 +65,7 @@ def edit_json(path: Path, change: Callable[[dict], object]) -> None:
 
 # -- checkpoint files -------------------------------------------------------------------------------------------------
 
+
 def _truncate(path: Path, keep: int) -> None:
     path.write_bytes(path.read_bytes()[:keep])
 
@@ -82,19 +84,34 @@ WEIGHTS = "model.safetensors"
 CHECKPOINT_FILES = [
     ("empty weights", lambda c: (c / WEIGHTS).write_bytes(b""), ["model.safetensors", "header too small", "re-save"]),
     ("truncated header", lambda c: _truncate(c / WEIGHTS, 1000), ["invalid header length", "truncated or corrupt"]),
-    ("truncated data", lambda c: _truncate(c / WEIGHTS, (c / WEIGHTS).stat().st_size - 100),
-     ["file not fully covered", "truncated or corrupt"]),
+    (
+        "truncated data",
+        lambda c: _truncate(c / WEIGHTS, (c / WEIGHTS).stat().st_size - 100),
+        ["file not fully covered", "truncated or corrupt"],
+    ),
     ("corrupt header", lambda c: _header_garbage(c / WEIGHTS), ["invalid JSON in header", "truncated or corrupt"]),
     ("oversized header", lambda c: _header_length(c / WEIGHTS, 1 << 40), ["header too large"]),
-    ("index is a list", lambda c: (c / "model.safetensors.index.json").write_text("[1, 2]"),
-     ["is not a safetensors index", "re-save the checkpoint"]),
-    ("weight_map is a list", lambda c: (c / "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
-     ["is not a safetensors index"]),
+    (
+        "index is a list",
+        lambda c: (c / "model.safetensors.index.json").write_text("[1, 2]"),
+        ["is not a safetensors index", "re-save the checkpoint"],
+    ),
+    (
+        "weight_map is a list",
+        lambda c: (c / "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
+        ["is not a safetensors index"],
+    ),
     ("config is a list", lambda c: (c / "config.json").write_text("[1, 2]"), ["config.json holds a JSON list", "fix"]),
-    ("text_config is a list", lambda c: edit_json(c / "config.json", lambda d: d.update(text_config=[1])),
-     ["not a valid DiffusionGemma config", "text_config", "fix config.json"]),
-    ("generation config is a list", lambda c: (c / "generation_config.json").write_text("[1]"),
-     ["generation_config.json holds a JSON list", "fix or remove it"]),
+    (
+        "text_config is a list",
+        lambda c: edit_json(c / "config.json", lambda d: d.update(text_config=[1])),
+        ["not a valid DiffusionGemma config", "text_config", "fix config.json"],
+    ),
+    (
+        "generation config is a list",
+        lambda c: (c / "generation_config.json").write_text("[1]"),
+        ["generation_config.json holds a JSON list", "fix or remove it"],
+    ),
     ("config not UTF-8", lambda c: (c / "config.json").write_bytes(b'{"model_type": "\xff"}'), ["not UTF-8"]),
 ]
 
@@ -123,8 +140,11 @@ CONFIG_VALUES = [
     ("sliding window 0", _text("sliding_window", 0), "sliding_window must be at least 2"),
     ("sliding window 1", _text("sliding_window", 1), "sliding_window must be at least 2"),
     ("unknown layer type", _layer_types(lambda t: t.__setitem__(0, "bogus_attention")), "layer_types"),
-    ("layer type transformers knows, canvasrt does not", _layer_types(lambda t: t.__setitem__(0, "linear_attention")),
-     "layer 0 has layer type 'linear_attention'"),
+    (
+        "layer type transformers knows, canvasrt does not",
+        _layer_types(lambda t: t.__setitem__(0, "linear_attention")),
+        "layer 0 has layer type 'linear_attention'",
+    ),
     ("layer types too short", _layer_types(lambda t: t.pop()), "must be equal to the number of `layer_types`"),
     ("head count not a number", _text("num_attention_heads", "eight"), "Field 'num_attention_heads'"),
     ("head count fractional", _text("num_attention_heads", 2.5), "Field 'num_attention_heads'"),
@@ -150,6 +170,7 @@ def test_config_values_are_checked_where_the_config_is_read(tiny_checkpoint, tmp
 
 # -- artifact files -------------------------------------------------------------------------------------------------
 
+
 def _manifest(change: Callable[[dict], object]) -> Callable[[Path], None]:
     return lambda artifacts: edit_json(artifacts / "manifest.json", change)
 
@@ -159,11 +180,17 @@ ARTIFACT_FILES = [
     ("graphs a list", _manifest(lambda m: m.update(graphs=[])), "mistypes a field"),
     ("no capacity", _manifest(lambda m: m.pop("capacity")), "KeyError: 'capacity'"),
     ("capacity a list", _manifest(lambda m: m.update(capacity=[1])), "mistypes a field"),
-    ("capacity value a string", _manifest(lambda m: m["capacity"].update(max_batch="4")),
-     "manifest.capacity.max_batch is '4', not int"),
+    (
+        "capacity value a string",
+        _manifest(lambda m: m["capacity"].update(max_batch="4")),
+        "manifest.capacity.max_batch is '4', not int",
+    ),
     ("layer spec a list", _manifest(lambda m: m["model"]["layers"].__setitem__(0, [1])), "mistypes a field"),
-    ("layer head_dim a string", _manifest(lambda m: m["model"]["layers"][0].update(head_dim="16")),
-     "manifest.model.layers[0].head_dim"),
+    (
+        "layer head_dim a string",
+        _manifest(lambda m: m["model"]["layers"][0].update(head_dim="16")),
+        "manifest.model.layers[0].head_dim",
+    ),
     ("kv layout slots not a number", _manifest(lambda m: m["kv_layout"][0].update(slots="x")), "mistypes a field"),
     ("graph entry a list", _manifest(lambda m: m["graphs"].update(backbone=[1])), "mistypes a field"),
     ("empty graph", lambda a: (a / "backbone.onnx").write_bytes(b""), "backbone.onnx"),
@@ -211,9 +238,11 @@ def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_artifacts, tmp_pat
         result = cli("generate", artifacts, *args, *output)
         assert result.exit_code == 0, result.output
         warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-        assert warnings == [f"warning: {artifacts}/tokenizer.json cannot be read as a tokenizer (expected `,` or `}}` "
-                            "at line 1 column 5); printing token ids instead of text (copy the checkpoint's "
-                            "tokenizer.json back for text)"]
+        assert warnings == [
+            f"warning: {artifacts}/tokenizer.json cannot be read as a tokenizer (expected `,` or `}}` "
+            "at line 1 column 5); printing token ids instead of text (copy the checkpoint's "
+            "tokenizer.json back for text)"
+        ]
         if output:
             assert json.loads(result.stdout)["text"] == [None]
         else:
@@ -258,13 +287,17 @@ PROMPTS_FILES = [
 ]
 
 
-@pytest.mark.parametrize("content, fragment", PROMPTS_FILES, ids=["id beyond int64", "latin-1", "text a number", "bool id"])
+@pytest.mark.parametrize(
+    "content, fragment", PROMPTS_FILES, ids=["id beyond int64", "latin-1", "text a number", "bool id"]
+)
 def test_prompts_files_generate_and_calibrate(tiny_checkpoint, tiny_artifacts, tmp_path, content, fragment):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_bytes(content)
     assert_refused(cli("generate", tiny_artifacts, "--prompts-file", prompts), fragment)
-    assert_refused(cli("calibrate", tiny_checkpoint, tiny_artifacts, "-o", tmp_path / "fp8", "--prompts", prompts,
-                       "--samples", 1), fragment)
+    assert_refused(
+        cli("calibrate", tiny_checkpoint, tiny_artifacts, "-o", tmp_path / "fp8", "--prompts", prompts, "--samples", 1),
+        fragment,
+    )
     assert_nothing_written(tmp_path / "fp8")
 
 
@@ -276,8 +309,20 @@ def test_other_commands_refuse_options_that_make_no_sense(tiny_checkpoint, tiny_
         (["export", tiny_checkpoint, "-o", tmp_path / "out", "--max-prefill", -5], "--max-prefill must be at least 1"),
         (["build", tiny_artifacts, "-o", tmp_path / "out", "--workspace", "-1G"], "at least one byte"),
         (["build", tiny_artifacts, "-o", tmp_path / "out", "--workspace", "0"], "at least one byte"),
-        (["calibrate", tiny_checkpoint, tiny_artifacts, "-o", tmp_path / "out", "--task", "sort", "--prompts", prompts],
-         "at most one of --prompts and --task"),
+        (
+            [
+                "calibrate",
+                tiny_checkpoint,
+                tiny_artifacts,
+                "-o",
+                tmp_path / "out",
+                "--task",
+                "sort",
+                "--prompts",
+                prompts,
+            ],
+            "at most one of --prompts and --task",
+        ),
         (["bench", tiny_artifacts, "--threads", -1], "--threads must be at least 1"),
         (["bench", tiny_artifacts, "--steps", 0], "--steps must be at least 1"),
         (["eval", tiny_artifacts, "--task", "sort", "--threads", 0], "--threads must be at least 1"),
@@ -293,10 +338,18 @@ def test_other_commands_refuse_options_that_make_no_sense(tiny_checkpoint, tiny_
 TRITON_OPTIONS = [
     (["--slots", 0], ["--slots must be between 1 and the max batch 4, got 0"]),
     (["--slots", -3], ["--slots must be between 1 and the max batch 4, got -3"]),
-    (["--slots", 5], ["--slots must be between 1 and the max batch 4, got 5", "takes batches of at most 4",
-                      "re-export with `canvasrt export --max-batch`"]),
-    (["--max-batch", 2, "--slots", 3], ["--slots must be between 1 and the max batch 2, got 3",
-                                        "raise --max-batch (up to 4)"]),
+    (
+        ["--slots", 5],
+        [
+            "--slots must be between 1 and the max batch 4, got 5",
+            "takes batches of at most 4",
+            "re-export with `canvasrt export --max-batch`",
+        ],
+    ),
+    (
+        ["--max-batch", 2, "--slots", 3],
+        ["--slots must be between 1 and the max batch 2, got 3", "raise --max-batch (up to 4)"],
+    ),
     (["--max-batch", 0], ["--max-batch must be between 1 and the artifacts' max batch 4, got 0"]),
     (["--max-queue", -1], ["--max-queue must be 0 or more, got -1"]),
     (["--batch-window-ms", -5], ["--batch-window-ms must be 0 (step at once) or more, got -5"]),
@@ -308,8 +361,9 @@ TRITON_OPTIONS = [
 @pytest.mark.parametrize("args, fragments", TRITON_OPTIONS, ids=[" ".join(map(str, a)) for a, _ in TRITON_OPTIONS])
 def test_triton_refuses_serving_options_that_make_no_sense(tiny_artifacts, tmp_path, args, fragments):
     for step_backend in ("in-process", "onnxruntime"):
-        assert_refused(cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", step_backend, *args),
-                       *fragments)
+        assert_refused(
+            cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", step_backend, *args), *fragments
+        )
         assert_nothing_written(tmp_path / "repo")
 
 
@@ -327,8 +381,10 @@ SERVE_OPTIONS = [
     (["--http-port", -1], "--http-port must be between 1 and 65535, got -1"),
     (["--grpc-port", 70000], "--grpc-port must be between 1 and 65535, got 70000"),
     (["--metrics-port", 0], "--metrics-port must be between 1 and 65535, got 0"),
-    (["--http-port", 18000, "--grpc-port", 18000], "--http-port and --grpc-port are both 18000; give each endpoint its "
-                                                   "own port"),
+    (
+        ["--http-port", 18000, "--grpc-port", 18000],
+        "--http-port and --grpc-port are both 18000; give each endpoint its own port",
+    ),
     (["--grpc-port", 18002, "--metrics-port", 18002], "--grpc-port and --metrics-port are both 18002"),
 ]
 
@@ -340,8 +396,9 @@ def test_serve_refuses_ports_that_make_no_sense(tiny_artifacts, tmp_path, args, 
 
 
 @pytest.mark.parametrize("where", ["in a missing folder", "a folder"])
-def test_serve_refuses_a_log_it_cannot_write_and_leaves_no_scratch(tiny_artifacts, triton_env, tmp_path, monkeypatch,
-                                                                  where):
+def test_serve_refuses_a_log_it_cannot_write_and_leaves_no_scratch(
+    tiny_artifacts, triton_env, tmp_path, monkeypatch, where
+):
     from canvasrt.serving.server import free_ports
 
     assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
@@ -349,16 +406,21 @@ def test_serve_refuses_a_log_it_cannot_write_and_leaves_no_scratch(tiny_artifact
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the server's scratch directory goes
     log = tmp_path / "missing" / "server.log" if where == "in a missing folder" else tmp_path
-    ports = [x for option, port in zip(("--http-port", "--grpc-port", "--metrics-port"), free_ports(3))
-             for x in (option, port)]
+    ports = [
+        x
+        for option, port in zip(("--http-port", "--grpc-port", "--metrics-port"), free_ports(3))
+        for x in (option, port)
+    ]
     result = cli("serve", tmp_path / "repo", "--python-env", triton_env, "--log", log, *ports)
     assert_refused(result, f"cannot write the server log {log}", "give --log a file in a writable directory")
     assert list(scratch.iterdir()) == []
 
 
 MALFORMED = [
-    (["triton", "ART", "-o", "REPO", "--slots", "x"], "canvasrt triton: Invalid value for '--slots': 'x' is not a valid "
-                                                      "integer; see `canvasrt triton --help`"),
+    (
+        ["triton", "ART", "-o", "REPO", "--slots", "x"],
+        "canvasrt triton: Invalid value for '--slots': 'x' is not a valid integer; see `canvasrt triton --help`",
+    ),
     (["generate", "ART", "--seed", "x"], "canvasrt generate: Invalid value for '--seed': 'x' is not a valid integer"),
     (["export"], "canvasrt export: Missing argument 'CHECKPOINT'; see `canvasrt export --help`"),
     (["build", "ART", "--bogus"], "canvasrt build: No such option '--bogus'"),
@@ -375,35 +437,51 @@ def test_malformed_command_lines_are_one_line(tiny_artifacts, tmp_path, args, fr
     assert_nothing_written(tmp_path / "repo")
 
 
-@pytest.mark.parametrize("value, fragments", [
-    (0, ["--concurrency must be at least 1, got 0"]),
-    (-2, ["--concurrency must be at least 1, got -2"]),
-    (5, ["--concurrency 5 needs 5 slots, more than the max batch 4", "use --concurrency 4 or less",
-         "re-export with a larger --max-batch"]),
-], ids=["0", "negative", "above the max batch"])
+@pytest.mark.parametrize(
+    "value, fragments",
+    [
+        (0, ["--concurrency must be at least 1, got 0"]),
+        (-2, ["--concurrency must be at least 1, got -2"]),
+        (
+            5,
+            [
+                "--concurrency 5 needs 5 slots, more than the max batch 4",
+                "use --concurrency 4 or less",
+                "re-export with a larger --max-batch",
+            ],
+        ),
+    ],
+    ids=["0", "negative", "above the max batch"],
+)
 def test_bench_refuses_a_concurrency_that_makes_no_sense(tiny_artifacts, value, fragments):
     for backend in ("onnxruntime", "torch"):
-        assert_refused(cli("bench", tiny_artifacts, "--backend", backend, "--concurrency", value, "--steps", 1), *fragments)
+        assert_refused(
+            cli("bench", tiny_artifacts, "--backend", backend, "--concurrency", value, "--steps", 1), *fragments
+        )
 
 
 def test_device_is_refused_where_it_would_be_ignored(tiny_artifacts):
     """--device places the torch paths; ONNX Runtime would silently run on its provider instead."""
     for command in (["bench", "--concurrency", 2], ["bench"], ["generate", "--prompt-ids", "2,3"]):
-        assert_refused(cli(command[0], tiny_artifacts, "--backend", "onnxruntime", "--device", "cuda", *command[1:]),
-                       "--device cuda places the torch paths; --backend onnxruntime runs on its own runtime",
-                       "drop --device or use --backend torch")
+        assert_refused(
+            cli(command[0], tiny_artifacts, "--backend", "onnxruntime", "--device", "cuda", *command[1:]),
+            "--device cuda places the torch paths; --backend onnxruntime runs on its own runtime",
+            "drop --device or use --backend torch",
+        )
 
 
 def test_triton_on_engines_with_a_missing_engine(tiny_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     assert cli("build", tiny_artifacts, "-o", tmp_path / "engines", "--max-context", 32).exit_code == 0
     (tmp_path / "engines" / "backbone.engine").unlink()
-    assert_refused(cli("triton", tmp_path / "engines", "-o", tmp_path / "repo"), "lacks the backbone engine",
-                   "canvasrt build")
+    assert_refused(
+        cli("triton", tmp_path / "engines", "-o", tmp_path / "repo"), "lacks the backbone engine", "canvasrt build"
+    )
     assert_nothing_written(tmp_path / "repo")
 
 
 # -- progress display -------------------------------------------------------------------------------------------------
+
 
 def _screen(output: bytes) -> list[str]:
     """The lines a terminal shows after `output`: text, carriage return, line feed, erase line (CSI 2K), cursor up
@@ -421,15 +499,19 @@ def _screen(output: bytes) -> list[str]:
             elif token.endswith("A"):
                 row = max(0, row - int(token[2:-1] or 1))
         else:
-            lines[row] = lines[row][:column].ljust(column) + token + lines[row][column + len(token):]
+            lines[row] = lines[row][:column].ljust(column) + token + lines[row][column + len(token) :]
             column += len(token)
     return [line.rstrip() for line in lines if line.strip()]
 
 
 def _stderr_on_a_terminal(command: list) -> tuple[int, bytes]:
     primary, secondary = pty.openpty()
-    process = subprocess.Popen([CANVASRT, *map(str, command)], stdout=subprocess.DEVNULL, stderr=secondary,
-                               env={**os.environ, "TERM": "xterm", "COLUMNS": "160"})
+    process = subprocess.Popen(
+        [CANVASRT, *map(str, command)],
+        stdout=subprocess.DEVNULL,
+        stderr=secondary,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
+    )
     os.close(secondary)
     chunks = []
     while True:
@@ -452,8 +534,9 @@ def test_a_failing_stage_clears_its_spinner_before_the_error(tiny_checkpoint, tm
     command = ["export", checkpoint, "-o", tmp_path / "out"]
     logged = subprocess.run([CANVASRT, *map(str, command)], capture_output=True, text=True, timeout=120)
     assert logged.returncode == 2
-    assert logged.stderr.splitlines() == [f"error: {checkpoint}/config.json holds a JSON list, not a config object; "
-                                          "fix or re-save it"]
+    assert logged.stderr.splitlines() == [
+        f"error: {checkpoint}/config.json holds a JSON list, not a config object; fix or re-save it"
+    ]
     code, drawn = _stderr_on_a_terminal(command)
     assert code == 2 and b"\x1b[" in drawn  # rich drew a live display
     assert _screen(drawn) == logged.stderr.splitlines()
@@ -462,10 +545,12 @@ def test_a_failing_stage_clears_its_spinner_before_the_error(tiny_checkpoint, tm
 
 # -- signals ----------------------------------------------------------------------------------------------------------
 
+
 def _start_and_signal(command: list, output: Path, number: int, settle: float) -> subprocess.CompletedProcess:
     """Runs `command`, sends `number` once its staging directory exists and `settle` seconds have passed."""
-    process = subprocess.Popen([CANVASRT, *map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [CANVASRT, *map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while not list(output.parent.glob(f".{output.name}.*.partial")):
         assert process.poll() is None, process.communicate()
@@ -477,8 +562,11 @@ def _start_and_signal(command: list, output: Path, number: int, settle: float) -
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("number, code, line", [(signal.SIGINT, 130, "interrupted"),
-                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    "number, code, line",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["ctrl-c", "sigterm"],
+)
 def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, number, code, line):
     pytest.importorskip("tensorrt_rtx")
     output = tmp_path / "engines"
@@ -493,8 +581,9 @@ def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, numbe
 
 def test_sigterm_stops_export_and_leaves_nothing(tiny_checkpoint, tmp_path):
     output = tmp_path / "art"
-    done = _start_and_signal(["export", tiny_checkpoint, "-o", output, "--max-context", 64], output, signal.SIGTERM,
-                             settle=0.5)
+    done = _start_and_signal(
+        ["export", tiny_checkpoint, "-o", output, "--max-context", 64], output, signal.SIGTERM, settle=0.5
+    )
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in done.stderr
     assert_nothing_written(output)

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 from canvasrt.cli import main
 
 
-
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -22,12 +21,17 @@ def cli(*args):
 def test_calibrated_graphs_hold_fp8_gemms_and_the_calibration(sort_fp8):
     manifest = json.loads((sort_fp8 / "manifest.json").read_text())
     calibration = json.loads((sort_fp8 / "calibration.json").read_text())
-    assert manifest["quantization"]["format"] == "fp8" and manifest["quantization"]["prompts"] == "task sort calibration split"
+    assert (
+        manifest["quantization"]["format"] == "fp8"
+        and manifest["quantization"]["prompts"] == "task sort calibration split"
+    )
     backbone = manifest["graphs"]["backbone"]
     assert any(name.endswith("experts.down_proj") for name in backbone["quantized"])
     assert not any("embed_tokens" in name or "router" in name for name in backbone["quantized"])
     model = onnx.load(str(sort_fp8 / "backbone.onnx"))
-    fp8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.name.endswith(".fp8")]
+    fp8 = [
+        t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.name.endswith(".fp8")
+    ]
     assert len(fp8) == len(backbone["quantized"])
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(backbone["quantized"])
     for entry in calibration["tensors"].values():  # scales rounded so that amax / scale stays within E4M3's 448
@@ -55,7 +59,9 @@ def test_fp8_simulation_is_checked_by_the_same_parity(sort_checkpoint, sort_fp8,
     graphs, judged by the same FP8 budget; its entropies agree with the graphs' where both are compared."""
     reports = {}
     for backend in ("torch", "onnxruntime"):
-        result = cli("parity", sort_checkpoint, sort_fp8, "--backend", backend, "--report", tmp_path / f"{backend}.json")
+        result = cli(
+            "parity", sort_checkpoint, sort_fp8, "--backend", backend, "--report", tmp_path / f"{backend}.json"
+        )
         assert result.exit_code == 0, result.output
         reports[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
     assert reports["torch"]["backend"] == "torch" and reports["torch"]["dtype"] == "fp8"
@@ -64,7 +70,10 @@ def test_fp8_simulation_is_checked_by_the_same_parity(sort_checkpoint, sort_fp8,
     assert {out for _, out in shared} >= {"key", "value", "argmax", "entropy", "next_self_cond", "next_canvas"}
     for key in shared:
         if key[1] == "entropy":
-            simulated, graphs = checks["torch"][key]["metrics"]["max_abs"], checks["onnxruntime"][key]["metrics"]["max_abs"]
+            simulated, graphs = (
+                checks["torch"][key]["metrics"]["max_abs"],
+                checks["onnxruntime"][key]["metrics"]["max_abs"],
+            )
             assert abs(simulated - graphs) < 0.05
 
 
@@ -104,9 +113,16 @@ def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_checkpoint, sor
             backend.start(padding)
             backend.encode(ids, np.arange(9), np.zeros(2, np.int64))
             with torch.inference_mode():
-                logits.append(backend.model.denoise_logits(
-                    torch.from_numpy(canvas), torch.zeros(2, 16, 64), backend.keys, backend.values,
-                    torch.full((2,), 9), backend.mask))
+                logits.append(
+                    backend.model.denoise_logits(
+                        torch.from_numpy(canvas),
+                        torch.zeros(2, 16, 64),
+                        backend.keys,
+                        backend.values,
+                        torch.full((2,), 9),
+                        backend.mask,
+                    )
+                )
     simulated, fp32 = logits
     assert (fp32 - simulated).abs().max() > 0.05  # the simulation really quantizes
 
@@ -114,8 +130,15 @@ def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_checkpoint, sor
         graphs.start(padding)
         graphs.encode(ids, np.arange(9), np.zeros(2, np.int64))
         draws = Draws(renoise_ids=np.zeros((2, 16), np.int64), uniforms=np.full((2, 16), 0.5, np.float32))
-        step = graphs.denoise(canvas, np.full(2, 9), np.full(2, 0.8, np.float32), np.full(2, 0.1, np.float32), draws,
-                              True, np.zeros(2, bool))
+        step = graphs.denoise(
+            canvas,
+            np.full(2, 9),
+            np.full(2, 0.8, np.float32),
+            np.full(2, 0.1, np.float32),
+            draws,
+            True,
+            np.zeros(2, bool),
+        )
         soft = graphs.self_conditioning()
     embedding = Checkpoint.open(sort_checkpoint).tensor("model.decoder.embed_tokens.weight")
     expected_soft = torch.softmax(simulated / 0.8, -1) @ embedding * 8.0  # sqrt(hidden 64)
@@ -137,7 +160,13 @@ def test_bisect_ranks_every_quantized_group(sort_checkpoint, sort_fp8, sort_arti
     assert result.exit_code == 0, result.output
     ranking = json.loads((tmp_path / "b.json").read_text())["bisect"]
     groups = [r["group"] for r in ranking]
-    assert groups[-1] == "all" and set(groups[:-1]) == {"layers.0", "layers.1", "layers.2", "layers.3", "self_conditioning"}
+    assert groups[-1] == "all" and set(groups[:-1]) == {
+        "layers.0",
+        "layers.1",
+        "layers.2",
+        "layers.3",
+        "self_conditioning",
+    }
     costs = [r["nrmse"] for r in ranking[:-1]]
     assert costs == sorted(costs, reverse=True) and all(c > 0 for c in costs)
     assert ranking[-1]["nrmse"] >= max(costs)  # all groups together cost at least the worst one
@@ -145,12 +174,27 @@ def test_bisect_ranks_every_quantized_group(sort_checkpoint, sort_fp8, sort_arti
     assert refused.exit_code == 2 and "is not quantized" in refused.output
 
 
-def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_unquantized(sort_checkpoint, sort_artifacts, sort_fp8, tmp_path):
+def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_unquantized(
+    sort_checkpoint, sort_artifacts, sort_fp8, tmp_path
+):
     maxed = json.loads((sort_fp8 / "calibration.json").read_text())["tensors"]
     for method in ("percentile", "mse"):
         out = tmp_path / method
-        result = cli("calibrate", sort_checkpoint, sort_artifacts, "-o", out, "--task", "sort", "--samples", "32",
-                     "--method", method, "--exclude", r"layers\.1\.")
+        result = cli(
+            "calibrate",
+            sort_checkpoint,
+            sort_artifacts,
+            "-o",
+            out,
+            "--task",
+            "sort",
+            "--samples",
+            "32",
+            "--method",
+            method,
+            "--exclude",
+            r"layers\.1\.",
+        )
         assert result.exit_code == 0, result.output
         calibration = json.loads((out / "calibration.json").read_text())
         assert calibration["method"] == method and calibration["excluded"]
@@ -185,14 +229,19 @@ def test_qdq_graphs_stream_their_weights_in_bounded_blocks(tiny_fp16_artifacts, 
     initializers = {t.name: t for t in whole.graph.initializer}
     gemm_weights = {n.input[1] for n in whole.graph.node if n.op_type == "Gemm"}
     gemm_weights |= {n.input[0] for n in whole.graph.node if n.op_type == "MatMul" and n.input[0] in initializers}
-    amax = {w.removeprefix("model."): np.float32(3.0) for w in gemm_weights
-            if w in initializers and QUANTIZED.search(w.removeprefix("model."))}
+    amax = {
+        w.removeprefix("model."): np.float32(3.0)
+        for w in gemm_weights
+        if w in initializers and QUANTIZED.search(w.removeprefix("model."))
+    }
     assert any(name.endswith("experts.gate_up_proj") for name in amax)
     weight_bytes = (tiny_fp16_artifacts / "backbone.onnx.data").stat().st_size
 
     def fp8_of(path):
         model = onnx.load(str(path))
-        return {t.name: numpy_helper.to_array(t).view(np.uint8) for t in model.graph.initializer if t.name.endswith(".fp8")}
+        return {
+            t.name: numpy_helper.to_array(t).view(np.uint8) for t in model.graph.initializer if t.name.endswith(".fp8")
+        }
 
     done = qdq.quantize_graph(source, tmp_path / "one.onnx", amax, "per-channel")
     monkeypatch.setattr(qdq, "BLOCK_BYTES", 4096)
@@ -213,7 +262,9 @@ def test_qdq_graphs_stream_their_weights_in_bounded_blocks(tiny_fp16_artifacts, 
         assert np.array_equal(blocks[f"{name}.fp8"], one[f"{name}.fp8"]), name
     written = onnx.load(str(tmp_path / "blocks.onnx"), load_external_data=False)
     external = [t for t in written.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert external and all({e.key: e.value for e in t.external_data}["location"] == "blocks.onnx.data" and
-                            int({e.key: e.value for e in t.external_data}["offset"]) % DATA_ALIGNMENT == 0
-                            for t in external)
+    assert external and all(
+        {e.key: e.value for e in t.external_data}["location"] == "blocks.onnx.data"
+        and int({e.key: e.value for e in t.external_data}["offset"]) % DATA_ALIGNMENT == 0
+        for t in external
+    )
     assert not any(t.name in initializers and t.name.removeprefix("model.") in amax for t in written.graph.initializer)

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from canvasrt.model.checkpoint import Checkpoint
 from canvasrt.core.errors import CheckpointError
+from canvasrt.model.checkpoint import Checkpoint
 from canvasrt.model.random_checkpoint import PRESETS
-
 
 
 def test_old_and_new_config_serialisations_agree(write_checkpoint, tmp_path):
@@ -89,7 +88,8 @@ def test_streamed_expert_weights_are_the_dense_formulations_parameters(tiny_chec
         assert out.getvalue() == parameter.contiguous().view(torch.uint8).numpy().tobytes(), name
         stored = checkpoint.converted(f"model.decoder.{name}", dtype)
         assert layout.shape == tuple(stored.shape) and torch.equal(stored.reshape(parameter.shape), parameter) == (
-            layout.row_axis == 0)
+            layout.row_axis == 0
+        )
     broken = Checkpoint.open(_copy(tiny_checkpoint, tmp_path / "c"))
     down = "model.decoder.layers.3.experts.down_proj"
     stored = broken.stored(down)  # the header is read (and kept) before the file is cut

@@ -27,8 +27,15 @@ def test_spans_are_the_context_in_whole_canvases_within_each_layers_slots(varian
     assert set(dims) == {"context", "window"}
     full = dims.index("context")
     ring = dims.index("window")
-    for length, (want_full, want_ring) in {0: (16, 16), 1: (16, 16), 16: (16, 16), 17: (32, 19), 40: (48, 19),
-                                           159: (160, 19), 160: (160, 19)}.items():
+    for length, (want_full, want_ring) in {
+        0: (16, 16),
+        1: (16, 16),
+        16: (16, 16),
+        17: (32, 19),
+        40: (48, 19),
+        159: (160, 19),
+        160: (160, 19),
+    }.items():
         spans = kv_spans(layout, capacity, length)
         assert (spans[full], spans[ring]) == (want_full, want_ring), length
     profiles = manifest.backbone.profiles
@@ -49,15 +56,24 @@ def test_each_call_reads_the_span_of_its_context(variant_artifacts):
     manifest = ArtifactManifest.load(variant_artifacts)
     backend = RecordingBackend(manifest)
     dims = [span_dim(layer, manifest.capacity) for layer in manifest.kv_layout]
-    backend.dims, backend.calls, backend.fed = {dims.index("context"): "context", dims.index("window"): "window"}, [], []
-    settings = resolve_settings(manifest.generation, {"max_new_tokens": 32, "max_denoising_steps": 2,
-                                                      "stability_threshold": 3})
+    backend.dims, backend.calls, backend.fed = (
+        {dims.index("context"): "context", dims.index("window"): "window"},
+        [],
+        [],
+    )
+    settings = resolve_settings(
+        manifest.generation, {"max_new_tokens": 32, "max_denoising_steps": 2, "stability_threshold": 3}
+    )
     ids, padding = left_pad([list(range(3, 23))], 0)  # 20 prompt tokens, two canvases of 16
     with backend:
         generate(backend, ids, padding, settings, make_draws("counter", 0, 1, manifest.model.vocab_size, 16))
-    assert backend.calls == [("prefill", {"context": 16, "window": 16})]  \
-        + [("denoise", {"context": 32, "window": 19})] * 2 + [("commit", {"context": 32, "window": 19})] \
+    assert (
+        backend.calls
+        == [("prefill", {"context": 16, "window": 16})]
+        + [("denoise", {"context": 32, "window": 19})] * 2
+        + [("commit", {"context": 32, "window": 19})]
         + [("denoise", {"context": 48, "window": 19})] * 2
+    )
     # The context is copied once per canvas, not per step: the steps of a canvas and its commit (same context, no
     # write in between) are fed the same arrays; the next canvas's steps, after the commit wrote, new ones.
     prefill, step_1a, step_1b, commit, step_2a, step_2b = backend.fed
@@ -79,32 +95,40 @@ def test_any_span_that_covers_the_context_gives_the_same_step(variant_artifacts)
     with backend:
         backend.start(np.ones((2, 20), dtype=bool))
         backend.encode(rng.integers(3, vocab, size=(2, 20)), np.arange(20), np.zeros(2, np.int64))
-        feeds = {**no_chunk(2), "canvas": rng.integers(3, vocab, size=(2, canvas)),
-                 "self_cond": rng.standard_normal((2, canvas, hidden)).astype(np.float32),
-                 "context_length": np.full(2, 20, np.int64), "context_mask": backend.mask,
-                 "temperature": np.full(2, 0.8, np.float32), "entropy_bound": np.full(2, 1.5, np.float32),
-                 "uniforms": rng.random((2, canvas), dtype=np.float32),
-                 "renoise_ids": rng.integers(3, vocab, size=(2, canvas))}
+        feeds = {
+            **no_chunk(2),
+            "canvas": rng.integers(3, vocab, size=(2, canvas)),
+            "self_cond": rng.standard_normal((2, canvas, hidden)).astype(np.float32),
+            "context_length": np.full(2, 20, np.int64),
+            "context_mask": backend.mask,
+            "temperature": np.full(2, 0.8, np.float32),
+            "entropy_bound": np.full(2, 1.5, np.float32),
+            "uniforms": rng.random((2, canvas), dtype=np.float32),
+            "renoise_ids": rng.integers(3, vocab, size=(2, canvas)),
+        }
         outputs = {}
         for full in (32, 48, 160):
             spans = [full if layer.slots > 19 else 19 for layer in manifest.kv_layout]
             past = {}
-            for i, (k, v) in enumerate(zip(leading_slots(backend.buffers.keys, spans),
-                                           leading_slots(backend.buffers.values, spans))):
+            for i, (k, v) in enumerate(
+                zip(leading_slots(backend.buffers.keys, spans), leading_slots(backend.buffers.values, spans))
+            ):
                 past[f"past_key_{i}"], past[f"past_value_{i}"] = k, v
             outputs[full] = dict(zip(backend.output_names, backend.run_backbone("denoise", {**feeds, **past})))
     for full in (48, 160):
         for name in ("sampled", "argmax", "accepted", "next_canvas"):
             np.testing.assert_array_equal(outputs[full][name], outputs[32][name], err_msg=f"{name} at span {full}")
         for name in ("entropy", "next_self_cond", "mean_entropy"):
-            np.testing.assert_allclose(outputs[full][name], outputs[32][name], rtol=1e-6, atol=1e-6,
-                                       err_msg=f"{name} at span {full}")
+            np.testing.assert_allclose(
+                outputs[full][name], outputs[32][name], rtol=1e-6, atol=1e-6, err_msg=f"{name} at span {full}"
+            )
 
 
 def test_engines_take_both_span_dims_in_every_profile(variant_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
-    result = CliRunner().invoke(main, ["build", str(variant_artifacts), "-o", str(tmp_path / "eng"), "--target",
-                                       "sm89", "--max-context", "96"])
+    result = CliRunner().invoke(
+        main, ["build", str(variant_artifacts), "-o", str(tmp_path / "eng"), "--target", "sm89", "--max-context", "96"]
+    )
     assert result.exit_code == 0, result.output
     profiles = EngineManifest.load(tmp_path / "eng").backbone.profiles
     for phase in PHASES:  # the context range follows the narrowed capacity; the rings keep theirs

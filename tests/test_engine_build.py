@@ -15,10 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from canvasrt.builder.engines import build_engine, engine_layers
-from canvasrt.core.manifest import ArtifactManifest
-from canvasrt.core.errors import CanvasrtError
-from canvasrt.core.manifest import sha256_file
 from canvasrt.cli import main
+from canvasrt.core.errors import CanvasrtError
+from canvasrt.core.manifest import ArtifactManifest, sha256_file
 
 pytest.importorskip("tensorrt_rtx")
 
@@ -87,7 +86,8 @@ def canvas_only(weight: str, layers: int) -> bool:
     output and its FFN (encoder tokens need only the last layer's K/V)."""
     last = f"layers.{layers - 1}."
     return weight.startswith("self_conditioning.") or (
-        weight.startswith(last) and not weight.startswith((f"{last}self_attn.k_proj", f"{last}self_attn.v_proj")))
+        weight.startswith(last) and not weight.startswith((f"{last}self_attn.k_proj", f"{last}self_attn.v_proj"))
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -106,7 +106,9 @@ def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, tar
     experts = {f"layers.{i}.experts.{proj}" for i in range(n_layers) for proj in ("gate_up_proj", "down_proj")}
     assert experts <= set(quantized) and any(canvas_only(w, n_layers) for w in quantized)
     for index, phase in enumerate(manifest["engines"]["backbone"]["profiles"]):
-        fp8_gemms = [l for l in found if l.kind == "gemm" and l.profile == index and set(l.inputs + l.weights) == {"FP8"}]
+        fp8_gemms = [
+            l for l in found if l.kind == "gemm" and l.profile == index and set(l.inputs + l.weights) == {"FP8"}
+        ]
         runs = {w: sum(f"{w}.dequantize" in l.onnx for l in fp8_gemms) for w in quantized}
         expected = {w: int(phase == "denoise" or not canvas_only(w, n_layers)) for w in quantized}
         assert runs == expected, phase
@@ -114,8 +116,9 @@ def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, tar
     # Nothing but these GEMMs reads an FP8 weight: the experts' batched GEMMs used to be fp32 runtime_fusion kernels
     # that converted their FP8 weights on the fly. (Kernels after a GEMM may list its weight's DequantizeLinear:
     # they apply the per-channel scales, Float constants.)
-    assert [l.name for l in found if "FP8" in l.weights
-            and not (l.kind == "gemm" and set(l.inputs + l.weights) == {"FP8"})] == []
+    assert [
+        l.name for l in found if "FP8" in l.weights and not (l.kind == "gemm" and set(l.inputs + l.weights) == {"FP8"})
+    ] == []
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -145,15 +148,18 @@ def test_a_matching_build_is_reused_and_a_narrower_request_rebuilds(engines, tin
     }
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--target", "sm90"], "TensorRT-RTX builds for"),
-    (["--workspace", "lots"], "--workspace takes a size"),
-    (["--max-batch", "0"], "--max-batch must be at least 1 (got 0)"),
-    (["--max-batch", "5"], "--max-batch 5 exceeds the artifacts' max_batch of 4; pass at most 4 or re-export"),
-    (["--max-context", "0"], "--max-context must be at least 1"),
-    (["--max-context", "129"], "--max-context 129 exceeds the artifacts' max_context of 128"),
-    (["--timing-cache", "cache.bin"], "TensorRT-RTX keeps no timing cache"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "sm90"], "TensorRT-RTX builds for"),
+        (["--workspace", "lots"], "--workspace takes a size"),
+        (["--max-batch", "0"], "--max-batch must be at least 1 (got 0)"),
+        (["--max-batch", "5"], "--max-batch 5 exceeds the artifacts' max_batch of 4; pass at most 4 or re-export"),
+        (["--max-context", "0"], "--max-context must be at least 1"),
+        (["--max-context", "129"], "--max-context 129 exceeds the artifacts' max_context of 128"),
+        (["--timing-cache", "cache.bin"], "TensorRT-RTX keeps no timing cache"),
+    ],
+)
 def test_build_bad_input(tiny_artifacts, tmp_path, args, message):
     result = cli("build", tiny_artifacts, "-o", tmp_path / "e", *args)
     assert result.exit_code == 2 and message in result.output
@@ -192,8 +198,9 @@ def monitored_build(tiny_artifacts, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache") / "timing.cache"
     engine = tmp_path_factory.mktemp("engine") / "backbone.engine"
     events = []
-    built = build_engine(tiny_artifacts / entry.file, engine, entry, "tensorrt-rtx", "sm89", timing_cache=cache,
-                         phases=events.append)
+    built = build_engine(
+        tiny_artifacts / entry.file, engine, entry, "tensorrt-rtx", "sm89", timing_cache=cache, phases=events.append
+    )
     return entry, built, events, cache, engine
 
 
@@ -214,8 +221,9 @@ def test_progress_monitor_turns_an_interrupt_into_a_cancelled_build(tiny_artifac
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_engine(tiny_artifacts / entry.file, tmp_path / "e.engine", entry, "tensorrt-rtx", "sm89",
-                     phases=interrupt)
+        build_engine(
+            tiny_artifacts / entry.file, tmp_path / "e.engine", entry, "tensorrt-rtx", "sm89", phases=interrupt
+        )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,11 +10,24 @@ from click.testing import CliRunner
 from canvasrt.cli import main
 
 
-
 def test_eval_reference_torch_and_onnx_agree_and_solve_the_task(sort_checkpoint, sort_artifacts):
     runner = CliRunner()
-    reference = runner.invoke(main, ["eval", str(sort_checkpoint), "--task", "sort", "--samples", "48",
-                                     "--backend", "transformers", "--backend", "torch", "--json"])
+    reference = runner.invoke(
+        main,
+        [
+            "eval",
+            str(sort_checkpoint),
+            "--task",
+            "sort",
+            "--samples",
+            "48",
+            "--backend",
+            "transformers",
+            "--backend",
+            "torch",
+            "--json",
+        ],
+    )
     assert reference.exit_code == 0, reference.output
     onnx = runner.invoke(main, ["eval", str(sort_artifacts), "--task", "sort", "--samples", "48", "--json"])
     assert onnx.exit_code == 0, onnx.output
@@ -24,7 +37,11 @@ def test_eval_reference_torch_and_onnx_agree_and_solve_the_task(sort_checkpoint,
         assert result["exact_match"] >= 0.95
         assert result["steps_per_block"] < result["max_denoising_steps"]  # the adaptive stop fires
     assert results["onnxruntime"]["exact_match"] == results["transformers"]["exact_match"]
-    assert results["onnxruntime"] == {**results["torch"], "backend": "onnxruntime", "seconds": results["onnxruntime"]["seconds"]}
+    assert results["onnxruntime"] == {
+        **results["torch"],
+        "backend": "onnxruntime",
+        "seconds": results["onnxruntime"]["seconds"],
+    }
 
 
 def test_generate_solves_a_text_prompt(sort_artifacts):
@@ -34,8 +51,10 @@ def test_generate_solves_a_text_prompt(sort_artifacts):
 
 
 def test_loop_parity_on_a_confident_model(sort_checkpoint, sort_artifacts, tmp_path):
-    result = CliRunner().invoke(main, ["parity", str(sort_checkpoint), str(sort_artifacts), "--level", "loop",
-                                       "--report", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        ["parity", str(sort_checkpoint), str(sort_artifacts), "--level", "loop", "--report", str(tmp_path / "r.json")],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     steps = next(c for c in report["checks"] if c["output"] == "steps_per_block")["metrics"]["onnxruntime"]

@@ -10,10 +10,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from canvasrt.core.manifest import sha256_file
 from canvasrt.cli import main
+from canvasrt.core.manifest import sha256_file
 from canvasrt.model.random_checkpoint import PRESETS
-
 
 
 def run(*args: str):
@@ -40,8 +39,17 @@ def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
 
 
 def test_step_parity_fp32_reports_and_exits_zero(tiny_checkpoint, tiny_debug_artifacts, tmp_path):
-    result = run("parity", tiny_checkpoint, tiny_debug_artifacts, "--level", "step",
-                 "--report", tmp_path / "r.json", "--junit", tmp_path / "r.xml")
+    result = run(
+        "parity",
+        tiny_checkpoint,
+        tiny_debug_artifacts,
+        "--level",
+        "step",
+        "--report",
+        tmp_path / "r.json",
+        "--junit",
+        tmp_path / "r.xml",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["info"]["past_sliding_window"]

@@ -68,22 +68,38 @@ def tiny_engines(tiny_artifacts, tmp_path_factory) -> Path:
 # -- 1. data loss ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["random_over_real_checkpoint", "export_over_engines", "export_into_its_input",
-                                  "export_inside_its_input", "calibrate_over_its_input", "build_over_its_input",
-                                  "triton_over_a_checkpoint"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random_over_real_checkpoint",
+        "export_over_engines",
+        "export_into_its_input",
+        "export_inside_its_input",
+        "calibrate_over_its_input",
+        "build_over_its_input",
+        "triton_over_a_checkpoint",
+    ],
+)
 def test_a_command_replaces_only_its_own_kind_of_output_and_never_its_input(
-        case, tiny_checkpoint, tiny_artifacts, tiny_engines, tmp_path):
+    case, tiny_checkpoint, tiny_artifacts, tiny_engines, tmp_path
+):
     checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
     engines = shutil.copytree(tiny_engines, tmp_path / "eng")
     args, victim, words = {
-        "random_over_real_checkpoint": (["random-checkpoint", checkpoint], checkpoint,
-                                        ["holds a checkpoint", "new or empty output path"]),
+        "random_over_real_checkpoint": (
+            ["random-checkpoint", checkpoint],
+            checkpoint,
+            ["holds a checkpoint", "new or empty output path"],
+        ),
         "export_over_engines": (["export", checkpoint, "-o", engines], engines, ["holds canvasrt engines"]),
         "export_into_its_input": (["export", checkpoint, "-o", checkpoint], checkpoint, ["is the input"]),
         "export_inside_its_input": (["export", checkpoint, "-o", checkpoint / "art"], checkpoint, ["lies inside"]),
-        "calibrate_over_its_input": (["calibrate", checkpoint, artifacts, "-o", artifacts], artifacts,
-                                     ["is the input"]),
+        "calibrate_over_its_input": (
+            ["calibrate", checkpoint, artifacts, "-o", artifacts],
+            artifacts,
+            ["is the input"],
+        ),
         "build_over_its_input": (["build", artifacts, "-o", artifacts], artifacts, ["is the input"]),
         "triton_over_a_checkpoint": (["triton", artifacts, "-o", checkpoint], checkpoint, ["holds a checkpoint"]),
     }[case]
@@ -124,9 +140,14 @@ def flip_a_byte(path: Path) -> None:
 def test_a_graph_with_other_contents_is_refused_where_digests_are_checked(tiny_checkpoint, tiny_artifacts, tmp_path):
     broken = shutil.copytree(tiny_artifacts, tmp_path / "art")
     flip_a_byte(broken / "backbone.onnx")
-    for args in (["triton", broken, "-o", tmp_path / "repo"], ["build", broken, "-o", tmp_path / "eng"],
-                 ["calibrate", tiny_checkpoint, broken, "-o", tmp_path / "fp8", "--samples", "1"]):
-        assert_refused(cli(*args), "backbone.onnx does not match the sha256 in its manifest", "re-run `canvasrt export`")
+    for args in (
+        ["triton", broken, "-o", tmp_path / "repo"],
+        ["build", broken, "-o", tmp_path / "eng"],
+        ["calibrate", tiny_checkpoint, broken, "-o", tmp_path / "fp8", "--samples", "1"],
+    ):
+        assert_refused(
+            cli(*args), "backbone.onnx does not match the sha256 in its manifest", "re-run `canvasrt export`"
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     result = cli("verify", broken)
     assert_refused(result, "backbone.onnx does not match the sha256")
@@ -144,8 +165,7 @@ def test_a_reused_build_whose_engine_changed_is_rebuilt(tiny_artifacts, tiny_eng
     assert cli("verify", engines).exit_code == 0
 
 
-def test_verify_reports_every_problem_and_passes_clean_targets(tiny_checkpoint, tiny_artifacts, tiny_engines,
-                                                               tmp_path):
+def test_verify_reports_every_problem_and_passes_clean_targets(tiny_checkpoint, tiny_artifacts, tiny_engines, tmp_path):
     for clean in (tiny_checkpoint, tiny_artifacts, tiny_engines):
         result = cli("verify", clean)
         assert result.exit_code == 0 and "verified" in result.output, result.output
@@ -174,27 +194,35 @@ def test_directories_of_the_previous_formats_are_refused_with_the_fix(tiny_artif
 # -- 2. weights that cannot be weights ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value, words", [
-    (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), ["holds NaN or Inf", TENSOR]),
-    (lambda t: t.index_fill(1, torch.tensor([0]), float("inf")), ["holds NaN or Inf", TENSOR]),
-    (lambda t: t.to(torch.int32), ["stored as I32", TENSOR, "float weights"]),
-    (lambda t: t.to(torch.float64), ["stored as F64", TENSOR]),
-])
-def test_weights_that_are_not_finite_floats_are_refused_with_their_name(value, words, tiny_checkpoint,
-                                                                       tiny_artifacts, tmp_path):
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), ["holds NaN or Inf", TENSOR]),
+        (lambda t: t.index_fill(1, torch.tensor([0]), float("inf")), ["holds NaN or Inf", TENSOR]),
+        (lambda t: t.to(torch.int32), ["stored as I32", TENSOR, "float weights"]),
+        (lambda t: t.to(torch.float64), ["stored as F64", TENSOR]),
+    ],
+)
+def test_weights_that_are_not_finite_floats_are_refused_with_their_name(
+    value, words, tiny_checkpoint, tiny_artifacts, tmp_path
+):
     original = load_file(str(tiny_checkpoint / "model.safetensors"))[TENSOR]
     broken = with_tensor(tiny_checkpoint, tmp_path / "ckpt", TENSOR, value(original))
-    for args in (["export", broken, "-o", tmp_path / "out"], ["generate", broken, "--prompt-ids", "5"],
-                 ["calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"],
-                 ["verify", broken]):
+    for args in (
+        ["export", broken, "-o", tmp_path / "out"],
+        ["generate", broken, "--prompt-ids", "5"],
+        ["calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"],
+        ["verify", broken],
+    ):
         assert_refused(cli(*args), *words)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_the_streaming_copy_checks_values_and_conversions(tiny_checkpoint, tmp_path):
     original = load_file(str(tiny_checkpoint / "model.safetensors"))[TENSOR]
-    nan = Checkpoint.open(with_tensor(tiny_checkpoint, tmp_path / "nan", TENSOR, original.index_fill(
-        0, torch.tensor([1]), float("nan"))))
+    nan = Checkpoint.open(
+        with_tensor(tiny_checkpoint, tmp_path / "nan", TENSOR, original.index_fill(0, torch.tensor([1]), float("nan")))
+    )
     with open(tmp_path / "out.data", "wb") as out, pytest.raises(CheckpointError, match=f"{TENSOR} holds NaN"):
         nan.write_tensor(TENSOR, "fp32", out)
     large = with_tensor(tiny_checkpoint, tmp_path / "large", TENSOR, original.index_fill(0, torch.tensor([1]), 1e6))
@@ -229,8 +257,11 @@ def test_a_checkpoint_index_naming_files_outside_is_refused(variant_checkpoint, 
             (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
         else:
             (checkpoint / shard).symlink_to(tmp_path / how / shard)
-        for args in (["generate", checkpoint, "--prompt-ids", "5"], ["export", checkpoint, "-o", tmp_path / "art"],
-                     ["verify", checkpoint]):
+        for args in (
+            ["generate", checkpoint, "--prompt-ids", "5"],
+            ["export", checkpoint, "-o", tmp_path / "art"],
+            ["verify", checkpoint],
+        ):
             assert_refused(cli(*args), "resolves outside the checkpoint directory", "put the file itself in")
         assert not (tmp_path / "art").exists()
 
@@ -258,8 +289,11 @@ def test_manifests_naming_files_outside_are_refused(tiny_artifacts, tiny_engines
         manifest = json.loads((artifacts / "manifest.json").read_text())
         manifest["graphs"]["backbone"]["file"] = graph_file
         (artifacts / "manifest.json").write_text(json.dumps(manifest))
-        for args in (["generate", artifacts, "--prompt-ids", "5"], ["triton", artifacts, "-o", tmp_path / "repo"],
-                     ["verify", artifacts]):
+        for args in (
+            ["generate", artifacts, "--prompt-ids", "5"],
+            ["triton", artifacts, "-o", tmp_path / "repo"],
+            ["verify", artifacts],
+        ):
             assert_refused(cli(*args), f"the backbone graph {graph_file} resolves outside the directory")
         assert not (tmp_path / "repo").exists()
         shutil.rmtree(artifacts)

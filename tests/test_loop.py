@@ -7,13 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
-from canvasrt.runtime.backends import open_backend
-from canvasrt.runtime.backends.torch import TorchBackend
 from canvasrt.cli import main
 from canvasrt.core.manifest import ArtifactManifest
+from canvasrt.runtime.backends import open_backend
+from canvasrt.runtime.backends.torch import TorchBackend
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.reference import Reference
 from canvasrt.runtime.rng import make_draws
@@ -34,13 +33,28 @@ def hf_generate(checkpoint, rows, seed, **settings):
     return reference.generate(ids, padding, seed, **settings)
 
 
-@pytest.mark.parametrize("rows", [[[9, 10, 11, 12, 13, 14, 15, 16, 17, 18]], [[9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [40, 41, 42, 43]]])
+@pytest.mark.parametrize(
+    "rows", [[[9, 10, 11, 12, 13, 14, 15, 16, 17, 18]], [[9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [40, 41, 42, 43]]]
+)
 @pytest.mark.parametrize("overrides", [{"max_new_tokens": 40}, EARLY_STOP])
 def test_generate_cli_torch_hf_equals_transformers(eos_checkpoint, tmp_path, rows, overrides):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"ids": r}) + "\n" for r in rows))
-    args = ["generate", eos_checkpoint, "--prompts-file", prompts, "--backend", "torch", "--rng", "hf",
-            "--seed", "11", "--json", "--threads", "1"]
+    args = [
+        "generate",
+        eos_checkpoint,
+        "--prompts-file",
+        prompts,
+        "--backend",
+        "torch",
+        "--rng",
+        "hf",
+        "--seed",
+        "11",
+        "--json",
+        "--threads",
+        "1",
+    ]
     for key, value in overrides.items():
         args += ["--" + key.replace("_", "-"), value]
     result = cli(*args)
@@ -92,14 +106,28 @@ def test_loop_parity_cli(fixture, request, tiny_checkpoint, variant_checkpoint, 
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     outputs = {(c["stage"], c["output"]) for c in report["checks"]}
-    assert ("torch_hf_batch2", "sequences") in outputs and ("onnxruntime_vs_torch_block1", "committed_tokens") in outputs
+    assert ("torch_hf_batch2", "sequences") in outputs and (
+        "onnxruntime_vs_torch_block1",
+        "committed_tokens",
+    ) in outputs
 
 
 def test_loop_parity_generates_what_max_new_tokens_says(tiny_checkpoint, tiny_artifacts, tmp_path):
     """--max-new-tokens: one canvas instead of the default two (what makes the released width's loop level half as
     long); with the step level it is refused, since that level generates nothing."""
-    result = cli("parity", tiny_checkpoint, tiny_artifacts, "--level", "loop", "--max-new-tokens", 16,
-                 "--report", tmp_path / "r.json", "--threads", "1")
+    result = cli(
+        "parity",
+        tiny_checkpoint,
+        tiny_artifacts,
+        "--level",
+        "loop",
+        "--max-new-tokens",
+        16,
+        "--report",
+        tmp_path / "r.json",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["info"]["settings"]["max_new_tokens"] == 16
@@ -113,8 +141,9 @@ def _bytes_per_step(artifacts) -> float:
     with open_backend(artifacts, "onnxruntime") as backend:
         settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 4})
         ids, padding = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], 0)
-        result = generate(backend, ids, padding, settings,
-                          make_draws("counter", 0, 2, backend.spec.model.vocab_size, 16))
+        result = generate(
+            backend, ids, padding, settings, make_draws("counter", 0, 2, backend.spec.model.vocab_size, 16)
+        )
     return backend.transfer_bytes["denoise"] / result.timings["steps"]
 
 
@@ -131,14 +160,32 @@ def test_bytes_per_step_do_not_grow_with_vocabulary_or_context(tiny_artifacts, v
 
 
 def test_generate_text_prompt_json_and_watch(tiny_artifacts):
-    result = cli("generate", tiny_artifacts, "--prompt", "hello canvas", "--json", "--max-new-tokens", "16",
-                 "--max-denoising-steps", "3")
+    result = cli(
+        "generate",
+        tiny_artifacts,
+        "--prompt",
+        "hello canvas",
+        "--json",
+        "--max-new-tokens",
+        "16",
+        "--max-denoising-steps",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert len(out["sequences"][0]) == len("hello canvas") + 16 and isinstance(out["text"][0], str)
     assert out["steps_per_block"] == [3] and out["backend"] == "onnxruntime"
-    watch = cli("generate", tiny_artifacts, "--prompt-ids", "5,6,7", "--watch", "--max-new-tokens", "16",
-                "--max-denoising-steps", "3")
+    watch = cli(
+        "generate",
+        tiny_artifacts,
+        "--prompt-ids",
+        "5,6,7",
+        "--watch",
+        "--max-new-tokens",
+        "16",
+        "--max-denoising-steps",
+        "3",
+    )
     assert watch.exit_code == 0, watch.output
     assert "canvas 0, step 3" in watch.output
 
@@ -180,8 +227,25 @@ def test_generate_refuses_broken_or_foreign_artifacts(tiny_artifacts, tmp_path):
 
 
 def test_bench_reports_backends_side_by_side(tiny_artifacts):
-    result = cli("bench", tiny_artifacts, "--backend", "onnxruntime", "--backend", "torch", "--backend", "transformers",
-                 "--steps", "3", "--prompt-length", "8", "--canvases", "2", "--threads", "1", "--json")
+    result = cli(
+        "bench",
+        tiny_artifacts,
+        "--backend",
+        "onnxruntime",
+        "--backend",
+        "torch",
+        "--backend",
+        "transformers",
+        "--steps",
+        "3",
+        "--prompt-length",
+        "8",
+        "--canvases",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     entries = report["backends"]
@@ -189,8 +253,14 @@ def test_bench_reports_backends_side_by_side(tiny_artifacts):
     assert entries["onnxruntime"]["steps_per_block"] == [3, 3]
     assert 0 <= entries["onnxruntime"]["host_overhead_share"] < 1
     # prefill and two canvases: at most three copies of the K/V buffers' slots over the six steps, not one per step
-    kv_bytes = 2 * 4 * sum(layer.num_kv_heads * layer.slots * layer.head_dim
-                           for layer in ArtifactManifest.load(tiny_artifacts).kv_layout)
+    kv_bytes = (
+        2
+        * 4
+        * sum(
+            layer.num_kv_heads * layer.slots * layer.head_dim
+            for layer in ArtifactManifest.load(tiny_artifacts).kv_layout
+        )
+    )
     assert 0 < entries["onnxruntime"]["context_copy_bytes_per_step"] <= 3 * kv_bytes / 6
     assert entries["torch"]["step_speedup_vs_onnxruntime"] > 0
     assert entries["onnxruntime"]["step_speedup_vs_transformers"] > 0

@@ -35,8 +35,12 @@ def _logits_both_ways(reference, backend):
     expected = reference.logits(state, canvas_ids, sc)
     soft = torch.softmax(sc, -1) @ reference.embedding * torch.tensor(config.hidden_size**0.5)
     actual = backend.model.denoise_logits(
-        torch.from_numpy(canvas_ids), soft, backend.keys, backend.values,
-        torch.full((batch,), prompt), backend.mask,
+        torch.from_numpy(canvas_ids),
+        soft,
+        backend.keys,
+        backend.values,
+        torch.full((batch,), prompt),
+        backend.mask,
     )
     return actual, expected
 
@@ -71,7 +75,8 @@ def test_tiny_preset_exercises_every_feature(tiny_checkpoint):
 
 def test_sampler_math_matches_transformers_sampler():
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        EntropyBoundSampler, EntropyBoundSamplerConfig,
+        EntropyBoundSampler,
+        EntropyBoundSamplerConfig,
     )
 
     from canvasrt.model.modeling import categorical_entropy, entropy_bound_accept

@@ -17,8 +17,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "roofline.py"
 
 
 def _roofline(artifacts: Path, *args: str) -> dict:
-    result = subprocess.run([sys.executable, str(SCRIPT), str(artifacts), "--json", *args],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(artifacts), "--json", *args], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
 
@@ -48,7 +49,9 @@ def test_roofline_counts_match_a_hand_computation(tiny_artifacts):
     for g in r["gemms"]:
         per_layer[g["layer"]] = per_layer.get(g["layer"], 0) + g["flops"]
     kinds = [spec.kind for spec in config.layers]
-    mean = {k: sum(per_layer[str(i)] for i, kind in enumerate(kinds) if kind == k) / kinds.count(k) for k in (SLIDING, FULL)}
+    mean = {
+        k: sum(per_layer[str(i)] for i, kind in enumerate(kinds) if kind == k) / kinds.count(k) for k in (SLIDING, FULL)
+    }
     assert dense["gflop"] * 1e9 == pytest.approx(per_layer["shared"] + 25 * mean[SLIDING] + 5 * mean[FULL], rel=1e-9)
     share = config.top_k_experts / config.num_experts
     assert routed["expert_gflop"] == pytest.approx(dense["expert_gflop"] * share, rel=1e-9)
@@ -60,8 +63,9 @@ def test_roofline_counts_match_a_hand_computation(tiny_artifacts):
 
 
 def test_roofline_prints_its_table(tiny_artifacts):
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tiny_artifacts)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tiny_artifacts)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("30 layers (25 sliding, 5 full)")

@@ -35,8 +35,13 @@ def mixed_requests(generation: dict, vocab: int, count: int, longest: int) -> li
             "t_max": [0.8, 1.1][i % 2],
         }
         length = int(rng.integers(1, longest + 1)) if i else longest
-        requests.append(RowRequest(rng.integers(3, vocab, size=length).tolist(), seed=100 + i,
-                                   settings=resolve_settings(generation, overrides)))
+        requests.append(
+            RowRequest(
+                rng.integers(3, vocab, size=length).tolist(),
+                seed=100 + i,
+                settings=resolve_settings(generation, overrides),
+            )
+        )
     return requests
 
 
@@ -98,7 +103,9 @@ def test_sixteen_streams_through_four_slots_each_equal_their_own_run(variant_art
 def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unaffected(tiny_artifacts):
     with open_backend(tiny_artifacts, threads=1) as backend:
         no_early_stop = resolve_settings(backend.spec.generation, {"confidence_threshold": 1e-30})
-        requests = [RowRequest(list(range(3, 3 + length)), seed, no_early_stop) for seed, length in enumerate([4, 9, 2, 7])]
+        requests = [
+            RowRequest(list(range(3, 3 + length)), seed, no_early_stop) for seed, length in enumerate([4, 9, 2, 7])
+        ]
         expected = [alone(backend, r) for r in requests]
         scheduler = Scheduler(backend, max_queue=0)
         tickets = [scheduler.submit(Ticket(r)) for r in requests]
@@ -134,7 +141,9 @@ def test_the_queue_is_bounded_with_a_clear_error(tiny_artifacts):
         scheduler = Scheduler(backend, max_queue=2)  # 4 slots + 2 waiting
         for request in requests[:6]:
             scheduler.submit(Ticket(request))
-        with pytest.raises(CanvasrtError, match="the server is full: its 4 slots and its queue of 2 are taken") as error:
+        with pytest.raises(
+            CanvasrtError, match="the server is full: its 4 slots and its queue of 2 are taken"
+        ) as error:
             scheduler.submit(Ticket(requests[6]))
         assert "retry later" in str(error.value) and "\n" not in str(error.value)
         scheduler.run()
@@ -177,7 +186,9 @@ def test_a_rows_draws_depend_on_its_own_request_only(tiny_artifacts):
     a, b = one.step(1, 3), many.step(1, 3)
     np.testing.assert_array_equal(a.uniforms[0], b.uniforms[1])
     np.testing.assert_array_equal(a.renoise_ids[0], b.renoise_ids[1])
-    assert not np.array_equal(one.step(1, 4).uniforms, a.uniforms) and not np.array_equal(one.step(2, 3).uniforms, a.uniforms)
+    assert not np.array_equal(one.step(1, 4).uniforms, a.uniforms) and not np.array_equal(
+        one.step(2, 3).uniforms, a.uniforms
+    )
 
 
 def test_the_sampler_gives_a_row_the_same_bits_in_any_batch(tiny_checkpoint):
@@ -195,18 +206,34 @@ def test_the_sampler_gives_a_row_the_same_bits_in_any_batch(tiny_checkpoint):
             alone_ = model.sample(logits[:1], temperature[:1], bound[:1], uniforms[:1], renoise[:1])
             for rows in range(3, 9):
                 batched = model.sample(logits[:rows], temperature[:rows], bound[:rows], uniforms[:rows], renoise[:rows])
-                for name in ("sampled", "argmax", "entropy", "accepted", "next_canvas", "next_self_cond",
-                             "mean_entropy"):
+                for name in (
+                    "sampled",
+                    "argmax",
+                    "entropy",
+                    "accepted",
+                    "next_canvas",
+                    "next_self_cond",
+                    "mean_entropy",
+                ):
                     assert torch.equal(getattr(batched, name)[0], getattr(alone_, name)[0]), (canvas, rows, name)
 
 
-SPARSE_BATCH_DEPENDENCE = pytest.mark.xfail(strict=True, reason=(
-    "the logits differ in the last bit by batch before the sampler: the sparse experts' GEMMs see the batch's "
-    "routed-token counts"))
+SPARSE_BATCH_DEPENDENCE = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "the logits differ in the last bit by batch before the sampler: the sparse experts' GEMMs see the batch's "
+        "routed-token counts"
+    ),
+)
 
 
-@pytest.mark.parametrize("target", [pytest.param("tiny_artifacts", id="dense experts"),
-                                    pytest.param("tiny_checkpoint", id="sparse experts", marks=SPARSE_BATCH_DEPENDENCE)])
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param("tiny_artifacts", id="dense experts"),
+        pytest.param("tiny_checkpoint", id="sparse experts", marks=SPARSE_BATCH_DEPENDENCE),
+    ],
+)
 def test_a_rows_step_is_bitwise_its_own_on_the_torch_backend(request, target):
     """Issue 14's rule at the step: one row's entropy and mean entropy alone and among 2 to 7 rows of other prompts
     and canvases, whose contexts differ and so do the K/V spans of the call. The sampler keeps it (above); so does the
@@ -217,18 +244,25 @@ def test_a_rows_step_is_bitwise_its_own_on_the_torch_backend(request, target):
         most = min(8, backend.spec.capacity.max_batch)
         prompts = [rng.integers(3, vocab, size=(1, int(rng.integers(2, 30)))) for _ in range(most)]
         canvases = rng.integers(3, vocab, size=(most, canvas))
-        draws = Draws(renoise_ids=rng.integers(3, vocab, size=(most, canvas)),
-                      uniforms=rng.random((most, canvas), dtype=np.float32))
+        draws = Draws(
+            renoise_ids=rng.integers(3, vocab, size=(most, canvas)),
+            uniforms=rng.random((most, canvas), dtype=np.float32),
+        )
 
         def step(rows: int) -> StepResult:
             backend.open_slots(rows)
             for slot in range(rows):
                 backend.encode_slot(slot, prompts[slot], np.arange(prompts[slot].shape[1]), np.zeros(1, np.int64))
             return backend.denoise_rows(
-                rows, canvases[:rows], np.asarray([p.shape[1] for p in prompts[:rows]], np.int64),
-                np.full(rows, 0.9, np.float32), np.full(rows, 0.5, np.float32),
-                Draws(renoise_ids=draws.renoise_ids[:rows], uniforms=draws.uniforms[:rows]), np.ones(rows, bool),
-                np.zeros(rows, bool))
+                rows,
+                canvases[:rows],
+                np.asarray([p.shape[1] for p in prompts[:rows]], np.int64),
+                np.full(rows, 0.9, np.float32),
+                np.full(rows, 0.5, np.float32),
+                Draws(renoise_ids=draws.renoise_ids[:rows], uniforms=draws.uniforms[:rows]),
+                np.ones(rows, bool),
+                np.zeros(rows, bool),
+            )
 
         one = step(1)
         for rows in range(3, most + 1):
@@ -238,8 +272,24 @@ def test_a_rows_step_is_bitwise_its_own_on_the_torch_backend(request, target):
 
 
 def test_bench_concurrency_drives_the_scheduler(tiny_artifacts):
-    result = CliRunner().invoke(main, ["bench", str(tiny_artifacts), "--backend", "onnxruntime", "--concurrency", "4",
-                                       "--prompt-length", "8", "--steps", "6", "--threads", "1", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_artifacts),
+            "--backend",
+            "onnxruntime",
+            "--concurrency",
+            "4",
+            "--prompt-length",
+            "8",
+            "--steps",
+            "6",
+            "--threads",
+            "1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     entry = json.loads(result.output)["backends"]["onnxruntime"]
     assert entry["inflight"]["occupancy"] == {"4": 6}

@@ -10,7 +10,6 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors import safe_open
 
 from canvasrt.cli import main
 from canvasrt.core.config import FULL, SLIDING
@@ -28,8 +27,9 @@ def tensors(path):
     return {name: checkpoint.tensor(name) for name in checkpoint.tensor_files}
 
 
-@pytest.mark.parametrize("fixture, layers", [("tiny_checkpoint", [2, 3]), ("variant_checkpoint", [1, 2]),
-                                              ("variant_checkpoint", [2, 0])])
+@pytest.mark.parametrize(
+    "fixture, layers", [("tiny_checkpoint", [2, 3]), ("variant_checkpoint", [1, 2]), ("variant_checkpoint", [2, 0])]
+)
 def test_slice_keeps_the_layers_bit_exact_in_a_loadable_checkpoint(fixture, layers, request, tmp_path):
     """tiny: the per_layer_config form; variant: sharded, the older global_head_dim form, and a reordering."""
     source = request.getfixturevalue(fixture)
@@ -48,8 +48,9 @@ def test_slice_keeps_the_layers_bit_exact_in_a_loadable_checkpoint(fixture, laye
             parts[index] = str(layers.index(int(parts[index])))
         expected[".".join(parts)] = value
     assert set(sliced) == set(expected)
-    assert all(torch.equal(sliced[name], expected[name]) and sliced[name].dtype == expected[name].dtype
-               for name in expected)
+    assert all(
+        torch.equal(sliced[name], expected[name]) and sliced[name].dtype == expected[name].dtype for name in expected
+    )
 
     source_config, config = load_model_config(source), load_model_config(out)
     assert config.layers == tuple(source_config.layers[i] for i in layers)
@@ -74,13 +75,16 @@ def test_slice_of_a_slice_equals_the_direct_slice(tiny_checkpoint, tmp_path):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
 
 
-@pytest.mark.parametrize("layers, message", [
-    ("0,7", "has no layer 7: it has 4 layers (0-3)"),
-    ("-1,1", "has no layer -1"),
-    ("1,1", "lists a layer more than once"),
-    ("1,2", "layer 2 is a sliding-window layer, but a checkpoint's last layer must be full attention"),
-    ("0,a", "is not a comma-separated list of layer indices"),
-])
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ("0,7", "has no layer 7: it has 4 layers (0-3)"),
+        ("-1,1", "has no layer -1"),
+        ("1,1", "lists a layer more than once"),
+        ("1,2", "layer 2 is a sliding-window layer, but a checkpoint's last layer must be full attention"),
+        ("0,a", "is not a comma-separated list of layer indices"),
+    ],
+)
 def test_slice_bad_layers_one_line_exit_2_nothing_written(tiny_checkpoint, tmp_path, layers, message):
     source = shutil.copytree(tiny_checkpoint, tmp_path / "source")
     out = tmp_path / "sliced"
@@ -105,17 +109,25 @@ def test_slice_of_a_checkpoint_missing_a_kept_tensor_fails_cleanly(tiny_checkpoi
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("layers, kinds", [
-    (2, [SLIDING, FULL]),
-    (4, [SLIDING] * 3 + [FULL]),
-    (None, ([SLIDING] * 5 + [FULL]) * 5),
-])
+@pytest.mark.parametrize(
+    "layers, kinds",
+    [
+        (2, [SLIDING, FULL]),
+        (4, [SLIDING] * 3 + [FULL]),
+        (None, ([SLIDING] * 5 + [FULL]) * 5),
+    ],
+)
 def test_released_preset_has_the_released_layer_shapes(layers, kinds):
     text = preset_text("released", layers)
     hf = preset_config(text, PRESETS["released"]["canvas_length"])
     config = model_config_from_hf(hf)
     assert [spec.kind for spec in config.layers] == kinds
-    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_heads) == (262144, 2816, 2112, 16)
+    assert (config.vocab_size, config.hidden_size, config.intermediate_size, config.num_heads) == (
+        262144,
+        2816,
+        2112,
+        16,
+    )
     assert (config.num_experts, config.top_k_experts, config.moe_intermediate_size) == (128, 8, 704)
     assert (config.sliding_window, config.canvas_length, config.max_position_embeddings) == (1024, 256, 262144)
     for spec in config.layers:
@@ -143,8 +155,11 @@ def test_released_preset_has_the_released_layer_shapes(layers, kinds):
     assert shapes["layers.0.mlp.gate_proj.weight"] == (2112, 2816)
     for moe in MOE_FORMULATIONS:
         text = DiffusionGemmaText(config, moe)
-        ours = {name: stored_layout(text, name).shape for name, _ in text.named_parameters()
-                if not name.endswith("encoder_layer_scalar")}
+        ours = {
+            name: stored_layout(text, name).shape
+            for name, _ in text.named_parameters()
+            if not name.endswith("encoder_layer_scalar")
+        }
         assert ours == shapes, moe  # canvasrt's model reads exactly these tensors
     if layers == 2:  # the issue's 2-layer model: 2.4B parameters, 4.8 GB in bf16
         assert 2.3e9 < sum(p.numel() for p in model.model.decoder.parameters()) < 2.5e9

@@ -56,8 +56,11 @@ def test_onnxruntime_backend_checks_the_graphs_against_the_manifest(tiny_artifac
         spec = next(s for s in manifest["graphs"]["backbone"]["outputs"] if s["name"] == "entropy")
         spec["dtype"] = "int64"
 
-    for edit, message in ((rename, "missing \\['tokens'\\]"), (reshape, "context_mask is tensor\\(bool\\)"),
-                          (retype, "entropy is tensor\\(float\\)")):
+    for edit, message in (
+        (rename, "missing \\['tokens'\\]"),
+        (reshape, "context_mask is tensor\\(bool\\)"),
+        (retype, "entropy is tensor\\(float\\)"),
+    ):
         artifacts = _copy_with_manifest(tiny_artifacts, tmp_path / edit.__name__, edit)
         backend = open_backend(artifacts, "onnxruntime")
         with pytest.raises(ArtifactError, match=message):

@@ -15,8 +15,10 @@ LAYERS = ["core", "model", "exporter", "builder", "runtime", "calibration", "ser
 
 
 def modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-            for p in PACKAGE.rglob("*.py")}
+    return {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
 
 
 def imported(module: str, path: Path) -> set[str]:
@@ -61,7 +63,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -84,20 +86,31 @@ def test_subpackages_import_each_other_without_cycles():
 
 
 def test_each_layer_imports_only_layers_below_it():
-    upward = [(src, dst) for src, targets in subpackage_edges().items() for dst in targets
-              if LAYERS.index(dst) > LAYERS.index(src)]
+    upward = [
+        (src, dst)
+        for src, targets in subpackage_edges().items()
+        for dst in targets
+        if LAYERS.index(dst) > LAYERS.index(src)
+    ]
     assert upward == []
 
 
 def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"core": {"runtime"}, "runtime": {"calibration"}, "calibration": {"core"}}) == [
-        "calibration", "core", "runtime", "calibration"]
+        "calibration",
+        "core",
+        "runtime",
+        "calibration",
+    ]
     assert find_cycle({"core": set(), "runtime": {"core"}}) is None
 
 
 def test_no_stage_imports_the_cli():
-    offenders = [m for m, p in modules().items() if subpackage(m) != "cli"
-                 and any(subpackage(name) == "cli" for name in imported(m, p))]
+    offenders = [
+        m
+        for m, p in modules().items()
+        if subpackage(m) != "cli" and any(subpackage(name) == "cli" for name in imported(m, p))
+    ]
     assert offenders == []
 
 

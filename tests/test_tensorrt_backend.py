@@ -4,11 +4,10 @@ error where no TensorRT/GPU is present. (The engines themselves are built in tes
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
-
-from dataclasses import replace
 
 from canvasrt.cli import main
 from canvasrt.core.contract import PHASES, encoder_phase
@@ -60,8 +59,11 @@ def test_buffer_plan_matches_the_graphs_and_is_allocated_once(engines, tiny_arti
     plan = plan_buffers(manifest, 2)
     backbone = json.loads((tiny_artifacts / "manifest.json").read_text())["graphs"]["backbone"]
     spans = backbone["profiles"]["denoise"]
-    past = [(2, s["shape"][1], s["shape"][2] if isinstance(s["shape"][2], int) else spans[s["shape"][2]][2],
-             s["shape"][3]) for s in backbone["inputs"] if s["name"].startswith("past_key_")]
+    past = [
+        (2, s["shape"][1], s["shape"][2] if isinstance(s["shape"][2], int) else spans[s["shape"][2]][2], s["shape"][3])
+        for s in backbone["inputs"]
+        if s["name"].startswith("past_key_")
+    ]
     assert plan.kv == past  # the buffers hold the largest span each K/V input takes
     assert plan.context_mask == (2, 128) and plan.self_cond == (2, 16, 64)
     assert plan.device_bytes == 2 * sum(2 * h * s * d for _, h, s, d in plan.kv) * 4 + 2 * 128 + 2 * 2 * 16 * 64 * 4

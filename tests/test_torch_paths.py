@@ -25,15 +25,25 @@ def _run(checkpoint, moe):
     ids, padding = left_pad(rows, 0)
     with TorchBackend(checkpoint, moe=moe, max_context=128) as backend:
         settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 6})
-        result = generate(backend, ids, padding, settings, make_draws("counter", 2, 2, backend.spec.model.vocab_size,
-                                                                       backend.spec.capacity.canvas))
+        result = generate(
+            backend,
+            ids,
+            padding,
+            settings,
+            make_draws("counter", 2, 2, backend.spec.model.vocab_size, backend.spec.capacity.canvas),
+        )
         backend.start(padding)
         backend.encode(ids, np.arange(ids.shape[1]), np.zeros(2, np.int64))
         canvas = torch.from_numpy(np.arange(32).reshape(2, 16) % backend.spec.model.vocab_size)
         with torch.inference_mode():
-            logits = backend.model.denoise_logits(canvas, torch.zeros(2, 16, backend.spec.model.hidden_size),
-                                                  backend.keys, backend.values, torch.full((2,), ids.shape[1]),
-                                                  backend.mask)
+            logits = backend.model.denoise_logits(
+                canvas,
+                torch.zeros(2, 16, backend.spec.model.hidden_size),
+                backend.keys,
+                backend.values,
+                torch.full((2,), ids.shape[1]),
+                backend.mask,
+            )
     return result, logits
 
 
@@ -71,15 +81,19 @@ def test_grouped_calibration_observes_exactly_the_routed_tokens(sort_checkpoint)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where torch sees no GPU")
-@pytest.mark.parametrize("command", [
-    ["generate", "{ckpt}", "--prompt-ids", "5,6", "--device", "cuda"],
-    ["eval", "{sort}", "--task", "sort", "--samples", "2", "--backend", "transformers", "--device", "cuda"],
-    ["parity", "{ckpt}", "{art}", "--device", "cuda"],
-    ["calibrate", "{ckpt}", "{art}", "-o", "{out}", "--device", "cuda"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "{ckpt}", "--prompt-ids", "5,6", "--device", "cuda"],
+        ["eval", "{sort}", "--task", "sort", "--samples", "2", "--backend", "transformers", "--device", "cuda"],
+        ["parity", "{ckpt}", "{art}", "--device", "cuda"],
+        ["calibrate", "{ckpt}", "{art}", "-o", "{out}", "--device", "cuda"],
+    ],
+)
 def test_cuda_where_torch_sees_no_gpu_is_one_line(command, tiny_checkpoint, tiny_artifacts, sort_checkpoint, tmp_path):
-    args = [a.format(ckpt=tiny_checkpoint, art=tiny_artifacts, sort=sort_checkpoint, out=tmp_path / "fp8")
-            for a in command]
+    args = [
+        a.format(ckpt=tiny_checkpoint, art=tiny_artifacts, sort=sort_checkpoint, out=tmp_path / "fp8") for a in command
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -98,10 +112,13 @@ def _beyond_memory(source, tmp_path):
     return out
 
 
-@pytest.mark.parametrize("command", [
-    ["generate", "{ckpt}", "--prompt-ids", "5,6", "--dtype", "fp32"],  # the torch backend
-    ["eval", "{ckpt}", "--task", "sort", "--samples", "2", "--backend", "transformers"],  # the parity reference
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "{ckpt}", "--prompt-ids", "5,6", "--dtype", "fp32"],  # the torch backend
+        ["eval", "{ckpt}", "--task", "sort", "--samples", "2", "--backend", "transformers"],  # the parity reference
+    ],
+)
 def test_weights_beyond_memory_are_refused_before_loading_with_the_figure(command, sort_checkpoint, tmp_path):
     checkpoint = _beyond_memory(sort_checkpoint, tmp_path)
     result = CliRunner().invoke(main, [a.format(ckpt=checkpoint) for a in command])
@@ -118,8 +135,22 @@ def test_calibration_refuses_weights_beyond_memory_before_its_loop(sort_checkpoi
 
 
 def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):
-    result = CliRunner().invoke(main, ["generate", str(tiny_checkpoint), "--prompt-ids", "5,6,7", "--device", "cpu",
-                                       "--dtype", "bf16", "--max-denoising-steps", "2", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            str(tiny_checkpoint),
+            "--prompt-ids",
+            "5,6,7",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--max-denoising-steps",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with TorchBackend(tiny_checkpoint, dtype="bf16", device="cpu") as backend:
         assert next(backend.model.parameters()).dtype == torch.bfloat16
@@ -135,9 +166,29 @@ def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "tiny", "--layers", "2", "4",
-                             "--steps", "2", "--loop-steps", "4", "--max-context", "96"],
-                            capture_output=True, text=True, timeout=900, env={**os.environ, "OUT": str(tmp_path)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--layers",
+            "2",
+            "4",
+            "--steps",
+            "2",
+            "--loop-steps",
+            "4",
+            "--max-context",
+            "96",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert figures["passed"] and [r["layers"] for r in figures["runs"]] == [2, 4]

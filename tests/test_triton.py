@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from canvasrt.builder.engines import build_engines
 from canvasrt.cli import main
 from canvasrt.core.errors import CanvasrtError
@@ -29,9 +33,6 @@ from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_
 from canvasrt.serving.protocol import INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
 from canvasrt.serving.server import TritonServer, free_ports
-from click.testing import CliRunner
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 
 def cli(*args):
@@ -76,7 +77,9 @@ def check_equal(responses: list[dict], reference: dict) -> None:
 def test_grpc_stream_and_http_equal_generate(served, tiny_artifacts):
     for source in ({"prompt_ids": [5, 6, 7, 8, 9]}, {"prompt": "hello triton"}):
         # a seed whose row runs past the first canvas, so that the commit between canvases is served too
-        seed, reference = next((s, r) for s in range(20) if len((r := expected(tiny_artifacts, s, **source))["steps_per_block"]) == 2)
+        seed, reference = next(
+            (s, r) for s in range(20) if len((r := expected(tiny_artifacts, s, **source))["steps_per_block"]) == 2
+        )
         inputs = request_inputs(seed=seed, **source)
         over_grpc = generate_grpc(served.grpc_url, inputs)
         over_http = generate_http(served.http_url, inputs)
@@ -100,8 +103,10 @@ def test_drafts_on_request_and_single_response_mode(served, tiny_artifacts):
 def test_sixteen_concurrent_streams_equal_their_sequential_runs(served, tiny_artifacts):
     prompt = [9, 10, 11, 12]
     with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(generate_grpc, served.grpc_url, request_inputs(prompt_ids=prompt, seed=seed))
-                   for seed in range(16)]
+        futures = [
+            pool.submit(generate_grpc, served.grpc_url, request_inputs(prompt_ids=prompt, seed=seed))
+            for seed in range(16)
+        ]
         concurrent = [f.result() for f in futures]
     outputs = set()
     for seed, responses in enumerate(concurrent):
@@ -120,10 +125,14 @@ def served_models(server) -> set[str]:
     return {m["name"] for m in json.load(urllib.request.urlopen(request))}
 
 
-@pytest.mark.parametrize("setting, value", [("t_max", 1e39), ("entropy_bound", -1e39), ("max_new_tokens", 2**31),
-                                            ("stability_threshold", -(2**31) - 1)])
+@pytest.mark.parametrize(
+    "setting, value",
+    [("t_max", 1e39), ("entropy_bound", -1e39), ("max_new_tokens", 2**31), ("stability_threshold", -(2**31) - 1)],
+)
 def test_the_client_refuses_a_setting_its_input_type_cannot_hold(setting, value):
-    with pytest.raises(CanvasrtError, match=rf"^{setting} .* does not fit the input's (FP32|INT32) \(.*\); send a value"):
+    with pytest.raises(
+        CanvasrtError, match=rf"^{setting} .* does not fit the input's (FP32|INT32) \(.*\); send a value"
+    ):
         request_inputs(prompt_ids=[2, 3], **{setting: value})
 
 
@@ -136,8 +145,10 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
         (request_inputs(seed=4), "exactly one of the inputs 'prompt'"),
         (request_inputs(prompt_ids=[2, 3], max_new_tokens=4096), "more than the maximum context of 128"),
         (request_inputs(prompt_ids=[2, 999]), "outside the vocabulary"),
-        (request_inputs(prompt_ids=[2, 3], max_denoising_steps=2**31 - 1, confidence_threshold=1e-30),
-         "--max-denoising-steps must be between 1 and 1024"),
+        (
+            request_inputs(prompt_ids=[2, 3], max_denoising_steps=2**31 - 1, confidence_threshold=1e-30),
+            "--max-denoising-steps must be between 1 and 1024",
+        ),
         (request_inputs(prompt_ids=[2, 3], t_max=float("inf")), "--t-max must be a finite number"),
         (request_inputs(prompt_ids=[2, 3], stability_threshold=2**31 - 1), "--stability-threshold must be between"),
         (request_inputs(prompt_ids=[2, 3], deadline_ms=0), "deadline_ms must be at least 1"),
@@ -177,7 +188,9 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
 
 def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
-    engines, _ = build_engines(tiny_artifacts, tmp_path / "engines", builder="tensorrt-rtx", target="sm89", max_context=64)
+    engines, _ = build_engines(
+        tiny_artifacts, tmp_path / "engines", builder="tensorrt-rtx", target="sm89", max_context=64
+    )
     write_repository(tmp_path / "engines", tmp_path / "repo")
     served = json.loads((tmp_path / "repo" / "canvasrt_generate" / "1" / "artifacts" / "manifest.json").read_text())
     assert served["capacity"]["max_context"] == 64  # the loop keeps requests within what the engines were built for
@@ -185,15 +198,22 @@ def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_
     assert config.platform == "tensorrt_plan"
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     # Triton picks, per request, the instance's profile whose ranges hold its shapes: each phase gets its own
-    assert list(config.instance_group[0].profile) == ["0", "1", "2"] == [str(i) for i in range(len(engines.backbone.profiles))]
+    assert (
+        list(config.instance_group[0].profile)
+        == ["0", "1", "2"]
+        == [str(i) for i in range(len(engines.backbone.profiles))]
+    )
     assert (tmp_path / "repo" / "canvasrt_backbone" / "1" / config.default_model_filename).stat().st_size > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--step-backend", "tensorrt"], "needs an engine directory"),
-    (["--max-batch", "9"], "between 1 and the artifacts' max batch 4"),
-    (["--instances", "0"], "--instances must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--step-backend", "tensorrt"], "needs an engine directory"),
+        (["--max-batch", "9"], "between 1 and the artifacts' max batch 4"),
+        (["--instances", "0"], "--instances must be at least 1"),
+    ],
+)
 def test_triton_bad_input(tiny_artifacts, tmp_path, args, message):
     result = cli("triton", tiny_artifacts, "-o", tmp_path / "repo", *args)
     assert result.exit_code == 2 and message in result.output
@@ -214,8 +234,17 @@ def test_serve_command_serves_until_interrupted(sort_artifacts, triton_env, tmp_
     repository = tmp_path / "repo"
     write_repository(sort_artifacts, repository, "in-process", threads=1)
     http, grpc = free_ports(2)
-    command = [str(Path(sys.executable).parent / "canvasrt"), "serve", str(repository), "--python-env", str(triton_env),
-               "--http-port", str(http), "--grpc-port", str(grpc)]
+    command = [
+        str(Path(sys.executable).parent / "canvasrt"),
+        "serve",
+        str(repository),
+        "--python-env",
+        str(triton_env),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+    ]
     # as from an activated virtual environment (the main job's PATH): the server must not hand it to its models
     environment = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
@@ -250,8 +279,15 @@ def test_serve_bad_input(tiny_artifacts, triton_env, tmp_path):
 def test_the_models_environment_needs_no_torch(triton_env):
     python = str(triton_env / "bin" / "python")
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
-    imported = subprocess.run([python, "-c", "import canvasrt.serving.model, canvasrt.serving.step_model, sys; "
-                               "print('torch' in sys.modules)"], capture_output=True, text=True)
+    imported = subprocess.run(
+        [
+            python,
+            "-c",
+            "import canvasrt.serving.model, canvasrt.serving.step_model, sys; print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert imported.returncode == 0 and imported.stdout.strip() == "False", imported.stderr
 
 
@@ -284,8 +320,19 @@ def test_a_long_request_or_a_killed_serve_cannot_take_the_service_down(tiny_arti
     repository, log = tmp_path / "repo", tmp_path / "server.log"
     write_repository(tiny_artifacts, repository, "in-process", instances=1, threads=1)
     http, grpc = free_ports(2)
-    command = [str(Path(sys.executable).parent / "canvasrt"), "serve", str(repository), "--python-env", str(triton_env),
-               "--http-port", str(http), "--grpc-port", str(grpc), "--log", str(log)]
+    command = [
+        str(Path(sys.executable).parent / "canvasrt"),
+        "serve",
+        str(repository),
+        "--python-env",
+        str(triton_env),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--log",
+        str(log),
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stderr.readline()
@@ -332,22 +379,38 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
     rng = np.random.default_rng(3)
     requests = []
     for i in range(16):
-        settings = {"max_new_tokens": [16, 32, 48][i % 3], "max_denoising_steps": [16, 6, 11][i % 3],
-                    "confidence_threshold": [0.005, 10.0][i % 2], "stability_threshold": [1, 2][i % 2]}
+        settings = {
+            "max_new_tokens": [16, 32, 48][i % 3],
+            "max_denoising_steps": [16, 6, 11][i % 3],
+            "confidence_threshold": [0.005, 10.0][i % 2],
+            "stability_threshold": [1, 2][i % 2],
+        }
         requests.append((rng.integers(3, 280, size=int(rng.integers(1, 40))).tolist(), 40 + i, settings))
     references = []
     for ids, seed, settings in requests:
         flags = [x for key, value in settings.items() for x in ("--" + key.replace("_", "-"), value)]
-        result = cli("generate", tiny_artifacts, "--prompt-ids", ",".join(map(str, ids)), "--seed", seed,
-                     "--threads", 1, "--json", *flags)
+        result = cli(
+            "generate",
+            tiny_artifacts,
+            "--prompt-ids",
+            ",".join(map(str, ids)),
+            "--seed",
+            seed,
+            "--threads",
+            1,
+            "--json",
+            *flags,
+        )
         assert result.exit_code == 0, result.output
         references.append(json.loads(result.output))
     http, grpc = free_ports(2)
     with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc) as server:
         with ThreadPoolExecutor(17) as pool:
             cancelled = pool.submit(generate_grpc, server.grpc_url, request_inputs(**LONG), timeout=2.0)
-            futures = [pool.submit(generate_grpc, server.grpc_url, request_inputs(prompt_ids=ids, seed=seed, **settings))
-                       for ids, seed, settings in requests]
+            futures = [
+                pool.submit(generate_grpc, server.grpc_url, request_inputs(prompt_ids=ids, seed=seed, **settings))
+                for ids, seed, settings in requests
+            ]
             replies = [f.result(timeout=600) for f in futures]
             with pytest.raises(queue.Empty):
                 cancelled.result(timeout=600)
@@ -356,8 +419,11 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
         with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
             metrics = page.read().decode()
         log = Path(server.log_path).read_text()
-    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-              if line.startswith("canvasrt_") and "{" not in line.split()[0] or line.startswith("canvasrt_step_calls_by")}
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("canvasrt_") and "{" not in line.split()[0] or line.startswith("canvasrt_step_calls_by")
+    }
     row_steps = sum(sum(r["steps_per_block"]) for r in references)
     assert values["canvasrt_row_steps_total"] >= row_steps
     # Rows shared step calls; how many depends on how the requests' arrivals interleave with the steps (no batch
@@ -383,15 +449,27 @@ def test_a_burst_of_eight_shares_every_step_call(tiny_checkpoint, triton_env, tm
     requests = [(list(range(3, 5 + i)), 100 + i) for i in range(8)]
     references = []
     for ids, seed in requests:
-        result = cli("generate", artifacts, "--prompt-ids", ",".join(map(str, ids)), "--seed", seed, "--threads", 1,
-                     "--json", *[x for key, value in settings.items() for x in ("--" + key.replace("_", "-"), value)])
+        result = cli(
+            "generate",
+            artifacts,
+            "--prompt-ids",
+            ",".join(map(str, ids)),
+            "--seed",
+            seed,
+            "--threads",
+            1,
+            "--json",
+            *[x for key, value in settings.items() for x in ("--" + key.replace("_", "-"), value)],
+        )
         assert result.exit_code == 0, result.output
         references.append(json.loads(result.output))
     http, grpc = free_ports(2)
     with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc) as server:
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(generate_grpc, server.grpc_url, request_inputs(prompt_ids=ids, seed=seed, **settings))
-                       for ids, seed in requests]
+            futures = [
+                pool.submit(generate_grpc, server.grpc_url, request_inputs(prompt_ids=ids, seed=seed, **settings))
+                for ids, seed in requests
+            ]
             replies = [f.result(timeout=300) for f in futures]
         with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
             metrics = page.read().decode()
@@ -407,8 +485,23 @@ def test_the_served_batching_benchmark_runs(tmp_path):
     """scripts/bench_triton.py --concurrency (the served figures of docs/PERFORMANCE.md): it exits 0 only when every
     reply equals its in-process run; the batched instance shares step calls, the single slot does not."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_triton.py"
-    result = subprocess.run([sys.executable, str(script), "--presets", "tiny", "--concurrency", "4", "--steps", "4",
-                             "--json", str(tmp_path / "served.json")], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--presets",
+            "tiny",
+            "--concurrency",
+            "4",
+            "--steps",
+            "4",
+            "--json",
+            str(tmp_path / "served.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     (row,) = json.loads((tmp_path / "served.json").read_text())
     batched, alone = row["batched"], row["one slot"]

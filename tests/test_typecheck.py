@@ -87,8 +87,22 @@ def stubs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     cache = request.config.cache.mkdir(STUBS.replace("==", "-"))
     if not (cache / "tensorrt_bindings" / "tensorrt.pyi").is_file():
         download = tmp_path_factory.mktemp("pip")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                        "--target", str(download), STUBS], check=True, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+                str(download),
+                STUBS,
+            ],
+            check=True,
+            timeout=600,
+        )
         for package in ("tensorrt", "tensorrt_bindings"):  # the file tested above comes last
             shutil.copytree(download / package, cache / package, dirs_exist_ok=True)
     out = tmp_path_factory.mktemp("stubs")
@@ -110,8 +124,14 @@ def mypy(stubs: Path, tree: Path, scratch: Path) -> subprocess.CompletedProcess[
     config = scratch / "mypy.ini"
     config.write_text(CONFIG)
     env = {**os.environ, "MYPYPATH": os.pathsep.join([str(stubs), str(tree)])}
-    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", os.devnull,
-                           "-m", MODULE], capture_output=True, text=True, env=env, cwd=scratch, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", os.devnull, "-m", MODULE],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=scratch,
+        timeout=600,
+    )
 
 
 def test_tensorrt_backend_type_checks_against_the_tensorrt_stubs(stubs, tmp_path):
@@ -124,29 +144,40 @@ def test_tensorrt_backend_type_checks_against_the_tensorrt_stubs(stubs, tmp_path
 MISTAKES = {
     "engine and context": {
         "trt.Logger(trt.Logger.WARNING)": ("trt.Logger(trt.Logger.WARN)", '"type[Logger]" has no attribute "WARN"'),
-        "engine.create_execution_context(": ("engine.create_context(",
-                                             '"ICudaEngine" has no attribute "create_context"'),
+        "engine.create_execution_context(": (
+            "engine.create_context(",
+            '"ICudaEngine" has no attribute "create_context"',
+        ),
         "context.set_tensor_address(name, tensor.data_ptr())": (
             "context.set_tensor_pointer(name, tensor.data_ptr())",
-            '"IExecutionContext" has no attribute "set_tensor_pointer"'),
-        "context.execute_async_v3(": ("context.execute_async_v4(",
-                                      '"IExecutionContext" has no attribute "execute_async_v4"'),
+            '"IExecutionContext" has no attribute "set_tensor_pointer"',
+        ),
+        "context.execute_async_v3(": (
+            "context.execute_async_v4(",
+            '"IExecutionContext" has no attribute "execute_async_v4"',
+        ),
         "engine.get_device_memory_size_for_profile_v2(": (
-            "engine.get_memory_size_for_profile(", '"ICudaEngine" has no attribute "get_memory_size_for_profile"'),
+            "engine.get_memory_size_for_profile(",
+            '"ICudaEngine" has no attribute "get_memory_size_for_profile"',
+        ),
         "trt.ExecutionContextAllocationStrategy.USER_MANAGED": (
             "trt.ExecutionContextAllocationStrategy.USER",
-            '"type[ExecutionContextAllocationStrategy]" has no attribute "USER"'),
+            '"type[ExecutionContextAllocationStrategy]" has no attribute "USER"',
+        ),
     },
     "context setup": {
         "set_optimization_profile_async(names.index(phase),": (
             "set_optimization_profile_async(phase,",
             'Argument 1 to "set_optimization_profile_async" of "IExecutionContext" has incompatible type "str"; '
-            'expected "int"'),
+            'expected "int"',
+        ),
         "context.set_device_memory(": ("context.set_memory(", '"IExecutionContext" has no attribute "set_memory"'),
     },
     "runtime": {
-        "self.runtime.deserialize_cuda_engine(": ("self.runtime.deserialize_engine(",
-                                                 '"Runtime" has no attribute "deserialize_engine"'),
+        "self.runtime.deserialize_cuda_engine(": (
+            "self.runtime.deserialize_engine(",
+            '"Runtime" has no attribute "deserialize_engine"',
+        ),
     },
 }
 

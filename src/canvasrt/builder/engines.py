@@ -23,15 +23,24 @@ import sys
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from ..core.contract import Profiles, narrow_profiles
 from ..core.errors import CanvasrtError
-from ..core.manifest import (ENGINE_OUTPUT, ArtifactManifest, BuildKey, EngineEntry, EngineManifest, GraphEntry,
-                             check_output, sha256_file, staged_directory)
+from ..core.manifest import (
+    ENGINE_OUTPUT,
+    ArtifactManifest,
+    BuildKey,
+    EngineEntry,
+    EngineManifest,
+    GraphEntry,
+    check_output,
+    sha256_file,
+    staged_directory,
+)
 
 FLAVOURS = ("tensorrt", "tensorrt-rtx")
 RTX_TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm120": (12, 0), "sm121": (12, 1)}
@@ -72,8 +81,10 @@ def _load(flavour: str) -> tuple[Any, Any]:
     wanted = "1" if flavour == "tensorrt-rtx" else "0"
     loaded = "polygraphy.backend.trt" in sys.modules
     if loaded and os.environ.get("POLYGRAPHY_USE_TENSORRT_RTX", "0") != wanted:
-        raise CanvasrtError(f"this process already loaded Polygraphy for the other TensorRT flavour; build {flavour} "
-                            "engines in a separate process")
+        raise CanvasrtError(
+            f"this process already loaded Polygraphy for the other TensorRT flavour; build {flavour} "
+            "engines in a separate process"
+        )
     os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = wanted
     package = "tensorrt-rtx" if flavour == "tensorrt-rtx" else "tensorrt"
     try:
@@ -81,7 +92,9 @@ def _load(flavour: str) -> tuple[Any, Any]:
         from polygraphy.backend import trt as loaders
         from polygraphy.logger import G_LOGGER
     except ImportError as exc:
-        raise CanvasrtError(f"building with {flavour} needs the {package} package ({exc}); install canvasrt[rtx] or [gpu]") from None
+        raise CanvasrtError(
+            f"building with {flavour} needs the {package} package ({exc}); install canvasrt[rtx] or [gpu]"
+        ) from None
     if not hasattr(trt, "Builder"):  # tensorrt-stubs installs a `tensorrt` namespace package of .pyi files only
         raise CanvasrtError(f"the installed {package} is only type stubs; install canvasrt[gpu] for the real TensorRT")
     # Silenced (module_severity: this Polygraphy ignores `severity`): the builder's errors reach the CanvasrtError
@@ -96,6 +109,7 @@ _LOGGERS: dict[str, Any] = {}
 def _build_log(flavour: str, trt: Any) -> Any:
     # One logger per flavour for the whole process: TensorRT keeps the first logger a builder gets as its global one.
     if flavour not in _LOGGERS:
+
         class BuildLog(trt.ILogger):
             def __init__(self) -> None:
                 trt.ILogger.__init__(self)
@@ -251,8 +265,11 @@ def build_engine(
             # Open files rather than paths: Polygraphy locks a path through a `.lock` file it leaves behind.
             if timing_cache.is_file():
                 options["load_timing_cache"] = stack.enter_context(open(timing_cache, "rb"))
-            fresh = stack.enter_context(tempfile.NamedTemporaryFile(
-                dir=timing_cache.parent, prefix=f".{timing_cache.name}.", suffix=".partial", delete=False))
+            fresh = stack.enter_context(
+                tempfile.NamedTemporaryFile(
+                    dir=timing_cache.parent, prefix=f".{timing_cache.name}.", suffix=".partial", delete=False
+                )
+            )
             stack.callback(lambda: Path(fresh.name).unlink(missing_ok=True))
         if flavour == "tensorrt-rtx":
             from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
@@ -285,15 +302,20 @@ def build_engine(
     return BuiltEngine(size, log.layers)
 
 
-_LAYER = re.compile(r"Name: (?P<name>.*?), LayerType: (?P<kind>\w+), Inputs: \[(?P<inputs>.*?)\], "
-                    r"Constants: \[(?P<constants>.*?)\], Outputs: \[(?P<outputs>.*?)\], TacticName: ")
+_LAYER = re.compile(
+    r"Name: (?P<name>.*?), LayerType: (?P<kind>\w+), Inputs: \[(?P<inputs>.*?)\], "
+    r"Constants: \[(?P<constants>.*?)\], Outputs: \[(?P<outputs>.*?)\], TacticName: "
+)
 _PROFILE = re.compile(r"_myl(\d+)_\d+$")  # TensorRT-RTX names each profile's layers "..._myl<profile>_<n>"
 _TENSOR = re.compile(r"\{[^{}]*?Dimensions: \[(?P<dims>[^\]]*)\][^{}]*?Datatype: (?P<dtype>\w+)[^{}]*\}")
 
 
 def _dtypes(tensors: str, scalars: bool = True) -> tuple[str, ...]:
-    return tuple(t["dtype"] for t in _TENSOR.finditer(tensors)
-                 if scalars or any(d.strip() not in ("1", "") for d in t["dims"].split(",")))
+    return tuple(
+        t["dtype"]
+        for t in _TENSOR.finditer(tensors)
+        if scalars or any(d.strip() not in ("1", "") for d in t["dims"].split(","))
+    )
 
 
 def engine_layers(information: str) -> list[EngineLayer]:
@@ -302,12 +324,17 @@ def engine_layers(information: str) -> list[EngineLayer]:
     for line in information.splitlines():
         match = _LAYER.match(line)
         if match is not None:
-            layers.append(EngineLayer(
-                name=match["name"], kind=match["kind"], inputs=_dtypes(match["inputs"]),
-                weights=_dtypes(match["constants"], scalars=False), outputs=_dtypes(match["outputs"]),
-                onnx=tuple(re.findall(r"\[ONNX Layer: ([^\]]+)\]", line)),
-                profile=int(profile[1]) if (profile := _PROFILE.search(match["name"])) else None,
-            ))
+            layers.append(
+                EngineLayer(
+                    name=match["name"],
+                    kind=match["kind"],
+                    inputs=_dtypes(match["inputs"]),
+                    weights=_dtypes(match["constants"], scalars=False),
+                    outputs=_dtypes(match["outputs"]),
+                    onnx=tuple(re.findall(r"\[ONNX Layer: ([^\]]+)\]", line)),
+                    profile=int(profile[1]) if (profile := _PROFILE.search(match["name"])) else None,
+                )
+            )
     return layers
 
 
@@ -319,8 +346,10 @@ def gemm_precisions(layers: list[EngineLayer]) -> dict[str, int]:
 
 def gemms_per_profile(layers: list[EngineLayer], profiles: Profiles) -> dict[str, dict[str, int]]:
     """`gemm_precisions` for each optimization profile, by the profile's (phase's) name."""
-    return {name: gemm_precisions([layer for layer in layers if layer.profile == index])
-            for index, name in enumerate(profiles)}
+    return {
+        name: gemm_precisions([layer for layer in layers if layer.profile == index])
+        for index, name in enumerate(profiles)
+    }
 
 
 FP8_TARGETS = {"sm89", "sm90", "sm120", "sm121"}  # Ada, Hopper and Blackwell have FP8 tensor cores
@@ -373,22 +402,33 @@ def build_engines(
     check_output(output, ENGINE_OUTPUT, inputs=[artifacts])
     flavour = resolve_builder(builder)
     if flavour == "tensorrt-rtx" and target not in RTX_TARGETS:
-        raise CanvasrtError(f"TensorRT-RTX builds for {', '.join(RTX_TARGETS)}; {target!r} is not one (SM90 needs --builder tensorrt)")
+        raise CanvasrtError(
+            f"TensorRT-RTX builds for {', '.join(RTX_TARGETS)}; {target!r} is not one (SM90 needs --builder tensorrt)"
+        )
     if flavour == "tensorrt" and target not in ("current", "sm90"):
-        raise CanvasrtError(f"--builder tensorrt builds for the GPU in this machine; use --target current or sm90, not {target!r}")
+        raise CanvasrtError(
+            f"--builder tensorrt builds for the GPU in this machine; use --target current or sm90, not {target!r}"
+        )
     if flavour == "tensorrt-rtx" and manifest.moe in ("sparse", "grouped"):
-        raise CanvasrtError(f"{manifest.moe}-MoE graphs use " + ("NonZero" if manifest.moe == "sparse" else
-                            "ScatterND with a reduction") + ", which TensorRT-RTX cannot parse; export with --moe dense")
+        raise CanvasrtError(
+            f"{manifest.moe}-MoE graphs use "
+            + ("NonZero" if manifest.moe == "sparse" else "ScatterND with a reduction")
+            + ", which TensorRT-RTX cannot parse; export with --moe dense"
+        )
     if manifest.quantization is not None and target not in FP8_TARGETS:
-        raise CanvasrtError(f"{target} has no FP8 tensor cores; build FP8 artifacts for one of {', '.join(sorted(FP8_TARGETS))}")
+        raise CanvasrtError(
+            f"{target} has no FP8 tensor cores; build FP8 artifacts for one of {', '.join(sorted(FP8_TARGETS))}"
+        )
     workspace_bytes = parse_size(workspace) if workspace else None
     capacity = manifest.capacity.narrowed(max_batch, max_context)
     manifest.verify()  # graphs, external data and calibration as exported: hashing them is cheap next to a build
     cache = Path(timing_cache) if timing_cache is not None else None
     if cache is not None:
         if flavour == "tensorrt-rtx":
-            raise CanvasrtError("TensorRT-RTX keeps no timing cache (its timing-cache calls do nothing); drop "
-                                "--timing-cache or build with --builder tensorrt")
+            raise CanvasrtError(
+                "TensorRT-RTX keeps no timing cache (its timing-cache calls do nothing); drop "
+                "--timing-cache or build with --builder tensorrt"
+            )
         if cache.is_dir() or not cache.parent.is_dir():
             raise CanvasrtError(f"--timing-cache {cache} must name a file in an existing directory")
     key = BuildKey(
@@ -410,14 +450,28 @@ def build_engines(
             if progress:
                 progress(f"building {name} engine ({flavour}, {target})")
             profiles = narrow_profiles(graph.profiles, capacity)
-            built = build_engine(manifest.graph_path(name), staging / f"{name}.engine", graph, flavour, target,
-                                 workspace_bytes, profiles, cache, phases)
+            built = build_engine(
+                manifest.graph_path(name),
+                staging / f"{name}.engine",
+                graph,
+                flavour,
+                target,
+                workspace_bytes,
+                profiles,
+                cache,
+                phases,
+            )
             if built.layers:
                 (staging / f"{name}.layers.txt").write_text(built.layers + "\n")
             engines[name] = EngineEntry(
-                file=f"{name}.engine", sha256=sha256_file(staging / f"{name}.engine"), onnx_sha256=graph.sha256,
-                bytes=built.bytes, profiles=profiles,
-                inputs=graph.inputs, outputs=graph.outputs, layers=f"{name}.layers.txt" if built.layers else None,
+                file=f"{name}.engine",
+                sha256=sha256_file(staging / f"{name}.engine"),
+                onnx_sha256=graph.sha256,
+                bytes=built.bytes,
+                profiles=profiles,
+                inputs=graph.inputs,
+                outputs=graph.outputs,
+                layers=f"{name}.layers.txt" if built.layers else None,
                 gemms=gemms_per_profile(engine_layers(built.layers), profiles) if built.layers else None,
             )
         engine_manifest = EngineManifest(
@@ -439,9 +493,15 @@ def build_engines(
 def _builder_version(flavour: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    for package in (("tensorrt-rtx", "tensorrt_rtx") if flavour == "tensorrt-rtx" else ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")):
+    for package in (
+        ("tensorrt-rtx", "tensorrt_rtx")
+        if flavour == "tensorrt-rtx"
+        else ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+    ):
         try:
             return version(package)
         except PackageNotFoundError:
             continue
-    raise CanvasrtError(f"{flavour} is not installed; install canvasrt[{'rtx' if flavour == 'tensorrt-rtx' else 'gpu'}]")
+    raise CanvasrtError(
+        f"{flavour} is not installed; install canvasrt[{'rtx' if flavour == 'tensorrt-rtx' else 'gpu'}]"
+    )

@@ -26,7 +26,9 @@ def _group(tensor: str) -> str:
 
 
 @torch.inference_mode()
-def bisect(checkpoint: str | Path, artifacts: str | Path, seed: int = 0, threads: int | None = None) -> list[dict[str, Any]]:
+def bisect(
+    checkpoint: str | Path, artifacts: str | Path, seed: int = 0, threads: int | None = None
+) -> list[dict[str, Any]]:
     manifest = ArtifactManifest.load(artifacts)
     if manifest.quantization is None:
         raise CanvasrtError(f"{artifacts} is not quantized; --bisect ranks the Q/DQ groups of FP8 artifacts")
@@ -41,12 +43,14 @@ def bisect(checkpoint: str | Path, artifacts: str | Path, seed: int = 0, threads
 
     def logits(subset: dict[str, Any] | None, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoiser's logits with `subset` of the calibration fake-quantized, and the embedding matrix."""
-        with TorchBackend(checkpoint, moe=manifest.moe, max_batch=2, max_context=cap.max_context,
-                          threads=threads, calibration=subset) as backend:
+        with TorchBackend(
+            checkpoint, moe=manifest.moe, max_batch=2, max_context=cap.max_context, threads=threads, calibration=subset
+        ) as backend:
             backend.start(padding)
             backend.encode(ids, np.arange(prompt), np.zeros(2, np.int64))
-            out = backend.model.denoise_logits(canvas, soft, backend.keys, backend.values, torch.full((2,), prompt),
-                                               backend.mask)
+            out = backend.model.denoise_logits(
+                canvas, soft, backend.keys, backend.values, torch.full((2,), prompt), backend.mask
+            )
             return out, backend.model.embed_tokens.weight
 
     # Score on a self-conditioned step (the soft embedding of an fp32 first step), so that every group, the

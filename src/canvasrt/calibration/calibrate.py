@@ -16,14 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from ..model.checkpoint import Checkpoint, torch_device
 from ..core.errors import CanvasrtError
-from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, Quantization, check_output, sha256_file,
-                             staged_directory, write_json)
+from ..core.manifest import (
+    ARTIFACT_OUTPUT,
+    ArtifactManifest,
+    GraphEntry,
+    Quantization,
+    check_output,
+    sha256_file,
+    staged_directory,
+    write_json,
+)
+from ..model.checkpoint import Checkpoint, torch_device
 from ..runtime import tasks
 from ..runtime.prompts import TextCodec, prompt_rows, read_prompts_file
 from .qdq import WEIGHT_MODES, quantize_graph, read_graph
 from .ranges import METHODS, collect_ranges, scale_for
+
 # Used without --prompts/--task: mixed-length text, so prefill, commits and every denoising step see typical input.
 BUILTIN_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -37,7 +46,9 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def calibration_prompts(checkpoint: Path, prompts_file: Path | None, task: str | None, samples: int) -> tuple[list[list[int]], str]:
+def calibration_prompts(
+    checkpoint: Path, prompts_file: Path | None, task: str | None, samples: int
+) -> tuple[list[list[int]], str]:
     if prompts_file is not None:
         rows = prompt_rows(read_prompts_file(prompts_file), checkpoint)
         return rows[:samples], f"prompts file {prompts_file}"
@@ -46,16 +57,28 @@ def calibration_prompts(checkpoint: Path, prompts_file: Path | None, task: str |
             raise CanvasrtError(f"unknown task {task!r}; use one of {', '.join(tasks.TASKS)}")
         codec = TextCodec(checkpoint)
         # The calibration split is disjoint from the held-out prompts that `canvasrt eval` scores.
-        return [codec.encode(e.prompt) for e in tasks.examples(task, "calibration", samples)], f"task {task} calibration split"
+        return [
+            codec.encode(e.prompt) for e in tasks.examples(task, "calibration", samples)
+        ], f"task {task} calibration split"
     codec = TextCodec(checkpoint)
     rows = [codec.encode(text) for text in BUILTIN_PROMPTS]
     return (rows * (samples // len(rows) + 1))[:samples], "built-in calibration set"
 
 
-def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path, prompts_file: Path | None = None,
-              task: str | None = None, samples: int = 64, method: str = "max", weights: str = "per-channel",
-              exclude: tuple[str, ...] = (), progress: Any = lambda _: None, device: str = "cpu",
-              dtype: str = "fp32") -> ArtifactManifest:
+def calibrate(
+    checkpoint: str | Path,
+    artifacts: str | Path,
+    output: str | Path,
+    prompts_file: Path | None = None,
+    task: str | None = None,
+    samples: int = 64,
+    method: str = "max",
+    weights: str = "per-channel",
+    exclude: tuple[str, ...] = (),
+    progress: Any = lambda _: None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+) -> ArtifactManifest:
     """exclude: regular expressions; matching GEMMs (e.g. the worst groups of `parity --bisect`) stay unquantized."""
     checkpoint = Path(checkpoint)
     torch_device(device)  # before anything runs
@@ -116,9 +139,15 @@ def calibrate(checkpoint: str | Path, artifacts: str | Path, output: str | Path,
         for extra in ("generation_config.json", *manifest.tokenizer):
             if (manifest.directory / extra).is_file():
                 shutil.copy2(manifest.directory / extra, staging / extra)
-        quantization = Quantization(method=method, weights=weights, prompts=source, excluded=tuple(excluded),
-                                    samples=len(rows), calibration="calibration.json",
-                                    calibration_sha256=sha256_file(staging / "calibration.json"))
+        quantization = Quantization(
+            method=method,
+            weights=weights,
+            prompts=source,
+            excluded=tuple(excluded),
+            samples=len(rows),
+            calibration="calibration.json",
+            calibration_sha256=sha256_file(staging / "calibration.json"),
+        )
         new_manifest = replace(manifest, directory=Path(output), graphs=graphs, quantization=quantization)
         new_manifest.write(staging)
     return new_manifest

@@ -10,8 +10,9 @@ Runtime's CPU provider runs the graphs and TensorRT builds them strongly typed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -93,7 +94,7 @@ def _consumed(nodes: list[onnx.NodeProto]) -> set[str]:
     for node in nodes:
         names.update(node.input)
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 names |= _consumed(list(sub.node))
     return names
 
@@ -136,12 +137,14 @@ class _WeightStore:
                     count = (rows.stop - rows.start) * row_bytes
                     block = src.read(count)
                     if len(block) != count:
-                        raise ArtifactError(f"{path} ends inside weight {tensor.name}; the file is truncated: re-run "
-                                            "`canvasrt export`")
+                        raise ArtifactError(
+                            f"{path} ends inside weight {tensor.name}; the file is truncated: re-run `canvasrt export`"
+                        )
                     yield rows, np.frombuffer(block, dtype=dtype).reshape(-1, *row_shape)
         except OSError as exc:
-            raise ArtifactError(f"cannot read weight {tensor.name} from {path} ({exc.strerror or exc}); re-run "
-                                "`canvasrt export`") from None
+            raise ArtifactError(
+                f"cannot read weight {tensor.name} from {path} ({exc.strerror or exc}); re-run `canvasrt export`"
+            ) from None
 
     def write(self, name: str, data_type: int, dims: tuple[int, ...], blocks: Iterable[bytes]) -> onnx.TensorProto:
         tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
@@ -161,8 +164,12 @@ class _WeightStore:
         """An initializer kept as it is; external ones are copied block by block into the new data file."""
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             return tensor
-        return self.write(tensor.name, tensor.data_type, tuple(tensor.dims),
-                          (np.ascontiguousarray(block).tobytes() for _, block in self.rows(tensor)))
+        return self.write(
+            tensor.name,
+            tensor.data_type,
+            tuple(tensor.dims),
+            (np.ascontiguousarray(block).tobytes() for _, block in self.rows(tensor)),
+        )
 
 
 def _fp8_constant(name: str, values: np.ndarray) -> onnx.TensorProto:
@@ -174,24 +181,33 @@ def _to_fp8(values: np.ndarray) -> np.ndarray:
     return clipped.astype(ml_dtypes.float8_e4m3fn)
 
 
-def _qdq_activation(x: str, name: str, amax: np.ndarray, dtype: Any,
-                    created: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+def _qdq_activation(
+    x: str, name: str, amax: np.ndarray, dtype: Any, created: list[onnx.TensorProto]
+) -> list[onnx.NodeProto]:
     scale, zero = f"{name}.input_scale", f"{name}.input_zero_point"
-    created += [numpy_helper.from_array(np.asarray(scale_for(amax), dtype=dtype), scale),
-                _fp8_constant(zero, np.zeros(amax.shape, np.float32))]
+    created += [
+        numpy_helper.from_array(np.asarray(scale_for(amax), dtype=dtype), scale),
+        _fp8_constant(zero, np.zeros(amax.shape, np.float32)),
+    ]
     return [
         helper.make_node("QuantizeLinear", [x, scale, zero], [f"{name}.input_fp8"], name=f"{name}.input_quantize"),
-        helper.make_node("DequantizeLinear", [f"{name}.input_fp8", scale, zero], [f"{name}.input_qdq"],
-                         name=f"{name}.input_dequantize"),
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{name}.input_fp8", scale, zero],
+            [f"{name}.input_qdq"],
+            name=f"{name}.input_dequantize",
+        ),
     ]
 
 
-def _dq_weight(store: _WeightStore, weight: onnx.TensorProto, name: str, mode: str, dtype: Any,
-               created: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+def _dq_weight(
+    store: _WeightStore, weight: onnx.TensorProto, name: str, mode: str, dtype: Any, created: list[onnx.TensorProto]
+) -> list[onnx.NodeProto]:
     """The FP8 weight (one pass for its ranges, one to write it) and its DequantizeLinear."""
     shape = tuple(weight.dims)
-    row_amax = np.concatenate([np.abs(block.astype(np.float32)).reshape(block.shape[0], -1).max(axis=1)
-                               for _, block in store.rows(weight)])
+    row_amax = np.concatenate(
+        [np.abs(block.astype(np.float32)).reshape(block.shape[0], -1).max(axis=1) for _, block in store.rows(weight)]
+    )
     if mode == "per-tensor":
         scale = scale_for(np.float32(row_amax.max()))
         attrs: dict[str, Any] = {}
@@ -201,11 +217,18 @@ def _dq_weight(store: _WeightStore, weight: onnx.TensorProto, name: str, mode: s
         attrs = {"axis": 0}
         row_scale = scale
     trailing = [1] * (len(shape) - 1)
-    blocks = (_to_fp8(block.astype(np.float32) / row_scale[rows].reshape(-1, *trailing)).tobytes()
-              for rows, block in store.rows(weight))
+    blocks = (
+        _to_fp8(block.astype(np.float32) / row_scale[rows].reshape(-1, *trailing)).tobytes()
+        for rows, block in store.rows(weight)
+    )
     fp8, scale_name, zero = f"{name}.fp8", f"{name}.scale", f"{name}.zero_point"
-    created += [store.write(fp8, onnx.TensorProto.FLOAT8E4M3FN, shape, blocks),
-                numpy_helper.from_array(np.asarray(scale, dtype=dtype), scale_name),
-                _fp8_constant(zero, np.zeros(np.shape(scale), np.float32))]
-    return [helper.make_node("DequantizeLinear", [fp8, scale_name, zero], [f"{name}.dequantized"],
-                             name=f"{name}.dequantize", **attrs)]
+    created += [
+        store.write(fp8, onnx.TensorProto.FLOAT8E4M3FN, shape, blocks),
+        numpy_helper.from_array(np.asarray(scale, dtype=dtype), scale_name),
+        _fp8_constant(zero, np.zeros(np.shape(scale), np.float32)),
+    ]
+    return [
+        helper.make_node(
+            "DequantizeLinear", [fp8, scale_name, zero], [f"{name}.dequantized"], name=f"{name}.dequantize", **attrs
+        )
+    ]

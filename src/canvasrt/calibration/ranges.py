@@ -23,8 +23,6 @@ from ..runtime.loop import generate, left_pad
 from ..runtime.rng import make_draws
 from ..runtime.settings import resolve_settings
 
-
-
 METHODS = ("max", "percentile", "mse")
 SAMPLE_CAP = 1 << 15  # |x| values kept per tensor for the percentile and MSE methods
 PERCENTILE = 99.99
@@ -72,8 +70,16 @@ def _choose(sample: np.ndarray, method: str) -> float:
     return best
 
 
-def collect_ranges(checkpoint_dir: str | Path, prompts: list[list[int]], seed: int = 0, batch: int = 8,
-                   method: str = "max", device: str = "cpu", dtype: str = "fp32", moe: str = "sparse") -> Ranges:
+def collect_ranges(
+    checkpoint_dir: str | Path,
+    prompts: list[list[int]],
+    seed: int = 0,
+    batch: int = 8,
+    method: str = "max",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    moe: str = "sparse",
+) -> Ranges:
     """moe: sparse (default) runs each expert on its routed tokens only, at the cost of the active parameters; the
     dense formulation gives the same ranges at num_experts / top_k times the expert work."""
     backend = TorchBackend(checkpoint_dir, dtype=dtype, moe=moe, max_batch=batch, device=device)
@@ -91,7 +97,9 @@ def collect_ranges(checkpoint_dir: str | Path, prompts: list[list[int]], seed: i
         for start in range(0, len(prompts), batch):
             rows = prompts[start : start + batch]
             ids, padding = left_pad(rows, settings.pad_token_id or 0)
-            draws = make_draws("counter", seed, len(rows), vocab, canvas, row_seeds=[seed + start + i for i in range(len(rows))])
+            draws = make_draws(
+                "counter", seed, len(rows), vocab, canvas, row_seeds=[seed + start + i for i in range(len(rows))]
+            )
             generate(backend, ids, padding, settings, draws)
     ranges.finalize(method)
     return ranges

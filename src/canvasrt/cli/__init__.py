@@ -32,7 +32,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 class Group(click.Group):
-    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click API
+    def invoke(self, ctx: click.Context):
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:

@@ -36,14 +36,24 @@ def stage_progress(*columns: ProgressColumn) -> Iterator[Progress]:
 
 @click.command("random-checkpoint")
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "small", "bench", "released"]), default="tiny", show_default=True,
-              help="released: the 26B-A4B's exact layer shapes, bf16 (use --layers: 2 layers are 4.8 GB)")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small", "bench", "released"]),
+    default="tiny",
+    show_default=True,
+    help="released: the 26B-A4B's exact layer shapes, bf16 (use --layers: 2 layers are 4.8 GB)",
+)
 @click.option("--layers", type=int, default=None, help="number of layers (default: the preset's; released: 30)")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
-@click.option("--max-positions", type=int, default=None,
-              help="max_position_embeddings, the longest context the model allows (default: the preset's)")
-def random_checkpoint_command(output: Path, preset: str, layers: int | None, seed: int,
-                              max_positions: int | None) -> None:
+@click.option(
+    "--max-positions",
+    type=int,
+    default=None,
+    help="max_position_embeddings, the longest context the model allows (default: the preset's)",
+)
+def random_checkpoint_command(
+    output: Path, preset: str, layers: int | None, seed: int, max_positions: int | None
+) -> None:
     """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
     from ..model.random_checkpoint import write_random_checkpoint
 
@@ -76,18 +86,33 @@ def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="artifact directory to write")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--moe", type=click.Choice(["dense", "sparse", "grouped"]), default="dense", show_default=True,
-              help="dense: every expert on every token, static shapes; sparse: routed tokens only, a branch per "
-                   "expert; grouped: routed tokens gathered per expert, one branch (ONNX Runtime)")
+@click.option(
+    "--moe",
+    type=click.Choice(["dense", "sparse", "grouped"]),
+    default="dense",
+    show_default=True,
+    help="dense: every expert on every token, static shapes; sparse: routed tokens only, a branch per "
+    "expert; grouped: routed tokens gathered per expert, one branch (ONNX Runtime)",
+)
 @click.option("--max-batch", type=int, default=4, show_default=True)
 @click.option("--max-context", type=int, default=2048, show_default=True, help="committed tokens per request")
 @click.option("--max-prefill", type=int, default=None, help="encoder tokens per call (default: --max-context)")
 @click.option("--debug-logits", is_flag=True, help="also output the [batch, canvas, vocab] logits (parity work)")
-@click.option("--external-data/--inline-weights", default=None,
-              help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)")
+@click.option(
+    "--external-data/--inline-weights",
+    default=None,
+    help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)",
+)
 def export_command(
-    checkpoint: Path, output: Path, dtype: str, moe: str, max_batch: int, max_context: int,
-    max_prefill: int | None, debug_logits: bool, external_data: bool | None,
+    checkpoint: Path,
+    output: Path,
+    dtype: str,
+    moe: str,
+    max_batch: int,
+    max_context: int,
+    max_prefill: int | None,
+    debug_logits: bool,
+    external_data: bool | None,
 ) -> None:
     """Export CHECKPOINT's backbone (prefill, commit and one denoising step, one copy of the weights) to ONNX
     (backbone.onnx, manifest.json)."""
@@ -97,13 +122,23 @@ def export_command(
     with stage_progress() as progress:
         task = progress.add_task("starting", total=None)
         manifest = export(
-            checkpoint, output, dtype=dtype, moe=moe, max_batch=max_batch, max_context=max_context,
-            max_prefill=max_prefill, debug_logits=debug_logits, external_data=external_data,
+            checkpoint,
+            output,
+            dtype=dtype,
+            moe=moe,
+            max_batch=max_batch,
+            max_context=max_context,
+            max_prefill=max_prefill,
+            debug_logits=debug_logits,
+            external_data=external_data,
             progress=lambda text: progress.update(task, description=text),
         )
         progress.update(task, description="done")
-    sizes = ", ".join(f"{g.file} {(g.bytes + (g.data_bytes or 0)) / 1e6:.1f} MB"
-                      + (f" (weights in {g.data_file})" if g.data_file else "") for g in manifest.graphs.values())
+    sizes = ", ".join(
+        f"{g.file} {(g.bytes + (g.data_bytes or 0)) / 1e6:.1f} MB"
+        + (f" (weights in {g.data_file})" if g.data_file else "")
+        for g in manifest.graphs.values()
+    )
     click.echo(
         f"exported {dtype} graph to {output} in {time.perf_counter() - start:.1f}s: {sizes}"
         + f"; capacity {json.dumps(manifest.capacity.to_dict())}"
@@ -113,18 +148,43 @@ def export_command(
 @click.command("build")
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="engine directory to write")
-@click.option("--target", default="sm89", show_default=True,
-              help="sm75|sm80|sm86|sm89|sm120|sm121 (tensorrt-rtx, ahead of time) or current|sm90 (tensorrt)")
-@click.option("--builder", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
-              help="auto: tensorrt where installed, else tensorrt-rtx")
+@click.option(
+    "--target",
+    default="sm89",
+    show_default=True,
+    help="sm75|sm80|sm86|sm89|sm120|sm121 (tensorrt-rtx, ahead of time) or current|sm90 (tensorrt)",
+)
+@click.option(
+    "--builder",
+    type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]),
+    default="auto",
+    show_default=True,
+    help="auto: tensorrt where installed, else tensorrt-rtx",
+)
 @click.option("--max-batch", type=int, default=None, help="largest batch the engines take (default: the artifacts')")
-@click.option("--max-context", type=int, default=None,
-              help="committed tokens per request (default: the artifacts'); also bounds the prefill chunk")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="tactic timing cache file: loaded if present, updated after the build (--builder tensorrt)")
+@click.option(
+    "--max-context",
+    type=int,
+    default=None,
+    help="committed tokens per request (default: the artifacts'); also bounds the prefill chunk",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tactic timing cache file: loaded if present, updated after the build (--builder tensorrt)",
+)
 @click.option("--workspace", default=None, help="builder workspace limit, e.g. 4G")
-def build_command(artifacts: Path, output: Path, target: str, builder: str, max_batch: int | None,
-                  max_context: int | None, timing_cache: Path | None, workspace: str | None) -> None:
+def build_command(
+    artifacts: Path,
+    output: Path,
+    target: str,
+    builder: str,
+    max_batch: int | None,
+    max_context: int | None,
+    timing_cache: Path | None,
+    workspace: str | None,
+) -> None:
     """Build TensorRT engines (strongly typed, the manifest's optimization profiles) from ARTIFACTS."""
     from rich.progress import BarColumn, TaskID
 
@@ -132,8 +192,13 @@ def build_command(artifacts: Path, output: Path, target: str, builder: str, max_
 
     start = time.perf_counter()
     # stage_progress's columns plus a bar and a step count: TensorRT's progress monitor knows each phase's length.
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
-               TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[steps]}"),
+        TimeElapsedColumn(),
+    )
     with stage_progress(*columns) as progress:
         task = progress.add_task("starting", total=None, steps="")
         bars: list[TaskID] = []  # one per open build phase, nested phases indented under their parent
@@ -149,9 +214,16 @@ def build_command(artifacts: Path, output: Path, target: str, builder: str, max_
                     bars.append(progress.add_task(name, completed=phase.done, total=phase.steps, steps=steps))
 
         manifest, reused = build_engines(
-            artifacts, output, builder=builder, target=target, workspace=workspace, max_batch=max_batch,
-            max_context=max_context, timing_cache=timing_cache,
-            progress=lambda text: progress.update(task, description=text), phases=show,
+            artifacts,
+            output,
+            builder=builder,
+            target=target,
+            workspace=workspace,
+            max_batch=max_batch,
+            max_context=max_context,
+            timing_cache=timing_cache,
+            progress=lambda text: progress.update(task, description=text),
+            phases=show,
         )
         progress.update(task, description="done")
     key = manifest.key
@@ -159,36 +231,72 @@ def build_command(artifacts: Path, output: Path, target: str, builder: str, max_
         click.echo(f"{output} is up to date ({key.builder} {key.builder_version}, {key.target}); nothing built")
         return
     sizes = ", ".join(f"{n}.engine {e.bytes / 1e6:.1f} MB" + _gemms(e.gemms) for n, e in manifest.engines.items())
-    click.echo(f"built {key.builder} {key.builder_version} engines for {key.target} in "
-               f"{time.perf_counter() - start:.1f}s (batch up to {key.max_batch}, context {key.max_context}): "
-               f"{sizes}")
+    click.echo(
+        f"built {key.builder} {key.builder_version} engines for {key.target} in "
+        f"{time.perf_counter() - start:.1f}s (batch up to {key.max_batch}, context {key.max_context}): "
+        f"{sizes}"
+    )
 
 
 def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:
     if not profiles:
         return ""
-    return " (GEMMs: " + "; ".join(f"{phase} " + ", ".join(f"{n} {dtype}" for dtype, n in counts.items())
-                                   for phase, counts in profiles.items()) + ")"
+    return (
+        " (GEMMs: "
+        + "; ".join(
+            f"{phase} " + ", ".join(f"{n} {dtype}" for dtype, n in counts.items()) for phase, counts in profiles.items()
+        )
+        + ")"
+    )
 
 
 @click.command("calibrate")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="FP8 artifact directory to write")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help='JSONL calibration prompts ({"text"} or {"ids"})')
+@click.option(
+    "--prompts", "prompts_file", type=click.Path(path_type=Path), help='JSONL calibration prompts ({"text"} or {"ids"})'
+)
 @click.option("--task", default=None, help="calibrate on a synthetic task's calibration split (e.g. sort)")
 @click.option("--samples", type=int, default=64, show_default=True)
-@click.option("--method", type=click.Choice(["max", "percentile", "mse"]), default="max", show_default=True,
-              help="activation range: running max, 99.99th percentile of |x|, or the clip that minimises FP8 MSE")
+@click.option(
+    "--method",
+    type=click.Choice(["max", "percentile", "mse"]),
+    default="max",
+    show_default=True,
+    help="activation range: running max, 99.99th percentile of |x|, or the clip that minimises FP8 MSE",
+)
 @click.option("--weights", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel", show_default=True)
-@click.option("--exclude", multiple=True, help="regex of GEMM weights to keep unquantized (repeatable), e.g. 'layers\\.1\\.'")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="where the calibration loop (the torch backend, sparse MoE) runs")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="the calibration loop's dtype (bf16 halves its memory for the released model)")
-def calibrate_command(checkpoint: Path, artifacts: Path, output: Path, prompts_file: Path | None, task: str | None,
-                      samples: int, method: str, weights: str, exclude: tuple[str, ...], device: str,
-                      dtype: str) -> None:
+@click.option(
+    "--exclude", multiple=True, help="regex of GEMM weights to keep unquantized (repeatable), e.g. 'layers\\.1\\.'"
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="where the calibration loop (the torch backend, sparse MoE) runs",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="the calibration loop's dtype (bf16 halves its memory for the released model)",
+)
+def calibrate_command(
+    checkpoint: Path,
+    artifacts: Path,
+    output: Path,
+    prompts_file: Path | None,
+    task: str | None,
+    samples: int,
+    method: str,
+    weights: str,
+    exclude: tuple[str, ...],
+    device: str,
+    dtype: str,
+) -> None:
     """FP8 (E4M3) Q/DQ artifacts, calibrated by running the loop over the whole denoising schedule."""
     from ..calibration.calibrate import calibrate
     from ..model.checkpoint import torch_device
@@ -197,13 +305,26 @@ def calibrate_command(checkpoint: Path, artifacts: Path, output: Path, prompts_f
 
     with stage_progress() as progress:
         stage = progress.add_task("starting", total=None)
-        manifest = calibrate(checkpoint, artifacts, output, prompts_file, task, samples, method, weights, exclude,
-                             progress=lambda text: progress.update(stage, description=text), device=device,
-                             dtype=dtype)
+        manifest = calibrate(
+            checkpoint,
+            artifacts,
+            output,
+            prompts_file,
+            task,
+            samples,
+            method,
+            weights,
+            exclude,
+            progress=lambda text: progress.update(stage, description=text),
+            device=device,
+            dtype=dtype,
+        )
         progress.update(stage, description="done")
     q = manifest.quantization
     assert q is not None
     counts = {name: len(g.quantized or ()) for name, g in manifest.graphs.items()}
-    click.echo(f"wrote FP8 artifacts to {output}: {counts} GEMMs quantized, {q.weights} weights, "
-               f"{q.method} ranges from {q.samples} prompts ({q.prompts})"
-               + (f", {len(q.excluded)} excluded" if q.excluded else ""))
+    click.echo(
+        f"wrote FP8 artifacts to {output}: {counts} GEMMs quantized, {q.weights} weights, "
+        f"{q.method} ranges from {q.samples} prompts ({q.prompts})"
+        + (f", {len(q.excluded)} excluded" if q.excluded else "")
+    )

@@ -6,7 +6,8 @@ every other user error instead of a usage screen.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 

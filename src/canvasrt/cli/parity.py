@@ -20,23 +20,51 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--level", type=click.Choice(["step", "loop"]), default="step", show_default=True)
-@click.option("--backend", default=None,
-              help="torch (FP8 artifacts: simulated with their scales), onnxruntime or tensorrt; default: by TARGET")
+@click.option(
+    "--backend",
+    default=None,
+    help="torch (FP8 artifacts: simulated with their scales), onnxruntime or tensorrt; default: by TARGET",
+)
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the JSON report here")
 @click.option("--junit", type=click.Path(path_type=Path), help="write a JUnit XML report here")
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
 @click.option("--threads", type=int, default=None, callback=positive, help="CPU threads for torch and ONNX Runtime")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="where the reference and the torch backends run")
-@click.option("--reference-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="dtype of the reference and the torch backends (tolerances assume fp32)")
-@click.option("--max-new-tokens", type=int, default=None, callback=positive,
-              help="--level loop: tokens each row generates, rounded up to whole canvases (default: two canvases "
-                   "where the context allows, else one)")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="where the reference and the torch backends run",
+)
+@click.option(
+    "--reference-dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="dtype of the reference and the torch backends (tolerances assume fp32)",
+)
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    default=None,
+    callback=positive,
+    help="--level loop: tokens each row generates, rounded up to whole canvases (default: two canvases "
+    "where the context allows, else one)",
+)
 @click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
 def parity_command(
-    checkpoint: Path, target: Path, level: str, backend: str | None, report_path: Path | None, junit: Path | None,
-    seed: int, threads: int | None, device: str, reference_dtype: str, max_new_tokens: int | None, bisect: bool,
+    checkpoint: Path,
+    target: Path,
+    level: str,
+    backend: str | None,
+    report_path: Path | None,
+    junit: Path | None,
+    seed: int,
+    threads: int | None,
+    device: str,
+    reference_dtype: str,
+    max_new_tokens: int | None,
+    bisect: bool,
 ) -> None:
     """Compare TARGET (artifacts or engines) against the transformers reference built from CHECKPOINT.
     Exit 0 within tolerance, 1 not."""
@@ -52,8 +80,17 @@ def parity_command(
         return
 
     with Console(stderr=True).status(f"running {level} parity: the reference, then {target}, on the same inputs"):
-        report = parity(checkpoint, target, level, backend, seed=seed, threads=threads, max_new_tokens=max_new_tokens,
-                        device=device, reference_dtype=reference_dtype)
+        report = parity(
+            checkpoint,
+            target,
+            level,
+            backend,
+            seed=seed,
+            threads=threads,
+            max_new_tokens=max_new_tokens,
+            device=device,
+            reference_dtype=reference_dtype,
+        )
     table = Table(title=f"parity --level {level} ({report.backend}, {report.dtype})", show_lines=False)
     for column in ("stage", "output", "figures", "limits", "ok"):
         table.add_column(column)
@@ -98,8 +135,9 @@ def _check_report_path(path: Path | None, option: str) -> None:
     if path.is_dir():
         raise CanvasrtError(f"{option} {path} is a directory; name the report file to write")
     if not folder.is_dir():
-        raise CanvasrtError(f"{option} {path}: the folder {folder} does not exist; create it or write the report "
-                            "elsewhere")
+        raise CanvasrtError(
+            f"{option} {path}: the folder {folder} does not exist; create it or write the report elsewhere"
+        )
     if not os.access(folder, os.W_OK):
         raise CanvasrtError(f"{option} {path}: the folder {folder} is not writable; write the report elsewhere")
 

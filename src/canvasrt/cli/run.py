@@ -21,10 +21,19 @@ from ..runtime.settings import resolve_settings
 from .options import positive, seed_range
 
 err = Console(stderr=True)
-device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                             help="where the torch paths run (torch backend, transformers)")
-dtype_option = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-                            help="the torch backend's dtype (default fp32)")
+device_option = click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="where the torch paths run (torch backend, transformers)",
+)
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default=None,
+    help="the torch backend's dtype (default fp32)",
+)
 
 
 def settings_options(fn: Any) -> Any:
@@ -43,7 +52,12 @@ def settings_options(fn: Any) -> Any:
 
 
 SETTING_KEYS = (
-    "max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+    "max_new_tokens",
+    "max_denoising_steps",
+    "entropy_bound",
+    "t_min",
+    "t_max",
+    "stability_threshold",
     "confidence_threshold",
 )
 
@@ -52,21 +66,36 @@ SETTING_KEYS = (
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--prompt", help="prompt text (needs the target's tokenizer)")
 @click.option("--prompt-ids", help="prompt as comma-separated token ids, e.g. 5,6,7")
-@click.option("--prompts-file", type=click.Path(path_type=Path), help='JSONL, one {"text": ...} or {"ids": [...]} per line')
+@click.option(
+    "--prompts-file", type=click.Path(path_type=Path), help='JSONL, one {"text": ...} or {"ids": [...]} per line'
+)
 @click.option("--backend", type=str, default=None, help=f"one of {', '.join(BACKENDS)} (default: by TARGET kind)")
 @click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime provider: cpu, cuda, tensorrt")
 @click.option("--rng", type=click.Choice(RNG_MODES), default="counter", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
 @click.option("--threads", type=int, default=None, callback=positive, help="CPU threads for the backend")
-@click.option("--json", "as_json", is_flag=True, help="print sequences, text, steps, tokens per forward and timings as JSON")
+@click.option(
+    "--json", "as_json", is_flag=True, help="print sequences, text, steps, tokens per forward and timings as JSON"
+)
 @click.option("--watch", is_flag=True, help="show the canvas denoising live")
 @device_option
 @dtype_option
 @settings_options
 def generate_command(
-    target: Path, prompt: str | None, prompt_ids: str | None, prompts_file: Path | None, backend: str | None,
-    provider: str, rng: str, seed: int, threads: int | None, as_json: bool, watch: bool, device: str,
-    dtype: str | None, **overrides: Any,
+    target: Path,
+    prompt: str | None,
+    prompt_ids: str | None,
+    prompts_file: Path | None,
+    backend: str | None,
+    provider: str,
+    rng: str,
+    seed: int,
+    threads: int | None,
+    as_json: bool,
+    watch: bool,
+    device: str,
+    dtype: str | None,
+    **overrides: Any,
 ) -> None:
     """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime)."""
     sources = [s for s in (prompt, prompt_ids, prompts_file) if s is not None]
@@ -78,8 +107,9 @@ def generate_command(
         prompts = [{"ids": parse_ids(prompt_ids)}]
     else:
         prompts = read_prompts_file(prompts_file)
-    runner = open_backend(target, backend, provider=provider, threads=threads, max_batch=max(16, len(prompts)),
-                          device=device, dtype=dtype)
+    runner = open_backend(
+        target, backend, provider=provider, threads=threads, max_batch=max(16, len(prompts)), device=device, dtype=dtype
+    )
     refuse_unused_device(device, [runner.name])
     if rng == "hf" and runner.name != "torch":
         raise CanvasrtError("--rng hf reproduces transformers' torch RNG and needs --backend torch")
@@ -97,16 +127,20 @@ def generate_command(
         for row in result.new_tokens
     ]
     if as_json:
-        click.echo(json.dumps({
-            "sequences": result.sequences.tolist(),
-            "text": texts,
-            "steps_per_block": result.steps_per_block,
-            "tokens_per_forward": result.tokens_per_forward.tolist(),
-            "timings": {k: v for k, v in result.timings.items() if not isinstance(v, list)},
-            "backend": runner.name,
-            "rng": rng,
-            "seed": seed,
-        }))
+        click.echo(
+            json.dumps(
+                {
+                    "sequences": result.sequences.tolist(),
+                    "text": texts,
+                    "steps_per_block": result.steps_per_block,
+                    "tokens_per_forward": result.tokens_per_forward.tolist(),
+                    "timings": {k: v for k, v in result.timings.items() if not isinstance(v, list)},
+                    "backend": runner.name,
+                    "rng": rng,
+                    "seed": seed,
+                }
+            )
+        )
     else:
         for i, row in enumerate(result.new_tokens):
             shown = texts[i] if texts[i] is not None else " ".join(map(str, row.tolist()))
@@ -125,8 +159,11 @@ def _codec(target: Path) -> TextCodec | None:
     try:
         return TextCodec(target)
     except UnreadableTokenizer as exc:
-        click.echo(f"warning: {exc.path} cannot be read as a tokenizer ({exc.reason}); printing token ids instead of "
-                   "text (copy the checkpoint's tokenizer.json back for text)", err=True)
+        click.echo(
+            f"warning: {exc.path} cannot be read as a tokenizer ({exc.reason}); printing token ids instead of "
+            "text (copy the checkpoint's tokenizer.json back for text)",
+            err=True,
+        )
         return None
 
 
@@ -149,7 +186,9 @@ def _watch(events: Any, codec: TextCodec | None, settings: Any, batch: int) -> G
             if draft is not None:
                 for token, ok in zip(draft.argmax[row].tolist(), draft.accepted[row].tolist()):
                     text.append(_piece(codec, token) or "·", style="bold yellow" if ok else "dim")
-                text.append(f"  (canvas {draft.block}, step {draft.step}, H={draft.mean_entropy[row]:.3f})", style="cyan")
+                text.append(
+                    f"  (canvas {draft.block}, step {draft.step}, H={draft.mean_entropy[row]:.3f})", style="cyan"
+                )
             text.append("\n")
         return text
 
@@ -196,30 +235,67 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
 @click.option("--backend", "backends", multiple=True, help="repeatable; also 'transformers' for the reference step")
 @click.option("--batch", type=int, default=1, show_default=True, callback=positive)
 @click.option("--prompt-length", type=int, default=64, show_default=True, callback=positive)
-@click.option("--steps", type=int, default=8, show_default=True, callback=positive,
-              help="denoising steps per canvas (no early stop)")
-@click.option("--canvases", type=int, default=1, show_default=True, callback=positive,
-              help="canvases to generate (commits = canvases - 1)")
+@click.option(
+    "--steps",
+    type=int,
+    default=8,
+    show_default=True,
+    callback=positive,
+    help="denoising steps per canvas (no early stop)",
+)
+@click.option(
+    "--canvases",
+    type=int,
+    default=1,
+    show_default=True,
+    callback=positive,
+    help="canvases to generate (commits = canvases - 1)",
+)
 @click.option("--threads", type=int, default=None, callback=positive)
 @click.option("--provider", default="cpu", show_default=True)
-@click.option("--concurrency", type=int, default=None, callback=positive,
-              help="N requests through the in-flight scheduler (N slots) against the same N one at a time")
+@click.option(
+    "--concurrency",
+    type=int,
+    default=None,
+    callback=positive,
+    help="N requests through the in-flight scheduler (N slots) against the same N one at a time",
+)
 @device_option
 @dtype_option
 @click.option("--json", "as_json", is_flag=True)
 def bench_command(
-    target: Path, backends: tuple[str, ...], batch: int, prompt_length: int, steps: int, canvases: int,
-    threads: int | None, provider: str, concurrency: int | None, device: str, dtype: str | None, as_json: bool,
+    target: Path,
+    backends: tuple[str, ...],
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    canvases: int,
+    threads: int | None,
+    provider: str,
+    concurrency: int | None,
+    device: str,
+    dtype: str | None,
+    as_json: bool,
 ) -> None:
     """Time the step backends on TARGET side by side in one run; ratios are against the first backend."""
     from ..runtime.bench import bench, bench_concurrency, format_table
 
     if concurrency is not None:
-        results = {"config": {"concurrency": concurrency, "prompt_length": prompt_length, "steps": steps,
-                              "canvases": canvases, "threads": threads},
-                   "backends": {name or "default": bench_concurrency(target, name, concurrency, prompt_length, steps,
-                                                                     canvases, threads, provider, device, dtype)
-                                for name in (list(backends) or [None])}}
+        results = {
+            "config": {
+                "concurrency": concurrency,
+                "prompt_length": prompt_length,
+                "steps": steps,
+                "canvases": canvases,
+                "threads": threads,
+            },
+            "backends": {
+                name or "default": bench_concurrency(
+                    target, name, concurrency, prompt_length, steps, canvases, threads, provider, device, dtype
+                )
+                for name in (list(backends) or [None])
+            },
+        }
         if as_json:
             click.echo(json.dumps(results, indent=2))
         else:
@@ -227,18 +303,22 @@ def bench_command(
                 for mode in ("inflight", "sequential"):
                     e = entry[mode]
                     read = e["weight_bytes_per_token"]
-                    click.echo(f"{name} {mode}: {e['step_calls']} step calls for {e['row_steps']} row-steps, "
-                               f"{e['tokens_per_s']:.1f} tokens/s, first block median "
-                               f"{float(np.median(e['first_block_ms'])):.1f} ms"
-                               + (f", {read / 1e6:.1f} MB of weights read per token" if read is not None else ""))
+                    click.echo(
+                        f"{name} {mode}: {e['step_calls']} step calls for {e['row_steps']} row-steps, "
+                        f"{e['tokens_per_s']:.1f} tokens/s, first block median "
+                        f"{float(np.median(e['first_block_ms'])):.1f} ms"
+                        + (f", {read / 1e6:.1f} MB of weights read per token" if read is not None else "")
+                    )
                 late = entry["late_arrival"]
-                click.echo(f"{name} first block of a request arriving while {late['others']} others are mid-canvas: "
-                           f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x; "
-                           f"medians of {len(late['ratios'])}, ratios "
-                           + ", ".join(f"{r:.2f}" for r in late["ratios"]) + ")")
+                click.echo(
+                    f"{name} first block of a request arriving while {late['others']} others are mid-canvas: "
+                    f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x; "
+                    f"medians of {len(late['ratios'])}, ratios " + ", ".join(f"{r:.2f}" for r in late["ratios"]) + ")"
+                )
         return
-    results = bench(target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider, device,
-                    dtype)
+    results = bench(
+        target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider, device, dtype
+    )
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -249,15 +329,28 @@ def bench_command(
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--task", required=True, help="synthetic task the model was trained on (e.g. sort)")
 @click.option("--samples", type=int, default=100, show_default=True, help="held-out prompts")
-@click.option("--backend", "backends", multiple=True,
-              help="repeatable: transformers (checkpoint), torch, onnxruntime (default: by TARGET kind)")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    help="repeatable: transformers (checkpoint), torch, onnxruntime (default: by TARGET kind)",
+)
 @click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
 @click.option("--threads", type=int, default=None, callback=positive)
 @click.option("--json", "as_json", is_flag=True)
 @device_option
 @dtype_option
-def eval_command(target: Path, task: str, samples: int, backends: tuple[str, ...], seed: int, threads: int | None,
-                 as_json: bool, device: str, dtype: str | None) -> None:
+def eval_command(
+    target: Path,
+    task: str,
+    samples: int,
+    backends: tuple[str, ...],
+    seed: int,
+    threads: int | None,
+    as_json: bool,
+    device: str,
+    dtype: str | None,
+) -> None:
     """Exact-match accuracy, steps per canvas and tokens per forward on TASK's held-out prompts."""
     from ..core.target import open_target
     from ..runtime.evaluate import evaluate

@@ -18,47 +18,89 @@ if TYPE_CHECKING:
 @click.command("triton")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="model repository to write")
-@click.option("--step-backend", type=click.Choice(STEP_BACKENDS), default=None,
-              help="where the steps run: tensorrt / onnxruntime step models called through BLS, or in-process "
-                   "(ONNX Runtime inside the loop model, for servers without those backends); default: by TARGET")
+@click.option(
+    "--step-backend",
+    type=click.Choice(STEP_BACKENDS),
+    default=None,
+    help="where the steps run: tensorrt / onnxruntime step models called through BLS, or in-process "
+    "(ONNX Runtime inside the loop model, for servers without those backends); default: by TARGET",
+)
 @click.option("--instances", type=int, default=1, show_default=True, help="instances of each model")
 @click.option("--max-batch", type=int, default=None, help="step models' max batch (default: the artifacts' capacity)")
-@click.option("--threads", type=int, default=0, show_default=True,
-              help="ONNX Runtime threads per in-process instance (0: ONNX Runtime's default)")
-@click.option("--slots", type=int, default=None,
-              help="requests one loop instance batches in its step calls (default: the max batch; 1: one at a time)")
-@click.option("--max-queue", type=int, default=64, show_default=True,
-              help="requests that may wait for a slot per instance; more are refused with an error")
-@click.option("--batch-window-ms", type=int, default=0, show_default=True,
-              help="how long an idle loop instance holds its first step for more requests to join it (a burst of "
-                   "requests then shares every step call; costs the first request up to this much latency)")
-def triton_command(target: Path, output: Path, step_backend: str | None, instances: int, max_batch: int | None,
-                   threads: int, slots: int | None, max_queue: int, batch_window_ms: int) -> None:
+@click.option(
+    "--threads",
+    type=int,
+    default=0,
+    show_default=True,
+    help="ONNX Runtime threads per in-process instance (0: ONNX Runtime's default)",
+)
+@click.option(
+    "--slots",
+    type=int,
+    default=None,
+    help="requests one loop instance batches in its step calls (default: the max batch; 1: one at a time)",
+)
+@click.option(
+    "--max-queue",
+    type=int,
+    default=64,
+    show_default=True,
+    help="requests that may wait for a slot per instance; more are refused with an error",
+)
+@click.option(
+    "--batch-window-ms",
+    type=int,
+    default=0,
+    show_default=True,
+    help="how long an idle loop instance holds its first step for more requests to join it (a burst of "
+    "requests then shares every step call; costs the first request up to this much latency)",
+)
+def triton_command(
+    target: Path,
+    output: Path,
+    step_backend: str | None,
+    instances: int,
+    max_batch: int | None,
+    threads: int,
+    slots: int | None,
+    max_queue: int,
+    batch_window_ms: int,
+) -> None:
     """Write a Triton model repository for TARGET (an artifact or engine directory)."""
     from ..serving.repository import write_repository
 
-    summary = write_repository(target, output, step_backend, instances, max_batch, threads, slots, max_queue,
-                               batch_window_ms)
-    click.echo(f"wrote {output}: {', '.join(summary['models'])} (steps: {summary['step_backend']}, "
-               f"instances {instances}, {summary['slots']} slot(s) each); serve it with `canvasrt serve {output}`")
+    summary = write_repository(
+        target, output, step_backend, instances, max_batch, threads, slots, max_queue, batch_window_ms
+    )
+    click.echo(
+        f"wrote {output}: {', '.join(summary['models'])} (steps: {summary['step_backend']}, "
+        f"instances {instances}, {summary['slots']} slot(s) each); serve it with `canvasrt serve {output}`"
+    )
 
 
 @click.command("serve")
 @click.argument("repository", type=click.Path(path_type=Path))
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
-@click.option("--python-env", type=click.Path(path_type=Path), default=None, envvar="CANVASRT_TRITON_ENV",
-              help="virtual environment the Python-backend models import from (needs canvasrt, numpy<2, "
-                   "onnxruntime); default: $CANVASRT_TRITON_ENV, else this Python's")
+@click.option(
+    "--python-env",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="CANVASRT_TRITON_ENV",
+    help="virtual environment the Python-backend models import from (needs canvasrt, numpy<2, "
+    "onnxruntime); default: $CANVASRT_TRITON_ENV, else this Python's",
+)
 @click.option("--metrics-port", type=int, default=8002, show_default=True, help="Triton's Prometheus metrics")
 @click.option("--log", type=click.Path(path_type=Path), default=None, help="write the server log here")
-def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port: int, python_env: Path | None,
-                  log: Path | None) -> None:
+def serve_command(
+    repository: Path, http_port: int, grpc_port: int, metrics_port: int, python_env: Path | None, log: Path | None
+) -> None:
     """Run tritonserver on REPOSITORY, bound to 127.0.0.1, until Ctrl-C."""
     from ..serving.server import TritonServer
 
-    server = TritonServer(repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log,
-                          metrics_port=metrics_port)
+    server = TritonServer(
+        repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log, metrics_port=metrics_port
+    )
     # A service manager's SIGTERM drains the server like Ctrl-C does; SIGINT is set too because a shell starts
     # background jobs with it ignored, and Python then never raises KeyboardInterrupt.
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
@@ -73,8 +115,11 @@ def _serve(server: TritonServer, repository: Path) -> None:
     start = time.perf_counter()
     try:
         server.start()
-        click.echo(f"serving {repository} in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC "
-                   f"{server.grpc_url} (Ctrl-C stops)", err=True)
+        click.echo(
+            f"serving {repository} in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC "
+            f"{server.grpc_url} (Ctrl-C stops)",
+            err=True,
+        )
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:  # also while starting: the server runs in its own session and would be orphaned

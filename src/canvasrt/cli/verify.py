@@ -21,11 +21,16 @@ def verify_command(target: Path) -> None:
         kind, problems = directory_problems(target)
         checked = "every file its manifest names: inside the directory, sizes and sha256 digests"
     elif (target / "config.json").is_file():
-        kind, problems, checked = "checkpoint", _checkpoint_problems(target), \
-            "every weight the model reads: inside the directory, shapes, float dtypes, finite values"
+        kind, problems, checked = (
+            "checkpoint",
+            _checkpoint_problems(target),
+            "every weight the model reads: inside the directory, shapes, float dtypes, finite values",
+        )
     else:
-        raise CanvasrtError(f"{target} is neither an artifact or engine directory (manifest.json) nor a checkpoint "
-                            "(config.json); pass one of them")
+        raise CanvasrtError(
+            f"{target} is neither an artifact or engine directory (manifest.json) nor a checkpoint "
+            "(config.json); pass one of them"
+        )
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -57,11 +56,9 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """The inverse of to_dict (lists back to tuples); KeyError/TypeError on a malformed dict."""
         fields = dict(data)
         fields["layers"] = tuple(LayerSpec(**layer) for layer in fields["layers"])
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
         return cls(**fields)
-
-

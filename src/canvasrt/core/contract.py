@@ -47,7 +47,7 @@ class TensorSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
         return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]), str(data.get("doc", "")))
 
 
@@ -62,7 +62,7 @@ class Capacity:
     sliding: int  # ring slots of a sliding layer: min(W - 1, max_context)
 
     @classmethod
-    def for_model(cls, config: ModelConfig, max_batch: int, max_context: int, max_prefill: int | None) -> "Capacity":
+    def for_model(cls, config: ModelConfig, max_batch: int, max_context: int, max_prefill: int | None) -> Capacity:
         prefill = prefill_limit(max_prefill or max_context, max_context, config.canvas_length)
         return cls(
             max_batch=max_batch,
@@ -75,20 +75,30 @@ class Capacity:
     def slots(self, kind: str) -> int:
         return self.sliding if kind == SLIDING else self.max_context
 
-    def narrowed(self, max_batch: int | None, max_context: int | None) -> "Capacity":
+    def narrowed(self, max_batch: int | None, max_context: int | None) -> Capacity:
         """This capacity cut down to a smaller batch and context (`canvasrt build`); refuses values above it."""
         values = {"max_batch": self.max_batch, "max_context": self.max_context}
-        for option, key, value in (("--max-batch", "max_batch", max_batch), ("--max-context", "max_context", max_context)):
+        for option, key, value in (
+            ("--max-batch", "max_batch", max_batch),
+            ("--max-context", "max_context", max_context),
+        ):
             if value is None:
                 continue
             if value < 1:
                 raise ArtifactError(f"{option} must be at least 1 (got {value})")
             if value > values[key]:
-                raise ArtifactError(f"{option} {value} exceeds the artifacts' {key} of {values[key]}; pass at most "
-                                    f"{values[key]} or re-export with a larger {option}")
+                raise ArtifactError(
+                    f"{option} {value} exceeds the artifacts' {key} of {values[key]}; pass at most "
+                    f"{values[key]} or re-export with a larger {option}"
+                )
             values[key] = value
-        return Capacity(values["max_batch"], values["max_context"],
-                        prefill_limit(self.max_prefill, values["max_context"], self.canvas), self.canvas, self.sliding)
+        return Capacity(
+            values["max_batch"],
+            values["max_context"],
+            prefill_limit(self.max_prefill, values["max_context"], self.canvas),
+            self.canvas,
+            self.sliding,
+        )
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -107,19 +117,37 @@ class KVLayer:
     ring: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "kind": self.kind, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "slots": self.slots, "indexing": "position mod slots" if self.ring else "position"}
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "slots": self.slots,
+            "indexing": "position mod slots" if self.ring else "position",
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "KVLayer":
-        return cls(int(data["layer"]), str(data["kind"]), int(data["num_kv_heads"]), int(data["head_dim"]),
-                   int(data["slots"]), data["indexing"] == "position mod slots")
+    def from_dict(cls, data: dict[str, Any]) -> KVLayer:
+        return cls(
+            int(data["layer"]),
+            str(data["kind"]),
+            int(data["num_kv_heads"]),
+            int(data["head_dim"]),
+            int(data["slots"]),
+            data["indexing"] == "position mod slots",
+        )
 
 
 def kv_layout(config: ModelConfig, capacity: Capacity) -> tuple[KVLayer, ...]:
     return tuple(
-        KVLayer(i, layer.kind, layer.num_kv_heads, layer.head_dim, capacity.slots(layer.kind),
-                capacity.slots(layer.kind) < capacity.max_context)
+        KVLayer(
+            i,
+            layer.kind,
+            layer.num_kv_heads,
+            layer.head_dim,
+            capacity.slots(layer.kind),
+            capacity.slots(layer.kind) < capacity.max_context,
+        )
         for i, layer in enumerate(config.layers)
     )
 
@@ -155,8 +183,12 @@ def kv_spans(layout: tuple[KVLayer, ...], capacity: Capacity, context_length: in
 def kv_specs(layout: tuple[KVLayer, ...], prefix: str, length: list[int | str], doc: str) -> list[TensorSpec]:
     """K then V per layer, `length[i]` slots of layer i."""
     return [
-        TensorSpec(f"{prefix}{part}_{kv.layer}", ("batch", kv.num_kv_heads, length[kv.layer], kv.head_dim), MODEL_DTYPE,
-                   f"layer {kv.layer} ({kv.kind}) {part}s: {doc}")
+        TensorSpec(
+            f"{prefix}{part}_{kv.layer}",
+            ("batch", kv.num_kv_heads, length[kv.layer], kv.head_dim),
+            MODEL_DTYPE,
+            f"layer {kv.layer} ({kv.kind}) {part}s: {doc}",
+        )
         for part in ("key", "value")
         for kv in layout
     ]
@@ -164,22 +196,34 @@ def kv_specs(layout: tuple[KVLayer, ...], prefix: str, length: list[int | str], 
 
 def _context_specs(capacity: Capacity) -> list[TensorSpec]:
     return [
-        TensorSpec("context_length", ("batch",), "int64", "committed tokens in the K/V buffers (left padding included)"),
-        TensorSpec("context_mask", ("batch", capacity.max_context), "bool",
-                   "per absolute position: False where the row is left padding"),
+        TensorSpec(
+            "context_length", ("batch",), "int64", "committed tokens in the K/V buffers (left padding included)"
+        ),
+        TensorSpec(
+            "context_mask",
+            ("batch", capacity.max_context),
+            "bool",
+            "per absolute position: False where the row is left padding",
+        ),
     ]
 
 
-def backbone_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def backbone_io(
+    config: ModelConfig, capacity: Capacity, debug_logits: bool
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
     b, h = "batch", config.hidden_size
     layout = kv_layout(config, capacity)
-    past_doc = ("the leading slots of the committed context's buffer (full layers: slot = position; sliding: slot = "
-                "position mod slots), at least the longest row's context")
+    past_doc = (
+        "the leading slots of the committed context's buffer (full layers: slot = position; sliding: slot = "
+        "position mod slots), at least the longest row's context"
+    )
     inputs = [
         TensorSpec("input_ids", (b, "chunk"), "int64", "encoder tokens: a prompt chunk or the canvas being committed"),
         TensorSpec("positions", (b, "chunk"), "int64", "absolute position of each encoder token"),
         TensorSpec("canvas", (b, "rows"), "int64", "the canvas being denoised (at the positions after the context)"),
-        TensorSpec("self_cond", (b, "rows", h), MODEL_DTYPE, "soft embedding of the previous step (zeros at the first step)"),
+        TensorSpec(
+            "self_cond", (b, "rows", h), MODEL_DTYPE, "soft embedding of the previous step (zeros at the first step)"
+        ),
         *_context_specs(capacity),
         TensorSpec("temperature", (b,), "float32", "this step's temperature t_min + (t_max - t_min) * t / N"),
         TensorSpec("entropy_bound", (b,), "float32", "entropy budget of the acceptance rule"),
@@ -188,20 +232,32 @@ def backbone_io(config: ModelConfig, capacity: Capacity, debug_logits: bool) -> 
         *kv_specs(layout, "past_", [span_dim(kv, capacity) for kv in layout], past_doc),
     ]
     outputs = [
-        *kv_specs(layout, "", ["chunk"] * len(layout),
-                  "the encoder tokens' K/V, to be written into the buffers at their positions"),
-        TensorSpec("sampled", (b, "rows"), "int64", "token sampled at each position from the temperature-scaled logits"),
+        *kv_specs(
+            layout,
+            "",
+            ["chunk"] * len(layout),
+            "the encoder tokens' K/V, to be written into the buffers at their positions",
+        ),
+        TensorSpec(
+            "sampled", (b, "rows"), "int64", "token sampled at each position from the temperature-scaled logits"
+        ),
         TensorSpec("argmax", (b, "rows"), "int64", "argmax canvas (the draft; committed after the last step)"),
         TensorSpec("entropy", (b, "rows"), "float32", "entropy of each position's temperature-scaled distribution"),
         TensorSpec("accepted", (b, "rows"), "bool", "entropy-bound acceptance mask"),
         TensorSpec("next_canvas", (b, "rows"), "int64", "accepted samples kept, all other positions renoised"),
         TensorSpec("next_self_cond", (b, "rows", h), MODEL_DTYPE, "soft embedding for the next step"),
-        TensorSpec("mean_entropy", (b,), "float32", "mean entropy over the canvas (adaptive-stop confidence; NaN "
-                   "when rows = 0)"),
+        TensorSpec(
+            "mean_entropy",
+            (b,),
+            "float32",
+            "mean entropy over the canvas (adaptive-stop confidence; NaN when rows = 0)",
+        ),
     ]
     if debug_logits:
         outputs.append(
-            TensorSpec("logits", (b, "rows", config.vocab_size), "float32", "softcapped logits before temperature (debug)")
+            TensorSpec(
+                "logits", (b, "rows", config.vocab_size), "float32", "softcapped logits before temperature (debug)"
+            )
         )
     return inputs, outputs
 
@@ -233,9 +289,13 @@ def narrow_profiles(profiles: Profiles, capacity: Capacity) -> Profiles:
 
 def no_canvas(batch: int) -> dict[str, np.ndarray]:
     """The canvas group's inputs of an encoder call (rows = 0), self_cond aside: that one is backend state."""
-    return {"canvas": np.zeros((batch, 0), np.int64), "temperature": np.ones(batch, np.float32),
-            "entropy_bound": np.zeros(batch, np.float32), "uniforms": np.zeros((batch, 0), np.float32),
-            "renoise_ids": np.zeros((batch, 0), np.int64)}
+    return {
+        "canvas": np.zeros((batch, 0), np.int64),
+        "temperature": np.ones(batch, np.float32),
+        "entropy_bound": np.zeros(batch, np.float32),
+        "uniforms": np.zeros((batch, 0), np.float32),
+        "renoise_ids": np.zeros((batch, 0), np.int64),
+    }
 
 
 def no_chunk(batch: int) -> dict[str, np.ndarray]:
@@ -249,25 +309,41 @@ def encoder_phase(chunk: int, canvas: int) -> str:
 
 
 # ONNX Runtime's and TensorRT's names for the contract's dtypes, for checking what a backend loaded.
-ONNX_TYPES = {"int64": "tensor(int64)", "bool": "tensor(bool)", "float32": "tensor(float)", "fp32": "tensor(float)",
-              "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)"}
+ONNX_TYPES = {
+    "int64": "tensor(int64)",
+    "bool": "tensor(bool)",
+    "float32": "tensor(float)",
+    "fp32": "tensor(float)",
+    "fp16": "tensor(float16)",
+    "bf16": "tensor(bfloat16)",
+}
 
 
-def check_io(declared: list[TensorSpec], found: list[tuple[str, str, tuple[int | str | None, ...]]], model_dtype: str,
-             source: str, types: dict[str, str], what: str) -> None:
+def check_io(
+    declared: list[TensorSpec],
+    found: list[tuple[str, str, tuple[int | str | None, ...]]],
+    model_dtype: str,
+    source: str,
+    types: dict[str, str],
+    what: str,
+) -> None:
     """Refuses a graph or engine whose `what` ("inputs"/"outputs") differ from the manifest's in name, dtype or static
     shape. found: (name, the runtime's dtype name, shape with symbolic dims as strings, None or -1)."""
     expected = {spec.name: spec for spec in declared}
     actual = {name: (dtype, shape) for name, dtype, shape in found}
     if set(expected) != set(actual):
         missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-        raise ArtifactError(f"{source} does not have the {what} its manifest declares (missing {missing or 'none'}, "
-                            f"unexpected {extra or 'none'}); re-export or rebuild it")
+        raise ArtifactError(
+            f"{source} does not have the {what} its manifest declares (missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'}); re-export or rebuild it"
+        )
     for name, spec in expected.items():
         dtype, shape = actual[name]
         want = types[model_dtype if spec.dtype == MODEL_DTYPE else spec.dtype]
         static = [d if isinstance(d, int) else None for d in spec.shape]
         got = [d if isinstance(d, int) and d >= 0 else None for d in shape]
         if dtype != want or len(got) != len(static) or any(s is not None and s != g for s, g in zip(static, got)):
-            raise ArtifactError(f"{source}: {what[:-1]} {name} is {dtype} {list(shape)}, its manifest declares {want} "
-                                f"{list(spec.shape)}; re-export or rebuild it")
+            raise ArtifactError(
+                f"{source}: {what[:-1]} {name} is {dtype} {list(shape)}, its manifest declares {want} "
+                f"{list(spec.shape)}; re-export or rebuild it"
+            )

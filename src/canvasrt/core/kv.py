@@ -10,7 +10,8 @@ backend share them. A call reads only the buffers' leading slots that hold conte
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,14 @@ def slot_index(layer: KVLayer, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     return keep, positions
 
 
-def write_chunk(layout: Sequence[KVLayer], key_buffers: Sequence[Any], value_buffers: Sequence[Any],
-                positions: np.ndarray, keys: Sequence[Any], values: Sequence[Any]) -> None:
+def write_chunk(
+    layout: Sequence[KVLayer],
+    key_buffers: Sequence[Any],
+    value_buffers: Sequence[Any],
+    positions: np.ndarray,
+    keys: Sequence[Any],
+    values: Sequence[Any],
+) -> None:
     """Writes a chunk's per-layer K/V [B, heads, S, d] into the buffers [B, heads, slots, d] at `positions` [S]."""
     for layer, k_buf, v_buf, k, v in zip(layout, key_buffers, value_buffers, keys, values):
         keep, slots = slot_index(layer, positions)
@@ -80,7 +87,7 @@ class HostKVBuffers:
             for array in (*self.keys, *self.values):
                 array.fill(0)
 
-    def rows(self, start: int, stop: int) -> "HostKVBuffers":
+    def rows(self, start: int, stop: int) -> HostKVBuffers:
         """Views of rows [start, stop): writes through them land in these buffers."""
         view = HostKVBuffers(self.layout, self.dtype)
         view.keys = [k[start:stop] for k in self.keys]

@@ -18,10 +18,11 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from .config import ModelConfig
 from .contract import GRAPHS, Capacity, KVLayer, Profiles, TensorSpec
@@ -62,14 +63,18 @@ def file_problems(directory: Path, name: str, what: str, size: int | None, sha25
     is given) of other contents. Empty when the file is as promised."""
     path = directory / name
     if not resolves_inside(directory, name):
-        return [f"{directory}: the {what} {name} resolves outside the directory (a ../ or absolute name, or a link); "
-                f"put the file itself in {directory} or {fix}"]
+        return [
+            f"{directory}: the {what} {name} resolves outside the directory (a ../ or absolute name, or a link); "
+            f"put the file itself in {directory} or {fix}"
+        ]
     if not path.is_file():
         return [f"{directory} lacks the {what} named in its manifest ({name}); {fix}"]
     actual = path.stat().st_size
     if size is not None and actual != size:
-        return [f"{path} has {actual} bytes, its manifest says {size}: the {what} was changed, truncated or swapped "
-                f"after it was written; {fix}"]
+        return [
+            f"{path} has {actual} bytes, its manifest says {size}: the {what} was changed, truncated or swapped "
+            f"after it was written; {fix}"
+        ]
     if sha256 is not None and sha256_file(path) != sha256:
         return [f"{path} does not match the sha256 in its manifest: the {what} was changed after it was written; {fix}"]
     return []
@@ -106,24 +111,42 @@ class Quantization:
     format: str = "fp8"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "method": self.method, "weights": self.weights, "prompts": self.prompts,
-                "excluded": list(self.excluded), "samples": self.samples, "calibration": self.calibration,
-                "calibration_sha256": self.calibration_sha256}
+        return {
+            "format": self.format,
+            "method": self.method,
+            "weights": self.weights,
+            "prompts": self.prompts,
+            "excluded": list(self.excluded),
+            "samples": self.samples,
+            "calibration": self.calibration,
+            "calibration_sha256": self.calibration_sha256,
+        }
 
     @classmethod
-    def from_calibration(cls, record: dict[str, Any]) -> "Quantization":
+    def from_calibration(cls, record: dict[str, Any]) -> Quantization:
         """The quantization a calibration record (calibration.json) describes."""
-        return cls(method=record["method"], weights=record["weights"], prompts=record["prompts"],
-                   excluded=tuple(record.get("excluded", ())), samples=int(record["samples"]))
+        return cls(
+            method=record["method"],
+            weights=record["weights"],
+            prompts=record["prompts"],
+            excluded=tuple(record.get("excluded", ())),
+            samples=int(record["samples"]),
+        )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Quantization | None":
+    def from_dict(cls, data: dict[str, Any] | None) -> Quantization | None:
         if not data:
             return None
-        return cls(method=data["method"], weights=data["weights"], prompts=data["prompts"],
-                   excluded=tuple(data.get("excluded", ())), samples=int(data["samples"]),
-                   calibration=data.get("calibration", "calibration.json"),
-                   calibration_sha256=data.get("calibration_sha256"), format=data.get("format", "fp8"))
+        return cls(
+            method=data["method"],
+            weights=data["weights"],
+            prompts=data["prompts"],
+            excluded=tuple(data.get("excluded", ())),
+            samples=int(data["samples"]),
+            calibration=data.get("calibration", "calibration.json"),
+            calibration_sha256=data.get("calibration_sha256"),
+            format=data.get("format", "fp8"),
+        )
 
 
 @dataclass(frozen=True)
@@ -160,17 +183,30 @@ class GraphEntry:
     quantized: tuple[str, ...] | None = None  # FP8 artifacts: the weights behind Q/DQ
 
     @classmethod
-    def of_file(cls, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], profiles: Profiles,
-                quantized: Sequence[str] | None = None) -> "GraphEntry":
+    def of_file(
+        cls,
+        path: Path,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        profiles: Profiles,
+        quantized: Sequence[str] | None = None,
+    ) -> GraphEntry:
         """The entry for a graph just written at `path`, with its external data file `<file>.data` if there is one:
         names, sizes and digests, as the checks on load and `canvasrt verify` expect them."""
         data = path.with_name(path.name + ".data")
         external = data.is_file()
-        return cls(file=path.name, sha256=sha256_file(path), bytes=path.stat().st_size, inputs=tuple(inputs),
-                   outputs=tuple(outputs), profiles=profiles, data_file=data.name if external else None,
-                   data_sha256=sha256_file(data) if external else None,
-                   data_bytes=data.stat().st_size if external else None,
-                   quantized=tuple(quantized) if quantized is not None else None)
+        return cls(
+            file=path.name,
+            sha256=sha256_file(path),
+            bytes=path.stat().st_size,
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            profiles=profiles,
+            data_file=data.name if external else None,
+            data_sha256=sha256_file(data) if external else None,
+            data_bytes=data.stat().st_size if external else None,
+            quantized=tuple(quantized) if quantized is not None else None,
+        )
 
     @property
     def output_names(self) -> list[str]:
@@ -186,20 +222,26 @@ class GraphEntry:
         data: dict[str, Any] = {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
         if self.data_file is not None:
             data.update(data_file=self.data_file, data_sha256=self.data_sha256, data_bytes=self.data_bytes)
-        data.update(inputs=[s.to_dict() for s in self.inputs], outputs=[s.to_dict() for s in self.outputs],
-                    profiles=self.profiles)
+        data.update(
+            inputs=[s.to_dict() for s in self.inputs],
+            outputs=[s.to_dict() for s in self.outputs],
+            profiles=self.profiles,
+        )
         if self.quantized is not None:
             data["quantized"] = list(self.quantized)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GraphEntry":
+    def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
         return cls(
-            file=str(data["file"]), sha256=str(data["sha256"]), bytes=int(data["bytes"]),
+            file=str(data["file"]),
+            sha256=str(data["sha256"]),
+            bytes=int(data["bytes"]),
             inputs=tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
             profiles={name: {dim: list(r) for dim, r in dims.items()} for name, dims in data["profiles"].items()},
-            data_file=data.get("data_file"), data_sha256=data.get("data_sha256"),
+            data_file=data.get("data_file"),
+            data_sha256=data.get("data_sha256"),
             data_bytes=int(data["data_bytes"]) if data.get("data_file") is not None else None,
             quantized=tuple(data["quantized"]) if data.get("quantized") is not None else None,
         )
@@ -216,7 +258,9 @@ def check_field_types(value: Any, where: str = "manifest") -> None:
         for item in fields(value):
             inner = getattr(value, item.name)
             expected = SCALARS.get(getattr(item.type, "__name__", str(item.type)))
-            if expected is not None and (not isinstance(inner, expected) or (bool not in expected and isinstance(inner, bool))):
+            if expected is not None and (
+                not isinstance(inner, expected) or (bool not in expected and isinstance(inner, bool))
+            ):
                 raise TypeError(f"{where}.{item.name} is {inner!r}, not {item.type}")
             check_field_types(inner, f"{where}.{item.name}")
     elif isinstance(value, (tuple, list)):
@@ -288,10 +332,12 @@ class ArtifactManifest(StepSpec):
         try:
             return dict(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
-            raise ArtifactError(f"{self.directory} holds FP8 graphs but no readable {path.name}; copy it back or "
-                                "re-run `canvasrt calibrate`") from None
+            raise ArtifactError(
+                f"{self.directory} holds FP8 graphs but no readable {path.name}; copy it back or "
+                "re-run `canvasrt calibrate`"
+            ) from None
 
-    def with_capacity(self, capacity: Capacity) -> "ArtifactManifest":
+    def with_capacity(self, capacity: Capacity) -> ArtifactManifest:
         return replace(self, capacity=capacity)
 
     def to_json(self) -> dict[str, Any]:
@@ -319,7 +365,7 @@ class ArtifactManifest(StepSpec):
         write_json(directory / MANIFEST, self.to_json())
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], directory: Path) -> "ArtifactManifest":
+    def from_json(cls, data: dict[str, Any], directory: Path) -> ArtifactManifest:
         return cls(
             model=ModelConfig.from_dict(data["model"]),
             capacity=Capacity(**data["capacity"]),
@@ -340,15 +386,16 @@ class ArtifactManifest(StepSpec):
         )
 
     @classmethod
-    def read(cls, directory: str | Path) -> "ArtifactManifest":
+    def read(cls, directory: str | Path) -> ArtifactManifest:
         """Parses an artifact directory's manifest (format, version, fields) without checking the files it names."""
         directory = Path(directory)
         fix = "re-run `canvasrt export`"
         data = _read_json(directory, "a canvasrt artifact directory (the output of `canvasrt export`)", fix)
         path = directory / MANIFEST
         if data.get("format") == ENGINE_FORMAT:
-            raise ArtifactError(f"{directory} is an engine directory (`canvasrt build`); pass the artifact directory "
-                                "it was built from")
+            raise ArtifactError(
+                f"{directory} is an engine directory (`canvasrt build`); pass the artifact directory it was built from"
+            )
         if data.get("format") != FORMAT:
             raise ArtifactError(f"{path} is not a canvasrt manifest (format {data.get('format')!r})")
         if data.get("format_version") != FORMAT_VERSION:
@@ -364,7 +411,7 @@ class ArtifactManifest(StepSpec):
         return manifest
 
     @classmethod
-    def load(cls, directory: str | Path, require_graphs: bool = True) -> "ArtifactManifest":
+    def load(cls, directory: str | Path, require_graphs: bool = True) -> ArtifactManifest:
         """Loads and checks an artifact directory's manifest; every failure is a one-line ArtifactError.
         require_graphs=False: a copy of the manifest whose graphs live elsewhere (Triton's loop model)."""
         manifest = cls.read(directory)
@@ -387,32 +434,48 @@ class ArtifactManifest(StepSpec):
                 continue
             if not require_graphs:
                 continue
-            found += file_problems(self.directory, entry.file, f"{graph} graph", entry.bytes,
-                                   entry.sha256 if digests else None, self.fix)
+            found += file_problems(
+                self.directory, entry.file, f"{graph} graph", entry.bytes, entry.sha256 if digests else None, self.fix
+            )
             if entry.data_file is not None:
-                found += file_problems(self.directory, entry.data_file, f"{graph} graph's external data",
-                                       entry.data_bytes, entry.data_sha256 if digests else None, self.fix)
+                found += file_problems(
+                    self.directory,
+                    entry.data_file,
+                    f"{graph} graph's external data",
+                    entry.data_bytes,
+                    entry.data_sha256 if digests else None,
+                    self.fix,
+                )
         for name in self.tokenizer:
             if not resolves_inside(self.directory, name):
-                found.append(f"{self.directory}: the tokenizer file {name} resolves outside the directory; put the "
-                             f"file itself in {self.directory} or {self.fix}")
+                found.append(
+                    f"{self.directory}: the tokenizer file {name} resolves outside the directory; put the "
+                    f"file itself in {self.directory} or {self.fix}"
+                )
         if self.quantization is not None:
             record = self.quantization.calibration
             if not resolves_inside(self.directory, record):
-                found.append(f"{self.directory}: the calibration record {record} resolves outside the directory; put "
-                             f"the file itself in {self.directory} or re-run `canvasrt calibrate`")
+                found.append(
+                    f"{self.directory}: the calibration record {record} resolves outside the directory; put "
+                    f"the file itself in {self.directory} or re-run `canvasrt calibrate`"
+                )
             elif digests and require_graphs:
                 path = self.directory / record
                 recorded = self.quantization.calibration_sha256
                 if not path.is_file():
-                    found.append(f"{self.directory} holds FP8 graphs but not their {record}; copy it back or re-run "
-                                 "`canvasrt calibrate`")
+                    found.append(
+                        f"{self.directory} holds FP8 graphs but not their {record}; copy it back or re-run "
+                        "`canvasrt calibrate`"
+                    )
                 elif recorded is not None and sha256_file(path) != recorded:
-                    found.append(f"{path} is not the calibration these FP8 graphs were written with; re-run "
-                                 "`canvasrt calibrate`")
+                    found.append(
+                        f"{path} is not the calibration these FP8 graphs were written with; re-run `canvasrt calibrate`"
+                    )
         if len(self.kv_layout) != self.model.num_layers:
-            found.append(f"{self.directory / MANIFEST}: kv_layout has {len(self.kv_layout)} layers, the model "
-                         f"{self.model.num_layers}; re-run `canvasrt export`")
+            found.append(
+                f"{self.directory / MANIFEST}: kv_layout has {len(self.kv_layout)} layers, the model "
+                f"{self.model.num_layers}; re-run `canvasrt export`"
+            )
         return found
 
     def validate(self, require_graphs: bool = True) -> None:
@@ -451,20 +514,30 @@ class EngineEntry:
         return [spec.name for spec in self.outputs]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "sha256": self.sha256, "onnx_sha256": self.onnx_sha256, "bytes": self.bytes,
-                "profiles": self.profiles,
-                "inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
-                "layers": self.layers, "gemms": self.gemms}
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "onnx_sha256": self.onnx_sha256,
+            "bytes": self.bytes,
+            "profiles": self.profiles,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "layers": self.layers,
+            "gemms": self.gemms,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EngineEntry":
+    def from_dict(cls, data: dict[str, Any]) -> EngineEntry:
         return cls(
-            file=str(data["file"]), sha256=str(data["sha256"]), onnx_sha256=str(data["onnx_sha256"]),
+            file=str(data["file"]),
+            sha256=str(data["sha256"]),
+            onnx_sha256=str(data["onnx_sha256"]),
             bytes=int(data["bytes"]),
             profiles={name: {dim: list(r) for dim, r in dims.items()} for name, dims in data["profiles"].items()},
             inputs=tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
-            layers=data.get("layers"), gemms=data.get("gemms"),
+            layers=data.get("layers"),
+            gemms=data.get("gemms"),
         )
 
 
@@ -525,7 +598,7 @@ class EngineManifest(StepSpec):
         write_json(directory / MANIFEST, self.to_json())
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], directory: Path) -> "EngineManifest":
+    def from_json(cls, data: dict[str, Any], directory: Path) -> EngineManifest:
         return cls(
             model=ModelConfig.from_dict(data["model"]),
             capacity=Capacity(**data["capacity"]),
@@ -540,7 +613,7 @@ class EngineManifest(StepSpec):
         )
 
     @classmethod
-    def read(cls, directory: str | Path) -> "EngineManifest":
+    def read(cls, directory: str | Path) -> EngineManifest:
         """Parses an engine directory's manifest (format, version, fields) without checking the files it names."""
         directory = Path(directory)
         fix = "rebuild it with `canvasrt build`"
@@ -548,18 +621,21 @@ class EngineManifest(StepSpec):
         if data.get("format") != ENGINE_FORMAT:
             raise ArtifactError(f"{directory} is not an engine directory (run `canvasrt build` on the artifacts)")
         if data.get("format_version") != ENGINE_FORMAT_VERSION:
-            raise ArtifactError(f"{directory} holds engines of format {data.get('format_version')}, this canvasrt "
-                                f"reads format {ENGINE_FORMAT_VERSION}; {fix}")
+            raise ArtifactError(
+                f"{directory} holds engines of format {data.get('format_version')}, this canvasrt "
+                f"reads format {ENGINE_FORMAT_VERSION}; {fix}"
+            )
         try:
             manifest = cls.from_json(data, directory)
             check_field_types(manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"{directory / MANIFEST} is missing or mistypes a field ({type(exc).__name__}: "
-                                f"{exc}); {fix}") from None
+            raise ArtifactError(
+                f"{directory / MANIFEST} is missing or mistypes a field ({type(exc).__name__}: {exc}); {fix}"
+            ) from None
         return manifest
 
     @classmethod
-    def load(cls, directory: str | Path) -> "EngineManifest":
+    def load(cls, directory: str | Path) -> EngineManifest:
         manifest = cls.read(directory)
         for problem in manifest.problems():
             raise ArtifactError(problem)
@@ -576,18 +652,25 @@ class EngineManifest(StepSpec):
             if entry is None:
                 found.append(f"{self.directory} lacks the {graph} engine named in its manifest; {fix}")
                 continue
-            found += file_problems(self.directory, entry.file, f"{graph} engine", entry.bytes,
-                                   entry.sha256 if digests else None, fix)
+            found += file_problems(
+                self.directory, entry.file, f"{graph} engine", entry.bytes, entry.sha256 if digests else None, fix
+            )
             if entry.layers is not None and not resolves_inside(self.directory, entry.layers):
-                found.append(f"{self.directory}: the {graph} layer information {entry.layers} resolves outside the "
-                             f"directory; {fix}")
+                found.append(
+                    f"{self.directory}: the {graph} layer information {entry.layers} resolves outside the "
+                    f"directory; {fix}"
+                )
             if self.key.graphs.get(graph) != entry.onnx_sha256:
-                found.append(f"{self.directory / MANIFEST}: the {graph} engine's graph digest disagrees with the build "
-                             f"key; {fix}")
+                found.append(
+                    f"{self.directory / MANIFEST}: the {graph} engine's graph digest disagrees with the build "
+                    f"key; {fix}"
+                )
         recorded = self.quantization.calibration_sha256 if self.quantization else None
         if self.key.calibration_sha256 != recorded:
-            found.append(f"{self.directory / MANIFEST}: the build key's calibration digest disagrees with the "
-                         f"quantization it records; {fix}")
+            found.append(
+                f"{self.directory / MANIFEST}: the build key's calibration digest disagrees with the "
+                f"quantization it records; {fix}"
+            )
         return found
 
     def verify(self) -> None:
@@ -596,7 +679,7 @@ class EngineManifest(StepSpec):
             raise ArtifactError(problem)
 
     @classmethod
-    def load_if_current(cls, directory: Path, key: BuildKey) -> "EngineManifest | None":
+    def load_if_current(cls, directory: Path, key: BuildKey) -> EngineManifest | None:
         """The engine manifest in `directory` when it was built with exactly `key` and its engine files are still
         the ones built (sizes and digests), else None: a build to redo."""
         if manifest_format(directory) != ENGINE_FORMAT:
@@ -650,8 +733,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-
-
 @dataclass(frozen=True)
 class OutputKind:
     """What a command writes, and how to recognise an earlier output of it: the only non-empty directory the
@@ -662,10 +743,14 @@ class OutputKind:
     holds: Callable[[Path], bool]
 
 
-ARTIFACT_OUTPUT = OutputKind("an artifact directory", "`canvasrt export` and `canvasrt calibrate`",
-                             lambda directory: manifest_format(directory) == FORMAT)
-ENGINE_OUTPUT = OutputKind("an engine directory", "`canvasrt build`",
-                           lambda directory: manifest_format(directory) == ENGINE_FORMAT)
+ARTIFACT_OUTPUT = OutputKind(
+    "an artifact directory",
+    "`canvasrt export` and `canvasrt calibrate`",
+    lambda directory: manifest_format(directory) == FORMAT,
+)
+ENGINE_OUTPUT = OutputKind(
+    "an engine directory", "`canvasrt build`", lambda directory: manifest_format(directory) == ENGINE_FORMAT
+)
 
 
 def _holding(directory: Path) -> str:
@@ -689,15 +774,26 @@ def check_output(final: str | Path, kind: OutputKind, inputs: Sequence[str | Pat
     resolved = final.resolve()
     for source in inputs:
         origin = Path(source).resolve()
-        relation = ("is" if resolved == origin else "lies inside" if resolved.is_relative_to(origin)
-                    else "contains" if origin.is_relative_to(resolved) else None)
+        relation = (
+            "is"
+            if resolved == origin
+            else "lies inside"
+            if resolved.is_relative_to(origin)
+            else "contains"
+            if origin.is_relative_to(resolved)
+            else None
+        )
         if relation:
-            raise ArtifactError(f"the output {final} {relation} the input {source}, which writing it would replace "
-                                "or change; choose an output path outside the input")
+            raise ArtifactError(
+                f"the output {final} {relation} the input {source}, which writing it would replace "
+                "or change; choose an output path outside the input"
+            )
     if final.is_dir() and any(final.iterdir()) and not kind.holds(final):
-        raise ArtifactError(f"{final} is not empty and holds {_holding(final)}, not {kind.name}: only {kind.name} "
-                            f"(from {kind.commands}) is replaced; choose a new or empty output path, or remove "
-                            f"{final} yourself")
+        raise ArtifactError(
+            f"{final} is not empty and holds {_holding(final)}, not {kind.name}: only {kind.name} "
+            f"(from {kind.commands}) is replaced; choose a new or empty output path, or remove "
+            f"{final} yourself"
+        )
 
 
 @contextmanager

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import torch
@@ -25,8 +26,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..core.contract import Capacity, TensorSpec, backbone_io, graph_profiles, kv_layout, span_ranges
 from ..core.errors import CanvasrtError
-from ..core.manifest import (ARTIFACT_OUTPUT, ArtifactManifest, GraphEntry, canvasrt_version, digest_json,
-                             staged_directory, write_json)
+from ..core.manifest import (
+    ARTIFACT_OUTPUT,
+    ArtifactManifest,
+    GraphEntry,
+    canvasrt_version,
+    digest_json,
+    staged_directory,
+    write_json,
+)
 from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
 from ..model.modeling import MOE_FORMULATIONS, StoredLayout, stored_layout
 from .graphs import BackboneGraph, example_inputs
@@ -64,8 +72,10 @@ def export(
     if max_batch < 1:
         raise CanvasrtError(f"--max-batch must be at least 1 (got {max_batch})")
     if max_prefill is not None and max_prefill < 1:
-        raise CanvasrtError(f"--max-prefill must be at least 1 (got {max_prefill}); leave it out to prefill up to "
-                            "--max-context tokens per call")
+        raise CanvasrtError(
+            f"--max-prefill must be at least 1 (got {max_prefill}); leave it out to prefill up to "
+            "--max-context tokens per call"
+        )
     checkpoint = Checkpoint.open(checkpoint_dir)
     config = checkpoint.config
     if max_context <= config.canvas_length:
@@ -94,10 +104,19 @@ def export(
         for dim, (low, _, high) in span_ranges(kv_layout(config, capacity), capacity).items():
             dims[dim] = _unused_size(config, capacity, set(dims.values()), low, high)
         progress("exporting backbone.onnx")
-        graphs = {"backbone": _export_graph(
-            BackboneGraph(model, debug_logits), inputs, outputs, example_inputs(inputs, dims, torch_dtype),
-            staging / "backbone.onnx", capacity, checkpoint, dtype, external_data,
-        )}
+        graphs = {
+            "backbone": _export_graph(
+                BackboneGraph(model, debug_logits),
+                inputs,
+                outputs,
+                example_inputs(inputs, dims, torch_dtype),
+                staging / "backbone.onnx",
+                capacity,
+                checkpoint,
+                dtype,
+                external_data,
+            )
+        }
         del model
         progress("writing manifest")
         for source in checkpoint.tokenizer_files():
@@ -146,8 +165,12 @@ def _export_graph(
     chunk = torch.export.Dim("chunk", min=0, max=capacity.max_prefill)
     rows = torch.export.Dim("rows", min=0, max=max(capacity.canvas, int(args[2].shape[1])))
     symbols = {"batch": batch, "chunk": chunk, "rows": rows}
-    symbols.update({dim: torch.export.Dim(dim, min=low, max=high)
-                    for dim, (low, _, high) in span_ranges(kv_layout(checkpoint.config, capacity), capacity).items()})
+    symbols.update(
+        {
+            dim: torch.export.Dim(dim, min=low, max=high)
+            for dim, (low, _, high) in span_ranges(kv_layout(checkpoint.config, capacity), capacity).items()
+        }
+    )
     dynamic = [{axis: symbols[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in inputs]
     # The K/V buffers arrive through the wrappers' *past, whose dynamic shapes torch.export wants as one tuple.
     n_named = sum(1 for spec in inputs if not spec.name.startswith("past_"))
@@ -190,8 +213,9 @@ def _canvasrt_cause(exc: BaseException) -> CanvasrtError | None:
     return None
 
 
-def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str,
-                    module: torch.nn.Module) -> dict[str, tuple[str, StoredLayout]]:
+def _attach_weights(
+    model: Any, checkpoint: Checkpoint, dtype: str, module: torch.nn.Module
+) -> dict[str, tuple[str, StoredLayout]]:
     """Replaces each traced (fake) weight with a lazy tensor read from the checkpoint on access; returns the
     checkpoint tensor behind each initializer name (the traced `module`'s parameter name) and how the parameter lies
     in it. Small constants made during tracing are real already."""
@@ -208,14 +232,18 @@ def _attach_weights(model: Any, checkpoint: Checkpoint, dtype: str,
         shape = tuple(int(d) for d in traced.shape)
         value.const_value = ir.LazyTensor(
             lambda source=source, layout=layout, shape=shape: ir.tensor(
-                layout.to_parameter(checkpoint.converted(source, dtype), shape)),
-            dtype=traced.dtype, shape=traced.shape, name=name,
+                layout.to_parameter(checkpoint.converted(source, dtype), shape)
+            ),
+            dtype=traced.dtype,
+            shape=traced.shape,
+            name=name,
         )
     return sources
 
 
-def _save_streaming_weights(model: Any, path: Path, checkpoint: Checkpoint, dtype: str,
-                            sources: dict[str, tuple[str, StoredLayout]]) -> None:
+def _save_streaming_weights(
+    model: Any, path: Path, checkpoint: Checkpoint, dtype: str, sources: dict[str, tuple[str, StoredLayout]]
+) -> None:
     """Saves with external data written straight from the checkpoint files.
 
     Letting the exporter serialise the weights would read every parameter through the memory-mapped checkpoint
@@ -269,7 +297,9 @@ class _quiet_torch_onnx:
     """torch.onnx logs every export stage at INFO and prints to stdout; keep the CLI's output to its own lines."""
 
     def __enter__(self) -> None:
-        self._loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+        self._loggers = [
+            logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")
+        ]
         self._levels = [logger.level for logger in self._loggers]
         for logger in self._loggers:
             logger.setLevel(logging.ERROR)
@@ -283,4 +313,3 @@ class _quiet_torch_onnx:
         self._redirect.__exit__(*exc)
         for logger, level in zip(self._loggers, self._levels):
             logger.setLevel(level)
-

@@ -22,13 +22,34 @@ class BackboneGraph(nn.Module):
         self.debug_logits = debug_logits
 
     def forward(
-        self, input_ids, positions, canvas, self_cond, context_length, context_mask, temperature, entropy_bound,
-        uniforms, renoise_ids, *past,
-    ):  # noqa: ANN001 - traced
+        self,
+        input_ids,
+        positions,
+        canvas,
+        self_cond,
+        context_length,
+        context_mask,
+        temperature,
+        entropy_bound,
+        uniforms,
+        renoise_ids,
+        *past,
+    ):
         n = self.model.config.num_layers
         keys, values, out = self.model.step(
-            input_ids, positions, canvas, self_cond, list(past[:n]), list(past[n:]), context_length, context_mask,
-            temperature, entropy_bound, uniforms, renoise_ids, with_logits=self.debug_logits,
+            input_ids,
+            positions,
+            canvas,
+            self_cond,
+            list(past[:n]),
+            list(past[n:]),
+            context_length,
+            context_mask,
+            temperature,
+            entropy_bound,
+            uniforms,
+            renoise_ids,
+            with_logits=self.debug_logits,
         )
         result = (
             *keys,

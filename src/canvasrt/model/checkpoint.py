@@ -16,9 +16,10 @@ import functools
 import json
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class Checkpoint:
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
         config = load_model_config(path)
         return cls(path=path, config=config, tensor_files=_index_tensors(path))
@@ -56,7 +57,9 @@ class Checkpoint:
     def _handle(self, name: str) -> Any:
         file = self.tensor_files.get(name)
         if file is None:
-            raise CheckpointError(f"{self.path} is missing tensor {name}; the checkpoint is incomplete or not DiffusionGemma")
+            raise CheckpointError(
+                f"{self.path} is missing tensor {name}; the checkpoint is incomplete or not DiffusionGemma"
+            )
         if file not in self._handles:
             self._handles[file] = _open_safetensors(file)
         return self._handles[file]
@@ -66,8 +69,10 @@ class Checkpoint:
 
     def _float_dtype(self, name: str, stored: str) -> torch.dtype:
         if stored not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name} is stored as {stored}, which cannot be a DiffusionGemma "
-                                  f"weight ({', '.join(SAFETENSORS_DTYPES)}); re-save the checkpoint with float weights")
+            raise CheckpointError(
+                f"{self.path}: tensor {name} is stored as {stored}, which cannot be a DiffusionGemma "
+                f"weight ({', '.join(SAFETENSORS_DTYPES)}); re-save the checkpoint with float weights"
+            )
         return SAFETENSORS_DTYPES[stored]
 
     def _check_finite(self, name: str, values: torch.Tensor, converted_to: str | None = None) -> None:
@@ -79,10 +84,13 @@ class Checkpoint:
         if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
             return
         if converted_to is not None:
-            raise CheckpointError(f"{self.path}: tensor {name} overflows {converted_to} (values beyond its range); "
-                                  "use --dtype fp32 or bf16")
-        raise CheckpointError(f"{self.path}: tensor {name} holds NaN or Inf values; the checkpoint is corrupt: "
-                              "re-save or re-download it")
+            raise CheckpointError(
+                f"{self.path}: tensor {name} overflows {converted_to} (values beyond its range); "
+                "use --dtype fp32 or bf16"
+            )
+        raise CheckpointError(
+            f"{self.path}: tensor {name} holds NaN or Inf values; the checkpoint is corrupt: re-save or re-download it"
+        )
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor `name`, refused unless it is a float weight with finite values."""
@@ -100,12 +108,14 @@ class Checkpoint:
         self._check_finite(name, values, converted_to=dtype)
         return values
 
-    def stored(self, name: str) -> "StoredTensor":
+    def stored(self, name: str) -> StoredTensor:
         """Where tensor `name` lies in its safetensors file, read from the header alone."""
         file = self.tensor_files[name]
         entry = _safetensors_header(file)[name]
         begin, end = entry["data_offsets"]
-        return StoredTensor(file, entry["dtype"], tuple(entry["shape"]), _safetensors_header_size(file) + begin, end - begin)
+        return StoredTensor(
+            file, entry["dtype"], tuple(entry["shape"]), _safetensors_header_size(file) + begin, end - begin
+        )
 
     def write_tensor(self, name: str, dtype: str | None, out: BinaryIO, row_axis: int = 0) -> int:
         """Appends tensor `name`, converted to `dtype` (None: as stored), to `out` without mapping the checkpoint
@@ -127,7 +137,7 @@ class Checkpoint:
             written += len(view)
         return written
 
-    def _stored_blocks(self, name: str, stored: "StoredTensor", itemsize: int, row_axis: int) -> Iterator[memoryview]:
+    def _stored_blocks(self, name: str, stored: StoredTensor, itemsize: int, row_axis: int) -> Iterator[memoryview]:
         """The bytes of a stored tensor in blocks of at most COPY_BLOCK (one row along `row_axis` at least), with that
         axis moved first: a block of rows along it gathers one run of bytes per index of the axes before it."""
         if row_axis == 0:  # the stored order: consecutive bytes
@@ -135,7 +145,7 @@ class Checkpoint:
         else:
             outer = int(np.prod(stored.shape[:row_axis], dtype=np.int64))
             rows = stored.shape[row_axis]
-            run = int(np.prod(stored.shape[row_axis + 1:], dtype=np.int64)) * itemsize  # bytes of a row per index
+            run = int(np.prod(stored.shape[row_axis + 1 :], dtype=np.int64)) * itemsize  # bytes of a row per index
         per_block = max(1, COPY_BLOCK // (outer * run))
         with open(stored.file, "rb") as src:
             for begin in range(0, rows, per_block):
@@ -146,8 +156,9 @@ class Checkpoint:
                     target = part if outer == 1 else np.empty_like(part)  # readinto needs contiguous memory
                     src.seek(stored.offset + (index * rows + begin) * run)
                     if src.readinto(memoryview(target.reshape(-1))) != target.size:
-                        raise CheckpointError(f"{stored.file} ends inside tensor {name}; the file is truncated: re-save "
-                                              "or re-download it")
+                        raise CheckpointError(
+                            f"{stored.file} ends inside tensor {name}; the file is truncated: re-save or re-download it"
+                        )
                     if outer > 1:
                         part[...] = target
                 yield memoryview(block.reshape(-1))
@@ -159,8 +170,9 @@ class Checkpoint:
                 f"{self.path}: tensor {source} has shape {list(shape)}, config.json implies {list(implied)}"
             )
 
-    def load_text_model(self, moe: str = "dense", dtype: str = "fp32", device: str = "cpu",
-                        fake_mode: Any = None) -> DiffusionGemmaText:
+    def load_text_model(
+        self, moe: str = "dense", dtype: str = "fp32", device: str = "cpu", fake_mode: Any = None
+    ) -> DiffusionGemmaText:
         """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights), each
         checked on the way in (float, finite, the shape config.json implies), converted and moved to `device`.
 
@@ -192,9 +204,11 @@ class Checkpoint:
             return
         where = "the GPU has" if device == "cuda" else "this machine has"
         smaller = "" if dtype == "bf16" else f", or --dtype bf16 ({parameters * 2 / 1e9:.1f} GB)"
-        raise CanvasrtError(f"{what} needs {needed / 1e9:.1f} GB for the weights of {self.path} in {dtype} "
-                            f"({parameters / 1e9:.2f}B parameters), but {where} {available / 1e9:.1f} GB available; "
-                            f"free memory, use a machine with more{smaller}")
+        raise CanvasrtError(
+            f"{what} needs {needed / 1e9:.1f} GB for the weights of {self.path} in {dtype} "
+            f"({parameters / 1e9:.2f}B parameters), but {where} {available / 1e9:.1f} GB available; "
+            f"free memory, use a machine with more{smaller}"
+        )
 
     def problems(self) -> list[str]:
         """`canvasrt verify` of a checkpoint: every weight the model reads, one at a time (shape, dtype, finite
@@ -221,8 +235,9 @@ class Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path} is not valid JSON ({_reason(exc)}); fix or remove it") from None
         if not isinstance(data, dict):
-            raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object of generation settings; "
-                                  "fix or remove it")
+            raise CheckpointError(
+                f"{path} holds a JSON {type(data).__name__}, not an object of generation settings; fix or remove it"
+            )
         return data
 
     def tokenizer_files(self) -> list[Path]:
@@ -251,8 +266,10 @@ def _index_tensors(path: Path) -> dict[str, Path]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
             weight_map = None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointError(f"{index} is not a safetensors index (an object whose weight_map maps tensor names "
-                                  "to file names); re-save the checkpoint")
+            raise CheckpointError(
+                f"{index} is not a safetensors index (an object whose weight_map maps tensor names "
+                "to file names); re-save the checkpoint"
+            )
         files = {name: _weight_file(path, file, index.name) for name, file in weight_map.items()}
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
@@ -262,7 +279,7 @@ def _index_tensors(path: Path) -> dict[str, Path]:
     if not single.is_file():
         raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json; it holds no weights")
     _weight_file(path, single.name, single.name)
-    return {name: single for name in _open_safetensors(single).keys()}
+    return dict.fromkeys(_open_safetensors(single).keys(), single)
 
 
 def _open_safetensors(path: Path) -> Any:
@@ -270,8 +287,10 @@ def _open_safetensors(path: Path) -> Any:
     try:
         return safe_open(str(path), framework="pt")
     except SafetensorError as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_reason(exc)}); it is truncated or "
-                              "corrupt: copy or re-save the checkpoint") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({_reason(exc)}); it is truncated or "
+            "corrupt: copy or re-save the checkpoint"
+        ) from None
 
 
 def _weight_file(path: Path, name: str, source: str) -> Path:
@@ -284,11 +303,17 @@ def _weight_file(path: Path, name: str, source: str) -> Path:
         return file
     snapshot = path.resolve()
     lexical = Path(name)
-    in_hub_cache = (snapshot.parent.name == "snapshots" and not lexical.is_absolute() and ".." not in lexical.parts
-                    and file.resolve().parent == snapshot.parent.parent / "blobs")
+    in_hub_cache = (
+        snapshot.parent.name == "snapshots"
+        and not lexical.is_absolute()
+        and ".." not in lexical.parts
+        and file.resolve().parent == snapshot.parent.parent / "blobs"
+    )
     if not in_hub_cache:
-        raise CheckpointError(f"{path}: {source} names the weight file {name}, which resolves outside the checkpoint "
-                              f"directory; put the file itself in {path} (or fix {source})")
+        raise CheckpointError(
+            f"{path}: {source} names the weight file {name}, which resolves outside the checkpoint "
+            f"directory; put the file itself in {path} (or fix {source})"
+        )
     return file
 
 
@@ -321,8 +346,11 @@ def torch_device(device: str) -> str:
     if device not in DEVICES:
         raise CanvasrtError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
-        build = f"torch {torch.__version__}, " + ("built without CUDA" if torch.version.cuda is None else
-                                                   f"CUDA {torch.version.cuda}, no GPU or driver visible")
+        build = f"torch {torch.__version__}, " + (
+            "built without CUDA"
+            if torch.version.cuda is None
+            else f"CUDA {torch.version.cuda}, no GPU or driver visible"
+        )
         raise CanvasrtError(f"--device cuda requested but torch sees no GPU ({build}); use --device cpu")
     return device
 
@@ -401,8 +429,9 @@ def load_model_config(checkpoint_dir: Path) -> ModelConfig:
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}; fix config.json") from None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is not a valid DiffusionGemma config ({type(exc).__name__}: "
-                              f"{_reason(exc)[:200]}); fix config.json") from None
+        raise CheckpointError(
+            f"{path} is not a valid DiffusionGemma config ({type(exc).__name__}: {_reason(exc)[:200]}); fix config.json"
+        ) from None
     problem = check_model_config(config)
     if problem:
         raise CheckpointError(f"{path}: {problem}; fix config.json")
@@ -415,11 +444,16 @@ def check_model_config(config: ModelConfig) -> str | None:
     least 2 (a ring of W - 1 cached tokens), GQA head counts, even head dims for RoPE, ids inside the vocabulary.
     (Layer types are checked while reading them: each selects its RoPE parameters.)"""
     positive = {
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_heads,
-        "num_experts": config.num_experts, "top_k_experts": config.top_k_experts,
-        "moe_intermediate_size": config.moe_intermediate_size, "canvas_length": config.canvas_length,
-        "max_position_embeddings": config.max_position_embeddings, "num_hidden_layers": config.num_layers,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_heads,
+        "num_experts": config.num_experts,
+        "top_k_experts": config.top_k_experts,
+        "moe_intermediate_size": config.moe_intermediate_size,
+        "canvas_length": config.canvas_length,
+        "max_position_embeddings": config.max_position_embeddings,
+        "num_hidden_layers": config.num_layers,
     }
     for name, value in positive.items():
         if value < 1:
@@ -429,8 +463,10 @@ def check_model_config(config: ModelConfig) -> str | None:
     if config.sliding_window < 2:
         return f"sliding_window must be at least 2 (a token and one cached neighbour), got {config.sliding_window}"
     if config.canvas_length >= config.max_position_embeddings:
-        return (f"canvas_length {config.canvas_length} leaves no position for a prompt within "
-                f"max_position_embeddings {config.max_position_embeddings}")
+        return (
+            f"canvas_length {config.canvas_length} leaves no position for a prompt within "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
     for name, value in (("rms_norm_eps", config.rms_norm_eps), ("final_logit_softcapping", config.logit_softcap)):
         if not (math.isfinite(value) and value > 0):
             return f"{name} must be a positive number, got {value}"
@@ -438,8 +474,10 @@ def check_model_config(config: ModelConfig) -> str | None:
         if layer.head_dim < 2 or layer.head_dim % 2:
             return f"layer {idx} has head_dim {layer.head_dim}; RoPE needs an even head_dim of at least 2"
         if layer.num_kv_heads < 1 or config.num_heads % layer.num_kv_heads:
-            return (f"layer {idx} has {layer.num_kv_heads} key/value heads, which do not divide "
-                    f"num_attention_heads {config.num_heads}")
+            return (
+                f"layer {idx} has {layer.num_kv_heads} key/value heads, which do not divide "
+                f"num_attention_heads {config.num_heads}"
+            )
         if not (math.isfinite(layer.rope_theta) and layer.rope_theta > 0):
             return f"layer {idx} has rope_theta {layer.rope_theta}; it must be a positive number"
     for name, ids in (("pad_token_id", (config.pad_token_id,)), ("eos_token_id", config.eos_token_ids)):
@@ -454,8 +492,9 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     layers = []
     for idx, kind in enumerate(text.layer_types):
         if kind not in (SLIDING, FULL):
-            raise CheckpointError(f"layer {idx} has layer type {kind!r}; DiffusionGemma layers are {SLIDING!r} or "
-                                  f"{FULL!r}")
+            raise CheckpointError(
+                f"layer {idx} has layer type {kind!r}; DiffusionGemma layers are {SLIDING!r} or {FULL!r}"
+            )
         per_layer = text.per_layer_config[idx]
         rope = text.rope_parameters[kind]
         head_dim = int(per_layer.head_dim)
@@ -484,8 +523,10 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
     if not text.num_experts or not text.top_k_experts:
         raise CheckpointError("config has no MoE (num_experts/top_k_experts unset); DiffusionGemma always has experts")
     if text.final_logit_softcapping is None:  # the reference divides the logits by it unconditionally
-        raise CheckpointError("config has no final_logit_softcapping; DiffusionGemma's logits are always softcapped "
-                              "(30.0 in the released config)")
+        raise CheckpointError(
+            "config has no final_logit_softcapping; DiffusionGemma's logits are always softcapped "
+            "(30.0 in the released config)"
+        )
     return ModelConfig(
         vocab_size=int(text.vocab_size),
         hidden_size=int(text.hidden_size),

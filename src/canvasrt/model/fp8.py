@@ -62,8 +62,10 @@ def apply_fake_quantization(model: DiffusionGemmaText, calibration: dict[str, An
         if isinstance(module, Experts) and f"{name}.gate_up_proj" in tensors:
             down_scale = np.asarray(tensors[f"{name}.down_proj"]["scale"], np.float32)
             if down_scale.ndim:
-                raise ArtifactError(f"{name}.down_proj has an input range per expert: a calibration by a canvasrt older "
-                                    "than the experts' one-GEMM down-projection; re-run `canvasrt calibrate`")
+                raise ArtifactError(
+                    f"{name}.down_proj has an input range per expert: a calibration by a canvasrt older "
+                    "than the experts' one-GEMM down-projection; re-run `canvasrt calibrate`"
+                )
             for attr in ("gate_up_proj", "down_proj"):
                 param = getattr(module, attr)
                 param.data = fake_quantize(param.data, _weight_scale(param.data, mode))

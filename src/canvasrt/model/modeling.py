@@ -28,8 +28,8 @@ computes in fp32 (norms, softmaxes, router, logits) and where it casts back, bec
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,9 @@ def inverse_frequencies(spec: LayerSpec) -> torch.Tensor:
     return torch.cat([inv_freq, torch.zeros(half - spec.rotary_pairs)])
 
 
-def rotary_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [B, S, head_dim] for rotate-half RoPE at absolute positions."""
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -497,12 +499,23 @@ class DiffusionGemmaText(nn.Module):
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
             if spec not in tables:
                 tables[spec] = self._rotary(spec, all_pos)
-                biases[spec] = self._bias(self._visibility(spec, past_keys[i].shape[2], context_length, context_mask,
-                                                           positions, chunk_visible, apart, canvas_visible))
+                biases[spec] = self._bias(
+                    self._visibility(
+                        spec,
+                        past_keys[i].shape[2],
+                        context_length,
+                        context_mask,
+                        positions,
+                        chunk_visible,
+                        apart,
+                        canvas_visible,
+                    )
+                )
             cos, sin = tables[spec]
             scalar = torch.where(is_encoder, layer.encoder_layer_scalar, layer.layer_scalar)
-            h, k, v = layer(h, cos, sin, past_keys[i], past_values[i], biases[spec], scalar,
-                            queries_from=s if i == last else None)
+            h, k, v = layer(
+                h, cos, sin, past_keys[i], past_values[i], biases[spec], scalar, queries_from=s if i == last else None
+            )
             new_keys.append(k[:, :, :s])
             new_values.append(v[:, :, :s])
         return new_keys, new_values, self.norm(h)
@@ -545,8 +558,9 @@ class DiffusionGemmaText(nn.Module):
         b = input_ids.shape[0]
         canvas = input_ids.new_zeros(b, 0)
         none = torch.zeros(b, 0, self.config.hidden_size, dtype=self.dtype, device=input_ids.device)
-        keys, values, _ = self.backbone(input_ids, positions, canvas, none, past_keys, past_values, context_length,
-                                        context_mask)
+        keys, values, _ = self.backbone(
+            input_ids, positions, canvas, none, past_keys, past_values, context_length, context_mask
+        )
         return keys, values
 
     def denoise_logits(
@@ -560,8 +574,9 @@ class DiffusionGemmaText(nn.Module):
     ) -> torch.Tensor:
         """The denoising phase's bidirectional pass over the canvas [B, C]; fp32 softcapped logits [B, C, V]."""
         nothing = canvas.new_zeros(canvas.shape[0], 0)
-        _, _, hidden = self.backbone(nothing, nothing, canvas, self_cond, past_keys, past_values, context_length,
-                                     context_mask)
+        _, _, hidden = self.backbone(
+            nothing, nothing, canvas, self_cond, past_keys, past_values, context_length, context_mask
+        )
         return self.logits(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -647,17 +662,21 @@ class DiffusionGemmaText(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], DenoiseOutputs]:
         """The backbone graph: `backbone`, then the LM head and the sampler over the canvas tokens (none in the
         encoder phase, where they cost nothing)."""
-        keys, values, hidden = self.backbone(input_ids, positions, canvas, self_cond, past_keys, past_values,
-                                             context_length, context_mask)
-        out = self.sample(self.logits(hidden), temperature, entropy_bound, uniforms, renoise_ids,
-                          with_logits=with_logits)
+        keys, values, hidden = self.backbone(
+            input_ids, positions, canvas, self_cond, past_keys, past_values, context_length, context_mask
+        )
+        out = self.sample(
+            self.logits(hidden), temperature, entropy_bound, uniforms, renoise_ids, with_logits=with_logits
+        )
         return keys, values, out
 
 
 # -- sampler math (shared by every backend through the graphs or this module) ------------------------------------
 
 
-def soft_embedding(processed_logits: torch.Tensor, embedding: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+def soft_embedding(
+    processed_logits: torch.Tensor, embedding: torch.Tensor, probs: torch.Tensor | None = None
+) -> torch.Tensor:
     """The next step's self-conditioning input: softmax of the temperature-scaled logits (as stored in the
     embedding dtype) times the embedding matrix [V, H], times the embedding scale sqrt(H) rounded to that dtype.
     `probs`: softmax(processed_logits) in fp32, reused when the embedding is fp32 (the cast is then the identity, so

@@ -41,13 +41,18 @@ def _written_by_canvasrt(directory: Path) -> bool:
     return isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
 
 
-CHECKPOINT_OUTPUT = OutputKind("a checkpoint written by canvasrt", "`canvasrt random-checkpoint`",
-                               _written_by_canvasrt)
+CHECKPOINT_OUTPUT = OutputKind("a checkpoint written by canvasrt", "`canvasrt random-checkpoint`", _written_by_canvasrt)
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2: DiffusionGemma's pad / eos / bos ids
 _TINY_VISION = dict(
-    image_size=20, patch_size=5, num_channels=3, hidden_size=16, num_key_value_heads=1, num_hidden_layers=1,
-    num_attention_heads=4, intermediate_size=37,
+    image_size=20,
+    patch_size=5,
+    num_channels=3,
+    hidden_size=16,
+    num_key_value_heads=1,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=37,
 )
 
 _RELEASED_PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
@@ -55,44 +60,88 @@ _RELEASED_PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         text=dict(
-            vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            vocab_size=288,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-            num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
-            sliding_window=8, max_position_embeddings=4096, initializer_range=0.2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            sliding_window=8,
+            max_position_embeddings=4096,
+            initializer_range=0.2,
         ),
         canvas_length=16,
         generation=dict(max_new_tokens=32, max_denoising_steps=16),
     ),
     "small": dict(
         text=dict(
-            vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+            vocab_size=32768,
+            hidden_size=512,
+            intermediate_size=1024,
+            num_hidden_layers=8,
             layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
-            num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
-            num_global_key_value_heads=2, num_experts=16, top_k_experts=2, moe_intermediate_size=256,
-            sliding_window=128, max_position_embeddings=8192, initializer_range=0.05,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            global_head_dim=128,
+            num_global_key_value_heads=2,
+            num_experts=16,
+            top_k_experts=2,
+            moe_intermediate_size=256,
+            sliding_window=128,
+            max_position_embeddings=8192,
+            initializer_range=0.05,
         ),
         canvas_length=256,
         generation=dict(max_new_tokens=256, max_denoising_steps=48),
     ),
     "bench": dict(
         text=dict(
-            vocab_size=32768, hidden_size=768, intermediate_size=1536, num_hidden_layers=8,
+            vocab_size=32768,
+            hidden_size=768,
+            intermediate_size=1536,
+            num_hidden_layers=8,
             layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
-            num_attention_heads=8, num_key_value_heads=4, head_dim=96, global_head_dim=192,
-            num_global_key_value_heads=2, num_experts=16, top_k_experts=2, moe_intermediate_size=384,
-            sliding_window=512, max_position_embeddings=8192, initializer_range=0.04,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=96,
+            global_head_dim=192,
+            num_global_key_value_heads=2,
+            num_experts=16,
+            top_k_experts=2,
+            moe_intermediate_size=384,
+            sliding_window=512,
+            max_position_embeddings=8192,
+            initializer_range=0.04,
         ),
         canvas_length=256,
         generation=dict(max_new_tokens=256, max_denoising_steps=48),
     ),
     "released": dict(
         text=dict(
-            vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+            vocab_size=262144,
+            hidden_size=2816,
+            intermediate_size=2112,
+            num_hidden_layers=30,
             layer_types=_RELEASED_PATTERN * 5,
-            num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-            num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-            sliding_window=1024, max_position_embeddings=262144, use_bidirectional_attention="vision",
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            global_head_dim=512,
+            num_global_key_value_heads=2,
+            num_experts=128,
+            top_k_experts=8,
+            moe_intermediate_size=704,
+            sliding_window=1024,
+            max_position_embeddings=262144,
+            use_bidirectional_attention="vision",
             initializer_range=0.02,
         ),
         canvas_length=256,
@@ -102,8 +151,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_random_checkpoint(output: str | Path, preset: str = "tiny", seed: int = 0, layers: int | None = None,
-                            device: str = "cpu", max_positions: int | None = None) -> Path:
+def write_random_checkpoint(
+    output: str | Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    layers: int | None = None,
+    device: str = "cpu",
+    max_positions: int | None = None,
+) -> Path:
     """device: where the model is built before it is saved (cuda builds the released width in seconds).
     max_positions: the config's max_position_embeddings instead of the preset's (the longest context it allows)."""
     spec = PRESETS.get(preset)
@@ -112,12 +167,22 @@ def write_random_checkpoint(output: str | Path, preset: str = "tiny", seed: int 
     text = preset_text(preset, layers)
     if max_positions is not None:
         if max_positions <= spec["canvas_length"]:
-            raise CanvasrtError(f"--max-positions {max_positions} leaves no room for a prompt before a canvas of "
-                                f"{spec['canvas_length']} tokens; use at least {spec['canvas_length'] + 1}")
+            raise CanvasrtError(
+                f"--max-positions {max_positions} leaves no room for a prompt before a canvas of "
+                f"{spec['canvas_length']} tokens; use at least {spec['canvas_length'] + 1}"
+            )
         text["max_position_embeddings"] = max_positions
     with staged_directory(output, CHECKPOINT_OUTPUT) as staging:
-        write_json(staging / MARKER, {"format": MARKER_FORMAT, "written_by": "canvasrt random-checkpoint",
-                                      "preset": preset, "seed": seed, "layers": text["num_hidden_layers"]})
+        write_json(
+            staging / MARKER,
+            {
+                "format": MARKER_FORMAT,
+                "written_by": "canvasrt random-checkpoint",
+                "preset": preset,
+                "seed": seed,
+                "layers": text["num_hidden_layers"],
+            },
+        )
         model = build_random_model(text, spec["canvas_length"], seed, spec.get("dtype", torch.float32), device)
         model.save_pretrained(str(staging))
         del model
@@ -146,8 +211,9 @@ def preset_config(text: dict[str, Any], canvas_length: int) -> Any:
     return DiffusionGemmaConfig(text_config=dict(text), vision_config=dict(_TINY_VISION), canvas_length=canvas_length)
 
 
-def build_random_model(text: dict[str, Any], canvas_length: int, seed: int,
-                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+def build_random_model(
+    text: dict[str, Any], canvas_length: int, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.nn.Module:
     """A randomly initialised DiffusionGemmaForBlockDiffusion whose norms, scales and layer scalars are not 1,
     built on `device` (its random draws then come from that device's generator)."""
     from transformers import DiffusionGemmaForBlockDiffusion

@@ -49,8 +49,15 @@ def slice_checkpoint(checkpoint_dir: str | Path, layers: list[int], output: str 
         for source in Path(checkpoint_dir).iterdir():
             if source.is_file() and source.name not in ("config.json", MARKER) and not WEIGHT_FILES.match(source.name):
                 shutil.copy2(source, staging / source.name)
-        write_json(staging / MARKER, {"format": MARKER_FORMAT, "written_by": "canvasrt slice",
-                                      "source": str(Path(checkpoint_dir).resolve()), "layers": layers})
+        write_json(
+            staging / MARKER,
+            {
+                "format": MARKER_FORMAT,
+                "written_by": "canvasrt slice",
+                "source": str(Path(checkpoint_dir).resolve()),
+                "layers": layers,
+            },
+        )
         (staging / "config.json").write_text(json.dumps(_sliced_config(Path(checkpoint_dir), layers), indent=2) + "\n")
         written = _write_shards(checkpoint, plan, staging)
         Checkpoint.open(staging).load_text_model(fake_mode=FakeTensorMode())
@@ -61,7 +68,9 @@ def _check_layers(path: Path, layers: list[int], kinds: list[str]) -> None:
     n = len(kinds)
     missing = [i for i in layers if not 0 <= i < n]
     if missing:
-        raise CheckpointError(f"{path} has no layer {missing[0]}: it has {n} layers (0-{n - 1}); pass indices in that range")
+        raise CheckpointError(
+            f"{path} has no layer {missing[0]}: it has {n} layers (0-{n - 1}); pass indices in that range"
+        )
     if len(set(layers)) != len(layers):
         raise CheckpointError(f"--layers lists a layer more than once ({','.join(map(str, layers))}); list each once")
     if kinds[layers[-1]] != FULL:
@@ -84,7 +93,9 @@ def _sliced_config(path: Path, layers: list[int]) -> dict:
     text["layer_types"] = [layer_types[i] for i in layers]
     if "per_layer_config" in text:
         per_layer = {str(k): v for k, v in text["per_layer_config"].items()}
-        text["per_layer_config"] = {str(new): per_layer[str(old)] for new, old in enumerate(layers) if str(old) in per_layer}
+        text["per_layer_config"] = {
+            str(new): per_layer[str(old)] for new, old in enumerate(layers) if str(old) in per_layer
+        }
     return config
 
 
@@ -98,8 +109,11 @@ def _write_shards(checkpoint: Checkpoint, plan: list[tuple[str, str]], directory
             size = 0
         shards[-1].append(entry)
         size += length
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         total += _write_safetensors(checkpoint, shard, directory / name)
@@ -116,7 +130,11 @@ def _write_safetensors(checkpoint: Checkpoint, tensors: list[tuple[str, str]], p
     offset = 0
     for out, source in tensors:
         stored = checkpoint.stored(source)
-        header[out] = {"dtype": stored.dtype, "shape": list(stored.shape), "data_offsets": [offset, offset + stored.length]}
+        header[out] = {
+            "dtype": stored.dtype,
+            "shape": list(stored.shape),
+            "data_offsets": [offset, offset + stored.length],
+        }
         offset += stored.length
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % ALIGNMENT)

@@ -45,17 +45,29 @@ def bench(
     """device, dtype: the torch backend's."""
     opened = open_target(target)
     kind = target_kind(opened)
-    backends = backends or {"artifacts": ["onnxruntime", "torch"], "engines": ["tensorrt"], "checkpoint": ["torch"]}[kind]
+    backends = (
+        backends or {"artifacts": ["onnxruntime", "torch"], "engines": ["tensorrt"], "checkpoint": ["torch"]}[kind]
+    )
     refuse_unused_device(device, backends)
-    results: dict[str, Any] = {"config": {"batch": batch, "prompt_length": prompt_length, "steps": steps,
-                                          "canvases": canvases, "threads": threads}, "backends": {}}
+    results: dict[str, Any] = {
+        "config": {
+            "batch": batch,
+            "prompt_length": prompt_length,
+            "steps": steps,
+            "canvases": canvases,
+            "threads": threads,
+        },
+        "backends": {},
+    }
     for name in backends:
         if name == "transformers":
-            results["backends"][name] = _bench_transformers(opened, batch, prompt_length, steps, canvases, threads,
-                                                            device, dtype)
+            results["backends"][name] = _bench_transformers(
+                opened, batch, prompt_length, steps, canvases, threads, device, dtype
+            )
         else:
-            results["backends"][name] = _bench_backend(opened, name, batch, prompt_length, steps, canvases, threads,
-                                                       provider, device, dtype)
+            results["backends"][name] = _bench_backend(
+                opened, name, batch, prompt_length, steps, canvases, threads, provider, device, dtype
+            )
     first = backends[0]
     base = results["backends"][first]["step"]["median_ms"]
     for name, entry in results["backends"].items():
@@ -74,20 +86,34 @@ def _request(vocab: int, batch: int, prompt_length: int) -> tuple[np.ndarray, np
 
 def _no_early_stop(generation: dict[str, Any], steps: int, canvas: int, canvases: int) -> Any:
     # An unreachable stability threshold keeps every canvas at exactly `steps` steps, so runs compare like for like.
-    return resolve_settings(generation, {"max_new_tokens": canvases * canvas, "max_denoising_steps": steps,
-                                         "stability_threshold": steps + 1})
+    return resolve_settings(
+        generation,
+        {"max_new_tokens": canvases * canvas, "max_denoising_steps": steps, "stability_threshold": steps + 1},
+    )
 
 
-def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, steps: int, canvases: int,
-                   threads: int | None, provider: str, device: str, dtype: str | None) -> dict[str, Any]:
-    backend = open_backend(target, name, provider=provider, threads=threads, max_batch=batch, device=device, dtype=dtype)
+def _bench_backend(
+    target: Target,
+    name: str,
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    canvases: int,
+    threads: int | None,
+    provider: str,
+    device: str,
+    dtype: str | None,
+) -> dict[str, Any]:
+    backend = open_backend(
+        target, name, provider=provider, threads=threads, max_batch=batch, device=device, dtype=dtype
+    )
     spec = backend.spec
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
     settings = _no_early_stop(spec.generation, steps, canvas, canvases)
     ids, padding = _request(vocab, batch, prompt_length)
     with backend:
         for _ in range(2):  # the first run warms up sessions and allocators
-            backend.transfer_bytes = {kind: 0 for kind in backend.transfer_bytes}
+            backend.transfer_bytes = dict.fromkeys(backend.transfer_bytes, 0)
             backend.context_copy_bytes = 0
             result = generate(backend, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
     t = result.timings
@@ -108,9 +134,18 @@ def _bench_backend(target: Target, name: str, batch: int, prompt_length: int, st
     }
 
 
-def bench_concurrency(target: str | Path, name: str | None, concurrency: int, prompt_length: int, steps: int,
-                      canvases: int, threads: int | None, provider: str = "cpu", device: str = "cpu",
-                      dtype: str | None = None) -> dict[str, Any]:
+def bench_concurrency(
+    target: str | Path,
+    name: str | None,
+    concurrency: int,
+    prompt_length: int,
+    steps: int,
+    canvases: int,
+    threads: int | None,
+    provider: str = "cpu",
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> dict[str, Any]:
     """`concurrency` requests (seeds 0..N-1) through the in-flight scheduler with that many slots, then the same
     requests through one slot (one at a time, no batching), in one run: step calls, row-steps, tokens/s, time to
     first block, and the weight bytes read per generated token (every backbone call reads the weights once: what
@@ -120,13 +155,16 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     opened = open_target(target)
     name = name or default_backend(opened)
     refuse_unused_device(device, [name])
-    backend = open_backend(opened, name, provider=provider, threads=threads, max_batch=concurrency, device=device,
-                           dtype=dtype)
+    backend = open_backend(
+        opened, name, provider=provider, threads=threads, max_batch=concurrency, device=device, dtype=dtype
+    )
     spec = backend.spec
     if concurrency > spec.capacity.max_batch:  # one slot per request; refused before the backend activates
-        raise CanvasrtError(f"--concurrency {concurrency} needs {concurrency} slots, more than the max batch "
-                            f"{spec.capacity.max_batch} of {target}; use --concurrency {spec.capacity.max_batch} or "
-                            "less, or re-export with a larger --max-batch")
+        raise CanvasrtError(
+            f"--concurrency {concurrency} needs {concurrency} slots, more than the max batch "
+            f"{spec.capacity.max_batch} of {target}; use --concurrency {spec.capacity.max_batch} or "
+            "less, or re-export with a larger --max-batch"
+        )
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
     settings = _no_early_stop(spec.generation, steps, canvas, canvases)
     ids, _ = _request(vocab, concurrency, prompt_length)
@@ -153,10 +191,14 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
             stats = scheduler.stats
             calls = stats.step_calls + stats.prefill_chunks + stats.commits
             results[mode] = {
-                "slots": slots, "step_calls": stats.step_calls, "row_steps": stats.row_steps, "backbone_calls": calls,
+                "slots": slots,
+                "step_calls": stats.step_calls,
+                "row_steps": stats.row_steps,
+                "backbone_calls": calls,
                 "weight_bytes_per_token": weights * calls / new_tokens if weights is not None else None,
                 "occupancy": dict(sorted(stats.occupancy.items())),
-                "tokens_per_s": new_tokens / total, "total_s": total,
+                "tokens_per_s": new_tokens / total,
+                "total_s": total,
                 "first_block_ms": [round(t.first_block_s * 1e3, 2) for t in tickets],
                 "ids": [d.new_tokens[0].tolist() for d in done],
             }
@@ -165,8 +207,9 @@ def bench_concurrency(target: str | Path, name: str | None, concurrency: int, pr
     return results
 
 
-def _late_arrival(backend: StepBackend, requests: list[RowRequest], concurrency: int, steps: int,
-                  repeats: int = 3) -> dict[str, Any]:
+def _late_arrival(
+    backend: StepBackend, requests: list[RowRequest], concurrency: int, steps: int, repeats: int = 3
+) -> dict[str, Any]:
     """Time to first block of the last request alone, and arriving while the others are halfway through their
     first canvas (so it waits for its prefill between their steps and joins their step calls). Medians of `repeats`
     interleaved pairs: one first block is a few dozen steps, short enough for the machine's noise to show."""
@@ -188,8 +231,13 @@ def _late_arrival(backend: StepBackend, requests: list[RowRequest], concurrency:
         alone_s.append(ticket.first_block_s)
         with_others_s.append(late.first_block_s)
     alone_ms, with_others_ms = float(np.median(alone_s)) * 1e3, float(np.median(with_others_s)) * 1e3
-    return {"alone_ms": alone_ms, "with_others_ms": with_others_ms, "ratio": with_others_ms / alone_ms,
-            "ratios": [w / a for w, a in zip(with_others_s, alone_s)], "others": concurrency - 1}
+    return {
+        "alone_ms": alone_ms,
+        "with_others_ms": with_others_ms,
+        "ratio": with_others_ms / alone_ms,
+        "ratios": [w / a for w, a in zip(with_others_s, alone_s)],
+        "others": concurrency - 1,
+    }
 
 
 def _weight_bytes(target: Target) -> int | None:
@@ -201,8 +249,16 @@ def _weight_bytes(target: Target) -> int | None:
     return None
 
 
-def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: int, canvases: int,
-                        threads: int | None, device: str, dtype: str | None) -> dict[str, Any]:
+def _bench_transformers(
+    target: Target,
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    canvases: int,
+    threads: int | None,
+    device: str,
+    dtype: str | None,
+) -> dict[str, Any]:
     import torch
 
     from .reference import Reference
@@ -230,14 +286,18 @@ def _bench_transformers(target: Target, batch: int, prompt_length: int, steps: i
         def end(self) -> None:
             pass
 
-    kwargs = dict(max_new_tokens=canvases * canvas, max_denoising_steps=steps, stability_threshold=steps + 1,
-                  streamer=Clock())
+    kwargs = dict(
+        max_new_tokens=canvases * canvas, max_denoising_steps=steps, stability_threshold=steps + 1, streamer=Clock()
+    )
     for _ in range(2):
         stamps.clear()
         start = time.perf_counter()
         torch.manual_seed(0)
-        reference.model.generate(torch.from_numpy(ids).to(reference.device),
-                                 attention_mask=torch.from_numpy(padding).long().to(reference.device), **kwargs)
+        reference.model.generate(
+            torch.from_numpy(ids).to(reference.device),
+            attention_mask=torch.from_numpy(padding).long().to(reference.device),
+            **kwargs,
+        )
         total = time.perf_counter() - start
     intervals = [b[1] - a[1] for a, b in zip(stamps, stamps[1:]) if a[0] == b[0]]
     return {
@@ -261,8 +321,10 @@ def format_table(results: dict[str, Any]) -> Table:
         ("commit (ms)", lambda e: f"{e['commit_ms']:.1f}" if "commit_ms" in e else "-"),
         ("steps per block", lambda e: str(e["steps_per_block"])),
         ("tokens per second", lambda e: f"{e['tokens_per_s']:.1f}"),
-        ("K/V context copied per step (MB)",
-         lambda e: f"{e['context_copy_bytes_per_step'] / 1e6:.3f}" if "context_copy_bytes_per_step" in e else "-"),
+        (
+            "K/V context copied per step (MB)",
+            lambda e: f"{e['context_copy_bytes_per_step'] / 1e6:.3f}" if "context_copy_bytes_per_step" in e else "-",
+        ),
         (f"step speedup vs {names[0]}", lambda e: f"{e['step_speedup_vs_' + names[0]]:.2f}x"),
     ]
     if "transformers" in results["backends"]:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import CanvasrtError
-from . import tasks
 from ..core.target import CheckpointDir, open_target
+from . import tasks
 from .backends import open_backend
 from .loop import generate, left_pad
 from .prompts import TextCodec, until_eos
@@ -23,8 +23,16 @@ from .settings import resolve_settings
 from .step import StepBackend
 
 
-def evaluate(target: str | Path, task: str, samples: int, backend: str, seed: int = 0,
-             threads: int | None = None, device: str = "cpu", dtype: str | None = None) -> dict[str, Any]:
+def evaluate(
+    target: str | Path,
+    task: str,
+    samples: int,
+    backend: str,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> dict[str, Any]:
     """device, dtype: where and in what the torch paths run (the torch backend, transformers)."""
     target = Path(target)
     if task not in tasks.TASKS:
@@ -68,8 +76,9 @@ def _batches(rows: list[list[int]], size: int) -> list[list[list[int]]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def _generate_backend(target: Path, name: str, rows: list[list[int]], seed: int, threads: int | None, device: str,
-                      dtype: str | None) -> list:
+def _generate_backend(
+    target: Path, name: str, rows: list[list[int]], seed: int, threads: int | None, device: str, dtype: str | None
+) -> list:
     with open_backend(target, name, threads=threads, max_batch=16, device=device, dtype=dtype) as runner:
         return _generate_batches(runner, rows, seed)
 
@@ -83,8 +92,9 @@ def _generate_batches(runner: StepBackend, rows: list[list[int]], seed: int) -> 
     for batch in _batches(rows, spec.capacity.max_batch):
         ids, padding = left_pad(batch, settings.pad_token_id or 0)
         # One seed per prompt, independent of how prompts are batched.
-        draws = make_draws("counter", seed, len(batch), vocab, canvas,
-                           row_seeds=[seed + offset + i for i in range(len(batch))])
+        draws = make_draws(
+            "counter", seed, len(batch), vocab, canvas, row_seeds=[seed + offset + i for i in range(len(batch))]
+        )
         result = generate(runner, ids, padding, settings, draws)
         for i in range(len(batch)):
             # Steps a row took per canvas: its non-pad tokens over its tokens per forward, as transformers reports.
@@ -95,8 +105,9 @@ def _generate_batches(runner: StepBackend, rows: list[list[int]], seed: int) -> 
     return results
 
 
-def _generate_transformers(target: Path, rows: list[list[int]], seed: int, threads: int | None, device: str,
-                           dtype: str) -> list:
+def _generate_transformers(
+    target: Path, rows: list[list[int]], seed: int, threads: int | None, device: str, dtype: str
+) -> list:
     import torch
 
     from .reference import Reference

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class Timer:
         self.backend = 0.0
         self.last = 0.0
 
-    def run(self, fn, *args, **kwargs):  # noqa: ANN001, ANN201 - thin pass-through
+    def run(self, fn, *args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -95,8 +96,10 @@ def check_request(backend: StepBackend, ids: np.ndarray, settings: GenerationSet
         bad = int(ids.max() if ids.max() >= vocab else ids.min())
         raise CanvasrtError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
     if ids.shape[0] > capacity.max_batch:
-        raise CanvasrtError(f"{ids.shape[0]} prompts exceed the max batch {capacity.max_batch}; "
-                            "re-export with a larger --max-batch or split the prompts file")
+        raise CanvasrtError(
+            f"{ids.shape[0]} prompts exceed the max batch {capacity.max_batch}; "
+            "re-export with a larger --max-batch or split the prompts file"
+        )
     blocks = math.ceil(settings.max_new_tokens / canvas)
     needed = ids.shape[1] + (blocks - 1) * canvas
     if needed > capacity.max_context:
@@ -108,8 +111,9 @@ def check_request(backend: StepBackend, ids: np.ndarray, settings: GenerationSet
     return blocks
 
 
-def stop_rule(history: np.ndarray, argmax: np.ndarray, mean_entropy: np.ndarray,
-              settings: GenerationSettings) -> tuple[np.ndarray, np.ndarray]:
+def stop_rule(
+    history: np.ndarray, argmax: np.ndarray, mean_entropy: np.ndarray, settings: GenerationSettings
+) -> tuple[np.ndarray, np.ndarray]:
     """The adaptive stop after a step: rows whose argmax [B, C] has stayed the same for `stability_threshold` steps
     (history [T, B, C], -1 where not yet seen) and whose mean entropy is below the confidence threshold. Returns
     those rows [B] and the updated history."""
@@ -122,7 +126,9 @@ def stop_rule(history: np.ndarray, argmax: np.ndarray, mean_entropy: np.ndarray,
     return stable & (mean_entropy < settings.confidence_threshold), history
 
 
-def commit_rule(argmax: np.ndarray, finished: np.ndarray, settings: GenerationSettings) -> tuple[np.ndarray, np.ndarray]:
+def commit_rule(
+    argmax: np.ndarray, finished: np.ndarray, settings: GenerationSettings
+) -> tuple[np.ndarray, np.ndarray]:
     """A stopped canvas [B, C] as committed: rows finished before are all pad, everything after a row's first EOS is
     pad. Returns the block's tokens and the rows finished after it."""
     eos = np.asarray(settings.eos_token_ids, dtype=np.int64)

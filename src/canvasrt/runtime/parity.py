@@ -135,10 +135,10 @@ def continuous(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     scale = ref_sq = act_sq = diff_sq = dot = 0.0
     step = max(1, METRIC_BLOCK // width)
     for begin in range(0, len(a_rows), step):
-        a = a_rows[begin:begin + step].astype(np.float64)
-        r = r_rows[begin:begin + step].astype(np.float64)
+        a = a_rows[begin : begin + step].astype(np.float64)
+        r = r_rows[begin : begin + step].astype(np.float64)
         diff = a - r
-        per_position[begin:begin + step] = np.abs(diff).max(axis=1)
+        per_position[begin : begin + step] = np.abs(diff).max(axis=1)
         scale = max(scale, float(np.abs(r).max()))
         ref_sq, act_sq = ref_sq + float(np.sum(r * r)), act_sq + float(np.sum(a * a))
         diff_sq, dot = diff_sq + float(np.sum(diff * diff)), dot + float(np.sum(a * r))
@@ -177,8 +177,9 @@ def _check_model_matches(checkpoint: Checkpoint, spec: StepSpec, target: Path) -
         raise ArtifactError(f"{target} was exported from a checkpoint with another config than {checkpoint.path}")
 
 
-def _step_reference(ref_logits: torch.Tensor, temperature: float, bound: float, draws: Draws,
-                    embedding: torch.Tensor, spill: "_Spill") -> dict[str, Any]:
+def _step_reference(
+    ref_logits: torch.Tensor, temperature: float, bound: float, draws: Draws, embedding: torch.Tensor, spill: _Spill
+) -> dict[str, Any]:
     """The sampler math on the reference logits, with the same draws the backend gets. Every per-position quantity
     is computed on SAMPLER_BLOCK positions at a time (each temporary of the whole canvas is [B, C, V] in fp32: 0.5 GB
     per batch row at the released vocabulary); the logits themselves are kept through `spill`."""
@@ -251,9 +252,16 @@ class EncodeStage:
 
 
 @torch.inference_mode()
-def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSettings, seed: int,
-                    threads: int | None, device: str, dtype: str,
-                    spill: _Spill) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
+def _reference_plan(
+    checkpoint_dir: Path,
+    spec: StepSpec,
+    settings: GenerationSettings,
+    seed: int,
+    threads: int | None,
+    device: str,
+    dtype: str,
+    spill: _Spill,
+) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
     """Runs the reference over the whole plan: prefill, two steps, commit, a step past the window. The reference
     is freed on return; what the plan keeps of its outputs is small or spilled."""
     if threads:
@@ -269,14 +277,21 @@ def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSe
     if batch > 1:
         padding[1, :3] = False
         ids[1, :3] = settings.pad_token_id or 0
-    info: dict[str, Any] = {"batch": batch, "prompt_length": prompt_len, "canvas": canvas, "sliding_window": window,
-                            "seed": seed}
+    info: dict[str, Any] = {
+        "batch": batch,
+        "prompt_length": prompt_len,
+        "canvas": canvas,
+        "sliding_window": window,
+        "seed": seed,
+    }
     reference = Reference(checkpoint_dir, device=device, dtype=dtype)
     plan: list[StepStage | EncodeStage] = []
 
     def kv(state: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return [(spill.keep(k.numpy()), spill.keep(v.numpy()), p)
-                for k, v, p in (reference.cached_kv(state, i) for i in range(model.num_layers))]
+        return [
+            (spill.keep(k.numpy()), spill.keep(v.numpy()), p)
+            for k, v, p in (reference.cached_kv(state, i) for i in range(model.num_layers))
+        ]
 
     def step(name: str, canvas_ids: np.ndarray, remaining: int, previous: StepStage | None) -> StepStage:
         temperature = settings.temperature(remaining)
@@ -291,9 +306,15 @@ def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSe
         del self_cond_logits
         ref = _step_reference(logits, temperature, settings.entropy_bound, draws, reference.embedding, spill)
         del logits
-        stage = StepStage(name, canvas_ids, temperature, draws,
-                          None if previous is None else previous.reference["next_self_cond"], ref,
-                          reference.routing_margin)
+        stage = StepStage(
+            name,
+            canvas_ids,
+            temperature,
+            draws,
+            None if previous is None else previous.reference["next_self_cond"],
+            ref,
+            reference.routing_margin,
+        )
         plan.append(stage)
         return stage
 
@@ -312,8 +333,15 @@ def _reference_plan(checkpoint_dir: Path, spec: StepSpec, settings: GenerationSe
     return plan, info
 
 
-def step_parity(checkpoint_dir: str | Path, backend: StepBackend, seed: int = 0, threads: int | None = None,
-                target: str | Path = "", device: str = "cpu", reference_dtype: str = "fp32") -> Report:
+def step_parity(
+    checkpoint_dir: str | Path,
+    backend: StepBackend,
+    seed: int = 0,
+    threads: int | None = None,
+    target: str | Path = "",
+    device: str = "cpu",
+    reference_dtype: str = "fp32",
+) -> Report:
     """Step-level parity of an inactive backend against the reference (on `device`, in `reference_dtype`); the
     backend is activated here, after the reference has been freed."""
     checkpoint = Checkpoint.open(checkpoint_dir)
@@ -325,8 +353,9 @@ def step_parity(checkpoint_dir: str | Path, backend: StepBackend, seed: int = 0,
     backend.preflight()  # fail before the reference runs, not after, when the backend cannot run here
     settings = resolve_settings(spec.generation)
     with tempfile.TemporaryDirectory(prefix="canvasrt-parity-") as spilled:
-        plan, report.info = _reference_plan(Path(checkpoint_dir), spec, settings, seed, threads, device,
-                                            reference_dtype, _Spill(Path(spilled)))
+        plan, report.info = _reference_plan(
+            Path(checkpoint_dir), spec, settings, seed, threads, device, reference_dtype, _Spill(Path(spilled))
+        )
         report.info["reference"] = {"device": device, "dtype": reference_dtype}
 
         batch = plan[0].ids.shape[0]
@@ -344,8 +373,15 @@ def step_parity(checkpoint_dir: str | Path, backend: StepBackend, seed: int = 0,
     return report
 
 
-def _step_checks(stage: StepStage, backend: StepBackend, context: np.ndarray, settings: GenerationSettings,
-                 tol: dict[str, float], dtype: str, report: Report) -> list[Check]:
+def _step_checks(
+    stage: StepStage,
+    backend: StepBackend,
+    context: np.ndarray,
+    settings: GenerationSettings,
+    tol: dict[str, float],
+    dtype: str,
+    report: Report,
+) -> list[Check]:
     ref, batch = stage.reference, stage.canvas.shape[0]
     ties = int((stage.routing_margin < ROUTING_TIE).sum())
     if ties:
@@ -370,16 +406,22 @@ def _step_checks(stage: StepStage, backend: StepBackend, context: np.ndarray, se
     if "logits" in out.extras:
         checks.append(_judge_continuous(name, "logits", out.extras["logits"], ref["logits"], stage_tol))
         argmax_logits = np.argmax(out.extras["logits"], axis=-1)
-        checks.append(_judge_agreement(name, "logits_argmax", argmax_logits, np.argmax(ref["logits"], -1), tol["argmax"]))
+        checks.append(
+            _judge_agreement(name, "logits_argmax", argmax_logits, np.argmax(ref["logits"], -1), tol["argmax"])
+        )
     checks.append(_judge_agreement(name, "argmax", out.argmax[untied], ref["argmax"][untied], tol["argmax"]))
     checks.append(_judge_continuous(name, "entropy", out.entropy, ref["entropy"], stage_tol))
     checks.append(_judge_continuous(name, "mean_entropy", out.mean_entropy, ref["mean_entropy"], stage_tol))
-    checks.append(_judge_continuous(name, "next_self_cond", backend.self_conditioning(), ref["next_self_cond"], stage_tol))
+    checks.append(
+        _judge_continuous(name, "next_self_cond", backend.self_conditioning(), ref["next_self_cond"], stage_tol)
+    )
     accepted = ref["accepted"] & untied
     if "sampled" in out.extras and accepted.any():
         # Reported, not gated: a sample is a discontinuous function of the logits (the always-accepted
         # lowest-entropy token of a flat random model sits on a near-uniform CDF); next_canvas carries what matters.
-        check = _judge_agreement(name, "sampled_accepted", out.extras["sampled"][accepted], ref["sampled"][accepted], 0.0)
+        check = _judge_agreement(
+            name, "sampled_accepted", out.extras["sampled"][accepted], ref["sampled"][accepted], 0.0
+        )
         check.note = f"{int(accepted.sum())} accepted positions"
         checks.append(check)
     for output, actual in (("accepted", out.accepted), ("next_canvas", out.next_canvas)):
@@ -411,8 +453,13 @@ def _kv_checks(stage: EncodeStage, backend: StepBackend, tol: dict[str, float]) 
 
 
 def loop_parity(
-    checkpoint_dir: str | Path, backend: StepBackend, simulated: StepBackend, seed: int = 0,
-    threads: int | None = None, max_new_tokens: int | None = None, target: str | Path = "",
+    checkpoint_dir: str | Path,
+    backend: StepBackend,
+    simulated: StepBackend,
+    seed: int = 0,
+    threads: int | None = None,
+    max_new_tokens: int | None = None,
+    target: str | Path = "",
 ) -> Report:
     """Loop-level parity of an inactive backend. `simulated`: an inactive torch backend that computes what the
     backend should (fp32, or the same FP8 scales); one backend is active at a time."""
@@ -428,7 +475,10 @@ def loop_parity(
     prompt_len = max(4, min(cap.max_context - 2 * canvas, model.sliding_window + 4, 24))
     blocks = 2 if prompt_len + canvas <= cap.max_context else 1
     settings = resolve_settings(spec.generation, {"max_new_tokens": max_new_tokens or blocks * canvas})
-    rows = [rng.integers(3, vocab, size=prompt_len).tolist(), rng.integers(3, vocab, size=max(1, prompt_len - 3)).tolist()]
+    rows = [
+        rng.integers(3, vocab, size=prompt_len).tolist(),
+        rng.integers(3, vocab, size=max(1, prompt_len - 3)).tolist(),
+    ]
     rows = rows[: min(2, cap.max_batch)]
     report.info = {"prompt_lengths": [len(r) for r in rows], "settings": settings.to_dict(), "seed": seed}
     report.checks += generate_parity(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated)
@@ -441,8 +491,9 @@ def loop_parity(
     results = {}
     for runner in (simulated, backend):
         with runner:
-            results[runner.name] = generate(runner, ids, padding, settings,
-                                            make_draws("counter", seed, len(rows), vocab, canvas))
+            results[runner.name] = generate(
+                runner, ids, padding, settings, make_draws("counter", seed, len(rows), vocab, canvas)
+            )
     a, t = results[backend.name], results[simulated.name]
     minimum = 1.0 if dtype in ("fp32", "fp8") else TOLERANCES[dtype]["agree"]
     width = min(a.new_tokens.shape[1], t.new_tokens.shape[1])
@@ -450,23 +501,42 @@ def loop_parity(
     for block in range(math.ceil(width / canvas)):
         sl = slice(block * canvas, (block + 1) * canvas)
         report.checks.append(
-            _judge_agreement(f"{stage}_block{block}", "committed_tokens", a.new_tokens[:, sl], t.new_tokens[:, sl], minimum)
+            _judge_agreement(
+                f"{stage}_block{block}", "committed_tokens", a.new_tokens[:, sl], t.new_tokens[:, sl], minimum
+            )
         )
     exact = dtype in ("fp32", "fp8")
     report.checks.append(
-        Check(stage, "steps_per_block", {backend.name: a.steps_per_block, "torch": t.steps_per_block}, {},
-              a.steps_per_block == t.steps_per_block or not exact)
+        Check(
+            stage,
+            "steps_per_block",
+            {backend.name: a.steps_per_block, "torch": t.steps_per_block},
+            {},
+            a.steps_per_block == t.steps_per_block or not exact,
+        )
     )
     report.checks.append(
-        Check(stage, "sequence_length", {backend.name: a.sequences.shape[1], "torch": t.sequences.shape[1]}, {},
-              a.sequences.shape == t.sequences.shape or not exact)
+        Check(
+            stage,
+            "sequence_length",
+            {backend.name: a.sequences.shape[1], "torch": t.sequences.shape[1]},
+            {},
+            a.sequences.shape == t.sequences.shape or not exact,
+        )
     )
     return report
 
 
 @torch.inference_mode()
-def generate_parity(checkpoint_dir: str | Path, rows: list[list[int]], settings: GenerationSettings, seed: int,
-               threads: int | None, max_context: int, like: TorchBackend) -> list[Check]:
+def generate_parity(
+    checkpoint_dir: str | Path,
+    rows: list[list[int]],
+    settings: GenerationSettings,
+    seed: int,
+    threads: int | None,
+    max_context: int,
+    like: TorchBackend,
+) -> list[Check]:
     """The torch backend with --rng hf against transformers' generate(), batch of one and of two, both on the
     device, in the dtype and with the MoE formulation of `like`."""
     checks = []
@@ -482,12 +552,20 @@ def generate_parity(checkpoint_dir: str | Path, rows: list[list[int]], settings:
     for batch in range(1, len(rows) + 1):
         ids, padding = left_pad(rows[:batch], settings.pad_token_id or 0)
         # Eager attention, except where transformers' generate() cannot run it (left padding, see reference.py).
-        reference = Reference(checkpoint_dir, attention="eager" if padding.all() else "sdpa", device=like.device,
-                              dtype=like.dtype)
+        reference = Reference(
+            checkpoint_dir, attention="eager" if padding.all() else "sdpa", device=like.device, dtype=like.dtype
+        )
         expected.append(reference.generate(ids, padding, seed, **hf_kwargs))
         del reference
-    with TorchBackend(checkpoint_dir, dtype=like.dtype, moe=like.moe, max_batch=len(rows), max_context=max_context,
-                      threads=threads, device=like.device) as torch_backend:
+    with TorchBackend(
+        checkpoint_dir,
+        dtype=like.dtype,
+        moe=like.moe,
+        max_batch=len(rows),
+        max_context=max_context,
+        threads=threads,
+        device=like.device,
+    ) as torch_backend:
         vocab, canvas = torch_backend.spec.model.vocab_size, torch_backend.spec.capacity.canvas
         for batch, hf in enumerate(expected, 1):
             ids, padding = left_pad(rows[:batch], settings.pad_token_id or 0)
@@ -495,33 +573,61 @@ def generate_parity(checkpoint_dir: str | Path, rows: list[list[int]], settings:
             ours = generate(torch_backend, ids, padding, settings, draws)
             same = np.array_equal(ours.sequences, hf.sequences.numpy())
             tpf = float(np.max(np.abs(ours.tokens_per_forward - hf.tokens_per_forward.numpy())))
-            checks.append(Check(f"torch_hf_batch{batch}", "sequences", {"identical": float(same)}, {"identical": 1.0}, same))
-            checks.append(Check(f"torch_hf_batch{batch}", "tokens_per_forward", {"max_abs": tpf}, {"max_abs": 0.0},
-                                tpf == 0.0))
+            checks.append(
+                Check(f"torch_hf_batch{batch}", "sequences", {"identical": float(same)}, {"identical": 1.0}, same)
+            )
+            checks.append(
+                Check(f"torch_hf_batch{batch}", "tokens_per_forward", {"max_abs": tpf}, {"max_abs": 0.0}, tpf == 0.0)
+            )
     return checks
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
 
 
-def parity(checkpoint_dir: str | Path, target: str | Path, level: str = "step", backend: str | None = None,
-           seed: int = 0, threads: int | None = None, max_new_tokens: int | None = None, device: str = "cpu",
-           reference_dtype: str = "fp32") -> Report:
+def parity(
+    checkpoint_dir: str | Path,
+    target: str | Path,
+    level: str = "step",
+    backend: str | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    max_new_tokens: int | None = None,
+    device: str = "cpu",
+    reference_dtype: str = "fp32",
+) -> Report:
     """Parity of TARGET (artifacts or engines) on `backend` (default: by target kind) against the checkpoint.
     device and reference_dtype: where and in what the torch paths (the reference, the torch backends) run."""
     opened = open_target(target)
     if isinstance(opened, CheckpointDir):
-        raise ArtifactError(f"{target} is a checkpoint; parity checks exported artifacts or engines against it "
-                            "(run `canvasrt export` first)")
+        raise ArtifactError(
+            f"{target} is a checkpoint; parity checks exported artifacts or engines against it "
+            "(run `canvasrt export` first)"
+        )
     runner = open_backend(opened, backend, threads=threads, max_batch=opened.capacity.max_batch, device=device)
     if level == "step":
-        return step_parity(checkpoint_dir, runner, seed=seed, threads=threads, target=target, device=device,
-                           reference_dtype=reference_dtype)
+        return step_parity(
+            checkpoint_dir,
+            runner,
+            seed=seed,
+            threads=threads,
+            target=target,
+            device=device,
+            reference_dtype=reference_dtype,
+        )
     artifacts = opened if isinstance(opened, ArtifactManifest) else ArtifactManifest.load(opened.artifacts)
     moe = artifacts.moe
     calibration = artifacts.calibration() if artifacts.quantization else None
-    simulated = TorchBackend(checkpoint_dir, dtype=reference_dtype, moe=moe, max_batch=opened.capacity.max_batch,
-                             max_context=opened.capacity.max_context, threads=threads, calibration=calibration,
-                             device=device)
-    return loop_parity(checkpoint_dir, runner, simulated, seed=seed, threads=threads, max_new_tokens=max_new_tokens,
-                       target=target)
+    simulated = TorchBackend(
+        checkpoint_dir,
+        dtype=reference_dtype,
+        moe=moe,
+        max_batch=opened.capacity.max_batch,
+        max_context=opened.capacity.max_context,
+        threads=threads,
+        calibration=calibration,
+        device=device,
+    )
+    return loop_parity(
+        checkpoint_dir, runner, simulated, seed=seed, threads=threads, max_new_tokens=max_new_tokens, target=target
+    )

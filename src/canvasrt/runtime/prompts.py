@@ -23,8 +23,10 @@ class UnreadableTokenizer(CanvasrtError):
     tell it apart from a directory without one."""
 
     def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path} is not a tokenizers tokenizer.json ({reason}); copy the checkpoint's tokenizer.json "
-                         "back or pass --prompt-ids")
+        super().__init__(
+            f"{path} is not a tokenizers tokenizer.json ({reason}); copy the checkpoint's tokenizer.json "
+            "back or pass --prompt-ids"
+        )
         self.path, self.reason = path, reason
 
 
@@ -85,8 +87,10 @@ def check_ids(ids: Any) -> list[int]:
         raise CanvasrtError(f"prompt ids must be a list of integers, got {ids!r}")
     outside = [i for i in ids if not INT64[0] <= i <= INT64[1]]
     if outside:
-        raise CanvasrtError(f"prompt token id {outside[0]} does not fit in int64, so it is no token id; pass ids of "
-                            "the model's vocabulary")
+        raise CanvasrtError(
+            f"prompt token id {outside[0]} does not fit in int64, so it is no token id; pass ids of "
+            "the model's vocabulary"
+        )
     return ids
 
 
@@ -97,7 +101,9 @@ def read_prompts_file(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise CanvasrtError(f"prompts file {path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
+        raise CanvasrtError(
+            f"prompts file {path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8"
+        ) from None
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -105,11 +111,13 @@ def read_prompts_file(path: Path) -> list[dict[str, Any]]:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            raise CanvasrtError(f"{path}:{number} is not JSON; each line must be {{\"text\": ...}} or {{\"ids\": [...]}}") from None
+            raise CanvasrtError(
+                f'{path}:{number} is not JSON; each line must be {{"text": ...}} or {{"ids": [...]}}'
+            ) from None
         if not isinstance(entry, dict) or not ({"text", "ids"} & entry.keys()):
-            raise CanvasrtError(f"{path}:{number} needs a \"text\" or an \"ids\" field")
+            raise CanvasrtError(f'{path}:{number} needs a "text" or an "ids" field')
         if "ids" not in entry and not isinstance(entry["text"], str):
-            raise CanvasrtError(f"{path}:{number}: \"text\" must be a string, got {entry['text']!r}")
+            raise CanvasrtError(f'{path}:{number}: "text" must be a string, got {entry["text"]!r}')
         prompts.append(entry)
     if not prompts:
         raise CanvasrtError(f"prompts file {path} holds no prompts")

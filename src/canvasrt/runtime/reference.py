@@ -38,9 +38,13 @@ class Reference:
             raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         self.device = torch_device(device)
         Checkpoint.open(checkpoint_dir).check_memory(dtype, self.device, "the transformers reference")
-        self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            str(checkpoint_dir), attn_implementation=attention, dtype=DTYPES[dtype]
-        ).to(self.device).eval()  # not device_map=: that needs accelerate
+        self.model = (
+            DiffusionGemmaForBlockDiffusion.from_pretrained(
+                str(checkpoint_dir), attn_implementation=attention, dtype=DTYPES[dtype]
+            )
+            .to(self.device)
+            .eval()
+        )  # not device_map=: that needs accelerate
         self.model.set_experts_implementation("eager")
         self.text_config = self.model.config.get_text_config(decoder=True)
 
@@ -69,8 +73,9 @@ class Reference:
         """Softcapped fp32 logits [B, C, V] of one decoder pass over the canvas. Records, per token, the smallest
         relative gap between the k-th and (k+1)-th router probability over all layers in `self.routing_margin`."""
         c = canvas.shape[1]
-        decoder_mask = torch.cat([state.attention_mask, torch.ones(canvas.shape[0], c, dtype=torch.bool,
-                                                                   device=self.device)], dim=1)
+        decoder_mask = torch.cat(
+            [state.attention_mask, torch.ones(canvas.shape[0], c, dtype=torch.bool, device=self.device)], dim=1
+        )
         margins: list[torch.Tensor] = []
         k = self.text_config.top_k_experts
 
@@ -87,8 +92,13 @@ class Reference:
         self.routing_margin = torch.stack(margins).amin(dim=0).reshape(canvas.shape).float().cpu().numpy()
         return logits.float().cpu()
 
-    def _decode(self, state: ReferenceCache, canvas: np.ndarray, self_cond_logits: torch.Tensor | None,
-                decoder_mask: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self,
+        state: ReferenceCache,
+        canvas: np.ndarray,
+        self_cond_logits: torch.Tensor | None,
+        decoder_mask: torch.Tensor,
+    ) -> torch.Tensor:
         c = canvas.shape[1]
         return self.model(
             decoder_input_ids=self._tensor(canvas),

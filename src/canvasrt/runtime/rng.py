@@ -70,8 +70,15 @@ class TorchDraws:
         return Draws(renoise_ids=renoise.cpu().numpy(), exponentials=exponentials)
 
 
-def make_draws(mode: str, seed: int, batch: int, vocab_size: int, canvas: int, row_seeds: list[int] | None = None,
-               device: str = "cpu") -> DrawSource:
+def make_draws(
+    mode: str,
+    seed: int,
+    batch: int,
+    vocab_size: int,
+    canvas: int,
+    row_seeds: list[int] | None = None,
+    device: str = "cpu",
+) -> DrawSource:
     """row_seeds overrides the per-row seeds of counter mode (default seed + row index); device: where hf mode
     draws (the torch backend's device)."""
     if mode == "counter":

@@ -45,8 +45,12 @@ class RowRequest:
 class Ticket:
     """One request in the scheduler. Its events go to `on_event` (default: the `events` list), in stream() order."""
 
-    def __init__(self, request: RowRequest, on_event: Callable[[Event], None] | None = None,
-                 cancelled: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        request: RowRequest,
+        on_event: Callable[[Event], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ):
         self.request = request
         self.events: list[Event] = []
         self.on_event = on_event or self.events.append
@@ -106,9 +110,16 @@ class SchedulerStats:
     refused: int = 0  # queue full
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step_calls": self.step_calls, "row_steps": self.row_steps, "prefill_chunks": self.prefill_chunks,
-                "commits": self.commits, "occupancy": dict(sorted(self.occupancy.items())),
-                "completed": self.completed, "cancelled": self.cancelled, "refused": self.refused}
+        return {
+            "step_calls": self.step_calls,
+            "row_steps": self.row_steps,
+            "prefill_chunks": self.prefill_chunks,
+            "commits": self.commits,
+            "occupancy": dict(sorted(self.occupancy.items())),
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "refused": self.refused,
+        }
 
 
 class Scheduler:
@@ -147,8 +158,10 @@ class Scheduler:
         with self.lock:
             if len(self.queue) >= self.max_queue + self.backend.slots - len(self.rows):
                 self.stats.refused += 1
-                raise CanvasrtError(f"the server is full: its {self.backend.slots} slots and its queue of {self.max_queue} "
-                                    "are taken; retry later, or serve with more --instances or a longer --max-queue")
+                raise CanvasrtError(
+                    f"the server is full: its {self.backend.slots} slots and its queue of {self.max_queue} "
+                    "are taken; retry later, or serve with more --instances or a longer --max-queue"
+                )
             self.queue.append(_Row(ticket, ids, blocks, draws))
         return ticket
 
@@ -170,11 +183,15 @@ class Scheduler:
             n,
             np.concatenate([row.canvas for row in active]),
             np.asarray([row.context for row in active], dtype=np.int64),
-            np.asarray([s.temperature(s.max_denoising_steps - row.step + 1) for s, row in zip(settings, active)],
-                       dtype=np.float32),
+            np.asarray(
+                [s.temperature(s.max_denoising_steps - row.step + 1) for s, row in zip(settings, active)],
+                dtype=np.float32,
+            ),
             np.asarray([s.entropy_bound for s in settings], dtype=np.float32),
-            Draws(renoise_ids=np.concatenate([d.renoise_ids for d in draws]),
-                  uniforms=np.concatenate([d.uniforms for d in draws])),
+            Draws(
+                renoise_ids=np.concatenate([d.renoise_ids for d in draws]),
+                uniforms=np.concatenate([d.uniforms for d in draws]),
+            ),
             np.asarray([row.step == 1 for row in active]),
             np.zeros(n, dtype=bool),
         )
@@ -184,8 +201,13 @@ class Scheduler:
         self.stats.occupancy[n] += 1
         leaving = []
         for i, row in enumerate(active):
-            if not self._after_step(row, result.argmax[i : i + 1], result.next_canvas[i : i + 1],
-                                    result.accepted[i : i + 1], result.mean_entropy[i : i + 1]):
+            if not self._after_step(
+                row,
+                result.argmax[i : i + 1],
+                result.next_canvas[i : i + 1],
+                result.accepted[i : i + 1],
+                result.mean_entropy[i : i + 1],
+            ):
                 leaving.append(i)
         for slot in reversed(leaving):
             self._release(slot)
@@ -210,8 +232,9 @@ class Scheduler:
         if not row.ticket.cancel_requested:  # the client's own cancellation is asked once per step, in _drop_cancelled
             row.ticket.on_event(event)
 
-    def _after_step(self, row: _Row, argmax: np.ndarray, next_canvas: np.ndarray, accepted: np.ndarray,
-                    mean_entropy: np.ndarray) -> bool:
+    def _after_step(
+        self, row: _Row, argmax: np.ndarray, next_canvas: np.ndarray, accepted: np.ndarray, mean_entropy: np.ndarray
+    ) -> bool:
         """The loop's rules for one row after its step; False when the request is complete."""
         settings = row.settings
         row.canvas = next_canvas
@@ -228,17 +251,32 @@ class Scheduler:
         self._deliver(row, Committed(row.block, tokens, row.finished.copy(), row.step))
         if row.finished.all() or row.block == row.blocks - 1:
             prompt = row.ids.shape[1]
-            self._deliver(row, GenerationResult(
-                sequences=row.sequences, prompt_length=prompt, steps_per_block=row.steps_per_block,
-                tokens_per_forward=tokens_per_forward(row.sequences[:, prompt:], np.asarray([row.forwards]), settings),
-                timings={"total_s": time.perf_counter() - row.ticket.submitted, "first_block_s": row.ticket.first_block_s,
-                         "steps": sum(row.steps_per_block)}))
+            self._deliver(
+                row,
+                GenerationResult(
+                    sequences=row.sequences,
+                    prompt_length=prompt,
+                    steps_per_block=row.steps_per_block,
+                    tokens_per_forward=tokens_per_forward(
+                        row.sequences[:, prompt:], np.asarray([row.forwards]), settings
+                    ),
+                    timings={
+                        "total_s": time.perf_counter() - row.ticket.submitted,
+                        "first_block_s": row.ticket.first_block_s,
+                        "steps": sum(row.steps_per_block),
+                    },
+                ),
+            )
             row.ticket.finished = True
             self.stats.completed += 1
             return False
         end = row.sequences.shape[1]
-        self.backend.encode_slot(self.rows.index(row), tokens, np.arange(end - self.canvas_len, end, dtype=np.int64),
-                                 np.asarray([row.context], dtype=np.int64))
+        self.backend.encode_slot(
+            self.rows.index(row),
+            tokens,
+            np.arange(end - self.canvas_len, end, dtype=np.int64),
+            np.asarray([row.context], dtype=np.int64),
+        )
         self.stats.commits += 1
         row.context += self.canvas_len
         row.block += 1
@@ -289,9 +327,12 @@ class Scheduler:
             size = min(self.chunk, row.ids.shape[1] - begin)
             if spent and self.denoising and spent + size > self.chunk:
                 return
-            self.backend.encode_slot(len(self.rows) - 1, np.ascontiguousarray(row.ids[:, begin : begin + size]),
-                                     np.arange(begin, begin + size, dtype=np.int64),
-                                     np.asarray([begin], dtype=np.int64))
+            self.backend.encode_slot(
+                len(self.rows) - 1,
+                np.ascontiguousarray(row.ids[:, begin : begin + size]),
+                np.arange(begin, begin + size, dtype=np.int64),
+                np.asarray([begin], dtype=np.int64),
+            )
             self.stats.prefill_chunks += 1
             spent += size
             row.prefilled += size

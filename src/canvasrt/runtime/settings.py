@@ -49,7 +49,7 @@ class GenerationSettings:
         """Linear schedule over the remaining-step counter t = N..1: t_max at the first step."""
         return self.t_min + (self.t_max - self.t_min) * (remaining / self.max_denoising_steps)
 
-    def validate(self) -> "GenerationSettings":
+    def validate(self) -> GenerationSettings:
         for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -57,18 +57,26 @@ class GenerationSettings:
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite32(value):
-                raise CanvasrtError(f"--{name.replace('_', '-')} must be a finite number (at most {FLOAT32_MAX:.3g}), "
-                                    f"got {value!r}")
+                raise CanvasrtError(
+                    f"--{name.replace('_', '-')} must be a finite number (at most {FLOAT32_MAX:.3g}), got {value!r}"
+                )
         steps = self.max_denoising_steps
         checks = [
             (self.max_new_tokens > 0, f"--max-new-tokens must be positive (got {self.max_new_tokens})"),
-            (0 < steps <= MAX_DENOISING_STEPS,
-             f"--max-denoising-steps must be between 1 and {MAX_DENOISING_STEPS} (got {steps})"),
+            (
+                0 < steps <= MAX_DENOISING_STEPS,
+                f"--max-denoising-steps must be between 1 and {MAX_DENOISING_STEPS} (got {steps})",
+            ),
             (self.entropy_bound > 0, f"--entropy-bound must be positive (got {self.entropy_bound})"),
             (0 <= self.t_min < self.t_max, f"need 0 <= --t-min < --t-max (got {self.t_min}, {self.t_max})"),
-            (0 <= self.stability_threshold <= MAX_DENOISING_STEPS,
-             f"--stability-threshold must be between 0 and {MAX_DENOISING_STEPS} (got {self.stability_threshold})"),
-            (self.confidence_threshold > 0, f"--confidence-threshold must be positive (got {self.confidence_threshold})"),
+            (
+                0 <= self.stability_threshold <= MAX_DENOISING_STEPS,
+                f"--stability-threshold must be between 0 and {MAX_DENOISING_STEPS} (got {self.stability_threshold})",
+            ),
+            (
+                self.confidence_threshold > 0,
+                f"--confidence-threshold must be positive (got {self.confidence_threshold})",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -129,7 +129,7 @@ class StepBackend(ABC):
             self._active = False
             self._fed = None
 
-    def __enter__(self) -> "StepBackend":
+    def __enter__(self) -> StepBackend:
         self.activate()
         return self
 
@@ -138,8 +138,11 @@ class StepBackend(ABC):
 
     def __del__(self) -> None:
         if getattr(self, "_active", False):
-            warnings.warn(f"the {self.name} backend was activated but never deactivated; use `with backend:`",
-                          ResourceWarning, stacklevel=2)
+            warnings.warn(
+                f"the {self.name} backend was activated but never deactivated; use `with backend:`",
+                ResourceWarning,
+                stacklevel=2,
+            )
 
     def _require_active(self) -> None:
         if not self._active:
@@ -192,8 +195,10 @@ class StepBackend(ABC):
         """Allocates a pool of `rows` request slots, all empty; replaces whatever start() set up."""
         self._require_active()
         if not 1 <= rows <= self.spec.capacity.max_batch:
-            raise CanvasrtError(f"{rows} slots do not fit the max batch {self.spec.capacity.max_batch}; "
-                                "re-export with a larger --max-batch")
+            raise CanvasrtError(
+                f"{rows} slots do not fit the max batch {self.spec.capacity.max_batch}; "
+                "re-export with a larger --max-batch"
+            )
         self._fed = None
         self._start(np.ones((rows, 1), dtype=bool))  # no left padding: every slot's prompt starts at position 0
         self._slots = rows
@@ -281,8 +286,9 @@ class StepBackend(ABC):
         if self._fed is None or self._fed[0] != stamp:
             self._fed = None  # the previous copies are dropped before the new ones are made
             fed_keys, fed_values = leading_slots(keys, spans), leading_slots(values, spans)
-            self.context_copy_bytes += sum(int(f.nbytes) for f, b in zip((*fed_keys, *fed_values), (*keys, *values))
-                                           if f is not b)
+            self.context_copy_bytes += sum(
+                int(f.nbytes) for f, b in zip((*fed_keys, *fed_values), (*keys, *values)) if f is not b
+            )
             self._fed = (stamp, fed_keys, fed_values)
         return self._fed[1], self._fed[2]
 
@@ -315,15 +321,36 @@ class StepBackend(ABC):
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None: ...
 
     @abstractmethod
-    def _denoise(self, canvas: np.ndarray, context_length: np.ndarray, temperature: np.ndarray,
-                 entropy_bound: np.ndarray, draws: Draws, first_step: bool, frozen: np.ndarray) -> StepResult: ...
+    def _denoise(
+        self,
+        canvas: np.ndarray,
+        context_length: np.ndarray,
+        temperature: np.ndarray,
+        entropy_bound: np.ndarray,
+        draws: Draws,
+        first_step: bool,
+        frozen: np.ndarray,
+    ) -> StepResult: ...
 
-    def _count_denoise(self, canvas: np.ndarray, context_length: np.ndarray, temperature: np.ndarray,
-                       entropy_bound: np.ndarray, draws: Draws, frozen: np.ndarray, result: StepResult) -> None:
+    def _count_denoise(
+        self,
+        canvas: np.ndarray,
+        context_length: np.ndarray,
+        temperature: np.ndarray,
+        entropy_bound: np.ndarray,
+        draws: Draws,
+        frozen: np.ndarray,
+        result: StepResult,
+    ) -> None:
         sent = [canvas, context_length, temperature, entropy_bound, draws.renoise_ids, frozen]
         received = [result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy]
-        self._count("denoise", *sent, *([draws.uniforms] if draws.uniforms is not None else []), *received,
-                    *result.extras.values())
+        self._count(
+            "denoise",
+            *sent,
+            *([draws.uniforms] if draws.uniforms is not None else []),
+            *received,
+            *result.extras.values(),
+        )
 
     def _count(self, call: str, *arrays: np.ndarray) -> None:
         self.transfer_bytes[call] += sum(int(a.nbytes) for a in arrays)

@@ -43,7 +43,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, BOS, UNK, IMAGE, BOI, EOI)
 SPLITS: tuple[str, ...] = ("train", "heldout", "calibration")
 # Out of 100 hash buckets: 10 held out, 5 for calibration, the rest train.
 _SPLIT_BUCKETS: dict[str, range] = {
-    "heldout": range(0, 10),
+    "heldout": range(10),
     "calibration": range(10, 15),
     "train": range(15, 100),
 }

@@ -38,8 +38,10 @@ class TritonStepBackend(HostGraphBackend):
         # Per-row scalars are [batch, 1] to Triton (dims [1], reshaped to [] for the model); see repository.py.
         request = pb_utils.InferenceRequest(
             model_name=model,
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array))
-                    for name, array in feeds.items()],
+            inputs=[
+                pb_utils.Tensor(name, np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array))
+                for name, array in feeds.items()
+            ],
             requested_output_names=names,
             parameters={"phase": phase},
         )

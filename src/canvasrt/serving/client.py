@@ -33,7 +33,9 @@ def _plain(name: str, value: Any) -> Any:
     return item.item() if isinstance(item, np.generic) else item
 
 
-def generate_grpc(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE_MODEL, timeout: float = 600.0) -> list[dict[str, Any]]:
+def generate_grpc(
+    url: str, inputs: dict[str, np.ndarray], model: str = GENERATE_MODEL, timeout: float = 600.0
+) -> list[dict[str, Any]]:
     """One request over a gRPC stream; returns every response up to the final one."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
@@ -49,7 +51,9 @@ def generate_grpc(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
         try:
-            client.async_stream_infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(f.name) for f in OUTPUTS])
+            client.async_stream_infer(
+                model, tensors, outputs=[grpcclient.InferRequestedOutput(f.name) for f in OUTPUTS]
+            )
         except InferenceServerException as exc:
             raise TritonRequestError(exc.message()) from None
         collected = []
@@ -69,14 +73,20 @@ def generate_grpc(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE
         client.close()
 
 
-def generate_http(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE_MODEL, timeout: float = 600.0) -> list[dict[str, Any]]:
+def generate_http(
+    url: str, inputs: dict[str, np.ndarray], model: str = GENERATE_MODEL, timeout: float = 600.0
+) -> list[dict[str, Any]]:
     """One request to the generate_stream endpoint (server-sent events); returns every response."""
     body = {}
     for name, array in inputs.items():  # JSON keeps the values' own types, so Triton still checks them
         values = [v.decode("utf-8") if isinstance(v, bytes) else v for v in np.asarray(array).reshape(-1).tolist()]
         body[name] = values if name == "prompt_ids" else values[0]
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/generate_stream",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         reply = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:  # the error is in the body: JSON, or one server-sent event holding JSON
@@ -90,6 +100,7 @@ def generate_http(url: str, inputs: dict[str, np.ndarray], model: str = GENERATE
             event = json.loads(line)
             if "error" in event:
                 raise TritonRequestError(event["error"])
-            collected.append({f.name: (event[f.name] if f.name == "ids" else _plain(f.name, [event[f.name]]))
-                              for f in OUTPUTS})
+            collected.append(
+                {f.name: (event[f.name] if f.name == "ids" else _plain(f.name, [event[f.name]])) for f in OUTPUTS}
+            )
     return collected

@@ -38,7 +38,7 @@ DEFAULT_QUEUE = 64
 class _Relay:
     """One request's responses, sent from the scheduler's thread through the request's response sender."""
 
-    def __init__(self, model: "TritonPythonModel", sender: Any, request: GenerationRequest):
+    def __init__(self, model: TritonPythonModel, sender: Any, request: GenerationRequest):
         self.model, self.sender = model, sender
         self.stream = ResponseStream(request, model.codec)
         self.sent = 0
@@ -112,10 +112,16 @@ class TritonPythonModel:
         counter, gauge = family.COUNTER, family.GAUGE
         self.metric_families = [
             family(name="canvasrt_step_calls_total", description="denoising step calls", kind=counter),
-            family(name="canvasrt_row_steps_total", description="denoising steps summed over the rows of the calls",
-                   kind=counter),
-            family(name="canvasrt_step_calls_by_rows_total", description="step calls by the rows they carried "
-                   "(batch occupancy)", kind=counter),
+            family(
+                name="canvasrt_row_steps_total",
+                description="denoising steps summed over the rows of the calls",
+                kind=counter,
+            ),
+            family(
+                name="canvasrt_step_calls_by_rows_total",
+                description="step calls by the rows they carried (batch occupancy)",
+                kind=counter,
+            ),
             family(name="canvasrt_rows", description="requests in the scheduler's slots", kind=gauge),
             family(name="canvasrt_queued_requests", description="requests waiting for a slot", kind=gauge),
         ]
@@ -132,8 +138,9 @@ class TritonPythonModel:
                 inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
                 parsed = parse_request(inputs, self.generation, self.codec.encode if self.codec else None)
                 relay = _Relay(self, sender, parsed)
-                relay.ticket = Ticket(RowRequest(parsed.ids, parsed.seed, parsed.settings), relay.on_event,
-                                      sender.is_cancelled)
+                relay.ticket = Ticket(
+                    RowRequest(parsed.ids, parsed.seed, parsed.settings), relay.on_event, sender.is_cancelled
+                )
                 self.relays[id(relay.ticket)] = relay
                 try:
                     self.scheduler.submit(relay.ticket)
@@ -142,8 +149,10 @@ class TritonPythonModel:
                     raise
             except Exception as exc:  # every request gets its final response; the instance serves the next one
                 message = str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
         with self.wake:
             self.wake.notify()
 
@@ -170,8 +179,10 @@ class TritonPythonModel:
             for ticket in dropped:
                 relay = self.relays.pop(id(ticket))
                 if not relay.closed:  # the client cancelled: Triton still wants the final flag, for nobody to read
-                    pb_utils.Logger.log_info(f"canvasrt_generate: request cancelled by its client after {relay.sent} "
-                                             "response(s); its row left at the next step")
+                    pb_utils.Logger.log_info(
+                        f"canvasrt_generate: request cancelled by its client after {relay.sent} "
+                        "response(s); its row left at the next step"
+                    )
                     relay.fail("the client cancelled the request", pb_utils.TritonError.CANCELLED)
             for key in [key for key, relay in self.relays.items() if relay.closed and relay.ticket.finished]:
                 del self.relays[key]
@@ -197,8 +208,10 @@ class TritonPythonModel:
             self.metric_steps.increment(1)
             self.metric_row_steps.increment(occupancy)
             self.metric_by_rows[occupancy].increment(1)
-            self.pb_utils.Logger.log_verbose(f"canvasrt_generate: step {scheduler.stats.step_calls} carried "
-                                             f"{occupancy} row(s); {rows} in slots, {queued} waiting")
+            self.pb_utils.Logger.log_verbose(
+                f"canvasrt_generate: step {scheduler.stats.step_calls} carried "
+                f"{occupancy} row(s); {rows} in slots, {queued} waiting"
+            )
 
     def finalize(self) -> None:
         with self.wake:

@@ -95,7 +95,9 @@ def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, An
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         except UnicodeDecodeError as exc:
-            raise CanvasrtError(f"the prompt is not UTF-8 text (byte {exc.start}); send UTF-8 or 'prompt_ids'") from None
+            raise CanvasrtError(
+                f"the prompt is not UTF-8 text (byte {exc.start}); send UTF-8 or 'prompt_ids'"
+            ) from None
         ids = encode(text)
     else:
         ids = [int(i) for i in inputs["prompt_ids"].reshape(-1)]
@@ -111,11 +113,19 @@ def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, An
     deadline = int(_scalar(inputs, "deadline_ms")) if "deadline_ms" in inputs else None
     if deadline is not None and deadline < 1:
         raise CanvasrtError(f"deadline_ms must be at least 1, got {deadline}")
-    return GenerationRequest(ids=ids, seed=seed, settings=settings, stream=streaming, stream_drafts=streaming and drafts,
-                             deadline_ms=deadline)
+    return GenerationRequest(
+        ids=ids,
+        seed=seed,
+        settings=settings,
+        stream=streaming,
+        stream_drafts=streaming and drafts,
+        deadline_ms=deadline,
+    )
 
 
-def response(event: str, block: int, step: int, ids: np.ndarray, text: str, tokens_per_forward: float = 0.0) -> dict[str, np.ndarray]:
+def response(
+    event: str, block: int, step: int, ids: np.ndarray, text: str, tokens_per_forward: float = 0.0
+) -> dict[str, np.ndarray]:
     """The output tensors of one streamed response."""
     return {
         "event": np.array([event.encode()], dtype=np.object_),
@@ -127,9 +137,15 @@ def response(event: str, block: int, step: int, ids: np.ndarray, text: str, toke
     }
 
 
-def request_inputs(prompt: str | None = None, prompt_ids: list[int] | None = None, seed: int | None = None,
-                   stream: bool = True, stream_drafts: bool = False, deadline_ms: int | None = None,
-                   **settings: Any) -> dict[str, np.ndarray]:
+def request_inputs(
+    prompt: str | None = None,
+    prompt_ids: list[int] | None = None,
+    seed: int | None = None,
+    stream: bool = True,
+    stream_drafts: bool = False,
+    deadline_ms: int | None = None,
+    **settings: Any,
+) -> dict[str, np.ndarray]:
     """Client side: the input tensors for a request (None values are left out, so the model's defaults apply)."""
     inputs: dict[str, np.ndarray] = {}
     if prompt is not None:
@@ -164,7 +180,9 @@ def _setting_tensor(name: str, value: Any, triton_dtype: str) -> np.ndarray:
         low, high = float(np.finfo(dtype).min), float(np.finfo(dtype).max)
         span = f"{low:.4g} to {high:.4g}"
     if np.isfinite(value) and not low <= value <= high:
-        raise CanvasrtError(f"{name} {value} does not fit the input's {triton_dtype} ({span}); send a value in that range")
+        raise CanvasrtError(
+            f"{name} {value} does not fit the input's {triton_dtype} ({span}); send a value in that range"
+        )
     return np.array([value], dtype=dtype)
 
 
@@ -184,19 +202,37 @@ class ResponseStream:
         """The error to end the request with when it is past its deadline (a finished generation is sent, however
         late)."""
         elapsed_ms = (time.monotonic() - self.started) * 1000
-        if self.request.deadline_ms is None or elapsed_ms <= self.request.deadline_ms or isinstance(event, GenerationResult):
+        if (
+            self.request.deadline_ms is None
+            or elapsed_ms <= self.request.deadline_ms
+            or isinstance(event, GenerationResult)
+        ):
             return None
         where = f"canvas {event.block}, step {event.step}" if isinstance(event, Draft) else f"canvas {event.block}"
-        return (f"the request passed its deadline_ms of {self.request.deadline_ms} at {where} ({elapsed_ms:.0f} ms); "
-                "raise deadline_ms or lower max_denoising_steps / max_new_tokens")
+        return (
+            f"the request passed its deadline_ms of {self.request.deadline_ms} at {where} ({elapsed_ms:.0f} ms); "
+            "raise deadline_ms or lower max_denoising_steps / max_new_tokens"
+        )
 
     def responses(self, event: Draft | Committed | GenerationResult) -> list[dict[str, np.ndarray]]:
         """The output tensors of the responses this event makes (none for a draft unless drafts are streamed)."""
         if isinstance(event, Draft):
-            return [response("draft", event.block, event.step, event.argmax[0], "")] if self.request.stream_drafts else []
+            return (
+                [response("draft", event.block, event.step, event.argmax[0], "")] if self.request.stream_drafts else []
+            )
         if isinstance(event, Committed):
             tokens = event.tokens[0]
-            return [response("block", event.block, event.steps, tokens, self.text(tokens))] if self.request.stream else []
+            return (
+                [response("block", event.block, event.steps, tokens, self.text(tokens))] if self.request.stream else []
+            )
         new = event.new_tokens[0]
-        return [response("done", len(event.steps_per_block), sum(event.steps_per_block), new, self.text(new),
-                         float(event.tokens_per_forward[0]))]
+        return [
+            response(
+                "done",
+                len(event.steps_per_block),
+                sum(event.steps_per_block),
+                new,
+                self.text(new),
+                float(event.tokens_per_forward[0]),
+            )
+        ]

@@ -30,11 +30,21 @@ from .model import ARTIFACTS, DEFAULT_QUEUE
 from .protocol import INPUTS, OUTPUTS, Field
 
 GENERATE_MODEL = "canvasrt_generate"
-REPOSITORY_OUTPUT = OutputKind("a canvasrt model repository", "`canvasrt triton`",
-                               lambda directory: (directory / GENERATE_MODEL / "config.pbtxt").is_file())
+REPOSITORY_OUTPUT = OutputKind(
+    "a canvasrt model repository",
+    "`canvasrt triton`",
+    lambda directory: (directory / GENERATE_MODEL / "config.pbtxt").is_file(),
+)
 STEP_BACKENDS = ("tensorrt", "onnxruntime", "python", "in-process")
-TRITON_DTYPES = {"int64": "INT64", "int32": "INT32", "bool": "BOOL", "float32": "FP32", "fp32": "FP32", "fp16": "FP16",
-                 "bf16": "BF16"}
+TRITON_DTYPES = {
+    "int64": "INT64",
+    "int32": "INT32",
+    "bool": "BOOL",
+    "float32": "FP32",
+    "fp32": "FP32",
+    "fp16": "FP16",
+    "bf16": "BF16",
+}
 ENTRY = '''"""Triton Python-backend model written by `canvasrt triton`; its code lives in canvasrt.serving.{module}.
 
 Triton's Python stub runs an isolated interpreter that ignores PYTHONPATH, so `canvasrt serve` names the environment
@@ -55,13 +65,17 @@ def _model_config() -> Any:
     try:
         from tritonclient.grpc import model_config_pb2
     except ImportError as exc:
-        raise CanvasrtError(f"writing Triton model configs needs tritonclient[grpc] ({exc}); install canvasrt[triton]") from None
+        raise CanvasrtError(
+            f"writing Triton model configs needs tritonclient[grpc] ({exc}); install canvasrt[triton]"
+        ) from None
     return model_config_pb2
 
 
 def _io(message: Any, field: Field, optional: bool = False) -> None:
     pb = _model_config()
-    config_type = "TYPE_STRING" if field.dtype == "BYTES" else f"TYPE_{field.dtype}"  # config and protocol name it apart
+    config_type = (
+        "TYPE_STRING" if field.dtype == "BYTES" else f"TYPE_{field.dtype}"
+    )  # config and protocol name it apart
     entry = message.add(name=field.name, data_type=pb.DataType.Value(config_type), dims=list(field.dims))
     if optional:
         entry.optional = True
@@ -84,8 +98,16 @@ def generate_config(instances: int, parameters: dict[str, str]) -> Any:
     return config
 
 
-def step_config(graph: str, entry: GraphEntry | EngineEntry, dtype: str, step_backend: str, filename: str,
-                instances: int, max_batch: int, threads: int) -> Any:
+def step_config(
+    graph: str,
+    entry: GraphEntry | EngineEntry,
+    dtype: str,
+    step_backend: str,
+    filename: str,
+    instances: int,
+    max_batch: int,
+    threads: int,
+) -> Any:
     pb = _model_config()
     config = pb.ModelConfig(name=STEP_MODELS[graph], max_batch_size=max_batch)
     if step_backend == "python":  # the Python backend takes default_model_filename for its script: name the graph apart
@@ -98,8 +120,10 @@ def step_config(graph: str, entry: GraphEntry | EngineEntry, dtype: str, step_ba
     for specs, message in ((entry.inputs, config.input), (entry.outputs, config.output)):
         for spec in specs:
             dims = tuple(d if isinstance(d, int) else -1 for d in spec.shape[1:])
-            _io(message, Field(spec.name, TRITON_DTYPES[dtype if spec.dtype == MODEL_DTYPE else spec.dtype], dims,
-                               spec.doc))
+            _io(
+                message,
+                Field(spec.name, TRITON_DTYPES[dtype if spec.dtype == MODEL_DTYPE else spec.dtype], dims, spec.doc),
+            )
     config.dynamic_batching.SetInParent()
     if step_backend == "tensorrt":
         group = config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.KIND_GPU)
@@ -130,23 +154,39 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def write_repository(target: str | Path, output: str | Path, step_backend: str | None = None, instances: int = 1,
-                     max_batch: int | None = None, threads: int = 0, slots: int | None = None,
-                     max_queue: int = DEFAULT_QUEUE, batch_window_ms: int = 0) -> dict[str, Any]:
+def write_repository(
+    target: str | Path,
+    output: str | Path,
+    step_backend: str | None = None,
+    instances: int = 1,
+    max_batch: int | None = None,
+    threads: int = 0,
+    slots: int | None = None,
+    max_queue: int = DEFAULT_QUEUE,
+    batch_window_ms: int = 0,
+) -> dict[str, Any]:
     """Writes the model repository; returns a summary (models, step backend, source). slots: requests one loop
     instance batches (default max_batch; 1 serves them one at a time); max_queue: requests that may wait for one;
     batch_window_ms: how long an idle loop instance holds its first step for more requests to join it."""
     output = Path(output)
     opened = open_target(target)
     if isinstance(opened, CheckpointDir):
-        raise CanvasrtError(f"{target} is a checkpoint; Triton serves exported graphs or engines (run `canvasrt export`)")
+        raise CanvasrtError(
+            f"{target} is a checkpoint; Triton serves exported graphs or engines (run `canvasrt export`)"
+        )
     engines = opened if isinstance(opened, EngineManifest) else None
     step_backend = step_backend or ("tensorrt" if engines else "onnxruntime")
     if step_backend not in STEP_BACKENDS:
         raise CanvasrtError(f"unknown step backend {step_backend!r}; use one of {', '.join(STEP_BACKENDS)}")
     if (step_backend == "tensorrt") != (engines is not None):
-        raise CanvasrtError(f"--step-backend {step_backend} needs " + ("an engine directory (`canvasrt build`)"
-                            if step_backend == "tensorrt" else "an artifact directory (`canvasrt export`), not engines"))
+        raise CanvasrtError(
+            f"--step-backend {step_backend} needs "
+            + (
+                "an engine directory (`canvasrt build`)"
+                if step_backend == "tensorrt"
+                else "an artifact directory (`canvasrt export`), not engines"
+            )
+        )
     if instances < 1:
         raise CanvasrtError(f"--instances must be at least 1, got {instances}")
     if threads < 0:
@@ -159,14 +199,17 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
         manifest = ArtifactManifest.load(engines.artifacts)
         stale = [g for g in GRAPHS if engines.engines[g].onnx_sha256 != manifest.graphs[g].sha256]
         if stale:
-            raise ArtifactError(f"the engines in {target} were built from other graphs than {engines.artifacts} now "
-                                "holds; rebuild them")
+            raise ArtifactError(
+                f"the engines in {target} were built from other graphs than {engines.artifacts} now holds; rebuild them"
+            )
     else:
         assert isinstance(opened, ArtifactManifest)
         manifest = opened
     if manifest.dtype not in NUMPY_DTYPES:
-        raise CanvasrtError(f"the loop model feeds {manifest.dtype} tensors from numpy, which has no such type; "
-                            "export with --dtype fp32 or fp16")
+        raise CanvasrtError(
+            f"the loop model feeds {manifest.dtype} tensors from numpy, which has no such type; "
+            "export with --dtype fp32 or fp16"
+        )
     # a build may have narrowed the profiles below the artifacts' capacity
     capacity = engines.max_batch if engines is not None else manifest.capacity.max_batch
     max_batch = capacity if max_batch is None else max_batch
@@ -175,16 +218,30 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
     slots = max_batch if slots is None else slots
     if not 1 <= slots <= max_batch:
         # every slot is a row of each step call, which the step models take up to their max batch
-        fix = (f"raise --max-batch (up to {capacity})" if slots <= capacity else
-               f"{target} takes batches of at most {capacity}: " + ("rebuild with a larger `canvasrt build "
-               "--max-batch`, or re-export" if engines is not None else "re-export with `canvasrt export --max-batch`"))
-        raise CanvasrtError(f"--slots must be between 1 and the max batch {max_batch}, got {slots}"
-                            + (f"; {fix}" if slots > max_batch else ""))
+        fix = (
+            f"raise --max-batch (up to {capacity})"
+            if slots <= capacity
+            else f"{target} takes batches of at most {capacity}: "
+            + (
+                "rebuild with a larger `canvasrt build --max-batch`, or re-export"
+                if engines is not None
+                else "re-export with `canvasrt export --max-batch`"
+            )
+        )
+        raise CanvasrtError(
+            f"--slots must be between 1 and the max batch {max_batch}, got {slots}"
+            + (f"; {fix}" if slots > max_batch else "")
+        )
     # what is packaged (graphs or engines) is what was exported or built: digests, once, after the option checks
     # so that a bad option is refused before gigabytes are hashed
     opened.verify()
-    parameters = {"step_backend": "in-process" if step_backend == "in-process" else "bls", "threads": str(threads),
-                  "slots": str(slots), "max_queue": str(max_queue), "batch_window_ms": str(batch_window_ms)}
+    parameters = {
+        "step_backend": "in-process" if step_backend == "in-process" else "bls",
+        "threads": str(threads),
+        "slots": str(slots),
+        "max_queue": str(max_queue),
+        "batch_window_ms": str(batch_window_ms),
+    }
     inputs = [Path(target)] + ([engines.artifacts] if engines is not None else [])
     with staged_directory(output, REPOSITORY_OUTPUT, inputs) as staging:
         model_dir = staging / GENERATE_MODEL / "1"
@@ -210,10 +267,17 @@ def write_repository(target: str | Path, output: str | Path, step_backend: str |
                         _link_or_copy(str(source), str(step_dir / "1" / source.name))
                 if step_backend == "python":
                     (step_dir / "1" / "model.py").write_text(ENTRY.format(module="step_model"))
-                write_config(step_dir, step_config(graph, entry, manifest.dtype, step_backend, entry.file, instances,
-                                                   max_batch, threads))
+                write_config(
+                    step_dir,
+                    step_config(graph, entry, manifest.dtype, step_backend, entry.file, instances, max_batch, threads),
+                )
         (model_dir / "model.py").write_text(ENTRY.format(module="model"))
         write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
     models = [GENERATE_MODEL] + ([] if step_backend == "in-process" else list(STEP_MODELS.values()))
-    return {"models": models, "step_backend": step_backend, "source": str(target), "max_batch": max_batch,
-            "slots": slots}
+    return {
+        "models": models,
+        "step_backend": step_backend,
+        "source": str(target),
+        "max_batch": max_batch,
+        "slots": slots,
+    }

@@ -20,9 +20,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from ..core.errors import CanvasrtError
 
@@ -75,13 +76,17 @@ def check_python_env(env: PythonEnv) -> None:
         name, _, version = dist.name.removesuffix(".dist-info").partition("-")
         found[name.lower().replace("_", "-")] = version
     missing = [p for p in ("canvasrt", "numpy", "onnxruntime") if p not in found]
-    fix = ("make one with the server's Python: `python3.11 -m venv .venv-triton && .venv-triton/bin/pip install "
-           "'numpy<2' onnxruntime tokenizers && .venv-triton/bin/pip install --no-deps -e .` (scripts/setup.sh does)")
+    fix = (
+        "make one with the server's Python: `python3.11 -m venv .venv-triton && .venv-triton/bin/pip install "
+        "'numpy<2' onnxruntime tokenizers && .venv-triton/bin/pip install --no-deps -e .` (scripts/setup.sh does)"
+    )
     if missing:
         raise CanvasrtError(f"the models' Python environment {env.site_packages} lacks {', '.join(missing)}; {fix}")
     if int(found["numpy"].split(".")[0]) >= 2:
-        raise CanvasrtError(f"the models' Python environment has numpy {found['numpy']}, but Triton's Python backend "
-                            f"needs numpy<2; {fix}")
+        raise CanvasrtError(
+            f"the models' Python environment has numpy {found['numpy']}, but Triton's Python backend "
+            f"needs numpy<2; {fix}"
+        )
 
 
 def find_installation(env: PythonEnv) -> Installation:
@@ -96,8 +101,12 @@ def find_installation(env: PythonEnv) -> Installation:
         binary = root / "tritonserver" / "bin" / "tritonserver"
         if binary.is_file():
             libraries = root.parent / "nvidia_pytriton.libs"
-            return Installation(binary, root / "tritonserver" / "backends", libraries if libraries.is_dir() else None,
-                                root / "tritonserver" / "python_backend_stubs")
+            return Installation(
+                binary,
+                root / "tritonserver" / "backends",
+                libraries if libraries.is_dir() else None,
+                root / "tritonserver" / "python_backend_stubs",
+            )
     on_path = shutil.which("tritonserver")
     if on_path:
         return Installation(Path(on_path), Path("/opt/tritonserver/backends"), None, None)
@@ -113,8 +122,10 @@ def backend_directory(installation: Installation, env: PythonEnv, scratch: Path)
         return installation.backends
     stub = installation.stubs / env.version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise CanvasrtError(f"this tritonserver has no Python-backend stub for Python {env.version}; use a Python "
-                            f"environment of one of {', '.join(sorted(p.name for p in installation.stubs.iterdir()))}")
+        raise CanvasrtError(
+            f"this tritonserver has no Python-backend stub for Python {env.version}; use a Python "
+            f"environment of one of {', '.join(sorted(p.name for p in installation.stubs.iterdir()))}"
+        )
     python = scratch / "backends" / "python"
     python.mkdir(parents=True)
     for item in (installation.backends / "python").iterdir():
@@ -160,9 +171,16 @@ def stop_with_parent() -> Callable[[], None] | None:
 class TritonServer:
     """A tritonserver process on a model repository; a context manager that waits for readiness and stops it."""
 
-    def __init__(self, repository: str | Path, python_env_path: str | Path | None = None, http_port: int = 8000,
-                 grpc_port: int = 8001, log: Path | None = None, startup_timeout: float = 120.0,
-                 metrics_port: int | None = None):
+    def __init__(
+        self,
+        repository: str | Path,
+        python_env_path: str | Path | None = None,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        log: Path | None = None,
+        startup_timeout: float = 120.0,
+        metrics_port: int | None = None,
+    ):
         """metrics_port: Triton's Prometheus endpoint (None: any free port; `metrics_url` says which)."""
         self.repository = Path(repository).resolve()
         if not any(self.repository.glob("*/config.pbtxt")):
@@ -194,23 +212,45 @@ class TritonServer:
 
     def command(self, backends: Path) -> list[str]:
         return [
-            str(self.installation.binary), "--model-repository", str(self.repository),
-            "--backend-directory", str(backends),
-            "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
-            "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+            str(self.installation.binary),
+            "--model-repository",
+            str(self.repository),
+            "--backend-directory",
+            str(backends),
+            "--http-address",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-address",
+            "127.0.0.1",
+            "--grpc-port",
+            str(self.grpc_port),
             # CPU metrics and the models' own (batch occupancy); a CPU-only server has no GPU metrics to collect
-            "--allow-metrics", "true", "--allow-gpu-metrics", "false", "--metrics-address", "127.0.0.1",
-            "--metrics-port", str(self.metrics_port), "--log-verbose", "0",
+            "--allow-metrics",
+            "true",
+            "--allow-gpu-metrics",
+            "false",
+            "--metrics-address",
+            "127.0.0.1",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-verbose",
+            "0",
         ]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         # The stub's interpreter looks for `python3` on PATH to find its prefix: a virtual environment's bin/ there
         # (an activated .venv, say) would hand it that environment's site-packages, numpy 2 included.
-        env["PATH"] = os.pathsep.join(entry for entry in env.get("PATH", "").split(os.pathsep)
-                                      if entry and not (Path(entry).parent / "pyvenv.cfg").is_file())
+        env["PATH"] = os.pathsep.join(
+            entry
+            for entry in env.get("PATH", "").split(os.pathsep)
+            if entry and not (Path(entry).parent / "pyvenv.cfg").is_file()
+        )
         if self.installation.libraries:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.installation.libraries), env.get("LD_LIBRARY_PATH")]))
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                filter(None, [str(self.installation.libraries), env.get("LD_LIBRARY_PATH")])
+            )
         env["CANVASRT_PYTHONPATH"] = str(self.env.site_packages)
         return env
 
@@ -225,8 +265,9 @@ class TritonServer:
                 try:
                     probe.bind(("127.0.0.1", port))
                 except OSError:
-                    raise CanvasrtError(f"port {port} on 127.0.0.1 is in use (another server?); choose another with "
-                                        f"{option}") from None
+                    raise CanvasrtError(
+                        f"port {port} on 127.0.0.1 is in use (another server?); choose another with {option}"
+                    ) from None
 
     def start(self) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="canvasrt-triton-"))
@@ -235,11 +276,16 @@ class TritonServer:
             self._log_file = open(self.log_path, "wb")
         except OSError as exc:
             self._release()
-            raise CanvasrtError(f"cannot write the server log {self.log_path} ({exc.strerror}); give --log a file in "
-                                "a writable directory") from None
+            raise CanvasrtError(
+                f"cannot write the server log {self.log_path} ({exc.strerror}); give --log a file in "
+                "a writable directory"
+            ) from None
         self.process = subprocess.Popen(
             self.command(backend_directory(self.installation, self.env, self.scratch)),
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            start_new_session=True,
             preexec_fn=stop_with_parent(),
         )
         self.wait_ready()
@@ -268,8 +314,14 @@ class TritonServer:
         for marker in ("failed to load", "error:", "Error"):
             hits = [line for line in lines if marker in line and "CudaDriverHelper" not in line and "NVML" not in line]
             if hits:
-                hint = ("; this server lacks that backend: write the repository with `canvasrt triton --step-backend "
-                        "in-process` (or python)") if "unable to find backend library" in hits[0] else ""
+                hint = (
+                    (
+                        "; this server lacks that backend: write the repository with `canvasrt triton --step-backend "
+                        "in-process` (or python)"
+                    )
+                    if "unable to find backend library" in hits[0]
+                    else ""
+                )
                 return hits[0].strip()[:400] + hint
         return f"see {self.log_path}"
 
@@ -297,7 +349,7 @@ class TritonServer:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         return self
 

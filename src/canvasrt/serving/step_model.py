@@ -30,7 +30,9 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb_utils = self.pb_utils
-        feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs} for r in requests]
+        feeds = [
+            {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs} for r in requests
+        ]
         groups: dict[tuple, list[int]] = {}
         for index, feed in enumerate(feeds):
             groups.setdefault(tuple(feed[name].shape[1:] for name in self.inputs), []).append(index)
@@ -38,8 +40,12 @@ class TritonPythonModel:
         for members in groups.values():
             rows = [feeds[i][self.inputs[0]].shape[0] for i in members]
             # A lone request (the usual case) is fed as it came: no copy of its K/V buffers
-            batch = {name: feeds[members[0]][name] if len(members) == 1
-                     else np.concatenate([feeds[i][name] for i in members]) for name in self.inputs}
+            batch = {
+                name: feeds[members[0]][name]
+                if len(members) == 1
+                else np.concatenate([feeds[i][name] for i in members])
+                for name in self.inputs
+            }
             parts = [np.split(array, np.cumsum(rows)[:-1]) for array in self.session.run(self.outputs, batch)]
             for position, index in enumerate(members):
                 tensors = [pb_utils.Tensor(name, part[position]) for name, part in zip(self.outputs, parts)]

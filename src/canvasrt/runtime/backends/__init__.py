@@ -27,13 +27,20 @@ def refuse_unused_device(device: str, names: list[str]) -> None:
     """--device places the torch paths (the torch backend, the transformers reference) only: a run of none of
     them would silently ignore it."""
     if device != "cpu" and not {"torch", "transformers"} & set(names):
-        raise CanvasrtError(f"--device {device} places the torch paths; --backend {', '.join(names)} runs on its own "
-                            "runtime (ONNX Runtime: --provider), so drop --device or use --backend torch")
+        raise CanvasrtError(
+            f"--device {device} places the torch paths; --backend {', '.join(names)} runs on its own "
+            "runtime (ONNX Runtime: --provider), so drop --device or use --backend torch"
+        )
 
 
 def open_backend(
-    target: str | Path | Target, name: str | None = None, provider: str = "cpu", threads: int | None = None,
-    max_batch: int = 16, device: str = "cpu", dtype: str | None = None,
+    target: str | Path | Target,
+    name: str | None = None,
+    provider: str = "cpu",
+    threads: int | None = None,
+    max_batch: int = 16,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> StepBackend:
     """An inactive backend for `target` (a path or an opened target); `with backend:` activates it. device, dtype:
     the torch backend's (fp32 unless given)."""
@@ -43,28 +50,40 @@ def open_backend(
     if name not in BACKENDS:
         raise CanvasrtError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if (name == "tensorrt") != isinstance(target, EngineManifest):
-        raise CanvasrtError(f"--backend {name} cannot run {target.directory}: engine directories (`canvasrt build`) run on "
-                            "--backend tensorrt, and only there")
+        raise CanvasrtError(
+            f"--backend {name} cannot run {target.directory}: engine directories (`canvasrt build`) run on "
+            "--backend tensorrt, and only there"
+        )
     if isinstance(target, EngineManifest):
         from .tensorrt import TensorRTBackend
 
         return TensorRTBackend(target)
     if name == "onnxruntime":
         if not isinstance(target, ArtifactManifest):
-            raise CanvasrtError(f"--backend onnxruntime runs exported graphs; {target.directory} is a checkpoint "
-                                "(run `canvasrt export` first)")
+            raise CanvasrtError(
+                f"--backend onnxruntime runs exported graphs; {target.directory} is a checkpoint "
+                "(run `canvasrt export` first)"
+            )
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(target, provider=provider, threads=threads)
     from .torch import TorchBackend
 
     if isinstance(target, CheckpointDir):
-        return TorchBackend(target.directory, dtype=dtype or "fp32", max_batch=max_batch, threads=threads,
-                            device=device)
+        return TorchBackend(
+            target.directory, dtype=dtype or "fp32", max_batch=max_batch, threads=threads, device=device
+        )
     source = target.checkpoint_path
     if not (source / "config.json").is_file():
         raise CanvasrtError(f"--backend torch needs the checkpoint {source} these artifacts came from; it is gone")
     calibration = target.calibration() if target.quantization else None
-    return TorchBackend(source, dtype=dtype or "fp32", moe=target.moe, max_batch=target.capacity.max_batch,
-                        max_context=target.capacity.max_context, threads=threads, calibration=calibration,
-                        device=device)
+    return TorchBackend(
+        source,
+        dtype=dtype or "fp32",
+        moe=target.moe,
+        max_batch=target.capacity.max_batch,
+        max_context=target.capacity.max_context,
+        threads=threads,
+        calibration=calibration,
+        device=device,
+    )

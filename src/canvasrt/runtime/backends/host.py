@@ -27,8 +27,10 @@ class HostGraphBackend(StepBackend):
         super().__init__(manifest)
         self.manifest = manifest
         if manifest.dtype not in NUMPY_DTYPES:
-            raise ArtifactError(f"{manifest.directory} holds {manifest.dtype} graphs, which cannot be fed from numpy; "
-                                "export with --dtype fp32 or fp16")
+            raise ArtifactError(
+                f"{manifest.directory} holds {manifest.dtype} graphs, which cannot be fed from numpy; "
+                "export with --dtype fp32 or fp16"
+            )
         self.dtype = NUMPY_DTYPES[manifest.dtype]
         self.buffers = HostKVBuffers(manifest.kv_layout, self.dtype)
         self.num_layers = len(manifest.kv_layout)
@@ -54,8 +56,10 @@ class HostGraphBackend(StepBackend):
     def _start(self, padding: np.ndarray) -> None:
         batch = padding.shape[0]
         if batch > self.spec.capacity.max_batch:
-            raise CanvasrtError(f"batch of {batch} exceeds the artifacts' max batch {self.spec.capacity.max_batch}; "
-                                "re-export with a larger --max-batch")
+            raise CanvasrtError(
+                f"batch of {batch} exceeds the artifacts' max batch {self.spec.capacity.max_batch}; "
+                "re-export with a larger --max-batch"
+            )
         self.buffers.reset(batch)
         self.mask = context_mask(padding, self.context_slots)
         self.self_cond = np.zeros((batch, self.spec.capacity.canvas, self.spec.model.hidden_size), self.dtype)
@@ -92,7 +96,9 @@ class HostGraphBackend(StepBackend):
         frozen: np.ndarray,
     ) -> StepResult:
         if draws.uniforms is None:
-            raise CanvasrtError(f"the {self.name} backend samples from uniforms (--rng counter); --rng hf needs --backend torch")
+            raise CanvasrtError(
+                f"the {self.name} backend samples from uniforms (--rng counter); --rng hf needs --backend torch"
+            )
         if first_step:
             self.self_cond.fill(0)
         batch = canvas.shape[0]

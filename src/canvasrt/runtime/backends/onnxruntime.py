@@ -64,10 +64,18 @@ class OnnxRuntimeBackend(HostGraphBackend):
         entry = self.manifest.backbone
         path = self.manifest.graph_path("backbone")
         session = create_session(path, self.provider, self.threads)
-        for what, declared, found in (("inputs", entry.inputs, session.get_inputs()),
-                                      ("outputs", entry.outputs, session.get_outputs())):
-            check_io(list(declared), [(a.name, a.type, tuple(a.shape)) for a in found], self.manifest.dtype,
-                     str(path), ONNX_TYPES, what)
+        for what, declared, found in (
+            ("inputs", entry.inputs, session.get_inputs()),
+            ("outputs", entry.outputs, session.get_outputs()),
+        ):
+            check_io(
+                list(declared),
+                [(a.name, a.type, tuple(a.shape)) for a in found],
+                self.manifest.dtype,
+                str(path),
+                ONNX_TYPES,
+                what,
+            )
         self.session = session
 
     def _deactivate(self) -> None:

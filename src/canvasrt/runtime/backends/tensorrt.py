@@ -43,13 +43,19 @@ def check_engines_fit(manifest: EngineManifest, tensorrt_version: str, compute_c
     """Refuses engines built by another TensorRT or for another GPU, before deserialising them fails obscurely."""
     key = manifest.key
     if key.builder != "tensorrt":
-        raise CanvasrtError(f"these engines were built with {key.builder}; the tensorrt backend runs `--builder tensorrt` engines")
+        raise CanvasrtError(
+            f"these engines were built with {key.builder}; the tensorrt backend runs `--builder tensorrt` engines"
+        )
     if key.builder_version != tensorrt_version:
-        raise CanvasrtError(f"engines built with TensorRT {key.builder_version}, this is TensorRT {tensorrt_version}; "
-                            "rebuild them with `canvasrt build`")
+        raise CanvasrtError(
+            f"engines built with TensorRT {key.builder_version}, this is TensorRT {tensorrt_version}; "
+            "rebuild them with `canvasrt build`"
+        )
     local = f"sm{compute_capability[0]}{compute_capability[1]}"
     if key.target not in ("current", local):
-        raise CanvasrtError(f"engines built for {key.target}, this GPU is {local}; rebuild them here with `canvasrt build`")
+        raise CanvasrtError(
+            f"engines built for {key.target}, this GPU is {local}; rebuild them here with `canvasrt build`"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,14 +109,20 @@ class TensorRTBackend(StepBackend):
             import tensorrt as trt
             import torch
         except ImportError as exc:
-            raise CanvasrtError(f"the tensorrt backend needs TensorRT and PyTorch with CUDA ({exc}); install "
-                                "canvasrt[gpu] on a machine with an NVIDIA GPU") from None
+            raise CanvasrtError(
+                f"the tensorrt backend needs TensorRT and PyTorch with CUDA ({exc}); install "
+                "canvasrt[gpu] on a machine with an NVIDIA GPU"
+            ) from None
         if not hasattr(trt, "Runtime"):
-            raise CanvasrtError("the installed `tensorrt` is not a working TensorRT (only stubs or a placeholder); "
-                                "install canvasrt[gpu] on a machine with an NVIDIA GPU")
+            raise CanvasrtError(
+                "the installed `tensorrt` is not a working TensorRT (only stubs or a placeholder); "
+                "install canvasrt[gpu] on a machine with an NVIDIA GPU"
+            )
         if not torch.cuda.is_available():
-            raise CanvasrtError("the tensorrt backend needs CUDA, and PyTorch sees no CUDA GPU (no driver or device); "
-                                "run it on a machine with an NVIDIA GPU")
+            raise CanvasrtError(
+                "the tensorrt backend needs CUDA, and PyTorch sees no CUDA GPU (no driver or device); "
+                "run it on a machine with an NVIDIA GPU"
+            )
 
     def _activate(self) -> None:
         import tensorrt as trt  # importable: activate() ran preflight()
@@ -119,9 +131,13 @@ class TensorRTBackend(StepBackend):
         torch.cuda.set_device(self.device)
         check_engines_fit(self.manifest, trt.__version__, torch.cuda.get_device_capability(self.device))
         self.torch, self.trt = torch, trt
-        self.torch_dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                             trt.DataType.BF16: torch.bfloat16, trt.DataType.INT64: torch.int64,
-                             trt.DataType.BOOL: torch.bool}
+        self.torch_dtypes = {
+            trt.DataType.FLOAT: torch.float32,
+            trt.DataType.HALF: torch.float16,
+            trt.DataType.BF16: torch.bfloat16,
+            trt.DataType.INT64: torch.int64,
+            trt.DataType.BOOL: torch.bool,
+        }
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         entry = self.manifest.backbone
         engine = self.runtime.deserialize_cuda_engine(self.manifest.engine_path("backbone").read_bytes())
@@ -130,8 +146,11 @@ class TensorRTBackend(StepBackend):
         self.engine = engine
         self._check_io()
         names = list(entry.profiles)
-        self.scratch = torch.empty(max(engine.get_device_memory_size_for_profile_v2(names.index(phase))
-                                       for phase in PHASES), dtype=torch.uint8, device="cuda")
+        self.scratch = torch.empty(
+            max(engine.get_device_memory_size_for_profile_v2(names.index(phase)) for phase in PHASES),
+            dtype=torch.uint8,
+            device="cuda",
+        )
         self.stream = torch.cuda.Stream()
         self.contexts: dict[str, trt.IExecutionContext] = {}
         for phase in PHASES:
@@ -143,8 +162,9 @@ class TensorRTBackend(StepBackend):
             self.contexts[phase] = context
         self.state_dtype = self.torch_dtypes[getattr(trt.DataType, TRT_TYPES[self.manifest.dtype])]
         # What a denoising step copies back: the sampler's outputs, not the (empty) encoder K/V or the next state
-        self.step_outputs = [name for name in entry.output_names
-                             if not name.startswith(("key_", "value_")) and name != "next_self_cond"]
+        self.step_outputs = [
+            name for name in entry.output_names if not name.startswith(("key_", "value_")) and name != "next_self_cond"
+        ]
 
     def _check_io(self) -> None:
         engine, entry = self.engine, self.manifest.backbone
@@ -196,8 +216,9 @@ class TensorRTBackend(StepBackend):
                 shape = _dims(context.get_tensor_shape(name))
                 # At least one element: an empty tensor (a phase's unused outputs) still needs a non-null address
                 size = int(np.prod(shape))
-                tensors[name] = self.torch.empty(max(size, 1), dtype=self.torch_dtypes[engine.get_tensor_dtype(name)],
-                                                 device="cuda")[:size].view(shape)
+                tensors[name] = self.torch.empty(
+                    max(size, 1), dtype=self.torch_dtypes[engine.get_tensor_dtype(name)], device="cuda"
+                )[:size].view(shape)
             self.io[key] = tensors
         return self.io[key]
 
@@ -231,14 +252,21 @@ class TensorRTBackend(StepBackend):
         }
         state = {"context_mask": self.mask, "self_cond": self.self_cond[:, :0], **self._kv_inputs(context_length)}
         phase = encoder_phase(chunk, self.manifest.capacity.canvas)
-        buffers = self._buffers(phase, {**{n: a.shape for n, a in host.items()},
-                                        **{n: tuple(t.shape) for n, t in state.items()}})
+        buffers = self._buffers(
+            phase, {**{n: a.shape for n, a in host.items()}, **{n: tuple(t.shape) for n, t in state.items()}}
+        )
         self._upload(buffers, host)
         # An empty self_cond's address may be null, which TensorRT refuses for a bound tensor: bind the buffer itself
         self._run(phase, {**buffers, **state, "self_cond": self.self_cond, "next_self_cond": self.next_self_cond})
         n = len(self.keys)
-        write_chunk(self.manifest.kv_layout, self.keys, self.values, positions,
-                    [buffers[f"key_{i}"] for i in range(n)], [buffers[f"value_{i}"] for i in range(n)])
+        write_chunk(
+            self.manifest.kv_layout,
+            self.keys,
+            self.values,
+            positions,
+            [buffers[f"key_{i}"] for i in range(n)],
+            [buffers[f"value_{i}"] for i in range(n)],
+        )
 
     def _denoise(
         self,
@@ -255,13 +283,25 @@ class TensorRTBackend(StepBackend):
         if first_step:
             self.self_cond.zero_()
         batch = canvas.shape[0]
-        host = {**no_chunk(batch), "canvas": canvas, "context_length": context_length, "temperature": temperature,
-                "entropy_bound": entropy_bound, "uniforms": draws.uniforms, "renoise_ids": draws.renoise_ids}
-        state = {"self_cond": self.self_cond, "context_mask": self.mask, "next_self_cond": self.next_self_cond,
-                 **self._kv_inputs(context_length)}
+        host = {
+            **no_chunk(batch),
+            "canvas": canvas,
+            "context_length": context_length,
+            "temperature": temperature,
+            "entropy_bound": entropy_bound,
+            "uniforms": draws.uniforms,
+            "renoise_ids": draws.renoise_ids,
+        }
+        state = {
+            "self_cond": self.self_cond,
+            "context_mask": self.mask,
+            "next_self_cond": self.next_self_cond,
+            **self._kv_inputs(context_length),
+        }
         inputs = {n: t for n, t in state.items() if n != "next_self_cond"}
-        buffers = self._buffers("denoise", {**{n: a.shape for n, a in host.items()},
-                                            **{n: tuple(t.shape) for n, t in inputs.items()}})
+        buffers = self._buffers(
+            "denoise", {**{n: a.shape for n, a in host.items()}, **{n: tuple(t.shape) for n, t in inputs.items()}}
+        )
         self._upload(buffers, host)
         self._run("denoise", {**buffers, **state})
         if frozen.any():  # stopped rows keep their state: copy it into the buffer that becomes current

@@ -44,8 +44,11 @@ class TorchBackend(StepBackend):
         config = self.checkpoint.config
         capacity = Capacity.for_model(config, max_batch, max_context or min(config.max_position_embeddings, 4096), None)
         quantization = Quantization.from_calibration(calibration) if calibration is not None else None
-        super().__init__(StepSpec(config, capacity, kv_layout(config, capacity), dtype,
-                                  self.checkpoint.generation_config(), quantization))
+        super().__init__(
+            StepSpec(
+                config, capacity, kv_layout(config, capacity), dtype, self.checkpoint.generation_config(), quantization
+            )
+        )
         self.dtype, self.moe, self.threads = dtype, moe, threads
         self.calibration = calibration  # FP8 scales to simulate (calibration.json of FP8 artifacts)
         self.model: Any = None
@@ -77,12 +80,15 @@ class TorchBackend(StepBackend):
     def _start(self, padding: np.ndarray) -> None:
         batch = padding.shape[0]
         torch_dtype = DTYPES[self.dtype]
-        self.keys = [torch.zeros(batch, b.num_kv_heads, b.slots, b.head_dim, dtype=torch_dtype, device=self.device)
-                     for b in self.spec.kv_layout]
+        self.keys = [
+            torch.zeros(batch, b.num_kv_heads, b.slots, b.head_dim, dtype=torch_dtype, device=self.device)
+            for b in self.spec.kv_layout
+        ]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.mask = self._tensor(context_mask(padding, self.spec.capacity.max_context))
-        self.self_cond = torch.zeros(batch, self.spec.capacity.canvas, self.spec.model.hidden_size, dtype=torch_dtype,
-                                     device=self.device)
+        self.self_cond = torch.zeros(
+            batch, self.spec.capacity.canvas, self.spec.model.hidden_size, dtype=torch_dtype, device=self.device
+        )
 
     @torch.inference_mode()
     def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
