@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from canvasrt.runtime.bench import bench
+from canvasrt.validation.bench import alternate, bench
 
 
 def bench_ab(
@@ -31,15 +31,21 @@ def bench_ab(
     canvases: int,
     threads: int | None,
 ) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
-    for _ in range(rounds):
-        for name, target in (("before", before), ("after", after)):
-            result = bench(target, [backend], batch, prompt_length, steps, canvases, threads)
-            runs[name].append(result["backends"][backend])
+    targets = {"before": before, "after": after}
+    runs = alternate(
+        {
+            name: lambda target=target: bench(target, [backend], batch, prompt_length, steps, canvases, threads)[
+                "backends"
+            ][backend]
+            for name, target in targets.items()
+        },
+        rounds,
+        warmup=False,  # each bench() warms up its own sessions
+    )
     summary: dict[str, Any] = {"backend": backend, "rounds": rounds}
     for name, entries in runs.items():
         summary[name] = {
-            "target": str(before if name == "before" else after),
+            "target": str(targets[name]),
             "step_median_ms": [e["step"]["median_ms"] for e in entries],
             "prefill_ms": [e["prefill_ms"] for e in entries],
             "commit_ms": [e["commit_ms"] for e in entries],
@@ -86,8 +92,9 @@ def main() -> None:
         entry = summary[name]
         rounds = ", ".join(f"{v:.1f}" for v in entry["step_median_ms"])
         print(
-            f"{name:6} {entry['target']}: step median per round {rounds} ms -> {entry['step_median_ms_median']:.1f} ms; "
-            f"prefill {entry['prefill_ms_median']:.1f} ms, commit {entry['commit_ms_median']:.1f} ms"
+            f"{name:6} {entry['target']}: step median per round {rounds} ms -> "
+            f"{entry['step_median_ms_median']:.1f} ms; prefill {entry['prefill_ms_median']:.1f} ms, "
+            f"commit {entry['commit_ms_median']:.1f} ms"
         )
     print(
         f"after vs before: step {summary['step_median_speedup']:.2f}x, prefill {summary['prefill_speedup']:.2f}x, "

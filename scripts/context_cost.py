@@ -11,7 +11,8 @@ returns exactly the first one's tokens, step by step (same draws). The K/V input
 (docs/ARTIFACTS.md), so the ratios should stay near 1 however large the capacity. `--full-span` adds, as the control,
 the largest export fed every slot of its buffers, which is what K/V inputs sized to the capacity cost.
 `--per-step-copy` adds the largest export with the context's slots copied again at every step instead of once per
-canvas (`StepBackend._context`), which is what the copy costs when it is not kept.
+canvas, which is what the copy costs when it is not kept. Both controls are the step interface's `context_feed`
+settings ("full-span", "per-step"; `canvasrt.runtime.step.CONTEXT_FEEDS`).
 """
 
 from __future__ import annotations
@@ -27,25 +28,10 @@ import numpy as np
 from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.exporter.export import export
 from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from canvasrt.runtime.loop import generate, left_pad
+from canvasrt.runtime.loop import GenerationResult, generate, left_pad
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
-
-
-class FullSpanBackend(OnnxRuntimeBackend):
-    """ONNX Runtime fed whole K/V buffers at every call: capacity-sized K/V inputs, the control of the comparison."""
-
-    def _kv_feeds(self, context_length: np.ndarray) -> dict[str, np.ndarray]:
-        full = np.full_like(context_length, self.spec.capacity.max_context)
-        return super()._kv_feeds(full)
-
-
-class PerStepCopyBackend(OnnxRuntimeBackend):
-    """ONNX Runtime with the context feed dropped before every call: the K/V slots copied at every step."""
-
-    def _context(self, keys: list[Any], values: list[Any], context_length: np.ndarray) -> tuple[list[Any], list[Any]]:
-        self._fed = None
-        return super()._context(keys, values, context_length)
+from canvasrt.validation.bench import alternate
 
 
 def _artifacts(checkpoint: Path, work: Path, max_context: int) -> ArtifactManifest:
@@ -67,14 +53,12 @@ def compare(
     per_step_copy: bool = False,
 ) -> dict[str, Any]:
     manifests = [_artifacts(checkpoint, work, n) for n in contexts]
-    backends = [OnnxRuntimeBackend(m, threads=threads) for m in manifests]
-    names = [str(n) for n in contexts]
-    if full_span:
-        backends.append(FullSpanBackend(manifests[-1], threads=threads))
-        names.append(f"{contexts[-1]} full span")
-    if per_step_copy:
-        backends.append(PerStepCopyBackend(manifests[-1], threads=threads))
-        names.append(f"{contexts[-1]} copy per step")
+    backends = {str(n): OnnxRuntimeBackend(m, threads=threads) for n, m in zip(contexts, manifests, strict=True)}
+    for flag, feed, label in ((full_span, "full-span", "full span"), (per_step_copy, "per-step", "copy per step")):
+        if flag:
+            control = OnnxRuntimeBackend(manifests[-1], threads=threads)
+            control.context_feed = feed
+            backends[f"{contexts[-1]} {label}"] = control
     spec = manifests[0]
     canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
     settings = resolve_settings(
@@ -82,25 +66,30 @@ def compare(
     )
     rng = np.random.default_rng(0)
     ids, padding = left_pad(rng.integers(3, vocab, size=(1, prompt_length)).tolist(), 0)
-    times: dict[str, dict[str, list[float]]] = {n: {"step": [], "prefill": [], "commit": []} for n in names}
-    tokens: dict[str, np.ndarray] = {}
-    copied = dict.fromkeys(names, 0)  # K/V bytes copied into the calls' context inputs, per timed step
-    for backend in backends:
+
+    def run(backend: OnnxRuntimeBackend) -> tuple[GenerationResult, int]:
+        backend.context_copy_bytes = 0
+        result = generate(backend, ids, padding, settings, make_draws("counter", 0, 1, vocab, canvas))
+        return result, backend.context_copy_bytes // result.timings["steps"]
+
+    for backend in backends.values():
         backend.activate()
-    try:
-        for round_ in range(rounds + 1):  # round 0 warms up every session
-            for n, backend in zip(names, backends):
-                backend.context_copy_bytes = 0
-                result = generate(backend, ids, padding, settings, make_draws("counter", 0, 1, vocab, canvas))
-                tokens[n] = result.new_tokens
-                if round_:
-                    times[n]["step"] += result.timings["step_wall_s"]
-                    times[n]["prefill"].append(result.timings["prefill_s"])
-                    times[n]["commit"].append(result.timings["commit_s"])
-                    copied[n] = backend.context_copy_bytes // result.timings["steps"]
+    try:  # the warm-up round loads every session before anything is timed
+        runs = alternate({n: lambda b=b: run(b) for n, b in backends.items()}, rounds)
     finally:
-        for backend in backends:
+        for backend in backends.values():
             backend.deactivate()
+    names = list(backends)
+    times = {
+        n: {
+            "step": [t for result, _ in results for t in result.timings["step_wall_s"]],
+            "prefill": [result.timings["prefill_s"] for result, _ in results],
+            "commit": [result.timings["commit_s"] for result, _ in results],
+        }
+        for n, results in runs.items()
+    }
+    tokens = {n: results[-1][0].new_tokens for n, results in runs.items()}
+    copied = {n: results[-1][1] for n, results in runs.items()}  # K/V bytes copied into the context inputs per step
     first = names[0]
     medians = {n: {kind: float(np.median(values) * 1e3) for kind, values in t.items()} for n, t in times.items()}
     return {

@@ -26,11 +26,11 @@ import torch
 
 from canvasrt.model.random_checkpoint import PRESETS, write_random_checkpoint
 from canvasrt.runtime.backends.torch import TorchBackend
-from canvasrt.runtime.bench import bench_concurrency
-from canvasrt.runtime.parity import generate_parity, step_parity
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
 from canvasrt.runtime.step import Draws
+from canvasrt.validation.bench import bench_concurrency
+from canvasrt.validation.parity import generate_parity, step_parity
 
 RELEASED_LAYERS = 30
 

@@ -1,8 +1,9 @@
 """Roofline lower bound of one denoising step, counted from an exported backbone graph's shapes.
 
 Reads `backbone.onnx` of an artifact directory without its weights (the graph proto and the initializers' shapes),
-fixes the shapes of a denoising step (the batch, no encoder tokens, a canvas of rows), runs ONNX shape inference, and counts for every GEMM (MatMul, Gemm) its FLOPs, and as bytes every
-GEMM weight (once per step) and the K/V slots the step reads (those covering `--context` committed tokens). Activations are left out, so the bytes are a lower
+fixes the shapes of a denoising step (the batch, no encoder tokens, a canvas of rows), runs ONNX shape inference,
+and counts for every GEMM (MatMul, Gemm) its FLOPs, and as bytes every GEMM weight (once per step) and the K/V slots
+the step reads (those covering `--context` committed tokens). Activations are left out, so the bytes are a lower
 bound too. Counts are attributed per layer (weights by name, activation GEMMs by the exporter's module scope) and
 scaled per layer kind to `--layers` layers in the released pattern (five sliding layers, then one full, the last
 layer full): export the released width with a few layers (`canvasrt random-checkpoint DIR --preset released
@@ -40,9 +41,10 @@ from canvasrt.model.fp8 import QUANTIZED
 WRAPPER_PREFIX = "model."
 LAYER = re.compile(r"(?:^|[./_])layers[._](\d+)[._]")
 SCOPE_KEYS = ("pkg.torch.onnx.name_scopes", "namespace")
-SHARED = "shared"
+SHARED = "shared"  # embedding, self-conditioning, final norm, LM head, sampler: once per step
 FOLD_ROUNDS = 8  # shape inference and folding alternate until nothing more folds
-FOLD_ELEMENTS = 64  # shape values are a few integers; anything larger is data, left to the graph  # embedding, self-conditioning, final norm, LM head, sampler: once per step
+# Shape values are a few integers; anything larger is data, left to the graph.
+FOLD_ELEMENTS = 64
 
 
 def released_pattern(layers: int) -> list[str]:

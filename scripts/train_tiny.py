@@ -4,7 +4,7 @@ The model is transformers' own `DiffusionGemmaForBlockDiffusion`, so the output
 directory is a real checkpoint (config.json, model.safetensors,
 generation_config.json, tokenizer.json, tokenizer_config.json) that every
 canvasrt component can load like the released model.  Because the task answers
-are exactly checkable (`canvasrt.runtime.tasks`), it doubles as the accuracy
+are exactly checkable (`canvasrt.validation.tasks`), it doubles as the accuracy
 yardstick for quantized engines.
 
 Usage:

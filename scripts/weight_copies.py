@@ -133,7 +133,8 @@ def main() -> None:
     gib = 1 << 30
     print(f"checkpoint text weights ({manifest.dtype}): {weights / gib:.3f} GiB")
     print(
-        f"artifact weights: {sum(graphs.values()) / gib:.3f} GiB ({', '.join(graphs)}), ratio {report['artifact_ratio']:.4f}"
+        f"artifact weights: {sum(graphs.values()) / gib:.3f} GiB ({', '.join(graphs)}), "
+        f"ratio {report['artifact_ratio']:.4f}"
     )
     for stage in ("loaded", "after_each_phase"):
         m = memory[stage]

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from canvasrt.cli import main
-from canvasrt.core.manifest import _staging_prefix
+from canvasrt.core.output import _staging_prefix
 
 CANVASRT = str(Path(sys.executable).parent / "canvasrt")
 

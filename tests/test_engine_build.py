@@ -75,10 +75,11 @@ def test_engine_manifest_records_what_was_built(engines, precision, target, requ
         assert engine["onnx_sha256"] == graph["sha256"] and engine["profiles"] == graph["profiles"]
         assert (engines[precision, target] / engine["file"]).stat().st_size == engine["bytes"] > 100_000
         built = layers(engines[precision, target], name)
-        assert {l.profile for l in built} == set(range(len(engine["profiles"])))  # one engine, every phase in it
+        # One engine, every phase in it.
+        assert {layer.profile for layer in built} == set(range(len(engine["profiles"])))
         assert list(engine["gemms"]) == list(engine["profiles"]) == ["prefill", "commit", "denoise"]
         for index, counts in enumerate(engine["gemms"].values()):
-            assert sum(counts.values()) == sum(l.kind == "gemm" and l.profile == index for l in built) > 0
+            assert sum(counts.values()) == sum(layer.kind == "gemm" and layer.profile == index for layer in built) > 0
 
 
 def canvas_only(weight: str, layers: int) -> bool:
@@ -107,25 +108,25 @@ def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, tar
     assert experts <= set(quantized) and any(canvas_only(w, n_layers) for w in quantized)
     for index, phase in enumerate(manifest["engines"]["backbone"]["profiles"]):
         fp8_gemms = [
-            l for l in found if l.kind == "gemm" and l.profile == index and set(l.inputs + l.weights) == {"FP8"}
+            layer
+            for layer in found
+            if layer.kind == "gemm" and layer.profile == index and set(layer.inputs + layer.weights) == {"FP8"}
         ]
-        runs = {w: sum(f"{w}.dequantize" in l.onnx for l in fp8_gemms) for w in quantized}
+        runs = {w: sum(f"{w}.dequantize" in layer.onnx for layer in fp8_gemms) for w in quantized}
         expected = {w: int(phase == "denoise" or not canvas_only(w, n_layers)) for w in quantized}
         assert runs == expected, phase
         assert manifest["engines"]["backbone"]["gemms"][phase]["FP8"] == len(fp8_gemms) > 0
-    # Nothing but these GEMMs reads an FP8 weight: the experts' batched GEMMs used to be fp32 runtime_fusion kernels
-    # that converted their FP8 weights on the fly. (Kernels after a GEMM may list its weight's DequantizeLinear:
-    # they apply the per-channel scales, Float constants.)
-    assert [
-        l.name for l in found if "FP8" in l.weights and not (l.kind == "gemm" and set(l.inputs + l.weights) == {"FP8"})
-    ] == []
+    # Nothing but these GEMMs reads an FP8 weight: no fp32 runtime_fusion kernel converts FP8 weights on the fly.
+    # (Kernels after a GEMM may list its weight's DequantizeLinear: they apply the per-channel scales, Float constants.)
+    fp8_gemm = {layer.name for layer in found if layer.kind == "gemm" and set(layer.inputs + layer.weights) == {"FP8"}}
+    assert [layer.name for layer in found if "FP8" in layer.weights and layer.name not in fp8_gemm] == []
 
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("precision, dtype", [("fp32", "Float"), ("fp16", "Half")])
 def test_unquantized_engines_hold_no_fp8(engines, precision, dtype, target):
     found = layers(engines[precision, target], "backbone")
-    assert not any("FP8" in l.inputs + l.weights + l.outputs for l in found)
+    assert not any("FP8" in layer.inputs + layer.weights + layer.outputs for layer in found)
     manifest = json.loads((engines[precision, target] / "manifest.json").read_text())
     for counts in manifest["engines"]["backbone"]["gemms"].values():
         assert dtype in counts and "FP8" not in counts

@@ -25,7 +25,7 @@ def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
     assert {"tokenizer.json"} <= set(manifest["tokenizer"]) and (tiny_artifacts / "tokenizer.json").is_file()
     assert (tiny_artifacts / "generation_config.json").is_file()
     vocab = manifest["model"]["vocab_size"]
-    for name, graph in manifest["graphs"].items():
+    for graph in manifest["graphs"].values():
         path = tiny_artifacts / graph["file"]
         onnx.checker.check_model(str(path), full_check=True)
         assert sha256_file(path) == graph["sha256"]

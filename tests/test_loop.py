@@ -14,9 +14,9 @@ from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.runtime.backends import open_backend
 from canvasrt.runtime.backends.torch import TorchBackend
 from canvasrt.runtime.loop import generate, left_pad
-from canvasrt.runtime.reference import Reference
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
+from canvasrt.validation.reference import Reference
 
 # A confidence threshold above log(vocab) makes the adaptive stop depend on stability alone, so rows stop (and
 # freeze) at different steps even in a random model.

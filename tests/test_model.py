@@ -8,8 +8,8 @@ import torch
 
 from canvasrt.model.checkpoint import Checkpoint
 from canvasrt.runtime.backends.torch import TorchBackend
-from canvasrt.runtime.reference import Reference
 from canvasrt.runtime.step import Draws
+from canvasrt.validation.reference import Reference
 
 
 def _prefill_and_logits(checkpoint, moe: str):

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "canvasrt"
 # Lowest first; each may import only those before it (and the standard library / third parties).
-LAYERS = ["core", "model", "exporter", "builder", "runtime", "calibration", "serving", "cli"]
+LAYERS = ["core", "model", "exporter", "builder", "runtime", "validation", "calibration", "serving", "cli"]
 
 
 def modules() -> dict[str, Path]:

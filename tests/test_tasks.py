@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from canvasrt.runtime.tasks import (
+from canvasrt.validation.tasks import (
     SPLITS,
     TASKS,
     clean_generation,

@@ -139,8 +139,9 @@ def test_tensorrt_backend_type_checks_against_the_tensorrt_stubs(stubs, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# A call the backend makes -> a call TensorRT does not have, and what mypy must say. One run per group, because a misspelt
-# call types its result as Any and so hides mistakes made with that result (deserialize_cuda_engine -> the engine).
+# A call the backend makes -> a call TensorRT does not have, and what mypy must say. One run per group, because a
+# misspelt call types its result as Any and so hides mistakes made with that result (deserialize_cuda_engine -> the
+# engine).
 MISTAKES = {
     "engine and context": {
         "trt.Logger(trt.Logger.WARNING)": ("trt.Logger(trt.Logger.WARN)", '"type[Logger]" has no attribute "WARN"'),

@@ -29,18 +29,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..core.contract import Profiles, narrow_profiles
-from ..core.errors import CanvasrtError
-from ..core.manifest import (
-    ENGINE_OUTPUT,
-    ArtifactManifest,
-    BuildKey,
-    EngineEntry,
-    EngineManifest,
-    GraphEntry,
-    check_output,
-    sha256_file,
-    staged_directory,
-)
+from ..core.errors import ArtifactError, CanvasrtError
+from ..core.manifest import ArtifactManifest, BuildKey, EngineEntry, EngineManifest, GraphEntry, sha256_file
+from ..core.output import ENGINE_OUTPUT, check_output, staged_directory
 
 FLAVOURS = ("tensorrt", "tensorrt-rtx")
 RTX_TARGETS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm120": (12, 0), "sm121": (12, 1)}
@@ -393,8 +384,8 @@ def build_engines(
     timing_cache: str | Path | None = None,
     phases: PhaseCallback | None = None,
 ) -> tuple[EngineManifest, bool]:
-    """Builds the backbone's engine, one optimization profile per phase. Returns the engine manifest and whether it was reused
-    (an earlier build in `output` from the same graphs, calibration, builder version, target and options).
+    """Builds the backbone's engine, one optimization profile per phase. Returns the engine manifest and whether it
+    was reused (an earlier build in `output` from the same graphs, calibration, builder version, target and options).
 
     Every refusal comes before anything is built or written."""
     output = Path(output)

@@ -17,19 +17,11 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import CanvasrtError
-from ..core.manifest import (
-    ARTIFACT_OUTPUT,
-    ArtifactManifest,
-    GraphEntry,
-    Quantization,
-    check_output,
-    sha256_file,
-    staged_directory,
-    write_json,
-)
+from ..core.manifest import ArtifactManifest, GraphEntry, Quantization, sha256_file, write_json
+from ..core.output import ARTIFACT_OUTPUT, check_output, staged_directory
 from ..model.checkpoint import Checkpoint, torch_device
-from ..runtime import tasks
 from ..runtime.prompts import TextCodec, prompt_rows, read_prompts_file
+from ..validation import tasks
 from .qdq import WEIGHT_MODES, quantize_graph, read_graph
 from .ranges import METHODS, collect_ranges, scale_for
 

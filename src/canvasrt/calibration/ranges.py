@@ -1,10 +1,11 @@
 """Activation ranges for FP8: the input amax of every quantized GEMM, recorded while the real loop runs.
 
-The torch backend (sparse MoE, any device and dtype) runs the whole generation loop (prefill, every denoising step from near-uniform noise to a
-near-clean canvas, commits) on calibration prompts with hooks on the GEMM inputs, so the ranges cover the whole
-schedule. An expert layer's down-projection reads the routed activations already multiplied by their routing
-weights (`Experts`), all experts in one tensor (the dense formulation's single GEMM), so it gets one range over the
-values of every routed token and expert; the tokens each expert saw are counted alongside, for the record.
+The torch backend (sparse MoE, any device and dtype) runs the whole generation loop (prefill, every denoising step
+from near-uniform noise to a near-clean canvas, commits) on calibration prompts with hooks on the GEMM inputs, so
+the ranges cover the whole schedule. An expert layer's down-projection reads the routed activations already
+multiplied by their routing weights (`Experts`), all experts in one tensor (the dense formulation's single GEMM),
+so it gets one range over the values of every routed token and expert; the tokens each expert saw are counted
+alongside, for the record.
 """
 
 from __future__ import annotations

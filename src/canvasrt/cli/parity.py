@@ -68,7 +68,7 @@ def parity_command(
 ) -> None:
     """Compare TARGET (artifacts or engines) against the transformers reference built from CHECKPOINT.
     Exit 0 within tolerance, 1 not."""
-    from ..runtime.parity import parity
+    from ..validation.parity import parity
 
     # Refused before the check runs: a report that cannot be written must not turn into exit code 1 after it
     _check_report_path(report_path, "--report")

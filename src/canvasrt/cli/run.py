@@ -278,7 +278,7 @@ def bench_command(
     as_json: bool,
 ) -> None:
     """Time the step backends on TARGET side by side in one run; ratios are against the first backend."""
-    from ..runtime.bench import bench, bench_concurrency, format_table
+    from ..validation.bench import bench, bench_concurrency, format_table
 
     if concurrency is not None:
         results = {
@@ -353,7 +353,7 @@ def eval_command(
 ) -> None:
     """Exact-match accuracy, steps per canvas and tokens per forward on TASK's held-out prompts."""
     from ..core.target import open_target
-    from ..runtime.evaluate import evaluate
+    from ..validation.evaluate import evaluate
 
     results = []
     for name in backends or [default_backend(open_target(target))]:
@@ -364,7 +364,8 @@ def eval_command(
         return
     for r in results:
         click.echo(
-            f"{r['backend']}: exact match {100 * r['exact_match']:.1f}% of {r['samples']} held-out {r['task']} prompts, "
+            f"{r['backend']}: exact match {100 * r['exact_match']:.1f}% of {r['samples']} held-out "
+            f"{r['task']} prompts, "
             f"{r['steps_per_block']:.2f} steps per canvas (max {r['max_denoising_steps']}), "
             f"{r['tokens_per_forward']:.2f} tokens per forward, {r['seconds']:.1f}s"
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from .errors import CanvasrtError
 from .manifest import ENGINE_FORMAT, MANIFEST, ArtifactManifest, EngineManifest, manifest_format
@@ -21,7 +20,7 @@ class CheckpointDir:
     directory: Path
 
 
-Target = Union[CheckpointDir, ArtifactManifest, EngineManifest]
+Target = CheckpointDir | ArtifactManifest | EngineManifest
 KINDS = {CheckpointDir: "checkpoint", ArtifactManifest: "artifacts", EngineManifest: "engines"}
 
 

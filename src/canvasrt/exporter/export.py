@@ -26,15 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..core.contract import Capacity, TensorSpec, backbone_io, graph_profiles, kv_layout, span_ranges
 from ..core.errors import CanvasrtError
-from ..core.manifest import (
-    ARTIFACT_OUTPUT,
-    ArtifactManifest,
-    GraphEntry,
-    canvasrt_version,
-    digest_json,
-    staged_directory,
-    write_json,
-)
+from ..core.manifest import ArtifactManifest, GraphEntry, canvasrt_version, digest_json, write_json
+from ..core.output import ARTIFACT_OUTPUT, staged_directory
 from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
 from ..model.modeling import MOE_FORMULATIONS, StoredLayout, stored_layout
 from .graphs import BackboneGraph, example_inputs

@@ -405,7 +405,8 @@ def read_config_json(checkpoint_dir: Path) -> dict[str, Any]:
     model_type = data.get("model_type")
     if model_type != "diffusion_gemma":
         raise CheckpointError(
-            f"{path} has model_type {model_type!r}, not 'diffusion_gemma'; canvasrt only handles DiffusionGemma checkpoints"
+            f"{path} has model_type {model_type!r}, not 'diffusion_gemma'; "
+            "canvasrt only handles DiffusionGemma checkpoints"
         )
     return data
 

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..core.errors import CanvasrtError
-from ..core.manifest import OutputKind, staged_directory, write_json
+from ..core.manifest import write_json
+from ..core.output import OutputKind, staged_directory
 
 # Written next to the checkpoint's own files: it tells a checkpoint canvasrt made, which a later run may replace,
 # from a user's real checkpoint, which no command replaces.
@@ -231,7 +232,7 @@ def build_random_model(
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.model.decoder.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(("router.scale", "per_expert_scale")):
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
                 param.copy_(1.0 + 0.25 * torch.randn(param.shape, generator=generator))
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 # Gemma 4 attends with scaling 1.0: trained q/k norms carry the 1/sqrt(head_dim). Without it random

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..core.config import FULL
 from ..core.errors import CheckpointError
-from ..core.manifest import staged_directory, write_json
+from ..core.manifest import write_json
+from ..core.output import staged_directory
 from .checkpoint import Checkpoint, read_config_json
 from .random_checkpoint import CHECKPOINT_OUTPUT, MARKER, MARKER_FORMAT
 

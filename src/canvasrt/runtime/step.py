@@ -85,6 +85,9 @@ def _arrays(buffer: Any) -> list[Any]:
     return [buffer]
 
 
+CONTEXT_FEEDS = ("kept", "per-step", "full-span")
+
+
 class StepBackend(ABC):
     """One denoising-step executor: torch, onnxruntime, tensorrt, or Triton step models (triton-bls)."""
 
@@ -93,6 +96,10 @@ class StepBackend(ABC):
     # them, or a HostKVBuffers). ROW_SCRATCH: row-first buffers a call overwrites before reading (no state).
     ROW_STATE: tuple[str, ...] = ("keys", "values", "mask", "self_cond")
     ROW_SCRATCH: tuple[str, ...] = ()
+    # How a call's K/V inputs are fed (CONTEXT_FEEDS): "kept", the live context's slots copied once per canvas;
+    # "per-step", copied again at every call; "full-span", every slot of the buffers. The last two are the controls
+    # that `scripts/context_cost.py` measures the first against.
+    context_feed: str = "kept"
 
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec
@@ -108,7 +115,7 @@ class StepBackend(ABC):
     def is_active(self) -> bool:
         return self._active
 
-    def preflight(self) -> None:
+    def preflight(self) -> None:  # noqa: B027 (a hook: most executors need no check before loading)
         """Checks what activate() will need (libraries, devices) without loading anything; raises CanvasrtError."""
 
     def activate(self) -> None:
@@ -281,9 +288,12 @@ class StepBackend(ABC):
     def _context(self, keys: list[Any], values: list[Any], context_length: np.ndarray) -> tuple[list[Any], list[Any]]:
         """The K/V inputs of a call over these buffers: their leading slots that cover the longest row's context,
         the same copies as the previous call's while the buffers, the rows and the spans are unchanged."""
-        spans = kv_spans(self.spec.kv_layout, self.spec.capacity, int(context_length.max(initial=0)))
+        longest = (
+            self.spec.capacity.max_context if self.context_feed == "full-span" else int(context_length.max(initial=0))
+        )
+        spans = kv_spans(self.spec.kv_layout, self.spec.capacity, longest)
         stamp = (self._window, tuple(spans))
-        if self._fed is None or self._fed[0] != stamp:
+        if self.context_feed == "per-step" or self._fed is None or self._fed[0] != stamp:
             self._fed = None  # the previous copies are dropped before the new ones are made
             fed_keys, fed_values = leading_slots(keys, spans), leading_slots(values, spans)
             self.context_copy_bytes += sum(

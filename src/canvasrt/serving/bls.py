@@ -2,9 +2,9 @@
 
 Each prefill, commit and denoise call becomes a BLS request to the one `canvasrt_backbone` step model (ONNX Runtime
 or TensorRT backend); the request's shapes select the phase (and with TensorRT the optimization profile), and its
-`phase` parameter names it for the server's logs and for error messages. Triton step models are stateless, so the K/V buffers and the self-conditioning
-state stay in this model's host memory and travel with every call: that is the price of serving the steps as
-separate, separately scaled and batched models. `--step-backend in-process` avoids it.
+`phase` parameter names it for the server's logs and for error messages. Triton step models are stateless, so the
+K/V buffers and the self-conditioning state stay in this model's host memory and travel with every call: that is
+the price of serving the steps as separate, separately scaled and batched models. `--step-backend in-process` avoids it.
 
 Runs only inside Triton's Python backend (`triton_python_backend_utils` exists nowhere else).
 """

@@ -23,7 +23,8 @@ from typing import Any
 from ..core.contract import GRAPHS, MODEL_DTYPE
 from ..core.errors import ArtifactError, CanvasrtError
 from ..core.kv import NUMPY_DTYPES
-from ..core.manifest import ArtifactManifest, EngineEntry, EngineManifest, GraphEntry, OutputKind, staged_directory
+from ..core.manifest import ArtifactManifest, EngineEntry, EngineManifest, GraphEntry
+from ..core.output import OutputKind, staged_directory
 from ..core.target import CheckpointDir, open_target
 from .bls import STEP_MODELS
 from .model import ARTIFACTS, DEFAULT_QUEUE

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: runs backbone.onnx of an artifact directory, one session for every phase. Needs only numpy and onnxruntime.
+"""ONNX Runtime backend: runs backbone.onnx of an artifact directory, one session for every phase. Needs only numpy
+and onnxruntime.
 
 The host-resident state (K/V buffers, context mask, self-conditioning) is HostGraphBackend's, which is also ONNX
 Runtime's CPU device memory: the sessions read it without copies.

@@ -33,13 +33,13 @@ from ..core.manifest import ArtifactManifest, StepSpec
 from ..core.target import CheckpointDir, open_target
 from ..model.checkpoint import Checkpoint
 from ..model.modeling import categorical_entropy, entropy_bound_accept, sample_inverse_cdf, soft_embedding
-from .backends import open_backend
-from .backends.torch import TorchBackend
-from .loop import generate, left_pad
+from ..runtime.backends import open_backend
+from ..runtime.backends.torch import TorchBackend
+from ..runtime.loop import generate, left_pad
+from ..runtime.rng import make_draws
+from ..runtime.settings import GenerationSettings, resolve_settings
+from ..runtime.step import Draws, StepBackend
 from .reference import Reference
-from .rng import make_draws
-from .settings import GenerationSettings, resolve_settings
-from .step import Draws, StepBackend
 
 # Tolerances per artifact dtype.
 # rel_p99: per position (a token's logits row, a token's K or V head vectors, a single entropy), max |a - r| over

@@ -2,8 +2,8 @@
 
 Eager experts (the plain per-expert loop) and, by default, eager attention, in fp32 on CPU: the numerics every canvasrt
 level is measured against (`device` and `dtype` move it, e.g. to CUDA in bf16 for the released model). Inputs go to
-its device and results come back to the host. With left padding in the batch, transformers 5.23's generate() fails under eager
-attention (its decoder mask builder calls torch.finfo on the integer canvas), so padded batches use SDPA.
+its device and results come back to the host. With left padding in the batch, transformers 5.23's generate() fails
+under eager attention (its decoder mask builder calls torch.finfo on the integer canvas), so padded batches use SDPA.
 """
 
 from __future__ import annotations

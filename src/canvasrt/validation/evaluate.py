@@ -14,13 +14,13 @@ import numpy as np
 
 from ..core.errors import CanvasrtError
 from ..core.target import CheckpointDir, open_target
+from ..runtime.backends import open_backend
+from ..runtime.loop import generate, left_pad
+from ..runtime.prompts import TextCodec, until_eos
+from ..runtime.rng import make_draws
+from ..runtime.settings import resolve_settings
+from ..runtime.step import StepBackend
 from . import tasks
-from .backends import open_backend
-from .loop import generate, left_pad
-from .prompts import TextCodec, until_eos
-from .rng import make_draws
-from .settings import resolve_settings
-from .step import StepBackend
 
 
 def evaluate(

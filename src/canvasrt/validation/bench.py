@@ -8,8 +8,9 @@ reference's own generate(), one step being the interval between consecutive draf
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from rich.table import Table
@@ -17,12 +18,28 @@ from rich.table import Table
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, EngineManifest
 from ..core.target import CheckpointDir, Target, open_target, target_kind
-from .backends import default_backend, open_backend, refuse_unused_device
-from .loop import generate, left_pad
-from .rng import make_draws
-from .scheduler import RowRequest
-from .settings import resolve_settings
-from .step import StepBackend
+from ..runtime.backends import default_backend, open_backend, refuse_unused_device
+from ..runtime.loop import generate, left_pad
+from ..runtime.rng import make_draws
+from ..runtime.scheduler import RowRequest
+from ..runtime.settings import resolve_settings
+from ..runtime.step import StepBackend
+
+Result = TypeVar("Result")
+
+
+def alternate(runs: dict[str, Callable[[], Result]], rounds: int, warmup: bool = True) -> dict[str, list[Result]]:
+    """Runs every contender once per round, in turn (A, B, A, B, ...), so that the machine's drift hits all of them
+    alike: two benchmarks run one after the other on a shared machine can differ by more than the change measured.
+    With `warmup`, a first untimed round runs before the `rounds` kept ones. Returns each contender's results in
+    round order."""
+    results: dict[str, list[Result]] = {name: [] for name in runs}
+    for round_ in range(rounds + int(warmup)):
+        for name, run in runs.items():
+            result = run()
+            if round_ >= int(warmup):
+                results[name].append(result)
+    return results
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -70,7 +87,7 @@ def bench(
             )
     first = backends[0]
     base = results["backends"][first]["step"]["median_ms"]
-    for name, entry in results["backends"].items():
+    for entry in results["backends"].values():
         entry["step_speedup_vs_" + first] = base / entry["step"]["median_ms"]
     if "transformers" in results["backends"]:
         ref = results["backends"]["transformers"]["step"]["median_ms"]
@@ -150,7 +167,7 @@ def bench_concurrency(
     requests through one slot (one at a time, no batching), in one run: step calls, row-steps, tokens/s, time to
     first block, and the weight bytes read per generated token (every backbone call reads the weights once: what
     batching saves on a GPU, where a step at small batch is bound by that read). Both must return the same ids."""
-    from .scheduler import Scheduler, Ticket
+    from ..runtime.scheduler import Scheduler, Ticket
 
     opened = open_target(target)
     name = name or default_backend(opened)
@@ -213,7 +230,7 @@ def _late_arrival(
     """Time to first block of the last request alone, and arriving while the others are halfway through their
     first canvas (so it waits for its prefill between their steps and joins their step calls). Medians of `repeats`
     interleaved pairs: one first block is a few dozen steps, short enough for the machine's noise to show."""
-    from .scheduler import Scheduler, Ticket
+    from ..runtime.scheduler import Scheduler, Ticket
 
     alone_s, with_others_s = [], []
     for _ in range(repeats):
