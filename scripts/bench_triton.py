@@ -8,11 +8,11 @@ time) through
 Every path uses one ONNX Runtime thread and must return the same ids; the table gives mean milliseconds per request
 and the ratio to in-process.
 
-With --concurrency N (issue 14, in-flight batching as served): N concurrent one-canvas requests (no early stop) to
-one loop instance of N slots and to one of a single slot (`--slots 1`: one at a time, what `--instances 1` served
-before in-flight batching), in the same run: tokens/s over the N, the step calls and row-steps from the metrics
-endpoint, and the time to first block of a request that arrives while the N - 1 others are halfway through their
-canvas, against the same request alone (medians of 3 pairs). Every reply must equal its in-process run.
+With --concurrency N (in-flight batching as served): N concurrent one-canvas requests (no early stop) to one loop
+instance of N slots and to one of a single slot (`--slots 1`: one request at a time), in the same run: tokens/s over
+the N, the step calls and row-steps from the metrics endpoint, and the time to first block of a request that arrives
+while the N - 1 others are halfway through their canvas, against the same request alone (medians of 3 pairs). Every
+reply must equal its in-process run.
 
     .venv/bin/python scripts/bench_triton.py --presets tiny small --requests 20
     .venv/bin/python scripts/bench_triton.py --presets tiny small --concurrency 8 --steps 16

@@ -1,10 +1,10 @@
-"""The prepared GPU check (issue 11): the torch paths at the released 26B-A4B's width, on one CUDA GPU.
+"""The prepared GPU check: the torch paths at the released 26B-A4B's width, on one CUDA GPU.
 
 For N in --layers: writes a random checkpoint with the released layer shapes and N layers (built on the GPU), runs
 the torch backend's step parity and its --rng hf generation parity against transformers on that device, and times
 one denoising step at canvas 256, batch 1, in bf16, for the sparse (routed tokens only) and the dense MoE. From the
 2- and 4-layer timings it extrapolates to the released 30 layers: ms per step and tokens per second at 48 steps per
-canvas (no early stop) and at the steps per canvas the parity run measured. In-flight batching (issue 14): the same
+canvas (no early stop) and at the steps per canvas the parity run measured. In-flight batching: the same
 8 one-canvas requests through 8 slots and through one, and the time to first block of a late arrival, on the torch
 backend in bf16 (what `canvasrt bench CKPT --backend torch --concurrency 8 --device cuda --dtype bf16` runs).
 Prints every figure and writes them as JSON to $OUT/gpu_check.json when OUT is set. `--device cpu --preset tiny`
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,6 +123,28 @@ def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
     return figures
 
 
+def extrapolate(step_ms: dict[int, float], layers: int, canvas: int) -> dict[str, Any]:
+    """A step's time at `layers` layers from the timings of the two smallest depths measured: a fixed part (embedding,
+    LM head, sampler) plus a part per layer, fitted through both points. The fit means something only when the deeper
+    model took longer and the fixed part comes out non-negative; otherwise the timings are noise (a loaded machine,
+    depths too close) and the result says so instead of giving a time."""
+    (a, at_a), (b, at_b) = sorted(step_ms.items())[:2]
+    per_layer = (at_b - at_a) / (b - a)
+    fixed = at_a - a * per_layer
+    fit = {"fitted_from": {str(a): at_a, str(b): at_b}, "per_layer_ms": per_layer, "fixed_ms": fixed}
+    if per_layer <= 0 or fixed < 0:
+        why = "the deeper model was not slower" if per_layer <= 0 else "the fitted fixed part is negative"
+        return {**fit, "meaningful": False, "why": f"{why}: the timings are noise; measure again on an idle machine"}
+    at_layers = fixed + layers * per_layer
+    return {
+        **fit,
+        "meaningful": True,
+        f"step_ms_{layers}_layers": at_layers,
+        "tokens_per_s_48_steps": canvas / (48 * at_layers / 1e3),
+        "tokens_per_s_8_steps": canvas / (8 * at_layers / 1e3),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -151,19 +174,10 @@ def main() -> int:
             print(json.dumps(figures), flush=True)
     runs = {r["layers"]: r for r in results["runs"]}
     if len(runs) >= 2:
-        (a, ra), (b, rb) = sorted(runs.items())[:2]
         canvas = PRESETS[args.preset]["canvas_length"]
         for moe in ("sparse", "dense"):
-            per_layer = (rb[f"step_ms_{moe}"] - ra[f"step_ms_{moe}"]) / (b - a)
-            fixed = ra[f"step_ms_{moe}"] - a * per_layer
-            step_ms = fixed + RELEASED_LAYERS * per_layer
-            results[f"extrapolated_{moe}"] = {
-                "per_layer_ms": per_layer,
-                "fixed_ms": fixed,
-                "step_ms_30_layers": step_ms,
-                "tokens_per_s_48_steps": canvas / (48 * step_ms / 1e3),
-                "tokens_per_s_8_steps": canvas / (8 * step_ms / 1e3),
-            }
+            step_ms = {layers: run[f"step_ms_{moe}"] for layers, run in runs.items()}
+            results[f"extrapolated_{moe}"] = extrapolate(step_ms, RELEASED_LAYERS, canvas)
     ok = all(r["step_parity"]["passed"] and r["generate_parity"]["passed"] for r in results["runs"])
     results["passed"] = ok
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))

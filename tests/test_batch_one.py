@@ -14,13 +14,10 @@ from canvasrt.cli import main
 from canvasrt.serving.client import generate_grpc
 from canvasrt.serving.protocol import request_inputs
 from canvasrt.serving.server import TritonServer, free_ports
+from support import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_ENV = Path(os.environ.get("CANVASRT_TRITON_ENV", ROOT / ".venv-triton"))
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
-from canvasrt.cli import main
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from support import cli
 
 
 def test_calibrated_graphs_hold_fp8_gemms_and_the_calibration(sort_fp8):
@@ -214,7 +209,7 @@ def test_percentile_and_mse_ranges_clip_within_the_max_and_exclude_keeps_gemms_u
 def test_qdq_graphs_stream_their_weights_in_bounded_blocks(tiny_fp16_artifacts, tmp_path, monkeypatch):
     """quantize_graph on a graph with external weights: blocks of 4 KiB give the same FP8 bytes as one block per
     tensor and as quantizing each weight whole, the weights land page-aligned in the new .data file, and what Python
-    holds at once stays far below the graph's weights (the old writer loaded them all)."""
+    holds at once stays far below the graph's weights (never all of them loaded)."""
     import tracemalloc
 
     import ml_dtypes

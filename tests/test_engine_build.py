@@ -12,22 +12,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from canvasrt.builder.engines import build_engine, engine_layers
-from canvasrt.cli import main
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.manifest import ArtifactManifest, sha256_file
+from support import cli
 
 pytest.importorskip("tensorrt_rtx")
 
 TARGETS = ("sm89", "sm120")
 PRECISIONS = {"fp32": "tiny_artifacts", "fp16": "tiny_fp16_artifacts", "fp8": "tiny_fp8_artifacts"}
 BUILT = {**PRECISIONS, "sort-fp8": "sort_fp8"}  # and the trained sort model's FP8 artifacts
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

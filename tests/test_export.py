@@ -13,10 +13,7 @@ from click.testing import CliRunner
 from canvasrt.cli import main
 from canvasrt.core.manifest import sha256_file
 from canvasrt.model.random_checkpoint import PRESETS
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+from support import cli
 
 
 def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
@@ -39,7 +36,7 @@ def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
 
 
 def test_step_parity_fp32_reports_and_exits_zero(tiny_checkpoint, tiny_debug_artifacts, tmp_path):
-    result = run(
+    result = cli(
         "parity",
         tiny_checkpoint,
         tiny_debug_artifacts,
@@ -63,7 +60,7 @@ def test_step_parity_fp32_reports_and_exits_zero(tiny_checkpoint, tiny_debug_art
 
 
 def test_step_parity_on_variant_geometry_sharded_old_format(variant_checkpoint, variant_artifacts):
-    result = run("parity", variant_checkpoint, variant_artifacts)
+    result = cli("parity", variant_checkpoint, variant_artifacts)
     assert result.exit_code == 0, result.output
 
 
@@ -80,14 +77,14 @@ def test_streamed_external_data_is_listed_and_digested(tiny_fp16_artifacts):
 @pytest.mark.parametrize("fixture", ["tiny_fp16_artifacts", "tiny_sparse_artifacts", "tiny_grouped_artifacts"])
 def test_step_parity_fp16_sparse_and_grouped(tiny_checkpoint, fixture, request, tmp_path):
     artifacts = request.getfixturevalue(fixture)
-    result = run("parity", tiny_checkpoint, artifacts, "--report", tmp_path / "r.json")
+    result = cli("parity", tiny_checkpoint, artifacts, "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
 
 
 def test_parity_fails_on_artifacts_with_other_weights(write_checkpoint, tmp_path, tiny_debug_artifacts):
     """Same config, other random weights: parity must notice and exit 1."""
     other = write_checkpoint(tmp_path / "other", PRESETS["tiny"]["text"], seed=7)
-    result = run("parity", other, tiny_debug_artifacts)
+    result = cli("parity", other, tiny_debug_artifacts)
     assert result.exit_code == 1
     assert "failed" in result.output
 

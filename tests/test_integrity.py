@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 15, classes 1-3): commands replace only their own kind of output and
+"""Nothing lost, nothing silently wrong: commands replace only their own kind of output and
 never their input; artifacts, engines and weights that do not match what they promise are refused; files named
 outside their directory are not followed; `canvasrt verify` checks everything; exit code 1 means only "outside
 tolerance". Every bad input is built from a copy of a good fixture."""
@@ -12,31 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from canvasrt.cli import main
 from canvasrt.core.errors import CheckpointError
 from canvasrt.core.manifest import sha256_file
 from canvasrt.model.checkpoint import Checkpoint
 from canvasrt.model.random_checkpoint import write_random_checkpoint
+from support import assert_refused, cli
 
 TENSOR = "model.decoder.layers.1.self_attn.q_proj.weight"
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_refused(result, *words: str) -> str:
-    """Exit 2, one `error:` line naming the problem, no traceback; returns the line."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -7,9 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from canvasrt.cli import main
 from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.runtime.backends import open_backend
 from canvasrt.runtime.backends.torch import TorchBackend
@@ -17,14 +15,11 @@ from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
 from canvasrt.validation.reference import Reference
+from support import cli
 
 # A confidence threshold above log(vocab) makes the adaptive stop depend on stability alone, so rows stop (and
 # freeze) at different steps even in a random model.
 EARLY_STOP = {"max_new_tokens": 48, "max_denoising_steps": 10, "confidence_threshold": 10.0, "stability_threshold": 1}
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def hf_generate(checkpoint, rows, seed, **settings):

@@ -235,9 +235,9 @@ SPARSE_BATCH_DEPENDENCE = pytest.mark.xfail(
     ],
 )
 def test_a_rows_step_is_bitwise_its_own_on_the_torch_backend(request, target):
-    """Issue 14's rule at the step: one row's entropy and mean entropy alone and among 2 to 7 rows of other prompts
-    and canvases, whose contexts differ and so do the K/V spans of the call. The sampler keeps it (above); so does the
-    dense backbone, its experts being two 2-D GEMMs over the tokens; the sparse one does not yet."""
+    """In-flight batching's rule at the step: one row's entropy and mean entropy alone and among 2 to 7 rows of other
+    prompts and canvases, whose contexts differ and so do the K/V spans of the call. The sampler keeps it (above); so
+    does the dense backbone, its experts being two 2-D GEMMs over the tokens; the sparse one does not yet."""
     rng = np.random.default_rng(1)
     with open_backend(request.getfixturevalue(target), "torch", threads=1) as backend:
         canvas, vocab = backend.spec.capacity.canvas, backend.spec.model.vocab_size

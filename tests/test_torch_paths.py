@@ -156,6 +156,25 @@ def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):
         assert next(backend.model.parameters()).dtype == torch.bfloat16
 
 
+def test_the_extrapolation_to_30_layers_says_when_its_fit_means_nothing():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    fit = gpu_check.extrapolate({2: 30.0, 4: 50.0}, 30, 256)  # 10 ms per layer, 10 ms fixed
+    assert fit["meaningful"] and fit["step_ms_30_layers"] == pytest.approx(310.0)
+    assert fit["tokens_per_s_48_steps"] == pytest.approx(256 / (48 * 0.310))
+    faster_when_deeper = gpu_check.extrapolate({4: 29.0, 2: 30.0}, 30, 256)
+    assert not faster_when_deeper["meaningful"] and "step_ms_30_layers" not in faster_when_deeper
+    assert "not slower" in faster_when_deeper["why"]
+    negative_fixed = gpu_check.extrapolate({2: 10.0, 4: 30.0}, 30, 256)  # 10 ms per layer, -10 ms fixed
+    assert not negative_fixed["meaningful"] and "negative" in negative_fixed["why"]
+
+
 def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     """scripts/gpu_check.py is the one script a GPU machine runs; on a CPU with the tiny preset it runs the same code
     end to end in seconds: parity passes, the 30-layer extrapolation is printed, the in-flight rows share calls."""
@@ -192,16 +211,17 @@ def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert figures["passed"] and [r["layers"] for r in figures["runs"]] == [2, 4]
-    for moe in ("sparse", "dense"):
-        assert figures[f"extrapolated_{moe}"]["step_ms_30_layers"] > 0
+    for moe in ("sparse", "dense"):  # CPU timings of the tiny preset may or may not give a meaningful fit
+        fit = figures[f"extrapolated_{moe}"]
+        assert fit["step_ms_30_layers"] > 0 if fit["meaningful"] else "noise" in fit["why"]
     for run in figures["runs"]:
         batched = run["inflight"]
         assert batched["step_calls"] * 4 <= batched["row_steps"] and batched["late_arrival"]["ratio"] > 0
 
 
 def test_fake_quantization_refuses_per_expert_down_ranges_of_older_calibrations(tiny_checkpoint):
-    """Calibrations written before the experts' down-projection became one GEMM range its input per expert; one
-    scale per tensor is what the graphs and the simulation apply now."""
+    """A calibration that ranges the experts' down-projection input per expert is refused: the graphs and the
+    simulation apply one scale per tensor, the down-projection being one GEMM over all experts."""
     from canvasrt.core.errors import ArtifactError
     from canvasrt.model.checkpoint import Checkpoint
     from canvasrt.model.fp8 import apply_fake_quantization

@@ -125,8 +125,8 @@ def deferred_signals() -> Iterator[list[int]]:
     """SIGINT and SIGTERM recorded instead of raised while the block runs, then delivered again on leaving it.
 
     During a build Python runs only inside TensorRT's callbacks, and an exception raised in its logger's callback
-    is lost in the bindings: a Ctrl-C there used to vanish and the build ran to the end. Recorded here, the signal
-    cancels the build through the progress monitor, and is re-raised once TensorRT has returned. Outside the main
+    is lost in the bindings, so a Ctrl-C raised there would vanish and the build run to the end. Recorded here, the
+    signal cancels the build through the progress monitor, and is re-raised once TensorRT has returned. Outside the main
     thread (where handlers cannot be set) nothing changes."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():

@@ -18,8 +18,8 @@ Context feeds: a call's K/V inputs are the buffers' leading slots that cover the
 (`core.contract.kv_spans`), a dense copy unless that is the whole buffer. Within a canvas every denoising step reads
 the same context, so `_context()` keeps the copy until the buffers change (start, encode, admit, move_slot): one copy
 per canvas instead of one per step (at the released width and 8192 tokens of context, 335 MB of fp32 K/V per row
-and step). The kept copy stays resident between calls, where it used to be freed after each one: one span of the
-full layers' K/V per row, the step's own peak as before. `context_copy_bytes` counts what was copied.
+and step). The kept copy stays resident between calls: one span of the full layers' K/V per row, no more than a
+step's own peak. `context_copy_bytes` counts what was copied.
 
 Slots (in-flight batching, `canvasrt.runtime.scheduler`): `open_slots(n)` allocates n rows of state once; each row
 is one request's slot. `admit()` clears one row, `encode_slot()` runs a chunk for one row alone (batch 1 on views
