@@ -15,6 +15,7 @@ import torch
 
 from canvasrt.exporter.export import export
 from canvasrt.model.random_checkpoint import PRESETS, build_random_model, byte_level_tokenizer, generation_config
+from support import cli
 
 # Two cores in CI; one intra-op thread keeps torch from oversubscribing them next to ONNX Runtime.
 torch.set_num_threads(1)
@@ -171,4 +172,24 @@ def sort_fp8(sort_checkpoint: Path, sort_artifacts: Path, tmp_path_factory: pyte
 
     out = tmp_path_factory.mktemp("fp8") / "sort-fp8"
     calibrate(sort_checkpoint, sort_artifacts, out, task="sort", samples=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_artifacts(tiny_checkpoint: Path, tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset's FP8 artifacts, calibrated on the built-in calibration prompts."""
+    from canvasrt.calibration.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
+    calibrate(tiny_checkpoint, tiny_artifacts, out, samples=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset's fp32 engine for SM89 (TensorRT-RTX, ahead of time), built once through `canvasrt build`."""
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path_factory.mktemp("eng") / "tiny-sm89"
+    result = cli("build", tiny_artifacts, "-o", out, "--target", "sm89")
+    assert result.exit_code == 0, result.output
     return out

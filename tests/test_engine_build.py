@@ -26,22 +26,15 @@ BUILT = {**PRECISIONS, "sort-fp8": "sort_fp8"}  # and the trained sort model's F
 
 
 @pytest.fixture(scope="module")
-def tiny_fp8_artifacts(tiny_checkpoint, tiny_artifacts, tmp_path_factory):
-    from canvasrt.calibration.calibrate import calibrate
-
-    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
-    calibrate(tiny_checkpoint, tiny_artifacts, out, samples=8)  # the built-in calibration prompts
-    return out
-
-
-@pytest.fixture(scope="module")
 def engines(request, tmp_path_factory):
     """fp32, fp16 and FP8 engines of the tiny preset and FP8 engines of the trained sort model, for SM89 and SM120,
     each built once through `canvasrt build`."""
     root = tmp_path_factory.mktemp("engines")
-    built = {}
+    built = {("fp32", "sm89"): request.getfixturevalue("tiny_engines")}  # the shared one
     for precision, fixture in BUILT.items():
         for target in TARGETS:
+            if (precision, target) in built:
+                continue
             out = root / f"{precision}-{target}"
             result = cli("build", request.getfixturevalue(fixture), "-o", out, "--target", target)
             assert result.exit_code == 0, result.output

@@ -40,15 +40,6 @@ def with_tensor(checkpoint: Path, out: Path, name: str, value: torch.Tensor) -> 
     return copy
 
 
-@pytest.fixture(scope="module")
-def tiny_engines(tiny_artifacts, tmp_path_factory) -> Path:
-    pytest.importorskip("tensorrt_rtx")
-    out = tmp_path_factory.mktemp("eng") / "tiny-sm89"
-    result = cli("build", tiny_artifacts, "-o", out, "--target", "sm89")
-    assert result.exit_code == 0, result.output
-    return out
-
-
 # -- 1. data loss ------------------------------------------------------------------------------------------------
 
 
