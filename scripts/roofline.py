@@ -200,6 +200,42 @@ def context_spans(manifest: ArtifactManifest, context: int) -> dict[str, int]:
     }
 
 
+def _scaled_step(per_layer: dict[str, dict[str, float]], kinds: list[str], target: list[str]) -> dict[str, float]:
+    """One step's counts at the `target` layer pattern: the shared part once, plus each target layer as the mean of
+    the exported layers of its kind."""
+    fields = ("expert_flops", "other_flops", "expert_bytes", "other_bytes")
+    by_kind = {
+        kind: {f: float(np.mean([per_layer[str(i)][f] for i, k in enumerate(kinds) if k == kind])) for f in fields}
+        for kind in set(kinds)
+    }
+    return {f: per_layer[SHARED][f] + sum(by_kind[kind][f] for kind in target) for f in fields}
+
+
+def _bound(
+    flops: float,
+    moved: float,
+    expert_flops: float,
+    tokens: int,
+    steps_per_canvas: int,
+    bandwidth: float,
+    tflops: float,
+) -> dict[str, Any]:
+    """The roofline of one step: the slower of its compute at `tflops` and its bytes at `bandwidth` (TB/s)."""
+    compute_ms, memory_ms = flops / (tflops * 1e12) * 1e3, moved / (bandwidth * 1e12) * 1e3
+    bound = max(compute_ms, memory_ms)
+    return {
+        "gflop": flops / 1e9,
+        "expert_gflop": expert_flops / 1e9,
+        "gbyte": moved / 1e9,
+        "compute_ms": compute_ms,
+        "memory_ms": memory_ms,
+        "step_ms": bound,
+        "bound_by": "compute" if compute_ms >= memory_ms else "memory",
+        "canvas_positions_per_s": tokens / bound * 1e3,
+        "tokens_per_s": tokens / (steps_per_canvas * bound) * 1e3,
+    }
+
+
 def roofline(
     artifacts: Path,
     layers: int,
@@ -220,18 +256,12 @@ def roofline(
     counted = count_graph(
         manifest.graph_path("backbone"), batch, manifest.capacity.canvas, context_spans(manifest, context)
     )
-    per_layer = _per_layer(counted, weight_bytes, other_bytes, kv_bytes)
     kinds = [spec.kind for spec in config.layers]
     target = released_pattern(layers)
     missing = sorted(set(target) - set(kinds))
     if missing:
         raise SystemExit(f"{artifacts} has no {' or '.join(missing)} layer to scale from; export at least one of each")
-    fields = ("expert_flops", "other_flops", "expert_bytes", "other_bytes")
-    by_kind = {
-        kind: {f: float(np.mean([per_layer[str(i)][f] for i, k in enumerate(kinds) if k == kind])) for f in fields}
-        for kind in set(kinds)
-    }
-    step = {f: per_layer[SHARED][f] + sum(by_kind[kind][f] for kind in target) for f in fields}
+    step = _scaled_step(_per_layer(counted, weight_bytes, other_bytes, kv_bytes), kinds, target)
     tokens = batch * manifest.capacity.canvas
     share = config.top_k_experts / config.num_experts
     hit = 1.0 - (1.0 - share) ** tokens
@@ -239,23 +269,18 @@ def roofline(
         "dense": (step["expert_flops"], step["expert_bytes"]),
         "routed": (step["expert_flops"] * share, step["expert_bytes"] * hit),
     }
-    rows = {}
-    for name, (expert_flops, expert_bytes) in formulations.items():
-        flops = step["other_flops"] + expert_flops
-        moved = step["other_bytes"] + expert_bytes
-        compute_ms, memory_ms = flops / (tflops * 1e12) * 1e3, moved / (bandwidth * 1e12) * 1e3
-        bound = max(compute_ms, memory_ms)
-        rows[name] = {
-            "gflop": flops / 1e9,
-            "expert_gflop": expert_flops / 1e9,
-            "gbyte": moved / 1e9,
-            "compute_ms": compute_ms,
-            "memory_ms": memory_ms,
-            "step_ms": bound,
-            "bound_by": "compute" if compute_ms >= memory_ms else "memory",
-            "canvas_positions_per_s": tokens / bound * 1e3,
-            "tokens_per_s": tokens / (steps_per_canvas * bound) * 1e3,
-        }
+    rows = {
+        name: _bound(
+            step["other_flops"] + expert_flops,
+            step["other_bytes"] + expert_bytes,
+            expert_flops,
+            tokens,
+            steps_per_canvas,
+            bandwidth,
+            tflops,
+        )
+        for name, (expert_flops, expert_bytes) in formulations.items()
+    }
     return {
         "artifacts": str(artifacts),
         "exported_layers": len(kinds),
