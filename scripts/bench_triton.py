@@ -164,6 +164,61 @@ def _late_arrival(server, send, seeds: list[int], steps: int, repeats: int = 3) 
     }
 
 
+def latency_rows(
+    preset: str, artifacts: Path, work: Path, env: Path, prompt: list[int], seeds: list[int]
+) -> list[dict]:
+    """Mean time per request in process, served in process and served through BLS step models; every path must
+    return the in-process ids."""
+    results = {"in-process": in_process(artifacts, prompt, seeds)}
+    for mode, step_backend in (("triton", "in-process"), ("triton-bls", "python")):
+        results[mode] = served(artifacts, step_backend, work, env, prompt, seeds)
+    reference = results["in-process"]
+    rows = []
+    for mode, (times, ids) in results.items():
+        if ids != reference[1]:
+            raise SystemExit(f"{preset}: {mode} returned other ids than in-process")
+        mean = statistics.mean(times) * 1e3
+        rows.append(
+            {
+                "preset": preset,
+                "path": mode,
+                "requests": len(times),
+                "mean_ms": round(mean, 2),
+                "ratio": round(mean / (statistics.mean(reference[0]) * 1e3), 3),
+            }
+        )
+    return rows
+
+
+def print_inflight(rows: list[dict], concurrency: int) -> None:
+    print(
+        f"| preset | loop instance | step calls / row-steps | tokens/s over {concurrency} | first block, "
+        "late arrival / alone |"
+    )
+    print("|---|---|---|---|---|")
+    for row in rows:
+        base = row["one slot"]["tokens_per_s"]
+        for mode in ("batched", "one slot"):
+            e = row[mode]
+            late = e.get("late_arrival")
+            print(
+                f"| {row['preset']} | {e['slots']} slot(s) | {e['step_calls']:.0f} / {e['row_steps']:.0f} | "
+                f"{e['tokens_per_s']:.1f} ({e['tokens_per_s'] / base:.2f}x) | "
+                + (
+                    f"{late['with_others_ms']:.1f} / {late['alone_ms']:.1f} ms: {late['ratio']:.2f}x |"
+                    if late
+                    else "- |"
+                )
+            )
+
+
+def print_latency(rows: list[dict]) -> None:
+    print("| preset | path | requests | mean ms / request | vs in-process |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['preset']} | {row['path']} | {row['requests']} | {row['mean_ms']:.1f} | {row['ratio']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -193,58 +248,15 @@ def main() -> None:
             artifacts = work / f"{preset}-onnx"
             export(checkpoint, artifacts, max_context=512, max_batch=max(4, args.concurrency))
             if args.concurrency:
-                rows.append(
-                    {
-                        "preset": preset,
-                        **inflight(artifacts, work, args.python_env, prompt, args.concurrency, args.steps),
-                    }
-                )
+                served_inflight = inflight(artifacts, work, args.python_env, prompt, args.concurrency, args.steps)
+                rows.append({"preset": preset, **served_inflight})
                 print(json.dumps(rows[-1]), flush=True)
-                continue
-            results = {"in-process": in_process(artifacts, prompt, seeds)}
-            for mode, step_backend in (("triton", "in-process"), ("triton-bls", "python")):
-                results[mode] = served(artifacts, step_backend, work, args.python_env, prompt, seeds)
-            reference = results["in-process"]
-            for mode, (times, ids) in results.items():
-                if ids != reference[1]:
-                    raise SystemExit(f"{preset}: {mode} returned other ids than in-process")
-                mean = statistics.mean(times) * 1e3
-                rows.append(
-                    {
-                        "preset": preset,
-                        "path": mode,
-                        "requests": len(times),
-                        "mean_ms": round(mean, 2),
-                        "ratio": round(mean / (statistics.mean(reference[0]) * 1e3), 3),
-                    }
-                )
+            else:
+                rows += latency_rows(preset, artifacts, work, args.python_env, prompt, seeds)
     if args.concurrency:
-        print(
-            f"| preset | loop instance | step calls / row-steps | tokens/s over {args.concurrency} | first block, "
-            "late arrival / alone |"
-        )
-        print("|---|---|---|---|---|")
-        for row in rows:
-            base = row["one slot"]["tokens_per_s"]
-            for mode in ("batched", "one slot"):
-                e = row[mode]
-                late = e.get("late_arrival")
-                print(
-                    f"| {row['preset']} | {e['slots']} slot(s) | {e['step_calls']:.0f} / {e['row_steps']:.0f} | "
-                    f"{e['tokens_per_s']:.1f} ({e['tokens_per_s'] / base:.2f}x) | "
-                    + (
-                        f"{late['with_others_ms']:.1f} / {late['alone_ms']:.1f} ms: {late['ratio']:.2f}x |"
-                        if late
-                        else "- |"
-                    )
-                )
+        print_inflight(rows, args.concurrency)
     else:
-        print("| preset | path | requests | mean ms / request | vs in-process |")
-        print("|---|---|---|---|---|")
-        for row in rows:
-            print(
-                f"| {row['preset']} | {row['path']} | {row['requests']} | {row['mean_ms']:.1f} | {row['ratio']:.2f}x |"
-            )
+        print_latency(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
