@@ -125,7 +125,15 @@ class SchedulerStats:
 class Scheduler:
     """Serves requests on an active backend with `slots` rows (default: the max batch) and a bounded queue."""
 
-    def __init__(self, backend: StepBackend, max_queue: int, slots: int | None = None):
+    def __init__(
+        self,
+        backend: StepBackend,
+        max_queue: int,
+        slots: int | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ):
+        """on_step(rows) runs after each step call, before its events reach the tickets: what counts steps (the
+        served metrics) has counted one before any client sees the replies it produced."""
         if max_queue < 0:
             raise CanvasrtError(f"the queue length must be 0 or more, got {max_queue}")
         self.backend = backend
@@ -137,7 +145,7 @@ class Scheduler:
         self.queue: deque[_Row] = deque()
         self.rows: list[_Row] = []  # slot i holds rows[i]; the last one may still be prefilling
         self.stats = SchedulerStats()
-        self.last_rows = 0  # rows in the latest step call
+        self.on_step = on_step
         self.lock = threading.Lock()
 
     @property
@@ -195,10 +203,11 @@ class Scheduler:
             np.asarray([row.step == 1 for row in active]),
             np.zeros(n, dtype=bool),
         )
-        self.last_rows = n
         self.stats.step_calls += 1
         self.stats.row_steps += n
         self.stats.occupancy[n] += 1
+        if self.on_step is not None:
+            self.on_step(n)
         leaving = []
         for i, row in enumerate(active):
             if not self._after_step(

@@ -85,7 +85,9 @@ class TritonPythonModel:
         self.codec = TextCodec(directory) if tokenizer.is_file() else None
         self.generation = self.backend.spec.generation
         slots = int(parameters.get("slots", "0")) or self.backend.spec.capacity.max_batch
-        self.scheduler = Scheduler(self.backend, int(parameters.get("max_queue", str(DEFAULT_QUEUE))), slots)
+        self.scheduler = Scheduler(
+            self.backend, int(parameters.get("max_queue", str(DEFAULT_QUEUE))), slots, on_step=self._count_step
+        )
         self.batch_window_s = int(parameters.get("batch_window_ms", "0")) / 1000
         self.relays: dict[int, _Relay] = {}
         self._metrics(slots)
@@ -167,7 +169,6 @@ class TritonPythonModel:
                     self._gather()
             if self.stopping:
                 return
-            calls = scheduler.stats.step_calls
             try:
                 dropped = scheduler.step()
             except Exception as exc:  # the failed call's rows have unknown state: end them all, keep serving
@@ -186,7 +187,7 @@ class TritonPythonModel:
                     relay.fail("the client cancelled the request", pb_utils.TritonError.CANCELLED)
             for key in [key for key, relay in self.relays.items() if relay.closed and relay.ticket.finished]:
                 del self.relays[key]
-            self._record(scheduler.stats.step_calls > calls)
+            self._record()
 
     def _gather(self) -> None:
         """With `wake` held and no request in the slots, so the queued ones are newcomers to an idle instance: waits
@@ -198,20 +199,17 @@ class TritonPythonModel:
                 return
             self.wake.wait(left)
 
-    def _record(self, stepped: bool) -> None:
-        scheduler = self.scheduler
-        rows, queued = len(scheduler.rows), len(scheduler.queue)
-        self.metric_rows.set(rows)
-        self.metric_queued.set(queued)
-        if stepped:
-            occupancy = scheduler.last_rows
-            self.metric_steps.increment(1)
-            self.metric_row_steps.increment(occupancy)
-            self.metric_by_rows[occupancy].increment(1)
-            self.pb_utils.Logger.log_verbose(
-                f"canvasrt_generate: step {scheduler.stats.step_calls} carried "
-                f"{occupancy} row(s); {rows} in slots, {queued} waiting"
-            )
+    def _count_step(self, occupancy: int) -> None:
+        self.metric_steps.increment(1)
+        self.metric_row_steps.increment(occupancy)
+        self.metric_by_rows[occupancy].increment(1)
+        self.pb_utils.Logger.log_verbose(
+            f"canvasrt_generate: step {self.scheduler.stats.step_calls} carried {occupancy} row(s)"
+        )
+
+    def _record(self) -> None:
+        self.metric_rows.set(len(self.scheduler.rows))
+        self.metric_queued.set(len(self.scheduler.queue))
 
     def finalize(self) -> None:
         with self.wake:
