@@ -20,6 +20,18 @@ from support import cli
 # Two cores in CI; one intra-op thread keeps torch from oversubscribing them next to ONNX Runtime.
 torch.set_num_threads(1)
 
+# Fixtures whose first use costs tens of seconds (an FP8 calibration, TensorRT-RTX engines) and the Triton models'
+# environment, which every test that starts a server needs: a test that asks for one, directly or through another
+# fixture, is in the slow tier. Other expensive tests carry `@pytest.mark.slow` themselves.
+SLOW_FIXTURES = {"sort_fp8", "tiny_fp8_artifacts", "tiny_engines", "triton_env"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # A second geometry, different from the tiny preset on every axis the graphs depend on: no GQA on sliding layers,
 # a full layer first, top-1 routing, a window longer than the prompt of the step parity (so the ring wraps later),
 # another vocabulary size; same canvas so transfer sizes stay comparable.

@@ -507,6 +507,7 @@ def _stderr_on_a_terminal(command: list) -> tuple[int, bytes]:
     return process.wait(timeout=120), b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_a_failing_stage_clears_its_spinner_before_the_error(tiny_checkpoint, tmp_path):
     """The export's spinner is drawn before the checkpoint is read; the error must stand alone as the last line, in a
     log (stderr a pipe) and on a terminal, where the spinner line was drawn."""
@@ -543,6 +544,7 @@ def _start_and_signal(command: list, output: Path, number: int, settle: float) -
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "number, code, line",
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
@@ -558,6 +560,7 @@ def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, numbe
     assert_nothing_written(output)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_export_and_leaves_nothing(tiny_checkpoint, tmp_path):
     output = tmp_path / "art"
     done = _start_and_signal(

@@ -16,6 +16,8 @@ from canvasrt.serving.protocol import request_inputs
 from canvasrt.serving.server import TritonServer, free_ports
 from support import cli
 
+pytestmark = pytest.mark.slow  # every test here builds engines or serves
+
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_ENV = Path(os.environ.get("CANVASRT_TRITON_ENV", ROOT / ".venv-triton"))
 

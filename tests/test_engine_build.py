@@ -18,6 +18,8 @@ from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.manifest import ArtifactManifest, sha256_file
 from support import cli
 
+pytestmark = pytest.mark.slow  # every test here builds engines or serves
+
 pytest.importorskip("tensorrt_rtx")
 
 TARGETS = ("sm89", "sm120")

@@ -74,7 +74,14 @@ def test_streamed_external_data_is_listed_and_digested(tiny_fp16_artifacts):
         assert "model.embed_tokens.weight" in external and "model.layers.0.experts.gate_up_proj" in external
 
 
-@pytest.mark.parametrize("fixture", ["tiny_fp16_artifacts", "tiny_sparse_artifacts", "tiny_grouped_artifacts"])
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "tiny_fp16_artifacts",
+        pytest.param("tiny_sparse_artifacts", marks=pytest.mark.slow),
+        pytest.param("tiny_grouped_artifacts", marks=pytest.mark.slow),
+    ],
+)
 def test_step_parity_fp16_sparse_and_grouped(tiny_checkpoint, fixture, request, tmp_path):
     artifacts = request.getfixturevalue(fixture)
     result = cli("parity", tiny_checkpoint, artifacts, "--report", tmp_path / "r.json")

@@ -169,6 +169,7 @@ def test_directories_of_the_previous_formats_are_refused_with_the_fix(tiny_artif
 # -- 2. weights that cannot be weights ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "value, words",
     [
@@ -193,6 +194,7 @@ def test_weights_that_are_not_finite_floats_are_refused_with_their_name(
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_the_streaming_copy_checks_values_and_conversions(tiny_checkpoint, tmp_path):
     original = load_file(str(tiny_checkpoint / "model.safetensors"))[TENSOR]
     nan = Checkpoint.open(

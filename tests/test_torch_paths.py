@@ -175,6 +175,7 @@ def test_the_extrapolation_to_30_layers_says_when_its_fit_means_nothing():
     assert not negative_fixed["meaningful"] and "negative" in negative_fixed["why"]
 
 
+@pytest.mark.slow
 def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     """scripts/gpu_check.py is the one script a GPU machine runs; on a CPU with the tiny preset it runs the same code
     end to end in seconds: parity passes, the 30-layer extrapolation is printed, the in-flight rows share calls."""

@@ -186,6 +186,7 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
     assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["tokenizer"]}
 
 
+@pytest.mark.slow
 def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     engines, _ = build_engines(
@@ -477,6 +478,7 @@ def test_a_burst_of_eight_shares_every_step_call(tiny_checkpoint, triton_env, tm
     assert values['canvasrt_step_calls_by_rows_total{rows="8"}'] == 16
 
 
+@pytest.mark.slow
 def test_the_served_batching_benchmark_runs(tmp_path):
     """scripts/bench_triton.py --concurrency (the served figures of docs/PERFORMANCE.md): it exits 0 only when every
     reply equals its in-process run; the batched instance shares step calls, the single slot does not."""
