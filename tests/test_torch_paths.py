@@ -47,7 +47,7 @@ def _run(checkpoint, moe):
     return result, logits
 
 
-@pytest.mark.parametrize("moe", ["sparse", "grouped"])
+@pytest.mark.parametrize("moe", ["sparse", pytest.param("grouped", marks=pytest.mark.slow)])
 def test_routed_torch_moe_equals_the_dense_one(tiny_checkpoint, moe):
     dense, dense_logits = _run(tiny_checkpoint, "dense")
     sparse, sparse_logits = _run(tiny_checkpoint, moe)
@@ -56,6 +56,7 @@ def test_routed_torch_moe_equals_the_dense_one(tiny_checkpoint, moe):
     assert dense.steps_per_block == sparse.steps_per_block
 
 
+@pytest.mark.slow
 def test_sparse_calibration_ranges_equal_the_dense_ones(sort_checkpoint):
     rows = [[7, 8, 9, 10, 11], [12, 13, 14]]
     dense = collect_ranges(sort_checkpoint, rows, moe="dense")
@@ -66,6 +67,7 @@ def test_sparse_calibration_ranges_equal_the_dense_ones(sort_checkpoint):
     assert dense.expert_tokens == sparse.expert_tokens and sum(map(sum, dense.expert_tokens.values())) > 0
 
 
+@pytest.mark.slow
 def test_grouped_calibration_observes_exactly_the_routed_tokens(sort_checkpoint):
     """The grouped hook sees padding slots too; only routed ones may count. Token counts must equal the dense
     formulation's exactly; ranges agree to float noise, which grows with depth as each layer's GEMM shapes differ
