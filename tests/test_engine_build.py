@@ -18,29 +18,33 @@ from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.manifest import ArtifactManifest, sha256_file
 from support import cli
 
-pytestmark = pytest.mark.slow  # every test here builds engines or serves
-
 pytest.importorskip("tensorrt_rtx")
 
-TARGETS = ("sm89", "sm120")
 PRECISIONS = {"fp32": "tiny_artifacts", "fp16": "tiny_fp16_artifacts", "fp8": "tiny_fp8_artifacts"}
-BUILT = {**PRECISIONS, "sort-fp8": "sort_fp8"}  # and the trained sort model's FP8 artifacts
+SOURCES = {**PRECISIONS, "sort-fp8": "sort_fp8"}  # and the trained sort model's FP8 artifacts
+# Each precision for SM89; fp32 and the tiny FP8 engines for SM120 too, the architecture with the other FP8 kernels.
+BUILDS = [
+    ("fp32", "sm89"),
+    ("fp32", "sm120"),
+    ("fp16", "sm89"),
+    ("fp8", "sm89"),
+    ("fp8", "sm120"),
+    ("sort-fp8", "sm89"),
+]
 
 
 @pytest.fixture(scope="module")
 def engines(request, tmp_path_factory):
-    """fp32, fp16 and FP8 engines of the tiny preset and FP8 engines of the trained sort model, for SM89 and SM120,
-    each built once through `canvasrt build`."""
+    """The BUILDS, each built once through `canvasrt build` (fp32 for SM89 is the shared `tiny_engines`)."""
     root = tmp_path_factory.mktemp("engines")
-    built = {("fp32", "sm89"): request.getfixturevalue("tiny_engines")}  # the shared one
-    for precision, fixture in BUILT.items():
-        for target in TARGETS:
-            if (precision, target) in built:
-                continue
-            out = root / f"{precision}-{target}"
-            result = cli("build", request.getfixturevalue(fixture), "-o", out, "--target", target)
-            assert result.exit_code == 0, result.output
-            built[precision, target] = out
+    built = {("fp32", "sm89"): request.getfixturevalue("tiny_engines")}
+    for precision, target in BUILDS:
+        if (precision, target) in built:
+            continue
+        out = root / f"{precision}-{target}"
+        result = cli("build", request.getfixturevalue(SOURCES[precision]), "-o", out, "--target", target)
+        assert result.exit_code == 0, result.output
+        built[precision, target] = out
     return built
 
 
@@ -48,8 +52,8 @@ def layers(engine_dir: Path, graph: str):
     return engine_layers((engine_dir / f"{graph}.layers.txt").read_text())
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, target", [build for build in BUILDS if build[0] in PRECISIONS])
 def test_engine_manifest_records_what_was_built(engines, precision, target, request):
     artifacts = request.getfixturevalue(PRECISIONS[precision])
     source = json.loads((artifacts / "manifest.json").read_text())
@@ -81,14 +85,14 @@ def canvas_only(weight: str, layers: int) -> bool:
     )
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("model", ["fp8", "sort-fp8"])
+@pytest.mark.slow
+@pytest.mark.parametrize("model, target", [build for build in BUILDS if build[0].endswith("fp8")])
 def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, target, request):
     """Every quantized GEMM, the MoE experts' gate_up and down projections of every layer included, lands in a GEMM
     layer that reads FP8 (E4M3) activations and FP8 weights, once in each optimization profile that runs it: the
     denoise profile runs them all, prefill and commit all but the canvas-only ones (which TensorRT removes there, on
     zero rows). Tiny preset and the trained sort model."""
-    artifacts = request.getfixturevalue(BUILT[model])
+    artifacts = request.getfixturevalue(SOURCES[model])
     source = json.loads((artifacts / "manifest.json").read_text())
     manifest = json.loads((engines[model, target] / "manifest.json").read_text())
     found = layers(engines[model, target], "backbone")
@@ -112,9 +116,10 @@ def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, tar
     assert [layer.name for layer in found if "FP8" in layer.weights and layer.name not in fp8_gemm] == []
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("precision, dtype", [("fp32", "Float"), ("fp16", "Half")])
-def test_unquantized_engines_hold_no_fp8(engines, precision, dtype, target):
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, target", [build for build in BUILDS if build[0] in ("fp32", "fp16")])
+def test_unquantized_engines_hold_no_fp8(engines, precision, target):
+    dtype = {"fp32": "Float", "fp16": "Half"}[precision]
     found = layers(engines[precision, target], "backbone")
     assert not any("FP8" in layer.inputs + layer.weights + layer.outputs for layer in found)
     manifest = json.loads((engines[precision, target] / "manifest.json").read_text())
@@ -122,6 +127,7 @@ def test_unquantized_engines_hold_no_fp8(engines, precision, dtype, target):
         assert dtype in counts and "FP8" not in counts
 
 
+@pytest.mark.slow
 def test_a_matching_build_is_reused_and_a_narrower_request_rebuilds(engines, tiny_artifacts, tmp_path):
     again = cli("build", tiny_artifacts, "-o", engines["fp32", "sm120"], "--target", "sm120")
     assert again.exit_code == 0 and "up to date" in again.output
@@ -169,6 +175,7 @@ def test_fp8_artifacts_without_their_calibration_are_refused(tiny_fp8_artifacts,
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_sparse_moe_graph_is_refused_by_tensorrt_rtx_with_a_clear_error(tiny_sparse_artifacts, tmp_path):
     entry = ArtifactManifest.load(tiny_sparse_artifacts).backbone
     with pytest.raises(CanvasrtError, match="could not build backbone.onnx: .*NonZero"):
@@ -176,6 +183,7 @@ def test_sparse_moe_graph_is_refused_by_tensorrt_rtx_with_a_clear_error(tiny_spa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_build_refuses_sparse_graphs_for_tensorrt_rtx_up_front(tiny_sparse_artifacts, tmp_path):
     result = cli("build", tiny_sparse_artifacts, "-o", tmp_path / "e")
     assert result.exit_code == 2 and "export with --moe dense" in result.output
@@ -195,6 +203,7 @@ def monitored_build(tiny_artifacts, tmp_path_factory):
     return entry, built, events, cache, engine
 
 
+@pytest.mark.slow
 def test_progress_monitor_reports_the_build_phases(monitored_build):
     _, built, events, _, engine = monitored_build
     assert engine.stat().st_size == built.bytes > 100_000 and built.layers
@@ -218,6 +227,7 @@ def test_progress_monitor_turns_an_interrupt_into_a_cancelled_build(tiny_artifac
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_timing_cache_is_written_atomically_and_survives_a_rebuild(monitored_build, tiny_artifacts, tmp_path):
     """TensorRT-RTX times no tactics (its timing cache stays empty: 0 keys), so this checks the file handling that
     the TensorRT path shares: written by rename, no lock or temporary file left, loaded and rewritten by the next
