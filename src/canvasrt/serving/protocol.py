@@ -255,8 +255,9 @@ def _llm_options(inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> d
         value = options.pop(name, None)
         if value is not None and value not in neutral:
             shown = " or ".join(repr(v) for v in neutral if v is not None)
+            value = f"{value:.6g}" if isinstance(value, float) else repr(value)
             raise CanvasrtError(
-                f"{name} {value!r} is not supported: DiffusionGemma's entropy-bound sampler draws every position "
+                f"{name} {value} is not supported: DiffusionGemma's entropy-bound sampler draws every position "
                 f"from the whole distribution, with no nucleus, top-k, penalties, beams or log probabilities; "
                 f"leave {name} out (or send {shown})"
             )
@@ -331,8 +332,8 @@ def parse_request(
         options.pop(seeds[0], None)
     if not 0 <= seed < 2**63:
         raise CanvasrtError(f"seed must be non-negative and below 2^63, got {seed}")
-    stream_value = inputs["stream"] if "stream" in inputs else options.pop("stream", None)
-    if isinstance(stream_value, np.ndarray):
+    stream_value = options.pop("stream", None)
+    if "stream" in inputs:
         stream_value = _scalar(inputs, "stream")
     streaming = (not llm) if stream_value is None else _flag(stream_value, "stream")
     exclude = options.pop("exclude_input_in_output", None)
