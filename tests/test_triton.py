@@ -30,7 +30,7 @@ from canvasrt.builder.engines import build_engines
 from canvasrt.cli import main
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
-from canvasrt.serving.protocol import INPUTS, OUTPUTS, request_inputs
+from canvasrt.serving.protocol import ALL_INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
 from canvasrt.serving.server import TritonServer, free_ports
 
@@ -168,7 +168,7 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
     generate = read_config(repository / "canvasrt_generate" / "config.pbtxt")
     assert generate.backend == "python" and generate.model_transaction_policy.decoupled
-    assert [i.name for i in generate.input] == [f.name for f in INPUTS] and all(i.optional for i in generate.input)
+    assert [i.name for i in generate.input] == [f.name for f in ALL_INPUTS] and all(i.optional for i in generate.input)
     assert [o.name for o in generate.output] == [f.name for f in OUTPUTS]
     assert generate.parameters["step_backend"].string_value == "bls"
     assert sorted(p.name for p in repository.iterdir()) == ["canvasrt_backbone", "canvasrt_generate"]

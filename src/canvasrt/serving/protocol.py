@@ -11,6 +11,8 @@ beside these: a request that uses any of LLM_INPUTS, `sampling_parameters` (vLLM
 one response (`stream` false), returns at most `max_tokens` tokens, and its streamed responses are deltas: one per
 committed canvas, the last canvas's delta in the final response with its `finish_reason`, so no empty chunk trails.
 `text_output` is the whole text (after the prompt, unless `exclude_input_in_output` is false) when not streaming.
+Requests in canvasrt's own protocol get the LLM outputs too, `text_output` mirroring `text` (a block's canvas,
+the whole text in "done").
 `temperature` scales DiffusionGemma's temperature schedule (t_min and t_max alike: 1 keeps the checkpoint's); the
 sampler has no nucleus, top-k, penalties or beams, so those options are refused unless they ask for nothing.
 
@@ -513,10 +515,10 @@ class ResponseStream:
             new,
             text,
             float(event.tokens_per_forward[0]),
-            text_output="" if request.stream else text,
+            text_output=text,
             finish_reason="stop" if len(kept) < len(new) else "length",
             input_tokens=inputs,
-            output_tokens=0 if request.stream else len(kept),
+            output_tokens=len(kept),
         )
         return [(done, True)]
 
