@@ -246,13 +246,16 @@ class FrontEnd:
             "seed": ("INT64", body.seed),
         }
         for name, (dtype, value) in scalars.items():
-            if value is not None:
-                array = np.array([value], dtype=NUMPY[dtype])
-                if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-                    raise APIError(400, f"{name} {value!r} is not a finite 32-bit float", name)
-                if np.issubdtype(array.dtype, np.integer) and int(array[0]) != value:
-                    raise APIError(400, f"{name} {value!r} does not fit the model's {dtype} input", name)
-                inputs[name] = array
+            if value is None:
+                continue
+            numpy_type = NUMPY[dtype]
+            if np.issubdtype(numpy_type, np.integer):
+                bounds = np.iinfo(numpy_type)
+                if not bounds.min <= value <= bounds.max:
+                    raise APIError(400, f"{name} {value} does not fit the model's {dtype} input", name)
+            elif not abs(value) <= np.finfo(np.float32).max:
+                raise APIError(400, f"{name} {value!r} is not a finite 32-bit float", name)
+            inputs[name] = np.array([value], dtype=numpy_type)
         if body.stop:
             stops = [body.stop] if isinstance(body.stop, str) else body.stop
             inputs["stop"] = np.array([s.encode("utf-8") for s in stops], dtype=np.object_)
