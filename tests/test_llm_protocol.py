@@ -121,3 +121,20 @@ def test_random_checkpoints_ship_a_gemma_style_chat_template(tmp_path):
         tokenize=False,
     )
     assert rendered == "<bos><|turn>user\nhi<turn|>\n<|turn>model\nyo<turn|>\n<|turn>user\n?<turn|>\n<|turn>model\n"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--openai-port", "8000"], "--http-port and --openai-port are both 8000"),
+        (["--openai-port", "0"], "--openai-port must be between 1 and 65535"),
+        (["--openai-port", "9000", "--openai-host", "203.0.113.7"], "port 9000 on 203.0.113.7 cannot be bound"),
+    ],
+)
+def test_serve_checks_the_openai_options_first(tmp_path, options, message):
+    from click.testing import CliRunner
+
+    from canvasrt.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tmp_path), *options])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -195,7 +195,7 @@ def test_bad_input_is_one_clear_400_each_and_the_next_request_is_served(served):
         (json.dumps({"model": MODEL, "prompt": ""}).encode(), "the prompt is empty"),
         (json.dumps({"model": MODEL, "prompt": long_prompt}).encode(), "more than the maximum context of 128"),
         (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 4096}).encode(), "more than the maximum context"),
-        (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 2**40}).encode(), "does not fit the model's INT32"),
+        (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 2**40}).encode(), "does not fit the input's INT32"),
         (json.dumps({"model": MODEL, "prompt": "a", "colour": 1}).encode(), "unknown field 'colour'"),
         (json.dumps({"prompt": "a"}).encode(), "the field 'model' is required"),
         (json.dumps({"model": MODEL, "prompt": "a", "seed": -1}).encode(), "seed"),

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..core.errors import CanvasrtError
 from ..runtime.scheduler import SERVER_FULL
-from .protocol import INTERNAL_ERROR, NUMPY
+from .protocol import INTERNAL_ERROR, input_tensor
 from .repository import GENERATE_MODEL
 
 OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
@@ -235,6 +235,8 @@ class FrontEnd:
             else:
                 if not prompt:
                     raise APIError(400, "the prompt is empty; send some text", "prompt")
+                if not all(0 <= token < 2**63 for token in prompt):
+                    raise APIError(400, "prompt token ids must be non-negative integers below 2^63", "prompt")
                 inputs["prompt_ids"] = np.asarray(prompt, dtype=np.int64)
             max_tokens = body.max_tokens
         scalars = {
@@ -248,14 +250,10 @@ class FrontEnd:
         for name, (dtype, value) in scalars.items():
             if value is None:
                 continue
-            numpy_type = NUMPY[dtype]
-            if np.issubdtype(numpy_type, np.integer):
-                bounds = np.iinfo(numpy_type)
-                if not bounds.min <= value <= bounds.max:
-                    raise APIError(400, f"{name} {value} does not fit the model's {dtype} input", name)
-            elif not abs(value) <= np.finfo(np.float32).max:
-                raise APIError(400, f"{name} {value!r} is not a finite 32-bit float", name)
-            inputs[name] = np.array([value], dtype=numpy_type)
+            try:
+                inputs[name] = input_tensor(name, value, dtype)
+            except CanvasrtError as exc:
+                raise APIError(400, str(exc), name) from None
         if body.stop:
             stops = [body.stop] if isinstance(body.stop, str) else body.stop
             inputs["stop"] = np.array([s.encode("utf-8") for s in stops], dtype=np.object_)

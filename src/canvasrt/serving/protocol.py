@@ -417,11 +417,12 @@ def request_inputs(
         if name not in fields:
             raise CanvasrtError(f"unknown generation setting {name!r}; use one of {', '.join(fields)}")
         if value is not None:
-            inputs[name] = _setting_tensor(name, value, fields[name].dtype)
+            inputs[name] = input_tensor(name, value, fields[name].dtype)
     return inputs
 
 
-def _setting_tensor(name: str, value: Any, triton_dtype: str) -> np.ndarray:
+def input_tensor(name: str, value: Any, triton_dtype: str) -> np.ndarray:
+    """One value as a one-element input tensor of `triton_dtype`, refused where the type cannot hold it."""
     # numpy would wrap an out-of-range int or turn a finite float into inf (with a warning), which the server then
     # refuses under a value the caller never sent
     dtype = NUMPY[triton_dtype]
@@ -455,11 +456,9 @@ class ResponseStream:
 
     def text(self, tokens: np.ndarray | list[int]) -> str:
         settings = self.request.settings
-        return (
-            self.codec.decode(until_eos(np.asarray(tokens), settings.eos_token_ids, settings.pad_token_id))
-            if (self.codec)
-            else ""
-        )
+        if self.codec is None:
+            return ""
+        return self.codec.decode(until_eos(np.asarray(tokens), settings.eos_token_ids, settings.pad_token_id))
 
     def deadline_error(self, event: Draft | Committed | GenerationResult) -> str | None:
         """The error to end the request with when it is past its deadline (a finished generation is sent, however
