@@ -8,10 +8,10 @@
 # (time to first token, inter-chunk and inter-token latency, output tokens/s, requests/s) into docs/PERFORMANCE.md
 # with the machine named. Prefix with `nice`; the figures are CPU figures, on a shared machine.
 #
-#   nice bash scripts/bench_serving.sh            # REQUESTS=48 OUTPUT_TOKENS=32 by default
+#   nice bash scripts/bench_serving.sh            # REQUESTS=96 INPUT_TOKENS=32 OUTPUT_TOKENS=32 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REQUESTS="${REQUESTS:-48}"
+REQUESTS="${REQUESTS:-96}"
 OUTPUT_TOKENS="${OUTPUT_TOKENS:-32}"
 INPUT_TOKENS="${INPUT_TOKENS:-32}"
 WORK="$(mktemp -d -t bench-serving-XXXXXX)"
@@ -98,7 +98,8 @@ cpu = next(
     platform.processor(),
 )
 memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-machine = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, no GPU"
+load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+machine = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, no GPU; load average {load} (1, 5, 15 min) at the end"
 version = stats["chat", 1]["aiperf_version"]
 lines = [
     f"`nice bash scripts/bench_serving.sh` (aiperf {version}; tiny preset, one loop instance of 8 slots, "
