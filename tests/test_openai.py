@@ -58,7 +58,7 @@ def served(tiny_artifacts, triton_env, tmp_path_factory):
     http, grpc, metrics, api = free_ports(4)
     command = [str(Path(sys.executable).parent / "canvasrt"), "serve", str(repository), "--python-env", str(triton_env)]
     command += ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    command += ["--openai-port", str(api)]
+    command += ["--openai-port", str(api), "--log", str(root / "tritonserver.log")]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
         line = process.stderr.readline()
@@ -69,7 +69,8 @@ def served(tiny_artifacts, triton_env, tmp_path_factory):
     finally:
         process.send_signal(signal.SIGINT)
         _, rest = process.communicate(timeout=90)
-    assert process.returncode == 0 and "stopped tritonserver (exit code 0)" in rest, rest
+    log = (root / "tritonserver.log").read_text()
+    assert process.returncode == 0 and "stopped tritonserver (exit code 0)" in rest, rest + log[-3000:]
 
 
 @pytest.fixture(scope="module")

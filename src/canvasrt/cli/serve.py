@@ -158,9 +158,9 @@ def _serve(server: TritonServer, repository: Path, openai_host: str, openai_port
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:  # also while starting: the server runs in its own session and would be orphaned
-        if front is not None:  # no new requests; its streams' Triton requests are cancelled as it closes them
-            front.stop()
         try:
+            if front is not None:  # no new requests; its streams' Triton requests are cancelled as it closes them
+                front.stop()
             code = server.stop()
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for in-flight requests
             server.kill()
