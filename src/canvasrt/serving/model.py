@@ -10,8 +10,10 @@ few milliseconds then shares every step call instead of joining a step or a few 
 
 `execute()` only parses requests and hands them to the instance's scheduler; one thread per instance runs the
 scheduler's iterations and sends each row's responses as they happen. Errors that concern the request (no prompt,
-too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving; a
-request its client cancelled leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
+too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving
+(INVALID_ARG, HTTP 400, for what the request asked; UNAVAILABLE for a full queue; other errors' messages start with
+`protocol.INTERNAL_ERROR`, since Triton's gRPC stream carries the message alone); a request its client cancelled
+leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
 row-steps they carried, step calls by rows in them (the batch occupancy), and the rows and queue now; the log at
 verbose level has a line per step. Nothing here needs PyTorch.
 """
