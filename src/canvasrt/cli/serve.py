@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..core.errors import CanvasrtError
 from ..serving.repository import STEP_BACKENDS
 
 if TYPE_CHECKING:
+    from ..serving.openai_api import OpenAIServer
     from ..serving.server import TritonServer
 
 
@@ -92,12 +94,37 @@ def triton_command(
 )
 @click.option("--metrics-port", type=int, default=8002, show_default=True, help="Triton's Prometheus metrics")
 @click.option("--log", type=click.Path(path_type=Path), default=None, help="write the server log here")
+@click.option(
+    "--openai-port",
+    type=int,
+    default=None,
+    help="also serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) on this port, "
+    "forwarding to the loop model over gRPC",
+)
+@click.option("--openai-host", default="127.0.0.1", show_default=True, help="address the OpenAI API binds")
 def serve_command(
-    repository: Path, http_port: int, grpc_port: int, metrics_port: int, python_env: Path | None, log: Path | None
+    repository: Path,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    python_env: Path | None,
+    log: Path | None,
+    openai_port: int | None,
+    openai_host: str,
 ) -> None:
     """Run tritonserver on REPOSITORY, bound to 127.0.0.1, until Ctrl-C."""
-    from ..serving.server import TritonServer
+    from ..serving.server import TritonServer, check_port_free, check_port_options
 
+    if openai_port is not None:
+        check_port_options(
+            {
+                "--http-port": http_port,
+                "--grpc-port": grpc_port,
+                "--metrics-port": metrics_port,
+                "--openai-port": openai_port,
+            }
+        )
+        check_port_free("--openai-port", openai_port, openai_host)
     server = TritonServer(
         repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log, metrics_port=metrics_port
     )
@@ -105,25 +132,35 @@ def serve_command(
     # background jobs with it ignored, and Python then never raises KeyboardInterrupt.
     previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _serve(server, repository)
+        _serve(server, repository, openai_host, openai_port)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
-def _serve(server: TritonServer, repository: Path) -> None:
+def _serve(server: TritonServer, repository: Path, openai_host: str, openai_port: int | None) -> None:
     start = time.perf_counter()
+    front: OpenAIServer | None = None
     try:
         server.start()
+        if openai_port is not None:
+            from ..serving.openai_api import FrontEnd, OpenAIServer
+            from ..serving.repository import GENERATE_MODEL
+
+            tokenizer = server.repository / GENERATE_MODEL / "1" / "artifacts"
+            front = OpenAIServer(FrontEnd(server.grpc_url, tokenizer), openai_host, openai_port)
+            front.start()
         click.echo(
             f"serving {repository} in {time.perf_counter() - start:.1f}s: HTTP {server.http_url}, gRPC "
-            f"{server.grpc_url} (Ctrl-C stops)",
+            f"{server.grpc_url}" + (f", OpenAI API {front.url}" if front else "") + " (Ctrl-C stops)",
             err=True,
         )
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:  # also while starting: the server runs in its own session and would be orphaned
         try:
+            if front is not None:  # no new requests; its streams' Triton requests are cancelled as it closes them
+                front.stop()
             code = server.stop()
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for in-flight requests
             server.kill()
@@ -131,6 +168,11 @@ def _serve(server: TritonServer, repository: Path) -> None:
             raise SystemExit(130) from None
         click.echo(f"stopped tritonserver (exit code {code})", err=True)
         return
+    except CanvasrtError:  # the OpenAI API could not start: stop the server it was to stand in front of
+        server.stop()
+        raise
+    if front is not None:
+        front.stop()
     message = server.failure()
     server.stop()
     click.echo(f"tritonserver exited on its own: {message}", err=True)

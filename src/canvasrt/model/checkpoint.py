@@ -32,7 +32,14 @@ from .modeling import DiffusionGemmaText, stored_layout
 
 TEXT_PREFIX = "model.decoder."
 ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What a DiffusionGemma weight can be stored as; anything else (integers, F64, FP8) is refused, not converted.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -45,6 +45,14 @@ def _written_by_canvasrt(directory: Path) -> bool:
 CHECKPOINT_OUTPUT = OutputKind("a checkpoint written by canvasrt", "`canvasrt random-checkpoint`", _written_by_canvasrt)
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2: DiffusionGemma's pad / eos / bos ids
+# Gemma's chat format (turns opened by `<|turn>ROLE`, closed by `<turn|>`, the assistant's role named model), for
+# transformers' apply_chat_template; the byte-level tokenizer spells the turn markers byte by byte.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
 _TINY_VISION = dict(
     image_size=20,
     patch_size=5,
@@ -188,7 +196,7 @@ def write_random_checkpoint(
         model.save_pretrained(str(staging))
         del model
         generation_config(**spec["generation"]).save_pretrained(str(staging))
-        byte_level_tokenizer(text["vocab_size"]).save(str(staging / "tokenizer.json"))
+        save_tokenizer(byte_level_tokenizer(text["vocab_size"]), staging)
     return Path(output)
 
 
@@ -262,6 +270,18 @@ def generation_config(max_new_tokens: int, max_denoising_steps: int) -> Any:
         pad_token_id=0,
         bos_token_id=2,
     )
+
+
+def save_tokenizer(tokenizer: Any, directory: Path, chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """tokenizer.json, and through transformers its tokenizer_config.json and chat template (where given), as a
+    released checkpoint ships them."""
+    from transformers import PreTrainedTokenizerFast
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    wrapped.chat_template = chat_template
+    wrapped.save_pretrained(str(directory))
 
 
 def byte_level_tokenizer(vocab_size: int) -> Any:

@@ -35,6 +35,13 @@ from .step import Draws, StepBackend
 Event = Draft | Committed | GenerationResult
 
 
+SERVER_FULL = "the server is full"
+
+
+class QueueFull(CanvasrtError):
+    """Every slot and the whole queue are taken: the request may succeed later (a server's 503, not a 400)."""
+
+
 @dataclass(frozen=True)
 class RowRequest:
     ids: list[int]
@@ -166,8 +173,8 @@ class Scheduler:
         with self.lock:
             if len(self.queue) >= self.max_queue + self.backend.slots - len(self.rows):
                 self.stats.refused += 1
-                raise CanvasrtError(
-                    f"the server is full: its {self.backend.slots} slots and its queue of {self.max_queue} "
+                raise QueueFull(
+                    f"{SERVER_FULL}: its {self.backend.slots} slots and its queue of {self.max_queue} "
                     "are taken; retry later, or serve with more --instances or a longer --max-queue"
                 )
             self.queue.append(_Row(ticket, ids, blocks, draws))

@@ -10,8 +10,10 @@ few milliseconds then shares every step call instead of joining a step or a few 
 
 `execute()` only parses requests and hands them to the instance's scheduler; one thread per instance runs the
 scheduler's iterations and sends each row's responses as they happen. Errors that concern the request (no prompt,
-too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving; a
-request its client cancelled leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
+too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving
+(INVALID_ARG, HTTP 400, for what the request asked; UNAVAILABLE for a full queue; other errors' messages start with
+`protocol.INTERNAL_ERROR`, since Triton's gRPC stream carries the message alone); a request its client cancelled
+leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
 row-steps they carried, step calls by rows in them (the batch occupancy), and the rows and queue now; the log at
 verbose level has a line per step. Nothing here needs PyTorch.
 """
@@ -27,12 +29,22 @@ from typing import Any
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest
 from ..runtime.prompts import TextCodec
-from ..runtime.scheduler import Event, RowRequest, Scheduler, Ticket
+from ..runtime.scheduler import Event, QueueFull, RowRequest, Scheduler, Ticket
 from ..runtime.step import StepBackend
-from .protocol import GenerationRequest, ResponseStream, parse_request
+from .protocol import INTERNAL_ERROR, GenerationRequest, ResponseStream, parse_request
 
 ARTIFACTS = "artifacts"  # the model version directory's copy of the artifacts (graphs only for in-process)
 DEFAULT_QUEUE = 64
+
+
+def _parameters(request: Any) -> dict[str, Any]:
+    """The request's parameters (a JSON object in the Python backend): the HTTP generate endpoint's `parameters` and
+    its fields that name no input."""
+    raw = request.parameters()
+    parameters = json.loads(raw) if raw else {}
+    if not isinstance(parameters, dict):
+        raise CanvasrtError("the request's parameters are not a JSON object")
+    return parameters
 
 
 class _Relay:
@@ -40,7 +52,7 @@ class _Relay:
 
     def __init__(self, model: TritonPythonModel, sender: Any, request: GenerationRequest):
         self.model, self.sender = model, sender
-        self.stream = ResponseStream(request, model.codec)
+        self.stream = ResponseStream(request, model.codec, model.backend.spec.capacity.canvas)
         self.sent = 0
         self.closed = False
         self.ticket: Ticket | None = None
@@ -48,19 +60,23 @@ class _Relay:
     def on_event(self, event: Event) -> None:
         if self.closed:
             return
+        assert self.ticket is not None
         late = self.stream.deadline_error(event)
         if late is not None:
             self.fail(late)
-            assert self.ticket is not None
             self.ticket.cancel()
             return
+        for tensors, final in self.stream.responses(event):
+            self.send(tensors, final)
+        if self.closed and not self.ticket.finished:  # a stop string ended it: the row leaves at the next step
+            self.ticket.cancel()
+
+    def send(self, tensors: dict[str, Any], final: bool) -> None:
         pb_utils = self.model.pb_utils
-        for tensors in self.stream.responses(event):
-            final = tensors["event"][0] == b"done"
-            reply = pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in tensors.items()])
-            self.sender.send(reply, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
-            self.sent += 1
-            self.closed = final
+        reply = pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in tensors.items()])
+        self.sender.send(reply, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+        self.sent += 1
+        self.closed = final
 
     def fail(self, message: str, code: Any = None) -> None:
         if self.closed:
@@ -69,6 +85,14 @@ class _Relay:
         error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         self.closed = True
+
+    def cancelled(self) -> None:
+        """The client cancelled: an LLM request ends with finish_reason cancelled, others with a CANCELLED error."""
+        if self.stream.request.llm:
+            if not self.closed:
+                self.send(self.stream.cancelled(), final=True)
+        else:
+            self.fail("the client cancelled the request", self.model.pb_utils.TritonError.CANCELLED)
 
 
 class TritonPythonModel:
@@ -138,7 +162,13 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
-                parsed = parse_request(inputs, self.generation, self.codec.encode if self.codec else None)
+                parsed = parse_request(
+                    inputs,
+                    self.generation,
+                    self.codec.encode if self.codec else None,
+                    _parameters(request),
+                    self.codec.decode if self.codec else None,
+                )
                 relay = _Relay(self, sender, parsed)
                 relay.ticket = Ticket(
                     RowRequest(parsed.ids, parsed.seed, parsed.settings), relay.on_event, sender.is_cancelled
@@ -150,10 +180,14 @@ class TritonPythonModel:
                     del self.relays[id(relay.ticket)]
                     raise
             except Exception as exc:  # every request gets its final response; the instance serves the next one
-                message = str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, QueueFull):
+                    error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+                elif isinstance(exc, CanvasrtError):  # what the request asked for: gRPC INVALID_ARGUMENT, HTTP 400
+                    error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                else:
+                    error = pb_utils.TritonError(f"{INTERNAL_ERROR}{type(exc).__name__}: {exc}")
                 sender.send(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                    pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
                 )
         with self.wake:
             self.wake.notify()
@@ -172,7 +206,9 @@ class TritonPythonModel:
             try:
                 dropped = scheduler.step()
             except Exception as exc:  # the failed call's rows have unknown state: end them all, keep serving
-                message = str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
+                message = INTERNAL_ERROR + (
+                    str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
+                )
                 pb_utils.Logger.log_error(f"canvasrt_generate: a step failed, ending its requests: {message}")
                 for ticket in scheduler.abort():
                     self.relays.pop(id(ticket)).fail(message)
@@ -184,7 +220,7 @@ class TritonPythonModel:
                         f"canvasrt_generate: request cancelled by its client after {relay.sent} "
                         "response(s); its row left at the next step"
                     )
-                    relay.fail("the client cancelled the request", pb_utils.TritonError.CANCELLED)
+                    relay.cancelled()
             for key in [key for key, relay in self.relays.items() if relay.closed and relay.ticket.finished]:
                 del self.relays[key]
             self._record()

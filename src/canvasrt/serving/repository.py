@@ -28,7 +28,7 @@ from ..core.output import OutputKind, staged_directory
 from ..core.target import CheckpointDir, open_target
 from .bls import STEP_MODELS
 from .model import ARTIFACTS, DEFAULT_QUEUE
-from .protocol import INPUTS, OUTPUTS, Field
+from .protocol import ALL_INPUTS, OUTPUTS, Field
 
 GENERATE_MODEL = "canvasrt_generate"
 REPOSITORY_OUTPUT = OutputKind(
@@ -89,7 +89,7 @@ def generate_config(instances: int, parameters: dict[str, str]) -> Any:
     pb = _model_config()
     config = pb.ModelConfig(name=GENERATE_MODEL, backend="python", max_batch_size=0)
     config.model_transaction_policy.decoupled = True
-    for field in INPUTS:
+    for field in ALL_INPUTS:
         _io(config.input, field, optional=True)
     for field in OUTPUTS:
         _io(config.output, field)

@@ -10,6 +10,7 @@ the stub of Triton 2.51 was built against numpy 1, and under numpy 2 it returns 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -147,6 +148,19 @@ def check_port_options(ports: dict[str, int]) -> None:
         seen[port] = option
 
 
+def check_port_free(option: str, port: int, host: str = "127.0.0.1") -> None:
+    """Refuses a port something already listens on, naming the option that chose it."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = (
+                "is in use (another server?)" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            )
+            raise CanvasrtError(f"port {port} on {host} {reason}; choose another with {option}") from None
+
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -260,14 +274,7 @@ class TritonServer:
     def check_ports(self) -> None:
         """A port already served would answer the readiness probe for another server; refuse it up front."""
         for option, port in self.ports().items():
-            with socket.socket() as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    raise CanvasrtError(
-                        f"port {port} on 127.0.0.1 is in use (another server?); choose another with {option}"
-                    ) from None
+            check_port_free(option, port)
 
     def start(self) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="canvasrt-triton-"))
