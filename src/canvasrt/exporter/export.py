@@ -82,6 +82,7 @@ def export(
             f"{config.max_position_embeddings}; lower it"
         )
     capacity = Capacity.for_model(config, max_batch, max_context, max_prefill)
+    generation = checkpoint.generation_config()  # read (and refused when malformed) before the long work
 
     with staged_directory(output_dir, ARTIFACT_OUTPUT, inputs=[checkpoint_dir]) as staging:
         progress("tracing")
@@ -114,7 +115,6 @@ def export(
         progress("writing manifest")
         for source in checkpoint.tokenizer_files():
             shutil.copy2(source, staging / source.name)
-        generation = checkpoint.generation_config()
         if generation:
             write_json(staging / "generation_config.json", generation)
         manifest = ArtifactManifest(
