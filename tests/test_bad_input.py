@@ -222,16 +222,17 @@ def test_malformed_graphs_calibrate_and_build(tiny_checkpoint, tiny_artifacts, t
 
 
 @pytest.mark.parametrize("content", [b'{"a": 1}', b"[1]", b"\xff\xfe"], ids=["object", "list", "binary"])
-def test_a_tokenizer_that_is_not_a_tokenizer(tiny_artifacts, tmp_path, content):
-    artifacts = copy(tiny_artifacts, tmp_path / "art")
-    (artifacts / "tokenizer.json").write_bytes(content)
-    assert_refused(cli("generate", artifacts, "--prompt", "hi"), "is not a tokenizers tokenizer.json", "--prompt-ids")
+def test_a_tokenizer_that_is_not_a_tokenizer(tiny_checkpoint, tmp_path, content):
+    checkpoint = copy(tiny_checkpoint, tmp_path / "ckpt")  # artifacts refuse it earlier, by their integrity record
+    (checkpoint / "tokenizer.json").write_bytes(content)
+    assert_refused(cli("generate", checkpoint, "--prompt", "hi"), "is not a tokenizers tokenizer.json", "--prompt-ids")
 
 
-def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_artifacts, tmp_path):
+def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_checkpoint, tmp_path):
     """The prompt came as ids, so the run goes on; the text it cannot print is said once, on stderr, not dropped
-    silently; a readable tokenizer prints text and no warning."""
-    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    silently; a readable tokenizer prints text and no warning. (A checkpoint: artifacts refuse a tokenizer other
+    than the one their manifest records.)"""
+    artifacts = copy(tiny_checkpoint, tmp_path / "art")
     (artifacts / "tokenizer.json").write_bytes(b'{"a": 1}')
     args = ["--prompt-ids", "5,6,7", "--max-new-tokens", 16]
     for output in ([], ["--json"]):
@@ -247,7 +248,7 @@ def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_artifacts, tmp_pat
             assert json.loads(result.stdout)["text"] == [None]
         else:
             assert re.fullmatch(r"\[0\]( [0-9]+){16}", result.stdout.strip()), result.stdout
-    readable = cli("generate", tiny_artifacts, *args)
+    readable = cli("generate", tiny_checkpoint, *args)
     assert readable.exit_code == 0 and "warning" not in readable.stderr
     assert not re.fullmatch(r"\[0\]( [0-9]+){16}", readable.stdout.strip())
 

@@ -211,10 +211,15 @@ def test_weights_that_are_not_finite_floats_are_refused_with_their_name(
     for args in (
         ["export", broken, "-o", tmp_path / "out"],
         ["generate", broken, "--prompt-ids", "5"],
-        ["calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"],
         ["verify", broken],
     ):
         assert_refused(cli(*args), *words)
+    # calibrate meets artifacts of the intact checkpoint: refused as another checkpoint before any weight is read
+    assert_refused(
+        cli("calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"),
+        "is not the checkpoint",
+        "model.safetensors differ",
+    )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 

@@ -2,7 +2,9 @@
 stage's API. No stage imports this package.
 
 User errors (CanvasrtError) become one line on stderr and exit code 2, and so do a command's bad options and
-arguments (click's usage errors, which it would print as usage, hint and error on three lines); parity failures exit
+arguments (click's usage errors, which it would print as usage, hint and error on three lines), errors of the
+environment (a full disk, a file-size limit, a name too long, a permission: `os_error_line`) and a dependency the
+Python environment lacks (`missing_module_line`); parity failures exit
 1; Ctrl-C exits 130 and SIGTERM 143, after the command has unwound (no staged output left behind).
 """
 
@@ -14,7 +16,7 @@ import threading
 
 import click
 
-from ..core.errors import CanvasrtError
+from ..core.errors import CanvasrtError, missing_module_line, os_error_line
 from .artifacts import build_command, calibrate_command, export_command, random_checkpoint_command, slice_command
 from .parity import parity_command
 from .run import bench_command, eval_command, generate_command
@@ -39,6 +41,16 @@ class Group(click.Group):
             return super().invoke(ctx)
         except CanvasrtError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] == "canvasrt":
+                raise
+            click.echo(f"error: {missing_module_line(exc.name)}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            click.echo(f"error: {os_error_line(exc)}", err=True)
             sys.exit(2)
         except click.exceptions.NoArgsIsHelpError:
             raise

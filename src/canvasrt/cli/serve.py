@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..serving.repository import STEP_BACKENDS
+from .options import INT
 
 if TYPE_CHECKING:
     from ..serving.server import TritonServer
@@ -25,31 +26,31 @@ if TYPE_CHECKING:
     help="where the steps run: tensorrt / onnxruntime step models called through BLS, or in-process "
     "(ONNX Runtime inside the loop model, for servers without those backends); default: by TARGET",
 )
-@click.option("--instances", type=int, default=1, show_default=True, help="instances of each model")
-@click.option("--max-batch", type=int, default=None, help="step models' max batch (default: the artifacts' capacity)")
+@click.option("--instances", type=INT, default=1, show_default=True, help="instances of each model")
+@click.option("--max-batch", type=INT, default=None, help="step models' max batch (default: the artifacts' capacity)")
 @click.option(
     "--threads",
-    type=int,
+    type=INT,
     default=0,
     show_default=True,
     help="ONNX Runtime threads per in-process instance (0: ONNX Runtime's default)",
 )
 @click.option(
     "--slots",
-    type=int,
+    type=INT,
     default=None,
     help="requests one loop instance batches in its step calls (default: the max batch; 1: one at a time)",
 )
 @click.option(
     "--max-queue",
-    type=int,
+    type=INT,
     default=64,
     show_default=True,
     help="requests that may wait for a slot per instance; more are refused with an error",
 )
 @click.option(
     "--batch-window-ms",
-    type=int,
+    type=INT,
     default=0,
     show_default=True,
     help="how long an idle loop instance holds its first step for more requests to join it (a burst of "
@@ -80,8 +81,8 @@ def triton_command(
 
 @click.command("serve")
 @click.argument("repository", type=click.Path(path_type=Path))
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--http-port", type=INT, default=8000, show_default=True)
+@click.option("--grpc-port", type=INT, default=8001, show_default=True)
 @click.option(
     "--python-env",
     type=click.Path(path_type=Path),
@@ -90,7 +91,7 @@ def triton_command(
     help="virtual environment the Python-backend models import from (needs canvasrt, numpy<2, "
     "onnxruntime); default: $CANVASRT_TRITON_ENV, else this Python's",
 )
-@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Triton's Prometheus metrics")
+@click.option("--metrics-port", type=INT, default=8002, show_default=True, help="Triton's Prometheus metrics")
 @click.option("--log", type=click.Path(path_type=Path), default=None, help="write the server log here")
 def serve_command(
     repository: Path, http_port: int, grpc_port: int, metrics_port: int, python_env: Path | None, log: Path | None

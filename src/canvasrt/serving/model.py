@@ -82,7 +82,7 @@ class TritonPythonModel:
         self.backend = self._open_backend(directory, parameters)
         self.backend.activate()  # until finalize(): the instance serves every request on this backend
         tokenizer = directory / "tokenizer.json"
-        self.codec = TextCodec(directory) if tokenizer.is_file() else None
+        self.codec = TextCodec(directory, self.backend.spec.model.vocab_size) if tokenizer.is_file() else None
         self.generation = self.backend.spec.generation
         slots = int(parameters.get("slots", "0")) or self.backend.spec.capacity.max_batch
         self.scheduler = Scheduler(self.backend, int(parameters.get("max_queue", str(DEFAULT_QUEUE))), slots)

@@ -24,7 +24,7 @@ import numpy as np
 from ..core.errors import CanvasrtError
 from ..runtime.loop import Committed, Draft, GenerationResult
 from ..runtime.prompts import TextCodec, until_eos
-from ..runtime.settings import GenerationSettings, resolve_settings
+from ..runtime.settings import GenerationSettings, resolve_settings, served_input
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,12 @@ class Field:
 
 
 SETTING_INPUTS = (
-    Field("max_new_tokens", "INT32", (1,), "tokens to generate, rounded up to whole canvases"),
-    Field("max_denoising_steps", "INT32", (1,), "denoising steps per canvas at most"),
+    Field("max_new_tokens", "INT64", (1,), "tokens to generate, rounded up to whole canvases"),
+    Field("max_denoising_steps", "INT64", (1,), "denoising steps per canvas at most"),
     Field("entropy_bound", "FP32", (1,), "entropy budget of the acceptance rule"),
     Field("t_min", "FP32", (1,), "temperature at the last step"),
     Field("t_max", "FP32", (1,), "temperature at the first step"),
-    Field("stability_threshold", "INT32", (1,), "steps the argmax must stay unchanged before an early stop"),
+    Field("stability_threshold", "INT64", (1,), "steps the argmax must stay unchanged before an early stop"),
     Field("confidence_threshold", "FP32", (1,), "mean entropy below which a stable canvas stops"),
 )
 INPUTS = (
@@ -50,7 +50,7 @@ INPUTS = (
     Field("seed", "INT64", (1,), "seed of the counter RNG (default 0); the same seed gives the same tokens anywhere"),
     Field("stream", "BOOL", (1,), "false: send only the final response (HTTP /generate takes exactly one)"),
     Field("stream_drafts", "BOOL", (1,), "also stream the argmax canvas after every denoising step"),
-    Field("deadline_ms", "INT32", (1,), "milliseconds the generation may run; past it the request ends in an error"),
+    Field("deadline_ms", "INT64", (1,), "milliseconds the generation may run; past it the request ends in an error"),
     *SETTING_INPUTS,
 )
 OUTPUTS = (
@@ -104,7 +104,7 @@ def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, An
     if not ids:
         raise CanvasrtError("the prompt is empty")
     overrides = {f.name: _scalar(inputs, f.name) for f in SETTING_INPUTS if f.name in inputs}
-    settings = resolve_settings(generation_config, overrides)
+    settings = resolve_settings(generation_config, overrides, served_input)
     seed = int(_scalar(inputs, "seed")) if "seed" in inputs else 0
     if seed < 0:
         raise CanvasrtError(f"seed must be non-negative, got {seed}")
@@ -159,7 +159,7 @@ def request_inputs(
     if stream_drafts:
         inputs["stream_drafts"] = np.array([True])
     if deadline_ms is not None:
-        inputs["deadline_ms"] = np.array([deadline_ms], dtype=np.int32)
+        inputs["deadline_ms"] = _setting_tensor("deadline_ms", deadline_ms, "INT64")
     fields = {f.name: f for f in SETTING_INPUTS}
     for name, value in settings.items():
         if name not in fields:
