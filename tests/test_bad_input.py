@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from canvasrt.cli import main
-from canvasrt.core.output import _staging_prefix
+from canvasrt.core.output import staging_prefix
 
 CANVASRT = str(Path(sys.executable).parent / "canvasrt")
 
@@ -593,8 +593,8 @@ def test_sigterm_stops_export_and_leaves_nothing(tiny_checkpoint, tmp_path):
 def test_staging_left_by_a_killed_run_is_removed_and_a_live_runs_kept(tiny_artifacts, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / f"{_staging_prefix('repo', dead.pid)}abc.partial"
-    live = tmp_path / f"{_staging_prefix('repo', os.getpid())}def.partial"  # this test's process: alive
+    stale = tmp_path / f"{staging_prefix('repo', dead.pid)}abc.partial"
+    live = tmp_path / f"{staging_prefix('repo', os.getpid())}def.partial"  # this test's process: alive
     foreign = tmp_path / ".repo.another-host-1.ghi.partial"
     for directory in (stale, live, foreign):
         directory.mkdir()

@@ -16,27 +16,19 @@ import threading
 
 import click
 
-from ..core.errors import CanvasrtError, missing_module_line, os_error_line
+from ..core.errors import CanvasrtError, missing_module_line, os_error_line, os_error_of
 from .artifacts import build_command, calibrate_command, export_command, random_checkpoint_command, slice_command
+from .options import Terminated, terminate
 from .parity import parity_command
 from .run import bench_command, eval_command, generate_command
 from .serve import serve_command, triton_command
 from .verify import verify_command
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every command unwinds the same way: staged outputs removed, servers
-    stopped."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 class Group(click.Group):
     def invoke(self, ctx: click.Context):
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
         try:
             return super().invoke(ctx)
         except CanvasrtError as exc:
@@ -47,10 +39,11 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {missing_module_line(exc.name)}", err=True)
             sys.exit(2)
-        except OSError as exc:
-            if exc.errno is None:
+        except Exception as exc:  # an error of the environment (disk full, limits, paths, permissions) is one line
+            cause = os_error_of(exc)
+            if cause is None:
                 raise
-            click.echo(f"error: {os_error_line(exc)}", err=True)
+            click.echo(f"error: {os_error_line(cause)}", err=True)
             sys.exit(2)
         except click.exceptions.NoArgsIsHelpError:
             raise

@@ -60,3 +60,12 @@ def int_range(minimum: int, maximum: int | None = None) -> Callable[[click.Conte
 
 
 positive = int_range(1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every command unwinds the same way (staged outputs removed, servers
+    stopped) and then exits 143 where Ctrl-C exits 130."""
+
+
+def terminate(signum: int, frame: object) -> None:
+    raise Terminated

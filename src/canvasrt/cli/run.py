@@ -143,7 +143,7 @@ def generate_command(
         )
     else:
         for i, row in enumerate(result.new_tokens):
-            shown = texts[i] if texts[i] is not None else " ".join(map(str, row.tolist()))
+            shown = _escaped(texts[i]) if texts[i] is not None else " ".join(map(str, row.tolist()))
             click.echo(f"[{i}] {shown}")
         err.print(
             f"{runner.name}: {sum(result.steps_per_block)} steps over {len(result.steps_per_block)} canvas(es), "
@@ -222,6 +222,13 @@ def _piece(codec: TextCodec | None, token: int) -> str:
 def _printable(text: str) -> str:
     # Control characters (random models emit them) would move the cursor and tear the live view.
     return "".join(ch if ch.isprintable() else "·" for ch in text)
+
+
+def _escaped(text: str) -> str:
+    """Generated text as printed: control characters (NUL, ESC, ...; random and badly trained models emit them)
+    escaped as \\x00, so that the output is text a terminal shows and a pipe reads, not raw bytes; line breaks and
+    tabs stay."""
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def _decode(codec: TextCodec | None, ids: list[int]) -> str:

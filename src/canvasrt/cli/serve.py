@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..serving.repository import STEP_BACKENDS
-from .options import INT
+from .options import INT, terminate
 
 if TYPE_CHECKING:
     from ..serving.server import TritonServer
@@ -103,8 +103,10 @@ def serve_command(
         repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log, metrics_port=metrics_port
     )
     # A service manager's SIGTERM drains the server like Ctrl-C does; SIGINT is set too because a shell starts
-    # background jobs with it ignored, and Python then never raises KeyboardInterrupt.
-    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
+    # background jobs with it ignored, and Python then never raises KeyboardInterrupt. Either exits as every command
+    # does on it (130, 143), after the server has stopped.
+    handlers = {signal.SIGTERM: terminate, signal.SIGINT: _interrupt}
+    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
     try:
         _serve(server, repository)
     finally:
@@ -129,9 +131,9 @@ def _serve(server: TritonServer, repository: Path) -> None:
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for in-flight requests
             server.kill()
             click.echo("killed tritonserver", err=True)
-            raise SystemExit(130) from None
+            raise
         click.echo(f"stopped tritonserver (exit code {code})", err=True)
-        return
+        raise
     message = server.failure()
     server.stop()
     click.echo(f"tritonserver exited on its own: {message}", err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 
 
@@ -39,17 +40,35 @@ _OS_FIXES = {
 }
 
 
+_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def os_error_line(exc: OSError) -> str:
     """One line for an operating-system error: the path (shortened when it is very long), what happened and the
     fix."""
     fix = _OS_FIXES.get(exc.errno or 0, exc.strerror or str(exc))
     path = exc.filename
-    if path is None:
-        return fix
+    if path is None or exc.errno in _WRITES:  # a copy's error names its source, not the file system that is full
+        return f"{fix} ({exc.strerror})" if exc.strerror and exc.errno in _WRITES else fix
     shown = str(path if not isinstance(path, bytes) else os.fsdecode(path))
     if len(shown) > 160:
         shown = f"{shown[:80]}...{shown[-40:]} ({len(shown)} characters)"
     return f"{shown}: {fix}"
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The operating-system error behind an exception: itself, its cause or context, or one a native library
+    wrapped in its own exception type with the OS's code in its text (safetensors: "... (os error 28)")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        match = re.search(r"\(os error (\d+)\)", str(seen))
+        if match:
+            code = int(match[1])
+            return OSError(code, os.strerror(code))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def missing_module_line(name: str) -> str:

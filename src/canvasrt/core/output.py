@@ -33,7 +33,7 @@ def _stem(name: str) -> str:
     return name if len(os.fsencode(name)) <= 64 else hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
 
 
-def _staging_prefix(name: str, pid: int | None = None) -> str:
+def staging_prefix(name: str, pid: int | None = None) -> str:
     """`.<name>.<host>-<pid>.`: a staging directory names the process that writes it, so a later run can tell a
     killed run's leftovers from a live run's work."""
     return f".{_stem(name)}.{socket.gethostname()}-{os.getpid() if pid is None else pid}."
@@ -214,6 +214,16 @@ def _swap_in(staging: Path, final: Path, kind: OutputKind) -> None:
     raise _changed_during_the_run(final, kind)
 
 
+def _as_umask_allows(staging: Path, umask: int) -> None:
+    """Gives every file of the output the permissions the umask allows, as `cp` or a plain open would: writers that
+    write through a temporary file (transformers' save_pretrained, say) leave it 0600, unreadable to the group that
+    serves it."""
+    for path in staging.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~umask)
+
+
 def output_path(final: str | Path) -> Path:
     """The directory an output path names: a symbolic link's target (so that the link stays and points at the new
     output), else the path itself."""
@@ -236,7 +246,7 @@ def staged_directory(final: str | Path, kind: OutputKind, inputs: Sequence[str |
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(parent, final.name)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final.name), suffix=".partial", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(final.name), suffix=".partial", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp creates 0700; the result should look like any other directory
@@ -248,6 +258,7 @@ def staged_directory(final: str | Path, kind: OutputKind, inputs: Sequence[str |
         raise ArtifactError(f"cannot write to {parent} ({exc.strerror}); choose a writable output directory") from None
     try:
         yield staging
+        _as_umask_allows(staging, umask)
         _swap_in(staging, final, kind)
     finally:
         if staging.exists():

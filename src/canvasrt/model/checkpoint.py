@@ -310,6 +310,11 @@ def _open_safetensors(path: Path) -> Any:
     """safe_open, which checks the header and that the tensors cover the file exactly; a bad file is one line."""
     try:
         return safe_open(str(path), framework="pt")
+    except OSError:
+        # safetensors reports every file it cannot open as "No such file"; Python's own open names the real cause
+        # (permission denied, say), which the CLI prints as one line
+        path.open("rb").close()
+        raise
     except SafetensorError as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({_reason(exc)}); it is truncated or "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +106,14 @@ def check_ids(ids: Any) -> list[int]:
 
 
 def read_prompts_file(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line: {"text": ...} or {"ids": [...]}."""
-    if not path.is_file():
+    """One JSON object per line: {"text": ...} or {"ids": [...]}. `-` reads standard input; any readable file
+    (a pipe, /dev/stdin, /dev/null) is read as it is."""
+    if str(path) != "-" and not path.exists():
         raise CanvasrtError(f"prompts file {path} does not exist")
+    if path.is_dir():
+        raise CanvasrtError(f"prompts file {path} is a directory; pass a JSONL file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.buffer.read().decode("utf-8") if str(path) == "-" else path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CanvasrtError(
             f"prompts file {path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8"

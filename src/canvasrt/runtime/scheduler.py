@@ -122,6 +122,11 @@ class SchedulerStats:
         }
 
 
+class Overloaded(CanvasrtError):
+    """A request refused because every slot and queue place is taken: the server's state, not the request's fault
+    (Triton answers it UNAVAILABLE: HTTP 503, gRPC UNAVAILABLE)."""
+
+
 class Scheduler:
     """Serves requests on an active backend with `slots` rows (default: the max batch) and a bounded queue."""
 
@@ -158,9 +163,9 @@ class Scheduler:
         with self.lock:
             if len(self.queue) >= self.max_queue + self.backend.slots - len(self.rows):
                 self.stats.refused += 1
-                raise CanvasrtError(
+                raise Overloaded(
                     f"the server is full: its {self.backend.slots} slots and its queue of {self.max_queue} "
-                    "are taken; retry later, or serve with more --instances or a longer --max-queue"
+                    "are taken; retry later (its operator can raise `canvasrt triton --instances` or --max-queue)"
                 )
             self.queue.append(_Row(ticket, ids, blocks, draws))
         return ticket

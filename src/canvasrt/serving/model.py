@@ -27,7 +27,7 @@ from typing import Any
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest
 from ..runtime.prompts import TextCodec
-from ..runtime.scheduler import Event, RowRequest, Scheduler, Ticket
+from ..runtime.scheduler import Event, Overloaded, RowRequest, Scheduler, Ticket
 from ..runtime.step import StepBackend
 from .protocol import GenerationRequest, ResponseStream, parse_request
 
@@ -136,7 +136,12 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
-                parsed = parse_request(inputs, self.generation, self.codec.encode if self.codec else None)
+                parsed = parse_request(
+                    inputs,
+                    self.generation,
+                    self.codec.encode if self.codec else None,
+                    self.backend.spec.capacity.max_context,
+                )
                 relay = _Relay(self, sender, parsed)
                 relay.ticket = Ticket(
                     RowRequest(parsed.ids, parsed.seed, parsed.settings), relay.on_event, sender.is_cancelled
@@ -149,8 +154,13 @@ class TritonPythonModel:
                     raise
             except Exception as exc:  # every request gets its final response; the instance serves the next one
                 message = str(exc) if isinstance(exc, CanvasrtError) else f"{type(exc).__name__}: {exc}"
+                error = (
+                    pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
+                    if isinstance(exc, Overloaded)
+                    else pb_utils.TritonError(message)
+                )
                 sender.send(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                    pb_utils.InferenceResponse(error=error),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                 )
         with self.wake:

@@ -61,6 +61,7 @@ OUTPUTS = (
     Field("text", "BYTES", (1,), "block: the canvas's text; done: the whole text (up to EOS; empty without tokenizer)"),
     Field("tokens_per_forward", "FP32", (1,), "done: generated tokens per denoising forward; otherwise 0"),
 )
+MAX_TOKEN_BYTES = 256  # no token of a tokenizer spans more bytes of text: the bound on a prompt's length
 NUMPY = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
 
 
@@ -82,9 +83,13 @@ def _scalar(inputs: dict[str, np.ndarray], name: str) -> Any:
     return item.item() if isinstance(item, np.generic) else item
 
 
-def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, Any], encode: Any) -> GenerationRequest:
+def parse_request(
+    inputs: dict[str, np.ndarray], generation_config: dict[str, Any], encode: Any, max_context: int | None = None
+) -> GenerationRequest:
     """inputs: name -> array as Triton delivered them (dtypes already checked against the model config).
-    encode: text -> ids, or None when the artifacts carry no tokenizer."""
+    encode: text -> ids, or None when the artifacts carry no tokenizer. max_context: the model's context capacity;
+    a prompt that cannot fit it is refused before it is tokenized or converted (a multi-megabyte body would
+    otherwise hold the instance for minutes)."""
     has_text, has_ids = "prompt" in inputs, "prompt_ids" in inputs
     if has_text == has_ids:
         raise CanvasrtError("send exactly one of the inputs 'prompt' (text) and 'prompt_ids'")
@@ -92,6 +97,10 @@ def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, An
         if encode is None:
             raise CanvasrtError("these artifacts carry no tokenizer; send 'prompt_ids' instead of 'prompt'")
         raw = _scalar(inputs, "prompt")
+        if max_context is not None and len(raw) > max_context * MAX_TOKEN_BYTES:
+            raise CanvasrtError(
+                f"the prompt has {len(raw)} bytes, more than a context of {max_context} tokens can hold; shorten it"
+            )
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         except UnicodeDecodeError as exc:
@@ -100,7 +109,12 @@ def parse_request(inputs: dict[str, np.ndarray], generation_config: dict[str, An
             ) from None
         ids = encode(text)
     else:
-        ids = [int(i) for i in inputs["prompt_ids"].reshape(-1)]
+        given = inputs["prompt_ids"].reshape(-1)
+        if max_context is not None and given.size > max_context:
+            raise CanvasrtError(
+                f"prompt_ids has {given.size} ids, more than the context of {max_context} tokens; shorten it"
+            )
+        ids = [int(i) for i in given]
     if not ids:
         raise CanvasrtError("the prompt is empty")
     overrides = {f.name: _scalar(inputs, f.name) for f in SETTING_INPUTS if f.name in inputs}
