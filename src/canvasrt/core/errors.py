@@ -28,7 +28,7 @@ _OS_FIXES = {
     errno.EDQUOT: "the disk quota is used up; free space or write elsewhere",
     errno.EFBIG: "a file grew past the file-size limit (`ulimit -f`) or the file system's largest file; raise the "
     "limit or write elsewhere",
-    errno.ENAMETOOLONG: "a file name or path is longer than the file system allows; use a shorter one",
+    errno.ENAMETOOLONG: "a file name or path is too long for the file system; use a shorter one",
     errno.EACCES: "permission denied; give the user running canvasrt access to it, or use another path",
     errno.EPERM: "operation not permitted; give the user running canvasrt access to it, or use another path",
     errno.EROFS: "the file system is read-only; write elsewhere",
