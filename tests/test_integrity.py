@@ -391,6 +391,7 @@ def test_outputs_get_the_permissions_the_umask_allows(tmp_path):
 # -- inputs read once: rechecked by digest before the output is swapped in -------------------------------------------
 
 
+@pytest.mark.slow
 def test_inputs_that_change_while_a_command_reads_them_are_refused(
     tiny_checkpoint, tiny_artifacts, variant_checkpoint, write_checkpoint, tmp_path
 ):
@@ -504,6 +505,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_artifacts, varia
         assert_refused(cli(*args), "has 320 tokens, more than the model's vocabulary of 288")
 
 
+@pytest.mark.slow
 def test_the_engines_layer_information_is_in_their_record(tiny_engines, tmp_path):
     engines = shutil.copytree(tiny_engines, tmp_path / "eng")
     layers = next(engines.glob("*.layers.txt"))
@@ -537,6 +539,7 @@ def _edited_engine_outputs(_: Path, engines: Path, __: Path) -> Path:
 
 
 @pytest.mark.parametrize("corrupt", [_edited_input_shape, _engines_of_another_config, _edited_engine_outputs])
+@pytest.mark.slow
 def test_verify_refuses_what_any_command_refuses(corrupt, tiny_artifacts, tiny_engines, variant_artifacts, tmp_path):
     """A directory that some command refuses is one `verify` refuses: verify passing means every command accepts it."""
     target = corrupt(

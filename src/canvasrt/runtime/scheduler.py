@@ -165,7 +165,7 @@ class Scheduler:
                 self.stats.refused += 1
                 raise Overloaded(
                     f"the server is full: its {self.backend.slots} slots and its queue of {self.max_queue} "
-                    "are taken; retry later (its operator can raise `canvasrt triton --instances` or --max-queue)"
+                    "are taken; retry later (its operator can serve it with more instances or a longer queue)"
                 )
             self.queue.append(_Row(ticket, ids, blocks, draws))
         return ticket

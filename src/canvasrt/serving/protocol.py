@@ -193,7 +193,7 @@ def _setting_tensor(name: str, value: Any, triton_dtype: str) -> np.ndarray:
     else:
         low, high = float(np.finfo(dtype).min), float(np.finfo(dtype).max)
         span = f"{low:.4g} to {high:.4g}"
-    if np.isfinite(value) and not low <= value <= high:
+    if (isinstance(value, int) or np.isfinite(value)) and not low <= value <= high:
         raise CanvasrtError(
             f"{name} {value} does not fit the input's {triton_dtype} ({span}); send a value in that range"
         )
