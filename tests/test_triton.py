@@ -195,7 +195,7 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
         assert list(message.dims) == (shape or [1]) and message.HasField("reshape") == (not shape)
     assert (repository / "canvasrt_backbone" / "1" / config.default_model_filename).is_file()
     artifacts = repository / "canvasrt_generate" / "1" / "artifacts"
-    assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["tokenizer"]}
+    assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["files"]}  # every recorded file
 
 
 def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_path):
