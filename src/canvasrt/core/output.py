@@ -3,7 +3,9 @@
 Every command that writes a directory (export, calibrate, build, triton, random-checkpoint, slice) writes it into a
 staging sibling named after the writing process and swaps it in only when the work succeeded, so an interrupted
 run leaves nothing half-written at the output path. Before the work starts, the output path is checked: only an
-empty directory or an earlier output of the same kind is replaced, never one of the command's inputs.
+empty directory or an earlier output of the same kind is replaced, never one of the command's inputs. When the result
+is swapped in, what is at the path then is checked again, atomically where the OS allows, so that nothing put there
+while the command ran is removed.
 """
 
 from __future__ import annotations
