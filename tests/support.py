@@ -7,9 +7,10 @@ from click.testing import CliRunner, Result
 from canvasrt.cli import main
 
 
-def cli(*args: object, catch_exceptions: bool = True) -> Result:
-    """`canvasrt ARGS...` in this process; arguments are turned into strings (paths, numbers)."""
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions)
+def cli(*args: object, catch_exceptions: bool = True, input: str | None = None) -> Result:
+    """`canvasrt ARGS...` in this process; arguments are turned into strings (paths, numbers); `input` is standard
+    input."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions, input=input)
 
 
 def assert_refused(result: Result, *fragments: str) -> str:

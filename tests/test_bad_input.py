@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from canvasrt.core.output import _staging_prefix
+from canvasrt.core.output import staging_prefix
 from support import assert_refused, cli
 
 CANVASRT = str(Path(sys.executable).parent / "canvasrt")
@@ -204,16 +204,17 @@ def test_malformed_graphs_calibrate_and_build(tiny_checkpoint, tiny_artifacts, t
 
 
 @pytest.mark.parametrize("content", [b'{"a": 1}', b"[1]", b"\xff\xfe"], ids=["object", "list", "binary"])
-def test_a_tokenizer_that_is_not_a_tokenizer(tiny_artifacts, tmp_path, content):
-    artifacts = copy(tiny_artifacts, tmp_path / "art")
-    (artifacts / "tokenizer.json").write_bytes(content)
-    assert_refused(cli("generate", artifacts, "--prompt", "hi"), "is not a tokenizers tokenizer.json", "--prompt-ids")
+def test_a_tokenizer_that_is_not_a_tokenizer(tiny_checkpoint, tmp_path, content):
+    checkpoint = copy(tiny_checkpoint, tmp_path / "ckpt")  # artifacts refuse it earlier, by their integrity record
+    (checkpoint / "tokenizer.json").write_bytes(content)
+    assert_refused(cli("generate", checkpoint, "--prompt", "hi"), "is not a tokenizers tokenizer.json", "--prompt-ids")
 
 
-def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_artifacts, tmp_path):
+def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_checkpoint, tmp_path):
     """The prompt came as ids, so the run goes on; the text it cannot print is said once, on stderr, not dropped
-    silently; a readable tokenizer prints text and no warning."""
-    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    silently; a readable tokenizer prints text and no warning. (A checkpoint: artifacts refuse a tokenizer other
+    than the one their manifest records.)"""
+    artifacts = copy(tiny_checkpoint, tmp_path / "art")
     (artifacts / "tokenizer.json").write_bytes(b'{"a": 1}')
     args = ["--prompt-ids", "5,6,7", "--max-new-tokens", 16]
     for output in ([], ["--json"]):
@@ -229,7 +230,7 @@ def test_ids_printed_for_an_unreadable_tokenizer_say_why(tiny_artifacts, tmp_pat
             assert json.loads(result.stdout)["text"] == [None]
         else:
             assert re.fullmatch(r"\[0\]( [0-9]+){16}", result.stdout.strip()), result.stdout
-    readable = cli("generate", tiny_artifacts, *args)
+    readable = cli("generate", tiny_checkpoint, *args)
     assert readable.exit_code == 0 and "warning" not in readable.stderr
     assert not re.fullmatch(r"\[0\]( [0-9]+){16}", readable.stdout.strip())
 
@@ -574,11 +575,164 @@ def test_sigterm_stops_export_and_leaves_nothing(tiny_checkpoint, tmp_path):
 def test_staging_left_by_a_killed_run_is_removed_and_a_live_runs_kept(tiny_artifacts, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / f"{_staging_prefix('repo', dead.pid)}abc.partial"
-    live = tmp_path / f"{_staging_prefix('repo', os.getpid())}def.partial"  # this test's process: alive
+    stale = tmp_path / f"{staging_prefix('repo', dead.pid)}abc.partial"
+    live = tmp_path / f"{staging_prefix('repo', os.getpid())}def.partial"  # this test's process: alive
     foreign = tmp_path / ".repo.another-host-1.ghi.partial"
     for directory in (stale, live, foreign):
         directory.mkdir()
         (directory / "backbone.onnx").write_bytes(b"x" * 1000)
     assert cli("triton", tiny_artifacts, "-o", tmp_path / "repo", "--step-backend", "in-process").exit_code == 0
     assert not stale.exists() and live.is_dir() and foreign.is_dir()
+
+
+# -- integers range-checked before they narrow ----------------------------------------------------------------------
+
+WIDE_INTEGERS = [
+    (["generate", "ART", "--prompt-ids", "5", "--threads", 2**32 + 1], "--threads must be between"),
+    (["generate", "ART", "--prompt-ids", "5", "--max-new-tokens", 2**32 + 16], "--max-new-tokens must be between"),
+    (["generate", "ART", "--prompt-ids", "5", "--max-denoising-steps", 2**32 + 1], "--max-denoising-steps must be"),
+    (["generate", "ART", "--prompt-ids", "5", "--seed", 2**64 + 1], "--seed must be between 0"),
+    (["export", "CKPT", "-o", "OUT", "--max-batch", 2**32 + 1], "--max-batch must be between"),
+    (["export", "CKPT", "-o", "OUT", "--max-context", -(2**32) + 64], "--max-context must be between"),
+    (["triton", "ART", "-o", "OUT", "--instances", 2**32 + 1], "--instances must be between"),
+    (["triton", "ART", "-o", "OUT", "--batch-window-ms", 2**63], "--batch-window-ms must be between"),
+    (["bench", "ART", "--steps", 2**32 + 8], "--steps must be between"),
+    (["serve", "OUT", "--http-port", 2**32 + 8000], "--http-port must be between"),
+    (["random-checkpoint", "OUT", "--layers", 2**32 + 2], "--layers must be between"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", WIDE_INTEGERS, ids=[" ".join(map(str, a[-2:])) for a, _ in WIDE_INTEGERS])
+def test_integer_options_are_range_checked_before_they_narrow(
+    tiny_checkpoint, tiny_artifacts, tmp_path, args, fragment
+):
+    """An integer past what the code it reaches holds (a C int, an int64) is refused with the value given, never
+    wrapped to a small valid-looking one."""
+    names = {"ART": tiny_artifacts, "CKPT": tiny_checkpoint, "OUT": tmp_path / "out"}
+    result = cli(*(names.get(a, a) for a in args))
+    assert_refused(result, fragment, f"got {args[-1]}")
+    assert_nothing_written(tmp_path / "out")
+
+
+# -- the environment's errors: one line -----------------------------------------------------------------------------
+
+
+def _limited(args: list, limit: int, **kwargs) -> subprocess.CompletedProcess:
+    """`canvasrt ARGS` under a file-size limit of `limit` bytes (RLIMIT_FSIZE, as `ulimit -f`)."""
+    import resource
+
+    return subprocess.run(
+        [CANVASRT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        **kwargs,
+    )
+
+
+def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("command", ["random-checkpoint", "export", "slice"])
+def test_a_file_size_limit_or_a_full_disk_is_one_line_and_leaves_nothing(command, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    args = {
+        "random-checkpoint": ["random-checkpoint", out],
+        "export": ["export", tiny_checkpoint, "-o", out, "--max-context", 64],
+        "slice": ["slice", tiny_checkpoint, "--layers", "1", "-o", out],
+    }[command]
+    assert_one_line(_limited(args, 64 << 10), "file-size limit", "raise the limit or write elsewhere")
+    assert_nothing_written(out)
+    full = tmp_path / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], capture_output=True)
+    if mounted.returncode != 0:
+        return  # a full disk needs a tmpfs this user cannot mount; the file-size limit above is the same class
+    try:
+        out = full / "out"
+        args[args.index(tmp_path / "out")] = out
+        assert_one_line(_limited(args, 1 << 40), "file system is full", "free space")
+        assert_nothing_written(out)
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+LONG_NAME = "n" * 300
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["verify", f"ART/{LONG_NAME}"],
+        ["generate", f"ART/{LONG_NAME}", "--prompt-ids", "5"],
+        ["generate", "ART", "--prompts-file", f"TMP/{LONG_NAME}"],
+        ["parity", "CKPT", "ART", "--report", f"TMP/{LONG_NAME}"],
+        ["export", "CKPT", "-o", f"TMP/{LONG_NAME}"],
+        ["triton", "ART", "-o", f"TMP/{LONG_NAME}"],
+    ],
+    ids=["verify", "generate", "--prompts-file", "--report", "export -o", "triton -o"],
+)
+def test_a_name_too_long_is_one_line(args, tiny_checkpoint, tiny_artifacts, tmp_path):
+    names = {"ART": str(tiny_artifacts), "CKPT": str(tiny_checkpoint), "TMP": str(tmp_path)}
+    args = [a.replace(a.split("/")[0], names[a.split("/")[0]], 1) if a.split("/")[0] in names else a for a in args]
+    result = cli(*args)
+    assert_refused(result, "too long")
+    assert "cannot write to" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_weights_are_said_to_be_unreadable(tiny_checkpoint, tmp_path):
+    checkpoint = copy(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / "model.safetensors").chmod(0)
+    command = [CANVASRT, "generate", str(checkpoint), "--prompt-ids", "5"]
+    if os.geteuid() == 0:  # root reads any file: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to run as root without CAP_DAC_OVERRIDE")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    assert_one_line(subprocess.run(command, capture_output=True, text=True), "model.safetensors: permission denied")
+
+
+def test_a_command_run_where_its_dependencies_are_missing_is_one_line(tiny_checkpoint, triton_env, tmp_path):
+    """The serving environment holds canvasrt but not torch (nor click): what the models import, nothing more."""
+    python = str(triton_env / "bin" / "python")
+    done = subprocess.run(
+        [python, "-m", "canvasrt", "export", str(tiny_checkpoint), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert_one_line(done, "needs the Python package", "scripts/setup.sh")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_python_m_canvasrt_runs_the_command(tiny_artifacts):
+    done = subprocess.run(
+        [sys.executable, "-m", "canvasrt", "verify", str(tiny_artifacts)], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "verified" in done.stdout, done.stderr
+
+
+# -- texts that say what is true --------------------------------------------------------------------------------------
+
+
+def test_texts_say_what_is_true(tiny_artifacts, tmp_path):
+    artifacts = copy(tiny_artifacts, tmp_path / "art")
+    edit_json(artifacts / "manifest.json", lambda d: d.update(format_version=str(d["format_version"])))
+    result = cli("generate", artifacts, "--prompt-ids", "5")
+    assert_refused(result, 'format_version is "5", not an integer')
+    assert "is of artifact format" not in result.stderr
+    assert_refused(cli("generate", tiny_artifacts, "--prompts-file", "/dev/null"), "/dev/null holds no prompts")
+    piped = cli("generate", tiny_artifacts, "--prompts-file", "-", input='{"ids": [5]}\n')
+    assert piped.exit_code == 0 and piped.stdout.startswith("[0] "), piped.output
+
+
+def test_generated_text_on_stdout_has_no_control_characters(tiny_artifacts):
+    """A random model emits control characters (NUL among them): printed escaped, so stdout is text."""
+    result = cli("generate", tiny_artifacts, "--prompt-ids", "5,6,7", "--max-new-tokens", 64)
+    assert result.exit_code == 0, result.output
+    assert "\\x" in result.stdout  # this seed's text holds control characters, shown escaped
+    assert all(ch.isprintable() or ch in "\n\t" for ch in result.stdout), repr(result.stdout)

@@ -4,7 +4,9 @@ and one-line errors with nothing half-written."""
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import onnx
 import pytest
@@ -12,13 +14,14 @@ from click.testing import CliRunner
 
 from canvasrt.cli import main
 from canvasrt.core.manifest import sha256_file
+from canvasrt.model.checkpoint import Checkpoint
 from canvasrt.model.random_checkpoint import PRESETS
 from support import cli
 
 
 def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
-    assert manifest["format_version"] == 4 and list(manifest["graphs"]) == ["backbone"] and manifest["dtype"] == "fp32"
+    assert manifest["format_version"] == 5 and list(manifest["graphs"]) == ["backbone"] and manifest["dtype"] == "fp32"
     assert {"tokenizer.json"} <= set(manifest["tokenizer"]) and (tiny_artifacts / "tokenizer.json").is_file()
     assert (tiny_artifacts / "generation_config.json").is_file()
     vocab = manifest["model"]["vocab_size"]
@@ -89,9 +92,16 @@ def test_step_parity_fp16_sparse_and_grouped(tiny_checkpoint, fixture, request, 
 
 
 def test_parity_fails_on_artifacts_with_other_weights(write_checkpoint, tmp_path, tiny_debug_artifacts):
-    """Same config, other random weights: parity must notice and exit 1."""
+    """Same config, other random weights: refused by the checkpoint digests the manifest records; and where the
+    record is made to name the other checkpoint, parity's numbers notice and exit 1."""
     other = write_checkpoint(tmp_path / "other", PRESETS["tiny"]["text"], seed=7)
-    result = cli("parity", other, tiny_debug_artifacts)
+    refused = cli("parity", other, tiny_debug_artifacts)
+    assert refused.exit_code == 2 and "is not the checkpoint" in refused.output
+    artifacts = Path(shutil.copytree(tiny_debug_artifacts, tmp_path / "art"))
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    manifest["checkpoint"]["files"] = Checkpoint.open(other).file_digests()
+    (artifacts / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("parity", other, artifacts)
     assert result.exit_code == 1
     assert "failed" in result.output
 

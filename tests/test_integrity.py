@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from canvasrt.core.errors import CheckpointError
 from canvasrt.core.manifest import sha256_file
 from canvasrt.model.checkpoint import Checkpoint
-from canvasrt.model.random_checkpoint import write_random_checkpoint
+from canvasrt.model.random_checkpoint import PRESETS, write_random_checkpoint
 from support import assert_refused, cli
 
 TENSOR = "model.decoder.layers.1.self_attn.q_proj.weight"
@@ -187,10 +187,15 @@ def test_weights_that_are_not_finite_floats_are_refused_with_their_name(
     for args in (
         ["export", broken, "-o", tmp_path / "out"],
         ["generate", broken, "--prompt-ids", "5"],
-        ["calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"],
         ["verify", broken],
     ):
         assert_refused(cli(*args), *words)
+    # calibrate meets artifacts of the intact checkpoint: refused as another checkpoint before any weight is read
+    assert_refused(
+        cli("calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"),
+        "is not the checkpoint",
+        "model.safetensors differ",
+    )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -281,3 +286,247 @@ def test_manifests_naming_files_outside_are_refused(tiny_artifacts, tiny_engines
     (engines / "manifest.json").write_text(json.dumps(manifest))
     assert_refused(cli("verify", engines), "the backbone engine ../elsewhere.engine resolves outside the directory")
     assert_refused(cli("triton", engines, "-o", tmp_path / "repo"), "resolves outside the directory")
+
+
+# -- the output is checked again at the swap ------------------------------------------------------------------------
+
+
+def _intruding(monkeypatch, make) -> None:
+    """Runs `make(final)` the moment before a command swaps its output in: what another process (a user, another
+    tool) may put at the output path while the command ran."""
+    from canvasrt.core import output
+
+    swap = output._swap_in
+
+    def racing(staging, final, kind):
+        make(final)
+        swap(staging, final, kind)
+
+    monkeypatch.setattr(output, "_swap_in", racing)
+
+
+def _notes(final: Path) -> None:
+    final.mkdir()
+    (final / "notes.txt").write_text("mine")
+
+
+def _checkpoint_of_another_tool(final: Path) -> None:
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("intruder", [_notes, _checkpoint_of_another_tool, lambda f: f.write_text("a file")])
+@pytest.mark.parametrize("command", ["random-checkpoint", "export", "triton"])
+def test_what_appears_at_the_output_while_a_command_runs_is_never_replaced(
+    command, intruder, tiny_checkpoint, tiny_artifacts, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    args = {
+        "random-checkpoint": ["random-checkpoint", out],
+        "export": ["export", tiny_checkpoint, "-o", out, "--max-context", 64],
+        "triton": ["triton", tiny_artifacts, "-o", out],
+    }[command]
+    _intruding(monkeypatch, intruder)
+    assert_refused(cli(*args), f"{out} changed while this command ran", "nothing was written")
+    assert (out / "notes.txt").read_text() == "mine" if intruder is _notes else out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_an_empty_directory_or_an_earlier_output_appearing_meanwhile_is_replaced(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _intruding(monkeypatch, lambda final: final.mkdir())
+    assert cli("random-checkpoint", out).exit_code == 0 and (out / "model.safetensors").is_file()
+    earlier = tmp_path / "earlier"
+    write_random_checkpoint(earlier, seed=3)
+    shutil.rmtree(out)
+    monkeypatch.undo()
+    _intruding(monkeypatch, lambda final: shutil.copytree(earlier, final))
+    assert cli("random-checkpoint", out, "--seed", 4).exit_code == 0
+    assert sha256_file(out / "model.safetensors") != sha256_file(earlier / "model.safetensors")
+    assert leftovers(tmp_path) == []
+
+
+def test_an_output_path_that_is_a_link_stays_a_link(tiny_artifacts, tmp_path):
+    target, link = tmp_path / "repo-v1", tmp_path / "current"
+    link.symlink_to(target)  # dangling: the output is created where it points
+    for _ in range(2):  # written, then replaced through the link
+        result = cli("triton", tiny_artifacts, "-o", link)
+        assert result.exit_code == 0, result.output
+        assert link.is_symlink() and (target / "canvasrt_generate" / "config.pbtxt").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_outputs_get_the_permissions_the_umask_allows(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = write_random_checkpoint(tmp_path / "random")
+    finally:
+        os.umask(previous)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {p.name: "0o644" for p in out.iterdir()}
+
+
+# -- inputs read once: rechecked by digest before the output is swapped in -------------------------------------------
+
+
+@pytest.mark.slow
+def test_inputs_that_change_while_a_command_reads_them_are_refused(
+    tiny_checkpoint, tiny_artifacts, variant_checkpoint, write_checkpoint, tmp_path
+):
+    """An export into the artifact directory while calibrate runs, a checkpoint rewritten while export runs: each
+    refused before the output is swapped in, nothing written."""
+    from canvasrt.calibration.calibrate import calibrate
+    from canvasrt.core.errors import CanvasrtError
+    from canvasrt.exporter.export import export
+
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    other = export(variant_checkpoint, tmp_path / "other", max_context=64).directory
+
+    def swap_artifacts(text: str) -> None:
+        if text.startswith("running the loop"):
+            for source in Path(other).iterdir():
+                shutil.copy2(source, artifacts / source.name)
+
+    with pytest.raises(CanvasrtError, match="changed while `canvasrt calibrate` ran"):
+        calibrate(tiny_checkpoint, artifacts, tmp_path / "fp8", samples=1, progress=swap_artifacts)
+    assert not (tmp_path / "fp8").exists()
+
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    retrained = write_checkpoint(tmp_path / "retrained", PRESETS["tiny"]["text"], seed=5)
+
+    def swap_weights(text: str) -> None:
+        if text.startswith("exporting"):
+            shutil.copy2(retrained / "model.safetensors", checkpoint / "model.safetensors")
+
+    with pytest.raises(CanvasrtError, match="changed while exporting"):
+        export(checkpoint, tmp_path / "exported", max_context=64, progress=swap_weights)
+    assert not (tmp_path / "exported").exists() and leftovers(tmp_path) == []
+
+
+# -- checkpoint identity ---------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_other_than_the_one_exported_is_refused_wherever_it_meets_artifacts(
+    tiny_artifacts, write_checkpoint, tmp_path
+):
+    """Same config, other weights: calibrate, parity, and the torch backend on artifacts whose checkpoint was
+    rewritten in place, each one line saying so."""
+    other = write_checkpoint(tmp_path / "other", PRESETS["tiny"]["text"], seed=7)
+    for args in (
+        ["calibrate", other, tiny_artifacts, "-o", tmp_path / "fp8", "--samples", 1],
+        ["parity", other, tiny_artifacts],
+    ):
+        assert_refused(cli(*args), f"{other} is not the checkpoint", "model.safetensors differ", "re-export")
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    source = tmp_path / "source"
+    shutil.copytree(json.loads((artifacts / "manifest.json").read_text())["checkpoint"]["path"], source)
+    edit = json.loads((artifacts / "manifest.json").read_text())
+    edit["checkpoint"]["path"] = str(source)
+    (artifacts / "manifest.json").write_text(json.dumps(edit))
+    shutil.copy2(other / "model.safetensors", source / "model.safetensors")  # the checkpoint rewritten since
+    assert_refused(cli("generate", artifacts, "--backend", "torch", "--prompt-ids", "5"), "is not the checkpoint")
+    assert not (tmp_path / "fp8").exists()
+
+
+# -- every file a manifest relies on is in its record ---------------------------------------------------------------
+
+
+def _swap_tokenizer(artifacts: Path, variant_artifacts: Path) -> None:
+    shutil.copy2(variant_artifacts / "tokenizer.json", artifacts / "tokenizer.json")
+
+
+def _same_size_tokenizer(artifacts: Path, _: Path) -> None:
+    data = (artifacts / "tokenizer.json").read_text()
+    (artifacts / "tokenizer.json").write_text(data.replace('"<pad>"', '"<pa_>"', 1))
+
+
+def _tokenizer_a_directory(artifacts: Path, _: Path) -> None:
+    (artifacts / "tokenizer.json").unlink()
+    (artifacts / "tokenizer.json").mkdir()
+
+
+def _generation_config_edited(artifacts: Path, _: Path) -> None:
+    path = artifacts / "generation_config.json"
+    path.write_text(path.read_text().replace("12", "13", 1))
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda a, _: (a / "tokenizer.json").unlink(),
+        _tokenizer_a_directory,
+        _swap_tokenizer,
+        _same_size_tokenizer,
+        _generation_config_edited,
+    ],
+    ids=["tokenizer deleted", "tokenizer a directory", "another model's", "same size", "generation config"],
+)
+def test_every_file_a_manifest_relies_on_is_in_its_record(corrupt, tiny_artifacts, variant_artifacts, tmp_path):
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    corrupt(artifacts, variant_artifacts)
+    assert_refused(cli("generate", artifacts, "--prompt", "hi"), str(artifacts))
+    assert cli("verify", artifacts).exit_code == 2
+    assert_refused(cli("triton", artifacts, "-o", tmp_path / "repo"), str(artifacts))
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tiny_artifacts, variant_artifacts, tmp_path):
+    """Even where the record is made to match it: the vocabulary is checked wherever a tokenizer is opened."""
+    artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
+    _swap_tokenizer(artifacts, variant_artifacts)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    manifest["files"]["tokenizer.json"] = {
+        "bytes": (artifacts / "tokenizer.json").stat().st_size,
+        "sha256": sha256_file(artifacts / "tokenizer.json"),
+    }
+    (artifacts / "manifest.json").write_text(json.dumps(manifest))
+    for args in (["generate", artifacts, "--prompt", "hi"], ["verify", artifacts]):
+        assert_refused(cli(*args), "has 320 tokens, more than the model's vocabulary of 288")
+
+
+@pytest.mark.slow
+def test_the_engines_layer_information_is_in_their_record(tiny_engines, tmp_path):
+    engines = shutil.copytree(tiny_engines, tmp_path / "eng")
+    layers = next(engines.glob("*.layers.txt"))
+    layers.write_text(layers.read_text() + "edited\n")
+    assert_refused(cli("verify", engines), layers.name)
+
+
+# -- verify runs every check a consumer runs --------------------------------------------------------------------------
+
+
+def _edited_input_shape(artifacts: Path, _: Path, __: Path) -> Path:
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    spec = next(s for s in manifest["graphs"]["backbone"]["inputs"] if s["name"] == "self_cond")
+    spec["shape"][-1] += 1
+    (artifacts / "manifest.json").write_text(json.dumps(manifest))
+    return artifacts
+
+
+def _engines_of_another_config(_: Path, engines: Path, variant_artifacts: Path) -> Path:
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["artifacts"] = str(variant_artifacts)
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    return engines
+
+
+def _edited_engine_outputs(_: Path, engines: Path, __: Path) -> Path:
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["engines"]["backbone"]["outputs"].pop()
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    return engines
+
+
+@pytest.mark.parametrize("corrupt", [_edited_input_shape, _engines_of_another_config, _edited_engine_outputs])
+@pytest.mark.slow
+def test_verify_refuses_what_any_command_refuses(corrupt, tiny_artifacts, tiny_engines, variant_artifacts, tmp_path):
+    """A directory that some command refuses is one `verify` refuses: verify passing means every command accepts it."""
+    target = corrupt(
+        shutil.copytree(tiny_artifacts, tmp_path / "art"),
+        shutil.copytree(tiny_engines, tmp_path / "eng"),
+        variant_artifacts,
+    )
+    consumers = [["triton", target, "-o", tmp_path / "repo"]]
+    if (target / "backbone.onnx").is_file():
+        consumers.append(["generate", target, "--prompt-ids", "5"])
+    assert any(cli(*args).exit_code == 2 for args in consumers)
+    result = cli("verify", target)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output

@@ -9,17 +9,12 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from canvasrt.cli import main
 from canvasrt.core.config import FULL, SLIDING
 from canvasrt.model.checkpoint import Checkpoint, load_model_config, model_config_from_hf
 from canvasrt.model.modeling import MOE_FORMULATIONS, DiffusionGemmaText, stored_layout
 from canvasrt.model.random_checkpoint import PRESETS, preset_config, preset_text
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from support import cli
 
 
 def tensors(path):
@@ -88,7 +83,7 @@ def test_slice_of_a_slice_equals_the_direct_slice(tiny_checkpoint, tmp_path):
 def test_slice_bad_layers_one_line_exit_2_nothing_written(tiny_checkpoint, tmp_path, layers, message):
     source = shutil.copytree(tiny_checkpoint, tmp_path / "source")
     out = tmp_path / "sliced"
-    result = CliRunner().invoke(main, ["slice", str(source), "--layers", layers, "-o", str(out)])
+    result = cli("slice", source, "--layers", layers, "-o", out)
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and message in lines[-1] and "Traceback" not in result.output
@@ -103,7 +98,7 @@ def test_slice_of_a_checkpoint_missing_a_kept_tensor_fails_cleanly(tiny_checkpoi
     weights = load_file(str(source / "model.safetensors"))
     del weights["model.decoder.layers.3.self_attn.q_proj.weight"]
     save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
-    result = CliRunner().invoke(main, ["slice", str(source), "--layers", "2,3", "-o", str(tmp_path / "out")])
+    result = cli("slice", source, "--layers", "2,3", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "missing tensor model.decoder.layers.3.self_attn.q_proj.weight" in result.output
     assert not (tmp_path / "out").exists()
@@ -180,6 +175,6 @@ def test_random_checkpoint_layers_writes_that_many(tmp_path):
 
 
 def test_random_checkpoint_bad_layers_one_line_exit_2(tmp_path):
-    result = CliRunner().invoke(main, ["random-checkpoint", str(tmp_path / "ckpt"), "--layers", "0"])
+    result = cli("random-checkpoint", tmp_path / "ckpt", "--layers", "0")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "--layers must be at least 1 (got 0)" in result.output and not (tmp_path / "ckpt").exists()

@@ -22,21 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from canvasrt.builder.engines import build_engines
-from canvasrt.cli import main
 from canvasrt.core.errors import CanvasrtError
+from canvasrt.core.output import staging_prefix
 from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
 from canvasrt.serving.protocol import ALL_INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
-from canvasrt.serving.server import TritonServer, free_ports
+from canvasrt.serving.server import SCRATCH, TritonServer, free_ports
+from support import cli
 
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+CANVASRT = str(Path(sys.executable).parent / "canvasrt")
 
 
 def read_config(path: Path):
@@ -127,11 +125,11 @@ def served_models(server) -> set[str]:
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("t_max", 1e39), ("entropy_bound", -1e39), ("max_new_tokens", 2**31), ("stability_threshold", -(2**31) - 1)],
+    [("t_max", 1e39), ("entropy_bound", -1e39), ("max_new_tokens", 2**63), ("stability_threshold", -(2**63) - 1)],
 )
 def test_the_client_refuses_a_setting_its_input_type_cannot_hold(setting, value):
     with pytest.raises(
-        CanvasrtError, match=rf"^{setting} .* does not fit the input's (FP32|INT32) \(.*\); send a value"
+        CanvasrtError, match=rf"^{setting} .* does not fit the input's (FP32|INT64) \(.*\); send a value"
     ):
         request_inputs(prompt_ids=[2, 3], **{setting: value})
 
@@ -147,19 +145,28 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
         (request_inputs(prompt_ids=[2, 999]), "outside the vocabulary"),
         (
             request_inputs(prompt_ids=[2, 3], max_denoising_steps=2**31 - 1, confidence_threshold=1e-30),
-            "--max-denoising-steps must be between 1 and 1024",
+            "the input max_denoising_steps must be between 1 and 1024",
         ),
-        (request_inputs(prompt_ids=[2, 3], t_max=float("inf")), "--t-max must be a finite number"),
-        (request_inputs(prompt_ids=[2, 3], stability_threshold=2**31 - 1), "--stability-threshold must be between"),
+        (request_inputs(prompt_ids=[2, 3], t_max=float("inf")), "the input t_max must be a finite number"),
+        (request_inputs(prompt_ids=[2, 3], stability_threshold=2**31 - 1), "the input stability_threshold must be"),
+        # values past INT32 reach the model whole and are refused as given, never wrapped to a small valid one
+        (request_inputs(prompt_ids=[2, 3], max_new_tokens=2**32 + 16), "plus 268435457 canvas"),
+        (request_inputs(prompt_ids=[2, 3], max_denoising_steps=2**32 + 1), r"\(got 4294967297\)"),
+        (request_inputs(prompt_ids=[2, 3], stability_threshold=2**32), r"\(got 4294967296\)"),
+        (request_inputs(prompt_ids=[5] * (1 << 20)), "more than the context of 128 tokens"),
+        (request_inputs(prompt="a" * (10 << 20)), "more than a context of 128 tokens can hold"),
         (request_inputs(prompt_ids=[2, 3], deadline_ms=0), "deadline_ms must be at least 1"),
         (request_inputs(prompt_ids=[2, 3], seed=-1), "seed must be non-negative"),
     ]
     if transport == "grpc":  # JSON carries text only, so bytes that are not UTF-8 go over gRPC alone
         bad.append(({"prompt": np.array([b"caf\xe9"], dtype=np.object_)}, "the prompt is not UTF-8 text"))
     for inputs, message in bad:
-        with pytest.raises(TritonRequestError, match=message):
+        with pytest.raises(TritonRequestError, match=message) as refused:
             send(url, inputs)
+        assert " --" not in str(refused.value)  # a client is told the inputs it sent, not a command line's flags
     assert send(url, request_inputs(prompt_ids=[2, 3], seed=1))[-1]["event"] == "done"
+    # a deadline past INT32 is the deadline sent (not 1 ms): the request completes
+    assert send(url, request_inputs(prompt_ids=[2, 3], seed=1, deadline_ms=2**32 + 1))[-1]["event"] == "done"
 
 
 def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
@@ -183,7 +190,7 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
         assert list(message.dims) == (shape or [1]) and message.HasField("reshape") == (not shape)
     assert (repository / "canvasrt_backbone" / "1" / config.default_model_filename).is_file()
     artifacts = repository / "canvasrt_generate" / "1" / "artifacts"
-    assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["tokenizer"]}
+    assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["files"]}  # every recorded file
 
 
 @pytest.mark.slow
@@ -231,9 +238,17 @@ def test_triton_refuses_a_checkpoint_and_an_unrelated_output(tiny_checkpoint, ti
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_serve_command_serves_until_interrupted(sort_artifacts, triton_env, tmp_path):
-    repository = tmp_path / "repo"
+    """A repository path with spaces is served; the scratch directory a SIGKILLed serve left is removed by the next
+    serve, whose own goes when it stops; Ctrl-C exits 130 after the server stopped."""
+    repository = tmp_path / "my models" / "repo"
     write_repository(sort_artifacts, repository, "in-process", threads=1)
+    scratch = tmp_path / "tmp"
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    stale = scratch / f"{staging_prefix(SCRATCH, killed.pid)}x.partial"
+    (stale / "backends").mkdir(parents=True)
     http, grpc = free_ports(2)
     command = [
         str(Path(sys.executable).parent / "canvasrt"),
@@ -247,17 +262,23 @@ def test_serve_command_serves_until_interrupted(sort_artifacts, triton_env, tmp_
         str(grpc),
     ]
     # as from an activated virtual environment (the main job's PATH): the server must not hand it to its models
-    environment = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    environment = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "TMPDIR": str(scratch),
+    }
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
     try:
         line = process.stderr.readline()
         assert line.startswith("serving"), line + process.stderr.read()
+        assert not stale.exists() and len(list(scratch.glob(f".{SCRATCH}.*"))) == 1  # its own scratch only
         reply = generate_http(f"127.0.0.1:{http}", request_inputs(prompt="sort: 7 2 5", seed=0))
         assert reply[-1]["text"] == expected(sort_artifacts, 0, prompt="sort: 7 2 5")["text"][0]
     finally:
         process.send_signal(signal.SIGINT)
         _, rest = process.communicate(timeout=60)
-    assert process.returncode == 0 and "stopped tritonserver (exit code 0)" in rest
+    assert process.returncode == 130 and "stopped tritonserver (exit code 0)" in rest, rest
+    assert rest.strip().splitlines()[-1] == "interrupted" and list(scratch.glob(f".{SCRATCH}.*")) == []
     with socket.socket() as probe:  # nothing listens on the port any more: the server is gone, not orphaned
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers of closed connections
         probe.bind(("127.0.0.1", http))
@@ -512,3 +533,53 @@ def test_the_served_batching_benchmark_runs(tmp_path):
     assert batched["row_steps"] == alone["row_steps"] == 4 * 4
     assert batched["step_calls"] < batched["row_steps"] and alone["step_calls"] == alone["row_steps"]
     assert batched["late_arrival"]["ratio"] > 0 and len(batched["late_arrival"]["ratios"]) == 3
+
+
+def _post_generate(url: str, body: dict) -> tuple[int, dict]:
+    """A request to the /generate endpoint: the HTTP status and the JSON reply."""
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/canvasrt_generate/generate", data=json.dumps(body).encode()
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+def test_a_full_server_answers_503_and_sigterm_stops_serve_with_143(tiny_artifacts, triton_env, tmp_path):
+    """One slot, no queue: a second request while the first runs is the server's state, not a bad request (ended
+    UNAVAILABLE, told to retry, named without command-line flags); the server goes on serving; SIGTERM drains it and
+    serve exits 143."""
+    repository = tmp_path / "repo"
+    write_repository(tiny_artifacts, repository, "in-process", instances=1, threads=1, slots=1, max_queue=0)
+    http, grpc = free_ports(2)
+    command = [CANVASRT, "serve", repository, "--python-env", triton_env, "--http-port", http, "--grpc-port", grpc]
+    process = subprocess.Popen([str(c) for c in command], stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        assert line.startswith("serving"), line + process.stderr.read()
+        url = f"127.0.0.1:{http}"
+        long = {
+            "prompt_ids": [2, 3],
+            "max_new_tokens": 112,
+            "max_denoising_steps": 1024,
+            "confidence_threshold": 1e-30,
+            "deadline_ms": 3000,
+            "stream": False,
+        }
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_post_generate, url, long)
+            time.sleep(1.0)
+            status, reply = _post_generate(url, {"prompt_ids": [2, 3], "stream": False})
+            # the model ends it UNAVAILABLE; the bundled Triton 2.51 still answers every model error on /generate 400
+            assert status in (503, 400) and "the server is full" in reply["error"], reply
+            assert " --" not in reply["error"] and "retry later" in reply["error"]
+            assert running.result()[0] == 400  # past its deadline
+        status, reply = _post_generate(url, {"prompt_ids": [2, 3], "stream": False})
+        assert status == 200 and reply["event"] == "done", reply
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+    assert process.returncode == 143 and rest.strip().splitlines()[-1] == "terminated (SIGTERM)", rest

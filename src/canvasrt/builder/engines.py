@@ -30,7 +30,15 @@ from typing import Any, NamedTuple
 
 from ..core.contract import Profiles, narrow_profiles
 from ..core.errors import ArtifactError, CanvasrtError
-from ..core.manifest import ArtifactManifest, BuildKey, EngineEntry, EngineManifest, GraphEntry, sha256_file
+from ..core.manifest import (
+    ArtifactManifest,
+    BuildKey,
+    EngineEntry,
+    EngineManifest,
+    GraphEntry,
+    record_files,
+    sha256_file,
+)
 from ..core.output import ENGINE_OUTPUT, check_output, staged_directory
 
 FLAVOURS = ("tensorrt", "tensorrt-rtx")
@@ -476,8 +484,10 @@ def build_engines(
             artifacts=manifest.directory.resolve(),
             quantization=manifest.quantization,
             engines=engines,
+            files=record_files(staging, [entry.layers for entry in engines.values() if entry.layers is not None]),
         )
         engine_manifest.write(staging)
+        manifest.check_unchanged("build")  # the graphs built are the ones verified at the start
     return engine_manifest, False
 
 

@@ -39,20 +39,20 @@ BUILTIN_PROMPTS = [
 
 
 def calibration_prompts(
-    checkpoint: Path, prompts_file: Path | None, task: str | None, samples: int
+    checkpoint: Path, prompts_file: Path | None, task: str | None, samples: int, vocab_size: int | None = None
 ) -> tuple[list[list[int]], str]:
     if prompts_file is not None:
-        rows = prompt_rows(read_prompts_file(prompts_file), checkpoint)
+        rows = prompt_rows(read_prompts_file(prompts_file), checkpoint, vocab_size)
         return rows[:samples], f"prompts file {prompts_file}"
     if task is not None:
         if task not in tasks.TASKS:
             raise CanvasrtError(f"unknown task {task!r}; use one of {', '.join(tasks.TASKS)}")
-        codec = TextCodec(checkpoint)
+        codec = TextCodec(checkpoint, vocab_size)
         # The calibration split is disjoint from the held-out prompts that `canvasrt eval` scores.
         return [
             codec.encode(e.prompt) for e in tasks.examples(task, "calibration", samples)
         ], f"task {task} calibration split"
-    codec = TextCodec(checkpoint)
+    codec = TextCodec(checkpoint, vocab_size)
     rows = [codec.encode(text) for text in BUILTIN_PROMPTS]
     return (rows * (samples // len(rows) + 1))[:samples], "built-in calibration set"
 
@@ -83,9 +83,8 @@ def calibrate(
     if manifest.quantization is not None:
         raise CanvasrtError(f"{artifacts} is already quantized; calibrate the fp32/fp16 export instead")
     opened = Checkpoint.open(checkpoint)
-    if manifest.model != opened.config:
-        raise CanvasrtError(f"{artifacts} was exported from a checkpoint with another config than {checkpoint}")
-    opened.check_memory(dtype, device, "calibration's torch backend")  # before verify() reads every weight file
+    opened.check_memory(dtype, device, "calibration's torch backend")  # before the digests read every weight file
+    opened.check_source_of(manifest, artifacts)
     if samples < 1:
         raise CanvasrtError(f"--samples must be at least 1 (got {samples})")
     if prompts_file is not None and task is not None:
@@ -93,7 +92,7 @@ def calibrate(
     for name in manifest.graphs:  # before the calibration run, which takes long at the released model's size
         read_graph(manifest.graph_path(name), load_external_data=False)
     manifest.verify()  # the graphs and weights the Q/DQ graphs are written from are the exported ones
-    rows, source = calibration_prompts(checkpoint, prompts_file, task, samples)
+    rows, source = calibration_prompts(checkpoint, prompts_file, task, samples, manifest.model.vocab_size)
     if not rows or any(len(r) == 0 for r in rows):
         raise CanvasrtError(f"the calibration set ({source}) is empty or has an empty prompt")
     progress(f"running the loop on {len(rows)} calibration prompts ({source})")
@@ -128,9 +127,8 @@ def calibrate(
             path = staging / graph.file
             quantized = quantize_graph(manifest.graph_path(name), path, ranges.amax, weights)
             graphs[name] = GraphEntry.of_file(path, graph.inputs, graph.outputs, graph.profiles, quantized)
-        for extra in ("generation_config.json", *manifest.tokenizer):
-            if (manifest.directory / extra).is_file():
-                shutil.copy2(manifest.directory / extra, staging / extra)
+        for extra in manifest.files:
+            shutil.copy2(manifest.directory / extra, staging / extra)
         quantization = Quantization(
             method=method,
             weights=weights,
@@ -142,4 +140,24 @@ def calibrate(
         )
         new_manifest = replace(manifest, directory=Path(output), graphs=graphs, quantization=quantization)
         new_manifest.write(staging)
+        for problem in replace(new_manifest, directory=staging).problems():  # the copies are the recorded files
+            raise CanvasrtError(problem)
+        progress("checking that the inputs did not change while calibrating")
+        _check_inputs_unchanged(manifest, opened, Path(artifacts))
     return new_manifest
+
+
+def _check_inputs_unchanged(manifest: ArtifactManifest, checkpoint: Checkpoint, artifacts: Path) -> None:
+    """The inputs are read twice, the checkpoint by the calibration loop and the graphs by the Q/DQ writer, long
+    after the checks at the start: an export into the artifact directory or a rewrite of the checkpoint meanwhile
+    would give FP8 graphs of one model under the manifest of another. So, before the output is swapped in, the
+    artifact manifest must still be the one read at the start, its files still match their digests, and the
+    checkpoint still match the digests the artifacts record."""
+    manifest.check_unchanged("calibrate")
+    try:
+        checkpoint.check_source_of(manifest, artifacts)
+    except CanvasrtError:
+        raise CanvasrtError(
+            f"{checkpoint.path} changed while calibrating (another checkpoint written there?); nothing was written: "
+            "run `canvasrt calibrate` again once it stays unchanged"
+        ) from None

@@ -2,7 +2,9 @@
 stage's API. No stage imports this package.
 
 User errors (CanvasrtError) become one line on stderr and exit code 2, and so do a command's bad options and
-arguments (click's usage errors, which it would print as usage, hint and error on three lines); parity failures exit
+arguments (click's usage errors, which it would print as usage, hint and error on three lines), errors of the
+environment (a full disk, a file-size limit, a name too long, a permission: `os_error_line`) and a dependency the
+Python environment lacks (`missing_module_line`); parity failures exit
 1; Ctrl-C exits 130 and SIGTERM 143, after the command has unwound (no staged output left behind).
 """
 
@@ -14,31 +16,34 @@ import threading
 
 import click
 
-from ..core.errors import CanvasrtError
+from ..core.errors import CanvasrtError, missing_module_line, os_error_line, os_error_of
 from .artifacts import build_command, calibrate_command, export_command, random_checkpoint_command, slice_command
+from .options import Terminated, terminate
 from .parity import parity_command
 from .run import bench_command, eval_command, generate_command
 from .serve import serve_command, triton_command
 from .verify import verify_command
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that every command unwinds the same way: staged outputs removed, servers
-    stopped."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 class Group(click.Group):
     def invoke(self, ctx: click.Context):
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
         try:
             return super().invoke(ctx)
         except CanvasrtError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] == "canvasrt":
+                raise
+            click.echo(f"error: {missing_module_line(exc.name)}", err=True)
+            sys.exit(2)
+        except Exception as exc:  # an error of the environment (disk full, limits, paths, permissions) is one line
+            cause = os_error_of(exc)
+            if cause is None:
+                raise
+            click.echo(f"error: {os_error_line(cause)}", err=True)
             sys.exit(2)
         except click.exceptions.NoArgsIsHelpError:
             raise

@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .options import seed_range
+from .options import INT, SEED
 
 err = Console(stderr=True)
 STAGE_COLUMNS = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -43,11 +43,11 @@ def stage_progress(*columns: ProgressColumn) -> Iterator[Progress]:
     show_default=True,
     help="released: the 26B-A4B's exact layer shapes, bf16 (use --layers: 2 layers are 4.8 GB)",
 )
-@click.option("--layers", type=int, default=None, help="number of layers (default: the preset's; released: 30)")
-@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
+@click.option("--layers", type=INT, default=None, help="number of layers (default: the preset's; released: 30)")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option(
     "--max-positions",
-    type=int,
+    type=INT,
     default=None,
     help="max_position_embeddings, the longest context the model allows (default: the preset's)",
 )
@@ -94,9 +94,9 @@ def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
     help="dense: every expert on every token, static shapes; sparse: routed tokens only, a branch per "
     "expert; grouped: routed tokens gathered per expert, one branch (ONNX Runtime)",
 )
-@click.option("--max-batch", type=int, default=4, show_default=True)
-@click.option("--max-context", type=int, default=2048, show_default=True, help="committed tokens per request")
-@click.option("--max-prefill", type=int, default=None, help="encoder tokens per call (default: --max-context)")
+@click.option("--max-batch", type=INT, default=4, show_default=True)
+@click.option("--max-context", type=INT, default=2048, show_default=True, help="committed tokens per request")
+@click.option("--max-prefill", type=INT, default=None, help="encoder tokens per call (default: --max-context)")
 @click.option("--debug-logits", is_flag=True, help="also output the [batch, canvas, vocab] logits (parity work)")
 @click.option(
     "--external-data/--inline-weights",
@@ -161,10 +161,10 @@ def export_command(
     show_default=True,
     help="auto: tensorrt where installed, else tensorrt-rtx",
 )
-@click.option("--max-batch", type=int, default=None, help="largest batch the engines take (default: the artifacts')")
+@click.option("--max-batch", type=INT, default=None, help="largest batch the engines take (default: the artifacts')")
 @click.option(
     "--max-context",
-    type=int,
+    type=INT,
     default=None,
     help="committed tokens per request (default: the artifacts'); also bounds the prefill chunk",
 )
@@ -258,7 +258,7 @@ def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:
     "--prompts", "prompts_file", type=click.Path(path_type=Path), help='JSONL calibration prompts ({"text"} or {"ids"})'
 )
 @click.option("--task", default=None, help="calibrate on a synthetic task's calibration split (e.g. sort)")
-@click.option("--samples", type=int, default=64, show_default=True)
+@click.option("--samples", type=INT, default=64, show_default=True)
 @click.option(
     "--method",
     type=click.Choice(["max", "percentile", "mse"]),

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..core.errors import CanvasrtError
-from .options import positive, seed_range
+from .options import INT, SEED, positive
 
 out = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -27,8 +27,8 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 )
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="write the JSON report here")
 @click.option("--junit", type=click.Path(path_type=Path), help="write a JUnit XML report here")
-@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
-@click.option("--threads", type=int, default=None, callback=positive, help="CPU threads for torch and ONNX Runtime")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--threads", type=INT, default=None, callback=positive, help="CPU threads for torch and ONNX Runtime")
 @click.option(
     "--device",
     type=click.Choice(["cpu", "cuda"]),
@@ -45,7 +45,7 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 )
 @click.option(
     "--max-new-tokens",
-    type=int,
+    type=INT,
     default=None,
     callback=positive,
     help="--level loop: tokens each row generates, rounded up to whole canvases (default: two canvases "

@@ -18,7 +18,7 @@ from ..runtime.loop import Committed, Draft, GenerationResult, left_pad, stream
 from ..runtime.prompts import TextCodec, UnreadableTokenizer, parse_ids, prompt_rows, read_prompts_file, until_eos
 from ..runtime.rng import RNG_MODES, make_draws
 from ..runtime.settings import resolve_settings
-from .options import positive, seed_range
+from .options import INT, SEED, positive
 
 err = Console(stderr=True)
 device_option = click.option(
@@ -38,12 +38,12 @@ dtype_option = click.option(
 
 def settings_options(fn: Any) -> Any:
     options = [
-        click.option("--max-new-tokens", type=int, default=None, help="rounded up to whole canvases"),
-        click.option("--max-denoising-steps", type=int, default=None),
+        click.option("--max-new-tokens", type=INT, default=None, help="rounded up to whole canvases"),
+        click.option("--max-denoising-steps", type=INT, default=None),
         click.option("--entropy-bound", type=float, default=None),
         click.option("--t-min", type=float, default=None),
         click.option("--t-max", type=float, default=None),
-        click.option("--stability-threshold", type=int, default=None),
+        click.option("--stability-threshold", type=INT, default=None),
         click.option("--confidence-threshold", type=float, default=None),
     ]
     for option in reversed(options):
@@ -72,8 +72,8 @@ SETTING_KEYS = (
 @click.option("--backend", type=str, default=None, help=f"one of {', '.join(BACKENDS)} (default: by TARGET kind)")
 @click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime provider: cpu, cuda, tensorrt")
 @click.option("--rng", type=click.Choice(RNG_MODES), default="counter", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
-@click.option("--threads", type=int, default=None, callback=positive, help="CPU threads for the backend")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--threads", type=INT, default=None, callback=positive, help="CPU threads for the backend")
 @click.option(
     "--json", "as_json", is_flag=True, help="print sequences, text, steps, tokens per forward and timings as JSON"
 )
@@ -115,9 +115,9 @@ def generate_command(
         raise CanvasrtError("--rng hf reproduces transformers' torch RNG and needs --backend torch")
     spec = runner.spec
     settings = resolve_settings(spec.generation, {k: overrides[k] for k in SETTING_KEYS})
-    rows = prompt_rows(prompts, target)
+    rows = prompt_rows(prompts, target, spec.model.vocab_size)
     ids, padding = left_pad(rows, settings.pad_token_id or 0)
-    codec = _codec(target)
+    codec = _codec(target, spec.model.vocab_size)
     draws = make_draws(rng, seed, len(rows), spec.model.vocab_size, spec.capacity.canvas, device=device)
     with runner:
         events = stream(runner, ids, padding, settings, draws)
@@ -143,7 +143,7 @@ def generate_command(
         )
     else:
         for i, row in enumerate(result.new_tokens):
-            shown = texts[i] if texts[i] is not None else " ".join(map(str, row.tolist()))
+            shown = _escaped(texts[i]) if texts[i] is not None else " ".join(map(str, row.tolist()))
             click.echo(f"[{i}] {shown}")
         err.print(
             f"{runner.name}: {sum(result.steps_per_block)} steps over {len(result.steps_per_block)} canvas(es), "
@@ -151,13 +151,13 @@ def generate_command(
         )
 
 
-def _codec(target: Path) -> TextCodec | None:
+def _codec(target: Path, vocab_size: int) -> TextCodec | None:
     """The tokenizer for text output; None without one, and the output is ids. The prompt came as ids, so a
     tokenizer.json that cannot be read costs the text only: a warning, before the run, and the ids are printed."""
     if not (target / "tokenizer.json").is_file():
         return None
     try:
-        return TextCodec(target)
+        return TextCodec(target, vocab_size)
     except UnreadableTokenizer as exc:
         click.echo(
             f"warning: {exc.path} cannot be read as a tokenizer ({exc.reason}); printing token ids instead of "
@@ -224,6 +224,13 @@ def _printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else "·" for ch in text)
 
 
+def _escaped(text: str) -> str:
+    """Generated text as printed: control characters (NUL, ESC, ...; random and badly trained models emit them)
+    escaped as \\x00, so that the output is text a terminal shows and a pipe reads, not raw bytes; line breaks and
+    tabs stay."""
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else ch.encode("unicode_escape").decode() for ch in text)
+
+
 def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     if codec is None:
         return "".join(f"{i} " for i in ids)
@@ -233,11 +240,11 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
 @click.command("bench")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--backend", "backends", multiple=True, help="repeatable; also 'transformers' for the reference step")
-@click.option("--batch", type=int, default=1, show_default=True, callback=positive)
-@click.option("--prompt-length", type=int, default=64, show_default=True, callback=positive)
+@click.option("--batch", type=INT, default=1, show_default=True, callback=positive)
+@click.option("--prompt-length", type=INT, default=64, show_default=True, callback=positive)
 @click.option(
     "--steps",
-    type=int,
+    type=INT,
     default=8,
     show_default=True,
     callback=positive,
@@ -245,17 +252,17 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
 )
 @click.option(
     "--canvases",
-    type=int,
+    type=INT,
     default=1,
     show_default=True,
     callback=positive,
     help="canvases to generate (commits = canvases - 1)",
 )
-@click.option("--threads", type=int, default=None, callback=positive)
+@click.option("--threads", type=INT, default=None, callback=positive)
 @click.option("--provider", default="cpu", show_default=True)
 @click.option(
     "--concurrency",
-    type=int,
+    type=INT,
     default=None,
     callback=positive,
     help="N requests through the in-flight scheduler (N slots) against the same N one at a time",
@@ -328,15 +335,15 @@ def bench_command(
 @click.command("eval")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--task", required=True, help="synthetic task the model was trained on (e.g. sort)")
-@click.option("--samples", type=int, default=100, show_default=True, help="held-out prompts")
+@click.option("--samples", type=INT, default=100, show_default=True, help="held-out prompts")
 @click.option(
     "--backend",
     "backends",
     multiple=True,
     help="repeatable: transformers (checkpoint), torch, onnxruntime (default: by TARGET kind)",
 )
-@click.option("--seed", type=int, default=0, show_default=True, callback=seed_range)
-@click.option("--threads", type=int, default=None, callback=positive)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--threads", type=INT, default=None, callback=positive)
 @click.option("--json", "as_json", is_flag=True)
 @device_option
 @dtype_option

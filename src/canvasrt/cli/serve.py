@@ -11,6 +11,7 @@ import click
 
 from ..core.errors import CanvasrtError
 from ..serving.repository import STEP_BACKENDS
+from .options import INT, terminate
 
 if TYPE_CHECKING:
     from ..serving.openai_api import OpenAIServer
@@ -27,31 +28,31 @@ if TYPE_CHECKING:
     help="where the steps run: tensorrt / onnxruntime step models called through BLS, or in-process "
     "(ONNX Runtime inside the loop model, for servers without those backends); default: by TARGET",
 )
-@click.option("--instances", type=int, default=1, show_default=True, help="instances of each model")
-@click.option("--max-batch", type=int, default=None, help="step models' max batch (default: the artifacts' capacity)")
+@click.option("--instances", type=INT, default=1, show_default=True, help="instances of each model")
+@click.option("--max-batch", type=INT, default=None, help="step models' max batch (default: the artifacts' capacity)")
 @click.option(
     "--threads",
-    type=int,
+    type=INT,
     default=0,
     show_default=True,
     help="ONNX Runtime threads per in-process instance (0: ONNX Runtime's default)",
 )
 @click.option(
     "--slots",
-    type=int,
+    type=INT,
     default=None,
     help="requests one loop instance batches in its step calls (default: the max batch; 1: one at a time)",
 )
 @click.option(
     "--max-queue",
-    type=int,
+    type=INT,
     default=64,
     show_default=True,
     help="requests that may wait for a slot per instance; more are refused with an error",
 )
 @click.option(
     "--batch-window-ms",
-    type=int,
+    type=INT,
     default=0,
     show_default=True,
     help="how long an idle loop instance holds its first step for more requests to join it (a burst of "
@@ -82,8 +83,8 @@ def triton_command(
 
 @click.command("serve")
 @click.argument("repository", type=click.Path(path_type=Path))
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--http-port", type=INT, default=8000, show_default=True)
+@click.option("--grpc-port", type=INT, default=8001, show_default=True)
 @click.option(
     "--python-env",
     type=click.Path(path_type=Path),
@@ -92,11 +93,11 @@ def triton_command(
     help="virtual environment the Python-backend models import from (needs canvasrt, numpy<2, "
     "onnxruntime); default: $CANVASRT_TRITON_ENV, else this Python's",
 )
-@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Triton's Prometheus metrics")
+@click.option("--metrics-port", type=INT, default=8002, show_default=True, help="Triton's Prometheus metrics")
 @click.option("--log", type=click.Path(path_type=Path), default=None, help="write the server log here")
 @click.option(
     "--openai-port",
-    type=int,
+    type=INT,
     default=None,
     help="also serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) on this port, "
     "forwarding to the loop model over gRPC",
@@ -129,8 +130,10 @@ def serve_command(
         repository, python_env, http_port=http_port, grpc_port=grpc_port, log=log, metrics_port=metrics_port
     )
     # A service manager's SIGTERM drains the server like Ctrl-C does; SIGINT is set too because a shell starts
-    # background jobs with it ignored, and Python then never raises KeyboardInterrupt.
-    previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
+    # background jobs with it ignored, and Python then never raises KeyboardInterrupt. Either exits as every command
+    # does on it (130, 143), after the server has stopped.
+    handlers = {signal.SIGTERM: terminate, signal.SIGINT: _interrupt}
+    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
     try:
         _serve(server, repository, openai_host, openai_port)
     finally:
@@ -165,9 +168,9 @@ def _serve(server: TritonServer, repository: Path, openai_host: str, openai_port
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for in-flight requests
             server.kill()
             click.echo("killed tritonserver", err=True)
-            raise SystemExit(130) from None
+            raise
         click.echo(f"stopped tritonserver (exit code {code})", err=True)
-        return
+        raise
     except CanvasrtError:  # the OpenAI API could not start: stop the server it was to stand in front of
         server.stop()
         raise

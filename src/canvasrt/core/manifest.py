@@ -28,8 +28,10 @@ ENGINE_FORMAT = "canvasrt-engines"
 # of misreading them. Artifacts 2 and engines 2: file sizes (and the engines' sha256) for the checks on load.
 # Artifacts 3 and engines 3: one backbone graph and one engine (with a profile per phase) instead of encode + denoise.
 # Artifacts 4 and engines 4: past K/V inputs of a symbolic span (`context`, `window`), the call's own keys first.
-FORMAT_VERSION = 4
-ENGINE_FORMAT_VERSION = 4
+# Artifacts 5 and engines 5: `files`, the size and sha256 of every other file the directory relies on (tokenizer,
+# generation config, the builder's layer information).
+FORMAT_VERSION = 5
+ENGINE_FORMAT_VERSION = 5
 
 
 def sha256_file(path: Path) -> str:
@@ -71,6 +73,28 @@ def file_problems(directory: Path, name: str, what: str, size: int | None, sha25
     if sha256 is not None and sha256_file(path) != sha256:
         return [f"{path} does not match the sha256 in its manifest: the {what} was changed after it was written; {fix}"]
     return []
+
+
+def record_files(directory: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The integrity record of a directory's files besides its graphs or engines (tokenizer, generation config,
+    layer information): name -> {"bytes", "sha256"}, as `files_problems` checks them."""
+    return {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)} for name in names
+    }
+
+
+def files_problems(directory: Path, files: dict[str, dict[str, Any]], fix: str) -> list[str]:
+    """What is wrong with the small files of a directory's integrity record: outside it, missing, of another size or
+    other contents. Always with digests: these files are small, and a tokenizer swapped for another model's of the
+    same size would turn every answer into another model's text."""
+    found = []
+    for name, record in files.items():
+        what = "generation config" if name == "generation_config.json" else f"file {name}"
+        if not isinstance(record, dict):
+            found.append(f"{directory / MANIFEST}: the record of {name} is not an object; {fix}")
+            continue
+        found += file_problems(directory, name, what, record.get("bytes"), record.get("sha256"), fix)
+    return found
 
 
 def digest_json(data: Any) -> str:
@@ -279,6 +303,19 @@ def _read_json(directory: Path, what: str, fix: str) -> dict[str, Any]:
     return data
 
 
+def _version_problem(found: Any, expected: int, kind: str) -> str:
+    """Why a manifest's format_version is not readable, in words true of what is there: another integer version,
+    or a value that is no version at all (a string "4", a missing field)."""
+    if isinstance(found, int) and not isinstance(found, bool):
+        return f"its manifest is of {kind} format {found}, this canvasrt reads format {expected}"
+    if found is None:
+        return f"its manifest has no format_version, this canvasrt reads {kind} format {expected}"
+    return (
+        f"its manifest's format_version is {json.dumps(found)}, not an integer (a hand edit?); this canvasrt reads "
+        f"{kind} format {expected}"
+    )
+
+
 def manifest_format(directory: Path) -> str | None:
     """The `format` a directory's manifest declares, or None when it has no readable one."""
     try:
@@ -302,10 +339,15 @@ class ArtifactManifest(StepSpec):
     tokenizer: tuple[str, ...]
     canvasrt_version: str
     versions: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # tokenizer and generation config: size, sha256
 
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint["path"])
+
+    def source_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint these artifacts were exported from: its path and the sha256 of its config and weights."""
+        return self.checkpoint
 
     def graph_path(self, graph: str) -> Path:
         return self.directory / self.graphs[graph].file
@@ -351,6 +393,7 @@ class ArtifactManifest(StepSpec):
             "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
             "generation": self.generation,
             "tokenizer": list(self.tokenizer),
+            "files": self.files,
             "quantization": self.quantization.to_dict() if self.quantization else None,
         }
 
@@ -376,6 +419,7 @@ class ArtifactManifest(StepSpec):
             quantization=Quantization.from_dict(data.get("quantization")),
             canvasrt_version=str(data.get("canvasrt_version", "?")),
             versions=dict(data.get("versions") or {}),
+            files=dict(data["files"]),
         )
 
     @classmethod
@@ -393,8 +437,8 @@ class ArtifactManifest(StepSpec):
             raise ArtifactError(f"{path} is not a canvasrt manifest (format {data.get('format')!r})")
         if data.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(
-                f"{directory} was written by canvasrt {data.get('canvasrt_version', '?')} (artifact format "
-                f"{data.get('format_version')}), this canvasrt reads format {FORMAT_VERSION}; re-export it"
+                f"{directory}: {_version_problem(data.get('format_version'), FORMAT_VERSION, 'artifact')} "
+                f"(written by canvasrt {data.get('canvasrt_version', '?')}); re-export it"
             )
         try:
             manifest = cls.from_json(data, directory)
@@ -445,6 +489,12 @@ class ArtifactManifest(StepSpec):
                     f"{self.directory}: the tokenizer file {name} resolves outside the directory; put the "
                     f"file itself in {self.directory} or {self.fix}"
                 )
+            elif name not in self.files:
+                found.append(
+                    f"{self.directory / MANIFEST}: the tokenizer file {name} has no size and digest in its record "
+                    f"(files); {self.fix}"
+                )
+        found += files_problems(self.directory, self.files, self.fix)
         if self.quantization is not None:
             record = self.quantization.calibration
             if not resolves_inside(self.directory, record):
@@ -482,6 +532,21 @@ class ArtifactManifest(StepSpec):
         (calibrate, build, Triton packaging)."""
         for problem in self.problems(digests=True):
             raise ArtifactError(problem)
+
+    def check_unchanged(self, command: str) -> None:
+        """Raises when the directory no longer holds what this manifest, read when `command` started, describes:
+        another manifest, or files of other contents. A writer whose work reads the graphs long after its checks at
+        the start (calibrate, build) calls it again before its output is swapped in, so that its output never pairs
+        one model's weights with another's manifest."""
+        try:
+            current = ArtifactManifest.read(self.directory).to_json()
+        except ArtifactError:
+            current = None
+        if current != self.to_json() or self.problems(digests=True):
+            raise ArtifactError(
+                f"{self.directory} changed while `canvasrt {command}` ran (another export into it?); nothing was "
+                f"written: run `canvasrt {command}` again once the directory stays unchanged"
+            )
 
 
 @dataclass(frozen=True)
@@ -559,9 +624,18 @@ class EngineManifest(StepSpec):
     key: BuildKey
     artifacts: Path  # the artifact directory the engines were built from
     engines: dict[str, EngineEntry]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # the layer information: size, sha256
 
     def engine_path(self, graph: str) -> Path:
         return self.directory / self.engines[graph].file
+
+    def source_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint the engines' artifacts were exported from, as those artifacts record it; None when the
+        artifact directory is gone or unreadable (the engines alone do not record it)."""
+        try:
+            return ArtifactManifest.read(self.artifacts).checkpoint
+        except ArtifactError:
+            return None
 
     @property
     def backbone(self) -> EngineEntry:
@@ -585,6 +659,7 @@ class EngineManifest(StepSpec):
             "kv_layout": [kv.to_dict() for kv in self.kv_layout],
             "generation": self.generation,
             "engines": {name: entry.to_dict() for name, entry in self.engines.items()},
+            "files": self.files,
         }
 
     def write(self, directory: Path) -> None:
@@ -603,6 +678,7 @@ class EngineManifest(StepSpec):
             artifacts=Path(data["artifacts"]),
             quantization=Quantization.from_dict(data.get("quantization")),
             engines={name: EngineEntry.from_dict(entry) for name, entry in data["engines"].items()},
+            files=dict(data["files"]),
         )
 
     @classmethod
@@ -615,8 +691,7 @@ class EngineManifest(StepSpec):
             raise ArtifactError(f"{directory} is not an engine directory (run `canvasrt build` on the artifacts)")
         if data.get("format_version") != ENGINE_FORMAT_VERSION:
             raise ArtifactError(
-                f"{directory} holds engines of format {data.get('format_version')}, this canvasrt "
-                f"reads format {ENGINE_FORMAT_VERSION}; {fix}"
+                f"{directory}: {_version_problem(data.get('format_version'), ENGINE_FORMAT_VERSION, 'engine')}; {fix}"
             )
         try:
             manifest = cls.from_json(data, directory)
@@ -648,16 +723,17 @@ class EngineManifest(StepSpec):
             found += file_problems(
                 self.directory, entry.file, f"{graph} engine", entry.bytes, entry.sha256 if digests else None, fix
             )
-            if entry.layers is not None and not resolves_inside(self.directory, entry.layers):
+            if entry.layers is not None and entry.layers not in self.files:
                 found.append(
-                    f"{self.directory}: the {graph} layer information {entry.layers} resolves outside the "
-                    f"directory; {fix}"
+                    f"{self.directory / MANIFEST}: the {graph} layer information {entry.layers} has no size and "
+                    f"digest in its record (files); {fix}"
                 )
             if self.key.graphs.get(graph) != entry.onnx_sha256:
                 found.append(
                     f"{self.directory / MANIFEST}: the {graph} engine's graph digest disagrees with the build "
                     f"key; {fix}"
                 )
+        found += files_problems(self.directory, self.files, fix)
         recorded = self.quantization.calibration_sha256 if self.quantization else None
         if self.key.calibration_sha256 != recorded:
             found.append(
@@ -670,6 +746,33 @@ class EngineManifest(StepSpec):
         """Raises the first problem, engine digests included (Triton packaging)."""
         for problem in self.problems(digests=True):
             raise ArtifactError(problem)
+
+    def artifact_problems(self) -> list[str]:
+        """What is wrong between the engines and the artifact directory they were built from, which Triton packages
+        with them (its tokenizer and manifest): an artifact directory that cannot be loaded, other graphs than the
+        engines were built from, or another model, K/V layout, dtype, quantization or generation defaults."""
+        fix = f"rebuild the engines from {self.artifacts} with `canvasrt build`"
+        try:
+            artifacts = ArtifactManifest.load(self.artifacts)
+        except ArtifactError as exc:
+            return [f"the artifacts the engines in {self.directory} were built from cannot be used: {exc}"]
+        found = []
+        stale = [g for g in GRAPHS if g in self.engines and self.engines[g].onnx_sha256 != artifacts.graphs[g].sha256]
+        if stale:
+            found.append(
+                f"the engines in {self.directory} were built from other graphs than {self.artifacts} now holds; {fix}"
+            )
+        for what in ("model", "kv_layout", "dtype", "quantization", "generation"):
+            if getattr(self, what) != getattr(artifacts, what):
+                found.append(f"{self.directory / MANIFEST} records another {what} than {self.artifacts}; {fix}")
+        for graph, entry in self.engines.items():
+            source = artifacts.graphs.get(graph)
+            if source is not None and (entry.inputs, entry.outputs) != (source.inputs, source.outputs):
+                found.append(
+                    f"{self.directory / MANIFEST}: the {graph} engine's inputs or outputs differ from its graph's in "
+                    f"{self.artifacts}; {fix}"
+                )
+        return found
 
     @classmethod
     def load_if_current(cls, directory: Path, key: BuildKey) -> EngineManifest | None:

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..core.contract import Capacity, TensorSpec, backbone_io, graph_profiles, kv_layout, span_ranges
 from ..core.errors import CanvasrtError
-from ..core.manifest import ArtifactManifest, GraphEntry, canvasrt_version, digest_json, write_json
+from ..core.manifest import ArtifactManifest, GraphEntry, canvasrt_version, digest_json, record_files, write_json
 from ..core.output import ARTIFACT_OUTPUT, staged_directory
 from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
 from ..model.modeling import MOE_FORMULATIONS, StoredLayout, stored_layout
@@ -83,6 +83,8 @@ def export(
         )
     capacity = Capacity.for_model(config, max_batch, max_context, max_prefill)
     generation = checkpoint.generation_config()  # read (and refused when malformed) before the long work
+    progress("hashing the checkpoint")
+    digests = checkpoint.file_digests()  # what the graph is exported from; checked again before the swap
 
     with staged_directory(output_dir, ARTIFACT_OUTPUT, inputs=[checkpoint_dir]) as staging:
         progress("tracing")
@@ -115,8 +117,10 @@ def export(
         progress("writing manifest")
         for source in checkpoint.tokenizer_files():
             shutil.copy2(source, staging / source.name)
+        extras = [p.name for p in checkpoint.tokenizer_files()]
         if generation:
             write_json(staging / "generation_config.json", generation)
+            extras.append("generation_config.json")
         manifest = ArtifactManifest(
             model=config,
             capacity=capacity,
@@ -129,13 +133,20 @@ def export(
             opset=OPSET,
             debug_logits=debug_logits,
             config_digest=digest_json(config.to_dict()),
-            checkpoint={"path": str(Path(checkpoint_dir).resolve()), "files": checkpoint.file_digests()},
+            checkpoint={"path": str(Path(checkpoint_dir).resolve()), "files": digests},
             tokenizer=tuple(p.name for p in checkpoint.tokenizer_files()),
+            files=record_files(staging, extras),
             quantization=None,
             canvasrt_version=canvasrt_version(),
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "transformers": _transformers_version()},
         )
         manifest.write(staging)
+        progress("checking that the checkpoint did not change while exporting")
+        if checkpoint.file_digests() != digests:
+            raise CanvasrtError(
+                f"{checkpoint_dir} changed while exporting (another checkpoint written there?); nothing was "
+                "written: run `canvasrt export` again once it stays unchanged"
+            )
     return manifest
 
 

@@ -255,6 +255,30 @@ class Checkpoint:
         files = [self.path / "config.json", *sorted(set(self.tensor_files.values()))]
         return {f.name: sha256_file(f) for f in files}
 
+    def check_source_of(self, spec: Any, target: str | Path) -> None:
+        """Refuses this checkpoint where `spec` (an artifact or engine manifest, or any StepSpec) was made from another
+        one: another config, or, where the artifacts record the checkpoint's file digests, other weights (a
+        checkpoint of the same config, retrained or re-written, at the same or another path). One line naming the
+        files that differ."""
+        if spec.model != self.config:
+            raise CheckpointError(
+                f"{target} was exported from a checkpoint with another config than {self.path}; pass the checkpoint "
+                f"it came from, or re-export {target} from this one"
+            )
+        source = spec.source_checkpoint() if hasattr(spec, "source_checkpoint") else None
+        if source is None:
+            return
+        recorded = dict(source.get("files") or {})
+        actual = self.file_digests()
+        differing = sorted(name for name in recorded.keys() | actual.keys() if recorded.get(name) != actual.get(name))
+        if differing:
+            shown = ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+            raise CheckpointError(
+                f"{self.path} is not the checkpoint {target} was exported from ({source.get('path')}): {shown} "
+                f"differ from the digests its manifest records; pass that checkpoint, or re-export {target} from "
+                "this one"
+            )
+
 
 @dataclass(frozen=True)
 class StoredTensor:
@@ -293,6 +317,11 @@ def _open_safetensors(path: Path) -> Any:
     """safe_open, which checks the header and that the tensors cover the file exactly; a bad file is one line."""
     try:
         return safe_open(str(path), framework="pt")
+    except OSError:
+        # safetensors reports every file it cannot open as "No such file"; Python's own open names the real cause
+        # (permission denied, say), which the CLI prints as one line
+        path.open("rb").close()
+        raise
     except SafetensorError as exc:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({_reason(exc)}); it is truncated or "

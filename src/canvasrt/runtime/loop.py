@@ -106,7 +106,7 @@ def check_request(backend: StepBackend, ids: np.ndarray, settings: GenerationSet
         raise CanvasrtError(
             f"a prompt of {ids.shape[1]} tokens plus {blocks} canvas(es) of {canvas} needs {needed} context "
             f"positions, more than the maximum context of {capacity.max_context}; shorten the prompt, lower "
-            "--max-new-tokens, or re-export with a larger --max-context"
+            "max_new_tokens, or re-export the model with a larger maximum context"
         )
     return blocks
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,11 @@ class UnreadableTokenizer(CanvasrtError):
 
 
 class TextCodec:
-    def __init__(self, directory: Path):
+    """A directory's tokenizer.json. With `vocab_size` (the model's), a tokenizer whose ids reach past the model's
+    vocabulary is refused: it is another model's, and its ids would index past the embedding or decode the model's
+    tokens as other text."""
+
+    def __init__(self, directory: Path, vocab_size: int | None = None):
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise CanvasrtError(f"{directory} has no tokenizer.json; pass token ids (--prompt-ids) instead of text")
@@ -41,6 +46,12 @@ class TextCodec:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises bare Exception for every unreadable file, nothing narrower
             raise UnreadableTokenizer(path, " ".join(str(exc).split()) or type(exc).__name__) from None
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab_size is not None and size > vocab_size:
+            raise CanvasrtError(
+                f"{path} has {size} tokens, more than the model's vocabulary of {vocab_size}: it is another model's "
+                "tokenizer; copy the checkpoint's own tokenizer.json there"
+            )
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -95,11 +106,14 @@ def check_ids(ids: Any) -> list[int]:
 
 
 def read_prompts_file(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line: {"text": ...} or {"ids": [...]}."""
-    if not path.is_file():
+    """One JSON object per line: {"text": ...} or {"ids": [...]}. `-` reads standard input; any readable file
+    (a pipe, /dev/stdin, /dev/null) is read as it is."""
+    if str(path) != "-" and not path.exists():
         raise CanvasrtError(f"prompts file {path} does not exist")
+    if path.is_dir():
+        raise CanvasrtError(f"prompts file {path} is a directory; pass a JSONL file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.buffer.read().decode("utf-8") if str(path) == "-" else path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise CanvasrtError(
             f"prompts file {path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8"
@@ -124,13 +138,13 @@ def read_prompts_file(path: Path) -> list[dict[str, Any]]:
     return prompts
 
 
-def prompt_rows(prompts: list[dict[str, Any]], codec_dir: Path) -> list[list[int]]:
+def prompt_rows(prompts: list[dict[str, Any]], codec_dir: Path, vocab_size: int | None = None) -> list[list[int]]:
     codec = None
     rows = []
     for entry in prompts:
         if "ids" in entry:
             rows.append(check_ids(entry["ids"]))
         else:
-            codec = codec or TextCodec(codec_dir)
+            codec = codec or TextCodec(codec_dir, vocab_size)
             rows.append(codec.encode(entry["text"]))
     return rows

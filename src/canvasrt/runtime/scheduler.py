@@ -39,7 +39,8 @@ SERVER_FULL = "the server is full"
 
 
 class QueueFull(CanvasrtError):
-    """Every slot and the whole queue are taken: the request may succeed later (a server's 503, not a 400)."""
+    """Every slot and the whole queue are taken: the server's state, not the request's fault, so the request may
+    succeed later (Triton answers it UNAVAILABLE: HTTP 503, gRPC UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class Scheduler:
                 self.stats.refused += 1
                 raise QueueFull(
                     f"{SERVER_FULL}: its {self.backend.slots} slots and its queue of {self.max_queue} "
-                    "are taken; retry later, or serve with more --instances or a longer --max-queue"
+                    "are taken; retry later (its operator can serve it with more instances or a longer queue)"
                 )
             self.queue.append(_Row(ticket, ids, blocks, draws))
         return ticket

@@ -13,6 +13,7 @@ turn every temperature into padding). The context capacity bounds max_new_tokens
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -33,6 +34,16 @@ MAX_DENOISING_STEPS = 1024
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def cli_option(name: str) -> str:
+    """A setting as the command line spells it: --max-new-tokens."""
+    return f"--{name.replace('_', '-')}"
+
+
+def served_input(name: str) -> str:
+    """A setting as a served request spells it: the input max_new_tokens."""
+    return f"the input {name}"
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     max_new_tokens: int
@@ -49,33 +60,37 @@ class GenerationSettings:
         """Linear schedule over the remaining-step counter t = N..1: t_max at the first step."""
         return self.t_min + (self.t_max - self.t_min) * (remaining / self.max_denoising_steps)
 
-    def validate(self) -> GenerationSettings:
+    def validate(self, spell: Callable[[str], str] = cli_option) -> GenerationSettings:
+        """Refuses a setting out of its range, naming it as `spell` does: a command-line option (`cli_option`)
+        or a served request's input (`served_input`)."""
         for name in ("max_new_tokens", "max_denoising_steps", "stability_threshold"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise CanvasrtError(f"--{name.replace('_', '-')} must be an integer (got {value!r})")
+                raise CanvasrtError(f"{spell(name)} must be an integer (got {value!r})")
         for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite32(value):
-                raise CanvasrtError(
-                    f"--{name.replace('_', '-')} must be a finite number (at most {FLOAT32_MAX:.3g}), got {value!r}"
-                )
+                raise CanvasrtError(f"{spell(name)} must be a finite number (at most {FLOAT32_MAX:.3g}), got {value!r}")
         steps = self.max_denoising_steps
         checks = [
-            (self.max_new_tokens > 0, f"--max-new-tokens must be positive (got {self.max_new_tokens})"),
+            (self.max_new_tokens > 0, f"{spell('max_new_tokens')} must be positive (got {self.max_new_tokens})"),
             (
                 0 < steps <= MAX_DENOISING_STEPS,
-                f"--max-denoising-steps must be between 1 and {MAX_DENOISING_STEPS} (got {steps})",
+                f"{spell('max_denoising_steps')} must be between 1 and {MAX_DENOISING_STEPS} (got {steps})",
             ),
-            (self.entropy_bound > 0, f"--entropy-bound must be positive (got {self.entropy_bound})"),
-            (0 <= self.t_min < self.t_max, f"need 0 <= --t-min < --t-max (got {self.t_min}, {self.t_max})"),
+            (self.entropy_bound > 0, f"{spell('entropy_bound')} must be positive (got {self.entropy_bound})"),
+            (
+                0 <= self.t_min < self.t_max,
+                f"need 0 <= {spell('t_min')} < {spell('t_max')} (got {self.t_min}, {self.t_max})",
+            ),
             (
                 0 <= self.stability_threshold <= MAX_DENOISING_STEPS,
-                f"--stability-threshold must be between 0 and {MAX_DENOISING_STEPS} (got {self.stability_threshold})",
+                f"{spell('stability_threshold')} must be between 0 and {MAX_DENOISING_STEPS} "
+                f"(got {self.stability_threshold})",
             ),
             (
                 self.confidence_threshold > 0,
-                f"--confidence-threshold must be positive (got {self.confidence_threshold})",
+                f"{spell('confidence_threshold')} must be positive (got {self.confidence_threshold})",
             ),
         ]
         for ok, message in checks:
@@ -91,8 +106,11 @@ def _finite32(value: float) -> bool:
     return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
-def resolve_settings(generation_config: dict[str, Any], overrides: dict[str, Any] | None = None) -> GenerationSettings:
-    """generation_config: the parsed generation_config.json (may be empty). overrides: non-None values win."""
+def resolve_settings(
+    generation_config: dict[str, Any], overrides: dict[str, Any] | None = None, spell: Callable[[str], str] = cli_option
+) -> GenerationSettings:
+    """generation_config: the parsed generation_config.json (may be empty). overrides: non-None values win. spell:
+    how errors name a setting (`cli_option`, `served_input`)."""
     values = dict(DEFAULTS)
     for key in DEFAULTS:
         if generation_config.get(key) is not None:
@@ -106,4 +124,4 @@ def resolve_settings(generation_config: dict[str, Any], overrides: dict[str, Any
         **values, eos_token_ids=tuple(int(e) for e in eos_ids), pad_token_id=generation_config.get("pad_token_id")
     )
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return replace(settings, **changes).validate()
+    return replace(settings, **changes).validate(spell)

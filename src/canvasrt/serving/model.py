@@ -106,7 +106,7 @@ class TritonPythonModel:
         self.backend = self._open_backend(directory, parameters)
         self.backend.activate()  # until finalize(): the instance serves every request on this backend
         tokenizer = directory / "tokenizer.json"
-        self.codec = TextCodec(directory) if tokenizer.is_file() else None
+        self.codec = TextCodec(directory, self.backend.spec.model.vocab_size) if tokenizer.is_file() else None
         self.generation = self.backend.spec.generation
         slots = int(parameters.get("slots", "0")) or self.backend.spec.capacity.max_batch
         self.scheduler = Scheduler(
@@ -168,6 +168,7 @@ class TritonPythonModel:
                     self.codec.encode if self.codec else None,
                     _parameters(request),
                     self.codec.decode if self.codec else None,
+                    self.backend.spec.capacity.max_context,
                 )
                 relay = _Relay(self, sender, parsed)
                 relay.ticket = Ticket(

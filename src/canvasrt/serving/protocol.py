@@ -37,7 +37,7 @@ import numpy as np
 from ..core.errors import CanvasrtError
 from ..runtime.loop import Committed, Draft, GenerationResult, tokens_per_forward
 from ..runtime.prompts import TextCodec, until_eos
-from ..runtime.settings import GenerationSettings, resolve_settings
+from ..runtime.settings import GenerationSettings, resolve_settings, served_input
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,12 @@ class Field:
 
 
 SETTING_INPUTS = (
-    Field("max_new_tokens", "INT32", (1,), "tokens to generate, rounded up to whole canvases"),
-    Field("max_denoising_steps", "INT32", (1,), "denoising steps per canvas at most"),
+    Field("max_new_tokens", "INT64", (1,), "tokens to generate, rounded up to whole canvases"),
+    Field("max_denoising_steps", "INT64", (1,), "denoising steps per canvas at most"),
     Field("entropy_bound", "FP32", (1,), "entropy budget of the acceptance rule"),
     Field("t_min", "FP32", (1,), "temperature at the last step"),
     Field("t_max", "FP32", (1,), "temperature at the first step"),
-    Field("stability_threshold", "INT32", (1,), "steps the argmax must stay unchanged before an early stop"),
+    Field("stability_threshold", "INT64", (1,), "steps the argmax must stay unchanged before an early stop"),
     Field("confidence_threshold", "FP32", (1,), "mean entropy below which a stable canvas stops"),
 )
 INPUTS = (
@@ -63,7 +63,7 @@ INPUTS = (
     Field("seed", "INT64", (1,), "seed of the counter RNG (default 0); the same seed gives the same tokens anywhere"),
     Field("stream", "BOOL", (1,), "false: send only the final response (HTTP /generate takes exactly one)"),
     Field("stream_drafts", "BOOL", (1,), "also stream the argmax canvas after every denoising step"),
-    Field("deadline_ms", "INT32", (1,), "milliseconds the generation may run; past it the request ends in an error"),
+    Field("deadline_ms", "INT64", (1,), "milliseconds the generation may run; past it the request ends in an error"),
     *SETTING_INPUTS,
 )
 LLM_INPUTS = (
@@ -164,6 +164,7 @@ PARAMETERS = {
 }
 # Leads the message of an error that is not the request's fault (the gRPC stream carries no status code)
 INTERNAL_ERROR = "internal error: "
+MAX_TOKEN_BYTES = 256  # no token of a tokenizer spans more bytes of text: the bound on a prompt's length
 MAX_TEMPERATURE = 100.0  # far above any useful value: T(step) = temperature * schedule must stay a float32
 
 
@@ -274,10 +275,13 @@ def parse_request(
     encode: Any,
     parameters: dict[str, Any] | None = None,
     decode: Any = None,
+    max_context: int | None = None,
 ) -> GenerationRequest:
     """inputs: name -> array as Triton delivered them (dtypes already checked against the model config).
     encode / decode: text <-> ids, or None when the artifacts carry no tokenizer. parameters: the request's
-    parameters (Triton's; its HTTP generate endpoint passes unknown fields there)."""
+    parameters (Triton's; its HTTP generate endpoint passes unknown fields there). max_context: the model's context
+    capacity; a prompt that cannot fit it is refused before it is tokenized or converted (a multi-megabyte body
+    would otherwise hold the instance for minutes)."""
     parameters = dict(parameters or {})
     llm = bool(parameters) or any(field.name in inputs for field in LLM_INPUTS)
     options = _llm_options(inputs, parameters) if llm else {}
@@ -288,17 +292,27 @@ def parse_request(
     if texts:
         if encode is None:
             raise CanvasrtError(f"these artifacts carry no tokenizer; send 'prompt_ids' instead of {texts[0]!r}")
-        text = _text(_scalar(inputs, texts[0]), "the prompt")
+        raw = _scalar(inputs, texts[0])
+        if max_context is not None and len(raw) > max_context * MAX_TOKEN_BYTES:
+            raise CanvasrtError(
+                f"the prompt has {len(raw)} bytes, more than a context of {max_context} tokens can hold; shorten it"
+            )
+        text = _text(raw, "the prompt")
         ids = encode(text)
     else:
-        ids = [int(i) for i in inputs["prompt_ids"].reshape(-1)]
+        given = inputs["prompt_ids"].reshape(-1)
+        if max_context is not None and given.size > max_context:
+            raise CanvasrtError(
+                f"prompt_ids has {given.size} ids, more than the context of {max_context} tokens; shorten it"
+            )
+        ids = [int(i) for i in given]
     if not ids:
         raise CanvasrtError("the prompt is empty; send at least one token of text")
     overrides = {f.name: _scalar(inputs, f.name) for f in SETTING_INPUTS if f.name in inputs}
     for field in SETTING_INPUTS:  # canvasrt's own settings inside sampling_parameters or request parameters
         if field.name in options:
             value = options.pop(field.name)
-            overrides.setdefault(field.name, _number(value, field.name, field.dtype == "INT32"))
+            overrides.setdefault(field.name, _number(value, field.name, field.dtype.startswith("INT")))
     max_tokens = None
     if "max_tokens" in options:
         max_tokens = _number(options.pop("max_tokens"), "max_tokens", integer=True)
@@ -307,7 +321,7 @@ def parse_request(
         if "max_new_tokens" in overrides:
             raise CanvasrtError("send max_tokens or max_new_tokens, not both")
         overrides["max_new_tokens"] = max_tokens
-    settings = resolve_settings(generation_config, overrides)
+    settings = resolve_settings(generation_config, overrides, served_input)
     if "temperature" in options:
         temperature = _number(options.pop("temperature"), "temperature", integer=False)
         if not 0 < temperature <= MAX_TEMPERATURE:
@@ -411,7 +425,7 @@ def request_inputs(
     if stream_drafts:
         inputs["stream_drafts"] = np.array([True])
     if deadline_ms is not None:
-        inputs["deadline_ms"] = np.array([deadline_ms], dtype=np.int32)
+        inputs["deadline_ms"] = input_tensor("deadline_ms", deadline_ms, "INT64")
     fields = {f.name: f for f in SETTING_INPUTS}
     for name, value in settings.items():
         if name not in fields:
@@ -432,7 +446,7 @@ def input_tensor(name: str, value: Any, triton_dtype: str) -> np.ndarray:
     else:
         low, high = float(np.finfo(dtype).min), float(np.finfo(dtype).max)
         span = f"{low:.4g} to {high:.4g}"
-    if np.isfinite(value) and not low <= value <= high:
+    if (isinstance(value, int) or np.isfinite(value)) and not low <= value <= high:
         raise CanvasrtError(
             f"{name} {value} does not fit the input's {triton_dtype} ({span}); send a value in that range"
         )

@@ -197,12 +197,9 @@ def write_repository(
     if batch_window_ms < 0:
         raise CanvasrtError(f"--batch-window-ms must be 0 (step at once) or more, got {batch_window_ms}")
     if engines is not None:
+        for problem in engines.artifact_problems():
+            raise ArtifactError(problem)
         manifest = ArtifactManifest.load(engines.artifacts)
-        stale = [g for g in GRAPHS if engines.engines[g].onnx_sha256 != manifest.graphs[g].sha256]
-        if stale:
-            raise ArtifactError(
-                f"the engines in {target} were built from other graphs than {engines.artifacts} now holds; rebuild them"
-            )
     else:
         assert isinstance(opened, ArtifactManifest)
         manifest = opened
@@ -251,7 +248,7 @@ def write_repository(
             shutil.copytree(artifacts, model_dir / ARTIFACTS, copy_function=_link_or_copy)
         else:
             (model_dir / ARTIFACTS).mkdir(parents=True)
-            for name in manifest.tokenizer:
+            for name in manifest.files:
                 _link_or_copy(str(artifacts / name), str(model_dir / ARTIFACTS / name))
             # The loop's limits are the engines' where a build narrowed them (`canvasrt build --max-context`)
             (manifest.with_capacity(engines.capacity) if engines is not None else manifest).write(model_dir / ARTIFACTS)
@@ -274,6 +271,10 @@ def write_repository(
                 )
         (model_dir / "model.py").write_text(ENTRY.format(module="model"))
         write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
+        # what was linked or copied is what was hashed at the start: the sources still match their digests
+        manifest.check_unchanged("triton")
+        if engines is not None:
+            engines.verify()
     models = [GENERATE_MODEL] + ([] if step_backend == "in-process" else list(STEP_MODELS.values()))
     return {
         "models": models,

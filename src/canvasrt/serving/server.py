@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..core.errors import CanvasrtError
+from ..core.output import remove_stale_staging, staging_prefix
+
+SCRATCH = "canvasrt-serve"  # the scratch directories' name in the temporary directory, tagged with host and pid
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ class TritonServer:
         return [
             str(self.installation.binary),
             "--model-repository",
-            str(self.repository),
+            str(self.served_repository),
             "--backend-directory",
             str(backends),
             "--http-address",
@@ -277,7 +280,22 @@ class TritonServer:
             check_port_free(option, port)
 
     def start(self) -> None:
-        self.scratch = Path(tempfile.mkdtemp(prefix="canvasrt-triton-"))
+        # Named after this process, so that a run after a SIGKILLed one (which cannot clean up) removes its leftovers.
+        temporary = Path(tempfile.gettempdir())
+        remove_stale_staging(temporary, SCRATCH)
+        self.scratch = Path(tempfile.mkdtemp(prefix=staging_prefix(SCRATCH), suffix=".partial", dir=temporary))
+        # Triton's Python stub parses its command line, the model's path included, at spaces: it sees the repository
+        # through a link whose path has none (the scratch directory's, under a temporary directory without spaces).
+        self.served_repository = self.repository
+        if " " in str(self.repository):
+            if " " in str(self.scratch):
+                self._release()
+                raise CanvasrtError(
+                    f"the repository path {self.repository} and the temporary directory {temporary} both contain "
+                    "spaces, which Triton's Python backend cannot take; set TMPDIR to a directory without spaces"
+                )
+            self.served_repository = self.scratch / "repository"
+            self.served_repository.symlink_to(self.repository, target_is_directory=True)
         self.log_path = self.log or self.scratch / "tritonserver.log"
         try:
             self._log_file = open(self.log_path, "wb")
@@ -301,6 +319,7 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
+                self.keep_log()
                 message = f"tritonserver exited with code {self.process.returncode}: {self.failure()}"
                 self.stop()
                 raise CanvasrtError(message)
@@ -311,12 +330,25 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
+        self.keep_log()
         message = f"tritonserver was not ready after {self.startup_timeout:.0f}s: {self.failure()}"
         self.stop()
         raise CanvasrtError(message)
 
+    def keep_log(self) -> None:
+        """Moves a server log kept in the scratch directory (no --log) out of it, beside it in the temporary
+        directory, so that the error naming it names a file that still exists after the scratch is removed."""
+        if self.scratch is not None and Path(self.log_path).parent == self.scratch:
+            kept = Path(tempfile.mkstemp(prefix="canvasrt-tritonserver-", suffix=".log")[1])
+            shutil.copyfile(self.log_path, kept)
+            self.log_path = kept
+
     def failure(self) -> str:
-        """The most telling line of the server log: a model's load error, else the last error line."""
+        """The most telling line of the server log (a model's load error, else the last error line) and where the
+        log is."""
+        return f"{self._telling_line()} (server log: {self.log_path})"
+
+    def _telling_line(self) -> str:
         lines = Path(self.log_path).read_text(errors="replace").splitlines()
         for marker in ("failed to load", "error:", "Error"):
             hits = [line for line in lines if marker in line and "CudaDriverHelper" not in line and "NVML" not in line]
@@ -330,7 +362,7 @@ class TritonServer:
                     else ""
                 )
                 return hits[0].strip()[:400] + hint
-        return f"see {self.log_path}"
+        return "no error line in the server log"
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGINT (Triton drains in-flight requests and unloads models), then SIGKILL after `timeout`."""

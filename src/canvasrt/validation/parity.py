@@ -172,11 +172,6 @@ def _judge_agreement(stage: str, name: str, actual: np.ndarray, reference: np.nd
 # -- step level ---------------------------------------------------------------------------------------------------
 
 
-def _check_model_matches(checkpoint: Checkpoint, spec: StepSpec, target: Path) -> None:
-    if spec.model != checkpoint.config:
-        raise ArtifactError(f"{target} was exported from a checkpoint with another config than {checkpoint.path}")
-
-
 def _step_reference(
     ref_logits: torch.Tensor, temperature: float, bound: float, draws: Draws, embedding: torch.Tensor, spill: _Spill
 ) -> dict[str, Any]:
@@ -346,7 +341,7 @@ def step_parity(
     backend is activated here, after the reference has been freed."""
     checkpoint = Checkpoint.open(checkpoint_dir)
     spec = backend.spec
-    _check_model_matches(checkpoint, spec, Path(target))
+    checkpoint.check_source_of(spec, target)
     dtype = spec.precision
     tol = TOLERANCES[dtype]
     report = Report("step", str(checkpoint_dir), str(target), dtype, backend.name)
@@ -465,7 +460,7 @@ def loop_parity(
     backend should (fp32, or the same FP8 scales); one backend is active at a time."""
     checkpoint = Checkpoint.open(checkpoint_dir)
     spec = backend.spec
-    _check_model_matches(checkpoint, spec, Path(target))
+    checkpoint.check_source_of(spec, target)
     cap, model = spec.capacity, spec.model
     canvas, vocab = cap.canvas, model.vocab_size
     dtype = spec.precision

@@ -77,7 +77,7 @@ def open_backend(
     if not (source / "config.json").is_file():
         raise CanvasrtError(f"--backend torch needs the checkpoint {source} these artifacts came from; it is gone")
     calibration = target.calibration() if target.quantization else None
-    return TorchBackend(
+    backend = TorchBackend(
         source,
         dtype=dtype or "fp32",
         moe=target.moe,
@@ -87,3 +87,5 @@ def open_backend(
         calibration=calibration,
         device=device,
     )
+    backend.checkpoint.check_source_of(target, target.directory)  # the checkpoint may have changed since the export
+    return backend

@@ -52,6 +52,27 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
         raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it") from None
 
 
+def checked_session(manifest: ArtifactManifest, provider: str = "cpu", threads: int | None = None) -> Any:
+    """The backbone's session, refused (one line) when the graph's inputs or outputs differ from the manifest's in
+    name, dtype or static shape: what the backend and `canvasrt verify` check."""
+    entry = manifest.backbone
+    path = manifest.graph_path("backbone")
+    session = create_session(path, provider, threads)
+    for what, declared, found in (
+        ("inputs", entry.inputs, session.get_inputs()),
+        ("outputs", entry.outputs, session.get_outputs()),
+    ):
+        check_io(
+            list(declared),
+            [(a.name, a.type, tuple(a.shape)) for a in found],
+            manifest.dtype,
+            str(path),
+            ONNX_TYPES,
+            what,
+        )
+    return session
+
+
 class OnnxRuntimeBackend(HostGraphBackend):
     name = "onnxruntime"
 
@@ -62,22 +83,7 @@ class OnnxRuntimeBackend(HostGraphBackend):
         self.session: Any = None
 
     def _activate(self) -> None:
-        entry = self.manifest.backbone
-        path = self.manifest.graph_path("backbone")
-        session = create_session(path, self.provider, self.threads)
-        for what, declared, found in (
-            ("inputs", entry.inputs, session.get_inputs()),
-            ("outputs", entry.outputs, session.get_outputs()),
-        ):
-            check_io(
-                list(declared),
-                [(a.name, a.type, tuple(a.shape)) for a in found],
-                self.manifest.dtype,
-                str(path),
-                ONNX_TYPES,
-                what,
-            )
-        self.session = session
+        self.session = checked_session(self.manifest, self.provider, self.threads)
 
     def _deactivate(self) -> None:
         self.session = None
