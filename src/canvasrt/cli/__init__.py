@@ -39,12 +39,6 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {missing_module_line(exc.name)}", err=True)
             sys.exit(2)
-        except Exception as exc:  # an error of the environment (disk full, limits, paths, permissions) is one line
-            cause = os_error_of(exc)
-            if cause is None:
-                raise
-            click.echo(f"error: {os_error_line(cause)}", err=True)
-            sys.exit(2)
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as exc:
@@ -57,6 +51,12 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:  # after click's own errors: the environment's (disk full, limits, paths) is one line
+            cause = os_error_of(exc)
+            if cause is None:
+                raise
+            click.echo(f"error: {os_error_line(cause)}", err=True)
+            sys.exit(2)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
