@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from canvasrt.model.random_checkpoint import PRESETS, write_random_checkpoint
-from canvasrt.runtime.backends.torch import TorchBackend
+from canvasrt.runtime.backends.torch import TorchExecutor
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
-from canvasrt.runtime.step import Draws
+from canvasrt.runtime.step import Draws, StepBackend, StepInputs
 from canvasrt.validation.bench import bench_concurrency
 from canvasrt.validation.parity import generate_parity, step_parity
 
@@ -37,7 +37,9 @@ RELEASED_LAYERS = 30
 
 def time_step(checkpoint: Path, device: str, moe: str, steps: int) -> float:
     """Median ms of one denoising step, canvas of the model, batch 1, bf16, after a 512-token prefill."""
-    with TorchBackend(checkpoint, dtype="bf16", moe=moe, max_batch=1, max_context=1024, device=device) as backend:
+    with StepBackend(
+        TorchExecutor(checkpoint, dtype="bf16", moe=moe, max_batch=1, max_context=1024, device=device)
+    ) as backend:
         spec = backend.spec
         canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
         prompt = min(512, spec.capacity.max_context - canvas)
@@ -53,15 +55,7 @@ def time_step(checkpoint: Path, device: str, moe: str, steps: int) -> float:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            backend.denoise(
-                draws.initial_canvas(0),
-                np.full(1, prompt, np.int64),
-                np.full(1, 0.8, np.float32),
-                np.full(1, 0.1, np.float32),
-                d,
-                step == 0,
-                np.zeros(1, bool),
-            )
+            backend.denoise(StepInputs.uniform(draws.initial_canvas(0), np.full(1, prompt), 0.8, 0.1, d, step == 0))
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -94,7 +88,7 @@ def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
     figures: dict = {"layers": layers, "write_s": time.perf_counter() - start}
     # fp32 parity: the torch backend against transformers, both on the device.
     start = time.perf_counter()
-    backend = TorchBackend(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
+    backend = StepBackend(TorchExecutor(checkpoint, max_batch=2, max_context=args.max_context, device=args.device))
     report = step_parity(checkpoint, backend, target=checkpoint, device=args.device)
     figures["step_parity"] = {
         "passed": report.passed,
@@ -102,7 +96,7 @@ def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
         "failed": [f"{c.stage}/{c.output}" for c in report.checks if not c.passed],
     }
     start = time.perf_counter()
-    like = TorchBackend(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
+    like = TorchExecutor(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
     settings = resolve_settings(
         like.spec.generation, {"max_new_tokens": like.spec.capacity.canvas, "max_denoising_steps": args.loop_steps}
     )

@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from canvasrt.cli import main
 from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.runtime.backends import open_backend
-from canvasrt.runtime.backends.torch import TorchBackend
+from canvasrt.runtime.backends.torch import TorchExecutor
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
+from canvasrt.runtime.step import StepBackend
 from canvasrt.validation.reference import Reference
 
 # A confidence threshold above log(vocab) makes the adaptive stop depend on stability alone, so rows stop (and
@@ -80,7 +81,10 @@ def test_onnxruntime_equals_torch_in_counter_mode(tiny_checkpoint, tiny_artifact
     rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
     ids, padding = left_pad(rows, 0)
     results = []
-    for backend in (TorchBackend(tiny_checkpoint, max_context=128), open_backend(tiny_artifacts, "onnxruntime")):
+    for backend in (
+        StepBackend(TorchExecutor(tiny_checkpoint, max_context=128)),
+        open_backend(tiny_artifacts, "onnxruntime"),
+    ):
         with backend:
             settings = resolve_settings(backend.spec.generation, EARLY_STOP)
             results.append(generate(backend, ids, padding, settings, make_draws("counter", 4, 2, 288, 16)))
@@ -144,7 +148,7 @@ def _bytes_per_step(artifacts) -> float:
         result = generate(
             backend, ids, padding, settings, make_draws("counter", 0, 2, backend.spec.model.vocab_size, 16)
         )
-    return backend.transfer_bytes["denoise"] / result.timings["steps"]
+    return backend.crossing["denoise"] / result.timings["steps"]
 
 
 def test_bytes_per_step_do_not_grow_with_vocabulary_or_context(tiny_artifacts, variant_artifacts, tiny_debug_artifacts):
@@ -273,7 +277,10 @@ def test_chunked_prefill_equals_one_pass(variant_checkpoint, variant_artifacts):
     rows = [list(range(3, 3 + 93)), list(range(100, 150))]
     ids, padding = left_pad(rows, 0)
     results = []
-    for backend in (TorchBackend(variant_checkpoint, max_context=160), open_backend(variant_artifacts, "onnxruntime")):
+    for backend in (
+        StepBackend(TorchExecutor(variant_checkpoint, max_context=160)),
+        open_backend(variant_artifacts, "onnxruntime"),
+    ):
         with backend:
             settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 4})
             results.append(generate(backend, ids, padding, settings, make_draws("counter", 1, 2, 320, 16)))

@@ -20,7 +20,7 @@ import numpy as np
 from ..core.errors import CanvasrtError
 from .rng import DrawSource
 from .settings import GenerationSettings
-from .step import StepBackend
+from .step import StepBackend, StepInputs
 
 
 @dataclass
@@ -200,9 +200,9 @@ def stream(
             step += 1
             forwards += ~(done | finished)
             temperature = np.full(batch, settings.temperature(remaining), dtype=np.float32)
-            result = timer.run(
-                backend.denoise, canvas, context, temperature, bound, draws.step(block, step), step == 1, done
-            )
+            first_step = np.full(batch, step == 1)
+            inputs = StepInputs(canvas, context, temperature, bound, draws.step(block, step), first_step, done)
+            result = timer.run(backend.denoise, inputs)
             # Rows that already stopped keep their canvas and argmax (transformers freezes them the same way).
             new_argmax = np.where(done[:, None], argmax, result.argmax)
             canvas = np.where(done[:, None], canvas, result.next_canvas)

@@ -30,7 +30,7 @@ from ..core.errors import CanvasrtError
 from .loop import Committed, Draft, GenerationResult, check_request, commit_rule, stop_rule, tokens_per_forward
 from .rng import CounterDraws, make_draws
 from .settings import GenerationSettings
-from .step import Draws, StepBackend
+from .step import Draws, StepBackend, StepInputs
 
 Event = Draft | Committed | GenerationResult
 
@@ -179,22 +179,22 @@ class Scheduler:
             row.forwards += 1
         draws = [row.draws.step(row.block, row.step) for row in active]
         settings = [row.settings for row in active]
-        result = self.backend.denoise_rows(
-            n,
-            np.concatenate([row.canvas for row in active]),
-            np.asarray([row.context for row in active], dtype=np.int64),
-            np.asarray(
+        inputs = StepInputs(
+            canvas=np.concatenate([row.canvas for row in active]),
+            context_length=np.asarray([row.context for row in active], dtype=np.int64),
+            temperature=np.asarray(
                 [s.temperature(s.max_denoising_steps - row.step + 1) for s, row in zip(settings, active)],
                 dtype=np.float32,
             ),
-            np.asarray([s.entropy_bound for s in settings], dtype=np.float32),
-            Draws(
+            entropy_bound=np.asarray([s.entropy_bound for s in settings], dtype=np.float32),
+            draws=Draws(
                 renoise_ids=np.concatenate([d.renoise_ids for d in draws]),
                 uniforms=np.concatenate([d.uniforms for d in draws]),
             ),
-            np.asarray([row.step == 1 for row in active]),
-            np.zeros(n, dtype=bool),
+            first_step=np.asarray([row.step == 1 for row in active]),
+            frozen=np.zeros(n, dtype=bool),
         )
+        result = self.backend.denoise_rows(n, inputs)
         self.last_rows = n
         self.stats.step_calls += 1
         self.stats.row_steps += n

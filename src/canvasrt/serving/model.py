@@ -98,14 +98,14 @@ class TritonPythonModel:
     def _open_backend(directory: Path, parameters: dict[str, str]) -> StepBackend:
         mode = parameters.get("step_backend", "in-process")
         if mode == "in-process":
-            from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+            from ..runtime.backends.onnxruntime import OnnxRuntimeExecutor
 
             threads = int(parameters.get("threads", "0")) or None
-            return OnnxRuntimeBackend(ArtifactManifest.load(directory), threads=threads)
-        from .bls import TritonStepBackend
+            return StepBackend(OnnxRuntimeExecutor(ArtifactManifest.load(directory), threads=threads))
+        from .bls import TritonStepExecutor
 
         # the graphs live in the step models; this copy of the artifacts is their manifest and tokenizer only
-        return TritonStepBackend(ArtifactManifest.load(directory, require_graphs=False))
+        return StepBackend(TritonStepExecutor(ArtifactManifest.load(directory, require_graphs=False)))
 
     def _metrics(self, slots: int) -> None:
         family = self.pb_utils.MetricFamily
