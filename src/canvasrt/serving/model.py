@@ -12,7 +12,8 @@ few milliseconds then shares every step call instead of joining a step or a few 
 scheduler's iterations and sends each row's responses as they happen. Errors that concern the request (no prompt,
 too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving; a
 request its client cancelled leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
-row-steps they carried, step calls by rows in them (the batch occupancy), and the rows and queue now; the log at
+row-steps they carried, step calls by rows in them (the batch occupancy), the rows and queue now, and the bytes
+crossing between host memory and the executor's device by kind of call (prefill, commit, denoise); the log at
 verbose level has a line per step. Nothing here needs PyTorch.
 """
 
@@ -28,7 +29,7 @@ from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest
 from ..runtime.prompts import TextCodec
 from ..runtime.scheduler import Event, RowRequest, Scheduler, Ticket
-from ..runtime.step import StepBackend
+from ..runtime.step import CALLS, StepBackend
 from .protocol import GenerationRequest, ResponseStream, parse_request
 
 ARTIFACTS = "artifacts"  # the model version directory's copy of the artifacts (graphs only for in-process)
@@ -124,11 +125,18 @@ class TritonPythonModel:
             ),
             family(name="canvasrt_rows", description="requests in the scheduler's slots", kind=gauge),
             family(name="canvasrt_queued_requests", description="requests waiting for a slot", kind=gauge),
+            family(
+                name="canvasrt_host_device_bytes_total",
+                description="bytes between host memory and the executor's device, by kind of call",
+                kind=counter,
+            ),
         ]
-        steps, row_steps, by_rows, rows, queued = self.metric_families
+        steps, row_steps, by_rows, rows, queued, crossing = self.metric_families
         self.metric_steps, self.metric_row_steps = steps.Metric(labels={}), row_steps.Metric(labels={})
         self.metric_by_rows = {n: by_rows.Metric(labels={"rows": str(n)}) for n in range(1, slots + 1)}
         self.metric_rows, self.metric_queued = rows.Metric(labels={}), queued.Metric(labels={})
+        self.metric_crossing = {kind: crossing.Metric(labels={"call": kind}) for kind in CALLS}
+        self.crossed = dict.fromkeys(CALLS, 0)  # what the crossing metric has counted so far
 
     def execute(self, requests: list[Any]) -> None:
         pb_utils = self.pb_utils
@@ -203,6 +211,11 @@ class TritonPythonModel:
         rows, queued = len(scheduler.rows), len(scheduler.queue)
         self.metric_rows.set(rows)
         self.metric_queued.set(queued)
+        for kind, metric in self.metric_crossing.items():
+            crossed = self.backend.crossing[kind]
+            if crossed > self.crossed[kind]:
+                metric.increment(crossed - self.crossed[kind])
+                self.crossed[kind] = crossed
         if stepped:
             occupancy = scheduler.last_rows
             self.metric_steps.increment(1)
@@ -223,4 +236,5 @@ class TritonPythonModel:
         self.backend.deactivate()
         # Triton wants a metric family released after its metrics
         del self.metric_steps, self.metric_row_steps, self.metric_by_rows, self.metric_rows, self.metric_queued
+        del self.metric_crossing
         del self.metric_families

@@ -479,11 +479,23 @@ def loop_parity(
     report.info = {"prompt_lengths": [len(r) for r in rows], "settings": settings.to_dict(), "seed": seed}
     report.checks += generate_parity(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated.executor)
 
-    ids, padding = left_pad(rows, settings.pad_token_id or 0)
     if simulated.spec.quantization:
         # FP8 is compared with the torch backend simulating the same FP8 scales: this is where the Q/DQ placement
         # and scales are checked token for token; the accuracy cost is what `canvasrt eval` measures.
         report.info["torch_backend"] = "fake-quantized with the artifacts' calibration"
+    report.checks += loop_agreement(backend, simulated, rows, settings, seed)
+    return report
+
+
+def loop_agreement(
+    backend: StepBackend, simulated: StepBackend, rows: list[list[int]], settings: GenerationSettings, seed: int
+) -> list[Check]:
+    """The loop over two inactive backends, one after the other, on the same prompts and counter draws: committed
+    tokens per canvas (all of them for fp32 and FP8), steps per block and sequence length."""
+    spec = backend.spec
+    canvas, vocab, dtype = spec.capacity.canvas, spec.model.vocab_size, spec.precision
+    ids, padding = left_pad(rows, settings.pad_token_id or 0)
+    checks = []
     results = {}
     for runner in (simulated, backend):
         with runner:
@@ -496,13 +508,13 @@ def loop_parity(
     stage = f"{backend.name}_vs_torch"
     for block in range(math.ceil(width / canvas)):
         sl = slice(block * canvas, (block + 1) * canvas)
-        report.checks.append(
+        checks.append(
             _judge_agreement(
                 f"{stage}_block{block}", "committed_tokens", a.new_tokens[:, sl], t.new_tokens[:, sl], minimum
             )
         )
     exact = dtype in ("fp32", "fp8")
-    report.checks.append(
+    checks.append(
         Check(
             stage,
             "steps_per_block",
@@ -511,7 +523,7 @@ def loop_parity(
             a.steps_per_block == t.steps_per_block or not exact,
         )
     )
-    report.checks.append(
+    checks.append(
         Check(
             stage,
             "sequence_length",
@@ -520,7 +532,7 @@ def loop_parity(
             a.sequences.shape == t.sequences.shape or not exact,
         )
     )
-    return report
+    return checks
 
 
 @torch.inference_mode()
