@@ -1,11 +1,12 @@
 """`canvasrt_generate`: the Triton Python-backend model that runs the refinement loop (decoupled, streaming).
 
 The model repository holds a few-line `model.py` that imports this class, so the logic lives here, in one place.
-Parameters come from config.pbtxt (`canvasrt triton` writes them): `step_backend` is `in-process` (ONNX Runtime
-inside this model) or `bls` (the step models, called through BLS); `threads` bounds ONNX Runtime's threads per
-instance; `slots` is how many requests one instance batches (in-flight batching, `canvasrt.runtime.scheduler`; 1
-serves them one at a time), `max_queue` how many more may wait, and `batch_window_ms` how long an idle instance holds
-its first step for more requests to join it (like the dynamic batcher's queue delay: a burst that arrives over a
+Parameters come from config.pbtxt (`canvasrt triton` writes them): `step_backend` is `in-process` (the executor
+`executor` inside this model: onnxruntime with `provider`, tensorrt, or torch; the state on its device) or `bls`
+(the step models, called through BLS); `threads` bounds the executor's threads per instance; `slots` is how many
+requests one instance batches (in-flight batching, `canvasrt.runtime.scheduler`; 1 serves them one at a time),
+`max_queue` how many more may wait, and `batch_window_ms` how long an idle instance holds its first step for more
+requests to join it (like the dynamic batcher's queue delay: a burst that arrives over a
 few milliseconds then shares every step call instead of joining a step or a few late).
 
 `execute()` only parses requests and hands them to the instance's scheduler; one thread per instance runs the
@@ -14,7 +15,7 @@ too many tokens, a full queue, a passed deadline) go back as a Triton error resp
 request its client cancelled leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
 row-steps they carried, step calls by rows in them (the batch occupancy), the rows and queue now, and the bytes
 crossing between host memory and the executor's device by kind of call (prefill, commit, denoise); the log at
-verbose level has a line per step. Nothing here needs PyTorch.
+verbose level has a line per step. Only the torch and TensorRT executors import PyTorch.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import CanvasrtError
-from ..core.manifest import ArtifactManifest
+from ..core.manifest import ArtifactManifest, EngineManifest
 from ..runtime.prompts import TextCodec
 from ..runtime.scheduler import Event, RowRequest, Scheduler, Ticket
 from ..runtime.step import CALLS, StepBackend
 from .protocol import GenerationRequest, ResponseStream, parse_request
 
 ARTIFACTS = "artifacts"  # the model version directory's copy of the artifacts (graphs only for in-process)
+ENGINES = "engines"  # ... of the engines, served in process by TensorRT
+CHECKPOINT = "checkpoint"  # ... of the checkpoint, served in process by the torch executor
 DEFAULT_QUEUE = 64
 
 
@@ -79,11 +82,11 @@ class TritonPythonModel:
         self.pb_utils = pb_utils
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        directory = Path(args["model_repository"]) / args["model_version"] / ARTIFACTS
-        self.backend = self._open_backend(directory, parameters)
+        version = Path(args["model_repository"]) / args["model_version"]
+        self.backend = self._open_backend(version, parameters)
         self.backend.activate()  # until finalize(): the instance serves every request on this backend
-        tokenizer = directory / "tokenizer.json"
-        self.codec = TextCodec(directory) if tokenizer.is_file() else None
+        directory = version / (CHECKPOINT if (version / CHECKPOINT).is_dir() else ARTIFACTS)
+        self.codec = TextCodec(directory) if (directory / "tokenizer.json").is_file() else None
         self.generation = self.backend.spec.generation
         slots = int(parameters.get("slots", "0")) or self.backend.spec.capacity.max_batch
         self.scheduler = Scheduler(self.backend, int(parameters.get("max_queue", str(DEFAULT_QUEUE))), slots)
@@ -97,16 +100,27 @@ class TritonPythonModel:
 
     @staticmethod
     def _open_backend(directory: Path, parameters: dict[str, str]) -> StepBackend:
-        mode = parameters.get("step_backend", "in-process")
-        if mode == "in-process":
-            from ..runtime.backends.onnxruntime import OnnxRuntimeExecutor
+        """The executor named at `canvasrt triton` time, in process, or the step models over BLS."""
+        threads = int(parameters.get("threads", "0")) or None
+        if parameters.get("step_backend", "in-process") == "bls":
+            from .bls import TritonStepExecutor
 
-            threads = int(parameters.get("threads", "0")) or None
-            return StepBackend(OnnxRuntimeExecutor(ArtifactManifest.load(directory), threads=threads))
-        from .bls import TritonStepExecutor
+            # the graphs live in the step models; this copy of the artifacts is their manifest and tokenizer only
+            return StepBackend(TritonStepExecutor(ArtifactManifest.load(directory / ARTIFACTS, require_graphs=False)))
+        executor = parameters.get("executor", "onnxruntime")
+        if executor == "tensorrt":
+            from ..runtime.backends.tensorrt import TensorRTExecutor
 
-        # the graphs live in the step models; this copy of the artifacts is their manifest and tokenizer only
-        return StepBackend(TritonStepExecutor(ArtifactManifest.load(directory, require_graphs=False)))
+            return StepBackend(TensorRTExecutor(EngineManifest.load(directory / ENGINES)))
+        if executor == "torch":
+            from ..runtime.backends.torch import TorchExecutor
+
+            max_batch = int(parameters["max_batch"])
+            return StepBackend(TorchExecutor(directory / CHECKPOINT, max_batch=max_batch, threads=threads))
+        from ..runtime.backends.onnxruntime import OnnxRuntimeExecutor
+
+        manifest = ArtifactManifest.load(directory / ARTIFACTS)
+        return StepBackend(OnnxRuntimeExecutor(manifest, parameters.get("provider", "cpu"), threads))
 
     def _metrics(self, slots: int) -> None:
         family = self.pb_utils.MetricFamily
