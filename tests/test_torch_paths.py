@@ -157,6 +157,7 @@ def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):
         assert next(backend.executor.model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     """scripts/gpu_check.py is the one script a GPU machine runs; on a CPU with the tiny preset it runs the same code
     end to end in seconds: parity passes, the 30-layer extrapolation is printed, the in-flight rows share calls."""
@@ -193,6 +194,15 @@ def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert figures["passed"] and [r["layers"] for r in figures["runs"]] == [2, 4]
+    conformance = figures["conformance"]
+    assert conformance["onnxruntime-cpu"]["passed"] > 0 and not conformance["onnxruntime-cpu"]["failed"]
+    assert conformance["torch-cpu"]["passed"] > 0 and "no CUDA GPU" in conformance["torch-cuda"]["skipped"]
+    executors = figures["executors"]
+    assert executors["onnxruntime-cpu"]["step_parity"] and executors["onnxruntime-cpu"]["loop_parity"]
+    assert "onnxruntime-cuda" in executors and "skipped" in executors["tensorrt"]
+    for name in ("onnxruntime-cpu", "torch-cpu"):  # canvas-sized arrays only: the tiny canvas of 16, batch 1
+        assert executors["bench"][name]["host_device_bytes"]["denoise"] == 49 * 16 + 22
+    assert figures["served"]["passed"] and figures["served"]["executor"] == "onnxruntime"
     for moe in ("sparse", "dense"):
         assert figures[f"extrapolated_{moe}"]["step_ms_30_layers"] > 0
     for run in figures["runs"]:
