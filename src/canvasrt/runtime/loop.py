@@ -116,12 +116,12 @@ def stop_rule(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The adaptive stop after a step: rows whose argmax [B, C] has stayed the same for `stability_threshold` steps
     (history [T, B, C], -1 where not yet seen) and whose mean entropy is below the confidence threshold. Returns
-    those rows [B] and the updated history."""
+    those rows [B] and the history, updated in place."""
     if settings.stability_threshold == 0:
         stable = np.ones(argmax.shape[0], dtype=bool)
     else:
         stable = (history == argmax[None]).all(axis=(0, 2))
-        history = np.roll(history, -1, axis=0)
+        history[:-1] = history[1:]  # in place: the oldest argmax out, this one in
         history[-1] = argmax
     return stable & (mean_entropy < settings.confidence_threshold), history
 

@@ -11,6 +11,7 @@ ml_dtypes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,18 @@ class OutputBuffers:
     def __init__(self, arrays: Arrays):
         self.arrays = arrays
         self.flat: dict[str, Any] = {}
+        self.views: dict[tuple[str, tuple[int, ...]], Any] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: str) -> Any:
-        size = int(np.prod(shape))
-        flat = self.flat.get(name)
-        if flat is None or flat.shape[0] < max(size, 1):
-            flat = self.flat[name] = self.arrays.zeros((max(size, 1),), dtype)
-        return flat[:size].reshape(shape)
+        view = self.views.get((name, shape))
+        if view is None:
+            size = math.prod(shape)
+            flat = self.flat.get(name)
+            if flat is None or flat.shape[0] < max(size, 1):
+                flat = self.flat[name] = self.arrays.zeros((max(size, 1),), dtype)
+                self.views = {key: v for key, v in self.views.items() if key[0] != name}
+            view = self.views[(name, shape)] = flat[:size].reshape(shape)
+        return view
 
 
 def device_of(arrays: Arrays) -> tuple[str, int]:
@@ -142,32 +148,49 @@ class OnnxRuntimeExecutor(Executor):
             )
         self.session = session
         self.buffers = OutputBuffers(self.arrays)
+        self.bindings: dict[str, tuple[Any, dict[str, tuple[int, tuple[int, ...], int]]]] = {}
+        self.element_types: dict[Any, int] = {}
         self.device_type, self.device_id = device_of(self.arrays)
 
     def unload(self) -> None:
-        self.session = None
+        self.session, self.bindings = None, {}
         self.buffers = OutputBuffers(self.arrays)
 
     def run(self, phase: str, feeds: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
-        xp, binding = self.arrays, self.session.io_binding()
-        where = (self.device_type, self.device_id)
+        binding, bound = self._binding(phase)
         for name, array in feeds.items():
-            binding.bind_input(name, *where, _element_type(xp, array), tuple(array.shape), xp.address(array))
+            self._bind(binding.bind_input, bound, name, array)
         dims = {
             "batch": feeds["context_length"].shape[0],
             "chunk": feeds["input_ids"].shape[1],
             "rows": feeds["canvas"].shape[1],
         }
-        bound = {}
+        results = {}
         for name, spec in self.outputs.items():
-            shape = output_shape(spec, dims)
-            dtype = self.manifest.dtype if spec.dtype == MODEL_DTYPE else spec.dtype
-            array = outputs[name] if name in outputs else self.buffers.get(name, shape, dtype)
-            binding.bind_output(name, *where, _element_type(xp, array), shape, xp.address(array))
-            bound[name] = array
+            array = outputs.get(name)
+            if array is None:
+                dtype = self.manifest.dtype if spec.dtype == MODEL_DTYPE else spec.dtype
+                array = self.buffers.get(name, output_shape(spec, dims), dtype)
+            self._bind(binding.bind_output, bound, name, array)
+            results[name] = array
         self.session.run_with_iobinding(binding)
-        return bound
+        return results
 
+    def _binding(self, phase: str) -> tuple[Any, dict[str, tuple[int, tuple[int, ...], int]]]:
+        """The IOBinding of a phase, kept across its calls with what each name is bound to: a call rebinds only
+        the names whose buffer changed (the K/V context, the state and the outputs stay bound within a canvas)."""
+        if phase not in self.bindings:
+            self.bindings[phase] = (self.session.io_binding(), {})
+        return self.bindings[phase]
 
-def _element_type(arrays: Arrays, array: Any) -> int:
-    return ELEMENT_TYPES[np.dtype(arrays.numpy_type(array)).name]
+    def _bind(self, bind: Any, bound: dict[str, tuple[int, tuple[int, ...], int]], name: str, array: Any) -> None:
+        key = (self.arrays.address(array), tuple(array.shape), self._element_type(array))
+        if bound.get(name) != key:
+            bind(name, self.device_type, self.device_id, key[2], key[1], key[0])
+            bound[name] = key
+
+    def _element_type(self, array: Any) -> int:
+        element = self.element_types.get(array.dtype)
+        if element is None:
+            element = self.element_types[array.dtype] = ELEMENT_TYPES[np.dtype(self.arrays.numpy_type(array)).name]
+        return element
