@@ -466,14 +466,8 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
                 cancelled.result(timeout=600)
         for reply, reference in zip(replies, references):
             check_equal(reply, reference)
-        with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
-            metrics = page.read().decode()
+        values = metric_values(server)
         log = Path(server.log_path).read_text()
-    values = {
-        line.split()[0]: float(line.split()[1])
-        for line in metrics.splitlines()
-        if line.startswith("canvasrt_") and "{" not in line.split()[0] or line.startswith("canvasrt_step_calls_by")
-    }
     row_steps = sum(sum(r["steps_per_block"]) for r in references)
     assert values["canvasrt_row_steps_total"] >= row_steps
     # Rows shared step calls; how many depends on how the requests' arrivals interleave with the steps (no batch
@@ -542,11 +536,9 @@ def test_a_burst_of_eight_shares_every_step_call(tiny_checkpoint, triton_env, tm
                 for ids, seed in requests
             ]
             replies = [f.result(timeout=300) for f in futures]
-        with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
-            metrics = page.read().decode()
+        values = metric_values(server)
     for reply, reference in zip(replies, references):
         check_equal(reply, reference)
-    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("canvasrt_")}
     assert values["canvasrt_row_steps_total"] == 8 * 16
     assert values["canvasrt_step_calls_total"] == 16
     assert values['canvasrt_step_calls_by_rows_total{rows="8"}'] == 16

@@ -43,18 +43,24 @@ class RowRequest:
 
 
 class Ticket:
-    """One request in the scheduler. Its events go to `on_event` (default: the `events` list), in stream() order."""
+    """One request in the scheduler. Its events go to `on_event` (default: the `events` list), in stream() order.
+
+    `cancelled` asks the client whether it gave up (a server's response sender); it is asked at most once per
+    `poll_s`, since asking may cost an inter-process round trip, which every row paid at every step."""
 
     def __init__(
         self,
         request: RowRequest,
         on_event: Callable[[Event], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        poll_s: float = 0.0,
     ):
         self.request = request
         self.events: list[Event] = []
         self.on_event = on_event or self.events.append
         self._cancelled = cancelled
+        self.poll_s = poll_s
+        self._asked = -float("inf")
         self.cancel_requested = False
         self.submitted = time.perf_counter()
         self.first_block_s: float | None = None  # from submit to its first committed canvas
@@ -66,7 +72,13 @@ class Ticket:
 
     @property
     def cancelled(self) -> bool:
-        return self.cancel_requested or self._cancelled()
+        if self.cancel_requested:
+            return True
+        now = time.monotonic()
+        if now - self._asked < self.poll_s:
+            return False
+        self._asked = now
+        return self._cancelled()
 
 
 @dataclass

@@ -12,7 +12,7 @@ few milliseconds then shares every step call instead of joining a step or a few 
 `execute()` only parses requests and hands them to the instance's scheduler; one thread per instance runs the
 scheduler's iterations and sends each row's responses as they happen. Errors that concern the request (no prompt,
 too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving; a
-request its client cancelled leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
+request its client cancelled leaves within CANCEL_POLL_S. Custom metrics on Triton's metrics endpoint: step calls, the
 row-steps they carried, step calls by rows in them (the batch occupancy), the rows and queue now, and the bytes
 crossing between host memory and the executor's device by kind of call (prefill, commit, denoise); the log at
 verbose level has a line per step. Only the torch and TensorRT executors import PyTorch.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ ARTIFACTS = "artifacts"  # the model version directory's copy of the artifacts (
 ENGINES = "engines"  # ... of the engines, served in process by TensorRT
 CHECKPOINT = "checkpoint"  # ... of the checkpoint, served in process by the torch executor
 DEFAULT_QUEUE = 64
+CANCEL_POLL_S = 0.05  # how often a row asks Triton whether its client cancelled
+METRICS_S = 0.1  # how often a busy instance hands its metrics to Triton
 
 
 class _Relay:
@@ -151,6 +154,8 @@ class TritonPythonModel:
         self.metric_rows, self.metric_queued = rows.Metric(labels={}), queued.Metric(labels={})
         self.metric_crossing = {kind: crossing.Metric(labels={"call": kind}) for kind in CALLS}
         self.crossed = dict.fromkeys(CALLS, 0)  # what the crossing metric has counted so far
+        self.pending_steps: Counter[int] = Counter()  # step calls by rows, not yet in the metrics
+        self.recorded = 0.0
 
     def execute(self, requests: list[Any]) -> None:
         pb_utils = self.pb_utils
@@ -161,7 +166,10 @@ class TritonPythonModel:
                 parsed = parse_request(inputs, self.generation, self.codec.encode if self.codec else None)
                 relay = _Relay(self, sender, parsed)
                 relay.ticket = Ticket(
-                    RowRequest(parsed.ids, parsed.seed, parsed.settings), relay.on_event, sender.is_cancelled
+                    RowRequest(parsed.ids, parsed.seed, parsed.settings),
+                    relay.on_event,
+                    sender.is_cancelled,
+                    CANCEL_POLL_S,
                 )
                 self.relays[id(relay.ticket)] = relay
                 try:
@@ -203,7 +211,7 @@ class TritonPythonModel:
                 if not relay.closed:  # the client cancelled: Triton still wants the final flag, for nobody to read
                     pb_utils.Logger.log_info(
                         f"canvasrt_generate: request cancelled by its client after {relay.sent} "
-                        "response(s); its row left at the next step"
+                        "response(s); its row left within a step or two"
                     )
                     relay.fail("the client cancelled the request", pb_utils.TritonError.CANCELLED)
             for key in [key for key, relay in self.relays.items() if relay.closed and relay.ticket.finished]:
@@ -221,8 +229,21 @@ class TritonPythonModel:
             self.wake.wait(left)
 
     def _record(self, stepped: bool) -> None:
+        """Counts a step into the metrics, which reach Triton (one inter-process call each) at most every
+        METRICS_S while the instance is busy, and at once when it goes idle."""
         scheduler = self.scheduler
         rows, queued = len(scheduler.rows), len(scheduler.queue)
+        if stepped:
+            occupancy = scheduler.last_rows
+            self.pending_steps[occupancy] += 1
+            self.pb_utils.Logger.log_verbose(
+                f"canvasrt_generate: step {scheduler.stats.step_calls} carried "
+                f"{occupancy} row(s); {rows} in slots, {queued} waiting"
+            )
+        now = time.monotonic()
+        if scheduler.busy and now - self.recorded < METRICS_S:
+            return
+        self.recorded = now
         self.metric_rows.set(rows)
         self.metric_queued.set(queued)
         for kind, metric in self.metric_crossing.items():
@@ -230,15 +251,12 @@ class TritonPythonModel:
             if crossed > self.crossed[kind]:
                 metric.increment(crossed - self.crossed[kind])
                 self.crossed[kind] = crossed
-        if stepped:
-            occupancy = scheduler.last_rows
-            self.metric_steps.increment(1)
-            self.metric_row_steps.increment(occupancy)
-            self.metric_by_rows[occupancy].increment(1)
-            self.pb_utils.Logger.log_verbose(
-                f"canvasrt_generate: step {scheduler.stats.step_calls} carried "
-                f"{occupancy} row(s); {rows} in slots, {queued} waiting"
-            )
+        if self.pending_steps:
+            self.metric_steps.increment(sum(self.pending_steps.values()))
+            self.metric_row_steps.increment(sum(n * calls for n, calls in self.pending_steps.items()))
+            for occupancy, calls in self.pending_steps.items():
+                self.metric_by_rows[occupancy].increment(calls)
+            self.pending_steps.clear()
 
     def finalize(self) -> None:
         with self.wake:
