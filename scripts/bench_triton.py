@@ -80,6 +80,18 @@ def _metric(url: str, name: str) -> float:
     raise SystemExit(f"the metrics endpoint {url} has no {name}")
 
 
+def _settled_metric(url: str, name: str) -> float:
+    """The metric once it stops changing: a busy loop model hands its metrics to Triton every 100 ms, and the
+    last ones right after the final responses."""
+    last = _metric(url, name)
+    while True:
+        time.sleep(0.2)
+        now = _metric(url, name)
+        if now == last:
+            return now
+        last = now
+
+
 def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurrency: int, steps: int) -> dict:
     """N concurrent one-canvas requests to N slots and to one slot, and the late arrival, as served."""
     from concurrent.futures import ThreadPoolExecutor
@@ -128,8 +140,8 @@ def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurre
                 "slots": slots,
                 "tokens_per_s": concurrency * canvas / wall,
                 "wall_s": wall,
-                "step_calls": _metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
-                "row_steps": _metric(server.metrics_url, "canvasrt_row_steps_total") - rows0,
+                "step_calls": _settled_metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
+                "row_steps": _settled_metric(server.metrics_url, "canvasrt_row_steps_total") - rows0,
             }
             if slots > 1:
                 entry["late_arrival"] = _late_arrival(server, send, seeds, steps)
