@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from ..core.contract import kv_spans
-from ..core.kv import buffer_shapes, context_mask, write_chunk
+from ..core.kv import buffer_shapes, context_mask, leading_slots, write_chunk
 from ..core.manifest import StepSpec
 
 # The contract's dtype names (model dtypes and tensor dtypes) as numpy dtypes; bf16 through ml_dtypes
@@ -68,10 +68,6 @@ class Arrays(ABC):
         """A host copy the caller owns (bf16 widened to fp32); the device buffer may change after the next call."""
 
     @abstractmethod
-    def contiguous(self, array: Any) -> Any:
-        """A dense array with this view's contents: the view itself when it is dense already."""
-
-    @abstractmethod
     def keep_rows(self, target: Any, source: Any, keep: np.ndarray) -> None:
         """target[i] = source[i] for every row i where keep[i] is False (in place; keep [B] bool, on the host)."""
 
@@ -102,9 +98,6 @@ class HostArrays(Arrays):
 
     def to_host(self, array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else np.array(array)
-
-    def contiguous(self, array: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(array)
 
     def keep_rows(self, target: np.ndarray, source: np.ndarray, keep: np.ndarray) -> None:
         if not keep.any():
@@ -158,9 +151,6 @@ class TorchArrays(Arrays):
         if array.dtype == self.torch.bfloat16:
             array = array.float()
         return np.array(array.detach().cpu().numpy())
-
-    def contiguous(self, array: Any) -> Any:
-        return array.contiguous()
 
     def keep_rows(self, target: Any, source: Any, keep: np.ndarray) -> None:
         if not keep.any():
@@ -259,15 +249,12 @@ class StepState:
         stamp = (self.window, tuple(spans))
         if pool.context_feed == "per-step" or pool._fed is None or pool._fed[0] != stamp:
             pool._fed = None  # the previous copies are dropped before the new ones are made
-            keys, values = self._leading(self.keys, spans), self._leading(self.values, spans)
+            keys, values = leading_slots(self.keys, spans), leading_slots(self.values, spans)
             pool.context_copy_bytes += sum(
                 self.arrays.nbytes(f) for f, b in zip((*keys, *values), (*self.keys, *self.values)) if f is not b
             )
             pool._fed = (stamp, keys, values)
         return pool._fed[1], pool._fed[2]
-
-    def _leading(self, buffers: list[Any], spans: list[int]) -> list[Any]:
-        return [b if span == b.shape[2] else self.arrays.contiguous(b[:, :, :span]) for b, span in zip(buffers, spans)]
 
     def write(self, positions: np.ndarray, new_keys: Sequence[Any], new_values: Sequence[Any]) -> None:
         """A chunk's K/V [B, heads, S, d] written at its positions [S]."""
