@@ -37,8 +37,6 @@ from ..core.errors import CanvasrtError
 from .executor import Executor
 from .state import CONTEXT_FEEDS, StepState
 
-__all__ = ["CONTEXT_FEEDS", "CALLS", "Draws", "StepBackend", "StepInputs", "StepResult"]
-
 CALLS = ("prefill", "commit", "denoise")  # the kinds of call whose crossing bytes are counted
 
 
