@@ -182,6 +182,14 @@ def write_repository(
         raise CanvasrtError(f"unknown step backend {step_backend!r}; use one of {', '.join(STEP_BACKENDS)}")
     if provider not in PROVIDERS:
         raise CanvasrtError(f"unknown ONNX Runtime provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+    if instances < 1:
+        raise CanvasrtError(f"--instances must be at least 1, got {instances}")
+    if threads < 0:
+        raise CanvasrtError(f"--threads must be 0 (ONNX Runtime's default) or more, got {threads}")
+    if max_queue < 0:
+        raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
+    if batch_window_ms < 0:
+        raise CanvasrtError(f"--batch-window-ms must be 0 (step at once) or more, got {batch_window_ms}")
     if isinstance(opened, CheckpointDir):
         if step_backend != "in-process":
             raise CanvasrtError(
@@ -206,14 +214,6 @@ def write_repository(
                 else "an artifact directory (`canvasrt export`), not engines"
             )
         )
-    if instances < 1:
-        raise CanvasrtError(f"--instances must be at least 1, got {instances}")
-    if threads < 0:
-        raise CanvasrtError(f"--threads must be 0 (ONNX Runtime's default) or more, got {threads}")
-    if max_queue < 0:
-        raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
-    if batch_window_ms < 0:
-        raise CanvasrtError(f"--batch-window-ms must be 0 (step at once) or more, got {batch_window_ms}")
     if engines is not None:
         manifest = ArtifactManifest.load(engines.artifacts)
         stale = [g for g in GRAPHS if engines.engines[g].onnx_sha256 != manifest.graphs[g].sha256]
@@ -319,14 +319,9 @@ def _write_checkpoint_repository(
     batch_window_ms: int,
 ) -> dict[str, Any]:
     """The loop model alone, running the torch executor on a copy of the checkpoint (fp32, the checkpoint's
-    context up to 4096 positions; `max_batch` rows, 16 unless given)."""
+    context up to 4096 positions; `max_batch` rows, 16 unless given); the options are checked by the caller."""
     max_batch = max_batch or 16
     slots = max_batch if slots is None else slots
-    for option, value, low in (("--instances", instances, 1), ("--threads", threads, 0), ("--max-queue", max_queue, 0)):
-        if value < low:
-            raise CanvasrtError(f"{option} must be at least {low}, got {value}")
-    if batch_window_ms < 0:
-        raise CanvasrtError(f"--batch-window-ms must be 0 (step at once) or more, got {batch_window_ms}")
     if not 1 <= slots <= max_batch:
         raise CanvasrtError(f"--slots must be between 1 and the max batch {max_batch}, got {slots}")
     parameters = {
