@@ -266,6 +266,10 @@ def test_bench_reports_backends_side_by_side(tiny_artifacts):
         )
     )
     assert 0 < entries["onnxruntime"]["context_copy_bytes_per_step"] <= 3 * kv_bytes / 6
+    # bytes per call between host and the executor's device: a step's canvas-sized arrays (batch 1, canvas 16); a
+    # prefill's 8 ids and positions with the empty canvas group; a commit's 16
+    for name in ("onnxruntime", "torch"):
+        assert entries[name]["host_device_bytes"] == {"prefill": 8 * 16 + 16, "commit": 16 * 16 + 16, "denoise": 806}
     assert entries["torch"]["step_speedup_vs_onnxruntime"] > 0
     assert entries["onnxruntime"]["step_speedup_vs_transformers"] > 0
 
