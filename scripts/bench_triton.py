@@ -128,8 +128,8 @@ def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurre
         http, grpc = free_ports(2)
         with TritonServer(repository, env, http_port=http, grpc_port=grpc) as server:
             send(server.grpc_url, 10_000)  # warm-up
-            calls0 = _metric(server.metrics_url, "canvasrt_step_calls_total")
-            rows0 = _metric(server.metrics_url, "canvasrt_row_steps_total")
+            calls0 = _settled_metric(server.metrics_url, "canvasrt_step_calls_total")
+            rows0 = _settled_metric(server.metrics_url, "canvasrt_row_steps_total")
             start = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 replies = list(pool.map(lambda seed: send(server.grpc_url, seed), seeds))
@@ -158,7 +158,7 @@ def _late_arrival(server, send, seeds: list[int], steps: int, repeats: int = 3) 
     for _ in range(repeats):
         alone_s.append(send(server.grpc_url, seeds[-1])[0])
         others = seeds[:-1]
-        start_rows = _metric(server.metrics_url, "canvasrt_row_steps_total")
+        start_rows = _settled_metric(server.metrics_url, "canvasrt_row_steps_total")
         threads = [threading.Thread(target=send, args=(server.grpc_url, seed)) for seed in others]
         for thread in threads:
             thread.start()
