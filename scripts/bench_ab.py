@@ -6,12 +6,19 @@ change being measured.
 
 Each round is one `canvasrt bench` of each directory (its own warm-up run, then the timed one); printed per
 directory: every round's step median, their median, and AFTER's speedup over BEFORE, as JSON with --json.
+
+Two code versions on the same artifacts: --before-canvasrt and --after-canvasrt name the `canvasrt` executables
+of two checkouts (each its own environment); every bench then runs as a `canvasrt bench --json` process of that
+checkout, still alternating:
+
+    python scripts/bench_ab.py ART ART --before-canvasrt ../main/.venv/bin/canvasrt --after-canvasrt .venv/bin/canvasrt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +37,23 @@ def bench_ab(
     steps: int,
     canvases: int,
     threads: int | None,
+    executables: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     targets = {"before": before, "after": after}
-    runs = alternate(
-        {
-            name: lambda target=target: bench(target, [backend], batch, prompt_length, steps, canvases, threads)[
-                "backends"
-            ][backend]
-            for name, target in targets.items()
-        },
-        rounds,
-        warmup=False,  # each bench() warms up its own sessions
-    )
+    executables = executables or {}
+
+    def run(name: str) -> dict[str, Any]:
+        executable = executables.get(name)
+        if executable is None:
+            return bench(targets[name], [backend], batch, prompt_length, steps, canvases, threads)["backends"][backend]
+        command = [executable, "bench", str(targets[name]), "--backend", backend, "--batch", str(batch), "--json"]
+        command += ["--prompt-length", str(prompt_length), "--steps", str(steps), "--canvases", str(canvases)]
+        command += ["--threads", str(threads)] if threads else []
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return json.loads(out)["backends"][backend]
+
+    # each bench warms up its own sessions
+    runs = alternate({name: lambda name=name: run(name) for name in targets}, rounds, warmup=False)
     summary: dict[str, Any] = {"backend": backend, "rounds": rounds}
     for name, entries in runs.items():
         summary[name] = {
@@ -70,6 +82,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--canvases", type=int, default=2, help="at least 2, so that a commit is timed")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--before-canvasrt", default=None, help="the canvasrt executable that benches BEFORE")
+    parser.add_argument("--after-canvasrt", default=None, help="the canvasrt executable that benches AFTER")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.canvases < 2:
@@ -84,6 +98,7 @@ def main() -> None:
         args.steps,
         args.canvases,
         args.threads,
+        {"before": args.before_canvasrt, "after": args.after_canvasrt},
     )
     if args.json:
         print(json.dumps(summary, indent=2))

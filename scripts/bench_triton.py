@@ -80,16 +80,16 @@ def _metric(url: str, name: str) -> float:
     raise SystemExit(f"the metrics endpoint {url} has no {name}")
 
 
-def _settled_metric(url: str, name: str, expected: float, timeout_s: float = 30.0) -> float:
-    """The counter once it has reached `expected`: the loop model counts a step after its responses are sent, so a
-    client can see its reply before the step that produced it is counted. Returns what it holds at the deadline
-    otherwise, for the caller to report."""
-    deadline = time.monotonic() + timeout_s
-    value = _metric(url, name)
-    while value < expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-        value = _metric(url, name)
-    return value
+def _settled_metric(url: str, name: str) -> float:
+    """The metric once it stops changing: a busy loop model hands its metrics to Triton every 100 ms, and the
+    last ones right after the final responses."""
+    last = _metric(url, name)
+    while True:
+        time.sleep(0.2)
+        now = _metric(url, name)
+        if now == last:
+            return now
+        last = now
 
 
 def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurrency: int, steps: int) -> dict:
@@ -127,22 +127,21 @@ def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurre
         write_repository(artifacts, repository, "in-process", threads=1, slots=slots, max_queue=concurrency)
         http, grpc = free_ports(2)
         with TritonServer(repository, env, http_port=http, grpc_port=grpc) as server:
-            send(server.grpc_url, 10_000)  # warm-up: one canvas, `steps` steps
-            rows0 = _settled_metric(server.metrics_url, "canvasrt_row_steps_total", steps)
-            calls0 = _metric(server.metrics_url, "canvasrt_step_calls_total")
+            send(server.grpc_url, 10_000)  # warm-up
+            calls0 = _settled_metric(server.metrics_url, "canvasrt_step_calls_total")
+            rows0 = _settled_metric(server.metrics_url, "canvasrt_row_steps_total")
             start = time.perf_counter()
             with ThreadPoolExecutor(concurrency) as pool:
                 replies = list(pool.map(lambda seed: send(server.grpc_url, seed), seeds))
             wall = time.perf_counter() - start
             if [ids for _, ids in replies] != reference:
                 raise SystemExit(f"{artifacts}: {mode} returned other ids than their in-process runs")
-            rows = _settled_metric(server.metrics_url, "canvasrt_row_steps_total", rows0 + concurrency * steps)
             entry = {
                 "slots": slots,
                 "tokens_per_s": concurrency * canvas / wall,
                 "wall_s": wall,
-                "step_calls": _metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
-                "row_steps": rows - rows0,
+                "step_calls": _settled_metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
+                "row_steps": _settled_metric(server.metrics_url, "canvasrt_row_steps_total") - rows0,
             }
             if slots > 1:
                 entry["late_arrival"] = _late_arrival(server, send, seeds, steps)
@@ -159,7 +158,7 @@ def _late_arrival(server, send, seeds: list[int], steps: int, repeats: int = 3) 
     for _ in range(repeats):
         alone_s.append(send(server.grpc_url, seeds[-1])[0])
         others = seeds[:-1]
-        start_rows = _metric(server.metrics_url, "canvasrt_row_steps_total")
+        start_rows = _settled_metric(server.metrics_url, "canvasrt_row_steps_total")
         threads = [threading.Thread(target=send, args=(server.grpc_url, seed)) for seed in others]
         for thread in threads:
             thread.start()

@@ -12,7 +12,7 @@ returns exactly the first one's tokens, step by step (same draws). The K/V input
 the largest export fed every slot of its buffers, which is what K/V inputs sized to the capacity cost.
 `--per-step-copy` adds the largest export with the context's slots copied again at every step instead of once per
 canvas, which is what the copy costs when it is not kept. Both controls are the step interface's `context_feed`
-settings ("full-span", "per-step"; `canvasrt.runtime.step.CONTEXT_FEEDS`).
+settings ("full-span", "per-step"; `canvasrt.runtime.state.CONTEXT_FEEDS`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import numpy as np
 
 from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.exporter.export import export
-from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeExecutor
 from canvasrt.runtime.loop import GenerationResult, generate, left_pad
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
+from canvasrt.runtime.step import StepBackend
 from canvasrt.validation.bench import alternate
 
 
@@ -53,10 +54,12 @@ def compare(
     per_step_copy: bool = False,
 ) -> dict[str, Any]:
     manifests = [_artifacts(checkpoint, work, n) for n in contexts]
-    backends = {str(n): OnnxRuntimeBackend(m, threads=threads) for n, m in zip(contexts, manifests, strict=True)}
+    backends = {
+        str(n): StepBackend(OnnxRuntimeExecutor(m, threads=threads)) for n, m in zip(contexts, manifests, strict=True)
+    }
     for flag, feed, label in ((full_span, "full-span", "full span"), (per_step_copy, "per-step", "copy per step")):
         if flag:
-            control = OnnxRuntimeBackend(manifests[-1], threads=threads)
+            control = StepBackend(OnnxRuntimeExecutor(manifests[-1], threads=threads))
             control.context_feed = feed
             backends[f"{contexts[-1]} {label}"] = control
     spec = manifests[0]
@@ -67,8 +70,8 @@ def compare(
     rng = np.random.default_rng(0)
     ids, padding = left_pad(rng.integers(3, vocab, size=(1, prompt_length)).tolist(), 0)
 
-    def run(backend: OnnxRuntimeBackend) -> tuple[GenerationResult, int]:
-        backend.context_copy_bytes = 0
+    def run(backend: StepBackend) -> tuple[GenerationResult, int]:
+        backend.reset_counters()
         result = generate(backend, ids, padding, settings, make_draws("counter", 0, 1, vocab, canvas))
         return result, backend.context_copy_bytes // result.timings["steps"]
 

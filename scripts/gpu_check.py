@@ -1,44 +1,58 @@
-"""The prepared GPU check: the torch paths at the released 26B-A4B's width, on one CUDA GPU.
+"""The prepared GPU check: the single verification a GPU machine runs, in under 10 minutes, one JSON summary.
 
-For N in --layers: writes a random checkpoint with the released layer shapes and N layers (built on the GPU), runs
-the torch backend's step parity and its --rng hf generation parity against transformers on that device, and times
-one denoising step at canvas 256, batch 1, in bf16, for the sparse (routed tokens only) and the dense MoE. From the
-2- and 4-layer timings it extrapolates to the released 30 layers: ms per step and tokens per second at 48 steps per
-canvas (no early stop) and at the steps per canvas the parity run measured. In-flight batching: the same
-8 one-canvas requests through 8 slots and through one, and the time to first block of a late arrival, on the torch
-backend in bf16 (what `canvasrt bench CKPT --backend torch --concurrency 8 --device cuda --dtype bf16` runs).
+Sections (each reports what it cannot do here as skipped, with the reason, instead of failing):
+  conformance  `pytest -m conformance` (tests/test_conformance.py): every executor present runs the whole suite;
+               the CUDA ones (ONNX Runtime CUDA and TensorRT EP, torch CUDA, TensorRT engines) run on a GPU machine.
+  executors    on a tiny model exported here: step parity against transformers and loop agreement with the fp32
+               torch executor for ONNX Runtime (CPU, CUDA) and an engine built by full TensorRT for this GPU (SM90 on
+               an H100), then `canvasrt bench` of them side by side with the torch executor (bf16 on CUDA), each with
+               its step time and the bytes crossing host<->device per call (prefill, commit, denoise).
+  served       one request through `canvasrt triton` in process (TensorRT on engines where built, else ONNX Runtime)
+               on a real tritonserver, equal to `canvasrt generate` token for token.
+  torch        the torch executor at the released 26B-A4B's width (for N in --layers: a random checkpoint with the
+               released layer shapes and N layers, built on the device): step parity and --rng hf generation parity
+               against transformers, one denoising step timed at canvas 256, batch 1, bf16, for the sparse and the
+               dense MoE, the extrapolation to the released 30 layers, and in-flight batching (8 requests through 8
+               slots and through one, the late arrival's time to first block).
 Prints every figure and writes them as JSON to $OUT/gpu_check.json when OUT is set. `--device cpu --preset tiny`
-runs the same code on a CPU in seconds (tests/test_torch_paths.py does).
+runs the same code on a CPU (tests/test_torch_paths.py does).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from canvasrt.core.errors import CanvasrtError
 from canvasrt.model.random_checkpoint import PRESETS, write_random_checkpoint
-from canvasrt.runtime.backends.torch import TorchBackend
+from canvasrt.runtime.backends.torch import TorchExecutor
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
-from canvasrt.runtime.step import Draws
+from canvasrt.runtime.step import Draws, StepBackend, StepInputs
 from canvasrt.validation.bench import bench_concurrency
 from canvasrt.validation.parity import generate_parity, step_parity
 
 RELEASED_LAYERS = 30
+SECTIONS = ("conformance", "executors", "served", "torch")
 
 
 def time_step(checkpoint: Path, device: str, moe: str, steps: int) -> float:
     """Median ms of one denoising step, canvas of the model, batch 1, bf16, after a 512-token prefill."""
-    with TorchBackend(checkpoint, dtype="bf16", moe=moe, max_batch=1, max_context=1024, device=device) as backend:
+    with StepBackend(
+        TorchExecutor(checkpoint, dtype="bf16", moe=moe, max_batch=1, max_context=1024, device=device)
+    ) as backend:
         spec = backend.spec
         canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
         prompt = min(512, spec.capacity.max_context - canvas)
@@ -54,15 +68,7 @@ def time_step(checkpoint: Path, device: str, moe: str, steps: int) -> float:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            backend.denoise(
-                draws.initial_canvas(0),
-                np.full(1, prompt, np.int64),
-                np.full(1, 0.8, np.float32),
-                np.full(1, 0.1, np.float32),
-                d,
-                step == 0,
-                np.zeros(1, bool),
-            )
+            backend.denoise(StepInputs.uniform(draws.initial_canvas(0), np.full(1, prompt), 0.8, 0.1, d, step == 0))
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -95,7 +101,7 @@ def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
     figures: dict = {"layers": layers, "write_s": time.perf_counter() - start}
     # fp32 parity: the torch backend against transformers, both on the device.
     start = time.perf_counter()
-    backend = TorchBackend(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
+    backend = StepBackend(TorchExecutor(checkpoint, max_batch=2, max_context=args.max_context, device=args.device))
     report = step_parity(checkpoint, backend, target=checkpoint, device=args.device)
     figures["step_parity"] = {
         "passed": report.passed,
@@ -103,7 +109,7 @@ def check(layers: int, args: argparse.Namespace, work: Path) -> dict:
         "failed": [f"{c.stage}/{c.output}" for c in report.checks if not c.passed],
     }
     start = time.perf_counter()
-    like = TorchBackend(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
+    like = TorchExecutor(checkpoint, max_batch=2, max_context=args.max_context, device=args.device)
     settings = resolve_settings(
         like.spec.generation, {"max_new_tokens": like.spec.capacity.canvas, "max_denoising_steps": args.loop_steps}
     )
@@ -145,6 +151,164 @@ def extrapolate(step_ms: dict[int, float], layers: int, canvas: int) -> dict[str
     }
 
 
+def conformance(work: Path) -> dict:
+    """The conformance suite over every executor present: per test, passed, failed or skipped (with the reason)."""
+    if importlib.util.find_spec("pytest") is None:
+        return {"skipped": "pytest is not installed"}
+    report = work / "conformance.xml"
+    tests = Path(__file__).resolve().parents[1] / "tests" / "test_conformance.py"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(tests),
+            "-m",
+            "conformance",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    if not report.is_file():
+        return {"skipped": "pytest wrote no report (tests/ missing or pytest failed to start)"}
+    cases: dict[str, dict] = {}
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        name = case.get("name", "?")
+        executor = name[name.index("[") + 1 : -1] if "[" in name else "?"
+        entry = cases.setdefault(executor, {"passed": 0, "failed": [], "skipped": None})
+        skipped, failed = case.find("skipped"), case.find("failure") or case.find("error")
+        if skipped is not None:
+            entry["skipped"] = skipped.get("message", "")
+        elif failed is not None:
+            entry["failed"].append(name)
+        else:
+            entry["passed"] += 1
+    return cases
+
+
+def _missing_ort(provider: str) -> str | None:
+    import onnxruntime as ort
+
+    from canvasrt.runtime.backends.onnxruntime import PROVIDERS
+
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        return f"this ONNX Runtime ({ort.__version__}) has no {PROVIDERS[provider]}"
+    return None if provider == "cpu" or torch.cuda.is_available() else "no CUDA GPU"
+
+
+def _missing_tensorrt() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed"
+    import tensorrt
+
+    if not hasattr(tensorrt, "Runtime"):
+        return "the installed `tensorrt` is not a working TensorRT"
+    return None if torch.cuda.is_available() else "no CUDA GPU"
+
+
+def executors(args: argparse.Namespace, work: Path) -> dict:
+    """Step parity, loop agreement and bench side by side on a tiny model, for every executor present."""
+    from canvasrt.runtime.backends import open_backend
+    from canvasrt.validation.bench import bench
+    from canvasrt.validation.parity import loop_agreement
+
+    if importlib.util.find_spec("onnxscript") is None:
+        return {"skipped": "cannot export here (onnxscript is not installed)"}
+    from canvasrt.exporter.export import export
+
+    checkpoint, artifacts = work / "tiny", work / "tiny-art"
+    write_random_checkpoint(checkpoint, preset="tiny")
+    export(checkpoint, artifacts, max_context=128, max_batch=2)
+    targets: dict[str, tuple[Path, dict, str | None]] = {
+        "onnxruntime-cpu": (artifacts, {"name": "onnxruntime"}, _missing_ort("cpu")),
+        "onnxruntime-cuda": (artifacts, {"name": "onnxruntime", "provider": "cuda"}, _missing_ort("cuda")),
+        "tensorrt": (work / "tiny-eng", {"name": "tensorrt"}, _missing_tensorrt()),
+    }
+    if targets["tensorrt"][2] is None:
+        from canvasrt.builder.engines import build_engines
+
+        build_engines(artifacts, work / "tiny-eng", builder="tensorrt", target="current")
+    rows = [list(range(3, 17)), list(range(30, 39))]
+    settings = resolve_settings(
+        open_backend(artifacts, "onnxruntime").spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 6}
+    )
+    results: dict = {}
+    for label, (target, options, missing) in targets.items():
+        if missing is not None:
+            results[label] = {"skipped": missing}
+            continue
+        backend = open_backend(target, **options)
+        report = step_parity(checkpoint, backend, target=target)
+        reference = open_backend(artifacts, "torch")
+        agreement = loop_agreement(open_backend(target, **options), reference, rows, settings, seed=4)
+        results[label] = {
+            "step_parity": report.passed,
+            "loop_parity": all(c.passed for c in agreement),
+            "failed": [f"{c.stage}/{c.output}" for c in (*report.checks, *agreement) if not c.passed],
+        }
+    side_by_side = [("onnxruntime", "cpu"), ("torch", "cpu")]
+    if results["onnxruntime-cuda"].get("skipped") is None:
+        side_by_side.append(("onnxruntime", "cuda"))
+    for name, provider in side_by_side:
+        figures = bench(artifacts, [name], 1, 16, args.loop_steps, 2, None, provider=provider)["backends"][name]
+        results.setdefault("bench", {})[f"{name}-{provider}"] = _bench_figures(figures)
+    if torch.cuda.is_available():
+        figures = bench(artifacts, ["torch"], 1, 16, args.loop_steps, 2, None, device="cuda", dtype="bf16")
+        results["bench"]["torch-cuda-bf16"] = _bench_figures(figures["backends"]["torch"])
+    if results["tensorrt"].get("skipped") is None:
+        figures = bench(work / "tiny-eng", ["tensorrt"], 1, 16, args.loop_steps, 2, None)["backends"]["tensorrt"]
+        results["bench"]["tensorrt"] = _bench_figures(figures)
+    results["passed"] = all(
+        entry.get("skipped") is not None or (entry["step_parity"] and entry["loop_parity"])
+        for key, entry in results.items()
+        if key != "bench"
+    )
+    return results
+
+
+def _bench_figures(entry: dict) -> dict:
+    return {"step_median_ms": entry["step"]["median_ms"], "host_device_bytes": entry["host_device_bytes"]}
+
+
+def served(work: Path) -> dict:
+    """One request served in process (TensorRT on engines where they were built, else ONNX Runtime), equal to the
+    loop run directly."""
+    artifacts = work / "tiny-art"
+    if not artifacts.is_dir():
+        return {"skipped": "no tiny artifacts (the executors section was skipped)"}
+    from canvasrt.runtime.backends import open_backend
+    from canvasrt.runtime.loop import generate, left_pad
+    from canvasrt.serving.client import generate_grpc
+    from canvasrt.serving.protocol import request_inputs
+    from canvasrt.serving.repository import write_repository
+    from canvasrt.serving.server import TritonServer, free_ports
+
+    target = work / "tiny-eng" if (work / "tiny-eng").is_dir() else artifacts
+    env = os.environ.get("CANVASRT_TRITON_ENV", str(Path(__file__).resolve().parents[1] / ".venv-triton"))
+    repository = work / "repo"
+    summary = write_repository(target, repository, threads=1)
+    http, grpc = free_ports(2)
+    try:
+        server = TritonServer(repository, env, http_port=http, grpc_port=grpc)
+    except CanvasrtError as exc:  # no tritonserver or no environment for its Python models: reported, not failed
+        return {"skipped": str(exc)}
+    prompt, seed = [5, 6, 7, 8, 9], 3
+    with open_backend(target) as backend:
+        settings = resolve_settings(backend.spec.generation)
+        ids, padding = left_pad([prompt], 0)
+        vocab, canvas = backend.spec.model.vocab_size, backend.spec.capacity.canvas
+        expected = generate(backend, ids, padding, settings, make_draws("counter", seed, 1, vocab, canvas))
+    with server:
+        responses = generate_grpc(server.grpc_url, request_inputs(prompt_ids=prompt, seed=seed))
+    same = responses[-1]["ids"] == expected.new_tokens[0].tolist()
+    return {"executor": summary["executor"], "equal_to_generate": same, "passed": same}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -154,6 +318,9 @@ def main() -> int:
     parser.add_argument("--loop-steps", type=int, default=8, help="denoising steps per canvas in generate parity")
     parser.add_argument("--max-context", type=int, default=1536)
     parser.add_argument("--concurrency", type=int, default=8, help="requests of the in-flight measurement (0: skip)")
+    parser.add_argument(
+        "--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to run (default: everything)"
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -168,7 +335,16 @@ def main() -> int:
         "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="canvasrt-gpu-check-") as work:
-        for layers in args.layers:
+        if "conformance" in args.sections:
+            results["conformance"] = conformance(Path(work))
+            print(json.dumps({"conformance": results["conformance"]}), flush=True)
+        if "executors" in args.sections:
+            results["executors"] = executors(args, Path(work))
+            print(json.dumps({"executors": results["executors"]}), flush=True)
+        if "served" in args.sections:
+            results["served"] = served(Path(work))
+            print(json.dumps({"served": results["served"]}), flush=True)
+        for layers in args.layers if "torch" in args.sections else ():
             figures = check(layers, args, Path(work))
             results["runs"].append(figures)
             print(json.dumps(figures), flush=True)
@@ -179,6 +355,10 @@ def main() -> int:
             step_ms = {layers: run[f"step_ms_{moe}"] for layers, run in runs.items()}
             results[f"extrapolated_{moe}"] = extrapolate(step_ms, RELEASED_LAYERS, canvas)
     ok = all(r["step_parity"]["passed"] and r["generate_parity"]["passed"] for r in results["runs"])
+    ok = ok and not any(
+        entry.get("failed") for entry in results.get("conformance", {}).values() if isinstance(entry, dict)
+    )
+    ok = ok and results.get("executors", {}).get("passed", True) and results.get("served", {}).get("passed", True)
     results["passed"] = ok
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     if os.environ.get("OUT"):

@@ -62,12 +62,12 @@ def session_memory(artifacts: Path) -> dict[str, dict[str, int]]:
     import numpy as np
 
     from canvasrt.core.manifest import ArtifactManifest
-    from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from canvasrt.runtime.step import Draws
+    from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeExecutor
+    from canvasrt.runtime.step import Draws, StepBackend, StepInputs
 
     manifest = ArtifactManifest.load(artifacts)
     before = _memory()
-    backend = OnnxRuntimeBackend(manifest)
+    backend = StepBackend(OnnxRuntimeExecutor(manifest))
     with backend:
         loaded = _memory()
         canvas = manifest.capacity.canvas
@@ -75,15 +75,7 @@ def session_memory(artifacts: Path) -> dict[str, dict[str, int]]:
         backend.encode(np.arange(3, 11)[None], np.arange(8), np.zeros(1, np.int64))
         backend.encode(np.full((1, canvas), 5), np.arange(8, 8 + canvas), np.full(1, 8))
         draws = Draws(renoise_ids=np.zeros((1, canvas), np.int64), uniforms=np.full((1, canvas), 0.5, np.float32))
-        backend.denoise(
-            np.full((1, canvas), 5),
-            np.full(1, 8 + canvas),
-            np.ones(1, np.float32),
-            np.zeros(1, np.float32),
-            draws,
-            True,
-            np.zeros(1, bool),
-        )
+        backend.denoise(StepInputs.uniform(np.full((1, canvas), 5), np.full(1, 8 + canvas), 1.0, 0.0, draws, True))
         ran = _memory()
     return {"before": before, "loaded": loaded, "after_each_phase": ran}
 

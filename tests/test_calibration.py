@@ -96,26 +96,26 @@ def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_checkpoint, sor
 
     from canvasrt.model.checkpoint import Checkpoint
     from canvasrt.runtime.backends import open_backend
-    from canvasrt.runtime.backends.torch import TorchBackend
-    from canvasrt.runtime.step import Draws
+    from canvasrt.runtime.backends.torch import TorchExecutor
+    from canvasrt.runtime.step import Draws, StepBackend, StepInputs
 
     rng = np.random.default_rng(0)
     ids, padding = rng.integers(7, 19, (2, 9)), np.ones((2, 9), bool)
     canvas = rng.integers(0, 32, (2, 16))
     logits = []
-    for backend in (open_backend(sort_fp8, "torch"), TorchBackend(sort_checkpoint, max_context=64)):
+    for backend in (open_backend(sort_fp8, "torch"), StepBackend(TorchExecutor(sort_checkpoint, max_context=64))):
         with backend:
             backend.start(padding)
             backend.encode(ids, np.arange(9), np.zeros(2, np.int64))
             with torch.inference_mode():
                 logits.append(
-                    backend.model.denoise_logits(
+                    backend.executor.model.denoise_logits(
                         torch.from_numpy(canvas),
                         torch.zeros(2, 16, 64),
-                        backend.keys,
-                        backend.values,
+                        backend.state.keys,
+                        backend.state.values,
                         torch.full((2,), 9),
-                        backend.mask,
+                        backend.state.mask,
                     )
                 )
     simulated, fp32 = logits
@@ -125,15 +125,7 @@ def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_checkpoint, sor
         graphs.start(padding)
         graphs.encode(ids, np.arange(9), np.zeros(2, np.int64))
         draws = Draws(renoise_ids=np.zeros((2, 16), np.int64), uniforms=np.full((2, 16), 0.5, np.float32))
-        step = graphs.denoise(
-            canvas,
-            np.full(2, 9),
-            np.full(2, 0.8, np.float32),
-            np.full(2, 0.1, np.float32),
-            draws,
-            True,
-            np.zeros(2, bool),
-        )
+        step = graphs.denoise(StepInputs.uniform(canvas, np.full(2, 9), 0.8, 0.1, draws, True))
         soft = graphs.self_conditioning()
     embedding = Checkpoint.open(sort_checkpoint).tensor("model.decoder.embed_tokens.weight")
     expected_soft = torch.softmax(simulated / 0.8, -1) @ embedding * 8.0  # sqrt(hidden 64)

@@ -14,10 +14,11 @@ from canvasrt.cli import main
 from canvasrt.core.contract import PHASES, kv_spans, no_chunk, span_dim
 from canvasrt.core.kv import leading_slots
 from canvasrt.core.manifest import ArtifactManifest, EngineManifest
-from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from canvasrt.runtime.backends.onnxruntime import OnnxRuntimeExecutor
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
+from canvasrt.runtime.step import StepBackend
 
 
 def test_spans_are_the_context_in_whole_canvases_within_each_layers_slots(variant_artifacts):
@@ -43,20 +44,22 @@ def test_spans_are_the_context_in_whole_canvases_within_each_layers_slots(varian
         assert profiles[phase]["context"] == [16, 160, 160] and profiles[phase]["window"] == [16, 19, 19]
 
 
-class RecordingBackend(OnnxRuntimeBackend):
-    """The real ONNX Runtime backend, recording the K/V span each backbone call was fed."""
+class RecordingExecutor(OnnxRuntimeExecutor):
+    """The real ONNX Runtime executor, recording the K/V span each backbone call was fed."""
 
-    def run_backbone(self, phase, feeds):
+    def run(self, phase, feeds, outputs):
+        layers = len(self.spec.kv_layout)
         self.calls.append((phase, {dim: feeds[f"past_key_{i}"].shape[2] for i, dim in self.dims.items()}))
-        self.fed.append([feeds[f"past_{kind}_{i}"] for kind in ("key", "value") for i in range(self.num_layers)])
-        return super().run_backbone(phase, feeds)
+        self.fed.append([feeds[f"past_{kind}_{i}"] for kind in ("key", "value") for i in range(layers)])
+        return super().run(phase, feeds, outputs)
 
 
 def test_each_call_reads_the_span_of_its_context(variant_artifacts):
     manifest = ArtifactManifest.load(variant_artifacts)
-    backend = RecordingBackend(manifest)
+    executor = RecordingExecutor(manifest)
+    backend = StepBackend(executor)
     dims = [span_dim(layer, manifest.capacity) for layer in manifest.kv_layout]
-    backend.dims, backend.calls, backend.fed = (
+    executor.dims, executor.calls, executor.fed = (
         {dims.index("context"): "context", dims.index("window"): "window"},
         [],
         [],
@@ -67,8 +70,9 @@ def test_each_call_reads_the_span_of_its_context(variant_artifacts):
     ids, padding = left_pad([list(range(3, 23))], 0)  # 20 prompt tokens, two canvases of 16
     with backend:
         generate(backend, ids, padding, settings, make_draws("counter", 0, 1, manifest.model.vocab_size, 16))
+        buffers = backend.state.keys + backend.state.values
     assert (
-        backend.calls
+        executor.calls
         == [("prefill", {"context": 16, "window": 16})]
         + [("denoise", {"context": 32, "window": 19})] * 2
         + [("commit", {"context": 32, "window": 19})]
@@ -76,9 +80,8 @@ def test_each_call_reads_the_span_of_its_context(variant_artifacts):
     )
     # The context is copied once per canvas, not per step: the steps of a canvas and its commit (same context, no
     # write in between) are fed the same arrays; the next canvas's steps, after the commit wrote, new ones.
-    prefill, step_1a, step_1b, commit, step_2a, step_2b = backend.fed
+    prefill, step_1a, step_1b, commit, step_2a, step_2b = executor.fed
     assert all(a is b for a, b in zip(step_1a, step_1b)) and all(a is b for a, b in zip(step_1a, commit))
-    buffers = backend.buffers.keys + backend.buffers.values
     assert all(a is b for a, b in zip(step_2a, step_2b))
     assert not any(a is b for a, b, buffer in zip(commit, step_2a, buffers) if a is not buffer)
     copied = [a for fed in (prefill, step_1a, step_2a) for a, buffer in zip(fed, buffers) if a is not buffer]
@@ -89,7 +92,7 @@ def test_any_span_that_covers_the_context_gives_the_same_step(variant_artifacts)
     """A step at context 20 fed 32, 48 or all 160 full-layer slots (and 19 ring slots): the extra slots are masked,
     and the call's own keys come first, so they add exact zeros after every live term."""
     manifest = ArtifactManifest.load(variant_artifacts)
-    backend = OnnxRuntimeBackend(manifest)
+    backend = StepBackend(OnnxRuntimeExecutor(manifest))
     rng = np.random.default_rng(1)
     vocab, canvas, hidden = manifest.model.vocab_size, manifest.capacity.canvas, manifest.model.hidden_size
     with backend:
@@ -100,7 +103,7 @@ def test_any_span_that_covers_the_context_gives_the_same_step(variant_artifacts)
             "canvas": rng.integers(3, vocab, size=(2, canvas)),
             "self_cond": rng.standard_normal((2, canvas, hidden)).astype(np.float32),
             "context_length": np.full(2, 20, np.int64),
-            "context_mask": backend.mask,
+            "context_mask": backend.state.mask,
             "temperature": np.full(2, 0.8, np.float32),
             "entropy_bound": np.full(2, 1.5, np.float32),
             "uniforms": rng.random((2, canvas), dtype=np.float32),
@@ -110,11 +113,11 @@ def test_any_span_that_covers_the_context_gives_the_same_step(variant_artifacts)
         for full in (32, 48, 160):
             spans = [full if layer.slots > 19 else 19 for layer in manifest.kv_layout]
             past = {}
-            for i, (k, v) in enumerate(
-                zip(leading_slots(backend.buffers.keys, spans), leading_slots(backend.buffers.values, spans))
-            ):
+            state = backend.state
+            for i, (k, v) in enumerate(zip(leading_slots(state.keys, spans), leading_slots(state.values, spans))):
                 past[f"past_key_{i}"], past[f"past_value_{i}"] = k, v
-            outputs[full] = dict(zip(backend.output_names, backend.run_backbone("denoise", {**feeds, **past})))
+            out = backend.executor.run("denoise", {**feeds, **past}, {})
+            outputs[full] = {name: np.array(array) for name, array in out.items()}
     for full in (48, 160):
         for name in ("sampled", "argmax", "accepted", "next_canvas"):
             np.testing.assert_array_equal(outputs[full][name], outputs[32][name], err_msg=f"{name} at span {full}")

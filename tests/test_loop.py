@@ -10,10 +10,11 @@ import pytest
 
 from canvasrt.core.manifest import ArtifactManifest
 from canvasrt.runtime.backends import open_backend
-from canvasrt.runtime.backends.torch import TorchBackend
+from canvasrt.runtime.backends.torch import TorchExecutor
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
+from canvasrt.runtime.step import StepBackend
 from canvasrt.validation.reference import Reference
 from support import cli
 
@@ -75,7 +76,10 @@ def test_onnxruntime_equals_torch_in_counter_mode(tiny_checkpoint, tiny_artifact
     rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
     ids, padding = left_pad(rows, 0)
     results = []
-    for backend in (TorchBackend(tiny_checkpoint, max_context=128), open_backend(tiny_artifacts, "onnxruntime")):
+    for backend in (
+        StepBackend(TorchExecutor(tiny_checkpoint, max_context=128)),
+        open_backend(tiny_artifacts, "onnxruntime"),
+    ):
         with backend:
             settings = resolve_settings(backend.spec.generation, EARLY_STOP)
             results.append(generate(backend, ids, padding, settings, make_draws("counter", 4, 2, 288, 16)))
@@ -139,7 +143,7 @@ def _bytes_per_step(artifacts) -> float:
         result = generate(
             backend, ids, padding, settings, make_draws("counter", 0, 2, backend.spec.model.vocab_size, 16)
         )
-    return backend.transfer_bytes["denoise"] / result.timings["steps"]
+    return backend.crossing["denoise"] / result.timings["steps"]
 
 
 def test_bytes_per_step_do_not_grow_with_vocabulary_or_context(tiny_artifacts, variant_artifacts, tiny_debug_artifacts):
@@ -257,6 +261,10 @@ def test_bench_reports_backends_side_by_side(tiny_artifacts):
         )
     )
     assert 0 < entries["onnxruntime"]["context_copy_bytes_per_step"] <= 3 * kv_bytes / 6
+    # bytes per call between host and the executor's device: a step's canvas-sized arrays (batch 1, canvas 16); a
+    # prefill's 8 ids and positions with the empty canvas group; a commit's 16
+    for name in ("onnxruntime", "torch"):
+        assert entries[name]["host_device_bytes"] == {"prefill": 8 * 16 + 16, "commit": 16 * 16 + 16, "denoise": 806}
     assert entries["torch"]["step_speedup_vs_onnxruntime"] > 0
     assert entries["onnxruntime"]["step_speedup_vs_transformers"] > 0
 
@@ -268,7 +276,10 @@ def test_chunked_prefill_equals_one_pass(variant_checkpoint, variant_artifacts):
     rows = [list(range(3, 3 + 93)), list(range(100, 150))]
     ids, padding = left_pad(rows, 0)
     results = []
-    for backend in (TorchBackend(variant_checkpoint, max_context=160), open_backend(variant_artifacts, "onnxruntime")):
+    for backend in (
+        StepBackend(TorchExecutor(variant_checkpoint, max_context=160)),
+        open_backend(variant_artifacts, "onnxruntime"),
+    ):
         with backend:
             settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 4})
             results.append(generate(backend, ids, padding, settings, make_draws("counter", 1, 2, 320, 16)))

@@ -7,21 +7,21 @@ import pytest
 import torch
 
 from canvasrt.model.checkpoint import Checkpoint
-from canvasrt.runtime.backends.torch import TorchBackend
-from canvasrt.runtime.step import Draws
+from canvasrt.runtime.backends.torch import TorchExecutor
+from canvasrt.runtime.step import Draws, StepBackend
 from canvasrt.validation.reference import Reference
 
 
 def _prefill_and_logits(checkpoint, moe: str):
     """Runs the same prefill + one self-conditioned step through transformers and through canvasrt's model."""
     reference = Reference(checkpoint)
-    backend = TorchBackend(checkpoint, moe=moe, max_context=64)
+    backend = StepBackend(TorchExecutor(checkpoint, moe=moe, max_context=64))
     with backend:
         return _logits_both_ways(reference, backend)
 
 
 def _logits_both_ways(reference, backend):
-    config = backend.checkpoint.config
+    config = backend.executor.checkpoint.config
     rng = np.random.default_rng(1)
     batch, prompt, canvas = 2, 13, config.canvas_length
     ids = rng.integers(3, config.vocab_size, size=(batch, prompt))
@@ -34,13 +34,13 @@ def _logits_both_ways(reference, backend):
     sc = torch.randn(batch, canvas, config.vocab_size)
     expected = reference.logits(state, canvas_ids, sc)
     soft = torch.softmax(sc, -1) @ reference.embedding * torch.tensor(config.hidden_size**0.5)
-    actual = backend.model.denoise_logits(
+    actual = backend.executor.model.denoise_logits(
         torch.from_numpy(canvas_ids),
         soft,
-        backend.keys,
-        backend.values,
+        backend.state.keys,
+        backend.state.values,
         torch.full((batch,), prompt),
-        backend.mask,
+        backend.state.mask,
     )
     return actual, expected
 

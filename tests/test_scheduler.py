@@ -17,7 +17,7 @@ from canvasrt.runtime.loop import Committed, Draft, GenerationResult, left_pad, 
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.scheduler import RowRequest, Scheduler, Ticket
 from canvasrt.runtime.settings import resolve_settings
-from canvasrt.runtime.step import Draws, StepResult
+from canvasrt.runtime.step import Draws, StepInputs, StepResult
 
 
 def mixed_requests(generation: dict, vocab: int, count: int, longest: int) -> list[RowRequest]:
@@ -196,7 +196,7 @@ def test_the_sampler_gives_a_row_the_same_bits_in_any_batch(tiny_checkpoint):
     positions, next canvas and self-conditioning) on one row's logits alone and among 2-7 other rows of other
     content; canvas lengths a multiple of the vector width and not."""
     with open_backend(tiny_checkpoint, "torch", threads=1) as backend, torch.inference_mode():
-        model, vocab = backend.model, backend.spec.model.vocab_size
+        model, vocab = backend.executor.model, backend.spec.model.vocab_size
         for canvas in (16, 37):
             generator = torch.Generator().manual_seed(canvas)
             logits = torch.randn(8, canvas, vocab, generator=generator) * 4
@@ -255,13 +255,14 @@ def test_a_rows_step_is_bitwise_its_own_on_the_torch_backend(request, target):
                 backend.encode_slot(slot, prompts[slot], np.arange(prompts[slot].shape[1]), np.zeros(1, np.int64))
             return backend.denoise_rows(
                 rows,
-                canvases[:rows],
-                np.asarray([p.shape[1] for p in prompts[:rows]], np.int64),
-                np.full(rows, 0.9, np.float32),
-                np.full(rows, 0.5, np.float32),
-                Draws(renoise_ids=draws.renoise_ids[:rows], uniforms=draws.uniforms[:rows]),
-                np.ones(rows, bool),
-                np.zeros(rows, bool),
+                StepInputs.uniform(
+                    canvases[:rows],
+                    np.asarray([p.shape[1] for p in prompts[:rows]], np.int64),
+                    0.9,
+                    0.5,
+                    Draws(renoise_ids=draws.renoise_ids[:rows], uniforms=draws.uniforms[:rows]),
+                    True,
+                ),
             )
 
         one = step(1)

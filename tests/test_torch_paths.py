@@ -14,16 +14,17 @@ from click.testing import CliRunner
 from canvasrt.calibration.ranges import collect_ranges
 from canvasrt.cli import main
 from canvasrt.core.errors import CanvasrtError
-from canvasrt.runtime.backends.torch import TorchBackend
+from canvasrt.runtime.backends.torch import TorchExecutor
 from canvasrt.runtime.loop import generate, left_pad
 from canvasrt.runtime.rng import make_draws
 from canvasrt.runtime.settings import resolve_settings
+from canvasrt.runtime.step import StepBackend
 
 
 def _run(checkpoint, moe):
     rows = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22]]
     ids, padding = left_pad(rows, 0)
-    with TorchBackend(checkpoint, moe=moe, max_context=128) as backend:
+    with StepBackend(TorchExecutor(checkpoint, moe=moe, max_context=128)) as backend:
         settings = resolve_settings(backend.spec.generation, {"max_new_tokens": 32, "max_denoising_steps": 6})
         result = generate(
             backend,
@@ -36,13 +37,13 @@ def _run(checkpoint, moe):
         backend.encode(ids, np.arange(ids.shape[1]), np.zeros(2, np.int64))
         canvas = torch.from_numpy(np.arange(32).reshape(2, 16) % backend.spec.model.vocab_size)
         with torch.inference_mode():
-            logits = backend.model.denoise_logits(
+            logits = backend.executor.model.denoise_logits(
                 canvas,
                 torch.zeros(2, 16, backend.spec.model.hidden_size),
-                backend.keys,
-                backend.values,
+                backend.state.keys,
+                backend.state.values,
                 torch.full((2,), ids.shape[1]),
-                backend.mask,
+                backend.state.mask,
             )
     return result, logits
 
@@ -154,8 +155,8 @@ def test_device_cpu_and_dtype_reach_the_torch_backend(tiny_checkpoint):
         ],
     )
     assert result.exit_code == 0, result.output
-    with TorchBackend(tiny_checkpoint, dtype="bf16", device="cpu") as backend:
-        assert next(backend.model.parameters()).dtype == torch.bfloat16
+    with StepBackend(TorchExecutor(tiny_checkpoint, dtype="bf16", device="cpu")) as backend:
+        assert next(backend.executor.model.parameters()).dtype == torch.bfloat16
 
 
 def test_the_extrapolation_to_30_layers_says_when_its_fit_means_nothing():
@@ -214,6 +215,15 @@ def test_the_prepared_gpu_check_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert figures["passed"] and [r["layers"] for r in figures["runs"]] == [2, 4]
+    conformance = figures["conformance"]
+    assert conformance["onnxruntime-cpu"]["passed"] > 0 and not conformance["onnxruntime-cpu"]["failed"]
+    assert conformance["torch-cpu"]["passed"] > 0 and "no CUDA GPU" in conformance["torch-cuda"]["skipped"]
+    executors = figures["executors"]
+    assert executors["onnxruntime-cpu"]["step_parity"] and executors["onnxruntime-cpu"]["loop_parity"]
+    assert "onnxruntime-cuda" in executors and "skipped" in executors["tensorrt"]
+    for name in ("onnxruntime-cpu", "torch-cpu"):  # canvas-sized arrays only: the tiny canvas of 16, batch 1
+        assert executors["bench"][name]["host_device_bytes"]["denoise"] == 49 * 16 + 22
+    assert figures["served"]["passed"] and figures["served"]["executor"] == "onnxruntime"
     for moe in ("sparse", "dense"):  # CPU timings of the tiny preset may or may not give a meaningful fit
         fit = figures[f"extrapolated_{moe}"]
         assert fit["step_ms_30_layers"] > 0 if fit["meaningful"] else "noise" in fit["why"]

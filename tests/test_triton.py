@@ -83,6 +83,29 @@ def test_grpc_stream_and_http_equal_generate(served, tiny_artifacts):
         over_http = generate_http(served.http_url, inputs)
         check_equal(over_grpc, reference)
         assert over_http == over_grpc
+    values = metric_values(served)
+    crossed, row_steps = values['canvasrt_host_device_bytes_total{call="denoise"}'], values["canvasrt_row_steps_total"]
+    canvas = json.loads((tiny_artifacts / "manifest.json").read_text())["capacity"]["canvas"]
+    per_row_step = 49 * canvas + 22  # the conformance suite's count: canvas-sized arrays only
+    if "canvasrt_backbone" in served_models(served):  # over BLS the K/V context and the state cross as well
+        assert crossed > 10 * per_row_step * row_steps
+    else:
+        assert crossed == per_row_step * row_steps > 0
+
+
+def metric_values(server, settled: str = "canvasrt_row_steps_total") -> dict[str, float]:
+    """The loop model's metrics once they have stopped changing: a busy model hands them to Triton every 100 ms, so a
+    client can read them before the last steps of its requests are in."""
+    last = None
+    for _ in range(50):
+        with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
+            lines = page.read().decode().splitlines()
+        values = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("canvasrt_")}
+        if last is not None and values == last:
+            return values
+        last = values
+        time.sleep(0.2)
+    return values
 
 
 def test_drafts_on_request_and_single_response_mode(served, tiny_artifacts):
@@ -171,7 +194,8 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
 
 def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
     repository = tmp_path / "repo"
-    assert cli("triton", tiny_artifacts, "-o", repository, "--instances", 3, "--max-batch", 2).exit_code == 0
+    args = ("--instances", 3, "--max-batch", 2, "--step-backend", "onnxruntime")
+    assert cli("triton", tiny_artifacts, "-o", repository, *args).exit_code == 0
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
     generate = read_config(repository / "canvasrt_generate" / "config.pbtxt")
     assert generate.backend == "python" and generate.model_transaction_policy.decoupled
@@ -193,13 +217,39 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
     assert {p.name for p in artifacts.iterdir()} == {"manifest.json", *manifest["files"]}  # every recorded file
 
 
+def test_every_target_is_served_in_process_by_default(tiny_artifacts, tiny_checkpoint, tmp_path):
+    """Artifacts on ONNX Runtime with the provider named at `canvasrt triton` time, a checkpoint on the torch
+    executor: the loop model alone, holding what its executor runs."""
+    for target, args, executor, held in (
+        (tiny_artifacts, (), "onnxruntime", "artifacts"),
+        (tiny_checkpoint, ("--max-batch", 8), "torch", "checkpoint"),
+    ):
+        repository = tmp_path / executor
+        result = cli("triton", target, "-o", repository, *args)
+        assert result.exit_code == 0, result.output
+        assert f"in-process, {executor}" in result.output
+        assert [p.name for p in repository.iterdir()] == ["canvasrt_generate"]
+        parameters = read_config(repository / "canvasrt_generate" / "config.pbtxt").parameters
+        assert parameters["step_backend"].string_value == "in-process"
+        assert parameters["executor"].string_value == executor
+        assert (repository / "canvasrt_generate" / "1" / held / "tokenizer.json").is_file()
+    parameters = read_config(tmp_path / "onnxruntime" / "canvasrt_generate" / "config.pbtxt").parameters
+    assert parameters["provider"].string_value == "cpu"
+    refused = cli("triton", tiny_artifacts, "-o", tmp_path / "gpu", "--provider", "rocm")
+    assert refused.exit_code == 2 and "unknown ONNX Runtime provider 'rocm'" in refused.output
+
+
 @pytest.mark.slow
 def test_engine_repository_maps_profiles_to_instance_groups(tiny_artifacts, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     engines, _ = build_engines(
         tiny_artifacts, tmp_path / "engines", builder="tensorrt-rtx", target="sm89", max_context=64
     )
-    write_repository(tmp_path / "engines", tmp_path / "repo")
+    write_repository(tmp_path / "engines", tmp_path / "in-process")  # TensorRT in the loop model, on the GPU
+    parameters = read_config(tmp_path / "in-process" / "canvasrt_generate" / "config.pbtxt").parameters
+    assert parameters["executor"].string_value == "tensorrt"
+    assert (tmp_path / "in-process" / "canvasrt_generate" / "1" / "engines" / "manifest.json").is_file()
+    write_repository(tmp_path / "engines", tmp_path / "repo", "tensorrt")
     served = json.loads((tmp_path / "repo" / "canvasrt_generate" / "1" / "artifacts" / "manifest.json").read_text())
     assert served["capacity"]["max_context"] == 64  # the loop keeps requests within what the engines were built for
     config = read_config(tmp_path / "repo" / "canvasrt_backbone" / "config.pbtxt")
@@ -228,8 +278,8 @@ def test_triton_bad_input(tiny_artifacts, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_triton_refuses_a_checkpoint_and_an_unrelated_output(tiny_checkpoint, tiny_artifacts, tmp_path):
-    result = cli("triton", tiny_checkpoint, "-o", tmp_path / "repo")
+def test_triton_refuses_step_models_for_a_checkpoint_and_an_unrelated_output(tiny_checkpoint, tiny_artifacts, tmp_path):
+    result = cli("triton", tiny_checkpoint, "-o", tmp_path / "repo", "--step-backend", "onnxruntime")
     assert result.exit_code == 2 and "run `canvasrt export`" in result.output
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
@@ -434,8 +484,7 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
                 cancelled.result(timeout=600)
         for reply, reference in zip(replies, references):
             check_equal(reply, reference)
-        with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
-            metrics = page.read().decode()
+        values = metric_values(server)
         # the others may all finish about when the cancelled request's client gives up: its row leaves at the
         # scheduler's next step, so the line may follow the replies
         deadline = time.monotonic() + 60
@@ -443,11 +492,6 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
             if time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-    values = {
-        line.split()[0]: float(line.split()[1])
-        for line in metrics.splitlines()
-        if line.startswith("canvasrt_") and "{" not in line.split()[0] or line.startswith("canvasrt_step_calls_by")
-    }
     row_steps = sum(sum(r["steps_per_block"]) for r in references)
     assert values["canvasrt_row_steps_total"] >= row_steps
     # Rows shared step calls; how many depends on how the requests' arrivals interleave with the steps (no batch
@@ -457,6 +501,27 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
     assert occupancy['canvasrt_step_calls_by_rows_total{rows="4"}'] > 0
     assert sum(occupancy.values()) == values["canvasrt_step_calls_total"]
     assert "request cancelled by its client" in log
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_served_by_the_torch_executor_in_process(tiny_checkpoint, triton_env, tmp_path):
+    """The loop model runs the torch executor on the checkpoint (PyTorch from this environment, after the models'
+    own): a served request equals `canvasrt generate` on the checkpoint token for token."""
+    import sysconfig
+
+    repository = tmp_path / "repo"
+    write_repository(tiny_checkpoint, repository, max_batch=4, threads=1)
+    prompt, seed = [5, 6, 7, 8, 9], 3
+    reference = expected(tiny_checkpoint, seed, prompt_ids=prompt)
+    http, grpc = free_ports(2)
+    torch_site = Path(sysconfig.get_paths()["purelib"])
+    with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc, extra_sites=(torch_site,)) as server:
+        check_equal(generate_grpc(server.grpc_url, request_inputs(prompt_ids=prompt, seed=seed)), reference)
+        values = metric_values(server)
+    canvas = 16
+    assert values['canvasrt_host_device_bytes_total{call="denoise"}'] == (49 * canvas + 22) * sum(
+        reference["steps_per_block"]
+    )
 
 
 def test_a_burst_of_eight_shares_every_step_call(tiny_checkpoint, triton_env, tmp_path):
@@ -495,11 +560,9 @@ def test_a_burst_of_eight_shares_every_step_call(tiny_checkpoint, triton_env, tm
                 for ids, seed in requests
             ]
             replies = [f.result(timeout=300) for f in futures]
-        with urllib.request.urlopen(server.metrics_url, timeout=5) as page:
-            metrics = page.read().decode()
+        values = metric_values(server)
     for reply, reference in zip(replies, references):
         check_equal(reply, reference)
-    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("canvasrt_")}
     assert values["canvasrt_row_steps_total"] == 8 * 16
     assert values["canvasrt_step_calls_total"] == 16
     assert values['canvasrt_step_calls_by_rows_total{rows="8"}'] == 16

@@ -17,7 +17,8 @@ import torch
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest
 from ..model.modeling import soft_embedding
-from ..runtime.backends.torch import TorchBackend
+from ..runtime.backends.torch import TorchExecutor
+from ..runtime.step import StepBackend
 
 
 def _group(tensor: str) -> str:
@@ -43,15 +44,22 @@ def bisect(
 
     def logits(subset: dict[str, Any] | None, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The denoiser's logits with `subset` of the calibration fake-quantized, and the embedding matrix."""
-        with TorchBackend(
-            checkpoint, moe=manifest.moe, max_batch=2, max_context=cap.max_context, threads=threads, calibration=subset
+        with StepBackend(
+            TorchExecutor(
+                checkpoint,
+                moe=manifest.moe,
+                max_batch=2,
+                max_context=cap.max_context,
+                threads=threads,
+                calibration=subset,
+            )
         ) as backend:
             backend.start(padding)
             backend.encode(ids, np.arange(prompt), np.zeros(2, np.int64))
-            out = backend.model.denoise_logits(
-                canvas, soft, backend.keys, backend.values, torch.full((2,), prompt), backend.mask
+            out = backend.executor.model.denoise_logits(
+                canvas, soft, backend.state.keys, backend.state.values, torch.full((2,), prompt), backend.state.mask
             )
-            return out, backend.model.embed_tokens.weight
+            return out, backend.executor.model.embed_tokens.weight
 
     # Score on a self-conditioned step (the soft embedding of an fp32 first step), so that every group, the
     # self-conditioning MLP included, sees typical input.

@@ -19,10 +19,11 @@ import torch
 
 from ..model.fp8 import E4M3_MAX, QUANTIZED, scale_for
 from ..model.modeling import Experts, Linear
-from ..runtime.backends.torch import TorchBackend
+from ..runtime.backends.torch import TorchExecutor
 from ..runtime.loop import generate, left_pad
 from ..runtime.rng import make_draws
 from ..runtime.settings import resolve_settings
+from ..runtime.step import StepBackend
 
 METHODS = ("max", "percentile", "mse")
 SAMPLE_CAP = 1 << 15  # |x| values kept per tensor for the percentile and MSE methods
@@ -83,13 +84,13 @@ def collect_ranges(
 ) -> Ranges:
     """moe: sparse (default) runs each expert on its routed tokens only, at the cost of the active parameters; the
     dense formulation gives the same ranges at num_experts / top_k times the expert work."""
-    backend = TorchBackend(checkpoint_dir, dtype=dtype, moe=moe, max_batch=batch, device=device)
+    backend = StepBackend(TorchExecutor(checkpoint_dir, dtype=dtype, moe=moe, max_batch=batch, device=device))
     ranges = Ranges()
     spec = backend.spec
     settings = resolve_settings(spec.generation)
     vocab, canvas = spec.model.vocab_size, spec.capacity.canvas
     with backend:
-        for name, module in backend.model.named_modules():
+        for name, module in backend.executor.model.named_modules():
             if isinstance(module, Linear) and QUANTIZED.search(f"{name}.weight"):
                 module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.weight"))
             if isinstance(module, Experts):

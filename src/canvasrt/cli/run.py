@@ -70,7 +70,7 @@ SETTING_KEYS = (
     "--prompts-file", type=click.Path(path_type=Path), help='JSONL, one {"text": ...} or {"ids": [...]} per line'
 )
 @click.option("--backend", type=str, default=None, help=f"one of {', '.join(BACKENDS)} (default: by TARGET kind)")
-@click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime provider: cpu, cuda, tensorrt")
+@click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime provider: cpu, cuda, tensorrt-ep")
 @click.option("--rng", type=click.Choice(RNG_MODES), default="counter", show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--threads", type=INT, default=None, callback=positive, help="CPU threads for the backend")

@@ -25,8 +25,15 @@ if TYPE_CHECKING:
     "--step-backend",
     type=click.Choice(STEP_BACKENDS),
     default=None,
-    help="where the steps run: tensorrt / onnxruntime step models called through BLS, or in-process "
-    "(ONNX Runtime inside the loop model, for servers without those backends); default: by TARGET",
+    help="where the steps run: in-process (the default: the loop model runs TARGET's executor, ONNX Runtime for "
+    "artifacts, TensorRT for engines, torch for a checkpoint, with the state on its device), or tensorrt / "
+    "onnxruntime / python step models called through BLS (the state then crosses with every call)",
+)
+@click.option(
+    "--provider",
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime provider of the in-process loop on artifacts: cpu, cuda, tensorrt-ep",
 )
 @click.option("--instances", type=INT, default=1, show_default=True, help="instances of each model")
 @click.option("--max-batch", type=INT, default=None, help="step models' max batch (default: the artifacts' capacity)")
@@ -62,6 +69,7 @@ def triton_command(
     target: Path,
     output: Path,
     step_backend: str | None,
+    provider: str,
     instances: int,
     max_batch: int | None,
     threads: int,
@@ -69,14 +77,14 @@ def triton_command(
     max_queue: int,
     batch_window_ms: int,
 ) -> None:
-    """Write a Triton model repository for TARGET (an artifact or engine directory)."""
+    """Write a Triton model repository for TARGET (an artifact, engine or checkpoint directory)."""
     from ..serving.repository import write_repository
 
     summary = write_repository(
-        target, output, step_backend, instances, max_batch, threads, slots, max_queue, batch_window_ms
+        target, output, step_backend, instances, max_batch, threads, slots, max_queue, batch_window_ms, provider
     )
     click.echo(
-        f"wrote {output}: {', '.join(summary['models'])} (steps: {summary['step_backend']}, "
+        f"wrote {output}: {', '.join(summary['models'])} (steps: {summary['step_backend']}, {summary['executor']}, "
         f"instances {instances}, {summary['slots']} slot(s) each); serve it with `canvasrt serve {output}`"
     )
 

@@ -66,37 +66,3 @@ def leading_slots(buffers: Sequence[Any], spans: Sequence[int]) -> list[Any]:
 
 def buffer_shapes(layout: Sequence[KVLayer], batch: int) -> list[tuple[int, int, int, int]]:
     return [(batch, layer.num_kv_heads, layer.slots, layer.head_dim) for layer in layout]
-
-
-class HostKVBuffers:
-    """Per-layer K and V arrays [B, heads, slots, head_dim] in host memory, allocated once per batch size."""
-
-    def __init__(self, layout: Sequence[KVLayer], dtype: Any):
-        self.layout = tuple(layout)
-        self.dtype = dtype
-        self.keys: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
-        self.batch = 0
-
-    def reset(self, batch: int) -> None:
-        if batch != self.batch:
-            self.keys = [np.zeros(shape, self.dtype) for shape in buffer_shapes(self.layout, batch)]
-            self.values = [np.zeros(shape, self.dtype) for shape in buffer_shapes(self.layout, batch)]
-            self.batch = batch
-        else:
-            for array in (*self.keys, *self.values):
-                array.fill(0)
-
-    def rows(self, start: int, stop: int) -> HostKVBuffers:
-        """Views of rows [start, stop): writes through them land in these buffers."""
-        view = HostKVBuffers(self.layout, self.dtype)
-        view.keys = [k[start:stop] for k in self.keys]
-        view.values = [v[start:stop] for v in self.values]
-        view.batch = stop - start
-        return view
-
-    def arrays(self) -> list[np.ndarray]:
-        return [*self.keys, *self.values]
-
-    def write(self, positions: np.ndarray, new_keys: Sequence[np.ndarray], new_values: Sequence[np.ndarray]) -> None:
-        write_chunk(self.layout, self.keys, self.values, positions, new_keys, new_values)

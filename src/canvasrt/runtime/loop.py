@@ -20,7 +20,7 @@ import numpy as np
 from ..core.errors import CanvasrtError
 from .rng import DrawSource
 from .settings import GenerationSettings
-from .step import StepBackend
+from .step import StepBackend, StepInputs
 
 
 @dataclass
@@ -116,12 +116,12 @@ def stop_rule(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The adaptive stop after a step: rows whose argmax [B, C] has stayed the same for `stability_threshold` steps
     (history [T, B, C], -1 where not yet seen) and whose mean entropy is below the confidence threshold. Returns
-    those rows [B] and the updated history."""
+    those rows [B] and the history, updated in place."""
     if settings.stability_threshold == 0:
         stable = np.ones(argmax.shape[0], dtype=bool)
     else:
         stable = (history == argmax[None]).all(axis=(0, 2))
-        history = np.roll(history, -1, axis=0)
+        history[:-1] = history[1:]  # in place: the oldest argmax out, this one in
         history[-1] = argmax
     return stable & (mean_entropy < settings.confidence_threshold), history
 
@@ -200,9 +200,9 @@ def stream(
             step += 1
             forwards += ~(done | finished)
             temperature = np.full(batch, settings.temperature(remaining), dtype=np.float32)
-            result = timer.run(
-                backend.denoise, canvas, context, temperature, bound, draws.step(block, step), step == 1, done
-            )
+            first_step = np.full(batch, step == 1)
+            inputs = StepInputs(canvas, context, temperature, bound, draws.step(block, step), first_step, done)
+            result = timer.run(backend.denoise, inputs)
             # Rows that already stopped keep their canvas and argmax (transformers freezes them the same way).
             new_argmax = np.where(done[:, None], argmax, result.argmax)
             canvas = np.where(done[:, None], canvas, result.next_canvas)

@@ -30,7 +30,7 @@ from ..core.errors import CanvasrtError
 from .loop import Committed, Draft, GenerationResult, check_request, commit_rule, stop_rule, tokens_per_forward
 from .rng import CounterDraws, make_draws
 from .settings import GenerationSettings
-from .step import Draws, StepBackend
+from .step import Draws, StepBackend, StepInputs
 
 Event = Draft | Committed | GenerationResult
 
@@ -51,18 +51,24 @@ class RowRequest:
 
 
 class Ticket:
-    """One request in the scheduler. Its events go to `on_event` (default: the `events` list), in stream() order."""
+    """One request in the scheduler. Its events go to `on_event` (default: the `events` list), in stream() order.
+
+    `cancelled` asks the client whether it gave up (a server's response sender); it is asked at most once per
+    `poll_s`, since asking may cost an inter-process round trip, which every row paid at every step."""
 
     def __init__(
         self,
         request: RowRequest,
         on_event: Callable[[Event], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        poll_s: float = 0.0,
     ):
         self.request = request
         self.events: list[Event] = []
         self.on_event = on_event or self.events.append
         self._cancelled = cancelled
+        self.poll_s = poll_s
+        self._asked = -float("inf")
         self.cancel_requested = False
         self.submitted = time.perf_counter()
         self.first_block_s: float | None = None  # from submit to its first committed canvas
@@ -74,7 +80,13 @@ class Ticket:
 
     @property
     def cancelled(self) -> bool:
-        return self.cancel_requested or self._cancelled()
+        if self.cancel_requested:
+            return True
+        now = time.monotonic()
+        if now - self._asked < self.poll_s:
+            return False
+        self._asked = now
+        return self._cancelled()
 
 
 @dataclass
@@ -195,22 +207,22 @@ class Scheduler:
             row.forwards += 1
         draws = [row.draws.step(row.block, row.step) for row in active]
         settings = [row.settings for row in active]
-        result = self.backend.denoise_rows(
-            n,
-            np.concatenate([row.canvas for row in active]),
-            np.asarray([row.context for row in active], dtype=np.int64),
-            np.asarray(
+        inputs = StepInputs(
+            canvas=np.concatenate([row.canvas for row in active]),
+            context_length=np.asarray([row.context for row in active], dtype=np.int64),
+            temperature=np.asarray(
                 [s.temperature(s.max_denoising_steps - row.step + 1) for s, row in zip(settings, active)],
                 dtype=np.float32,
             ),
-            np.asarray([s.entropy_bound for s in settings], dtype=np.float32),
-            Draws(
+            entropy_bound=np.asarray([s.entropy_bound for s in settings], dtype=np.float32),
+            draws=Draws(
                 renoise_ids=np.concatenate([d.renoise_ids for d in draws]),
                 uniforms=np.concatenate([d.uniforms for d in draws]),
             ),
-            np.asarray([row.step == 1 for row in active]),
-            np.zeros(n, dtype=bool),
+            first_step=np.asarray([row.step == 1 for row in active]),
+            frozen=np.zeros(n, dtype=bool),
         )
+        result = self.backend.denoise_rows(n, inputs)
         self.stats.step_calls += 1
         self.stats.row_steps += n
         self.stats.occupancy[n] += 1

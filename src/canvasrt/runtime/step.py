@@ -1,62 +1,96 @@
-"""The step interface every backend implements, and the plain data that crosses it.
+"""The step interface the loop and the scheduler run on: one `StepBackend` over any executor.
 
-A backend owns everything that is large: the K/V buffers of the committed context, the context mask, and the
-self-conditioning state carried between denoising steps. The loop hands it only small per-step tensors (canvas,
-schedule values, random draws) and gets small ones back, so nothing of size [batch, canvas, vocabulary] and no K/V
-cache moves between host and backend per step. Backends count the bytes that do cross, per kind of call
-(`transfer_bytes["denoise"]` and so on), which is what the bytes-per-step test checks.
+A StepBackend pairs an executor (runtime/executor.py: loads, runs one phase, unloads) with one step state
+(runtime/state.py: K/V buffers, context mask, self-conditioning state, slots, the context feed) held on the
+executor's own device. It builds every call's inputs from the state and the loop's small per-call arrays (the same
+code for every executor), and builds the step result from the graph's outputs in one place.
 
-Lifecycle, as in Polygraphy's runners: `activate()` once (load graphs, engines or weights; check them against the
-manifest), then per request `start()`, `encode()` for each prefill chunk and commit, `denoise()` per step;
-`deactivate()` at the end. `with backend:` does both. Activating twice or running an inactive backend is refused;
-a backend left active when it is collected warns. Subclasses implement the underscored methods only.
+What crosses between host and device, defined here and counted here only (`crossing`): the arrays the loop hands in
+and gets back per call, converted by `_send` and `_receive`: a chunk's ids, positions and context lengths; a step's
+canvas, schedule values, random draws, first-step and frozen flags, and its per-row results. For an executor whose
+state lives on the host (ONNX Runtime on the CPU) these are the bytes the loop exchanges with it; for one on a GPU,
+the bytes over PCIe. An executor that keeps no state between calls (`Capabilities.keeps_state` False: Triton step
+models over BLS) is also sent the K/V context and the self-conditioning state and sends back the new K/V and state
+with every call, and those bytes are counted too. Where the executor keeps the state, a denoising step moves only
+canvas-sized arrays: no K/V, nothing of size [batch, canvas, hidden] or [batch, canvas, vocabulary] (unless a debug
+export returns logits).
 
-`kv_cache()`, `self_conditioning()` and `set_self_conditioning()` expose the state for inspection, so that parity
-compares any backend through this interface alone.
+Lifecycle, as in Polygraphy's runners: `activate()` once (the executor loads), then per request `start()`, `encode()`
+for each prefill chunk and commit, `denoise()` per step; `deactivate()` at the end. `with backend:` does both.
+Activating twice or running an inactive backend is refused; a backend left active when it is collected warns.
 
-Context feeds: a call's K/V inputs are the buffers' leading slots that cover the longest row's context
-(`core.contract.kv_spans`), a dense copy unless that is the whole buffer. Within a canvas every denoising step reads
-the same context, so `_context()` keeps the copy until the buffers change (start, encode, admit, move_slot): one copy
-per canvas instead of one per step (at the released width and 8192 tokens of context, 335 MB of fp32 K/V per row
-and step). The kept copy stays resident between calls: one span of the full layers' K/V per row, no more than a
-step's own peak. `context_copy_bytes` counts what was copied.
-
-Slots (in-flight batching, `canvasrt.runtime.scheduler`): `open_slots(n)` allocates n rows of state once; each row
-is one request's slot. `admit()` clears one row, `encode_slot()` runs a chunk for one row alone (batch 1 on views
-of that row's buffers), `denoise_rows(n, ...)` runs one step over rows [0, n), and `move_slot()` moves a row's state
-to another slot. The scheduler keeps the rows that denoise packed in [0, n): a step then reads the buffers' leading
-rows as they are (a view, no K/V gather), and a leaving row costs one row copy, once. All of it is implemented here,
-over the state buffers a backend names in ROW_STATE, so every backend gets it with the same meaning.
+Slots (in-flight batching, `canvasrt.runtime.scheduler`): `open_slots(n)` allocates n rows of state once; each row is
+one request's slot. `admit()` clears one row, `encode_slot()` runs a chunk for one row alone, `denoise_rows(n, ...)`
+runs one step over rows [0, n), and `move_slot()` moves a row's state to another slot, on the device.
 """
 
 from __future__ import annotations
 
 import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..core.contract import kv_spans
+from ..core.contract import encoder_phase, no_canvas, no_chunk
 from ..core.errors import CanvasrtError
-from ..core.kv import leading_slots
-from ..core.manifest import StepSpec
+from .executor import Executor
+from .state import CONTEXT_FEEDS, StepState
+
+CALLS = ("prefill", "commit", "denoise")  # the kinds of call whose crossing bytes are counted
 
 
 @dataclass
 class Draws:
     """The random inputs of one denoising step.
 
-    `uniforms` [B, C] drive inverse-CDF sampling (portable: every backend, every graph). `exponentials`
-    [B*C, V] reproduce torch.multinomial exactly (argmax(p / q)); only the torch backend accepts them.
+    `uniforms` [B, C] drive inverse-CDF sampling (portable: every executor, every graph). `exponentials`
+    [B*C, V] reproduce torch.multinomial exactly (argmax(p / q)); only executors that declare the "exponentials"
+    draw accept them.
     """
 
     renoise_ids: np.ndarray
     uniforms: np.ndarray | None = None
     exponentials: Any = None  # torch.Tensor when present; kept out of numpy to avoid a [B*C, V] copy
+
+
+@dataclass
+class StepInputs:
+    """One denoising step's inputs, all [B] or [B, C] host arrays.
+
+    first_step: rows whose canvas starts at this step (zero self-conditioning state); frozen: rows that have stopped,
+    whose self-conditioning state is kept as it was."""
+
+    canvas: np.ndarray
+    context_length: np.ndarray
+    temperature: np.ndarray
+    entropy_bound: np.ndarray
+    draws: Draws
+    first_step: np.ndarray
+    frozen: np.ndarray
+
+    @classmethod
+    def uniform(
+        cls,
+        canvas: np.ndarray,
+        context_length: np.ndarray,
+        temperature: float,
+        entropy_bound: float,
+        draws: Draws,
+        first_step: bool,
+        frozen: np.ndarray | None = None,
+    ) -> StepInputs:
+        """Inputs whose schedule values and first-step flag are the same for every row (one batch, one canvas)."""
+        batch = canvas.shape[0]
+        return cls(
+            canvas,
+            np.asarray(context_length, np.int64),
+            np.full(batch, temperature, np.float32),
+            np.full(batch, entropy_bound, np.float32),
+            draws,
+            np.full(batch, first_step),
+            np.zeros(batch, bool) if frozen is None else frozen,
+        )
 
 
 @dataclass
@@ -68,46 +102,66 @@ class StepResult:
     mean_entropy: np.ndarray  # [B] float32
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # sampled, and logits when the graph has them
 
-
-def _narrow(buffer: Any, start: int, stop: int) -> Any:
-    if isinstance(buffer, list):
-        return [b[start:stop] for b in buffer]
-    if hasattr(buffer, "rows"):  # HostKVBuffers
-        return buffer.rows(start, stop)
-    return buffer[start:stop]
-
-
-def _arrays(buffer: Any) -> list[Any]:
-    if isinstance(buffer, list):
-        return buffer
-    if hasattr(buffer, "arrays"):
-        return buffer.arrays()
-    return [buffer]
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, np.ndarray]) -> StepResult:
+        """The result of a denoising step from the host copies of the graph's sampler outputs."""
+        rest = dict(outputs)
+        return cls(
+            argmax=rest.pop("argmax"),
+            next_canvas=rest.pop("next_canvas"),
+            accepted=rest.pop("accepted"),
+            entropy=rest.pop("entropy"),
+            mean_entropy=rest.pop("mean_entropy"),
+            extras=rest,
+        )
 
 
-CONTEXT_FEEDS = ("kept", "per-step", "full-span")
+def _is_state_output(name: str) -> bool:
+    return name.startswith(("key_", "value_")) or name == "next_self_cond"
 
 
-class StepBackend(ABC):
-    """One denoising-step executor: torch, onnxruntime, tensorrt, or Triton step models (triton-bls)."""
+class StepBackend:
+    """The loop's view of one executor and its state; see the module docstring."""
 
-    name: str = "?"
-    # Attributes holding per-request state whose first axis is the row (numpy arrays or torch tensors, lists of
-    # them, or a HostKVBuffers). ROW_SCRATCH: row-first buffers a call overwrites before reading (no state).
-    ROW_STATE: tuple[str, ...] = ("keys", "values", "mask", "self_cond")
-    ROW_SCRATCH: tuple[str, ...] = ()
-    # How a call's K/V inputs are fed (CONTEXT_FEEDS): "kept", the live context's slots copied once per canvas;
-    # "per-step", copied again at every call; "full-span", every slot of the buffers. The last two are the controls
-    # that `scripts/context_cost.py` measures the first against.
-    context_feed: str = "kept"
-
-    def __init__(self, spec: StepSpec) -> None:
-        self.spec = spec
-        self.transfer_bytes: dict[str, int] = {"start": 0, "encode": 0, "denoise": 0}
-        self.context_copy_bytes = 0
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.spec = executor.spec
+        self.state = StepState(executor.spec, executor.arrays, executor.context_width)
+        self.crossing: dict[str, int] = dict.fromkeys(("start", *CALLS), 0)  # bytes, per kind of call
+        self.calls: dict[str, int] = dict.fromkeys(("start", *CALLS), 0)
         self._active = False
-        self._window: tuple[int, int] | None = None  # the rows a slot call runs on (`_rows`); None: all of them
-        self._fed: tuple[Any, list[Any], list[Any]] | None = None  # (rows and spans, keys, values) of the last feed
+        self._slots = 0
+
+    @property
+    def name(self) -> str:
+        return self.executor.name
+
+    @property
+    def context_feed(self) -> str:
+        """How a call's K/V inputs are fed (CONTEXT_FEEDS): "kept", the live context's slots copied once per canvas;
+        "per-step", copied at every call; "full-span", every slot of the buffers (the controls that
+        `scripts/context_cost.py` measures the first against)."""
+        return self.state.context_feed
+
+    @context_feed.setter
+    def context_feed(self, feed: str) -> None:
+        if feed not in CONTEXT_FEEDS:
+            raise CanvasrtError(f"unknown context feed {feed!r}; use one of {', '.join(CONTEXT_FEEDS)}")
+        self.state.context_feed = feed
+
+    @property
+    def context_copy_bytes(self) -> int:
+        return self.state.context_copy_bytes
+
+    def reset_counters(self) -> None:
+        """Zeroes the crossing and context-copy counters (a benchmark's warm-up run is not counted)."""
+        self.crossing = dict.fromkeys(self.crossing, 0)
+        self.calls = dict.fromkeys(self.calls, 0)
+        self.state.context_copy_bytes = 0
+
+    def bytes_per_call(self) -> dict[str, float]:
+        """Bytes crossed per call of each kind (prefill, commit, denoise), 0 for a kind not called."""
+        return {kind: self.crossing[kind] / self.calls[kind] if self.calls[kind] else 0.0 for kind in CALLS}
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
 
@@ -115,26 +169,27 @@ class StepBackend(ABC):
     def is_active(self) -> bool:
         return self._active
 
-    def preflight(self) -> None:  # noqa: B027 (a hook: most executors need no check before loading)
-        """Checks what activate() will need (libraries, devices) without loading anything; raises CanvasrtError."""
+    def preflight(self) -> None:
+        self.executor.preflight()
 
     def activate(self) -> None:
-        """Loads whatever the backend runs (graphs, engines, weights) and checks it against the manifest."""
+        """Loads whatever the executor runs (graph, engine, weights) and checks it against the manifest."""
         if self._active:
             raise RuntimeError(f"the {self.name} backend is already active; deactivate it first")
-        self.preflight()
-        self._activate()
+        self.executor.preflight()
+        self.executor.load()
         self._active = True
 
     def deactivate(self) -> None:
-        """Releases what activate() loaded."""
+        """Releases what activate() loaded, and the state."""
         if not self._active:
             raise RuntimeError(f"the {self.name} backend is not active")
         try:
-            self._deactivate()
+            self.executor.unload()
         finally:
             self._active = False
-            self._fed = None
+            self.state.release()
+            self._slots = 0
 
     def __enter__(self) -> StepBackend:
         self.activate()
@@ -158,45 +213,30 @@ class StepBackend(ABC):
     # -- one request ------------------------------------------------------------------------------------------------
 
     def start(self, padding: np.ndarray) -> None:
-        """Begins a request: allocates (or clears) the K/V buffers for padding.shape[0] rows.
+        """Begins a request: allocates (or clears) the state for padding.shape[0] rows.
 
         padding [B, P] bool: True for real prompt tokens, False for left padding; later positions are all real.
         """
         self._require_active()
-        self._fed = None
-        self._start(padding)
-        self._count("start", padding)
+        self._allocate(padding)
+        self._slots = 0
 
     def encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
         """Runs the encoder over a chunk and writes its K/V into the buffers at `positions` [S]."""
         self._require_active()
-        self._encode(input_ids, positions, context_length)
-        self._fed = None
-        self._count("encode", input_ids, positions, context_length)
+        self._encode(self.state, input_ids, positions, context_length)
 
-    def denoise(
-        self,
-        canvas: np.ndarray,
-        context_length: np.ndarray,
-        temperature: np.ndarray,
-        entropy_bound: np.ndarray,
-        draws: Draws,
-        first_step: bool,
-        frozen: np.ndarray,
-    ) -> StepResult:
-        """One denoising step. first_step: start from a zero self-conditioning state. frozen [B] bool: rows that
-        have stopped; their self-conditioning state is kept as it was."""
+    def denoise(self, step: StepInputs) -> StepResult:
+        """One denoising step over every row of the state."""
         self._require_active()
-        result = self._denoise(canvas, context_length, temperature, entropy_bound, draws, first_step, frozen)
-        self._count_denoise(canvas, context_length, temperature, entropy_bound, draws, frozen, result)
-        return result
+        return self._denoise(self.state, step)
 
     # -- slots: many requests, each in its own row ----------------------------------------------------------------
 
     @property
     def slots(self) -> int:
         """Rows of the slot pool (0 before open_slots)."""
-        return getattr(self, "_slots", 0)
+        return self._slots
 
     def open_slots(self, rows: int) -> None:
         """Allocates a pool of `rows` request slots, all empty; replaces whatever start() set up."""
@@ -206,161 +246,141 @@ class StepBackend(ABC):
                 f"{rows} slots do not fit the max batch {self.spec.capacity.max_batch}; "
                 "re-export with a larger --max-batch"
             )
-        self._fed = None
-        self._start(np.ones((rows, 1), dtype=bool))  # no left padding: every slot's prompt starts at position 0
+        self._allocate(np.ones((rows, 1), dtype=bool))  # no left padding: every slot's prompt starts at position 0
         self._slots = rows
 
     def admit(self, slot: int) -> None:
         """Clears one slot for a new request (its K/V, context mask and self-conditioning rows only)."""
         self._check_slot(slot)
-        self._fed = None
-        for name in self.ROW_STATE:
-            for array in _arrays(getattr(self, name)):
-                array[slot] = 0
-        self.mask[slot] = True  # every backend's context mask; a slot's prompt has no left padding
+        self.state.clear_row(slot)
 
     def move_slot(self, source: int, destination: int) -> None:
         """Moves a request's state from one slot to another (the source keeps a stale copy until admitted again)."""
         self._check_slot(source)
         self._check_slot(destination)
-        self._fed = None
-        for name in self.ROW_STATE:
-            for array in _arrays(getattr(self, name)):
-                array[destination] = array[source]
+        self.state.move_row(source, destination)
 
     def encode_slot(self, slot: int, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
         """encode() for one slot: input_ids [1, S], context_length [1]; the other rows are neither read nor written."""
         self._check_slot(slot)
-        with self._rows(slot, slot + 1):
-            self._encode(input_ids, positions, context_length)
-        self._fed = None
-        self._count("encode", input_ids, positions, context_length)
+        self._encode(self.state.rows(slot, slot + 1), input_ids, positions, context_length)
 
-    def denoise_rows(
-        self,
-        rows: int,
-        canvas: np.ndarray,
-        context_length: np.ndarray,
-        temperature: np.ndarray,
-        entropy_bound: np.ndarray,
-        draws: Draws,
-        first_step: np.ndarray,
-        frozen: np.ndarray,
-    ) -> StepResult:
-        """denoise() over slots [0, rows), with first_step [rows] bool per row; every array is [rows, ...]."""
+    def denoise_rows(self, rows: int, step: StepInputs) -> StepResult:
+        """denoise() over slots [0, rows); every array of `step` is [rows, ...]."""
         self._require_active()
         if not 1 <= rows <= self.slots:
             raise RuntimeError(f"denoise_rows({rows}) outside the {self.slots} open slots")
-        with self._rows(0, rows):
-            if first_step.any():
-                for array in _arrays(self.self_cond):  # a new canvas starts from a zero self-conditioning state
-                    array[np.flatnonzero(first_step)] = 0
-            result = self._denoise(canvas, context_length, temperature, entropy_bound, draws, False, frozen)
-        self._count_denoise(canvas, context_length, temperature, entropy_bound, draws, frozen, result)
-        return result
+        return self._denoise(self.state.rows(0, rows), step)
 
     def _check_slot(self, slot: int) -> None:
         self._require_active()
         if not 0 <= slot < self.slots:
             raise RuntimeError(f"slot {slot} outside the {self.slots} open slots; call open_slots() first")
 
-    @contextmanager
-    def _rows(self, start: int, stop: int) -> Iterator[None]:
-        """Runs a call on rows [start, stop) of the pool: the state attributes become views of those rows for its
-        duration; state a call replaced instead of updating in place (self-conditioning) is copied back."""
-        pool = {name: getattr(self, name) for name in (*self.ROW_STATE, *self.ROW_SCRATCH)}
-        views = {name: _narrow(buffer, start, stop) for name, buffer in pool.items()}
-        for name, view in views.items():
-            setattr(self, name, view)
-        self._window = (start, stop)
-        try:
-            yield
-            for name in self.ROW_STATE:
-                now = getattr(self, name)
-                if now is not views[name]:
-                    for target, source in zip(_arrays(pool[name]), _arrays(now)):
-                        target[start:stop] = source
-        finally:
-            self._window = None
-            for name, buffer in pool.items():
-                setattr(self, name, buffer)
-
-    def _context(self, keys: list[Any], values: list[Any], context_length: np.ndarray) -> tuple[list[Any], list[Any]]:
-        """The K/V inputs of a call over these buffers: their leading slots that cover the longest row's context,
-        the same copies as the previous call's while the buffers, the rows and the spans are unchanged."""
-        longest = (
-            self.spec.capacity.max_context if self.context_feed == "full-span" else int(context_length.max(initial=0))
-        )
-        spans = kv_spans(self.spec.kv_layout, self.spec.capacity, longest)
-        stamp = (self._window, tuple(spans))
-        if self.context_feed == "per-step" or self._fed is None or self._fed[0] != stamp:
-            self._fed = None  # the previous copies are dropped before the new ones are made
-            fed_keys, fed_values = leading_slots(keys, spans), leading_slots(values, spans)
-            self.context_copy_bytes += sum(
-                int(f.nbytes) for f, b in zip((*fed_keys, *fed_values), (*keys, *values)) if f is not b
-            )
-            self._fed = (stamp, fed_keys, fed_values)
-        return self._fed[1], self._fed[2]
-
     # -- inspection -------------------------------------------------------------------------------------------------
 
-    @abstractmethod
     def kv_cache(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Host copies of the per-layer K and V buffers [B, heads, slots, head_dim] (parity and debugging)."""
+        return self.state.kv_cache()
 
-    @abstractmethod
     def self_conditioning(self) -> np.ndarray:
         """A host copy of the self-conditioning state [B, C, H] the next step starts from."""
+        return self.state.self_conditioning()
 
-    @abstractmethod
     def set_self_conditioning(self, state: np.ndarray) -> None:
         """Replaces the self-conditioning state (parity feeds the reference's soft embedding)."""
+        self.state.set_self_conditioning(state)
 
-    # -- what a backend implements ----------------------------------------------------------------------------------
+    # -- every call, for every executor -----------------------------------------------------------------------------
 
-    @abstractmethod
-    def _activate(self) -> None: ...
+    def _allocate(self, padding: np.ndarray) -> None:
+        batch = padding.shape[0]
+        if batch > self.spec.capacity.max_batch:
+            raise CanvasrtError(
+                f"batch of {batch} exceeds the max batch {self.spec.capacity.max_batch}; "
+                "re-export with a larger --max-batch"
+            )
+        mask = self.state.allocate(padding)
+        self.state.mask = self._send("start", {"context_mask": mask})["context_mask"]
+        self.calls["start"] += 1
 
-    @abstractmethod
-    def _deactivate(self) -> None: ...
-
-    @abstractmethod
-    def _start(self, padding: np.ndarray) -> None: ...
-
-    @abstractmethod
-    def _encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None: ...
-
-    @abstractmethod
-    def _denoise(
-        self,
-        canvas: np.ndarray,
-        context_length: np.ndarray,
-        temperature: np.ndarray,
-        entropy_bound: np.ndarray,
-        draws: Draws,
-        first_step: bool,
-        frozen: np.ndarray,
-    ) -> StepResult: ...
-
-    def _count_denoise(
-        self,
-        canvas: np.ndarray,
-        context_length: np.ndarray,
-        temperature: np.ndarray,
-        entropy_bound: np.ndarray,
-        draws: Draws,
-        frozen: np.ndarray,
-        result: StepResult,
+    def _encode(
+        self, state: StepState, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray
     ) -> None:
-        sent = [canvas, context_length, temperature, entropy_bound, draws.renoise_ids, frozen]
-        received = [result.argmax, result.next_canvas, result.accepted, result.entropy, result.mean_entropy]
-        self._count(
-            "denoise",
-            *sent,
-            *([draws.uniforms] if draws.uniforms is not None else []),
-            *received,
-            *result.extras.values(),
-        )
+        batch, chunk = input_ids.shape
+        phase = encoder_phase(chunk, self.spec.capacity.canvas)
+        host = {
+            "input_ids": input_ids.astype(np.int64, copy=False),
+            "positions": np.broadcast_to(positions.astype(np.int64), (batch, chunk)),
+            **no_canvas(batch),
+            "context_length": np.asarray(context_length, np.int64),
+        }
+        out = self._call(phase, state, host, state.self_cond[:, :0], {})
+        layers = len(self.spec.kv_layout)
+        state.write(positions, [out[f"key_{i}"] for i in range(layers)], [out[f"value_{i}"] for i in range(layers)])
 
-    def _count(self, call: str, *arrays: np.ndarray) -> None:
-        self.transfer_bytes[call] += sum(int(a.nbytes) for a in arrays)
+    def _denoise(self, state: StepState, step: StepInputs) -> StepResult:
+        draws = step.draws
+        if draws.exponentials is not None and "exponentials" not in self.executor.capabilities.draws:
+            raise CanvasrtError(
+                f"the {self.name} executor samples from uniforms (--rng counter); --rng hf needs --backend torch"
+            )
+        if draws.uniforms is None and draws.exponentials is None:
+            raise CanvasrtError("a denoising step needs uniforms or exponentials to sample from")
+        state.begin_canvas(step.first_step)
+        batch = step.canvas.shape[0]
+        host = {
+            **no_chunk(batch),
+            "canvas": step.canvas,
+            "context_length": step.context_length,
+            "temperature": step.temperature,
+            "entropy_bound": step.entropy_bound,
+            "renoise_ids": draws.renoise_ids,
+        }
+        if draws.uniforms is not None:
+            host["uniforms"] = draws.uniforms
+        extra = {} if draws.exponentials is None else {"exponentials": draws.exponentials}
+        out = self._call("denoise", state, host, state.self_cond, {"next_self_cond": state.next_self_cond}, extra)
+        state.advance(out["next_self_cond"], step.frozen)
+        self.crossing["denoise"] += step.first_step.nbytes + step.frozen.nbytes
+        if draws.exponentials is not None:  # [B*C, V]: the --rng hf path moves a vocabulary row per position
+            self.crossing["denoise"] += self.executor.arrays.nbytes(draws.exponentials)
+        results = self._receive("denoise", {n: a for n, a in out.items() if not _is_state_output(n)})
+        return StepResult.from_outputs(results)
+
+    def _call(
+        self,
+        phase: str,
+        state: StepState,
+        host: dict[str, np.ndarray],
+        self_cond: Any,
+        outputs: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One executor call: the host arrays sent to the executor's device, the state's buffers as they are."""
+        kind = phase
+        feeds = self._send(kind, host)
+        keys, values = state.context(host["context_length"])
+        stateful: dict[str, Any] = {"self_cond": self_cond, "context_mask": state.mask}
+        for i, (k, v) in enumerate(zip(keys, values)):
+            stateful[f"past_key_{i}"], stateful[f"past_value_{i}"] = k, v
+        out = self.executor.run(phase, {**feeds, **stateful, **(extra or {})}, outputs)
+        self.calls[kind] += 1
+        if not self.executor.capabilities.keeps_state:  # the state travels with the call, both ways
+            xp = self.executor.arrays
+            self.crossing[kind] += sum(xp.nbytes(a) for a in stateful.values())
+            self.crossing[kind] += sum(xp.nbytes(a) for n, a in out.items() if _is_state_output(n))
+        return out
+
+    def _send(self, kind: str, host: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Host arrays onto the executor's device: every byte that crosses on the way in is counted here."""
+        self.crossing[kind] += sum(int(a.nbytes) for a in host.values())
+        xp = self.executor.arrays
+        return {name: xp.from_host(array) for name, array in host.items()}
+
+    def _receive(self, kind: str, outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Executor outputs back to the host: every byte that crosses on the way out is counted here."""
+        xp = self.executor.arrays
+        host = {name: xp.to_host(array) for name, array in outputs.items()}
+        self.crossing[kind] += sum(int(a.nbytes) for a in host.values())
+        return host

@@ -1,11 +1,12 @@
 """`canvasrt_generate`: the Triton Python-backend model that runs the refinement loop (decoupled, streaming).
 
 The model repository holds a few-line `model.py` that imports this class, so the logic lives here, in one place.
-Parameters come from config.pbtxt (`canvasrt triton` writes them): `step_backend` is `in-process` (ONNX Runtime
-inside this model) or `bls` (the step models, called through BLS); `threads` bounds ONNX Runtime's threads per
-instance; `slots` is how many requests one instance batches (in-flight batching, `canvasrt.runtime.scheduler`; 1
-serves them one at a time), `max_queue` how many more may wait, and `batch_window_ms` how long an idle instance holds
-its first step for more requests to join it (like the dynamic batcher's queue delay: a burst that arrives over a
+Parameters come from config.pbtxt (`canvasrt triton` writes them): `step_backend` is `in-process` (the executor
+`executor` inside this model: onnxruntime with `provider`, tensorrt, or torch; the state on its device) or `bls`
+(the step models, called through BLS); `threads` bounds the executor's threads per instance; `slots` is how many
+requests one instance batches (in-flight batching, `canvasrt.runtime.scheduler`; 1 serves them one at a time),
+`max_queue` how many more may wait, and `batch_window_ms` how long an idle instance holds its first step for more
+requests to join it (like the dynamic batcher's queue delay: a burst that arrives over a
 few milliseconds then shares every step call instead of joining a step or a few late).
 
 `execute()` only parses requests and hands them to the instance's scheduler; one thread per instance runs the
@@ -13,9 +14,10 @@ scheduler's iterations and sends each row's responses as they happen. Errors tha
 too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving
 (INVALID_ARG, HTTP 400, for what the request asked; UNAVAILABLE for a full queue; other errors' messages start with
 `protocol.INTERNAL_ERROR`, since Triton's gRPC stream carries the message alone); a request its client cancelled
-leaves at the next step. Custom metrics on Triton's metrics endpoint: step calls, the
-row-steps they carried, step calls by rows in them (the batch occupancy), and the rows and queue now; the log at
-verbose level has a line per step. Nothing here needs PyTorch.
+leaves within CANCEL_POLL_S. Custom metrics on Triton's metrics endpoint: step calls, the row-steps they carried,
+step calls by rows in them (the batch occupancy), the rows and queue now, and the bytes crossing between host memory
+and the executor's device by kind of call (prefill, commit, denoise); the log at verbose level has a line per step.
+Only the torch and TensorRT executors import PyTorch.
 """
 
 from __future__ import annotations
@@ -23,18 +25,23 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import CanvasrtError
-from ..core.manifest import ArtifactManifest
+from ..core.manifest import ArtifactManifest, EngineManifest
 from ..runtime.prompts import TextCodec
 from ..runtime.scheduler import Event, QueueFull, RowRequest, Scheduler, Ticket
-from ..runtime.step import StepBackend
+from ..runtime.step import CALLS, StepBackend
 from .protocol import INTERNAL_ERROR, GenerationRequest, ResponseStream, parse_request
 
 ARTIFACTS = "artifacts"  # the model version directory's copy of the artifacts (graphs only for in-process)
+ENGINES = "engines"  # ... of the engines, served in process by TensorRT
+CHECKPOINT = "checkpoint"  # ... of the checkpoint, served in process by the torch executor
 DEFAULT_QUEUE = 64
+CANCEL_POLL_S = 0.05  # how often a row asks Triton whether its client cancelled
+METRICS_S = 0.1  # how often a busy instance hands its metrics to Triton
 
 
 def _parameters(request: Any) -> dict[str, Any]:
@@ -102,9 +109,10 @@ class TritonPythonModel:
         self.pb_utils = pb_utils
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        directory = Path(args["model_repository"]) / args["model_version"] / ARTIFACTS
-        self.backend = self._open_backend(directory, parameters)
+        version = Path(args["model_repository"]) / args["model_version"]
+        self.backend = self._open_backend(version, parameters)
         self.backend.activate()  # until finalize(): the instance serves every request on this backend
+        directory = version / (CHECKPOINT if (version / CHECKPOINT).is_dir() else ARTIFACTS)
         tokenizer = directory / "tokenizer.json"
         self.codec = TextCodec(directory, self.backend.spec.model.vocab_size) if tokenizer.is_file() else None
         self.generation = self.backend.spec.generation
@@ -122,16 +130,27 @@ class TritonPythonModel:
 
     @staticmethod
     def _open_backend(directory: Path, parameters: dict[str, str]) -> StepBackend:
-        mode = parameters.get("step_backend", "in-process")
-        if mode == "in-process":
-            from ..runtime.backends.onnxruntime import OnnxRuntimeBackend
+        """The executor named at `canvasrt triton` time, in process, or the step models over BLS."""
+        threads = int(parameters.get("threads", "0")) or None
+        if parameters.get("step_backend", "in-process") == "bls":
+            from .bls import TritonStepExecutor
 
-            threads = int(parameters.get("threads", "0")) or None
-            return OnnxRuntimeBackend(ArtifactManifest.load(directory), threads=threads)
-        from .bls import TritonStepBackend
+            # the graphs live in the step models; this copy of the artifacts is their manifest and tokenizer only
+            return StepBackend(TritonStepExecutor(ArtifactManifest.load(directory / ARTIFACTS, require_graphs=False)))
+        executor = parameters.get("executor", "onnxruntime")
+        if executor == "tensorrt":
+            from ..runtime.backends.tensorrt import TensorRTExecutor
 
-        # the graphs live in the step models; this copy of the artifacts is their manifest and tokenizer only
-        return TritonStepBackend(ArtifactManifest.load(directory, require_graphs=False))
+            return StepBackend(TensorRTExecutor(EngineManifest.load(directory / ENGINES)))
+        if executor == "torch":
+            from ..runtime.backends.torch import TorchExecutor
+
+            max_batch = int(parameters["max_batch"])
+            return StepBackend(TorchExecutor(directory / CHECKPOINT, max_batch=max_batch, threads=threads))
+        from ..runtime.backends.onnxruntime import OnnxRuntimeExecutor
+
+        manifest = ArtifactManifest.load(directory / ARTIFACTS)
+        return StepBackend(OnnxRuntimeExecutor(manifest, parameters.get("provider", "cpu"), threads))
 
     def _metrics(self, slots: int) -> None:
         family = self.pb_utils.MetricFamily
@@ -150,11 +169,20 @@ class TritonPythonModel:
             ),
             family(name="canvasrt_rows", description="requests in the scheduler's slots", kind=gauge),
             family(name="canvasrt_queued_requests", description="requests waiting for a slot", kind=gauge),
+            family(
+                name="canvasrt_host_device_bytes_total",
+                description="bytes between host memory and the executor's device, by kind of call",
+                kind=counter,
+            ),
         ]
-        steps, row_steps, by_rows, rows, queued = self.metric_families
+        steps, row_steps, by_rows, rows, queued, crossing = self.metric_families
         self.metric_steps, self.metric_row_steps = steps.Metric(labels={}), row_steps.Metric(labels={})
         self.metric_by_rows = {n: by_rows.Metric(labels={"rows": str(n)}) for n in range(1, slots + 1)}
         self.metric_rows, self.metric_queued = rows.Metric(labels={}), queued.Metric(labels={})
+        self.metric_crossing = {kind: crossing.Metric(labels={"call": kind}) for kind in CALLS}
+        self.crossed = dict.fromkeys(CALLS, 0)  # what the crossing metric has counted so far
+        self.pending_steps: Counter[int] = Counter()  # step calls by rows, not yet in the metrics
+        self.recorded = 0.0
 
     def execute(self, requests: list[Any]) -> None:
         pb_utils = self.pb_utils
@@ -172,7 +200,10 @@ class TritonPythonModel:
                 )
                 relay = _Relay(self, sender, parsed)
                 relay.ticket = Ticket(
-                    RowRequest(parsed.ids, parsed.seed, parsed.settings), relay.on_event, sender.is_cancelled
+                    RowRequest(parsed.ids, parsed.seed, parsed.settings),
+                    relay.on_event,
+                    sender.is_cancelled,
+                    CANCEL_POLL_S,
                 )
                 self.relays[id(relay.ticket)] = relay
                 try:
@@ -219,7 +250,7 @@ class TritonPythonModel:
                 if not relay.closed:  # the client cancelled: Triton still wants the final flag, for nobody to read
                     pb_utils.Logger.log_info(
                         f"canvasrt_generate: request cancelled by its client after {relay.sent} "
-                        "response(s); its row left at the next step"
+                        "response(s); its row left within a step or two"
                     )
                     relay.cancelled()
             for key in [key for key, relay in self.relays.items() if relay.closed and relay.ticket.finished]:
@@ -237,16 +268,34 @@ class TritonPythonModel:
             self.wake.wait(left)
 
     def _count_step(self, occupancy: int) -> None:
-        self.metric_steps.increment(1)
-        self.metric_row_steps.increment(occupancy)
-        self.metric_by_rows[occupancy].increment(1)
+        """Counts a step call (the scheduler's on_step, before the step's events go out); the counts reach the
+        metrics in `_record`."""
+        self.pending_steps[occupancy] += 1
         self.pb_utils.Logger.log_verbose(
             f"canvasrt_generate: step {self.scheduler.stats.step_calls} carried {occupancy} row(s)"
         )
 
     def _record(self) -> None:
-        self.metric_rows.set(len(self.scheduler.rows))
-        self.metric_queued.set(len(self.scheduler.queue))
+        """Hands the metrics to Triton (one inter-process call each) at most every METRICS_S while the instance is
+        busy, and at once when it goes idle."""
+        scheduler = self.scheduler
+        now = time.monotonic()
+        if scheduler.busy and now - self.recorded < METRICS_S:
+            return
+        self.recorded = now
+        self.metric_rows.set(len(scheduler.rows))
+        self.metric_queued.set(len(scheduler.queue))
+        for kind, metric in self.metric_crossing.items():
+            crossed = self.backend.crossing[kind]
+            if crossed > self.crossed[kind]:
+                metric.increment(crossed - self.crossed[kind])
+                self.crossed[kind] = crossed
+        if self.pending_steps:
+            self.metric_steps.increment(sum(self.pending_steps.values()))
+            self.metric_row_steps.increment(sum(n * calls for n, calls in self.pending_steps.items()))
+            for occupancy, calls in self.pending_steps.items():
+                self.metric_by_rows[occupancy].increment(calls)
+            self.pending_steps.clear()
 
     def finalize(self) -> None:
         with self.wake:
@@ -258,4 +307,5 @@ class TritonPythonModel:
         self.backend.deactivate()
         # Triton wants a metric family released after its metrics
         del self.metric_steps, self.metric_row_steps, self.metric_by_rows, self.metric_rows, self.metric_queued
+        del self.metric_crossing
         del self.metric_families

@@ -1,10 +1,13 @@
 """`canvasrt triton`: a Triton Inference Server model repository from an artifact or engine directory.
 
     canvasrt_generate/   Python backend, decoupled: the loop (canvasrt.serving.model), streaming each canvas;
-                         with --step-backend in-process it holds the graphs and runs them through ONNX Runtime
-    canvasrt_backbone/   the step model called through BLS for prefill, commit and denoising steps alike:
-                         tensorrt_plan (one engine, a profile per phase), onnxruntime_onnx, or the Python backend
-                         running ONNX Runtime (canvasrt.serving.step_model, --step-backend python)
+                         in process (the default) it holds what its executor runs and keeps the state on that
+                         executor's device: artifacts on ONNX Runtime (--provider cpu, cuda or tensorrt-ep), engines
+                         on TensorRT, a checkpoint on the torch executor (the models' environment needs PyTorch)
+    canvasrt_backbone/   with --step-backend tensorrt/onnxruntime/python only: the step model called through BLS for
+                         prefill, commit and denoising steps alike: tensorrt_plan (one engine, a profile per phase),
+                         onnxruntime_onnx, or the Python backend running ONNX Runtime (canvasrt.serving.step_model);
+                         the loop then sends the K/V context and the self-conditioning state with every call
 
 config.pbtxt files are built as Triton's own ModelConfig protobuf (tritonclient ships it) and printed with
 text_format, then parsed back and compared, so a file that Triton would misread is never written. The step models
@@ -26,8 +29,9 @@ from ..core.kv import NUMPY_DTYPES
 from ..core.manifest import ArtifactManifest, EngineEntry, EngineManifest, GraphEntry
 from ..core.output import OutputKind, staged_directory
 from ..core.target import CheckpointDir, open_target
+from ..runtime.backends.onnxruntime import PROVIDERS
 from .bls import STEP_MODELS
-from .model import ARTIFACTS, DEFAULT_QUEUE
+from .model import ARTIFACTS, CHECKPOINT, DEFAULT_QUEUE, ENGINES
 from .protocol import ALL_INPUTS, OUTPUTS, Field
 
 GENERATE_MODEL = "canvasrt_generate"
@@ -165,29 +169,19 @@ def write_repository(
     slots: int | None = None,
     max_queue: int = DEFAULT_QUEUE,
     batch_window_ms: int = 0,
+    provider: str = "cpu",
 ) -> dict[str, Any]:
-    """Writes the model repository; returns a summary (models, step backend, source). slots: requests one loop
+    """Writes the model repository; returns a summary (models, step backend, executor, source). provider: ONNX
+    Runtime's, for artifacts served in process. slots: requests one loop
     instance batches (default max_batch; 1 serves them one at a time); max_queue: requests that may wait for one;
     batch_window_ms: how long an idle loop instance holds its first step for more requests to join it."""
     output = Path(output)
     opened = open_target(target)
-    if isinstance(opened, CheckpointDir):
-        raise CanvasrtError(
-            f"{target} is a checkpoint; Triton serves exported graphs or engines (run `canvasrt export`)"
-        )
-    engines = opened if isinstance(opened, EngineManifest) else None
-    step_backend = step_backend or ("tensorrt" if engines else "onnxruntime")
+    step_backend = step_backend or "in-process"
     if step_backend not in STEP_BACKENDS:
         raise CanvasrtError(f"unknown step backend {step_backend!r}; use one of {', '.join(STEP_BACKENDS)}")
-    if (step_backend == "tensorrt") != (engines is not None):
-        raise CanvasrtError(
-            f"--step-backend {step_backend} needs "
-            + (
-                "an engine directory (`canvasrt build`)"
-                if step_backend == "tensorrt"
-                else "an artifact directory (`canvasrt export`), not engines"
-            )
-        )
+    if provider not in PROVIDERS:
+        raise CanvasrtError(f"unknown ONNX Runtime provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     if instances < 1:
         raise CanvasrtError(f"--instances must be at least 1, got {instances}")
     if threads < 0:
@@ -196,6 +190,30 @@ def write_repository(
         raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
     if batch_window_ms < 0:
         raise CanvasrtError(f"--batch-window-ms must be 0 (step at once) or more, got {batch_window_ms}")
+    if isinstance(opened, CheckpointDir):
+        if step_backend != "in-process":
+            raise CanvasrtError(
+                f"{target} is a checkpoint, which the loop model runs in process on the torch executor; step models "
+                "(--step-backend) serve exported graphs or engines (run `canvasrt export`)"
+            )
+        return _write_checkpoint_repository(
+            opened, output, instances, max_batch, threads, slots, max_queue, batch_window_ms
+        )
+    engines = opened if isinstance(opened, EngineManifest) else None
+    if provider != "cpu" and (step_backend != "in-process" or engines is not None):
+        raise CanvasrtError(
+            f"--provider {provider} names the ONNX Runtime provider of the in-process loop on artifacts; "
+            "drop it for engines and step models"
+        )
+    if step_backend != "in-process" and (step_backend == "tensorrt") != (engines is not None):
+        raise CanvasrtError(
+            f"--step-backend {step_backend} needs "
+            + (
+                "an engine directory (`canvasrt build`)"
+                if step_backend == "tensorrt"
+                else "an artifact directory (`canvasrt export`), not engines"
+            )
+        )
     if engines is not None:
         for problem in engines.artifact_problems():
             raise ArtifactError(problem)
@@ -203,10 +221,10 @@ def write_repository(
     else:
         assert isinstance(opened, ArtifactManifest)
         manifest = opened
-    if manifest.dtype not in NUMPY_DTYPES:
+    if step_backend != "in-process" and manifest.dtype not in NUMPY_DTYPES:
         raise CanvasrtError(
-            f"the loop model feeds {manifest.dtype} tensors from numpy, which has no such type; "
-            "export with --dtype fp32 or fp16"
+            f"the loop model sends {manifest.dtype} tensors to step models from numpy, which Triton cannot take; "
+            "serve in process, or export with --dtype fp32 or fp16"
         )
     # a build may have narrowed the profiles below the artifacts' capacity
     capacity = engines.max_batch if engines is not None else manifest.capacity.max_batch
@@ -235,6 +253,8 @@ def write_repository(
     opened.verify()
     parameters = {
         "step_backend": "in-process" if step_backend == "in-process" else "bls",
+        "executor": "tensorrt" if engines is not None else "onnxruntime",
+        "provider": provider,
         "threads": str(threads),
         "slots": str(slots),
         "max_queue": str(max_queue),
@@ -244,7 +264,7 @@ def write_repository(
     with staged_directory(output, REPOSITORY_OUTPUT, inputs) as staging:
         model_dir = staging / GENERATE_MODEL / "1"
         artifacts = manifest.directory
-        if step_backend == "in-process":
+        if step_backend == "in-process" and engines is None:
             shutil.copytree(artifacts, model_dir / ARTIFACTS, copy_function=_link_or_copy)
         else:
             (model_dir / ARTIFACTS).mkdir(parents=True)
@@ -252,6 +272,9 @@ def write_repository(
                 _link_or_copy(str(artifacts / name), str(model_dir / ARTIFACTS / name))
             # The loop's limits are the engines' where a build narrowed them (`canvasrt build --max-context`)
             (manifest.with_capacity(engines.capacity) if engines is not None else manifest).write(model_dir / ARTIFACTS)
+        if step_backend == "in-process" and engines is not None:
+            shutil.copytree(engines.directory, model_dir / ENGINES, copy_function=_link_or_copy)
+        if step_backend != "in-process":
             for graph in GRAPHS:
                 step_dir = staging / STEP_MODELS[graph]
                 (step_dir / "1").mkdir(parents=True)
@@ -279,7 +302,48 @@ def write_repository(
     return {
         "models": models,
         "step_backend": step_backend,
+        "executor": parameters["executor"] if step_backend == "in-process" else "triton-bls",
         "source": str(target),
+        "max_batch": max_batch,
+        "slots": slots,
+    }
+
+
+def _write_checkpoint_repository(
+    checkpoint: CheckpointDir,
+    output: Path,
+    instances: int,
+    max_batch: int | None,
+    threads: int,
+    slots: int | None,
+    max_queue: int,
+    batch_window_ms: int,
+) -> dict[str, Any]:
+    """The loop model alone, running the torch executor on a copy of the checkpoint (fp32, the checkpoint's
+    context up to 4096 positions; `max_batch` rows, 16 unless given); the options are checked by the caller."""
+    max_batch = max_batch or 16
+    slots = max_batch if slots is None else slots
+    if not 1 <= slots <= max_batch:
+        raise CanvasrtError(f"--slots must be between 1 and the max batch {max_batch}, got {slots}")
+    parameters = {
+        "step_backend": "in-process",
+        "executor": "torch",
+        "max_batch": str(max_batch),
+        "threads": str(threads),
+        "slots": str(slots),
+        "max_queue": str(max_queue),
+        "batch_window_ms": str(batch_window_ms),
+    }
+    with staged_directory(output, REPOSITORY_OUTPUT, [checkpoint.directory]) as staging:
+        model_dir = staging / GENERATE_MODEL / "1"
+        shutil.copytree(checkpoint.directory, model_dir / CHECKPOINT, copy_function=_link_or_copy)
+        (model_dir / "model.py").write_text(ENTRY.format(module="model"))
+        write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
+    return {
+        "models": [GENERATE_MODEL],
+        "step_backend": "in-process",
+        "executor": "torch",
+        "source": str(checkpoint.directory),
         "max_batch": max_batch,
         "slots": slots,
     }

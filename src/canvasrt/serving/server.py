@@ -197,8 +197,10 @@ class TritonServer:
         log: Path | None = None,
         startup_timeout: float = 120.0,
         metrics_port: int | None = None,
+        extra_sites: tuple[Path, ...] = (),
     ):
-        """metrics_port: Triton's Prometheus endpoint (None: any free port; `metrics_url` says which)."""
+        """metrics_port: Triton's Prometheus endpoint (None: any free port; `metrics_url` says which). extra_sites:
+        site-packages the models see after their environment's (PyTorch for the torch executor, say)."""
         self.repository = Path(repository).resolve()
         if not any(self.repository.glob("*/config.pbtxt")):
             raise CanvasrtError(f"{repository} holds no model (no */config.pbtxt); write one with `canvasrt triton`")
@@ -207,6 +209,7 @@ class TritonServer:
         check_port_options(self.ports())
         self.env = python_env(python_env_path)
         check_python_env(self.env)
+        self.extra_sites = tuple(Path(p) for p in extra_sites)
         self.installation = find_installation(self.env)
         self.check_ports()
         self.log = log
@@ -268,7 +271,7 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(
                 filter(None, [str(self.installation.libraries), env.get("LD_LIBRARY_PATH")])
             )
-        env["CANVASRT_PYTHONPATH"] = str(self.env.site_packages)
+        env["CANVASRT_PYTHONPATH"] = os.pathsep.join(map(str, (self.env.site_packages, *self.extra_sites)))
         return env
 
     def ports(self) -> dict[str, int]:

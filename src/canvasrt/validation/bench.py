@@ -130,8 +130,7 @@ def _bench_backend(
     ids, padding = _request(vocab, batch, prompt_length)
     with backend:
         for _ in range(2):  # the first run warms up sessions and allocators
-            backend.transfer_bytes = dict.fromkeys(backend.transfer_bytes, 0)
-            backend.context_copy_bytes = 0
+            backend.reset_counters()
             result = generate(backend, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
     t = result.timings
     wall, inside = sum(t["step_wall_s"]), sum(t["step_backend_s"])
@@ -145,7 +144,8 @@ def _bench_backend(
         "steps_per_block": result.steps_per_block,
         "tokens_per_forward": float(np.mean(result.tokens_per_forward)),
         "tokens_per_s": new_tokens / t["total_s"],
-        "transfer_bytes_per_step": backend.transfer_bytes["denoise"] / max(t["steps"], 1),
+        # bytes between host and the executor's device per call of each kind (runtime/step.py defines them)
+        "host_device_bytes": backend.bytes_per_call(),
         # K/V slots copied into the calls' context inputs (once per canvas and prefill chunk, not per step)
         "context_copy_bytes_per_step": backend.context_copy_bytes / max(t["steps"], 1),
     }

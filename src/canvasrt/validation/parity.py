@@ -34,11 +34,11 @@ from ..core.target import CheckpointDir, open_target
 from ..model.checkpoint import Checkpoint
 from ..model.modeling import categorical_entropy, entropy_bound_accept, sample_inverse_cdf, soft_embedding
 from ..runtime.backends import open_backend
-from ..runtime.backends.torch import TorchBackend
+from ..runtime.backends.torch import TorchExecutor
 from ..runtime.loop import generate, left_pad
 from ..runtime.rng import make_draws
 from ..runtime.settings import GenerationSettings, resolve_settings
-from ..runtime.step import Draws, StepBackend
+from ..runtime.step import Draws, StepBackend, StepInputs
 from .reference import Reference
 
 # Tolerances per artifact dtype.
@@ -377,7 +377,7 @@ def _step_checks(
     dtype: str,
     report: Report,
 ) -> list[Check]:
-    ref, batch = stage.reference, stage.canvas.shape[0]
+    ref = stage.reference
     ties = int((stage.routing_margin < ROUTING_TIE).sum())
     if ties:
         report.info.setdefault("routing_ties", {})[stage.name] = ties
@@ -388,13 +388,9 @@ def _step_checks(
     if stage.self_cond is not None:
         backend.set_self_conditioning(stage.self_cond)
     out = backend.denoise(
-        stage.canvas,
-        context,
-        np.full(batch, stage.temperature, np.float32),
-        np.full(batch, settings.entropy_bound, np.float32),
-        stage.draws,
-        stage.self_cond is None,
-        np.zeros(batch, dtype=bool),
+        StepInputs.uniform(
+            stage.canvas, context, stage.temperature, settings.entropy_bound, stage.draws, stage.self_cond is None
+        )
     )
     name = stage.name
     checks = []
@@ -476,13 +472,25 @@ def loop_parity(
     ]
     rows = rows[: min(2, cap.max_batch)]
     report.info = {"prompt_lengths": [len(r) for r in rows], "settings": settings.to_dict(), "seed": seed}
-    report.checks += generate_parity(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated)
+    report.checks += generate_parity(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated.executor)
 
-    ids, padding = left_pad(rows, settings.pad_token_id or 0)
     if simulated.spec.quantization:
         # FP8 is compared with the torch backend simulating the same FP8 scales: this is where the Q/DQ placement
         # and scales are checked token for token; the accuracy cost is what `canvasrt eval` measures.
         report.info["torch_backend"] = "fake-quantized with the artifacts' calibration"
+    report.checks += loop_agreement(backend, simulated, rows, settings, seed)
+    return report
+
+
+def loop_agreement(
+    backend: StepBackend, simulated: StepBackend, rows: list[list[int]], settings: GenerationSettings, seed: int
+) -> list[Check]:
+    """The loop over two inactive backends, one after the other, on the same prompts and counter draws: committed
+    tokens per canvas (all of them for fp32 and FP8), steps per block and sequence length."""
+    spec = backend.spec
+    canvas, vocab, dtype = spec.capacity.canvas, spec.model.vocab_size, spec.precision
+    ids, padding = left_pad(rows, settings.pad_token_id or 0)
+    checks = []
     results = {}
     for runner in (simulated, backend):
         with runner:
@@ -495,13 +503,13 @@ def loop_parity(
     stage = f"{backend.name}_vs_torch"
     for block in range(math.ceil(width / canvas)):
         sl = slice(block * canvas, (block + 1) * canvas)
-        report.checks.append(
+        checks.append(
             _judge_agreement(
                 f"{stage}_block{block}", "committed_tokens", a.new_tokens[:, sl], t.new_tokens[:, sl], minimum
             )
         )
     exact = dtype in ("fp32", "fp8")
-    report.checks.append(
+    checks.append(
         Check(
             stage,
             "steps_per_block",
@@ -510,7 +518,7 @@ def loop_parity(
             a.steps_per_block == t.steps_per_block or not exact,
         )
     )
-    report.checks.append(
+    checks.append(
         Check(
             stage,
             "sequence_length",
@@ -519,7 +527,7 @@ def loop_parity(
             a.sequences.shape == t.sequences.shape or not exact,
         )
     )
-    return report
+    return checks
 
 
 @torch.inference_mode()
@@ -530,7 +538,7 @@ def generate_parity(
     seed: int,
     threads: int | None,
     max_context: int,
-    like: TorchBackend,
+    like: TorchExecutor,
 ) -> list[Check]:
     """The torch backend with --rng hf against transformers' generate(), batch of one and of two, both on the
     device, in the dtype and with the MoE formulation of `like`."""
@@ -552,14 +560,16 @@ def generate_parity(
         )
         expected.append(reference.generate(ids, padding, seed, **hf_kwargs))
         del reference
-    with TorchBackend(
-        checkpoint_dir,
-        dtype=like.dtype,
-        moe=like.moe,
-        max_batch=len(rows),
-        max_context=max_context,
-        threads=threads,
-        device=like.device,
+    with StepBackend(
+        TorchExecutor(
+            checkpoint_dir,
+            dtype=like.dtype,
+            moe=like.moe,
+            max_batch=len(rows),
+            max_context=max_context,
+            threads=threads,
+            device=like.device,
+        )
     ) as torch_backend:
         vocab, canvas = torch_backend.spec.model.vocab_size, torch_backend.spec.capacity.canvas
         for batch, hf in enumerate(expected, 1):
@@ -613,15 +623,17 @@ def parity(
     artifacts = opened if isinstance(opened, ArtifactManifest) else ArtifactManifest.load(opened.artifacts)
     moe = artifacts.moe
     calibration = artifacts.calibration() if artifacts.quantization else None
-    simulated = TorchBackend(
-        checkpoint_dir,
-        dtype=reference_dtype,
-        moe=moe,
-        max_batch=opened.capacity.max_batch,
-        max_context=opened.capacity.max_context,
-        threads=threads,
-        calibration=calibration,
-        device=device,
+    simulated = StepBackend(
+        TorchExecutor(
+            checkpoint_dir,
+            dtype=reference_dtype,
+            moe=moe,
+            max_batch=opened.capacity.max_batch,
+            max_context=opened.capacity.max_context,
+            threads=threads,
+            calibration=calibration,
+            device=device,
+        )
     )
     return loop_parity(
         checkpoint_dir, runner, simulated, seed=seed, threads=threads, max_new_tokens=max_new_tokens, target=target

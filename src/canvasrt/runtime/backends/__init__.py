@@ -1,9 +1,10 @@
-"""Step backends, one small class each behind `canvasrt.runtime.step.StepBackend`.
+"""The executors, one small class each behind `canvasrt.runtime.executor.Executor`, and `open_backend`, which pairs
+one with a step state (`canvasrt.runtime.step.StepBackend`) for a target (see `canvasrt.core.target`).
 
-`open_backend` picks one for a target (see `canvasrt.core.target`): an artifact directory runs on ONNX Runtime (or,
-with --backend torch, the torch backend on the checkpoint it came from, simulating FP8 artifacts with their own
-scales), an engine directory on TensorRT, a checkpoint directory on the torch backend. Backend modules are
-imported lazily so that the ONNX Runtime path never imports PyTorch.
+An executor is chosen by what it declares (`Capabilities.targets`): an artifact directory runs on ONNX Runtime (or,
+with --backend torch, the torch executor on the checkpoint it came from, simulating FP8 artifacts with their own
+scales), an engine directory on TensorRT, a checkpoint directory on the torch executor. Executor modules are imported
+lazily so that the ONNX Runtime path never imports PyTorch.
 """
 
 from __future__ import annotations
@@ -13,9 +14,21 @@ from pathlib import Path
 from ...core.errors import CanvasrtError
 from ...core.manifest import ArtifactManifest, EngineManifest
 from ...core.target import CheckpointDir, Target, open_target, target_kind
+from ..executor import Capabilities
 from ..step import StepBackend
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# Each executor's capabilities, declared here (its class refers to them) so that choosing one imports nothing.
+EXECUTORS: dict[str, Capabilities] = {
+    "onnxruntime": Capabilities(devices=("cpu", "cuda"), dtypes=("fp32", "fp16", "bf16"), targets=("artifacts",)),
+    "torch": Capabilities(
+        devices=("cpu", "cuda"),
+        dtypes=("fp32", "fp16", "bf16"),
+        draws=("uniforms", "exponentials"),
+        targets=("checkpoint", "artifacts"),
+    ),
+    "tensorrt": Capabilities(devices=("cuda",), dtypes=("fp32", "fp16", "bf16"), targets=("engines",)),
+}
+BACKENDS = tuple(EXECUTORS)
 DEFAULTS = {"artifacts": "onnxruntime", "engines": "tensorrt", "checkpoint": "torch"}
 
 
@@ -24,7 +37,7 @@ def default_backend(target: Target) -> str:
 
 
 def refuse_unused_device(device: str, names: list[str]) -> None:
-    """--device places the torch paths (the torch backend, the transformers reference) only: a run of none of
+    """--device places the torch paths (the torch executor, the transformers reference) only: a run of none of
     them would silently ignore it."""
     if device != "cpu" and not {"torch", "transformers"} & set(names):
         raise CanvasrtError(
@@ -42,42 +55,42 @@ def open_backend(
     device: str = "cpu",
     dtype: str | None = None,
 ) -> StepBackend:
-    """An inactive backend for `target` (a path or an opened target); `with backend:` activates it. device, dtype:
-    the torch backend's (fp32 unless given)."""
+    """An inactive backend for `target` (a path or an opened target); `with backend:` activates it. provider: ONNX
+    Runtime's; device, dtype: the torch executor's (fp32 unless given)."""
     if isinstance(target, (str, Path)):
         target = open_target(target)
     name = name or default_backend(target)
-    if name not in BACKENDS:
+    if name not in EXECUTORS:
         raise CanvasrtError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if (name == "tensorrt") != isinstance(target, EngineManifest):
+    kind = target_kind(target)
+    if kind not in EXECUTORS[name].targets:
+        runs = [n for n, c in EXECUTORS.items() if kind in c.targets]
+        what = {"artifacts": "exported graphs", "engines": "engine directories", "checkpoint": "checkpoints"}
         raise CanvasrtError(
-            f"--backend {name} cannot run {target.directory}: engine directories (`canvasrt build`) run on "
-            "--backend tensorrt, and only there"
+            f"--backend {name} cannot run {target.directory}, which holds {what[kind]}: "
+            f"those run on --backend {' or '.join(runs)}"
+            + (" (run `canvasrt export` first)" if name == "onnxruntime" else "")
         )
     if isinstance(target, EngineManifest):
-        from .tensorrt import TensorRTBackend
+        from .tensorrt import TensorRTExecutor
 
-        return TensorRTBackend(target)
+        return StepBackend(TensorRTExecutor(target))
     if name == "onnxruntime":
-        if not isinstance(target, ArtifactManifest):
-            raise CanvasrtError(
-                f"--backend onnxruntime runs exported graphs; {target.directory} is a checkpoint "
-                "(run `canvasrt export` first)"
-            )
-        from .onnxruntime import OnnxRuntimeBackend
+        assert isinstance(target, ArtifactManifest)
+        from .onnxruntime import OnnxRuntimeExecutor
 
-        return OnnxRuntimeBackend(target, provider=provider, threads=threads)
-    from .torch import TorchBackend
+        return StepBackend(OnnxRuntimeExecutor(target, provider=provider, threads=threads))
+    from .torch import TorchExecutor
 
     if isinstance(target, CheckpointDir):
-        return TorchBackend(
-            target.directory, dtype=dtype or "fp32", max_batch=max_batch, threads=threads, device=device
+        return StepBackend(
+            TorchExecutor(target.directory, dtype=dtype or "fp32", max_batch=max_batch, threads=threads, device=device)
         )
     source = target.checkpoint_path
     if not (source / "config.json").is_file():
         raise CanvasrtError(f"--backend torch needs the checkpoint {source} these artifacts came from; it is gone")
     calibration = target.calibration() if target.quantization else None
-    backend = TorchBackend(
+    executor = TorchExecutor(
         source,
         dtype=dtype or "fp32",
         moe=target.moe,
@@ -87,5 +100,5 @@ def open_backend(
         calibration=calibration,
         device=device,
     )
-    backend.checkpoint.check_source_of(target, target.directory)  # the checkpoint may have changed since the export
-    return backend
+    executor.checkpoint.check_source_of(target, target.directory)  # the checkpoint may have changed since the export
+    return StepBackend(executor)

@@ -1,31 +1,41 @@
-"""ONNX Runtime backend: runs backbone.onnx of an artifact directory, one session for every phase. Needs only numpy
-and onnxruntime.
+"""The ONNX Runtime executor: runs backbone.onnx of an artifact directory, one session for every phase, through
+IOBinding on buffers of its own device.
 
-The host-resident state (K/V buffers, context mask, self-conditioning) is HostGraphBackend's, which is also ONNX
-Runtime's CPU device memory: the sessions read it without copies.
+The state's buffers (K/V, context mask, self-conditioning) and every other input are bound by address, and every
+output is bound to a buffer of the executor's device, so a call copies nothing between host and device that
+`StepBackend` did not send: with the CPU provider the buffers are numpy arrays (no PyTorch is imported); with the
+CUDA provider and the TensorRT execution provider (`tensorrt-ep`) they are torch tensors on the GPU, bound by the same
+code. Element types go to ONNX Runtime as ONNX type numbers, so bf16 artifacts run too (numpy holds bf16 through
+ml_dtypes).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...core.contract import ONNX_TYPES, check_io
+from ...core.contract import MODEL_DTYPE, ONNX_TYPES, check_io
 from ...core.errors import ArtifactError, CanvasrtError
 from ...core.manifest import ArtifactManifest
-from .host import HostGraphBackend
+from ..executor import Executor, output_shape
+from ..state import Arrays, HostArrays, TorchArrays
+from . import EXECUTORS
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
+    "tensorrt-ep": "TensorrtExecutionProvider",
 }
+# ONNX TensorProto element types by numpy dtype name (bfloat16: ml_dtypes)
+ELEMENT_TYPES = {"float32": 1, "int64": 7, "bool": 9, "float16": 10, "bfloat16": 16}
 
 
-def create_session(path: Path, provider: str = "cpu", threads: int | None = None) -> Any:
-    """An InferenceSession on the named provider, or a one-line error saying how to get that provider."""
+def check_provider(provider: str) -> str:
+    """The execution provider's ONNX Runtime name, or a one-line error saying how to get that provider."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -36,6 +46,14 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
             f"this ONNX Runtime ({ort.__version__}) has no {wanted}; install canvasrt[gpu] (onnxruntime-gpu) on a "
             "machine with that GPU stack, or use --provider cpu"
         )
+    return str(wanted)
+
+
+def create_session(path: Path, provider: str = "cpu", threads: int | None = None) -> Any:
+    """An InferenceSession on the named provider, or a one-line error saying how to get that provider."""
+    import onnxruntime as ort
+
+    wanted = check_provider(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # The exporter page-aligns external weights, so the CPU provider maps them from the file instead of copying
@@ -73,20 +91,112 @@ def checked_session(manifest: ArtifactManifest, provider: str = "cpu", threads: 
     return session
 
 
-class OnnxRuntimeBackend(HostGraphBackend):
+class OutputBuffers:
+    """One reusable buffer per output name on the executor's device, grown to the largest call seen: a call's output
+    is the leading elements viewed in its shape (dense), so outputs never allocate after warm-up."""
+
+    def __init__(self, arrays: Arrays):
+        self.arrays = arrays
+        self.flat: dict[str, Any] = {}
+        self.views: dict[tuple[str, tuple[int, ...]], Any] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: str) -> Any:
+        view = self.views.get((name, shape))
+        if view is None:
+            size = math.prod(shape)
+            flat = self.flat.get(name)
+            if flat is None or flat.shape[0] < max(size, 1):
+                flat = self.flat[name] = self.arrays.zeros((max(size, 1),), dtype)
+                self.views = {key: v for key, v in self.views.items() if key[0] != name}
+            view = self.views[(name, shape)] = flat[:size].reshape(shape)
+        return view
+
+
+def device_of(arrays: Arrays) -> tuple[str, int]:
+    """ONNX Runtime's device type and id for the arrays' device."""
+    kind, _, index = arrays.device.partition(":")
+    return kind, int(index or 0)
+
+
+class OnnxRuntimeExecutor(Executor):
     name = "onnxruntime"
 
     def __init__(self, manifest: ArtifactManifest, provider: str = "cpu", threads: int | None = None):
-        super().__init__(manifest)
-        self.provider = provider
-        self.threads = threads
+        if provider not in PROVIDERS:
+            raise CanvasrtError(f"unknown ONNX Runtime provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+        self.manifest, self.spec = manifest, manifest
+        self.provider, self.threads = provider, threads
+        on_gpu = provider != "cpu"
+        self.capabilities = replace(EXECUTORS["onnxruntime"], devices=("cuda",) if on_gpu else ("cpu",))
+        self.arrays: Arrays = TorchArrays("cuda:0") if on_gpu else HostArrays()
+        self.context_width = int(manifest.backbone.input("context_mask").shape[1])
+        self.outputs = {spec.name: spec for spec in manifest.backbone.outputs}
         self.session: Any = None
 
-    def _activate(self) -> None:
+    def preflight(self) -> None:
+        """The GPU providers keep the state in PyTorch CUDA tensors (GPU machines have PyTorch; the CPU provider
+        never imports it): refused with one line where the provider, PyTorch or its GPU is missing."""
+        check_provider(self.provider)
+        if self.provider == "cpu":
+            return
+        try:
+            import torch
+        except ImportError:
+            raise CanvasrtError(
+                f"--provider {self.provider} keeps the state on the GPU in PyTorch CUDA tensors, and PyTorch is not "
+                "installed; install canvasrt[gpu]"
+            ) from None
+        if not torch.cuda.is_available():
+            raise CanvasrtError(
+                f"--provider {self.provider} needs a CUDA GPU, and PyTorch sees none; use --provider cpu"
+            )
+
+    def load(self) -> None:
         self.session = checked_session(self.manifest, self.provider, self.threads)
+        self.buffers = OutputBuffers(self.arrays)
+        self.bindings: dict[str, tuple[Any, dict[str, tuple[int, tuple[int, ...], int]]]] = {}
+        self.element_types: dict[Any, int] = {}
+        self.device_type, self.device_id = device_of(self.arrays)
 
-    def _deactivate(self) -> None:
-        self.session = None
+    def unload(self) -> None:
+        self.session, self.bindings = None, {}
+        self.buffers = OutputBuffers(self.arrays)
 
-    def run_backbone(self, phase: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.session.run(None, feeds))
+    def run(self, phase: str, feeds: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        binding, bound = self._binding(phase)
+        for name, array in feeds.items():
+            self._bind(binding.bind_input, bound, name, array)
+        dims = {
+            "batch": feeds["context_length"].shape[0],
+            "chunk": feeds["input_ids"].shape[1],
+            "rows": feeds["canvas"].shape[1],
+        }
+        results = {}
+        for name, spec in self.outputs.items():
+            array = outputs.get(name)
+            if array is None:
+                dtype = self.manifest.dtype if spec.dtype == MODEL_DTYPE else spec.dtype
+                array = self.buffers.get(name, output_shape(spec, dims), dtype)
+            self._bind(binding.bind_output, bound, name, array)
+            results[name] = array
+        self.session.run_with_iobinding(binding)
+        return results
+
+    def _binding(self, phase: str) -> tuple[Any, dict[str, tuple[int, tuple[int, ...], int]]]:
+        """The IOBinding of a phase, kept across its calls with what each name is bound to: a call rebinds only
+        the names whose buffer changed (the K/V context, the state and the outputs stay bound within a canvas)."""
+        if phase not in self.bindings:
+            self.bindings[phase] = (self.session.io_binding(), {})
+        return self.bindings[phase]
+
+    def _bind(self, bind: Any, bound: dict[str, tuple[int, tuple[int, ...], int]], name: str, array: Any) -> None:
+        key = (self.arrays.address(array), tuple(array.shape), self._element_type(array))
+        if bound.get(name) != key:
+            bind(name, self.device_type, self.device_id, key[2], key[1], key[0])
+            bound[name] = key
+
+    def _element_type(self, array: Any) -> int:
+        element = self.element_types.get(array.dtype)
+        if element is None:
+            element = self.element_types[array.dtype] = ELEMENT_TYPES[np.dtype(self.arrays.numpy_type(array)).name]
+        return element
