@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from ..core.contract import DEFAULT_VOCAB_CHUNK
 from .options import seed_range
 
 err = Console(stderr=True)
@@ -99,6 +100,14 @@ def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
 @click.option("--max-prefill", type=int, default=None, help="encoder tokens per call (default: --max-context)")
 @click.option("--debug-logits", is_flag=True, help="also output the [batch, canvas, vocab] logits (parity work)")
 @click.option(
+    "--vocab-chunk",
+    type=int,
+    default=DEFAULT_VOCAB_CHUNK,
+    show_default=True,
+    help="vocabulary entries per chunk of the LM head and sampler: working memory per row grows with it; the "
+    "vocabulary size or more computes them whole",
+)
+@click.option(
     "--external-data/--inline-weights",
     default=None,
     help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)",
@@ -112,6 +121,7 @@ def export_command(
     max_context: int,
     max_prefill: int | None,
     debug_logits: bool,
+    vocab_chunk: int,
     external_data: bool | None,
 ) -> None:
     """Export CHECKPOINT's backbone (prefill, commit and one denoising step, one copy of the weights) to ONNX
@@ -131,6 +141,7 @@ def export_command(
             max_prefill=max_prefill,
             debug_logits=debug_logits,
             external_data=external_data,
+            vocab_chunk=vocab_chunk,
             progress=lambda text: progress.update(task, description=text),
         )
         progress.update(task, description="done")

@@ -35,7 +35,7 @@ ENGINE_FORMAT = "canvasrt-engines"
 # of misreading them. Artifacts 2 and engines 2: file sizes (and the engines' sha256) for the checks on load.
 # Artifacts 3 and engines 3: one backbone graph and one engine (with a profile per phase) instead of encode + denoise.
 # Artifacts 4 and engines 4: past K/V inputs of a symbolic span (`context`, `window`), the call's own keys first.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 ENGINE_FORMAT_VERSION = 4
 
 
@@ -304,6 +304,7 @@ class ArtifactManifest(StepSpec):
     moe: str
     opset: int
     debug_logits: bool
+    vocab_chunk: int  # vocabulary entries per chunk of the LM head and sampler in the graph (the vocabulary: one)
     config_digest: str
     checkpoint: dict[str, Any]  # {"path": the checkpoint exported from, "files": sha256 per config/weight file}
     tokenizer: tuple[str, ...]
@@ -353,6 +354,7 @@ class ArtifactManifest(StepSpec):
             "moe": self.moe,
             "opset": self.opset,
             "debug_logits": self.debug_logits,
+            "vocab_chunk": self.vocab_chunk,
             "capacity": self.capacity.to_dict(),
             "kv_layout": [kv.to_dict() for kv in self.kv_layout],
             "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
@@ -377,6 +379,7 @@ class ArtifactManifest(StepSpec):
             moe=str(data["moe"]),
             opset=int(data["opset"]),
             debug_logits=bool(data["debug_logits"]),
+            vocab_chunk=int(data["vocab_chunk"]),
             config_digest=str(data["config_digest"]),
             checkpoint=dict(data["checkpoint"]),
             tokenizer=tuple(data.get("tokenizer") or ()),

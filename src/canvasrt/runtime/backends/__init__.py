@@ -86,4 +86,5 @@ def open_backend(
         threads=threads,
         calibration=calibration,
         device=device,
+        vocab_chunk=target.vocab_chunk,
     )

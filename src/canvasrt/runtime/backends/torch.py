@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...core.contract import Capacity, kv_layout
+from ...core.contract import DEFAULT_VOCAB_CHUNK, Capacity, kv_layout
 from ...core.errors import CanvasrtError
 from ...core.kv import context_mask, write_chunk
 from ...core.manifest import Quantization, StepSpec
@@ -36,6 +36,7 @@ class TorchBackend(StepBackend):
         threads: int | None = None,
         calibration: dict[str, Any] | None = None,
         device: str = "cpu",
+        vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     ):
         if dtype not in DTYPES:
             raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -49,14 +50,16 @@ class TorchBackend(StepBackend):
                 config, capacity, kv_layout(config, capacity), dtype, self.checkpoint.generation_config(), quantization
             )
         )
-        self.dtype, self.moe, self.threads = dtype, moe, threads
+        self.dtype, self.moe, self.threads, self.vocab_chunk = dtype, moe, threads, vocab_chunk
         self.calibration = calibration  # FP8 scales to simulate (calibration.json of FP8 artifacts)
         self.model: Any = None
 
     def _activate(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.model = self.checkpoint.load_text_model(moe=self.moe, dtype=self.dtype, device=self.device)
+        self.model = self.checkpoint.load_text_model(
+            moe=self.moe, dtype=self.dtype, device=self.device, vocab_chunk=self.vocab_chunk
+        )
         if self.calibration is not None:
             from ...model.fp8 import apply_fake_quantization
 
