@@ -653,7 +653,9 @@ class DiffusionGemmaText(nn.Module):
             argmaxes.append(index + start)
             normalisers.append(total)
             centred.append((probs * shifted).sum(dim=-1))
-            masses.append(probs.reshape(*probs.shape[:-1], -1, group).sum(dim=-1))
+            # Explicit sizes, no -1: with zero canvas rows (the encoder phase) a wildcard has no unique value.
+            grouped = probs.reshape(probs.shape[0], probs.shape[1], probs.shape[2] // group, group)
+            masses.append(grouped.sum(dim=-1))
             soft.add(z, rows, top, total, probs)
         maxima_, normalisers_ = torch.stack(maxima, dim=-1), torch.stack(normalisers, dim=-1)  # [B, C, chunks]
         top = maxima_.amax(dim=-1, keepdim=True)
