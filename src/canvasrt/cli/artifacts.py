@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -241,12 +242,21 @@ def build_command(
     if reused:
         click.echo(f"{output} is up to date ({key.builder} {key.builder_version}, {key.target}); nothing built")
         return
-    sizes = ", ".join(f"{n}.engine {e.bytes / 1e6:.1f} MB" + _gemms(e.gemms) for n, e in manifest.engines.items())
+    sizes = ", ".join(
+        f"{n}.engine {e.bytes / 1e6:.1f} MB" + _gemms(e.gemms) + _activation(e.device_memory)
+        for n, e in manifest.engines.items()
+    )
     click.echo(
         f"built {key.builder} {key.builder_version} engines for {key.target} in "
         f"{time.perf_counter() - start:.1f}s (batch up to {key.max_batch}, context {key.max_context}): "
         f"{sizes}"
     )
+
+
+def _activation(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return ""
+    return f", device activation memory {memory['largest_activation_bytes'] / 1e6:.1f} MB ({memory['largest_profile']})"
 
 
 def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:

@@ -505,6 +505,9 @@ class EngineEntry:
     outputs: tuple[TensorSpec, ...]
     layers: str | None  # the builder's layer information file
     gemms: dict[str, dict[str, int]] | None  # per profile: GEMM layers by the datatypes they read
+    # What the builder reported it plans on the device: activation bytes per profile (at the profile's largest
+    # shapes), the largest profile's name and bytes, weights bytes; None where it reported none.
+    device_memory: dict[str, Any] | None = None
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
@@ -527,6 +530,7 @@ class EngineEntry:
             "outputs": [s.to_dict() for s in self.outputs],
             "layers": self.layers,
             "gemms": self.gemms,
+            "device_memory": self.device_memory,
         }
 
     @classmethod
@@ -541,6 +545,7 @@ class EngineEntry:
             outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
             layers=data.get("layers"),
             gemms=data.get("gemms"),
+            device_memory=data.get("device_memory"),
         )
 
 
