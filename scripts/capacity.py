@@ -115,8 +115,8 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
     sources.update({name: engine_memory(paths) for name, paths in _pairs(args.engine, "--engine").items()})
     context = min(args.context, manifest.capacity.max_context)
 
-    def step(rows: int) -> dict[str, float]:
-        r = roofline.roofline(
+    def step(rows: int) -> dict[str, Any]:
+        formulations = roofline.roofline(
             args.artifacts,
             args.layers,
             rows,
@@ -127,17 +127,20 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
             args.kv_bytes,
             args.steps_per_canvas,
             context,
-        )["formulations"]["dense"]
-        return {"step_ms": r["step_ms"], "tokens_per_s": r["tokens_per_s"], "bound_by": r["bound_by"]}
+        )["formulations"]
+        return {
+            name: {"step_ms": r["step_ms"], "tokens_per_s": r["tokens_per_s"], "bound_by": r["bound_by"]}
+            for name, r in formulations.items()
+        }
 
-    rows = {"vLLM recipe (--max-num-seqs 4)": {"rows": VLLM_MAX_SEQS, **step(VLLM_MAX_SEQS)}}
+    rows = {"vLLM recipe (--max-num-seqs 4)": {"rows": VLLM_MAX_SEQS, "roofline": step(VLLM_MAX_SEQS)}}
     for name, (at_one, per_row) in sources.items():
         fits = int((free - (at_one - per_row)) // (kv + per_row))
         rows[name] = {
             "working_bytes_at_one_row": at_one,
             "working_bytes_per_row": per_row,
             "rows": fits,
-            **(step(fits) if fits > 0 else {}),
+            "roofline": step(fits) if fits > 0 else {},
         }
     return {
         "artifacts": str(args.artifacts),
@@ -158,15 +161,18 @@ def _table(result: dict[str, Any]) -> str:
         f"{result['layers']} layers, {result['gpu_gb']:.0f} GB GPU, weights {result['weights_bytes'] / 1e9:.2f} GB, "
         f"reserve {result['reserve_gb']:.1f} GB, K/V {result['kv_bytes_per_row'] / 1e9:.3f} GB per row at "
         f"{result['context']} tokens (roofline at context {result['roofline_context']})",
-        f"{'configuration':<34}{'at 1 row GB':>12}{'per row GB':>11}{'rows':>6}{'step ms':>9}{'tokens/s':>10}",
+        f"{'configuration':<34}{'at 1 row GB':>12}{'per row GB':>11}{'rows':>6}"
+        f"{'dense step ms':>15}{'tokens/s':>10}{'routed step ms':>16}{'tokens/s':>10}",
     ]
     for name, r in result["configurations"].items():
         one, per = (r.get(key) for key in ("working_bytes_at_one_row", "working_bytes_per_row"))
         one_gb = "-" if one is None else f"{one / 1e9:.3f}"
         per_gb = "-" if per is None else f"{per / 1e9:.3f}"
+        dense, routed = (r["roofline"].get(f, {}) for f in ("dense", "routed"))
         lines.append(
             f"{name:<34}{one_gb:>12}{per_gb:>11}{r['rows']:>6}"
-            f"{r.get('step_ms', float('nan')):>9.2f}{r.get('tokens_per_s', float('nan')):>10.0f}"
+            f"{dense.get('step_ms', float('nan')):>15.2f}{dense.get('tokens_per_s', float('nan')):>10.0f}"
+            f"{routed.get('step_ms', float('nan')):>16.2f}{routed.get('tokens_per_s', float('nan')):>10.0f}"
         )
     return "\n".join(lines)
 
