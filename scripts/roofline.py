@@ -140,6 +140,13 @@ def count_graph(path: Path, batch: int, canvas: int, spans: dict[str, int]) -> d
     model = _denoise_shapes(onnx.load(str(path), load_external_data=False), batch, canvas, spans)
     shapes = _shapes(model)
     initializers = {t.name for t in model.graph.initializer}
+    # A weight may reach its GEMM through a Slice (the LM head's vocabulary chunks of the embedding): the GEMM then
+    # reads the slice, counted as that part of the initializer.
+    sliced = {
+        node.output[0]: node.input[0]
+        for node in model.graph.node
+        if node.op_type == "Slice" and node.input[0] in initializers
+    }
     gemms = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
@@ -151,18 +158,16 @@ def count_graph(path: Path, batch: int, canvas: int, spans: dict[str, int]) -> d
                 "is this an export with data-dependent shapes (sparse or grouped MoE)? count the dense one"
             )
         attrs = {attr.name: attr.i for attr in node.attribute}
-        weight = next((n.removeprefix(WRAPPER_PREFIX) for n in node.input[:2] if n in initializers), None)
+        tensor = next((n for n in node.input[:2] if n in initializers or n in sliced), None)
+        weight = sliced.get(tensor, tensor).removeprefix(WRAPPER_PREFIX) if tensor else None
         scope = [p.value for p in node.metadata_props if p.key in SCOPE_KEYS]
         gemms.append(
             {
                 "node": node.name,
                 "op": node.op_type,
                 "weight": weight,
-                "weight_elements": int(
-                    np.prod(shapes[WRAPPER_PREFIX + weight] if WRAPPER_PREFIX + weight in shapes else shapes[weight])
-                )
-                if weight
-                else 0,
+                "weight_tensor": tensor,  # the initializer or the slice of one read: its bytes count once per step
+                "weight_elements": int(np.prod(shapes[tensor])) if tensor else 0,
                 "layer": _layer_of([weight or "", *scope, node.name]),
                 "expert": bool(weight and ".experts." in weight),
                 "flops": gemm_flops(node.op_type, a, b, attrs),
@@ -181,8 +186,8 @@ def _per_layer(
     for g in counted["gemms"]:
         part = "expert" if g["expert"] else "other"
         totals[g["layer"]][f"{part}_flops"] += g["flops"]
-        if g["weight"] and g["weight"] not in seen:
-            seen.add(g["weight"])
+        if g["weight"] and g["weight_tensor"] not in seen:
+            seen.add(g["weight_tensor"])
             size = weight_bytes if QUANTIZED.search(g["weight"]) else other_bytes
             totals[g["layer"]][f"{part}_bytes"] += g["weight_elements"] * size
     for name, elements in counted["kv"].items():

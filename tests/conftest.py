@@ -99,9 +99,9 @@ def variant_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Default export (no logits output), dense MoE, fp32."""
+    """Default export (no logits output), dense MoE, fp32, the vocabulary (288) in chunks of 100, 100 and 88."""
     out = tmp_path_factory.mktemp("art") / "tiny"
-    export(tiny_checkpoint, out, max_context=128)
+    export(tiny_checkpoint, out, max_context=128, vocab_chunk=100)
     return out
 
 
@@ -114,9 +114,10 @@ def tiny_debug_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session")
 def variant_artifacts(variant_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Default export (no logits) of the variant: other vocabulary, context capacity and prefill chunking."""
+    """Default export (no logits) of the variant: other vocabulary, context capacity and prefill chunking; the
+    vocabulary (320) in chunks of 96 (the last of 32)."""
     out = tmp_path_factory.mktemp("art") / "variant"
-    export(variant_checkpoint, out, max_context=160, max_prefill=40)
+    export(variant_checkpoint, out, max_context=160, max_prefill=40, vocab_chunk=96)
     return out
 
 
@@ -171,9 +172,9 @@ def sort_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def sort_artifacts(sort_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained sort model, exported in fp32."""
+    """The trained sort model, exported in fp32, its vocabulary (32) in chunks of 12, 12 and 8."""
     out = tmp_path_factory.mktemp("art") / "sort"
-    export(sort_checkpoint, out, max_context=64)
+    export(sort_checkpoint, out, max_context=64, vocab_chunk=12)
     return out
 
 

@@ -22,6 +22,7 @@ from support import cli
 def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
     manifest = json.loads((tiny_artifacts / "manifest.json").read_text())
     assert manifest["format_version"] == 5 and list(manifest["graphs"]) == ["backbone"] and manifest["dtype"] == "fp32"
+    assert manifest["vocab_chunk"] == 100
     assert {"tokenizer.json"} <= set(manifest["tokenizer"]) and (tiny_artifacts / "tokenizer.json").is_file()
     assert (tiny_artifacts / "generation_config.json").is_file()
     vocab = manifest["model"]["vocab_size"]
@@ -34,8 +35,35 @@ def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
         assert [o.name for o in model.graph.output] == [s["name"] for s in graph["outputs"]]
         for output in model.graph.output:  # no [batch, canvas, vocab] tensor leaves the default graphs
             assert vocab not in [d.dim_value for d in output.type.tensor_type.shape.dim]
+        # the LM head runs as one GEMM per vocabulary chunk, on slices of the embedding matrix
+        producers = {out: node for node in model.graph.node for out in node.output}
+        heads = [
+            n
+            for n in model.graph.node
+            if n.op_type == "Gemm"
+            and n.input[1] in producers
+            and producers[n.input[1]].op_type == "Slice"
+            and producers[n.input[1]].input[0] == "model.embed_tokens.weight"
+        ]
+        assert len(heads) == 3
     slots = {entry["kind"]: entry["slots"] for entry in manifest["kv_layout"]}
     assert slots == {"sliding_attention": PRESETS["tiny"]["text"]["sliding_window"] - 1, "full_attention": 128}
+
+
+def test_logits_output_keeps_the_whole_vocabulary(tiny_debug_artifacts):
+    """Graphs that output the logits compute the head over the whole vocabulary: the default chunk, larger than
+    the tiny vocabulary, is recorded as the vocabulary size."""
+    assert json.loads((tiny_debug_artifacts / "manifest.json").read_text())["vocab_chunk"] == 288
+
+
+@pytest.mark.parametrize("chunk", ["0", "-3"])
+def test_export_refuses_a_vocabulary_chunk_below_one(tiny_checkpoint, tmp_path, chunk):
+    result = CliRunner().invoke(
+        main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "art"), "--vocab-chunk", chunk]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --vocab-chunk must be at least 1 (got {chunk}); leave it out for 16384"
+    assert not (tmp_path / "art").exists() and _no_leftovers(tmp_path)
 
 
 def test_step_parity_fp32_reports_and_exits_zero(tiny_checkpoint, tiny_debug_artifacts, tmp_path):

@@ -266,7 +266,23 @@ def test_bench_reports_backends_side_by_side(tiny_artifacts):
     for name in ("onnxruntime", "torch"):
         assert entries[name]["host_device_bytes"] == {"prefill": 8 * 16 + 16, "commit": 16 * 16 + 16, "denoise": 806}
     assert entries["torch"]["step_speedup_vs_onnxruntime"] > 0
+    for name in ("onnxruntime", "torch"):  # batch 1: the working memory at one row, no growth per row
+        memory = entries[name]["memory"]
+        assert list(memory["working_bytes"]) == ["1"] and memory["working_bytes_per_row"] is None
+        assert memory["peak_anonymous_bytes"]["1"] >= memory["loaded_anonymous_bytes"] > 0
     assert entries["onnxruntime"]["step_speedup_vs_transformers"] > 0
+
+
+def test_bench_reports_working_memory_per_added_row(tiny_artifacts):
+    from canvasrt.runtime.bench import bench
+
+    memory = bench(tiny_artifacts, ["onnxruntime"], 3, 8, 2, 1, 1)["backends"]["onnxruntime"]["memory"]
+    assert list(memory["working_bytes"]) == ["1", "3"]
+    working = memory["working_bytes"]
+    assert memory["working_bytes_per_row"] == (working["3"] - working["1"]) / 2
+    assert all(
+        memory["peak_anonymous_bytes"][rows] == memory["loaded_anonymous_bytes"] + working[rows] for rows in working
+    )
 
 
 def test_chunked_prefill_equals_one_pass(variant_checkpoint, variant_artifacts):

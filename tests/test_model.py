@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,52 @@ def test_exponential_draws_reproduce_multinomial(tiny_checkpoint):
     q = torch.empty(32, 288).exponential_(1)
     assert torch.equal(torch.argmax(probs / q, -1), expected)
     assert isinstance(Draws(renoise_ids=np.zeros(1), exponentials=q).exponentials, torch.Tensor)
+
+
+def _head_inputs(model, seed: int):
+    """Canvas hidden states [3, canvas, H] scaled up so the softmaxes are far from uniform, three temperatures and
+    entropy bounds, draws including both ends of [0, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    batch, canvas = 3, config.canvas_length
+    hidden = (torch.randn(batch, canvas, config.hidden_size, generator=generator) * 4).to(model.dtype)
+    uniforms = torch.rand(batch, canvas, generator=generator)
+    uniforms[0, :2] = torch.tensor([0.0, 1.0 - 2.0**-24])
+    renoise = torch.randint(0, config.vocab_size, (batch, canvas), generator=generator)
+    return hidden, torch.tensor([1.0, 0.4, 0.1]), torch.tensor([0.5, 3.0, 12.0]), uniforms, renoise
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100, 144])
+def test_vocabulary_chunks_give_the_whole_vocabulary_results(tiny_checkpoint, chunk):
+    """The LM head and sampler in vocabulary chunks (1: every token its own chunk; 7 and 100 leave a shorter last
+    chunk of 288; 144 divides it) against the whole vocabulary at once, fp32, the same draws: the same argmax,
+    sampled tokens, acceptance and next canvas; entropy and the self-conditioning state within fp32 rounding."""
+    model = Checkpoint.open(tiny_checkpoint).load_text_model()
+    inputs = _head_inputs(model, seed=chunk)
+    whole = model.head(*inputs)
+    model.vocab_chunk = chunk
+    chunked = model.head(*inputs)
+    assert 0 < whole.entropy.min() < 1 and whole.entropy.max() < math.log(288)  # peaked rows and flat ones
+    for name in ("argmax", "sampled", "accepted", "next_canvas"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert torch.allclose(chunked.entropy, whole.entropy, rtol=0, atol=5e-6)
+    assert torch.allclose(chunked.mean_entropy, whole.mean_entropy, rtol=0, atol=5e-6)
+    scale = whole.next_self_cond.abs().max()
+    assert (chunked.next_self_cond - whole.next_self_cond).abs().max() <= 1e-5 * scale
+
+
+def test_vocabulary_chunks_sample_the_token_holding_the_draw(tiny_checkpoint):
+    """Inverse-CDF sampling across chunks (100, 100 and 88 tokens) picks the token whose CDF interval holds the
+    draw: for each chunk, a draw at the middle of the interval of that chunk's most probable token, per position."""
+    model = Checkpoint.open(tiny_checkpoint).load_text_model(vocab_chunk=100)
+    hidden, _, bound, _, renoise = _head_inputs(model, seed=3)
+    temperature = torch.ones(3)
+    probs = torch.softmax(model.logits(hidden).double(), dim=-1)  # [3, C, V]
+    cdf = torch.cumsum(probs, dim=-1)
+    for start, end in ((0, 100), (100, 200), (200, 288)):
+        token = start + probs[..., start:end].argmax(dim=-1)  # [3, C]
+        middle = (
+            torch.gather(cdf, -1, token[..., None])[..., 0] - 0.5 * torch.gather(probs, -1, token[..., None])[..., 0]
+        )
+        out = model.head(hidden, temperature, bound, middle.float(), renoise)
+        assert torch.equal(out.sampled, token)

@@ -85,3 +85,34 @@ def test_roofline_counts_attention_over_the_live_context(tiny_artifacts):
         assert scores[0]["flops"] == 2 * config.num_heads * canvas * d * (canvas + span)
         assert counted[context]["context"] == context
     assert counted[20]["formulations"]["dense"]["gbyte"] < counted[128]["formulations"]["dense"]["gbyte"]
+
+
+def test_roofline_counts_each_vocabulary_chunk_of_the_lm_head_once(tiny_artifacts):
+    """The chunked LM head reads the embedding through slices: their bytes add up to the embedding's, once."""
+    r = _roofline(tiny_artifacts, "--batch", "1")
+    config = ArtifactManifest.load(tiny_artifacts).model
+    sliced = {g["weight_tensor"]: g["weight_elements"] for g in r["gemms"] if g["weight"] == "embed_tokens.weight"}
+    assert len(sliced) == 3 and sum(sliced.values()) == config.vocab_size * config.hidden_size
+
+
+def test_capacity_divides_the_free_memory_by_kv_and_working_memory_per_row(tiny_artifacts, tmp_path):
+    manifest = ArtifactManifest.load(tiny_artifacts)
+    config = manifest.model
+    bench = tmp_path / "bench.json"
+    memory = {"working_bytes": {"1": 3_000_000, "4": 9_000_000}, "working_bytes_per_row": 2_000_000}
+    bench.write_text(json.dumps({"backends": {"onnxruntime": {"memory": memory}}}))
+    script = SCRIPT.with_name("capacity.py")
+    args = ["--bench", f"b={bench}", "--gpu-gb", "1", "--reserve-gb", "0.5", "--context", "64", "--json"]
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_artifacts), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    spec = {layer.kind: layer for layer in config.layers}
+    ring = config.sliding_capacity
+    kv = 2 * 2 * (25 * spec[SLIDING].num_kv_heads * spec[SLIDING].head_dim * min(ring, 64))
+    kv += 2 * 2 * 5 * spec[FULL].num_kv_heads * spec[FULL].head_dim * 64
+    assert r["kv_bytes_per_row"] == kv
+    free = 1e9 - r["weights_bytes"] - 0.5e9 - (3_000_000 - 2_000_000)
+    assert r["configurations"]["b"]["rows"] == int(free // (kv + 2_000_000))
+    assert r["configurations"]["vLLM recipe (--max-num-seqs 4)"]["rows"] == 4

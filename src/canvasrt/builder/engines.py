@@ -60,6 +60,8 @@ PhaseCallback = Callable[[tuple[Phase, ...]], None]
 class BuiltEngine:
     bytes: int  # the size of the engine file written
     layers: str  # the builder's layer information, one line per layer; empty when the builder reported none
+    activation_bytes: tuple[int, ...] = ()  # per optimization profile, in order, as the builder reported them
+    weights_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ def _load(flavour: str) -> tuple[Any, Any]:
 
 
 _LOGGERS: dict[str, Any] = {}
+# The builder's memory report (INFO): the device memory an execution context needs for each profile's largest
+# shapes, and the weights'. A deserialised engine would say the same (device_memory_size_v2), but deserialising needs
+# a GPU, and TensorRT-RTX builds without one.
+_ACTIVATION = re.compile(r"Total Activation Memory: (\d+) bytes")
+_WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
 
 
 def _build_log(flavour: str, trt: Any) -> Any:
@@ -117,12 +124,18 @@ def _build_log(flavour: str, trt: Any) -> Any:
             def reset(self) -> None:
                 self.errors: list[str] = []
                 self.layers = ""
+                self.activation: list[int] = []
+                self.weights: int | None = None
 
             def log(self, severity: Any, msg: str) -> None:
                 if severity in (trt.Logger.ERROR, trt.Logger.INTERNAL_ERROR):
                     self.errors.append(msg)
                 elif msg.startswith("Layers:"):
                     self.layers = "\n".join(line for line in msg.splitlines() if line.startswith("Name: "))
+                elif found := _ACTIVATION.match(msg):  # once per profile, in profile order
+                    self.activation.append(int(found.group(1)))
+                elif found := _WEIGHTS.match(msg):
+                    self.weights = int(found.group(1))
 
         _LOGGERS[flavour] = BuildLog()
     return _LOGGERS[flavour]
@@ -298,7 +311,7 @@ def build_engine(
         out.write(memoryview(data))
     size = int(data.nbytes)
     del data
-    return BuiltEngine(size, log.layers)
+    return BuiltEngine(size, log.layers, tuple(log.activation), log.weights)
 
 
 _LAYER = re.compile(
@@ -353,6 +366,21 @@ def gemms_per_profile(layers: list[EngineLayer], profiles: Profiles) -> dict[str
 
 FP8_TARGETS = {"sm89", "sm90", "sm120", "sm121"}  # Ada, Hopper and Blackwell have FP8 tensor cores
 SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def device_memory(built: BuiltEngine, profiles: list[str]) -> dict[str, Any] | None:
+    """The engine manifest's `device_memory`: the builder's activation bytes per profile (None unless it reported
+    one per profile), the largest profile, and the weights bytes."""
+    if len(built.activation_bytes) != len(profiles):
+        return None
+    activation = dict(zip(profiles, built.activation_bytes, strict=True))
+    largest = max(activation, key=activation.__getitem__)
+    return {
+        "activation_bytes": activation,
+        "largest_profile": largest,
+        "largest_activation_bytes": activation[largest],
+        "weights_bytes": built.weights_bytes,
+    }
 
 
 def parse_size(text: str) -> int:
@@ -472,6 +500,7 @@ def build_engines(
                 outputs=graph.outputs,
                 layers=f"{name}.layers.txt" if built.layers else None,
                 gemms=gemms_per_profile(engine_layers(built.layers), profiles) if built.layers else None,
+                device_memory=device_memory(built, list(profiles)),
             )
         engine_manifest = EngineManifest(
             model=manifest.model,

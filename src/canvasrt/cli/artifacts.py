@@ -7,11 +7,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from ..core.contract import DEFAULT_VOCAB_CHUNK
 from .options import INT, SEED
 
 err = Console(stderr=True)
@@ -99,6 +101,14 @@ def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
 @click.option("--max-prefill", type=INT, default=None, help="encoder tokens per call (default: --max-context)")
 @click.option("--debug-logits", is_flag=True, help="also output the [batch, canvas, vocab] logits (parity work)")
 @click.option(
+    "--vocab-chunk",
+    type=INT,
+    default=DEFAULT_VOCAB_CHUNK,
+    show_default=True,
+    help="vocabulary entries per chunk of the LM head and sampler: working memory per row grows with it; the "
+    "vocabulary size or more computes them whole",
+)
+@click.option(
     "--external-data/--inline-weights",
     default=None,
     help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)",
@@ -112,6 +122,7 @@ def export_command(
     max_context: int,
     max_prefill: int | None,
     debug_logits: bool,
+    vocab_chunk: int,
     external_data: bool | None,
 ) -> None:
     """Export CHECKPOINT's backbone (prefill, commit and one denoising step, one copy of the weights) to ONNX
@@ -131,6 +142,7 @@ def export_command(
             max_prefill=max_prefill,
             debug_logits=debug_logits,
             external_data=external_data,
+            vocab_chunk=vocab_chunk,
             progress=lambda text: progress.update(task, description=text),
         )
         progress.update(task, description="done")
@@ -230,12 +242,21 @@ def build_command(
     if reused:
         click.echo(f"{output} is up to date ({key.builder} {key.builder_version}, {key.target}); nothing built")
         return
-    sizes = ", ".join(f"{n}.engine {e.bytes / 1e6:.1f} MB" + _gemms(e.gemms) for n, e in manifest.engines.items())
+    sizes = ", ".join(
+        f"{n}.engine {e.bytes / 1e6:.1f} MB" + _gemms(e.gemms) + _activation(e.device_memory)
+        for n, e in manifest.engines.items()
+    )
     click.echo(
         f"built {key.builder} {key.builder_version} engines for {key.target} in "
         f"{time.perf_counter() - start:.1f}s (batch up to {key.max_batch}, context {key.max_context}): "
         f"{sizes}"
     )
+
+
+def _activation(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return ""
+    return f", device activation memory {memory['largest_activation_bytes'] / 1e6:.1f} MB ({memory['largest_profile']})"
 
 
 def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:

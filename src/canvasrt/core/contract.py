@@ -26,6 +26,9 @@ from .errors import ArtifactError
 GRAPHS = ("backbone",)
 PHASES = ("prefill", "commit", "denoise")  # the backbone's optimization profiles, in this order
 MODEL_DTYPE = "model"  # placeholder dtype in the contract: the export dtype (fp32, fp16 or bf16)
+# Vocabulary entries per chunk of the LM head and the sampler in the graph (`DiffusionGemmaText.head`): at the
+# released vocabulary (262144) 16 chunks, each [rows, canvas, chunk] fp32 tensor 16.8 MB per row of 256 tokens.
+DEFAULT_VOCAB_CHUNK = 16384
 Profiles = dict[str, dict[str, list[int]]]  # profile name -> symbolic dim -> [min, opt, max]
 
 

@@ -29,7 +29,8 @@ ENGINE_FORMAT = "canvasrt-engines"
 # Artifacts 3 and engines 3: one backbone graph and one engine (with a profile per phase) instead of encode + denoise.
 # Artifacts 4 and engines 4: past K/V inputs of a symbolic span (`context`, `window`), the call's own keys first.
 # Artifacts 5 and engines 5: `files`, the size and sha256 of every other file the directory relies on (tokenizer,
-# generation config, the builder's layer information).
+# generation config, the builder's layer information); the artifacts' `vocab_chunk` (the LM head and the sampler in
+# vocabulary chunks), the engines' `device_memory` as the builder reports it.
 FORMAT_VERSION = 5
 ENGINE_FORMAT_VERSION = 5
 
@@ -334,6 +335,7 @@ class ArtifactManifest(StepSpec):
     moe: str
     opset: int
     debug_logits: bool
+    vocab_chunk: int  # vocabulary entries per chunk of the LM head and sampler in the graph (the vocabulary: one)
     config_digest: str
     checkpoint: dict[str, Any]  # {"path": the checkpoint exported from, "files": sha256 per config/weight file}
     tokenizer: tuple[str, ...]
@@ -388,6 +390,7 @@ class ArtifactManifest(StepSpec):
             "moe": self.moe,
             "opset": self.opset,
             "debug_logits": self.debug_logits,
+            "vocab_chunk": self.vocab_chunk,
             "capacity": self.capacity.to_dict(),
             "kv_layout": [kv.to_dict() for kv in self.kv_layout],
             "graphs": {name: graph.to_dict() for name, graph in self.graphs.items()},
@@ -413,6 +416,7 @@ class ArtifactManifest(StepSpec):
             moe=str(data["moe"]),
             opset=int(data["opset"]),
             debug_logits=bool(data["debug_logits"]),
+            vocab_chunk=int(data["vocab_chunk"]),
             config_digest=str(data["config_digest"]),
             checkpoint=dict(data["checkpoint"]),
             tokenizer=tuple(data.get("tokenizer") or ()),
@@ -560,6 +564,9 @@ class EngineEntry:
     outputs: tuple[TensorSpec, ...]
     layers: str | None  # the builder's layer information file
     gemms: dict[str, dict[str, int]] | None  # per profile: GEMM layers by the datatypes they read
+    # What the builder reported it plans on the device: activation bytes per profile (at the profile's largest
+    # shapes), the largest profile's name and bytes, weights bytes; None where it reported none.
+    device_memory: dict[str, Any] | None = None
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
@@ -582,6 +589,7 @@ class EngineEntry:
             "outputs": [s.to_dict() for s in self.outputs],
             "layers": self.layers,
             "gemms": self.gemms,
+            "device_memory": self.device_memory,
         }
 
     @classmethod
@@ -596,6 +604,7 @@ class EngineEntry:
             outputs=tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
             layers=data.get("layers"),
             gemms=data.get("gemms"),
+            device_memory=data.get("device_memory"),
         )
 
 

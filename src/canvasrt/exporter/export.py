@@ -24,7 +24,15 @@ import onnx
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..core.contract import Capacity, TensorSpec, backbone_io, graph_profiles, kv_layout, span_ranges
+from ..core.contract import (
+    DEFAULT_VOCAB_CHUNK,
+    Capacity,
+    TensorSpec,
+    backbone_io,
+    graph_profiles,
+    kv_layout,
+    span_ranges,
+)
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, GraphEntry, canvasrt_version, digest_json, record_files, write_json
 from ..core.output import ARTIFACT_OUTPUT, staged_directory
@@ -52,11 +60,14 @@ def export(
     max_prefill: int | None = None,
     debug_logits: bool = False,
     external_data: bool | None = None,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     progress: ProgressFn = lambda _: None,
 ) -> ArtifactManifest:
     """Exports the backbone graph and returns the manifest that was written.
 
     external_data: weights in `backbone.onnx.data` next to the graph; None decides by size (above 64 MiB).
+    vocab_chunk: vocabulary entries per chunk of the LM head and the sampler (`DiffusionGemmaText.head`); the
+    vocabulary size or more computes them over the whole vocabulary at once.
     """
     if dtype not in DTYPES:
         raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -64,6 +75,10 @@ def export(
         raise CanvasrtError(f"unknown MoE formulation {moe!r}; use one of {', '.join(MOE_FORMULATIONS)}")
     if max_batch < 1:
         raise CanvasrtError(f"--max-batch must be at least 1 (got {max_batch})")
+    if vocab_chunk < 1:
+        raise CanvasrtError(
+            f"--vocab-chunk must be at least 1 (got {vocab_chunk}); leave it out for {DEFAULT_VOCAB_CHUNK}"
+        )
     if max_prefill is not None and max_prefill < 1:
         raise CanvasrtError(
             f"--max-prefill must be at least 1 (got {max_prefill}); leave it out to prefill up to "
@@ -85,10 +100,13 @@ def export(
     generation = checkpoint.generation_config()  # read (and refused when malformed) before the long work
     progress("hashing the checkpoint")
     digests = checkpoint.file_digests()  # what the graph is exported from; checked again before the swap
+    vocab_chunk = min(vocab_chunk, config.vocab_size)
 
     with staged_directory(output_dir, ARTIFACT_OUTPUT, inputs=[checkpoint_dir]) as staging:
         progress("tracing")
-        model = checkpoint.load_text_model(moe=moe, dtype=dtype, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+        model = checkpoint.load_text_model(
+            moe=moe, dtype=dtype, vocab_chunk=vocab_chunk, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)
+        )
         torch_dtype = DTYPES[dtype]
         if external_data is None:
             external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
@@ -132,6 +150,7 @@ def export(
             moe=moe,
             opset=OPSET,
             debug_logits=debug_logits,
+            vocab_chunk=vocab_chunk,
             config_digest=digest_json(config.to_dict()),
             checkpoint={"path": str(Path(checkpoint_dir).resolve()), "files": digests},
             tokenizer=tuple(p.name for p in checkpoint.tokenizer_files()),

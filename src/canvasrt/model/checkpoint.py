@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.config import FULL, SLIDING, LayerSpec, ModelConfig
+from ..core.contract import DEFAULT_VOCAB_CHUNK
 from ..core.errors import CanvasrtError, CheckpointError
 from ..core.manifest import resolves_inside, sha256_file
 from .modeling import DiffusionGemmaText, stored_layout
@@ -178,7 +179,12 @@ class Checkpoint:
             )
 
     def load_text_model(
-        self, moe: str = "dense", dtype: str = "fp32", device: str = "cpu", fake_mode: Any = None
+        self,
+        moe: str = "dense",
+        dtype: str = "fp32",
+        device: str = "cpu",
+        fake_mode: Any = None,
+        vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     ) -> DiffusionGemmaText:
         """Builds the export-friendly model and fills it tensor by tensor (no second copy of the weights), each
         checked on the way in (float, finite, the shape config.json implies), converted and moved to `device`.
@@ -187,7 +193,7 @@ class Checkpoint:
         data), for tracing a model of any size without reading its weights."""
         if fake_mode is None:
             self.check_memory(dtype, device, "loading the PyTorch model")
-        model = DiffusionGemmaText(self.config, moe=moe)
+        model = DiffusionGemmaText(self.config, moe=moe, vocab_chunk=vocab_chunk)
         for name, param in list(model.named_parameters()):
             source, layout = checkpoint_name(name), stored_layout(model, name)
             self._checked_shape(source, layout.shape)

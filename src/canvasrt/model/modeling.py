@@ -36,8 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import SLIDING, LayerSpec, ModelConfig
+from ..core.contract import DEFAULT_VOCAB_CHUNK
 
 MOE_FORMULATIONS = ("dense", "sparse", "grouped")
+# Tokens per sampling group: the chunked sampler keeps one probability mass per group, then looks inside one group.
+SAMPLING_GROUP = 16
 DownInputHook = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
 
 
@@ -401,10 +404,13 @@ class DenoiseOutputs:
 class DiffusionGemmaText(nn.Module):
     """The shared text stack (checkpoint prefix `model.decoder.`), used in encoder and decoder mode."""
 
-    def __init__(self, config: ModelConfig, moe: str = "dense"):
+    def __init__(self, config: ModelConfig, moe: str = "dense", vocab_chunk: int = DEFAULT_VOCAB_CHUNK):
         super().__init__()
+        if vocab_chunk < 1:
+            raise ValueError(f"vocab_chunk must be at least 1 (got {vocab_chunk})")
         self.config = config
         self.moe = moe
+        self.vocab_chunk = vocab_chunk
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta").requires_grad_(False)
         self.layers = nn.ModuleList(Layer(config, spec, moe) for spec in config.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -579,11 +585,111 @@ class DiffusionGemmaText(nn.Module):
         )
         return self.logits(hidden)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied LM head with Gemma's final softcap, in fp32."""
-        logits = linear(hidden, self.embed_tokens.weight).float()
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The tied LM head with Gemma's final softcap, in fp32: over the whole vocabulary, or over `rows`, a
+        contiguous slice of the embedding matrix."""
+        logits = linear(hidden, self.embed_tokens.weight if rows is None else rows).float()
+        return self._softcap(logits)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap
         return torch.tanh(logits / cap) * cap
+
+    def head(
+        self,
+        hidden: torch.Tensor,
+        temperature: torch.Tensor,
+        entropy_bound: torch.Tensor,
+        uniforms: torch.Tensor | None,
+        renoise_ids: torch.Tensor,
+        exponentials: torch.Tensor | None = None,
+        with_logits: bool = False,
+    ) -> DenoiseOutputs:
+        """The LM head and the sampler over the canvas tokens' final hidden states [B, C, H].
+
+        With a vocabulary chunk smaller than the vocabulary (and uniform draws, no logits wanted) they run chunk by
+        chunk (`_sample_chunked`), so that no [B, C, vocabulary] tensor exists; otherwise over the whole logits
+        (`sample`), which the exponential draws of `--rng hf` and the debug logits need."""
+        if exponentials is not None or with_logits or self.vocab_chunk >= self.config.vocab_size:
+            logits = self.logits(hidden)
+            return self.sample(logits, temperature, entropy_bound, uniforms, renoise_ids, exponentials, with_logits)
+        return self._sample_chunked(hidden, temperature, entropy_bound, uniforms, renoise_ids)
+
+    def _sample_chunked(
+        self,
+        hidden: torch.Tensor,
+        temperature: torch.Tensor,
+        entropy_bound: torch.Tensor,
+        uniforms: torch.Tensor,
+        renoise_ids: torch.Tensor,
+    ) -> DenoiseOutputs:
+        """`sample`'s results from the LM head computed one vocabulary chunk at a time (a fixed chain of nodes in
+        the graph), the largest tensor alive [B, C, chunk].
+
+        Each chunk's temperature-scaled logits z give their maximum and first argmax, the chunk's own softmax p,
+        its normaliser S = sum(exp(z - max)), the mean of (z - max) under p, the self-conditioning product
+        p @ embedding rows, and the probability mass of each group of SAMPLING_GROUP tokens. After the last chunk
+        these combine exactly as one softmax over the vocabulary would: a chunk's share of the probability is
+        S * exp(max - global max), normalised; the argmax is the first chunk holding the global maximum, at its
+        own argmax; the entropy is log(sum of shares) minus the share-weighted mean of (z - global max).
+        Inverse-CDF sampling finds the group holding the draw's cumulative mass, recomputes the logits of that
+        group's tokens alone (a gather of their embedding rows) and draws within it with the remainder of the
+        draw: the token the whole-vocabulary CDF selects, up to float rounding at its boundaries."""
+        embedding = self.embed_tokens.weight
+        vocab = embedding.shape[0]
+        group = math.gcd(self.vocab_chunk, vocab, SAMPLING_GROUP)
+        scale = temperature[:, None, None]
+        maxima, argmaxes, normalisers, centred, masses = [], [], [], [], []
+        soft = _SoftEmbeddingSum(embedding)
+        for start in range(0, vocab, self.vocab_chunk):
+            rows = embedding[start : start + self.vocab_chunk]
+            z = self.logits(hidden, rows) / scale
+            top, index = torch.max(z, dim=-1)
+            shifted = z - top[..., None]
+            weights = torch.exp(shifted)
+            total = weights.sum(dim=-1)
+            probs = weights / total[..., None]
+            maxima.append(top)
+            argmaxes.append(index + start)
+            normalisers.append(total)
+            centred.append((probs * shifted).sum(dim=-1))
+            # Explicit sizes, no -1: with zero canvas rows (the encoder phase) a wildcard has no unique value.
+            grouped = probs.reshape(probs.shape[0], probs.shape[1], probs.shape[2] // group, group)
+            masses.append(grouped.sum(dim=-1))
+            soft.add(z, rows, top, total, probs)
+        maxima_, normalisers_ = torch.stack(maxima, dim=-1), torch.stack(normalisers, dim=-1)  # [B, C, chunks]
+        top = maxima_.amax(dim=-1, keepdim=True)
+        shares = normalisers_ * torch.exp(maxima_ - top)
+        total = shares.sum(dim=-1)
+        shares = shares / total[..., None]
+        entropy = torch.log(total) - (shares * (torch.stack(centred, dim=-1) + maxima_ - top)).sum(dim=-1)
+        first = torch.argmax(maxima_, dim=-1, keepdim=True)  # the first chunk holding the maximum
+        argmax = torch.gather(torch.stack(argmaxes, dim=-1), -1, first)[..., 0]
+        group_mass = torch.cat([m * shares[..., i : i + 1] for i, m in enumerate(masses)], dim=-1)
+        chosen, remainder = _inverse_cdf_with_remainder(group_mass, uniforms)
+        sampled = (
+            chosen if group == 1 else chosen * group + self._draw_in_group(hidden, scale, chosen, remainder, group)
+        )
+        accepted = entropy_bound_accept(entropy, entropy_bound)
+        return DenoiseOutputs(
+            sampled=sampled,
+            argmax=argmax,
+            entropy=entropy,
+            accepted=accepted,
+            next_canvas=torch.where(accepted, sampled, renoise_ids),
+            next_self_cond=soft.result(),
+            mean_entropy=entropy.mean(dim=-1),
+        )
+
+    def _draw_in_group(
+        self, hidden: torch.Tensor, scale: torch.Tensor, chosen: torch.Tensor, remainder: torch.Tensor, group: int
+    ) -> torch.Tensor:
+        """The token within group `chosen` [B, C] that the draw's remainder [B, C] in [0, 1) selects by inverse CDF
+        over the group's own probabilities: its logits recomputed from the gathered embedding rows [B, C, g, H]."""
+        tokens = chosen[..., None] * group + torch.arange(group, dtype=chosen.dtype, device=chosen.device)
+        rows = self.embed_tokens(tokens)
+        z = self._softcap(torch.matmul(rows, hidden[..., None])[..., 0].float()) / scale
+        return sample_inverse_cdf(torch.softmax(z, dim=-1), remainder)
 
     def soft_embedding(self, processed_logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
         return soft_embedding(processed_logits, self.embed_tokens.weight, probs)
@@ -640,9 +746,12 @@ class DiffusionGemmaText(nn.Module):
         exponentials: torch.Tensor | None = None,
         with_logits: bool = False,
     ) -> DenoiseOutputs:
-        """The denoising phase: one step over the canvas plus the sampler (see `sample`)."""
-        logits = self.denoise_logits(canvas, self_cond, past_keys, past_values, context_length, context_mask)
-        return self.sample(logits, temperature, entropy_bound, uniforms, renoise_ids, exponentials, with_logits)
+        """The denoising phase: one step over the canvas plus the LM head and the sampler (see `head`)."""
+        nothing = canvas.new_zeros(canvas.shape[0], 0)
+        _, _, hidden = self.backbone(
+            nothing, nothing, canvas, self_cond, past_keys, past_values, context_length, context_mask
+        )
+        return self.head(hidden, temperature, entropy_bound, uniforms, renoise_ids, exponentials, with_logits)
 
     def step(
         self,
@@ -665,9 +774,7 @@ class DiffusionGemmaText(nn.Module):
         keys, values, hidden = self.backbone(
             input_ids, positions, canvas, self_cond, past_keys, past_values, context_length, context_mask
         )
-        out = self.sample(
-            self.logits(hidden), temperature, entropy_bound, uniforms, renoise_ids, with_logits=with_logits
-        )
+        out = self.head(hidden, temperature, entropy_bound, uniforms, renoise_ids, with_logits=with_logits)
         return keys, values, out
 
 
@@ -706,7 +813,62 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Te
 
 def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Categorical sample per position from one uniform in [0, 1): the first index whose CDF exceeds u."""
+    return _inverse_cdf(probs, uniforms)[0]
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse-CDF index (see `sample_inverse_cdf`), the CDF and the draw's threshold on it."""
     cdf = torch.cumsum(probs, dim=-1)
     threshold = uniforms[..., None] * cdf[..., -1:]
     index = (cdf <= threshold).sum(dim=-1)
-    return torch.clamp(index, max=probs.shape[-1] - 1)
+    return torch.clamp(index, max=probs.shape[-1] - 1), cdf, threshold
+
+
+def _inverse_cdf_with_remainder(masses: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse-CDF index over `masses` [..., n] and where the draw falls inside the selected entry, as a
+    fraction of its mass in [0, 1): the uniform draw for choosing within it."""
+    index, cdf, threshold = _inverse_cdf(masses, uniforms)
+    mass = torch.gather(masses, -1, index[..., None])
+    below = torch.gather(cdf, -1, index[..., None]) - mass
+    fraction = torch.where(mass > 0, (threshold - below) / mass, torch.zeros_like(mass))
+    return index, torch.clamp(fraction, 0.0, 1.0 - 2.0**-24)[..., 0]
+
+
+class _SoftEmbeddingSum:
+    """The self-conditioning soft embedding (`soft_embedding`) accumulated over vocabulary chunks: the running
+    mixture of each chunk's softmax times its embedding rows, weighted by the chunk's share of the probability
+    (its normaliser relative to the running maximum), kept normalised so that it stays within the embedding's
+    range. For a non-fp32 embedding the softmax is over the logits rounded to the embedding dtype, as there."""
+
+    def __init__(self, embedding: torch.Tensor):
+        self.embedding = embedding
+        self.fp32 = embedding.dtype == torch.float32
+        self.mixed: torch.Tensor | None = None
+        self.top: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+
+    def add(
+        self, z: torch.Tensor, rows: torch.Tensor, top: torch.Tensor, total: torch.Tensor, probs: torch.Tensor
+    ) -> None:
+        """One chunk: its scaled logits z [B, C, n], embedding rows [n, H], and (fp32) maximum, normaliser and
+        softmax."""
+        if not self.fp32:
+            rounded = z.to(rows.dtype).float()
+            top = rounded.amax(dim=-1)
+            weights = torch.exp(rounded - top[..., None])
+            total = weights.sum(dim=-1)
+            probs = weights / total[..., None]
+        part = torch.matmul(probs.to(rows.dtype), rows).float()
+        if self.mixed is None or self.top is None or self.total is None:
+            self.mixed, self.top, self.total = part, top, total
+            return
+        new_top = torch.maximum(self.top, top)
+        old = (self.total * torch.exp(self.top - new_top))[..., None]
+        new = (total * torch.exp(top - new_top))[..., None]
+        self.mixed = (self.mixed * old + part * new) / (old + new)
+        self.top, self.total = new_top, (old + new)[..., 0]
+
+    def result(self) -> torch.Tensor:
+        assert self.mixed is not None, "no chunk added"
+        scale = torch.tensor(math.sqrt(self.embedding.shape[1]), dtype=self.embedding.dtype)
+        return self.mixed.to(self.embedding.dtype) * scale

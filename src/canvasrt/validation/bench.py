@@ -3,10 +3,16 @@
 Every backend runs the same request (random prompt ids, fixed seed) with the adaptive stop disabled, so each canvas
 takes exactly `steps` denoising steps; one untimed warm-up run precedes the timed one. `transformers` times the
 reference's own generate(), one step being the interval between consecutive draft callbacks within a canvas.
+
+Working memory: the peak anonymous memory of the process while the request runs, beyond what it holds once the
+backend is loaded (mapped weights are file pages, not anonymous; weights a backend copies, like the torch backend's,
+are in the loaded figure), at one row and at the batch, and the growth per added row between the two.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +46,63 @@ def alternate(runs: dict[str, Callable[[], Result]], rounds: int, warmup: bool =
             if round_ >= int(warmup):
                 results[name].append(result)
     return results
+
+
+def anonymous_bytes() -> int | None:
+    """This process's resident anonymous memory (RssAnon), or None where /proc does not report it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class AnonymousPeak(contextlib.AbstractContextManager):
+    """The peak of `anonymous_bytes` while the block runs, sampled by a thread every `interval` seconds (ONNX Runtime
+    and torch release the GIL inside a call); `peak` is None where /proc does not report it."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            now = anonymous_bytes()
+            if now is None:
+                return
+            self.peak = max(self.peak or 0, now)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> AnonymousPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = anonymous_bytes()
+        if now is not None:
+            self.peak = max(self.peak or 0, now)
+
+
+def _working_memory(loaded: int | None, peaks: dict[int, int | None]) -> dict[str, Any] | None:
+    """Peak anonymous memory beyond the loaded backend's, per row count, and its growth per added row."""
+    if loaded is None or any(peak is None for peak in peaks.values()):
+        return None
+    working = {rows: int(peak) - loaded for rows, peak in peaks.items() if peak is not None}
+    low, high = min(working), max(working)
+    return {
+        "loaded_anonymous_bytes": loaded,
+        "peak_anonymous_bytes": {str(rows): int(peak) for rows, peak in peaks.items() if peak is not None},
+        "working_bytes": {str(rows): value for rows, value in working.items()},
+        "working_bytes_per_row": (working[high] - working[low]) / (high - low) if high > low else None,
+    }
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -129,9 +192,19 @@ def _bench_backend(
     settings = _no_early_stop(spec.generation, steps, canvas, canvases)
     ids, padding = _request(vocab, batch, prompt_length)
     with backend:
-        for _ in range(2):  # the first run warms up sessions and allocators
+        loaded = anonymous_bytes()
+        peaks: dict[int, int | None] = {}
+        if batch > 1:  # one row first, before the batch grows the allocators
+            with AnonymousPeak() as one:
+                generate(backend, ids[:1], padding[:1], settings, make_draws("counter", 0, 1, vocab, canvas))
+            peaks[1] = one.peak
+        for run in range(2):  # the first run warms up sessions and allocators; its memory is sampled, not timed
             backend.reset_counters()
-            result = generate(backend, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
+            sampled = AnonymousPeak() if run == 0 else contextlib.nullcontext()
+            with sampled:
+                result = generate(backend, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
+            if isinstance(sampled, AnonymousPeak):
+                peaks[batch] = sampled.peak
     t = result.timings
     wall, inside = sum(t["step_wall_s"]), sum(t["step_backend_s"])
     new_tokens = int((result.new_tokens != settings.pad_token_id).sum())
@@ -148,6 +221,7 @@ def _bench_backend(
         "host_device_bytes": backend.bytes_per_call(),
         # K/V slots copied into the calls' context inputs (once per canvas and prefill chunk, not per step)
         "context_copy_bytes_per_step": backend.context_copy_bytes / max(t["steps"], 1),
+        "memory": _working_memory(loaded, peaks),
     }
 
 
@@ -324,6 +398,19 @@ def _bench_transformers(
     }
 
 
+def _format_working(entry: dict[str, Any]) -> str:
+    memory = entry.get("memory")
+    if not memory:
+        return "-"
+    return ", ".join(f"{rows}: {value / 1e9:.3f}" for rows, value in memory["working_bytes"].items())
+
+
+def _format_per_row(entry: dict[str, Any]) -> str:
+    memory = entry.get("memory")
+    per_row = memory and memory["working_bytes_per_row"]
+    return "-" if per_row is None else f"{per_row / 1e9:.3f}"
+
+
 def format_table(results: dict[str, Any]) -> Table:
     names = list(results["backends"])
     table = Table(title=f"canvasrt bench {results['config']}")
@@ -342,6 +429,8 @@ def format_table(results: dict[str, Any]) -> Table:
             "K/V context copied per step (MB)",
             lambda e: f"{e['context_copy_bytes_per_step'] / 1e6:.3f}" if "context_copy_bytes_per_step" in e else "-",
         ),
+        ("working memory, GB (rows: GB)", _format_working),
+        ("working memory per added row (GB)", _format_per_row),
         (f"step speedup vs {names[0]}", lambda e: f"{e['step_speedup_vs_' + names[0]]:.2f}x"),
     ]
     if "transformers" in results["backends"]:

@@ -99,6 +99,7 @@ def open_backend(
         threads=threads,
         calibration=calibration,
         device=device,
+        vocab_chunk=target.vocab_chunk,
     )
     executor.checkpoint.check_source_of(target, target.directory)  # the checkpoint may have changed since the export
     return StepBackend(executor)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...core.contract import Capacity, kv_layout
+from ...core.contract import DEFAULT_VOCAB_CHUNK, Capacity, kv_layout
 from ...core.errors import CanvasrtError
 from ...core.manifest import Quantization, StepSpec
 from ...model.checkpoint import DTYPES, Checkpoint, torch_device
@@ -38,6 +38,7 @@ class TorchExecutor(Executor):
         threads: int | None = None,
         calibration: dict[str, Any] | None = None,
         device: str = "cpu",
+        vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     ):
         if dtype not in DTYPES:
             raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -50,14 +51,16 @@ class TorchExecutor(Executor):
             config, capacity, kv_layout(config, capacity), dtype, self.checkpoint.generation_config(), quantization
         )
         self.context_width = capacity.max_context
-        self.dtype, self.moe, self.threads = dtype, moe, threads
+        self.dtype, self.moe, self.threads, self.vocab_chunk = dtype, moe, threads, vocab_chunk
         self.calibration = calibration  # FP8 scales to simulate (calibration.json of FP8 artifacts)
         self.model: Any = None
 
     def load(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.model = self.checkpoint.load_text_model(moe=self.moe, dtype=self.dtype, device=self.device)
+        self.model = self.checkpoint.load_text_model(
+            moe=self.moe, dtype=self.dtype, device=self.device, vocab_chunk=self.vocab_chunk
+        )
         if self.calibration is not None:
             from ...model.fp8 import apply_fake_quantization
 
