@@ -274,7 +274,7 @@ def test_bench_reports_backends_side_by_side(tiny_artifacts):
 
 
 def test_bench_reports_working_memory_per_added_row(tiny_artifacts):
-    from canvasrt.runtime.bench import bench
+    from canvasrt.validation.bench import bench
 
     memory = bench(tiny_artifacts, ["onnxruntime"], 3, 8, 2, 1, 1)["backends"]["onnxruntime"]["memory"]
     assert list(memory["working_bytes"]) == ["1", "3"]

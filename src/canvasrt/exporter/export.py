@@ -24,6 +24,7 @@ import onnx
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..core.config import ModelConfig
 from ..core.contract import (
     DEFAULT_VOCAB_CHUNK,
     Capacity,
@@ -69,34 +70,10 @@ def export(
     vocab_chunk: vocabulary entries per chunk of the LM head and the sampler (`DiffusionGemmaText.head`); the
     vocabulary size or more computes them over the whole vocabulary at once.
     """
-    if dtype not in DTYPES:
-        raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if moe not in MOE_FORMULATIONS:
-        raise CanvasrtError(f"unknown MoE formulation {moe!r}; use one of {', '.join(MOE_FORMULATIONS)}")
-    if max_batch < 1:
-        raise CanvasrtError(f"--max-batch must be at least 1 (got {max_batch})")
-    if vocab_chunk < 1:
-        raise CanvasrtError(
-            f"--vocab-chunk must be at least 1 (got {vocab_chunk}); leave it out for {DEFAULT_VOCAB_CHUNK}"
-        )
-    if max_prefill is not None and max_prefill < 1:
-        raise CanvasrtError(
-            f"--max-prefill must be at least 1 (got {max_prefill}); leave it out to prefill up to "
-            "--max-context tokens per call"
-        )
+    _check_options(dtype, moe, max_batch, max_prefill, vocab_chunk)
     checkpoint = Checkpoint.open(checkpoint_dir)
     config = checkpoint.config
-    if max_context <= config.canvas_length:
-        raise CanvasrtError(
-            f"--max-context {max_context} leaves no room for a prompt and a committed canvas of "
-            f"{config.canvas_length} tokens; use at least {config.canvas_length + 1}"
-        )
-    if max_context > config.max_position_embeddings:
-        raise CanvasrtError(
-            f"--max-context {max_context} exceeds the model's max_position_embeddings "
-            f"{config.max_position_embeddings}; lower it"
-        )
-    capacity = Capacity.for_model(config, max_batch, max_context, max_prefill)
+    capacity = _capacity(config, max_batch, max_context, max_prefill)
     generation = checkpoint.generation_config()  # read (and refused when malformed) before the long work
     progress("hashing the checkpoint")
     digests = checkpoint.file_digests()  # what the graph is exported from; checked again before the swap
@@ -107,23 +84,13 @@ def export(
         model = checkpoint.load_text_model(
             moe=moe, dtype=dtype, vocab_chunk=vocab_chunk, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)
         )
-        torch_dtype = DTYPES[dtype]
         if external_data is None:
             external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
-        inputs, outputs = backbone_io(config, capacity, debug_logits)
-        # Example sizes differ from each other and from every static size, so that tracing cannot confuse a dynamic
-        # dim with another one or with a constant.
-        chunk = _unused_size(config, capacity, set())
-        dims = {"batch": 2, "chunk": chunk, "rows": _unused_size(config, capacity, {chunk})}
-        for dim, (low, _, high) in span_ranges(kv_layout(config, capacity), capacity).items():
-            dims[dim] = _unused_size(config, capacity, set(dims.values()), low, high)
         progress("exporting backbone.onnx")
         graphs = {
             "backbone": _export_graph(
                 BackboneGraph(model, debug_logits),
-                inputs,
-                outputs,
-                example_inputs(inputs, dims, torch_dtype),
+                *_example(config, capacity, dtype, debug_logits),
                 staging / "backbone.onnx",
                 capacity,
                 checkpoint,
@@ -167,6 +134,51 @@ def export(
                 "written: run `canvasrt export` again once it stays unchanged"
             )
     return manifest
+
+
+def _check_options(dtype: str, moe: str, max_batch: int, max_prefill: int | None, vocab_chunk: int) -> None:
+    if dtype not in DTYPES:
+        raise CanvasrtError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if moe not in MOE_FORMULATIONS:
+        raise CanvasrtError(f"unknown MoE formulation {moe!r}; use one of {', '.join(MOE_FORMULATIONS)}")
+    if max_batch < 1:
+        raise CanvasrtError(f"--max-batch must be at least 1 (got {max_batch})")
+    if vocab_chunk < 1:
+        raise CanvasrtError(
+            f"--vocab-chunk must be at least 1 (got {vocab_chunk}); leave it out for {DEFAULT_VOCAB_CHUNK}"
+        )
+    if max_prefill is not None and max_prefill < 1:
+        raise CanvasrtError(
+            f"--max-prefill must be at least 1 (got {max_prefill}); leave it out to prefill up to "
+            "--max-context tokens per call"
+        )
+
+
+def _capacity(config: ModelConfig, max_batch: int, max_context: int, max_prefill: int | None) -> Capacity:
+    if max_context <= config.canvas_length:
+        raise CanvasrtError(
+            f"--max-context {max_context} leaves no room for a prompt and a committed canvas of "
+            f"{config.canvas_length} tokens; use at least {config.canvas_length + 1}"
+        )
+    if max_context > config.max_position_embeddings:
+        raise CanvasrtError(
+            f"--max-context {max_context} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}; lower it"
+        )
+    return Capacity.for_model(config, max_batch, max_context, max_prefill)
+
+
+def _example(
+    config: ModelConfig, capacity: Capacity, dtype: str, debug_logits: bool
+) -> tuple[list[TensorSpec], list[TensorSpec], tuple[torch.Tensor, ...]]:
+    """The graph's inputs and outputs, and example inputs to trace it with. Example sizes differ from each other and
+    from every static size, so that tracing cannot confuse a dynamic dim with another one or with a constant."""
+    inputs, outputs = backbone_io(config, capacity, debug_logits)
+    chunk = _unused_size(config, capacity, set())
+    dims = {"batch": 2, "chunk": chunk, "rows": _unused_size(config, capacity, {chunk})}
+    for dim, (low, _, high) in span_ranges(kv_layout(config, capacity), capacity).items():
+        dims[dim] = _unused_size(config, capacity, set(dims.values()), low, high)
+    return inputs, outputs, example_inputs(inputs, dims, DTYPES[dtype])
 
 
 def _export_graph(

@@ -269,22 +269,8 @@ def _llm_options(inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> d
     return options
 
 
-def parse_request(
-    inputs: dict[str, np.ndarray],
-    generation_config: dict[str, Any],
-    encode: Any,
-    parameters: dict[str, Any] | None = None,
-    decode: Any = None,
-    max_context: int | None = None,
-) -> GenerationRequest:
-    """inputs: name -> array as Triton delivered them (dtypes already checked against the model config).
-    encode / decode: text <-> ids, or None when the artifacts carry no tokenizer. parameters: the request's
-    parameters (Triton's; its HTTP generate endpoint passes unknown fields there). max_context: the model's context
-    capacity; a prompt that cannot fit it is refused before it is tokenized or converted (a multi-megabyte body
-    would otherwise hold the instance for minutes)."""
-    parameters = dict(parameters or {})
-    llm = bool(parameters) or any(field.name in inputs for field in LLM_INPUTS)
-    options = _llm_options(inputs, parameters) if llm else {}
+def _prompt(inputs: dict[str, np.ndarray], encode: Any, max_context: int | None) -> tuple[list[int], str | None]:
+    """The prompt's ids, and its text where it came as text."""
     texts = [name for name in ("prompt", "text_input") if name in inputs]
     if len(texts) + ("prompt_ids" in inputs) != 1:
         raise CanvasrtError("send exactly one of the inputs 'prompt' (or 'text_input', text) and 'prompt_ids'")
@@ -308,6 +294,41 @@ def parse_request(
         ids = [int(i) for i in given]
     if not ids:
         raise CanvasrtError("the prompt is empty; send at least one token of text")
+    return ids, text
+
+
+def _seed(inputs: dict[str, np.ndarray], options: dict[str, Any]) -> int:
+    """The request's seed from `seed` or TensorRT-LLM's `random_seed` (an input or an option); 0 without one."""
+    seeds = [name for name in ("seed", "random_seed") if name in inputs or name in options]
+    if len(seeds) > 1:
+        raise CanvasrtError("send seed or random_seed, not both")
+    seed = 0
+    if seeds:
+        raw = _scalar(inputs, seeds[0]) if seeds[0] in inputs else options.pop(seeds[0])
+        seed = _number(raw, seeds[0], integer=True)
+        options.pop(seeds[0], None)
+    if not 0 <= seed < 2**63:
+        raise CanvasrtError(f"seed must be non-negative and below 2^63, got {seed}")
+    return seed
+
+
+def parse_request(
+    inputs: dict[str, np.ndarray],
+    generation_config: dict[str, Any],
+    encode: Any,
+    parameters: dict[str, Any] | None = None,
+    decode: Any = None,
+    max_context: int | None = None,
+) -> GenerationRequest:
+    """inputs: name -> array as Triton delivered them (dtypes already checked against the model config).
+    encode / decode: text <-> ids, or None when the artifacts carry no tokenizer. parameters: the request's
+    parameters (Triton's; its HTTP generate endpoint passes unknown fields there). max_context: the model's context
+    capacity; a prompt that cannot fit it is refused before it is tokenized or converted (a multi-megabyte body
+    would otherwise hold the instance for minutes)."""
+    parameters = dict(parameters or {})
+    llm = bool(parameters) or any(field.name in inputs for field in LLM_INPUTS)
+    options = _llm_options(inputs, parameters) if llm else {}
+    ids, text = _prompt(inputs, encode, max_context)
     overrides = {f.name: _scalar(inputs, f.name) for f in SETTING_INPUTS if f.name in inputs}
     for field in SETTING_INPUTS:  # canvasrt's own settings inside sampling_parameters or request parameters
         if field.name in options:
@@ -338,16 +359,7 @@ def parse_request(
     if "bad_words" in options and _strings(options.pop("bad_words"), "bad_words"):
         raise CanvasrtError("bad_words is not supported: the sampler cannot ban words; send it empty or leave it out")
     stop = [w for name in ("stop", "stop_words") if name in options for w in _strings(options.pop(name), name)]
-    seeds = [name for name in ("seed", "random_seed") if name in inputs or name in options]
-    if len(seeds) > 1:
-        raise CanvasrtError("send seed or random_seed, not both")
-    seed = 0
-    if seeds:
-        raw = _scalar(inputs, seeds[0]) if seeds[0] in inputs else options.pop(seeds[0])
-        seed = _number(raw, seeds[0], integer=True)
-        options.pop(seeds[0], None)
-    if not 0 <= seed < 2**63:
-        raise CanvasrtError(f"seed must be non-negative and below 2^63, got {seed}")
+    seed = _seed(inputs, options)
     stream_value = options.pop("stream", None)
     if "stream" in inputs:
         stream_value = _scalar(inputs, "stream")

@@ -159,25 +159,9 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def write_repository(
-    target: str | Path,
-    output: str | Path,
-    step_backend: str | None = None,
-    instances: int = 1,
-    max_batch: int | None = None,
-    threads: int = 0,
-    slots: int | None = None,
-    max_queue: int = DEFAULT_QUEUE,
-    batch_window_ms: int = 0,
-    provider: str = "cpu",
-) -> dict[str, Any]:
-    """Writes the model repository; returns a summary (models, step backend, executor, source). provider: ONNX
-    Runtime's, for artifacts served in process. slots: requests one loop
-    instance batches (default max_batch; 1 serves them one at a time); max_queue: requests that may wait for one;
-    batch_window_ms: how long an idle loop instance holds its first step for more requests to join it."""
-    output = Path(output)
-    opened = open_target(target)
-    step_backend = step_backend or "in-process"
+def _check_options(
+    step_backend: str, provider: str, instances: int, threads: int, max_queue: int, batch_window_ms: int
+) -> None:
     if step_backend not in STEP_BACKENDS:
         raise CanvasrtError(f"unknown step backend {step_backend!r}; use one of {', '.join(STEP_BACKENDS)}")
     if provider not in PROVIDERS:
@@ -190,15 +174,83 @@ def write_repository(
         raise CanvasrtError(f"--max-queue must be 0 or more, got {max_queue}")
     if batch_window_ms < 0:
         raise CanvasrtError(f"--batch-window-ms must be 0 (step at once) or more, got {batch_window_ms}")
-    if isinstance(opened, CheckpointDir):
-        if step_backend != "in-process":
-            raise CanvasrtError(
-                f"{target} is a checkpoint, which the loop model runs in process on the torch executor; step models "
-                "(--step-backend) serve exported graphs or engines (run `canvasrt export`)"
+
+
+def _batch_and_slots(
+    target: str | Path, capacity: int, max_batch: int | None, slots: int | None, engines: bool
+) -> tuple[int, int]:
+    """The step models' max batch and the loop instance's slots, within what the artifacts or engines take."""
+    max_batch = capacity if max_batch is None else max_batch
+    if not 1 <= max_batch <= capacity:
+        raise CanvasrtError(f"--max-batch must be between 1 and the artifacts' max batch {capacity}, got {max_batch}")
+    slots = max_batch if slots is None else slots
+    if not 1 <= slots <= max_batch:
+        # every slot is a row of each step call, which the step models take up to their max batch
+        fix = (
+            f"raise --max-batch (up to {capacity})"
+            if slots <= capacity
+            else f"{target} takes batches of at most {capacity}: "
+            + (
+                "rebuild with a larger `canvasrt build --max-batch`, or re-export"
+                if engines
+                else "re-export with `canvasrt export --max-batch`"
             )
-        return _write_checkpoint_repository(
-            opened, output, instances, max_batch, threads, slots, max_queue, batch_window_ms
         )
+        raise CanvasrtError(
+            f"--slots must be between 1 and the max batch {max_batch}, got {slots}"
+            + (f"; {fix}" if slots > max_batch else "")
+        )
+    return max_batch, slots
+
+
+def _package(
+    staging: Path,
+    manifest: ArtifactManifest,
+    engines: EngineManifest | None,
+    step_backend: str,
+    instances: int,
+    max_batch: int,
+    threads: int,
+) -> None:
+    """The loop model's files (its copy of the artifacts, and the engines it runs in process) and, for BLS, the step
+    models with their configs; linked where the file system allows."""
+    model_dir = staging / GENERATE_MODEL / "1"
+    artifacts = manifest.directory
+    if step_backend == "in-process" and engines is None:
+        shutil.copytree(artifacts, model_dir / ARTIFACTS, copy_function=_link_or_copy)
+    else:
+        (model_dir / ARTIFACTS).mkdir(parents=True)
+        for name in manifest.files:
+            _link_or_copy(str(artifacts / name), str(model_dir / ARTIFACTS / name))
+        # The loop's limits are the engines' where a build narrowed them (`canvasrt build --max-context`)
+        (manifest.with_capacity(engines.capacity) if engines is not None else manifest).write(model_dir / ARTIFACTS)
+    if step_backend == "in-process" and engines is not None:
+        shutil.copytree(engines.directory, model_dir / ENGINES, copy_function=_link_or_copy)
+    if step_backend != "in-process":
+        for graph in GRAPHS:
+            step_dir = staging / STEP_MODELS[graph]
+            (step_dir / "1").mkdir(parents=True)
+            entry: GraphEntry | EngineEntry
+            if engines is not None:
+                entry = engines.engines[graph]
+                _link_or_copy(str(engines.engine_path(graph)), str(step_dir / "1" / entry.file))
+            else:
+                entry = manifest.graphs[graph]
+                for source in artifacts.glob(entry.file + "*"):  # the graph and its external data, if any
+                    _link_or_copy(str(source), str(step_dir / "1" / source.name))
+            if step_backend == "python":
+                (step_dir / "1" / "model.py").write_text(ENTRY.format(module="step_model"))
+            write_config(
+                step_dir,
+                step_config(graph, entry, manifest.dtype, step_backend, entry.file, instances, max_batch, threads),
+            )
+    (model_dir / "model.py").write_text(ENTRY.format(module="model"))
+
+
+def _sources(
+    opened: ArtifactManifest | EngineManifest, step_backend: str, provider: str
+) -> tuple[EngineManifest | None, ArtifactManifest]:
+    """The engines (None for artifacts) and the artifacts they came from, checked against the step backend."""
     engines = opened if isinstance(opened, EngineManifest) else None
     if provider != "cpu" and (step_backend != "in-process" or engines is not None):
         raise CanvasrtError(
@@ -226,28 +278,42 @@ def write_repository(
             f"the loop model sends {manifest.dtype} tensors to step models from numpy, which Triton cannot take; "
             "serve in process, or export with --dtype fp32 or fp16"
         )
+    return engines, manifest
+
+
+def write_repository(
+    target: str | Path,
+    output: str | Path,
+    step_backend: str | None = None,
+    instances: int = 1,
+    max_batch: int | None = None,
+    threads: int = 0,
+    slots: int | None = None,
+    max_queue: int = DEFAULT_QUEUE,
+    batch_window_ms: int = 0,
+    provider: str = "cpu",
+) -> dict[str, Any]:
+    """Writes the model repository; returns a summary (models, step backend, executor, source). provider: ONNX
+    Runtime's, for artifacts served in process. slots: requests one loop
+    instance batches (default max_batch; 1 serves them one at a time); max_queue: requests that may wait for one;
+    batch_window_ms: how long an idle loop instance holds its first step for more requests to join it."""
+    output = Path(output)
+    opened = open_target(target)
+    step_backend = step_backend or "in-process"
+    _check_options(step_backend, provider, instances, threads, max_queue, batch_window_ms)
+    if isinstance(opened, CheckpointDir):
+        if step_backend != "in-process":
+            raise CanvasrtError(
+                f"{target} is a checkpoint, which the loop model runs in process on the torch executor; step models "
+                "(--step-backend) serve exported graphs or engines (run `canvasrt export`)"
+            )
+        return _write_checkpoint_repository(
+            opened, output, instances, max_batch, threads, slots, max_queue, batch_window_ms
+        )
+    engines, manifest = _sources(opened, step_backend, provider)
     # a build may have narrowed the profiles below the artifacts' capacity
     capacity = engines.max_batch if engines is not None else manifest.capacity.max_batch
-    max_batch = capacity if max_batch is None else max_batch
-    if not 1 <= max_batch <= capacity:
-        raise CanvasrtError(f"--max-batch must be between 1 and the artifacts' max batch {capacity}, got {max_batch}")
-    slots = max_batch if slots is None else slots
-    if not 1 <= slots <= max_batch:
-        # every slot is a row of each step call, which the step models take up to their max batch
-        fix = (
-            f"raise --max-batch (up to {capacity})"
-            if slots <= capacity
-            else f"{target} takes batches of at most {capacity}: "
-            + (
-                "rebuild with a larger `canvasrt build --max-batch`, or re-export"
-                if engines is not None
-                else "re-export with `canvasrt export --max-batch`"
-            )
-        )
-        raise CanvasrtError(
-            f"--slots must be between 1 and the max batch {max_batch}, got {slots}"
-            + (f"; {fix}" if slots > max_batch else "")
-        )
+    max_batch, slots = _batch_and_slots(target, capacity, max_batch, slots, engines is not None)
     # what is packaged (graphs or engines) is what was exported or built: digests, once, after the option checks
     # so that a bad option is refused before gigabytes are hashed
     opened.verify()
@@ -262,37 +328,7 @@ def write_repository(
     }
     inputs = [Path(target)] + ([engines.artifacts] if engines is not None else [])
     with staged_directory(output, REPOSITORY_OUTPUT, inputs) as staging:
-        model_dir = staging / GENERATE_MODEL / "1"
-        artifacts = manifest.directory
-        if step_backend == "in-process" and engines is None:
-            shutil.copytree(artifacts, model_dir / ARTIFACTS, copy_function=_link_or_copy)
-        else:
-            (model_dir / ARTIFACTS).mkdir(parents=True)
-            for name in manifest.files:
-                _link_or_copy(str(artifacts / name), str(model_dir / ARTIFACTS / name))
-            # The loop's limits are the engines' where a build narrowed them (`canvasrt build --max-context`)
-            (manifest.with_capacity(engines.capacity) if engines is not None else manifest).write(model_dir / ARTIFACTS)
-        if step_backend == "in-process" and engines is not None:
-            shutil.copytree(engines.directory, model_dir / ENGINES, copy_function=_link_or_copy)
-        if step_backend != "in-process":
-            for graph in GRAPHS:
-                step_dir = staging / STEP_MODELS[graph]
-                (step_dir / "1").mkdir(parents=True)
-                entry: GraphEntry | EngineEntry
-                if engines is not None:
-                    entry = engines.engines[graph]
-                    _link_or_copy(str(engines.engine_path(graph)), str(step_dir / "1" / entry.file))
-                else:
-                    entry = manifest.graphs[graph]
-                    for source in artifacts.glob(entry.file + "*"):  # the graph and its external data, if any
-                        _link_or_copy(str(source), str(step_dir / "1" / source.name))
-                if step_backend == "python":
-                    (step_dir / "1" / "model.py").write_text(ENTRY.format(module="step_model"))
-                write_config(
-                    step_dir,
-                    step_config(graph, entry, manifest.dtype, step_backend, entry.file, instances, max_batch, threads),
-                )
-        (model_dir / "model.py").write_text(ENTRY.format(module="model"))
+        _package(staging, manifest, engines, step_backend, instances, max_batch, threads)
         write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
         # what was linked or copied is what was hashed at the start: the sources still match their digests
         manifest.check_unchanged("triton")
