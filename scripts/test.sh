@@ -8,6 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# One pytest worker per core; a test file's tests stay on one worker, so its module fixtures (a served repository)
+# are built once.
+PARALLEL=(-n 2 --dist loadfile)
 cut=()
 if command -v unshare >/dev/null && command -v ip >/dev/null; then
   if unshare --net true 2>/dev/null; then
@@ -18,7 +21,7 @@ if command -v unshare >/dev/null && command -v ip >/dev/null; then
 fi
 if [ ${#cut[@]} -gt 0 ]; then
   echo "running the tests without network (loopback only)"
-  exec "${cut[@]}" sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest tests "$@"
+  exec "${cut[@]}" sh -c 'ip link set lo up && exec "$@"' sh .venv/bin/python -m pytest tests "${PARALLEL[@]}" "$@"
 fi
 echo "running the tests with the network reachable (no network namespace available here)"
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests "${PARALLEL[@]}" "$@"

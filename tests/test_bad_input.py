@@ -638,6 +638,7 @@ def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
         assert fragment in errors[0], errors[0]
 
 
+@pytest.mark.slow  # each command runs to its limit in a subprocess, the export a whole trace
 @pytest.mark.parametrize("command", ["random-checkpoint", "export", "slice"])
 def test_a_file_size_limit_or_a_full_disk_is_one_line_and_leaves_nothing(command, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"

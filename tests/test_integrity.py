@@ -316,7 +316,9 @@ def _checkpoint_of_another_tool(final: Path) -> None:
 
 
 @pytest.mark.parametrize("intruder", [_notes, _checkpoint_of_another_tool, lambda f: f.write_text("a file")])
-@pytest.mark.parametrize("command", ["random-checkpoint", "export", "triton"])
+@pytest.mark.parametrize(
+    "command", ["random-checkpoint", pytest.param("export", marks=pytest.mark.slow), "triton"]
+)  # an export is a whole trace in a subprocess
 def test_what_appears_at_the_output_while_a_command_runs_is_never_replaced(
     command, intruder, tiny_checkpoint, tiny_artifacts, tmp_path, monkeypatch
 ):
