@@ -140,10 +140,10 @@ def calibrate(
         )
         new_manifest = replace(manifest, directory=Path(output), graphs=graphs, quantization=quantization)
         new_manifest.write(staging)
+        progress("checking that the inputs did not change while calibrating")
+        _check_inputs_unchanged(manifest, opened, Path(artifacts))  # the cause first: a changed input's copies differ
         for problem in replace(new_manifest, directory=staging).problems():  # the copies are the recorded files
             raise CanvasrtError(problem)
-        progress("checking that the inputs did not change while calibrating")
-        _check_inputs_unchanged(manifest, opened, Path(artifacts))
     return new_manifest
 
 
