@@ -35,6 +35,7 @@ from .repository import GENERATE_MODEL
 
 OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
 DISCONNECT_POLL_S = 0.05
+STREAM_END_S = 5.0  # how long shutdown waits for finished streams' closing status
 
 
 class APIError(Exception):
@@ -137,6 +138,7 @@ class FrontEnd:
         self.tokenizer = _load_tokenizer(Path(tokenizer)) if tokenizer is not None else None
         self.completion, self.chat = _request_models()
         self._client: Any = None
+        self._ending: set[asyncio.Task[None]] = set()  # streams read to their end after their final response
 
     @property
     def client(self) -> Any:
@@ -156,6 +158,8 @@ class FrontEnd:
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             yield
+            if self._ending:  # closing the channel first would cancel them after their final response
+                await asyncio.wait(set(self._ending), timeout=STREAM_END_S)
             if self._client is not None:
                 await self._client.close()
                 self._client = None
@@ -202,6 +206,23 @@ class FrontEnd:
             return await self._serve(request, body, chat=True)
 
         return app
+
+    def read_to_end(self, call: Any) -> None:
+        """Reads a gRPC stream whose final response is in up to the server's closing status, on a task of its own.
+
+        A stream must not be cancelled (nor dropped, which cancels it) between its request's final response and that
+        status: Triton's gRPC front end (2.51) then marks the finished request cancelled and waits for a callback
+        that never comes, so the request, and with it the model, is never released, and tritonserver cannot unload
+        the model when it stops (it waits out its exit timeout)."""
+
+        async def drain() -> None:
+            with contextlib.suppress(Exception):
+                async for _ in call:
+                    pass
+
+        task = asyncio.ensure_future(drain())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model, "object": "model", "created": 0, "owned_by": "canvasrt"}
@@ -349,6 +370,7 @@ class _Generation:
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield request
 
+        self.front_end = front_end
         self.call = front_end.client.stream_infer(one_request())
         self.finished = False
 
@@ -360,8 +382,8 @@ class _Generation:
             raise APIError(
                 500, f"{INTERNAL_ERROR}the model's stream ended without a final response", kind="server_error"
             ) from None
-        if error is not None:
-            self.finished = True
+        if error is not None:  # the request's final response
+            self._end()
             raise _triton_error(error.message())
         item = {
             "text": result.as_numpy("text_output")[0].decode("utf-8"),
@@ -369,8 +391,13 @@ class _Generation:
             "input_tokens": int(result.as_numpy("num_input_tokens")[0]),
             "output_tokens": int(result.as_numpy("num_output_tokens")[0]),
         }
-        self.finished = bool(item["finish_reason"])
+        if item["finish_reason"]:
+            self._end()
         return item
+
+    def _end(self) -> None:
+        self.finished = True
+        self.front_end.read_to_end(self.call)
 
     def cancel(self) -> None:
         if not self.finished:
