@@ -30,6 +30,7 @@ from canvasrt.cli import main
 from canvasrt.exporter.export import export
 from canvasrt.model.random_checkpoint import save_tokenizer
 from canvasrt.serving.openai_api import FrontEnd, OpenAIServer
+from canvasrt.serving.protocol import BATCHED_MODEL as BATCHED
 from canvasrt.serving.repository import GENERATE_MODEL, write_repository
 from canvasrt.serving.server import free_ports
 
@@ -256,8 +257,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served, client):
     assert client.completions.create(model=MODEL, prompt="go on", seed=4).choices[0].text == text
 
 
-async def triton_stream(url: str, inputs: dict[str, np.ndarray], parameters: dict | None = None) -> list[dict]:
-    """A request as a vLLM-backend client sends it: one gRPC stream, no batch dimension."""
+async def triton_stream(
+    url: str, inputs: dict[str, np.ndarray], parameters: dict | None = None, model: str = MODEL
+) -> list[dict]:
+    """A request as a vLLM-backend (or, to the batched model, a TensorRT-LLM) client sends it: one gRPC stream."""
     client = grpcaio.InferenceServerClient(url)
     tensors = []
     for name, array in inputs.items():
@@ -266,7 +269,7 @@ async def triton_stream(url: str, inputs: dict[str, np.ndarray], parameters: dic
         tensors.append(tensor)
 
     async def one() -> object:
-        yield {"model_name": MODEL, "inputs": tensors, **({"parameters": parameters} if parameters else {})}
+        yield {"model_name": model, "inputs": tensors, **({"parameters": parameters} if parameters else {})}
 
     collected, failure = [], None
     try:  # read to the stream's end: closing it between the final response and its status leaks the request in Triton
@@ -274,12 +277,13 @@ async def triton_stream(url: str, inputs: dict[str, np.ndarray], parameters: dic
             if error is not None:
                 failure = error.message()
                 continue
+            outputs = {name: result.as_numpy(name) for name in ("text_output", "finish_reason", "num_output_tokens")}
             collected.append(
                 {
-                    "text_output": result.as_numpy("text_output")[0].decode(),
-                    "finish_reason": result.as_numpy("finish_reason")[0].decode(),
-                    "num_output_tokens": int(result.as_numpy("num_output_tokens")[0]),
-                    "num_input_tokens": int(result.as_numpy("num_input_tokens")[0]),
+                    "shape": outputs["text_output"].shape,
+                    "text_output": outputs["text_output"].reshape(-1)[0].decode(),
+                    "finish_reason": outputs["finish_reason"].reshape(-1)[0].decode(),
+                    "num_output_tokens": int(outputs["num_output_tokens"].reshape(-1)[0]),
                 }
             )
     finally:
@@ -344,6 +348,61 @@ def test_tensorrt_llm_requests_on_the_generate_endpoints(served):
     assert status == 400 and "temperature must be above 0" in reply["error"]
     status, reply = post(base, "/generate", json.dumps(body).encode())
     assert status == 200 and reply["text_output"] == "hello trtllm" + text
+
+
+def batched(array: np.ndarray) -> np.ndarray:
+    return array[None]
+
+
+def test_tensorrt_llm_requests_with_a_batch_dimension(served):
+    """TensorRT-LLM's clients send [1, 1] (its ensemble has a batch dimension): the batched model takes them over gRPC
+    streaming and the generate endpoints, answers [1, N], and gives the loop model's text; the loop model itself
+    refuses the shape, naming the one it expects."""
+    text, kept, finish = reference(served.artifacts, 8, "--prompt", "hello trtllm")
+    inputs = {
+        "text_input": strings("hello trtllm"),
+        "max_tokens": np.array([32], dtype=np.int32),
+        "bad_words": strings(""),
+        "stop_words": strings(""),
+        "random_seed": np.array([8], dtype=np.uint64),
+        "stream": np.array([True]),
+    }
+    streamed = asyncio.run(triton_stream(served.grpc, {k: batched(v) for k, v in inputs.items()}, model=BATCHED))
+    assert "".join(r["text_output"] for r in streamed) == text and streamed[-1]["finish_reason"] == finish
+    assert sum(r["num_output_tokens"] for r in streamed) == kept and {r["shape"] for r in streamed} == {(1, 1)}
+    whole = {k: batched(v) for k, v in inputs.items() if k != "stream"}
+    assert [r["text_output"] for r in asyncio.run(triton_stream(served.grpc, whole, model=BATCHED))] == [
+        "hello trtllm" + text
+    ]
+    # request parameters reach the loop model (floats and lists too)
+    parameters = {"temperature": 1.0, "stop": "zzz"}
+    with_parameters = asyncio.run(triton_stream(served.grpc, whole, parameters, model=BATCHED))
+    assert [r["text_output"] for r in with_parameters] == ["hello trtllm" + text]
+    with pytest.raises(
+        RuntimeError,
+        match=r"unexpected shape for input '\w+' for model 'canvasrt_generate'. Expected \[-?1\], got \[1,1\]",
+    ):
+        asyncio.run(triton_stream(served.grpc, whole))
+    with pytest.raises(RuntimeError, match="top_p 0.5 is not supported"):
+        asyncio.run(triton_stream(served.grpc, {**whole, "top_p": np.array([[0.5]], dtype=np.float32)}, model=BATCHED))
+    with pytest.raises(RuntimeError, match="batch-size must be <= 1"):
+        asyncio.run(
+            triton_stream(served.grpc, {"text_input": np.array([[b"a"], [b"b"]], dtype=np.object_)}, model=BATCHED)
+        )
+    base = f"http://{served.http}/v2/models/{BATCHED}"
+    body = {"text_input": "hello trtllm", "max_tokens": 32, "bad_words": "", "stop_words": "", "random_seed": 8}
+    status, reply = post(base, "/generate", json.dumps(body).encode())
+    assert status == 200 and reply["text_output"] == "hello trtllm" + text and reply["finish_reason"] == finish
+    stream = urllib.request.Request(
+        base + "/generate_stream", data=json.dumps({**body, "stream": True}).encode(), method="POST"
+    )
+    with urllib.request.urlopen(stream, timeout=120) as events:
+        chunks = [json.loads(line[5:]) for line in events.read().decode().splitlines() if line.startswith("data:")]
+    assert "".join(c["text_output"] for c in chunks) == text and chunks[-1]["finish_reason"] == finish
+    status, reply = post(base, "/generate", json.dumps({**body, "top_p": 0.5}).encode())
+    assert status == 400 and "top_p 0.5 is not supported" in reply["error"]
+    status, reply = post(base, "/generate", json.dumps({**body, "temperature": 2.0, "colour": 1}).encode())
+    assert status == 400 and "colour" in reply["error"]
 
 
 def test_a_tokenizer_without_a_chat_template_refuses_chat_and_serves_completions(served, tmp_path):

@@ -202,7 +202,14 @@ def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
     assert [i.name for i in generate.input] == [f.name for f in ALL_INPUTS] and all(i.optional for i in generate.input)
     assert [o.name for o in generate.output] == [f.name for f in OUTPUTS]
     assert generate.parameters["step_backend"].string_value == "bls"
-    assert sorted(p.name for p in repository.iterdir()) == ["canvasrt_backbone", "canvasrt_generate"]
+    assert sorted(p.name for p in repository.iterdir()) == [
+        "canvasrt_backbone",
+        "canvasrt_generate",
+        "canvasrt_generate_batched",
+    ]
+    batched = read_config(repository / "canvasrt_generate_batched" / "config.pbtxt")  # TensorRT-LLM's shapes
+    assert batched.max_batch_size == 1 and batched.model_transaction_policy.decoupled and generate.max_batch_size == 0
+    assert [i.name for i in batched.input] == [i.name for i in generate.input] and batched.output == generate.output
     config = read_config(repository / "canvasrt_backbone" / "config.pbtxt")
     entry = manifest["graphs"]["backbone"]
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 2
@@ -228,7 +235,7 @@ def test_every_target_is_served_in_process_by_default(tiny_artifacts, tiny_check
         result = cli("triton", target, "-o", repository, *args)
         assert result.exit_code == 0, result.output
         assert f"in-process, {executor}" in result.output
-        assert [p.name for p in repository.iterdir()] == ["canvasrt_generate"]
+        assert sorted(p.name for p in repository.iterdir()) == ["canvasrt_generate", "canvasrt_generate_batched"]
         parameters = read_config(repository / "canvasrt_generate" / "config.pbtxt").parameters
         assert parameters["step_backend"].string_value == "in-process"
         assert parameters["executor"].string_value == executor

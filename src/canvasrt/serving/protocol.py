@@ -162,6 +162,8 @@ PARAMETERS = {
     *ACCEPTED,
     *(f.name for f in SETTING_INPUTS),
 }
+GENERATE_MODEL = "canvasrt_generate"  # the loop model
+BATCHED_MODEL = "canvasrt_generate_batched"  # the loop model's inputs and outputs with a batch dimension
 # Leads the message of an error that is not the request's fault (the gRPC stream carries no status code)
 INTERNAL_ERROR = "internal error: "
 MAX_TOKEN_BYTES = 256  # no token of a tokenizer spans more bytes of text: the bound on a prompt's length

@@ -32,9 +32,8 @@ from ..core.target import CheckpointDir, open_target
 from ..runtime.backends.onnxruntime import PROVIDERS
 from .bls import STEP_MODELS
 from .model import ARTIFACTS, CHECKPOINT, DEFAULT_QUEUE, ENGINES
-from .protocol import ALL_INPUTS, OUTPUTS, Field
+from .protocol import ALL_INPUTS, BATCHED_MODEL, GENERATE_MODEL, OUTPUTS, Field
 
-GENERATE_MODEL = "canvasrt_generate"
 REPOSITORY_OUTPUT = OutputKind(
     "a canvasrt model repository",
     "`canvasrt triton`",
@@ -89,9 +88,13 @@ def _io(message: Any, field: Field, optional: bool = False) -> None:
         entry.reshape.SetInParent()
 
 
-def generate_config(instances: int, parameters: dict[str, str]) -> Any:
+def generate_config(instances: int, parameters: dict[str, str], batched: bool = False) -> Any:
+    """The loop model's config; batched: its twin with a batch dimension (max_batch_size 1, one instance, which
+    forwards to the loop model)."""
     pb = _model_config()
-    config = pb.ModelConfig(name=GENERATE_MODEL, backend="python", max_batch_size=0)
+    config = pb.ModelConfig(
+        name=BATCHED_MODEL if batched else GENERATE_MODEL, backend="python", max_batch_size=1 if batched else 0
+    )
     config.model_transaction_policy.decoupled = True
     for field in ALL_INPUTS:
         _io(config.input, field, optional=True)
@@ -101,6 +104,13 @@ def generate_config(instances: int, parameters: dict[str, str]) -> Any:
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
+
+
+def _write_batched(staging: Path) -> None:
+    """`canvasrt_generate_batched`, the loop model for clients that send a batch dimension (TensorRT-LLM's)."""
+    (staging / BATCHED_MODEL / "1").mkdir(parents=True)
+    (staging / BATCHED_MODEL / "1" / "model.py").write_text(ENTRY.format(module="batched_model"))
+    write_config(staging / BATCHED_MODEL, generate_config(1, {}, batched=True))
 
 
 def step_config(
@@ -330,11 +340,12 @@ def write_repository(
     with staged_directory(output, REPOSITORY_OUTPUT, inputs) as staging:
         _package(staging, manifest, engines, step_backend, instances, max_batch, threads)
         write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
+        _write_batched(staging)
         # what was linked or copied is what was hashed at the start: the sources still match their digests
         manifest.check_unchanged("triton")
         if engines is not None:
             engines.verify()
-    models = [GENERATE_MODEL] + ([] if step_backend == "in-process" else list(STEP_MODELS.values()))
+    models = [GENERATE_MODEL, BATCHED_MODEL] + ([] if step_backend == "in-process" else list(STEP_MODELS.values()))
     return {
         "models": models,
         "step_backend": step_backend,
@@ -375,8 +386,9 @@ def _write_checkpoint_repository(
         shutil.copytree(checkpoint.directory, model_dir / CHECKPOINT, copy_function=_link_or_copy)
         (model_dir / "model.py").write_text(ENTRY.format(module="model"))
         write_config(staging / GENERATE_MODEL, generate_config(instances, parameters))
+        _write_batched(staging)
     return {
-        "models": [GENERATE_MODEL],
+        "models": [GENERATE_MODEL, BATCHED_MODEL],
         "step_backend": "in-process",
         "executor": "torch",
         "source": str(checkpoint.directory),
