@@ -18,13 +18,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import openai
 import pytest
+import tritonclient.grpc
 import tritonclient.grpc.aio as grpcaio
 from click.testing import CliRunner
 from tokenizers import Tokenizer
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from canvasrt.cli import main
 from canvasrt.exporter.export import export
@@ -403,6 +405,64 @@ def test_tensorrt_llm_requests_with_a_batch_dimension(served):
     assert status == 400 and "top_p 0.5 is not supported" in reply["error"]
     status, reply = post(base, "/generate", json.dumps({**body, "temperature": 2.0, "colour": 1}).encode())
     assert status == 400 and "colour" in reply["error"]
+
+
+async def stream_outcome(url: str, inputs: dict[str, np.ndarray], model: str = MODEL, headers=None) -> tuple:
+    """What a tritonclient gRPC stream sees of a refused request: ("in stream", status, message) for an error inside
+    the stream's responses, ("status", code, details) for a stream that ends with an error status."""
+    client = grpcaio.InferenceServerClient(url)
+    tensors = []
+    for name, array in inputs.items():
+        tensor = grpcaio.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+
+    async def one() -> object:
+        yield {"model_name": model, "inputs": tensors}
+
+    outcome = None
+    try:
+        async for _, error in client.stream_infer(one(), headers=headers):
+            outcome = ("in stream", error.status(), error.message()) if error is not None else outcome
+    except grpc.aio.AioRpcError as exc:
+        outcome = ("status", exc.code(), exc.details())
+    finally:
+        await client.close()
+    return outcome
+
+
+def test_grpc_errors_carry_invalid_argument_where_triton_allows(served):
+    """Triton 2.51 over gRPC: unary ModelInfer refuses a decoupled model (UNIMPLEMENTED); a stream carries an error
+    as a message inside its responses; with the `triton_grpc_error: true` header the model's refusals end the stream
+    with INVALID_ARGUMENT (through the batched model too), while what Triton checks before the model (datatypes,
+    shapes) stays a message in the stream."""
+    empty = {"text_input": strings("")}
+    strict = {"triton_grpc_error": "true"}
+    kind, code, details = asyncio.run(stream_outcome(served.grpc, empty))
+    assert (kind, code) == ("in stream", None) and details.startswith("the prompt is empty")
+    kind, code, details = asyncio.run(stream_outcome(served.grpc, empty, headers=strict))
+    assert (kind, code) == ("status", grpc.StatusCode.INVALID_ARGUMENT) and "the prompt is empty" in details
+    kind, code, details = asyncio.run(
+        stream_outcome(
+            served.grpc, {"text_input": strings("hi")[None], "top_k": np.array([[5]], np.int32)}, BATCHED, strict
+        )
+    )
+    assert (kind, code) == ("status", grpc.StatusCode.INVALID_ARGUMENT) and "top_k 5 is not supported" in details
+    wrong_type = {"text_input": strings("hi"), "max_tokens": np.array([3], dtype=np.int64)}
+    kind, code, details = asyncio.run(stream_outcome(served.grpc, wrong_type, headers=strict))
+    assert (kind, code) == ("in stream", None) and "expects 'INT32'" in details
+    unary = tritonclient.grpc.InferenceServerClient(served.grpc)
+    tensor = tritonclient.grpc.InferInput("text_input", [1], "BYTES")
+    tensor.set_data_from_numpy(strings("hi"))
+    with pytest.raises(InferenceServerException) as refused:
+        unary.infer(MODEL, [tensor])
+    assert refused.value.status() == "StatusCode.UNIMPLEMENTED" and "decoupled" in refused.value.message()
+    unary.close()
+    text, _, _ = reference(served.artifacts, 6, "--prompt", "hello vllm")
+    assert (
+        asyncio.run(triton_stream(served.grpc, {"text_input": strings("hello vllm")}, {"seed": 6}))[0]["text_output"]
+        == "hello vllm" + text
+    )
 
 
 def test_a_tokenizer_without_a_chat_template_refuses_chat_and_serves_completions(served, tmp_path):

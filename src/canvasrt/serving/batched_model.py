@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.scheduler import SERVER_FULL
+from .model import CANCELLED
 from .protocol import GENERATE_MODEL, INTERNAL_ERROR, OUTPUTS
 
 
@@ -73,6 +75,20 @@ class TritonPythonModel:
                 continue
             threading.Thread(target=self._relay, args=(forwarded, sender), daemon=True).start()
 
+    def _error(self, message: str) -> Any:
+        """The loop model's error with its code, which BLS does not pass on (it arrives as INTERNAL): read back from
+        the message, as the loop model marks the errors that are not the request's fault."""
+        codes = self.pb_utils.TritonError
+        if message.startswith(INTERNAL_ERROR):
+            code = codes.INTERNAL
+        elif message.startswith(SERVER_FULL):
+            code = codes.UNAVAILABLE
+        elif message == CANCELLED:
+            code = codes.CANCELLED
+        else:
+            code = codes.INVALID_ARG
+        return self.pb_utils.TritonError(message, code)
+
     def _relay(self, forwarded: Any, sender: Any) -> None:
         """The loop model's responses, each with a batch dimension; its final one (an error or event "done") is sent
         with the final flag."""
@@ -84,7 +100,7 @@ class TritonPythonModel:
                 if closed:
                     continue  # read to the end, so that BLS releases the request
                 if response.has_error():
-                    sender.send(pb_utils.InferenceResponse(error=response.error()), flags=final)
+                    sender.send(pb_utils.InferenceResponse(error=self._error(response.error().message())), flags=final)
                     closed = True
                     continue
                 tensors = {t.name(): t.as_numpy() for t in response.output_tensors()}

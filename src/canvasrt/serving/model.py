@@ -42,6 +42,7 @@ CHECKPOINT = "checkpoint"  # ... of the checkpoint, served in process by the tor
 DEFAULT_QUEUE = 64
 CANCEL_POLL_S = 0.05  # how often a row asks Triton whether its client cancelled
 METRICS_S = 0.1  # how often a busy instance hands its metrics to Triton
+CANCELLED = "the client cancelled the request"
 
 
 def _parameters(request: Any) -> dict[str, Any]:
@@ -99,7 +100,7 @@ class _Relay:
             if not self.closed:
                 self.send(self.stream.cancelled(), final=True)
         else:
-            self.fail("the client cancelled the request", self.model.pb_utils.TritonError.CANCELLED)
+            self.fail(CANCELLED, self.model.pb_utils.TritonError.CANCELLED)
 
 
 class TritonPythonModel:
