@@ -335,11 +335,11 @@ class FrontEnd:
 
         async def events() -> AsyncIterator[str]:
             try:
-                yield reply.chunk(first)
+                item = first
                 while not generation.finished:
-                    yield reply.chunk(await generation.next())
-                for event in reply.tail():
-                    yield event
+                    yield reply.chunk(item)
+                    item = await generation.next()
+                yield reply.chunk(item) + "".join(reply.tail())  # the final chunk and the closing events: one write
             except APIError as exc:  # after the status went out: an error event ends the stream
                 yield f"data: {json.dumps(exc.body())}\n\n"
             finally:  # also when the client went away and Starlette cancelled the stream
@@ -538,6 +538,7 @@ class OpenAIServer:
             port=port,
             log_level="warning",
             access_log=False,
+            http="httptools",  # C parser and writer: less CPU per request and per chunk than h11's pure Python
             lifespan="on",
             timeout_graceful_shutdown=5,
         )
