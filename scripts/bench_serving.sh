@@ -5,8 +5,9 @@
 #   completions  the OpenAI API's /v1/completions, streaming (the same prompts: the layer's own cost)
 #   chat         the OpenAI API's /v1/chat/completions, streaming (the chat template adds its tokens to the prompt)
 # at concurrency 1, 4 and 8, then scripts/bench_triton.py --concurrency 8 in the same run, and writes the table
-# (time to first token, inter-chunk and inter-token latency, output tokens/s, requests/s) into docs/PERFORMANCE.md
-# with the machine named. Prefix with `nice`; the figures are CPU figures, on a shared machine.
+# (time to first token, inter-chunk and inter-token latency, output tokens/s, requests/s, and the CPU time the serve
+# process, which is the OpenAI front end, spent per request: tritonserver is its child and not counted) into
+# docs/PERFORMANCE.md with the machine named. Prefix with `nice`; the figures are CPU figures, on a shared machine.
 #
 #   nice bash scripts/bench_serving.sh            # REQUESTS=96 INPUT_TOKENS=32 OUTPUT_TOKENS=32 by default
 set -euo pipefail
@@ -53,6 +54,7 @@ for concurrency in 1 4 8; do
       *) endpoint=(--url "http://127.0.0.1:$OPENAI" --endpoint-type "$kind") ;;
     esac
     echo "aiperf: $kind at concurrency $concurrency" >&2
+    before=$(awk '{print $14 + $15}' "/proc/$SERVER/stat")
     .venv-aiperf/bin/aiperf profile --model canvasrt_generate "${endpoint[@]}" --streaming \
       --tokenizer "$WORK/art" --concurrency "$concurrency" --request-count "$REQUESTS" \
       --warmup-request-count "$concurrency" --random-seed 0 \
@@ -61,6 +63,7 @@ for concurrency in 1 4 8; do
       --output-artifact-dir "$WORK/aiperf/$kind-$concurrency" --ui-type none --no-server-metrics \
       --no-gpu-telemetry > "$WORK/aiperf-$kind-$concurrency.log" 2>&1 \
       || { tail -20 "$WORK/aiperf-$kind-$concurrency.log"; exit 1; }
+    echo $(( $(awk '{print $14 + $15}' "/proc/$SERVER/stat") - before )) > "$WORK/cpu-$kind-$concurrency"
   done
 done
 kill -INT "$SERVER" && wait "$SERVER" || true
@@ -68,7 +71,7 @@ SERVER=""
 
 .venv/bin/python scripts/bench_triton.py --presets tiny --concurrency 8 --json "$WORK/bench_triton.json"
 
-.venv/bin/python - "$WORK" "$REQUESTS" "$INPUT_TOKENS" "$OUTPUT_TOKENS" <<'EOF'
+.venv/bin/python - "$WORK" "$REQUESTS" "$INPUT_TOKENS" "$OUTPUT_TOKENS" "$(getconf CLK_TCK)" <<'EOF'
 """The table, from aiperf's JSON exports and bench_triton.py's, into docs/PERFORMANCE.md between its markers."""
 
 import json
@@ -78,7 +81,7 @@ import re
 import sys
 from pathlib import Path
 
-work, requests, isl, osl = Path(sys.argv[1]), *sys.argv[2:]
+work, requests, isl, osl, ticks = Path(sys.argv[1]), *sys.argv[2:]
 kinds = ("triton", "completions", "chat")
 stats = {}
 for kind in kinds:
@@ -106,18 +109,22 @@ lines = [
     f"`--step-backend in-process --threads 1`; {requests} requests per cell, {isl} prompt tokens, max_tokens "
     f"{osl}: two canvases of 16). Machine: {machine}.",
     "",
-    "| endpoint | concurrency | TTFT avg / p50 ms | inter-chunk ms | inter-token ms | output tokens/s | requests/s |",
-    "|---|---|---|---|---|---|---|",
+    "| endpoint | concurrency | TTFT avg / p50 ms | inter-chunk ms | inter-token ms | output tokens/s | requests/s "
+    "| front-end CPU ms/request |",
+    "|---|---|---|---|---|---|---|---|",
 ]
 for kind in kinds:
     for concurrency in (1, 4, 8):
         data = stats[kind, concurrency]
+        # the serve process's CPU over the cell (aiperf's warm-up requests included), in clock ticks
+        spent = int((work / f"cpu-{kind}-{concurrency}").read_text()) / int(ticks)
+        front = "-" if kind == "triton" else f"{1000 * spent / (int(requests) + concurrency):.2f}"
         lines.append(
             f"| {kind} | {concurrency} | {avg(kind, concurrency, 'time_to_first_token'):.1f} / "
             f"{data['time_to_first_token']['p50']:.1f} | {avg(kind, concurrency, 'inter_chunk_latency'):.1f} | "
             f"{avg(kind, concurrency, 'inter_token_latency'):.2f} | "
             f"{avg(kind, concurrency, 'output_token_throughput'):.0f} | "
-            f"{avg(kind, concurrency, 'request_throughput'):.2f} |"
+            f"{avg(kind, concurrency, 'request_throughput'):.2f} | {front} |"
         )
 lines.append("")
 for concurrency in (1, 4, 8):
