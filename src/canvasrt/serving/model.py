@@ -13,7 +13,8 @@ few milliseconds then shares every step call instead of joining a step or a few 
 scheduler's iterations and sends each row's responses as they happen. Errors that concern the request (no prompt,
 too many tokens, a full queue, a passed deadline) go back as a Triton error response and leave the model serving
 (INVALID_ARG, HTTP 400, for what the request asked; UNAVAILABLE for a full queue; other errors' messages start with
-`protocol.INTERNAL_ERROR`, since Triton's gRPC stream carries the message alone); a request its client cancelled
+`protocol.INTERNAL_ERROR`, since Triton's gRPC stream carries the message alone unless its client sends the
+`triton_grpc_error: true` header, which turns the code into the stream's status); a request its client cancelled
 leaves within CANCEL_POLL_S. Custom metrics on Triton's metrics endpoint: step calls, the row-steps they carried,
 step calls by rows in them (the batch occupancy), the rows and queue now, and the bytes crossing between host memory
 and the executor's device by kind of call (prefill, commit, denoise); the log at verbose level has a line per step.

@@ -4,6 +4,8 @@
                          in process (the default) it holds what its executor runs and keeps the state on that
                          executor's device: artifacts on ONNX Runtime (--provider cpu, cuda or tensorrt-ep), engines
                          on TensorRT, a checkpoint on the torch executor (the models' environment needs PyTorch)
+    canvasrt_generate_batched/  the loop model's inputs and outputs with a batch dimension, for TensorRT-LLM's
+                         clients, forwarding to canvasrt_generate over BLS (canvasrt.serving.batched_model)
     canvasrt_backbone/   with --step-backend tensorrt/onnxruntime/python only: the step model called through BLS for
                          prefill, commit and denoising steps alike: tensorrt_plan (one engine, a profile per phase),
                          onnxruntime_onnx, or the Python backend running ONNX Runtime (canvasrt.serving.step_model);
