@@ -259,11 +259,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(served, client):
     assert client.completions.create(model=MODEL, prompt="go on", seed=4).choices[0].text == text
 
 
-async def triton_stream(
-    url: str, inputs: dict[str, np.ndarray], parameters: dict | None = None, model: str = MODEL
-) -> list[dict]:
-    """A request as a vLLM-backend (or, to the batched model, a TensorRT-LLM) client sends it: one gRPC stream."""
-    client = grpcaio.InferenceServerClient(url)
+def one_request(model: str, inputs: dict[str, np.ndarray], parameters: dict | None = None):
+    """The request iterator of a gRPC stream that carries one request."""
     tensors = []
     for name, array in inputs.items():
         tensor = grpcaio.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -272,6 +269,16 @@ async def triton_stream(
 
     async def one() -> object:
         yield {"model_name": model, "inputs": tensors, **({"parameters": parameters} if parameters else {})}
+
+    return one
+
+
+async def triton_stream(
+    url: str, inputs: dict[str, np.ndarray], parameters: dict | None = None, model: str = MODEL
+) -> list[dict]:
+    """A request as a vLLM-backend (or, to the batched model, a TensorRT-LLM) client sends it: one gRPC stream."""
+    client = grpcaio.InferenceServerClient(url)
+    one = one_request(model, inputs, parameters)
 
     collected, failure = [], None
     try:  # read to the stream's end: closing it between the final response and its status leaks the request in Triton
@@ -331,9 +338,11 @@ def test_a_vllm_backend_request_over_grpc_streaming(served):
     assert asyncio.run(triton_stream(served.grpc, neutral, {"seed": 6}))[0]["text_output"] == "hello vllm" + text
 
 
-def test_tensorrt_llm_requests_on_the_generate_endpoints(served):
+@pytest.mark.parametrize("model", [MODEL, BATCHED])
+def test_tensorrt_llm_requests_on_the_generate_endpoints(served, model):
+    """The generate endpoints shape the JSON for either model: without a batch dimension or with one."""
     text, kept, finish = reference(served.artifacts, 8, "--prompt", "hello trtllm")
-    base = f"http://{served.http}/v2/models/{MODEL}"
+    base = f"http://{served.http}/v2/models/{model}"
     body = {"text_input": "hello trtllm", "max_tokens": 32, "bad_words": "", "stop_words": "", "random_seed": 8}
     status, reply = post(base, "/generate", json.dumps(body).encode())
     assert status == 200 and reply["text_output"] == "hello trtllm" + text
@@ -357,9 +366,9 @@ def batched(array: np.ndarray) -> np.ndarray:
 
 
 def test_tensorrt_llm_requests_with_a_batch_dimension(served):
-    """TensorRT-LLM's clients send [1, 1] (its ensemble has a batch dimension): the batched model takes them over gRPC
-    streaming and the generate endpoints, answers [1, N], and gives the loop model's text; the loop model itself
-    refuses the shape, naming the one it expects."""
+    """TensorRT-LLM's gRPC clients send [1, 1] (its ensemble has a batch dimension): the batched model takes them,
+    answers [1, N] and gives the loop model's text; the loop model itself refuses the shape, naming the one it
+    expects."""
     text, kept, finish = reference(served.artifacts, 8, "--prompt", "hello trtllm")
     inputs = {
         "text_input": strings("hello trtllm"),
@@ -391,35 +400,13 @@ def test_tensorrt_llm_requests_with_a_batch_dimension(served):
         asyncio.run(
             triton_stream(served.grpc, {"text_input": np.array([[b"a"], [b"b"]], dtype=np.object_)}, model=BATCHED)
         )
-    base = f"http://{served.http}/v2/models/{BATCHED}"
-    body = {"text_input": "hello trtllm", "max_tokens": 32, "bad_words": "", "stop_words": "", "random_seed": 8}
-    status, reply = post(base, "/generate", json.dumps(body).encode())
-    assert status == 200 and reply["text_output"] == "hello trtllm" + text and reply["finish_reason"] == finish
-    stream = urllib.request.Request(
-        base + "/generate_stream", data=json.dumps({**body, "stream": True}).encode(), method="POST"
-    )
-    with urllib.request.urlopen(stream, timeout=120) as events:
-        chunks = [json.loads(line[5:]) for line in events.read().decode().splitlines() if line.startswith("data:")]
-    assert "".join(c["text_output"] for c in chunks) == text and chunks[-1]["finish_reason"] == finish
-    status, reply = post(base, "/generate", json.dumps({**body, "top_p": 0.5}).encode())
-    assert status == 400 and "top_p 0.5 is not supported" in reply["error"]
-    status, reply = post(base, "/generate", json.dumps({**body, "temperature": 2.0, "colour": 1}).encode())
-    assert status == 400 and "colour" in reply["error"]
 
 
 async def stream_outcome(url: str, inputs: dict[str, np.ndarray], model: str = MODEL, headers=None) -> tuple:
     """What a tritonclient gRPC stream sees of a refused request: ("in stream", status, message) for an error inside
     the stream's responses, ("status", code, details) for a stream that ends with an error status."""
     client = grpcaio.InferenceServerClient(url)
-    tensors = []
-    for name, array in inputs.items():
-        tensor = grpcaio.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-
-    async def one() -> object:
-        yield {"model_name": model, "inputs": tensors}
-
+    one = one_request(model, inputs)
     outcome = None
     try:
         async for _, error in client.stream_infer(one(), headers=headers):
