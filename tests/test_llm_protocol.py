@@ -138,3 +138,24 @@ def test_serve_checks_the_openai_options_first(tmp_path, options, message):
 
     result = CliRunner().invoke(main, ["serve", str(tmp_path), *options])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_the_batched_model_forwards_a_batch_of_one_without_its_batch_dimension():
+    from canvasrt.serving.batched_model import forwarded_inputs
+
+    inputs = {
+        "text_input": np.array([[b"hi"]], dtype=np.object_),
+        "stop_words": np.array([[b"a", b"b"]], dtype=np.object_),
+        "max_tokens": np.array([[8]], dtype=np.int32),
+    }
+    plain = forwarded_inputs(inputs, {})
+    assert {k: v.shape for k, v in plain.items()} == {"text_input": (1,), "stop_words": (2,), "max_tokens": (1,)}
+    assert "sampling_parameters" not in plain
+    # request parameters (floats and lists, which BLS parameters cannot carry) travel in sampling_parameters, whose
+    # own values win as in the loop model
+    sampling = np.array([[json.dumps({"seed": 3}).encode()]], dtype=np.object_)
+    merged = forwarded_inputs({**inputs, "sampling_parameters": sampling}, {"temperature": 0.5, "seed": 1})
+    assert json.loads(merged["sampling_parameters"][0]) == {"temperature": 0.5, "seed": 3}
+    request = parse(merged)
+    assert request.seed == 3 and request.settings.t_max == pytest.approx(0.4) and request.stop == ("a", "b")
+    assert request.max_tokens == 8
