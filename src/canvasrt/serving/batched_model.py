@@ -11,7 +11,7 @@ and unknown fields) travel in `sampling_parameters`, since BLS parameters take n
 
 Triton 2.51's BLS cannot cancel a request it issued (the Python backend's ResponseIterator has no cancel before
 later releases), so a request here whose client cancels runs on in the loop model to its end, within its
-max_tokens and deadline_ms; `canvasrt_generate` frees the slot at the next step.
+max_tokens and deadline_ms (a cancelled request sent to `canvasrt_generate` itself leaves its slot at the next step).
 """
 
 from __future__ import annotations
