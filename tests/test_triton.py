@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ from canvasrt.builder.engines import build_engines
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.output import staging_prefix
 from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
+from canvasrt.serving.guard import HttpGuard
 from canvasrt.serving.protocol import ALL_INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
 from canvasrt.serving.server import SCRATCH, TritonServer, free_ports
@@ -232,6 +234,59 @@ def test_a_huge_body_gets_413_and_the_server_serves_the_next_request_exactly(ser
     assert refused.value.code == 411 and "Content-Length" in json.loads(refused.value.read())["error"]
     check_equal(generate_http(served.http_url, request_inputs(prompt_ids=[2, 3, 4], seed=3)), reference)
     check_equal(generate_grpc(served.grpc_url, request_inputs(prompt_ids=[2, 3, 4], seed=3)), reference)
+
+
+def test_the_http_guard_relays_what_fits_and_refuses_the_rest_in_one_line():
+    """The guard in front of a plain HTTP server: bodies up to the limit pass through unchanged, keep-alive
+    included; a larger one, a chunked one and an oversized head get 413, 411 and 431 without reaching it."""
+    import http.client
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[int] = []
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(len(body))
+            reply = json.dumps({"length": len(body)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = free_ports(1)[0]
+    guard = HttpGuard(port, upstream.server_address[1], max_body=1000)
+    guard.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for size in (0, 10, 1000):  # one connection, one request after another
+            connection.request("POST", "/v2/models/m/generate", body=b"x" * size)
+            reply = connection.getresponse()
+            assert (reply.status, json.loads(reply.read())) == (200, {"length": size})
+        refusals = [
+            ({"Content-Length": "1001"}, b"x" * 1001, 413, "the request body is 1001 bytes, more than this server"),
+            ({"Transfer-Encoding": "chunked"}, None, 411, "send the request body with a Content-Length"),
+            ({"X-Long": "y" * (70 << 10)}, b"", 431, "the request head is longer than"),
+        ]
+        for headers, body, status, message in refusals:
+            refused = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            refused.putrequest("POST", "/v2/models/m/infer")
+            for name, value in headers.items():
+                refused.putheader(name, value)
+            refused.endheaders(body)
+            reply = refused.getresponse()
+            assert reply.status == status and json.loads(reply.read())["error"].startswith(message)
+        assert received == [0, 10, 1000]  # nothing refused reached the server
+    finally:
+        guard.stop()
+        upstream.shutdown()
 
 
 def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
