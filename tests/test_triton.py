@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,7 @@ from canvasrt.builder.engines import build_engines
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.output import staging_prefix
 from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
+from canvasrt.serving.guard import HttpGuard
 from canvasrt.serving.protocol import ALL_INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
 from canvasrt.serving.server import SCRATCH, TritonServer, free_ports
@@ -176,8 +179,15 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
         (request_inputs(prompt_ids=[2, 3], max_new_tokens=2**32 + 16), "plus 268435457 canvas"),
         (request_inputs(prompt_ids=[2, 3], max_denoising_steps=2**32 + 1), r"\(got 4294967297\)"),
         (request_inputs(prompt_ids=[2, 3], stability_threshold=2**32), r"\(got 4294967296\)"),
-        (request_inputs(prompt_ids=[5] * (1 << 20)), "more than the context of 128 tokens"),
-        (request_inputs(prompt="a" * (10 << 20)), "more than a context of 128 tokens can hold"),
+        # over HTTP bodies that large (3 and 10 MB) stop at the server's body limit; over gRPC the model refuses them
+        (
+            request_inputs(prompt_ids=[5] * (1 << 20)),
+            "more than the context of 128 tokens" if transport == "grpc" else "more than this server takes",
+        ),
+        (
+            request_inputs(prompt="a" * (10 << 20)),
+            "more than a context of 128 tokens can hold" if transport == "grpc" else "more than this server takes",
+        ),
         (request_inputs(prompt_ids=[2, 3], deadline_ms=0), "deadline_ms must be at least 1"),
         (request_inputs(prompt_ids=[2, 3], seed=-1), "seed must be non-negative"),
     ]
@@ -190,6 +200,93 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
     assert send(url, request_inputs(prompt_ids=[2, 3], seed=1))[-1]["event"] == "done"
     # a deadline past INT32 is the deadline sent (not 1 ms): the request completes
     assert send(url, request_inputs(prompt_ids=[2, 3], seed=1, deadline_ms=2**32 + 1))[-1]["event"] == "done"
+
+
+def _post(url: str, path: str, body: bytes, content_type: str | None) -> tuple[int, bytes]:
+    """A POST as `curl -d` sends it (a form body) or with another Content-Type; the status and the body."""
+    request = urllib.request.Request(f"http://{url}{path}", data=body)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_a_huge_body_gets_413_and_the_server_serves_the_next_request_exactly(served, tiny_artifacts):
+    """Bodies past the limit, on every endpoint, as JSON or as the form body that kills Triton's own HTTP server
+    from about 4 MB: one JSON error line each, and the server still answers the same request the same way."""
+    reference = expected(tiny_artifacts, seed=3, prompt_ids=[2, 3, 4])
+    check_equal(generate_http(served.http_url, request_inputs(prompt_ids=[2, 3, 4], seed=3)), reference)
+    huge = json.dumps({"prompt": "a" * (10 << 20), "seed": 3}).encode()
+    for path in ("/v2/models/canvasrt_generate/generate", "/v2/models/canvasrt_generate/infer", "/v2/health/ready"):
+        for content_type in (None, "application/json"):
+            status, body = _post(served.http_url, path, huge, content_type)
+            assert status == 413, (path, content_type, status, body[:200])
+            assert json.loads(body)["error"].startswith(f"the request body is {len(huge)} bytes, more than this")
+    chunked = urllib.request.Request(
+        f"http://{served.http_url}/v2/models/canvasrt_generate/generate", data=iter([b'{"prompt_ids": [2, 3]}'])
+    )
+    chunked.add_header("Transfer-Encoding", "chunked")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(chunked, timeout=60)
+    assert refused.value.code == 411 and "Content-Length" in json.loads(refused.value.read())["error"]
+    check_equal(generate_http(served.http_url, request_inputs(prompt_ids=[2, 3, 4], seed=3)), reference)
+    check_equal(generate_grpc(served.grpc_url, request_inputs(prompt_ids=[2, 3, 4], seed=3)), reference)
+
+
+def test_the_http_guard_relays_what_fits_and_refuses_the_rest_in_one_line():
+    """The guard in front of a plain HTTP server: bodies up to the limit pass through unchanged, keep-alive
+    included; a larger one, a chunked one and an oversized head get 413, 411 and 431 without reaching it."""
+    import http.client
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[int] = []
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(len(body))
+            reply = json.dumps({"length": len(body)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = free_ports(1)[0]
+    guard = HttpGuard(port, upstream.server_address[1], max_body=1000)
+    guard.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for size in (0, 10, 1000):  # one connection, one request after another
+            connection.request("POST", "/v2/models/m/generate", body=b"x" * size)
+            reply = connection.getresponse()
+            assert (reply.status, json.loads(reply.read())) == (200, {"length": size})
+        refusals = [
+            ({"Content-Length": "1001"}, b"x" * 1001, 413, "the request body is 1001 bytes, more than this server"),
+            ({"Transfer-Encoding": "chunked"}, None, 411, "send the request body with a Content-Length"),
+            ({"X-Long": "y" * (70 << 10)}, b"", 431, "the request head is longer than"),
+        ]
+        for headers, body, status, message in refusals:
+            refused = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            refused.putrequest("POST", "/v2/models/m/infer")
+            for name, value in headers.items():
+                refused.putheader(name, value)
+            refused.endheaders(body)
+            reply = refused.getresponse()
+            assert reply.status == status and json.loads(reply.read())["error"].startswith(message)
+        assert received == [0, 10, 1000]  # nothing refused reached the server
+    finally:
+        guard.stop()
+        upstream.shutdown()
 
 
 def test_repository_configs_follow_the_manifest(tiny_artifacts, tmp_path):
@@ -643,7 +740,8 @@ def test_a_full_server_answers_503_and_sigterm_stops_serve_with_143(tiny_artifac
             running = pool.submit(_post_generate, url, long)
             time.sleep(1.0)
             status, reply = _post_generate(url, {"prompt_ids": [2, 3], "stream": False})
-            # the model ends it UNAVAILABLE; the bundled Triton 2.51 still answers every model error on /generate 400
+            # the model ends it UNAVAILABLE; Triton's /generate frees a model's error before it reads its code
+            # (GenerateRequestClass::InferResponseComplete, 2.51 to its main branch), so any code reads as 400 there
             assert status in (503, 400) and "the server is full" in reply["error"], reply
             assert " --" not in reply["error"] and "retry later" in reply["error"]
             assert running.result()[0] == 400  # past its deadline

@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from ..core.errors import CanvasrtError
 from ..core.output import remove_stale_staging, staging_prefix
+from .guard import HttpGuard
 
 SCRATCH = "canvasrt-serve"  # the scratch directories' name in the temporary directory, tagged with host and pid
 
@@ -205,6 +206,8 @@ class TritonServer:
         if not any(self.repository.glob("*/config.pbtxt")):
             raise CanvasrtError(f"{repository} holds no model (no */config.pbtxt); write one with `canvasrt triton`")
         self.http_port, self.grpc_port = http_port, grpc_port
+        # Triton's own HTTP server listens on a port of its own behind the guard (see guard.py) on http_port
+        self.guard: HttpGuard | None = None
         self.metrics_port = free_ports(1)[0] if metrics_port is None else metrics_port
         check_port_options(self.ports())
         self.env = python_env(python_env_path)
@@ -240,7 +243,7 @@ class TritonServer:
             "--http-address",
             "127.0.0.1",
             "--http-port",
-            str(self.http_port),
+            str(self.guard.upstream if self.guard else self.http_port),
             "--grpc-address",
             "127.0.0.1",
             "--grpc-port",
@@ -307,6 +310,15 @@ class TritonServer:
             raise CanvasrtError(
                 f"cannot write the server log {self.log_path} ({exc.strerror}); give --log a file in "
                 "a writable directory"
+            ) from None
+        self.guard = HttpGuard(self.http_port, free_ports(1)[0])
+        try:
+            self.guard.start()
+        except OSError as exc:
+            self.guard = None
+            self._release()
+            raise CanvasrtError(
+                f"cannot serve HTTP on port {self.http_port} ({exc.strerror}); pick another --http-port"
             ) from None
         self.process = subprocess.Popen(
             self.command(backend_directory(self.installation, self.env, self.scratch)),
@@ -386,6 +398,9 @@ class TritonServer:
         self._release()
 
     def _release(self) -> None:
+        if self.guard is not None:
+            self.guard.stop()
+            self.guard = None
         if self._log_file is not None:
             self._log_file.close()
         if self.scratch is not None:
