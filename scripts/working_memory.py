@@ -3,9 +3,10 @@
 Reads `backbone.onnx` of an artifact directory without its weights, fixes the shapes of a denoising step at two row
 counts (`scripts/roofline.py`'s shape fixing: the batch, no encoder tokens, a canvas of rows, the K/V spans of
 `--context` committed tokens) and walks the nodes in graph order as a sequential executor does: every node output
-is allocated when its node runs and freed after its last consumer (graph outputs stay), weights and graph inputs
-are not counted. Prints the peak of the live bytes at each row count, the growth per added row, the largest
-tensors, and the tensors alive at the peak grouped by the module and source line that produced them, largest first.
+is allocated when its node runs and freed after its last consumer (graph outputs stay); weights, what is computed
+from weights alone (folded when a session loads) and graph inputs are not counted. Prints the peak of the live
+bytes at each row count, the growth per added row, the largest tensors, and the tensors alive at the peak grouped by
+the module and source line that produced them, largest first.
 
 It is a model of the exported graph, not of ONNX Runtime's optimised one: fusions, in-place kernels and the
 memory arena's rounding change the figures (`canvasrt bench --json` measures the process), but it names what is
@@ -64,7 +65,13 @@ def liveness(path: Path, rows_batch: int, canvas: int, spans: dict[str, int]) ->
     model = _denoise_shapes(onnx.load(str(path), load_external_data=False), rows_batch, canvas, spans)
     shapes = _shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
-    fixed = {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}
+    # Weights, and what a session computes from weights alone once when it loads (ONNX Runtime's constant folding:
+    # the embedding's vocabulary chunks, say), are not working memory.
+    constant = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if all(name in constant for name in node.input if name):
+            constant.update(node.output)
+    fixed = constant | {v.name for v in model.graph.input}
     outputs = {v.name for v in model.graph.output}
     # A view's output shares its input's buffer: it keeps the buffer alive, it does not add to it.
     root: dict[str, str] = {}
