@@ -8,9 +8,10 @@ from weights alone (folded when a session loads) and graph inputs are not counte
 bytes at each row count, the growth per added row, the largest tensors, and the tensors alive at the peak grouped by
 the module and source line that produced them, largest first.
 
-It is a model of the exported graph, not of ONNX Runtime's optimised one: fusions, in-place kernels and the
-memory arena's rounding change the figures (`canvasrt bench --json` measures the process), but it names what is
-alive per row and how much.
+It is a model of the exported graph, not of ONNX Runtime's optimised one: fusions, in-place kernels, the
+memory arena's rounding and the session's execution order (its default order moves nodes; canvasrt's sessions keep
+the graph's order where they can, `ExecutionOrder.PRIORITY_BASED`) change the figures (`canvasrt bench --json`
+measures the process), but it names what is alive per row and how much.
 
     python scripts/working_memory.py ART [--rows 1 --rows 4] [--context 16] [--top 12] [--json]
 """
