@@ -8,7 +8,8 @@ ART: a released-width export with a few layers (`canvasrt random-checkpoint DIR 
 Each `--bench NAME=FILE` is the JSON of `canvasrt bench ART --batch N --json` (its `memory`: working memory at one
 row and at N, and the growth per added row); each `--engine NAME=FILE` an engine manifest.json built at
 `--max-batch 1` and a second one at a larger max batch, given as `NAME=FILE1,FILE2` (the builder's device activation
-memory of the denoise profile at each). Per configuration:
+memory of the denoise profile at each); each `--working NAME=GB_AT_ONE_ROW,GB_PER_ROW` the two figures as given (a
+growth per row measured or derived beyond the rows a bench ran). Per configuration:
 
     rows = (GPU memory - weights - reserve - working memory at one row + one row's share)
            / (K/V per row + working memory per added row)
@@ -105,6 +106,15 @@ def engine_memory(paths: str) -> tuple[float, float]:
     return a1 - (b1 - 1) * per_row, per_row
 
 
+def working_figures(value: str) -> tuple[float, float]:
+    """(working bytes at one row, growth per added row) given as `GB_AT_ONE_ROW,GB_PER_ROW`."""
+    try:
+        at_one, per_row = (float(part) * 1e9 for part in value.split(","))
+    except ValueError:
+        raise SystemExit(f"--working wants NAME=GB_AT_ONE_ROW,GB_PER_ROW, got {value!r}") from None
+    return at_one, per_row
+
+
 def capacity(args: argparse.Namespace) -> dict[str, Any]:
     manifest = ArtifactManifest.load(args.artifacts)
     gb = 1e9
@@ -113,6 +123,7 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
     free = args.gpu_gb * gb - weights - args.reserve_gb * gb
     sources = {name: bench_memory(path) for name, path in _pairs(args.bench, "--bench").items()}
     sources.update({name: engine_memory(paths) for name, paths in _pairs(args.engine, "--engine").items()})
+    sources.update({name: working_figures(value) for name, value in _pairs(args.working, "--working").items()})
     context = min(args.context, manifest.capacity.max_context)
 
     def step(rows: int) -> dict[str, Any]:
@@ -182,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifacts", type=Path, help="a released-width export with a few layers (dense MoE)")
     parser.add_argument("--bench", action="append", default=[], help="NAME=FILE: `canvasrt bench --batch N --json`")
     parser.add_argument("--engine", action="append", default=[], help="NAME=MANIFEST1,MANIFEST2: two max batches")
+    parser.add_argument(
+        "--working", action="append", default=[], help="NAME=GB_AT_ONE_ROW,GB_PER_ROW: working memory given directly"
+    )
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--gpu-gb", type=float, default=80.0)
     parser.add_argument("--reserve-gb", type=float, default=3.0, help="CUDA context, workspace, the process")

@@ -28,7 +28,17 @@ def test_calibrated_graphs_hold_fp8_gemms_and_the_calibration(sort_fp8):
         t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and t.name.endswith(".fp8")
     ]
     assert len(fp8) == len(backbone["quantized"])
-    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(backbone["quantized"])
+    # One dequantized weight each, read by one GEMM or (the dense experts' runs of tokens) several, each of which
+    # quantizes its own input.
+    readers = [n for n in model.graph.node if any(i.endswith(".dequantized") for i in n.input)]
+    assert {n.op_type for n in readers} <= {"Gemm", "MatMul"}
+    assert {i.removesuffix(".dequantized") for n in readers for i in n.input if i.endswith(".dequantized")} == set(
+        backbone["quantized"]
+    )
+    assert sum(
+        n.op_type == "DequantizeLinear" and n.output[0].endswith(".dequantized") for n in model.graph.node
+    ) == len(backbone["quantized"])
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == len(readers)
     for entry in calibration["tensors"].values():  # scales rounded so that amax / scale stays within E4M3's 448
         assert (np.asarray(entry["amax"]) / np.asarray(entry["scale"]) <= 448).all()
 

@@ -16,6 +16,7 @@ import pytest
 from canvasrt.builder.engines import build_engine, engine_layers
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.manifest import ArtifactManifest, sha256_file
+from canvasrt.model.modeling import DENSE_PIECES
 from support import cli
 
 pytest.importorskip("tensorrt_rtx")
@@ -89,9 +90,9 @@ def canvas_only(weight: str, layers: int) -> bool:
 @pytest.mark.parametrize("model, target", [build for build in BUILDS if build[0].endswith("fp8")])
 def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, target, request):
     """Every quantized GEMM, the MoE experts' gate_up and down projections of every layer included, lands in a GEMM
-    layer that reads FP8 (E4M3) activations and FP8 weights, once in each optimization profile that runs it: the
-    denoise profile runs them all, prefill and commit all but the canvas-only ones (which TensorRT removes there, on
-    zero rows). Tiny preset and the trained sort model."""
+    layer that reads FP8 (E4M3) activations and FP8 weights, once (the experts: once per run of tokens) in each
+    optimization profile that runs it: the denoise profile runs them all, prefill and commit all but the canvas-only
+    ones (which TensorRT removes there, on zero rows). Tiny preset and the trained sort model."""
     artifacts = request.getfixturevalue(SOURCES[model])
     source = json.loads((artifacts / "manifest.json").read_text())
     manifest = json.loads((engines[model, target] / "manifest.json").read_text())
@@ -107,7 +108,9 @@ def test_fp8_engine_runs_every_quantized_gemm_as_an_fp8_gemm(engines, model, tar
             if layer.kind == "gemm" and layer.profile == index and set(layer.inputs + layer.weights) == {"FP8"}
         ]
         runs = {w: sum(f"{w}.dequantize" in layer.onnx for layer in fp8_gemms) for w in quantized}
-        expected = {w: int(phase == "denoise" or not canvas_only(w, n_layers)) for w in quantized}
+        # The dense experts' weights are read once per run of tokens.
+        readers = {w: DENSE_PIECES if w in experts else 1 for w in quantized}
+        expected = {w: readers[w] * int(phase == "denoise" or not canvas_only(w, n_layers)) for w in quantized}
         assert runs == expected, phase
         assert manifest["engines"]["backbone"]["gemms"][phase]["FP8"] == len(fp8_gemms) > 0
     # Nothing but these GEMMs reads an FP8 weight: no fp32 runtime_fusion kernel converts FP8 weights on the fly.

@@ -54,6 +54,7 @@ def quantize_graph(source: Path, destination: Path, amax: dict[str, Any], weight
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
     store = _WeightStore(source.parent, destination if external else None)
     nodes, created, done = [], [], []
+    readers: dict[str, int] = {}  # GEMMs seen per quantized weight (the dense experts' runs share theirs)
     for node in graph.node:
         if node.op_type == "Gemm":
             w_index, x_index = 1, 0
@@ -69,11 +70,17 @@ def quantize_graph(source: Path, destination: Path, amax: dict[str, Any], weight
             continue
         dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
         act_amax = np.asarray(amax[name], dtype=np.float32)
-        nodes += _qdq_activation(node.input[x_index], name, act_amax, dtype, created)
-        nodes += _dq_weight(store, weight, name, weights, dtype, created)
-        node.input[x_index], node.input[w_index] = f"{name}.input_qdq", f"{name}.dequantized"
+        # A weight read by several GEMMs is quantized once and dequantized once; each reader quantizes its own
+        # input with the weight's one input scale.
+        reader = readers.get(name, 0)
+        readers[name] = reader + 1
+        suffix = f".{reader}" if reader else ""
+        nodes += _qdq_activation(node.input[x_index], name, act_amax, dtype, created, suffix)
+        if not reader:
+            nodes += _dq_weight(store, weight, name, weights, dtype, created)
+            done.append(name)
+        node.input[x_index], node.input[w_index] = f"{name}.input_qdq{suffix}", f"{name}.dequantized"
         nodes.append(node)
-        done.append(name)
     used = _consumed(nodes) | {o.name for o in graph.output}
     kept = [store.copy(t) for t in graph.initializer if t.name in used]
     graph.ClearField("node")
@@ -182,20 +189,25 @@ def _to_fp8(values: np.ndarray) -> np.ndarray:
 
 
 def _qdq_activation(
-    x: str, name: str, amax: np.ndarray, dtype: Any, created: list[onnx.TensorProto]
+    x: str, name: str, amax: np.ndarray, dtype: Any, created: list[onnx.TensorProto], suffix: str = ""
 ) -> list[onnx.NodeProto]:
+    """The Q/DQ pair on a GEMM's input x; `suffix` names the pair of a further reader of the same weight, which
+    shares the first reader's scale."""
     scale, zero = f"{name}.input_scale", f"{name}.input_zero_point"
-    created += [
-        numpy_helper.from_array(np.asarray(scale_for(amax), dtype=dtype), scale),
-        _fp8_constant(zero, np.zeros(amax.shape, np.float32)),
-    ]
+    if not suffix:
+        created += [
+            numpy_helper.from_array(np.asarray(scale_for(amax), dtype=dtype), scale),
+            _fp8_constant(zero, np.zeros(amax.shape, np.float32)),
+        ]
     return [
-        helper.make_node("QuantizeLinear", [x, scale, zero], [f"{name}.input_fp8"], name=f"{name}.input_quantize"),
+        helper.make_node(
+            "QuantizeLinear", [x, scale, zero], [f"{name}.input_fp8{suffix}"], name=f"{name}.input_quantize{suffix}"
+        ),
         helper.make_node(
             "DequantizeLinear",
-            [f"{name}.input_fp8", scale, zero],
-            [f"{name}.input_qdq"],
-            name=f"{name}.input_dequantize",
+            [f"{name}.input_fp8{suffix}", scale, zero],
+            [f"{name}.input_qdq{suffix}"],
+            name=f"{name}.input_dequantize{suffix}",
         ),
     ]
 

@@ -41,6 +41,8 @@ from ..core.contract import DEFAULT_VOCAB_CHUNK
 MOE_FORMULATIONS = ("dense", "sparse", "grouped")
 # Tokens per sampling group: the chunked sampler keeps one probability mass per group, then looks inside one group.
 SAMPLING_GROUP = 16
+# Runs of tokens the dense experts process one after the other (`Experts._dense`).
+DENSE_PIECES = 4
 DownInputHook = Callable[[torch.Tensor, torch.Tensor, int], "torch.Tensor | None"]
 
 
@@ -240,6 +242,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(down, device="meta"), requires_grad=False)
         self.num_experts = e
         self.intermediate = i
+        self.canvas = config.canvas_length
         self.formulation = formulation
         # Calibration's hook on the down-projection's input: (act [N, E', I], routed [N, E'], first), a view of the
         # weighted activations of N token slots and the E' consecutive experts from `first`, and which slots are
@@ -261,13 +264,25 @@ class Experts(nn.Module):
         return F.gelu(gate, approximate="tanh") * up
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """In up to DENSE_PIECES consecutive runs of the tokens, one after the other, each of at least a canvas
+        (`canvas_length`) and of a DENSE_PIECES-th of the tokens: every expert's activations of a run
+        ([run, E, 2I] and its gated halves) are what the experts keep alive, so up to DENSE_PIECES canvases they
+        hold one canvas's worth whatever the number of rows, beyond that a DENSE_PIECES-th of the tokens' worth.
+        A call of one canvas or less is one run, as one GEMM pair; runs past the tokens are empty."""
         experts = torch.arange(self.num_experts, dtype=index.dtype, device=index.device)
         combine = ((index[:, :, None] == experts).to(weights.dtype) * weights[:, :, None]).sum(dim=1)  # [T, E]
-        gate_up = linear(x, self.gate_up_proj).reshape(-1, self.num_experts, 2 * self.intermediate)
-        act = (self._gated(gate_up, -1) * combine[:, :, None]).to(x.dtype)  # [T, E, I]
-        if self.down_input_hook is not None:
-            act = _hooked(self.down_input_hook, act, combine != 0, 0)
-        return linear(act.reshape(-1, self.num_experts * self.intermediate), self.down_proj)
+        tokens = x.shape[0]
+        run = torch.sym_max(self.canvas, (tokens + DENSE_PIECES - 1) // DENSE_PIECES)
+        bounds = [torch.sym_min(tokens, run * piece) for piece in range(DENSE_PIECES + 1)]
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            part, mix = x[start:end], combine[start:end]
+            gate_up = linear(part, self.gate_up_proj).reshape(-1, self.num_experts, 2 * self.intermediate)
+            act = (self._gated(gate_up, -1) * mix[:, :, None]).to(x.dtype)  # [T / pieces, E, I]
+            if self.down_input_hook is not None:
+                act = _hooked(self.down_input_hook, act, mix != 0, 0)
+            outs.append(linear(act.reshape(-1, self.num_experts * self.intermediate), self.down_proj))
+        return torch.cat(outs)
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         experts = torch.arange(self.num_experts, dtype=index.dtype, device=index.device)
@@ -820,7 +835,8 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Ten
     """The inverse-CDF index (see `sample_inverse_cdf`), the CDF and the draw's threshold on it."""
     cdf = torch.cumsum(probs, dim=-1)
     threshold = uniforms[..., None] * cdf[..., -1:]
-    index = (cdf <= threshold).sum(dim=-1)
+    # Counted in int32 (exact below 2^31 entries): the mask's cast is then half the bytes of an int64 one.
+    index = (cdf <= threshold).to(torch.int32).sum(dim=-1, dtype=torch.int32).to(torch.int64)
     return torch.clamp(index, max=probs.shape[-1] - 1), cdf, threshold
 
 

@@ -60,6 +60,10 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
     # them; prepacking would still make a second, repacked copy of every GEMM weight in anonymous memory. It bought
     # no measurable step time on the bench preset (docs/PERFORMANCE.md, the one-copy section).
     options.add_session_config_entry("session.disable_prepacking", "1")
+    # Nodes run in the graph's own order where their inputs allow: the default order runs every vocabulary chunk's
+    # LM head and softmax before the self-conditioning products that consume them, so every chunk's [rows, canvas,
+    # chunk] tensors are alive at once (docs/PERFORMANCE.md, what a step keeps alive).
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         options.intra_op_num_threads = threads
     providers = [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
