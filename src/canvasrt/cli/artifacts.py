@@ -113,6 +113,9 @@ def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
     default=None,
     help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)",
 )
+@click.option(
+    "--vision", is_flag=True, help="also the vision graph (vision.onnx), for image prompts (generate --image)"
+)
 def export_command(
     checkpoint: Path,
     output: Path,
@@ -124,6 +127,7 @@ def export_command(
     debug_logits: bool,
     vocab_chunk: int,
     external_data: bool | None,
+    vision: bool,
 ) -> None:
     """Export CHECKPOINT's backbone (prefill, commit and one denoising step, one copy of the weights) to ONNX
     (backbone.onnx, manifest.json)."""
@@ -144,6 +148,7 @@ def export_command(
             external_data=external_data,
             vocab_chunk=vocab_chunk,
             progress=lambda text: progress.update(task, description=text),
+            vision=vision,
         )
         progress.update(task, description="done")
     sizes = ", ".join(

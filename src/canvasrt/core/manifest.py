@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from .config import ModelConfig, VisionConfig
 from .contract import GRAPHS, Capacity, KVLayer, Profiles, TensorSpec
 from .errors import ArtifactError
 
@@ -342,6 +342,7 @@ class ArtifactManifest(StepSpec):
     canvasrt_version: str
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # tokenizer and generation config: size, sha256
+    vision: VisionConfig | None = None  # exported with the vision graph (`graphs.vision`): the tower and prompt layout
 
     @property
     def checkpoint_path(self) -> Path:
@@ -398,6 +399,7 @@ class ArtifactManifest(StepSpec):
             "tokenizer": list(self.tokenizer),
             "files": self.files,
             "quantization": self.quantization.to_dict() if self.quantization else None,
+            **({"vision": self.vision.to_dict()} if self.vision else {}),
         }
 
     def write(self, directory: Path) -> None:
@@ -424,6 +426,7 @@ class ArtifactManifest(StepSpec):
             canvasrt_version=str(data.get("canvasrt_version", "?")),
             versions=dict(data.get("versions") or {}),
             files=dict(data["files"]),
+            vision=VisionConfig.from_dict(data["vision"]) if data.get("vision") is not None else None,
         )
 
     @classmethod
@@ -468,7 +471,7 @@ class ArtifactManifest(StepSpec):
         missing or of another size (and with `digests`, of other contents), tokenizer and calibration files named
         outside it, and with `digests` a calibration record other than the one the FP8 graphs were written with."""
         found = []
-        for graph in GRAPHS:
+        for graph in (*GRAPHS, *(("vision",) if self.vision is not None else ())):
             entry = self.graphs.get(graph)
             if entry is None:
                 found.append(f"{self.directory} lacks the {graph} graph named in its manifest; {self.fix}")

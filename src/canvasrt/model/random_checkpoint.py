@@ -53,6 +53,12 @@ CHAT_TEMPLATE = (
     "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
+# The image markers of Gemma 4's tokenizer (begin of image, soft-token placeholder, end of image) and their ids:
+# the released ids where the vocabulary holds them, else the first ids after the byte symbols.
+IMAGE_TOKENS = ("<|image>", "<|image|>", "<image|>")
+RELEASED_IMAGE_IDS = (255999, 258880, 258882)
+# Soft tokens per image the random checkpoints' image processor allows at most (the smallest it accepts)
+MAX_SOFT_TOKENS = 70
 _TINY_VISION = dict(
     image_size=20,
     patch_size=5,
@@ -197,6 +203,7 @@ def write_random_checkpoint(
         del model
         generation_config(**spec["generation"]).save_pretrained(str(staging))
         save_tokenizer(byte_level_tokenizer(text["vocab_size"]), staging)
+        save_image_processor(staging, _TINY_VISION)
     return Path(output)
 
 
@@ -217,7 +224,35 @@ def preset_config(text: dict[str, Any], canvas_length: int) -> Any:
     """The DiffusionGemmaConfig a random checkpoint of this text config is built from (with a tiny vision tower)."""
     from transformers import DiffusionGemmaConfig
 
-    return DiffusionGemmaConfig(text_config=dict(text), vision_config=dict(_TINY_VISION), canvas_length=canvas_length)
+    boi, image, eoi = image_token_ids(text["vocab_size"])
+    return DiffusionGemmaConfig(
+        text_config=dict(text),
+        vision_config=dict(_TINY_VISION),
+        canvas_length=canvas_length,
+        image_token_id=image,
+        boi_token_id=boi,
+        eoi_token_id=eoi,
+    )
+
+
+def image_token_ids(vocab_size: int) -> tuple[int, int, int]:
+    """(begin of image, image soft token, end of image) ids of a random checkpoint's vocabulary."""
+    if vocab_size > max(RELEASED_IMAGE_IDS):
+        return RELEASED_IMAGE_IDS
+    first = len(SPECIAL_TOKENS) + 256
+    return first, first + 1, first + 2
+
+
+def save_image_processor(directory: Path, vision: dict[str, Any]) -> None:
+    """preprocessor_config.json: transformers' Gemma 4 image processor sized to the vision tower's patches and
+    pooling kernel."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    Gemma4ImageProcessorPil(
+        patch_size=vision["patch_size"],
+        pooling_kernel_size=vision.get("pooling_kernel_size", 3),
+        max_soft_tokens=MAX_SOFT_TOKENS,
+    ).save_pretrained(str(directory))
 
 
 def build_random_model(
@@ -285,7 +320,8 @@ def save_tokenizer(tokenizer: Any, directory: Path, chat_template: str | None = 
 
 
 def byte_level_tokenizer(vocab_size: int) -> Any:
-    """Specials at 0..2, the 256 byte symbols next, unused filler up to vocab_size: any UTF-8 text round-trips."""
+    """Specials at 0..2, the 256 byte symbols next, unused filler up to vocab_size, the image markers at
+    `image_token_ids` (where the vocabulary has room): any UTF-8 text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -293,8 +329,13 @@ def byte_level_tokenizer(vocab_size: int) -> Any:
     if vocab_size < len(names):
         raise CanvasrtError(f"vocab_size {vocab_size} cannot hold a byte-level tokenizer ({len(names)} tokens)")
     names += [f"<unused{i}>" for i in range(vocab_size - len(names))]
+    markers = []
+    if vocab_size >= len(SPECIAL_TOKENS) + 256 + len(IMAGE_TOKENS):
+        for token, index in zip(IMAGE_TOKENS, image_token_ids(vocab_size)):
+            names[index] = token
+            markers.append(token)
     tokenizer = Tokenizer(models.BPE(vocab={name: i for i, name in enumerate(names)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_special_tokens([*SPECIAL_TOKENS, *markers])
     return tokenizer

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ...core.contract import MODEL_DTYPE, ONNX_TYPES, check_io
+from ...core.contract import MODEL_DTYPE, ONNX_TYPES, VISION_MAX_IMAGES, check_io
 from ...core.errors import ArtifactError, CanvasrtError
 from ...core.manifest import ArtifactManifest
 from ..executor import Executor, output_shape
@@ -91,6 +91,38 @@ def checked_session(manifest: ArtifactManifest, provider: str = "cpu", threads: 
     return session
 
 
+class OnnxVisionEncoder:
+    """The vision graph (vision.onnx) on an ONNX Runtime session of its own, checked against the manifest on load;
+    at most VISION_MAX_IMAGES images per call, as its profile declares."""
+
+    def __init__(self, manifest: ArtifactManifest, provider: str, threads: int | None):
+        entry = manifest.graphs["vision"]
+        path = manifest.graph_path("vision")
+        self.session = create_session(path, provider, threads)
+        for what, declared, found in (
+            ("inputs", entry.inputs, self.session.get_inputs()),
+            ("outputs", entry.outputs, self.session.get_outputs()),
+        ):
+            check_io(
+                list(declared),
+                [(a.name, a.type, tuple(a.shape)) for a in found],
+                manifest.dtype,
+                str(path),
+                ONNX_TYPES,
+                what,
+            )
+
+    def encode(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        tokens, masks = [], []
+        for begin in range(0, pixel_values.shape[0], VISION_MAX_IMAGES):
+            end = begin + VISION_MAX_IMAGES
+            feeds = {"pixel_values": pixel_values[begin:end], "image_position_ids": positions[begin:end]}
+            soft, real = self.session.run(["soft_tokens", "soft_token_mask"], feeds)
+            tokens.append(np.asarray(soft, np.float32))
+            masks.append(np.asarray(real, bool))
+        return np.concatenate(tokens), np.concatenate(masks)
+
+
 class OutputBuffers:
     """One reusable buffer per output name on the executor's device, grown to the largest call seen: a call's output
     is the leading elements viewed in its shape (dense), so outputs never allocate after warm-up."""
@@ -132,6 +164,8 @@ class OnnxRuntimeExecutor(Executor):
         self.context_width = int(manifest.backbone.input("context_mask").shape[1])
         self.outputs = {spec.name: spec for spec in manifest.backbone.outputs}
         self.session: Any = None
+        self.vision = manifest.vision
+        self._vision: OnnxVisionEncoder | None = None
 
     def preflight(self) -> None:
         """The GPU providers keep the state in PyTorch CUDA tensors (GPU machines have PyTorch; the CPU provider
@@ -158,7 +192,15 @@ class OnnxRuntimeExecutor(Executor):
         self.element_types: dict[Any, int] = {}
         self.device_type, self.device_id = device_of(self.arrays)
 
+    def vision_encoder(self) -> OnnxVisionEncoder:
+        if self.vision is None:
+            return super().vision_encoder()
+        if self._vision is None:
+            self._vision = OnnxVisionEncoder(self.manifest, self.provider, self.threads)
+        return self._vision
+
     def unload(self) -> None:
+        self._vision = None
         self.session, self.bindings = None, {}
         self.buffers = OutputBuffers(self.arrays)
 
