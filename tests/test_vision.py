@@ -307,3 +307,27 @@ def test_vision_export_runs_on_onnxruntime_like_torch(
     theirs = cli("generate", vision_checkpoint, *args)
     assert ours.exit_code == 0 and theirs.exit_code == 0, ours.output + theirs.output
     assert json.loads(ours.stdout)["sequences"] == json.loads(theirs.stdout)["sequences"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["step", "loop"])
+def test_parity_with_images(vision_checkpoint: Path, vision_artifacts: Path, images: list[Path], level: str) -> None:
+    """`canvasrt parity --image`: the vision graph's soft tokens, the prefill K/V around them, the steps (step
+    level); transformers' generate() with the same pixel values and the loop on ONNX Runtime (loop level)."""
+    report = vision_artifacts.parent / f"parity-{level}.json"
+    args = ["--level", level, "--report", report, "--image", images[0], "--image", images[1]]
+    result = cli("parity", vision_checkpoint, vision_artifacts, *args)
+    assert result.exit_code == 0, result.output
+    checks = json.loads(report.read_text())["checks"]
+    stages = {check["stage"] for check in checks}
+    if level == "step":
+        assert {"vision", "prefill", "step_first", "commit"} <= stages
+    else:
+        assert {"torch_hf_batch1", "torch_hf_batch2", "onnxruntime_vs_torch_block0"} <= stages
+    assert all(check["passed"] for check in checks)
+
+
+def test_parity_refuses_images_for_text_only_artifacts(
+    tiny_checkpoint: Path, tiny_artifacts: Path, images: list[Path]
+) -> None:
+    assert_refused(cli("parity", tiny_checkpoint, tiny_artifacts, "--image", images[0]), "--vision")
