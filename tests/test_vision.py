@@ -331,3 +331,19 @@ def test_parity_refuses_images_for_text_only_artifacts(
     tiny_checkpoint: Path, tiny_artifacts: Path, images: list[Path]
 ) -> None:
     assert_refused(cli("parity", tiny_checkpoint, tiny_artifacts, "--image", images[0]), "--vision")
+
+
+@pytest.mark.slow
+def test_bench_with_images(vision_artifacts: Path, images: list[Path]) -> None:
+    """`canvasrt bench --image`: the vision graph per image beside transformers' vision tower, and the first canvas
+    of the image prompt beside a text prompt of the same length, in one run."""
+    result = cli("bench", vision_artifacts, "--image", images[0], "--steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    backends = json.loads(result.stdout)["backends"]
+    assert set(backends) == {"onnxruntime", "transformers"}
+    ours = backends["onnxruntime"]
+    assert (
+        ours["vision_ms_per_image"]["median_ms"] > 0
+        and backends["transformers"]["vision_ms_per_image"]["median_ms"] > 0
+    )
+    assert ours["prompt_length"] == 8 + 2 + 60 and ours["image_over_text"] > 0

@@ -293,6 +293,7 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     callback=positive,
     help="N requests through the in-flight scheduler (N slots) against the same N one at a time",
 )
+@image_option
 @device_option
 @dtype_option
 @click.option("--json", "as_json", is_flag=True)
@@ -306,12 +307,34 @@ def bench_command(
     threads: int | None,
     provider: str,
     concurrency: int | None,
+    image: tuple[Path, ...],
     device: str,
     dtype: str | None,
     as_json: bool,
 ) -> None:
-    """Time the step backends on TARGET side by side in one run; ratios are against the first backend."""
-    from ..validation.bench import bench, bench_concurrency, format_table
+    """Time the step backends on TARGET side by side in one run; ratios are against the first backend. With
+    --image: the vision graph per image (against transformers' vision tower) and the first canvas of an image
+    prompt against a text prompt of the same length."""
+    from ..validation.bench import bench, bench_concurrency, bench_images, format_table
+
+    if image:
+        if concurrency is not None:
+            raise CanvasrtError("--image and --concurrency measure different things; give one of them")
+        results = bench_images(target, list(image), list(backends) or None, steps, threads, provider)
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+            return
+        for name, entry in results["backends"].items():
+            line = f"{name}: vision {entry['vision_ms_per_image']['median_ms']:.1f} ms per image"
+            if "image_over_text" in entry:
+                line += (
+                    f", first canvas of a {entry['prompt_length']}-token prompt with images "
+                    f"{entry['first_canvas_image_prompt']['median_ms']:.1f} ms against "
+                    f"{entry['first_canvas_text_prompt']['median_ms']:.1f} ms as text "
+                    f"({entry['image_over_text']:.2f}x)"
+                )
+            click.echo(line)
+        return
 
     if concurrency is not None:
         results = {
