@@ -278,14 +278,25 @@ class Checkpoint:
         )
 
     def problems(self) -> list[str]:
-        """`canvasrt verify` of a checkpoint: every weight the model reads, one at a time (shape, dtype, finite
-        values), one line per problem."""
+        """`canvasrt verify` of a checkpoint: every weight the model reads (the vision tower's too, where it has
+        one), one at a time (shape, dtype, finite values), one line per problem."""
         found = []
         model = DiffusionGemmaText(self.config)  # meta tensors: shapes only
         for name, _ in model.named_parameters():
             source = checkpoint_name(name)
             try:
                 self._checked_shape(source, stored_layout(model, name).shape)
+                self.tensor(source)
+            except CheckpointError as exc:
+                found.append(str(exc))
+        try:
+            vision = VisionModel(self.vision) if self.vision is not None else None  # meta tensors: shapes only
+        except CheckpointError as exc:
+            return [*found, str(exc)]
+        for name, param in vision.named_parameters() if vision is not None else ():
+            source = vision_checkpoint_name(name)
+            try:
+                self._checked_shape(source, tuple(param.shape))
                 self.tensor(source)
             except CheckpointError as exc:
                 found.append(str(exc))
