@@ -347,3 +347,32 @@ def test_bench_with_images(vision_artifacts: Path, images: list[Path]) -> None:
         and backends["transformers"]["vision_ms_per_image"]["median_ms"] > 0
     )
     assert ours["prompt_length"] == 8 + 2 + 60 and ours["image_over_text"] > 0
+
+
+@pytest.mark.slow
+def test_build_and_verify_cover_the_vision_graph(vision_artifacts: Path, tmp_path: Path) -> None:
+    """`canvasrt build` (TensorRT-RTX, ahead of time) builds vision.engine with its own profile beside the backbone's;
+    `canvasrt verify` covers the vision graph and engine: a changed file is one line each."""
+    import shutil
+
+    from canvasrt.core.manifest import ArtifactManifest, EngineManifest
+
+    engines = tmp_path / "eng"
+    result = cli("build", vision_artifacts, "-o", engines, "--target", "sm89")
+    assert result.exit_code == 0, result.output
+    manifest = EngineManifest.load(engines)
+    assert set(manifest.engines) == {"backbone", "vision"}
+    assert manifest.vision == ArtifactManifest.load(vision_artifacts).vision
+    assert list(manifest.engines["vision"].profiles) == ["vision"]
+    assert "image_tokens" in manifest.engines["backbone"].profiles["prefill"]
+    assert cli("verify", engines).exit_code == 0
+    assert cli("verify", vision_artifacts).exit_code == 0
+    changed = tmp_path / "changed-eng"
+    shutil.copytree(engines, changed)
+    (changed / "vision.engine").write_bytes(b"x" * (changed / "vision.engine").stat().st_size)
+    assert "vision engine" in cli("verify", changed).stderr
+    art = tmp_path / "changed-art"
+    shutil.copytree(vision_artifacts, art)
+    (art / "vision.onnx").write_bytes((art / "vision.onnx").read_bytes()[:100])
+    result = cli("verify", art)
+    assert result.exit_code == 2 and "vision graph" in result.stderr, result.stderr

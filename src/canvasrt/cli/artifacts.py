@@ -53,15 +53,24 @@ def stage_progress(*columns: ProgressColumn) -> Iterator[Progress]:
     default=None,
     help="max_position_embeddings, the longest context the model allows (default: the preset's)",
 )
+@click.option(
+    "--vision",
+    type=click.Choice(["tiny", "released"]),
+    default=None,
+    help="the vision tower's shapes (default: released for --preset released, else tiny)",
+)
 def random_checkpoint_command(
-    output: Path, preset: str, layers: int | None, seed: int, max_positions: int | None
+    output: Path, preset: str, layers: int | None, seed: int, max_positions: int | None, vision: str | None
 ) -> None:
-    """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
+    """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer and image processor) to
+    OUTPUT."""
     from ..model.random_checkpoint import write_random_checkpoint
 
     with stage_progress() as progress:
         progress.add_task(f"writing {preset} checkpoint to {output}", total=None)
-        write_random_checkpoint(output, preset=preset, seed=seed, layers=layers, max_positions=max_positions)
+        write_random_checkpoint(
+            output, preset=preset, seed=seed, layers=layers, max_positions=max_positions, vision=vision
+        )
     click.echo(f"wrote {preset} checkpoint to {output}")
 
 

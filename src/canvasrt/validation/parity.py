@@ -709,9 +709,9 @@ def parity(
     runner = open_backend(opened, backend, threads=threads, max_batch=opened.capacity.max_batch, device=device)
     batch = None
     if images:
-        Checkpoint.open(checkpoint_dir).require_vision()
         if not runner.takes_images:
             runner.executor.vision_encoder()  # its one-line refusal, before any image is read
+        Checkpoint.open(checkpoint_dir).require_vision()
         batch = ImageProcessor(Path(checkpoint_dir))(list(images))
     if level == "step":
         return step_parity(
