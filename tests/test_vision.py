@@ -376,3 +376,55 @@ def test_build_and_verify_cover_the_vision_graph(vision_artifacts: Path, tmp_pat
     (art / "vision.onnx").write_bytes((art / "vision.onnx").read_bytes()[:100])
     result = cli("verify", art)
     assert result.exit_code == 2 and "vision graph" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_triton_serves_images_like_generate(
+    vision_artifacts: Path, images: list[Path], triton_env: Path, tmp_path: Path
+) -> None:
+    """The loop model takes images (BYTES, encoded files): the served tokens equal `canvasrt generate --image`; a
+    file that is no image is INVALID_ARGUMENT, and the next request is served exactly."""
+    from canvasrt.serving.client import TritonRequestError, generate_grpc
+    from canvasrt.serving.protocol import request_inputs
+    from canvasrt.serving.repository import write_repository
+    from canvasrt.serving.server import TritonServer, free_ports
+
+    prompt = "hi <|image|> and <|image|>"
+    result = cli("generate", vision_artifacts, "--prompt", prompt, "--image", images[0], "--image", images[1], "--json")
+    assert result.exit_code == 0, result.output
+    expected = json.loads(result.stdout)
+    encoded = np.array([path.read_bytes() for path in images], dtype=np.object_)
+    repository = tmp_path / "repo"
+    write_repository(vision_artifacts, repository, "in-process", instances=1, threads=1)
+    http, grpc = free_ports(2)
+    with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc) as server:
+        responses = generate_grpc(server.grpc_url, {**request_inputs(prompt=prompt, seed=0), "images": encoded})
+        new = expected["sequences"][0][len(expected["sequences"][0]) - len(responses[-1]["ids"]) :]
+        assert responses[-1]["event"] == "done" and responses[-1]["ids"] == new
+        bad = np.array([b"not an image"], dtype=np.object_)
+        with pytest.raises(TritonRequestError, match="not an image Pillow can read"):
+            generate_grpc(server.grpc_url, {**request_inputs(prompt="<|image|>", seed=0), "images": bad})
+        again = generate_grpc(server.grpc_url, {**request_inputs(prompt=prompt, seed=0), "images": encoded})
+        assert again[-1]["ids"] == new
+
+
+def test_openai_chat_takes_image_url_data_parts(vision_checkpoint: Path, images: list[Path]) -> None:
+    """The OpenAI-compatible chat endpoint turns `image_url` parts with data: URLs into the loop model's images
+    input, each marked where it stood with the image token; other URLs and bad base64 are 400s."""
+    import base64
+
+    from canvasrt.serving.openai_api import APIError, FrontEnd
+
+    front = FrontEnd("127.0.0.1:1", vision_checkpoint)
+    encoded = base64.b64encode(images[0].read_bytes()).decode()
+
+    def chat(url: str) -> object:
+        parts = [{"type": "text", "text": "what is "}, {"type": "image_url", "image_url": {"url": url}}]
+        return front.chat(model=front.model, messages=[{"role": "user", "content": parts}])
+
+    inputs = front._inputs(chat(f"data:image/png;base64,{encoded}"), chat=True)
+    assert inputs["images"].tolist() == [images[0].read_bytes()]
+    assert (inputs["prompt_ids"] == Checkpoint.open(vision_checkpoint).vision.image_token_id).sum() == 1
+    for url, message in (("https://example.com/a.png", "data: URL"), ("data:image/png;base64,@@", "base64")):
+        with pytest.raises(APIError, match=message):
+            front._inputs(chat(url), chat=True)

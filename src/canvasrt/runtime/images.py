@@ -49,18 +49,23 @@ class VisionEncoder(Protocol):
     def encode(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def decode_image(path: Path) -> Any:
-    """An image file as an RGB Pillow image, fully decoded; one line naming the problem otherwise."""
+def decode_image(source: Path | bytes, name: str | None = None) -> Any:
+    """An image file (a path, or its encoded bytes as a server receives them) as an RGB Pillow image, fully decoded;
+    one line naming the problem otherwise. name: how the error names an image given as bytes."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
-    if not path.exists():
+    path = source if isinstance(source, Path) else name or "image"
+    if isinstance(source, Path) and not source.exists():
         raise CanvasrtError(f"image {path} does not exist; pass an image file")
-    if path.is_dir():
+    if isinstance(source, Path) and source.is_dir():
         raise CanvasrtError(f"image {path} is a directory; pass an image file ({IMAGE_FORMATS})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            opened = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+            with opened as image:
                 image.load()
                 width, height = image.size
                 if width < 1 or height < 1:
@@ -98,12 +103,13 @@ class ImageProcessor:
     def max_soft_tokens(self) -> int:
         return int(self.processor.max_soft_tokens)
 
-    def __call__(self, paths: list[Path]) -> ImageBatch:
-        images = [decode_image(path) for path in paths]
+    def __call__(self, paths: list[Path] | list[bytes]) -> ImageBatch:
+        """Images given as files, or as their encoded bytes (named image 0, image 1, ... in errors)."""
+        images = [decode_image(path, f"image {i}") for i, path in enumerate(paths)]
         try:
             batch = self.processor(images, return_tensors="np")
         except ValueError as exc:  # an aspect ratio no whole number of patches fits, say
-            names = ", ".join(str(p) for p in paths)
+            names = ", ".join(str(p) if isinstance(p, Path) else f"image {i}" for i, p in enumerate(paths))
             reason = " ".join(str(exc).split())
             raise CanvasrtError(
                 f"the image processor refuses {names} ({reason}); pass images closer to a square"

@@ -273,10 +273,17 @@ class StepBackend:
         self._check_slot(destination)
         self.state.move_row(source, destination)
 
-    def encode_slot(self, slot: int, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
+    def encode_slot(
+        self,
+        slot: int,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        context_length: np.ndarray,
+        images: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         """encode() for one slot: input_ids [1, S], context_length [1]; the other rows are neither read nor written."""
         self._check_slot(slot)
-        self._encode(self.state.rows(slot, slot + 1), input_ids, positions, context_length)
+        self._encode(self.state.rows(slot, slot + 1), input_ids, positions, context_length, images)
 
     def denoise_rows(self, rows: int, step: StepInputs) -> StepResult:
         """denoise() over slots [0, rows); every array of `step` is [rows, ...]."""
