@@ -250,12 +250,14 @@ def test_too_many_images_for_the_context(vision_checkpoint: Path, images: list[P
     )
 
 
-def test_huge_and_extreme_images(vision_checkpoint: Path, tmp_path: Path) -> None:
-    """An image beyond Pillow's decompression limit is refused; an extreme aspect ratio is resized by the processor
-    within its soft-token budget."""
+def test_huge_and_extreme_images(vision_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image beyond Pillow's decompression limit (lowered here, so that the test needs no 90-megapixel file) is
+    refused before it is decoded; an extreme aspect ratio is resized by the processor within its soft-token budget."""
     huge = tmp_path / "huge.png"
-    Image.new("L", (14000, 14000)).save(huge)
-    assert_refused(cli("generate", vision_checkpoint, "--prompt-ids", "2,70", "--image", huge), "more than")
+    Image.new("L", (120, 100)).save(huge)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert_refused(cli("generate", vision_checkpoint, "--prompt-ids", "2,70", "--image", huge), "more than 10000")
+    monkeypatch.undo()
     strip = tmp_path / "strip.png"
     Image.fromarray(np.zeros((1, 4000, 3), np.uint8)).save(strip)
     processor = ImageProcessor(vision_checkpoint)
@@ -428,3 +430,27 @@ def test_openai_chat_takes_image_url_data_parts(vision_checkpoint: Path, images:
     for url, message in (("https://example.com/a.png", "data: URL"), ("data:image/png;base64,@@", "base64")):
         with pytest.raises(APIError, match=message):
             front._inputs(chat(url), chat=True)
+
+
+@pytest.mark.slow
+def test_fp8_keeps_the_vision_graph_in_its_export_dtype(
+    vision_checkpoint: Path, vision_artifacts: Path, images: list[Path], tmp_path: Path
+) -> None:
+    """`canvasrt calibrate` quantizes the backbone's GEMMs and rewrites vision.onnx without a Q/DQ node: image
+    prompts on FP8 artifacts get the soft tokens of the export dtype (parity: exact), the backbone's FP8 error."""
+    import onnx
+
+    from canvasrt.core.manifest import ArtifactManifest
+
+    fp8 = tmp_path / "fp8"
+    result = cli("calibrate", vision_checkpoint, vision_artifacts, "-o", fp8, "--samples", "4")
+    assert result.exit_code == 0, result.output
+    manifest = ArtifactManifest.load(fp8)
+    assert manifest.graphs["vision"].quantized == () and manifest.backbone.quantized
+    graph = onnx.load(str(fp8 / "vision.onnx"), load_external_data=False)
+    assert not [node for node in graph.graph.node if "Quantize" in node.op_type]
+    report = tmp_path / "parity.json"
+    result = cli("parity", vision_checkpoint, fp8, "--image", images[0], "--report", report)
+    assert result.exit_code == 0, result.output
+    vision = [c for c in json.loads(report.read_text())["checks"] if c["stage"] == "vision"]
+    assert vision and vision[0]["metrics"]["nrmse"] < 1e-5
