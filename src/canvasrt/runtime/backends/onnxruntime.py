@@ -70,11 +70,13 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
         raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it") from None
 
 
-def checked_session(manifest: ArtifactManifest, provider: str = "cpu", threads: int | None = None) -> Any:
-    """The backbone's session, refused (one line) when the graph's inputs or outputs differ from the manifest's in
-    name, dtype or static shape: what the backend and `canvasrt verify` check."""
-    entry = manifest.backbone
-    path = manifest.graph_path("backbone")
+def checked_session(
+    manifest: ArtifactManifest, provider: str = "cpu", threads: int | None = None, graph: str = "backbone"
+) -> Any:
+    """A graph's session (the backbone's by default), refused (one line) when the graph's inputs or outputs differ
+    from the manifest's in name, dtype or static shape: what the backend and `canvasrt verify` check."""
+    entry = manifest.graphs[graph]
+    path = manifest.graph_path(graph)
     session = create_session(path, provider, threads)
     for what, declared, found in (
         ("inputs", entry.inputs, session.get_inputs()),
@@ -96,21 +98,7 @@ class OnnxVisionEncoder:
     at most VISION_MAX_IMAGES images per call, as its profile declares."""
 
     def __init__(self, manifest: ArtifactManifest, provider: str, threads: int | None):
-        entry = manifest.graphs["vision"]
-        path = manifest.graph_path("vision")
-        self.session = create_session(path, provider, threads)
-        for what, declared, found in (
-            ("inputs", entry.inputs, self.session.get_inputs()),
-            ("outputs", entry.outputs, self.session.get_outputs()),
-        ):
-            check_io(
-                list(declared),
-                [(a.name, a.type, tuple(a.shape)) for a in found],
-                manifest.dtype,
-                str(path),
-                ONNX_TYPES,
-                what,
-            )
+        self.session = checked_session(manifest, provider, threads, "vision")
 
     def encode(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         tokens, masks = [], []
