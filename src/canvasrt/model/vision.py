@@ -12,8 +12,9 @@ pooling_kernel_size^2. Output: the projected soft tokens [images, patches / k^2,
 real [images, patches / k^2]. transformers strips the padding soft tokens inside the model (a data-dependent shape);
 here the caller does, with the mask, so the graph keeps static-rank outputs and no NonZero.
 
-Differs from transformers where a graph needs it: one_hot is a comparison with arange, masks are additive biases
-with a finite minimum (a padding query sees no key in neither; its output is masked later either way).
+Differs from transformers where a graph needs it: one_hot is a comparison with arange, and the attention mask is an
+additive bias with a finite minimum instead of -inf (it hides padding keys only, as transformers' bidirectional mask
+does; padding patches' outputs are zeroed before pooling either way).
 """
 
 from __future__ import annotations
