@@ -454,3 +454,12 @@ def test_fp8_keeps_the_vision_graph_in_its_export_dtype(
     assert result.exit_code == 0, result.output
     vision = [c for c in json.loads(report.read_text())["checks"] if c["stage"] == "vision"]
     assert vision and vision[0]["metrics"]["nrmse"] < 1e-5
+
+
+def test_slice_keeps_the_vision_tower_and_its_processor(vision_checkpoint: Path, tmp_path: Path) -> None:
+    result = cli("slice", vision_checkpoint, "--layers", "0,1", "-o", tmp_path / "sliced")
+    assert result.exit_code == 0, result.output
+    sliced = Checkpoint.open(tmp_path / "sliced")
+    assert sliced.vision == Checkpoint.open(vision_checkpoint).vision
+    assert (tmp_path / "sliced" / "preprocessor_config.json").is_file()
+    assert sliced.problems() == []
