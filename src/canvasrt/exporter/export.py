@@ -96,8 +96,7 @@ def export(
         model = checkpoint.load_text_model(
             moe=moe, dtype=dtype, vocab_chunk=vocab_chunk, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)
         )
-        if external_data is None:
-            external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
+        backbone_external = _weight_bytes(model) > EXTERNAL_DATA_ABOVE if external_data is None else external_data
         progress("exporting backbone.onnx")
         wrapper = (VisionBackboneGraph if vision else BackboneGraph)(model, debug_logits)
         inputs, outputs, args, sizes = _example(config, capacity, dtype, debug_logits, vision)
@@ -111,7 +110,7 @@ def export(
                 _backbone_symbols(config, capacity, sizes),
                 checkpoint,
                 dtype,
-                external_data,
+                backbone_external,
                 graph_profiles(config, capacity, vision),
             )
         }
@@ -234,7 +233,8 @@ def _export_vision(
     checkpoint: Checkpoint, vision: VisionConfig, max_soft: int, staging: Path, dtype: str, external_data: bool | None
 ) -> GraphEntry:
     """vision.onnx: dynamic in images per call and in patches per image (a multiple of the pooling kernel's area,
-    as the image processor pads them), its weights streamed from the checkpoint like the backbone's."""
+    as the image processor pads them), its weights streamed from the checkpoint like the backbone's. external_data:
+    the user's choice, else decided by the vision tower's own size (a small text model says nothing about it)."""
     model = checkpoint.load_vision_model(dtype=dtype, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
     inputs, outputs = vision_io(vision)
     k2 = vision.pooling_kernel_size**2
