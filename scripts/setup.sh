@@ -6,7 +6,7 @@
 # executor reads them from there, so no test needs the network.
 # Also creates .venv-triton, the environment of `canvasrt serve`: the tritonserver of the nvidia-pytriton wheel and
 # what its Python-backend models import (canvasrt, numpy<2 as Triton 2.51's Python stub needs, onnxruntime,
-# tokenizers), pinned by constraints-triton.txt.
+# tokenizers; transformers and Pillow for the Gemma 4 image processor), pinned by constraints-triton.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -23,5 +23,5 @@ if [ ! -x .venv-triton/bin/python ]; then
   "$PYTHON" -m venv .venv-triton
 fi
 .venv-triton/bin/python -m pip install --quiet --upgrade pip
-.venv-triton/bin/python -m pip install --quiet -c constraints-triton.txt nvidia-pytriton onnxruntime tokenizers
+.venv-triton/bin/python -m pip install --quiet -c constraints-triton.txt nvidia-pytriton onnxruntime tokenizers transformers pillow
 .venv-triton/bin/python -m pip install --quiet --no-deps -e .

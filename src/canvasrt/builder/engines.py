@@ -420,7 +420,8 @@ def build_engines(
     timing_cache: str | Path | None = None,
     phases: PhaseCallback | None = None,
 ) -> tuple[EngineManifest, bool]:
-    """Builds the backbone's engine, one optimization profile per phase. Returns the engine manifest and whether it
+    """Builds the backbone's engine, one optimization profile per phase (and, for --vision artifacts, the vision
+    graph's, with its own profile of images x patches). Returns the engine manifest and whether it
     was reused (an earlier build in `output` from the same graphs, calibration, builder version, target and options).
 
     Every refusal comes before anything is built or written."""
@@ -514,6 +515,7 @@ def build_engines(
             quantization=manifest.quantization,
             engines=engines,
             files=record_files(staging, [entry.layers for entry in engines.values() if entry.layers is not None]),
+            vision=manifest.vision,
         )
         engine_manifest.write(staging)
         manifest.check_unchanged("build")  # the graphs built are the ones verified at the start

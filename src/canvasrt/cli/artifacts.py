@@ -53,15 +53,24 @@ def stage_progress(*columns: ProgressColumn) -> Iterator[Progress]:
     default=None,
     help="max_position_embeddings, the longest context the model allows (default: the preset's)",
 )
+@click.option(
+    "--vision",
+    type=click.Choice(["tiny", "released"]),
+    default=None,
+    help="the vision tower's shapes (default: released for --preset released, else tiny)",
+)
 def random_checkpoint_command(
-    output: Path, preset: str, layers: int | None, seed: int, max_positions: int | None
+    output: Path, preset: str, layers: int | None, seed: int, max_positions: int | None, vision: str | None
 ) -> None:
-    """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer) to OUTPUT."""
+    """Write a random DiffusionGemma checkpoint (Hugging Face format, with tokenizer and image processor) to
+    OUTPUT."""
     from ..model.random_checkpoint import write_random_checkpoint
 
     with stage_progress() as progress:
         progress.add_task(f"writing {preset} checkpoint to {output}", total=None)
-        write_random_checkpoint(output, preset=preset, seed=seed, layers=layers, max_positions=max_positions)
+        write_random_checkpoint(
+            output, preset=preset, seed=seed, layers=layers, max_positions=max_positions, vision=vision
+        )
     click.echo(f"wrote {preset} checkpoint to {output}")
 
 
@@ -113,6 +122,9 @@ def slice_command(checkpoint: Path, layers: str, output: Path) -> None:
     default=None,
     help="weights in <graph>.onnx.data, streamed from the checkpoint (default: above 64 MiB)",
 )
+@click.option(
+    "--vision", is_flag=True, help="also the vision graph (vision.onnx), for image prompts (generate --image)"
+)
 def export_command(
     checkpoint: Path,
     output: Path,
@@ -124,6 +136,7 @@ def export_command(
     debug_logits: bool,
     vocab_chunk: int,
     external_data: bool | None,
+    vision: bool,
 ) -> None:
     """Export CHECKPOINT's backbone (prefill, commit and one denoising step, one copy of the weights) to ONNX
     (backbone.onnx, manifest.json)."""
@@ -144,6 +157,7 @@ def export_command(
             external_data=external_data,
             vocab_chunk=vocab_chunk,
             progress=lambda text: progress.update(task, description=text),
+            vision=vision,
         )
         progress.update(task, description="done")
     sizes = ", ".join(

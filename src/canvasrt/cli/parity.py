@@ -52,6 +52,13 @@ out = Console(width=None if sys.stdout.isatty() else 160)
     "where the context allows, else one)",
 )
 @click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="build the prompts around this image (repeatable): the vision graph, its soft tokens in the prefill",
+)
 def parity_command(
     checkpoint: Path,
     target: Path,
@@ -65,6 +72,7 @@ def parity_command(
     reference_dtype: str,
     max_new_tokens: int | None,
     bisect: bool,
+    images: tuple[Path, ...],
 ) -> None:
     """Compare TARGET (artifacts or engines) against the transformers reference built from CHECKPOINT.
     Exit 0 within tolerance, 1 not."""
@@ -90,6 +98,7 @@ def parity_command(
             max_new_tokens=max_new_tokens,
             device=device,
             reference_dtype=reference_dtype,
+            images=list(images),
         )
     table = Table(title=f"parity --level {level} ({report.backend}, {report.dtype})", show_lines=False)
     for column in ("stage", "output", "figures", "limits", "ok"):

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from ..core.errors import CanvasrtError
 from ..runtime.backends import BACKENDS, default_backend, open_backend, refuse_unused_device
+from ..runtime.images import PromptImages, encode_images, image_prompt_row
 from ..runtime.loop import Committed, Draft, GenerationResult, left_pad, stream
 from ..runtime.prompts import TextCodec, UnreadableTokenizer, parse_ids, prompt_rows, read_prompts_file, until_eos
 from ..runtime.rng import RNG_MODES, make_draws
@@ -27,6 +28,13 @@ device_option = click.option(
     default="cpu",
     show_default=True,
     help="where the torch paths run (torch backend, transformers)",
+)
+image_option = click.option(
+    "--image",
+    "image",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="an image file for the prompt (repeatable; PNG, JPEG, ...): needs a vision export or checkpoint",
 )
 dtype_option = click.option(
     "--dtype",
@@ -78,6 +86,7 @@ SETTING_KEYS = (
     "--json", "as_json", is_flag=True, help="print sequences, text, steps, tokens per forward and timings as JSON"
 )
 @click.option("--watch", is_flag=True, help="show the canvas denoising live")
+@image_option
 @device_option
 @dtype_option
 @settings_options
@@ -93,11 +102,13 @@ def generate_command(
     threads: int | None,
     as_json: bool,
     watch: bool,
+    image: tuple[Path, ...],
     device: str,
     dtype: str | None,
     **overrides: Any,
 ) -> None:
-    """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime)."""
+    """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime). With --image,
+    each <|image|> in the prompt marks the next image (without markers the images go first)."""
     sources = [s for s in (prompt, prompt_ids, prompts_file) if s is not None]
     if len(sources) != 1:
         raise CanvasrtError("give exactly one of --prompt, --prompt-ids, --prompts-file")
@@ -115,13 +126,12 @@ def generate_command(
         raise CanvasrtError("--rng hf reproduces transformers' torch RNG and needs --backend torch")
     spec = runner.spec
     settings = resolve_settings(spec.generation, {k: overrides[k] for k in SETTING_KEYS})
-    rows = prompt_rows(prompts, target, spec.model.vocab_size)
-    ids, padding = left_pad(rows, settings.pad_token_id or 0)
     codec = _codec(target, spec.model.vocab_size)
-    draws = make_draws(rng, seed, len(rows), spec.model.vocab_size, spec.capacity.canvas, device=device)
     with runner:
-        events = stream(runner, ids, padding, settings, draws)
-        result = _watch(events, codec, settings, len(rows)) if watch else _last(events)
+        ids, padding, images = _prompt_with_images(runner, target, prompts, list(image), settings)
+        draws = make_draws(rng, seed, ids.shape[0], spec.model.vocab_size, spec.capacity.canvas, device=device)
+        events = stream(runner, ids, padding, settings, draws, images)
+        result = _watch(events, codec, settings, ids.shape[0]) if watch else _last(events)
     texts = [
         codec.decode(until_eos(row, settings.eos_token_ids, settings.pad_token_id)) if codec else None
         for row in result.new_tokens
@@ -149,6 +159,22 @@ def generate_command(
             f"{runner.name}: {sum(result.steps_per_block)} steps over {len(result.steps_per_block)} canvas(es), "
             f"tokens/forward {np.round(result.tokens_per_forward, 2).tolist()}, {result.timings['total_s']:.2f}s"
         )
+
+
+def _prompt_with_images(
+    runner: Any, target: Path, prompts: list[dict[str, Any]], paths: list[Path], settings: Any
+) -> tuple[np.ndarray, np.ndarray, PromptImages | None]:
+    """The left-padded prompt ids and their padding mask, with the images (if any) encoded and placed."""
+    spec = runner.spec
+    if not paths:
+        ids, padding = left_pad(prompt_rows(prompts, target, spec.model.vocab_size), settings.pad_token_id or 0)
+        return ids, padding, None
+    if len(prompts) != 1:
+        raise CanvasrtError("--image goes with one prompt (--prompt or --prompt-ids), not a prompts file")
+    batch, tokens = encode_images(runner, target, paths)
+    row = image_prompt_row(prompts[0], batch, runner.executor.vision, target, spec.model.vocab_size)
+    ids, padding = left_pad([row], settings.pad_token_id or 0)
+    return ids, padding, PromptImages.place(tokens, ids, runner.executor.vision)
 
 
 def _codec(target: Path, vocab_size: int) -> TextCodec | None:
@@ -267,6 +293,7 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     callback=positive,
     help="N requests through the in-flight scheduler (N slots) against the same N one at a time",
 )
+@image_option
 @device_option
 @dtype_option
 @click.option("--json", "as_json", is_flag=True)
@@ -280,12 +307,34 @@ def bench_command(
     threads: int | None,
     provider: str,
     concurrency: int | None,
+    image: tuple[Path, ...],
     device: str,
     dtype: str | None,
     as_json: bool,
 ) -> None:
-    """Time the step backends on TARGET side by side in one run; ratios are against the first backend."""
-    from ..validation.bench import bench, bench_concurrency, format_table
+    """Time the step backends on TARGET side by side in one run; ratios are against the first backend. With
+    --image: the vision graph per image (against transformers' vision tower) and the first canvas of an image
+    prompt against a text prompt of the same length."""
+    from ..validation.bench import bench, bench_concurrency, bench_images, format_table
+
+    if image:
+        if concurrency is not None:
+            raise CanvasrtError("--image and --concurrency measure different things; give one of them")
+        results = bench_images(target, list(image), list(backends) or None, steps, threads, provider)
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+            return
+        for name, entry in results["backends"].items():
+            line = f"{name}: vision {entry['vision_ms_per_image']['median_ms']:.1f} ms per image"
+            if "image_over_text" in entry:
+                line += (
+                    f", first canvas of a {entry['prompt_length']}-token prompt with images "
+                    f"{entry['first_canvas_image_prompt']['median_ms']:.1f} ms against "
+                    f"{entry['first_canvas_text_prompt']['median_ms']:.1f} ms as text "
+                    f"({entry['image_over_text']:.2f}x)"
+                )
+            click.echo(line)
+        return
 
     if concurrency is not None:
         results = {

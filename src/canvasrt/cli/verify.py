@@ -64,6 +64,12 @@ def _consumer_problems(target: Path, kind: str) -> list[str]:
             from ..runtime.backends.onnxruntime import checked_session
 
             checked_session(manifest, threads=1)
+            if manifest.vision is not None:  # the vision graph's I/O and the image processor it is fed by
+                from ..runtime.backends.onnxruntime import OnnxVisionEncoder
+                from ..runtime.images import ImageProcessor
+
+                OnnxVisionEncoder(manifest, "cpu", 1)
+                ImageProcessor(manifest.directory)
         if "tokenizer.json" in manifest.files:
             TextCodec(manifest.directory, manifest.model.vocab_size)
     except CanvasrtError as exc:

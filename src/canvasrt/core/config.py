@@ -62,3 +62,35 @@ class ModelConfig:
         fields["layers"] = tuple(LayerSpec(**layer) for layer in fields["layers"])
         fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
         return cls(**fields)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower (Gemma 4's), its projector into the text model, and how image prompts are laid out: the
+    tokens that mark an image in a prompt and whether the encoder attends bidirectionally within an image."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    patch_size: int
+    pooling_kernel_size: int
+    position_embedding_size: int
+    standardize: bool  # the pooled features are standardised with the checkpoint's std_bias / std_scale
+    clipped_linears: bool  # every linear clamps its input and output to the checkpoint's stored bounds
+    text_hidden_size: int
+    image_token_id: int  # the soft-token placeholder: one per soft token of an image
+    boi_token_id: int  # begin of image
+    eoi_token_id: int  # end of image
+    bidirectional: bool  # text_config.use_bidirectional_attention == "vision": soft tokens of one image see each other
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
+        return cls(**data)

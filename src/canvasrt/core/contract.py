@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import SLIDING, ModelConfig
+from .config import SLIDING, ModelConfig, VisionConfig
 from .errors import ArtifactError
 
 GRAPHS = ("backbone",)
@@ -30,6 +30,7 @@ MODEL_DTYPE = "model"  # placeholder dtype in the contract: the export dtype (fp
 # released vocabulary (262144) 16 chunks, each [rows, canvas, chunk] fp32 tensor 16.8 MB per row of 256 tokens.
 DEFAULT_VOCAB_CHUNK = 16384
 Profiles = dict[str, dict[str, list[int]]]  # profile name -> symbolic dim -> [min, opt, max]
+VISION_MAX_IMAGES = 16  # images per call of the vision graph (its profile); more are encoded in several calls
 
 
 def prefill_limit(max_prefill: int, max_context: int, canvas: int) -> int:
@@ -211,8 +212,67 @@ def _context_specs(capacity: Capacity) -> list[TensorSpec]:
     ]
 
 
+def image_inputs(config: ModelConfig) -> list[TensorSpec]:
+    """The backbone's inputs for image prompts (artifacts exported with the vision graph only)."""
+    return [
+        TensorSpec(
+            "image_tokens",
+            ("image_tokens", config.hidden_size),
+            MODEL_DTYPE,
+            "the soft tokens (vision graph outputs, padding stripped) of the images in this chunk; empty otherwise",
+        ),
+        TensorSpec(
+            "image_slot",
+            ("batch", "chunk"),
+            "int64",
+            "per encoder token: the row of image_tokens replacing its embedding, -1 for a text token",
+        ),
+    ]
+
+
+def vision_io(vision: VisionConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The vision graph's inputs and outputs: the Gemma 4 image processor's arrays in, projected soft tokens out."""
+    width = 3 * vision.patch_size**2
+    inputs = [
+        TensorSpec(
+            "pixel_values",
+            ("images", "patches", width),
+            "float32",
+            "the image processor's patches, values in [0, 1]; patches = pooling_kernel_size^2 x tokens",
+        ),
+        TensorSpec(
+            "image_position_ids",
+            ("images", "patches", 2),
+            "int64",
+            "(x, y) of each patch in its image, (-1, -1) for padding patches",
+        ),
+    ]
+    outputs = [
+        TensorSpec(
+            "soft_tokens",
+            ("images", "tokens", vision.text_hidden_size),
+            MODEL_DTYPE,
+            "each image's pooled, projected soft tokens (rows beyond the image's own are padding)",
+        ),
+        TensorSpec("soft_token_mask", ("images", "tokens"), "bool", "True for an image's real soft tokens"),
+    ]
+    return inputs, outputs
+
+
+def vision_profiles(vision: VisionConfig, max_soft_tokens: int) -> Profiles:
+    """The vision graph's one profile: 1 to VISION_MAX_IMAGES images of up to `max_soft_tokens` soft tokens."""
+    k2 = vision.pooling_kernel_size**2
+    return {
+        "vision": {
+            "images": [1, 1, VISION_MAX_IMAGES],
+            "tokens": [1, max_soft_tokens, max_soft_tokens],
+            "patches": [k2, k2 * max_soft_tokens, k2 * max_soft_tokens],
+        }
+    }
+
+
 def backbone_io(
-    config: ModelConfig, capacity: Capacity, debug_logits: bool
+    config: ModelConfig, capacity: Capacity, debug_logits: bool, vision: bool = False
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     b, h = "batch", config.hidden_size
     layout = kv_layout(config, capacity)
@@ -232,6 +292,7 @@ def backbone_io(
         TensorSpec("entropy_bound", (b,), "float32", "entropy budget of the acceptance rule"),
         TensorSpec("uniforms", (b, "rows"), "float32", "one U[0,1) draw per position for sampling (inverse CDF)"),
         TensorSpec("renoise_ids", (b, "rows"), "int64", "uniform random token ids for rejected positions"),
+        *(image_inputs(config) if vision else []),
         *kv_specs(layout, "past_", [span_dim(kv, capacity) for kv in layout], past_doc),
     ]
     outputs = [
@@ -265,16 +326,22 @@ def backbone_io(
     return inputs, outputs
 
 
-def graph_profiles(config: ModelConfig, capacity: Capacity) -> Profiles:
+def graph_profiles(config: ModelConfig, capacity: Capacity, vision: bool = False) -> Profiles:
     """Shape ranges [min, opt, max] per symbolic dim, one entry per phase (TensorRT optimization profile)."""
     batch = [1, capacity.max_batch, capacity.max_batch]
     canvas, none = [capacity.canvas] * 3, [0, 0, 0]
     spans = span_ranges(kv_layout(config, capacity), capacity)
-    return {
+    profiles = {
         "prefill": {"batch": batch, "chunk": [1, capacity.max_prefill, capacity.max_prefill], "rows": none, **spans},
         "commit": {"batch": batch, "chunk": canvas, "rows": none, **spans},
         "denoise": {"batch": batch, "chunk": none, "rows": canvas, **spans},
     }
+    if vision:  # soft tokens arrive in prefill chunks only
+        most = capacity.max_batch * capacity.max_prefill
+        profiles["prefill"]["image_tokens"] = [0, 0, most]
+        profiles["commit"]["image_tokens"] = none
+        profiles["denoise"]["image_tokens"] = none
+    return profiles
 
 
 def narrow_profiles(profiles: Profiles, capacity: Capacity) -> Profiles:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from .config import ModelConfig, VisionConfig
 from .contract import GRAPHS, Capacity, KVLayer, Profiles, TensorSpec
 from .errors import ArtifactError
 
@@ -342,6 +342,7 @@ class ArtifactManifest(StepSpec):
     canvasrt_version: str
     versions: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # tokenizer and generation config: size, sha256
+    vision: VisionConfig | None = None  # exported with the vision graph (`graphs.vision`): the tower and prompt layout
 
     @property
     def checkpoint_path(self) -> Path:
@@ -398,6 +399,7 @@ class ArtifactManifest(StepSpec):
             "tokenizer": list(self.tokenizer),
             "files": self.files,
             "quantization": self.quantization.to_dict() if self.quantization else None,
+            **({"vision": self.vision.to_dict()} if self.vision else {}),
         }
 
     def write(self, directory: Path) -> None:
@@ -424,6 +426,7 @@ class ArtifactManifest(StepSpec):
             canvasrt_version=str(data.get("canvasrt_version", "?")),
             versions=dict(data.get("versions") or {}),
             files=dict(data["files"]),
+            vision=VisionConfig.from_dict(data["vision"]) if data.get("vision") is not None else None,
         )
 
     @classmethod
@@ -468,7 +471,7 @@ class ArtifactManifest(StepSpec):
         missing or of another size (and with `digests`, of other contents), tokenizer and calibration files named
         outside it, and with `digests` a calibration record other than the one the FP8 graphs were written with."""
         found = []
-        for graph in GRAPHS:
+        for graph in (*GRAPHS, *(("vision",) if self.vision is not None else ())):
             entry = self.graphs.get(graph)
             if entry is None:
                 found.append(f"{self.directory} lacks the {graph} graph named in its manifest; {self.fix}")
@@ -634,6 +637,7 @@ class EngineManifest(StepSpec):
     artifacts: Path  # the artifact directory the engines were built from
     engines: dict[str, EngineEntry]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # the layer information: size, sha256
+    vision: VisionConfig | None = None  # the artifacts' (engines.vision built from their vision graph)
 
     def engine_path(self, graph: str) -> Path:
         return self.directory / self.engines[graph].file
@@ -653,7 +657,9 @@ class EngineManifest(StepSpec):
     @property
     def max_batch(self) -> int:
         """The largest batch every engine's profiles take (a build may narrow them below the artifacts')."""
-        return min(dims["batch"][2] for entry in self.engines.values() for dims in entry.profiles.values())
+        return min(
+            dims["batch"][2] for entry in self.engines.values() for dims in entry.profiles.values() if "batch" in dims
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -669,6 +675,7 @@ class EngineManifest(StepSpec):
             "generation": self.generation,
             "engines": {name: entry.to_dict() for name, entry in self.engines.items()},
             "files": self.files,
+            **({"vision": self.vision.to_dict()} if self.vision else {}),
         }
 
     def write(self, directory: Path) -> None:
@@ -688,6 +695,7 @@ class EngineManifest(StepSpec):
             quantization=Quantization.from_dict(data.get("quantization")),
             engines={name: EngineEntry.from_dict(entry) for name, entry in data["engines"].items()},
             files=dict(data["files"]),
+            vision=VisionConfig.from_dict(data["vision"]) if data.get("vision") is not None else None,
         )
 
     @classmethod
@@ -724,7 +732,7 @@ class EngineManifest(StepSpec):
         with the engines or the quantization they record."""
         fix = "rebuild it with `canvasrt build`"
         found = []
-        for graph in GRAPHS:
+        for graph in dict.fromkeys((*GRAPHS, *self.engines)):  # the backbone's, and every other engine built
             entry = self.engines.get(graph)
             if entry is None:
                 found.append(f"{self.directory} lacks the {graph} engine named in its manifest; {fix}")
@@ -766,12 +774,16 @@ class EngineManifest(StepSpec):
         except ArtifactError as exc:
             return [f"the artifacts the engines in {self.directory} were built from cannot be used: {exc}"]
         found = []
-        stale = [g for g in GRAPHS if g in self.engines and self.engines[g].onnx_sha256 != artifacts.graphs[g].sha256]
+        stale = [
+            g
+            for g, e in self.engines.items()
+            if g not in artifacts.graphs or e.onnx_sha256 != artifacts.graphs[g].sha256
+        ]
         if stale:
             found.append(
                 f"the engines in {self.directory} were built from other graphs than {self.artifacts} now holds; {fix}"
             )
-        for what in ("model", "kv_layout", "dtype", "quantization", "generation"):
+        for what in ("model", "kv_layout", "dtype", "quantization", "generation", "vision"):
             if getattr(self, what) != getattr(artifacts, what):
                 found.append(f"{self.directory / MANIFEST} records another {what} than {self.artifacts}; {fix}")
         for graph, entry in self.engines.items():

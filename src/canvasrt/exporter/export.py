@@ -24,22 +24,27 @@ import onnx
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..core.config import ModelConfig
+from ..core.config import ModelConfig, VisionConfig
 from ..core.contract import (
     DEFAULT_VOCAB_CHUNK,
+    VISION_MAX_IMAGES,
     Capacity,
+    Profiles,
     TensorSpec,
     backbone_io,
     graph_profiles,
     kv_layout,
     span_ranges,
+    vision_io,
+    vision_profiles,
 )
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, GraphEntry, canvasrt_version, digest_json, record_files, write_json
 from ..core.output import ARTIFACT_OUTPUT, staged_directory
-from ..model.checkpoint import DTYPES, Checkpoint, checkpoint_name
+from ..model.checkpoint import DTYPES, PREPROCESSOR_CONFIG, Checkpoint, checkpoint_name
 from ..model.modeling import MOE_FORMULATIONS, StoredLayout, stored_layout
-from .graphs import BackboneGraph, example_inputs
+from ..model.vision import vision_checkpoint_name
+from .graphs import BackboneGraph, VisionBackboneGraph, VisionGraph, example_inputs
 
 OPSET = 21  # FP8 Q/DQ with a FLOAT8E4M3FN zero point (calibration) needs opset >= 21 on ONNX Runtime
 EXTERNAL_DATA_ABOVE = 64 << 20
@@ -63,8 +68,13 @@ def export(
     external_data: bool | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     progress: ProgressFn = lambda _: None,
+    vision: bool = False,
 ) -> ArtifactManifest:
     """Exports the backbone graph and returns the manifest that was written.
+
+    vision: also the vision graph (vision.onnx: the vision tower and its projector), and a backbone that places
+    image soft tokens (inputs image_tokens, image_slot); without it the artifacts are text-only and pay nothing for
+    images.
 
     external_data: weights in `backbone.onnx.data` next to the graph; None decides by size (above 64 MiB).
     vocab_chunk: vocabulary entries per chunk of the LM head and the sampler (`DiffusionGemmaText.head`); the
@@ -75,6 +85,8 @@ def export(
     config = checkpoint.config
     capacity = _capacity(config, max_batch, max_context, max_prefill)
     generation = checkpoint.generation_config()  # read (and refused when malformed) before the long work
+    vision_config = checkpoint.require_vision() if vision else None
+    max_soft = checkpoint.max_soft_tokens() if vision else 0
     progress("hashing the checkpoint")
     digests = checkpoint.file_digests()  # what the graph is exported from; checked again before the swap
     vocab_chunk = min(vocab_chunk, config.vocab_size)
@@ -84,25 +96,35 @@ def export(
         model = checkpoint.load_text_model(
             moe=moe, dtype=dtype, vocab_chunk=vocab_chunk, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)
         )
-        if external_data is None:
-            external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
+        backbone_external = _weight_bytes(model) > EXTERNAL_DATA_ABOVE if external_data is None else external_data
         progress("exporting backbone.onnx")
+        wrapper = (VisionBackboneGraph if vision else BackboneGraph)(model, debug_logits)
+        inputs, outputs, args, sizes = _example(config, capacity, dtype, debug_logits, vision)
         graphs = {
             "backbone": _export_graph(
-                BackboneGraph(model, debug_logits),
-                *_example(config, capacity, dtype, debug_logits),
+                wrapper,
+                inputs,
+                outputs,
+                args,
                 staging / "backbone.onnx",
-                capacity,
+                _backbone_symbols(config, capacity, sizes),
                 checkpoint,
                 dtype,
-                external_data,
+                backbone_external,
+                graph_profiles(config, capacity, vision),
             )
         }
-        del model
+        del model, wrapper
+        if vision_config is not None:
+            progress("exporting vision.onnx")
+            graphs["vision"] = _export_vision(checkpoint, vision_config, max_soft, staging, dtype, external_data)
         progress("writing manifest")
         for source in checkpoint.tokenizer_files():
             shutil.copy2(source, staging / source.name)
         extras = [p.name for p in checkpoint.tokenizer_files()]
+        if vision:
+            shutil.copy2(checkpoint.path / PREPROCESSOR_CONFIG, staging / PREPROCESSOR_CONFIG)
+            extras.append(PREPROCESSOR_CONFIG)
         if generation:
             write_json(staging / "generation_config.json", generation)
             extras.append("generation_config.json")
@@ -125,6 +147,7 @@ def export(
             quantization=None,
             canvasrt_version=canvasrt_version(),
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "transformers": _transformers_version()},
+            vision=vision_config,
         )
         manifest.write(staging)
         progress("checking that the checkpoint did not change while exporting")
@@ -169,16 +192,75 @@ def _capacity(config: ModelConfig, max_batch: int, max_context: int, max_prefill
 
 
 def _example(
-    config: ModelConfig, capacity: Capacity, dtype: str, debug_logits: bool
-) -> tuple[list[TensorSpec], list[TensorSpec], tuple[torch.Tensor, ...]]:
-    """The graph's inputs and outputs, and example inputs to trace it with. Example sizes differ from each other and
-    from every static size, so that tracing cannot confuse a dynamic dim with another one or with a constant."""
-    inputs, outputs = backbone_io(config, capacity, debug_logits)
+    config: ModelConfig, capacity: Capacity, dtype: str, debug_logits: bool, vision: bool = False
+) -> tuple[list[TensorSpec], list[TensorSpec], tuple[torch.Tensor, ...], dict[str, int]]:
+    """The graph's inputs and outputs, example inputs to trace it with and the example's dim sizes. Example sizes
+    differ from each other and from every static size, so that tracing cannot confuse a dynamic dim with another one
+    or with a constant."""
+    inputs, outputs = backbone_io(config, capacity, debug_logits, vision)
     chunk = _unused_size(config, capacity, set())
     dims = {"batch": 2, "chunk": chunk, "rows": _unused_size(config, capacity, {chunk})}
     for dim, (low, _, high) in span_ranges(kv_layout(config, capacity), capacity).items():
         dims[dim] = _unused_size(config, capacity, set(dims.values()), low, high)
-    return inputs, outputs, example_inputs(inputs, dims, DTYPES[dtype])
+    if vision:
+        dims["image_tokens"] = _unused_size(config, capacity, set(dims.values()), 3, capacity.max_prefill * 2)
+    return inputs, outputs, example_inputs(inputs, dims, DTYPES[dtype]), dims
+
+
+def _backbone_symbols(config: ModelConfig, capacity: Capacity, sizes: dict[str, int]) -> dict[str, Any]:
+    # torch.export cannot trace a dim whose range is a single value, and specialises sizes 0 and 1, so the trace
+    # always sees a batch range reaching the example batch; the capacity's max batch (1 included) is enforced by
+    # the backends and the engines' profiles, not by the graph. Either token group may be empty (min 0): that is
+    # how a call selects its phase.
+    symbols = {
+        "batch": torch.export.Dim("batch", min=1, max=max(capacity.max_batch, sizes["batch"])),
+        "chunk": torch.export.Dim("chunk", min=0, max=capacity.max_prefill),
+        "rows": torch.export.Dim("rows", min=0, max=max(capacity.canvas, sizes["rows"])),
+    }
+    symbols.update(
+        {
+            dim: torch.export.Dim(dim, min=low, max=high)
+            for dim, (low, _, high) in span_ranges(kv_layout(config, capacity), capacity).items()
+        }
+    )
+    if "image_tokens" in sizes:
+        most = max(capacity.max_batch * capacity.max_prefill, sizes["image_tokens"])
+        symbols["image_tokens"] = torch.export.Dim("image_tokens", min=0, max=most)
+    return symbols
+
+
+def _export_vision(
+    checkpoint: Checkpoint, vision: VisionConfig, max_soft: int, staging: Path, dtype: str, external_data: bool | None
+) -> GraphEntry:
+    """vision.onnx: dynamic in images per call and in patches per image (a multiple of the pooling kernel's area,
+    as the image processor pads them), its weights streamed from the checkpoint like the backbone's. external_data:
+    the user's choice, else decided by the vision tower's own size (a small text model says nothing about it)."""
+    model = checkpoint.load_vision_model(dtype=dtype, fake_mode=FakeTensorMode(allow_non_fake_inputs=True))
+    inputs, outputs = vision_io(vision)
+    k2 = vision.pooling_kernel_size**2
+    tokens = 5 if max_soft != 5 else 6
+    images = torch.export.Dim("images", min=1, max=VISION_MAX_IMAGES)
+    per_image = torch.export.Dim("tokens", min=1, max=max(max_soft, tokens))
+    symbols = {"images": images, "patches": k2 * per_image}
+    args = (
+        torch.rand(2, k2 * tokens, 3 * vision.patch_size**2),
+        torch.zeros(2, k2 * tokens, 2, dtype=torch.int64),
+    )
+    if external_data is None:
+        external_data = _weight_bytes(model) > EXTERNAL_DATA_ABOVE
+    return _export_graph(
+        VisionGraph(model),
+        inputs,
+        outputs,
+        args,
+        staging / "vision.onnx",
+        symbols,
+        checkpoint,
+        dtype,
+        external_data,
+        vision_profiles(vision, max_soft),
+        vision_checkpoint_name,
+    )
 
 
 def _export_graph(
@@ -187,28 +269,18 @@ def _export_graph(
     outputs: list[TensorSpec],
     args: tuple[torch.Tensor, ...],
     path: Path,
-    capacity: Capacity,
+    symbols: dict[str, Any],
     checkpoint: Checkpoint,
     dtype: str,
     external_data: bool,
+    profiles: Profiles,
+    naming: Callable[[str], str] = checkpoint_name,
 ) -> GraphEntry:
-    # torch.export cannot trace a dim whose range is a single value, and specialises sizes 0 and 1, so the trace
-    # always sees a batch range reaching the example batch; the capacity's max batch (1 included) is enforced by
-    # the backends and the engines' profiles, not by the graph. Either token group may be empty (min 0): that is
-    # how a call selects its phase.
-    batch = torch.export.Dim("batch", min=1, max=max(capacity.max_batch, int(args[0].shape[0])))
-    chunk = torch.export.Dim("chunk", min=0, max=capacity.max_prefill)
-    rows = torch.export.Dim("rows", min=0, max=max(capacity.canvas, int(args[2].shape[1])))
-    symbols = {"batch": batch, "chunk": chunk, "rows": rows}
-    symbols.update(
-        {
-            dim: torch.export.Dim(dim, min=low, max=high)
-            for dim, (low, _, high) in span_ranges(kv_layout(checkpoint.config, capacity), capacity).items()
-        }
-    )
+    """Traces `module` into `path`; naming: the checkpoint tensor behind each of the module's parameters."""
     dynamic = [{axis: symbols[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in inputs]
     # The K/V buffers arrive through the wrappers' *past, whose dynamic shapes torch.export wants as one tuple.
     n_named = sum(1 for spec in inputs if not spec.name.startswith("past_"))
+    shapes = tuple(dynamic) if n_named == len(inputs) else (*dynamic[:n_named], tuple(dynamic[n_named:]))
     with warnings.catch_warnings(), _quiet_torch_onnx():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -217,12 +289,12 @@ def _export_graph(
             dynamo=True,
             input_names=[spec.name for spec in inputs],
             output_names=[spec.name for spec in outputs],
-            dynamic_shapes=(*dynamic[:n_named], tuple(dynamic[n_named:])),
+            dynamic_shapes=shapes,
             opset_version=OPSET,
             optimize=False,  # the optimizer folds constants, which needs the weights attached first
             verbose=False,
         )
-        sources = _attach_weights(program.model, checkpoint, dtype, module)
+        sources = _attach_weights(program.model, checkpoint, dtype, module, naming)
         try:
             program.optimize()
             if external_data:
@@ -235,7 +307,7 @@ def _export_graph(
                 raise
             raise cause from None
     onnx.checker.check_model(str(path), full_check=True)
-    return GraphEntry.of_file(path, inputs, outputs, graph_profiles(checkpoint.config, capacity))
+    return GraphEntry.of_file(path, inputs, outputs, profiles)
 
 
 def _canvasrt_cause(exc: BaseException) -> CanvasrtError | None:
@@ -249,7 +321,11 @@ def _canvasrt_cause(exc: BaseException) -> CanvasrtError | None:
 
 
 def _attach_weights(
-    model: Any, checkpoint: Checkpoint, dtype: str, module: torch.nn.Module
+    model: Any,
+    checkpoint: Checkpoint,
+    dtype: str,
+    module: torch.nn.Module,
+    naming: Callable[[str], str] = checkpoint_name,
 ) -> dict[str, tuple[str, StoredLayout]]:
     """Replaces each traced (fake) weight with a lazy tensor read from the checkpoint on access; returns the
     checkpoint tensor behind each initializer name (the traced `module`'s parameter name) and how the parameter lies
@@ -258,7 +334,7 @@ def _attach_weights(
 
     sources = {}
     for name, value in model.graph.initializers.items():
-        source = checkpoint_name(name.removeprefix(WRAPPER_PREFIX))
+        source = naming(name.removeprefix(WRAPPER_PREFIX))
         if not name.startswith(WRAPPER_PREFIX) or source not in checkpoint.tensor_files:
             continue
         layout = stored_layout(module, name)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..core.contract import MODEL_DTYPE, TensorSpec
 from ..model.modeling import DiffusionGemmaText
+from ..model.vision import VisionModel
 
 
 class BackboneGraph(nn.Module):
@@ -35,6 +36,11 @@ class BackboneGraph(nn.Module):
         renoise_ids,
         *past,
     ):
+        inputs = (input_ids, positions, canvas, self_cond, context_length, context_mask)
+        return self._step(inputs, (temperature, entropy_bound, uniforms, renoise_ids), past)
+
+    def _step(self, inputs, sampler, past, image_tokens=None, image_slot=None):
+        input_ids, positions, canvas, self_cond, context_length, context_mask = inputs
         n = self.model.config.num_layers
         keys, values, out = self.model.step(
             input_ids,
@@ -45,11 +51,10 @@ class BackboneGraph(nn.Module):
             list(past[n:]),
             context_length,
             context_mask,
-            temperature,
-            entropy_bound,
-            uniforms,
-            renoise_ids,
+            *sampler,
             with_logits=self.debug_logits,
+            image_tokens=image_tokens,
+            image_slot=image_slot,
         )
         result = (
             *keys,
@@ -63,6 +68,41 @@ class BackboneGraph(nn.Module):
             out.mean_entropy,
         )
         return (*result, out.logits) if self.debug_logits else result
+
+
+class VisionBackboneGraph(BackboneGraph):
+    """`BackboneGraph` with the image inputs (soft tokens and their slots) before the K/V buffers."""
+
+    def forward(
+        self,
+        input_ids,
+        positions,
+        canvas,
+        self_cond,
+        context_length,
+        context_mask,
+        temperature,
+        entropy_bound,
+        uniforms,
+        renoise_ids,
+        image_tokens,
+        image_slot,
+        *past,
+    ):
+        inputs = (input_ids, positions, canvas, self_cond, context_length, context_mask)
+        sampler = (temperature, entropy_bound, uniforms, renoise_ids)
+        return self._step(inputs, sampler, past, image_tokens, image_slot)
+
+
+class VisionGraph(nn.Module):
+    """The vision tower and projector, traced into vision.onnx."""
+
+    def __init__(self, model: VisionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, image_position_ids):
+        return self.model(pixel_values, image_position_ids)
 
 
 TORCH_DTYPES = {"int64": torch.int64, "bool": torch.bool, "float32": torch.float32}

@@ -2,7 +2,8 @@
 
 What is physically stored (transformers 5.23 `save_pretrained`): the single text stack under `model.decoder.*`
 (encoder text weights and lm_head are tied to it and not saved), each encoder layer's own `layer_scalar`, and the
-vision tower, which canvasrt does not use. Weights come from one `model.safetensors` or from shards listed in
+vision tower with its projector under `model.encoder.vision_tower.*` / `model.encoder.embed_vision.*`
+(`load_vision_model`). Weights come from one `model.safetensors` or from shards listed in
 `model.safetensors.index.json`; tensors are memory-mapped and materialised one at a time, straight into the model.
 
 config.json is parsed by transformers' own config class, so both serialisations it accepts (the 5.23
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..core.config import FULL, SLIDING, LayerSpec, ModelConfig
+from ..core.config import FULL, SLIDING, LayerSpec, ModelConfig, VisionConfig
 from ..core.contract import DEFAULT_VOCAB_CHUNK
 from ..core.errors import CanvasrtError, CheckpointError
 from ..core.manifest import resolves_inside, sha256_file
 from .modeling import DiffusionGemmaText, stored_layout
+from .vision import VisionModel, vision_checkpoint_name
 
 TEXT_PREFIX = "model.decoder."
 ENCODER_SCALAR = "model.encoder.language_model.layers.{}.layer_scalar"
@@ -41,6 +43,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # the Gemma 4 image processor's settings
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What a DiffusionGemma weight can be stored as; anything else (integers, F64, FP8) is refused, not converted.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -204,7 +207,58 @@ class Checkpoint:
                 value = layout.to_parameter(self.converted(source, dtype), param.shape).to(device)
             owner, attr = _owner(model, name)
             owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        text_config = read_config_json(self.path).get("text_config") or {}
+        model.bidirectional_images = text_config.get("use_bidirectional_attention") == "vision"
         return model.eval() if fake_mode is not None else model.to(device).eval()  # .to: the RoPE buffers
+
+    @functools.cached_property
+    def vision(self) -> VisionConfig | None:
+        """The vision tower's config, or None for a checkpoint that stores no vision tower."""
+        if not any(name.startswith("model.encoder.vision_tower.") for name in self.tensor_files):
+            return None
+        return load_vision_config(self.path)
+
+    def require_vision(self) -> VisionConfig:
+        vision = self.vision
+        if vision is None:
+            raise CheckpointError(
+                f"{self.path} stores no vision tower (model.encoder.vision_tower.*); it takes no images"
+            )
+        if not (self.path / PREPROCESSOR_CONFIG).is_file():
+            raise CheckpointError(
+                f"{self.path} has no {PREPROCESSOR_CONFIG}, the Gemma 4 image processor's settings; copy the "
+                "checkpoint's own file there"
+            )
+        return vision
+
+    def max_soft_tokens(self) -> int:
+        """The most soft tokens per image the checkpoint's image processor emits (preprocessor_config.json's
+        max_soft_tokens; transformers' default, 280, where it is not set)."""
+        path = self.path / PREPROCESSOR_CONFIG
+        try:
+            data = json.loads(path.read_text())
+            value = data.get("max_soft_tokens", 280) if isinstance(data, dict) else None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{path} is not an image processor config with a max_soft_tokens; fix or re-copy it")
+        return value
+
+    def load_vision_model(self, dtype: str = "fp32", device: str = "cpu", fake_mode: Any = None) -> VisionModel:
+        """The vision tower and projector, filled tensor by tensor like `load_text_model` (each checked: float,
+        finite, the shape config.json implies)."""
+        model = VisionModel(self.require_vision())
+        for name, param in list(model.named_parameters()):
+            source = vision_checkpoint_name(name)
+            self._checked_shape(source, tuple(param.shape))
+            if fake_mode is not None:
+                with fake_mode:
+                    value = torch.empty(param.shape, dtype=DTYPES[dtype])
+            else:
+                value = self.converted(source, dtype).reshape(param.shape).to(device)
+            owner, attr = _owner(model, name)
+            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        return model.eval() if fake_mode is not None else model.to(device).eval()
 
     def check_memory(self, dtype: str, device: str, what: str) -> None:
         """Refuses, before a weight is read, a load that cannot fit: the weights in `dtype` (sizes from config.json)
@@ -224,14 +278,25 @@ class Checkpoint:
         )
 
     def problems(self) -> list[str]:
-        """`canvasrt verify` of a checkpoint: every weight the model reads, one at a time (shape, dtype, finite
-        values), one line per problem."""
+        """`canvasrt verify` of a checkpoint: every weight the model reads (the vision tower's too, where it has
+        one), one at a time (shape, dtype, finite values), one line per problem."""
         found = []
         model = DiffusionGemmaText(self.config)  # meta tensors: shapes only
         for name, _ in model.named_parameters():
             source = checkpoint_name(name)
             try:
                 self._checked_shape(source, stored_layout(model, name).shape)
+                self.tensor(source)
+            except CheckpointError as exc:
+                found.append(str(exc))
+        try:
+            vision = VisionModel(self.vision) if self.vision is not None else None  # meta tensors: shapes only
+        except CheckpointError as exc:
+            return [*found, str(exc)]
+        for name, param in vision.named_parameters() if vision is not None else ():
+            source = vision_checkpoint_name(name)
+            try:
+                self._checked_shape(source, tuple(param.shape))
                 self.tensor(source)
             except CheckpointError as exc:
                 found.append(str(exc))
@@ -478,6 +543,63 @@ def load_model_config(checkpoint_dir: Path) -> ModelConfig:
     problem = check_model_config(config)
     if problem:
         raise CheckpointError(f"{path}: {problem}; fix config.json")
+    return config
+
+
+def load_vision_config(checkpoint_dir: Path) -> VisionConfig:
+    """The vision tower's geometry and the image prompt layout from config.json (through transformers' config)."""
+    from transformers import DiffusionGemmaConfig
+
+    hf = DiffusionGemmaConfig.from_pretrained(str(checkpoint_dir))
+    vision, text = hf.vision_config, hf.text_config
+    rope = dict(vision.rope_parameters or {})
+    if rope.get("rope_type", "axial") != "axial":
+        raise CheckpointError(
+            f"{checkpoint_dir}/config.json: the vision tower uses RoPE {rope}; Gemma 4's vision tower is axial; "
+            "fix config.json"
+        )
+    if getattr(vision, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise CheckpointError(
+            f"{checkpoint_dir}/config.json: the vision tower's activation {vision.hidden_activation!r} is not "
+            "gelu_pytorch_tanh, Gemma 4's; fix config.json"
+        )
+    head_dim = int(getattr(vision, "head_dim", None) or vision.hidden_size // vision.num_attention_heads)
+    config = VisionConfig(
+        hidden_size=int(vision.hidden_size),
+        intermediate_size=int(vision.intermediate_size),
+        num_layers=int(vision.num_hidden_layers),
+        num_heads=int(vision.num_attention_heads),
+        num_kv_heads=int(vision.num_key_value_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(vision.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", 100.0)),
+        patch_size=int(vision.patch_size),
+        pooling_kernel_size=int(vision.pooling_kernel_size),
+        position_embedding_size=int(vision.position_embedding_size),
+        standardize=bool(vision.standardize),
+        clipped_linears=bool(vision.use_clipped_linears),
+        text_hidden_size=int(text.hidden_size),
+        image_token_id=int(hf.image_token_id),
+        boi_token_id=int(hf.boi_token_id),
+        eoi_token_id=int(hf.eoi_token_id),
+        bidirectional=getattr(text, "use_bidirectional_attention", None) == "vision",
+    )
+    outside = [
+        name
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id")
+        if not 0 <= getattr(config, name) < int(text.vocab_size)
+    ]
+    if outside:
+        raise CheckpointError(
+            f"{checkpoint_dir}/config.json: {outside[0]} {getattr(config, outside[0])} is outside the vocabulary "
+            f"[0, {text.vocab_size}); fix config.json"
+        )
+    if head_dim % 4 or config.num_heads % config.num_kv_heads:
+        raise CheckpointError(
+            f"{checkpoint_dir}/config.json: the vision tower's head_dim {head_dim} must be a multiple of 4 (axial "
+            f"RoPE) and its {config.num_kv_heads} key/value heads must divide its {config.num_heads} heads; fix "
+            "config.json"
+        )
     return config
 
 

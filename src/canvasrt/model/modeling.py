@@ -431,6 +431,9 @@ class DiffusionGemmaText(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
         self.embed_scale = math.sqrt(config.hidden_size)
+        # With images in a prompt: whether the encoder's soft tokens of one image attend to each other both ways
+        # (text_config.use_bidirectional_attention == "vision"), as transformers' generate() applies it.
+        self.bidirectional_images = False
         # Buffers, so that the graphs carry the exact frequencies as constants: computing them in the graph would
         # let the runtime's pow() differ in the last bit, an angle error that grows with the position.
         self._rope_buffers = {}
@@ -487,6 +490,8 @@ class DiffusionGemmaText(nn.Module):
         past_values: list[torch.Tensor],
         context_length: torch.Tensor,
         context_mask: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
+        image_slot: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """One pass over S encoder tokens (input_ids at `positions` [B, S]: a prompt chunk or a canvas to commit)
         and R canvas tokens (`canvas` [B, R] with its self-conditioning input [B, R, H], at the positions after the
@@ -499,10 +504,20 @@ class DiffusionGemmaText(nn.Module):
         context_mask [B, capacity]: False at left padding (the encoder tokens' own positions included);
         past_keys/past_values [B, nkv, span, d]: the leading slots of each layer's buffer, as many as cover the
         longest row's context (`core.contract.kv_spans`; more only cost time).
+
+        Images (`place_images`): image_tokens [n, H] the soft tokens of the images in this chunk, image_slot [B, S]
+        the row of image_tokens each encoder token takes instead of its embedding (-1: a text token). None: a
+        text-only model or call.
         """
         b, s = input_ids.shape
         r = canvas.shape[1]
-        h = torch.cat([self.embed(input_ids), self.self_conditioning(self.embed(canvas), self_cond)], dim=1)
+        encoder = self.embed(input_ids)
+        chunk_ok = torch.gather(context_mask, 1, positions)[:, None, :]
+        same_image = None
+        if image_slot is not None and image_tokens is not None:
+            encoder, same_image = self.place_images(encoder, image_tokens, image_slot)
+            same_image = None if same_image is None else same_image & chunk_ok
+        h = torch.cat([encoder, self.self_conditioning(self.embed(canvas), self_cond)], dim=1)
         # A cumulative sum rather than arange(R): shape inference follows it through the graph (scripts/roofline.py)
         canvas_pos = context_length[:, None] + torch.cumsum(torch.ones_like(canvas), dim=1) - 1
         all_pos = torch.cat([positions, canvas_pos], dim=1)
@@ -510,7 +525,6 @@ class DiffusionGemmaText(nn.Module):
         encoder_rows = torch.ones(s, 1, dtype=torch.bool, device=canvas.device)
         canvas_rows = torch.zeros(r, 1, dtype=torch.bool, device=canvas.device)
         is_encoder = torch.cat([encoder_rows, canvas_rows])  # [S + R, 1]
-        chunk_ok = torch.gather(context_mask, 1, positions)[:, None, :]
         chunk_visible = (positions[:, None, :] <= positions[:, :, None]) & chunk_ok
         apart = torch.zeros(b, s, r, dtype=torch.bool, device=canvas.device)
         canvas_visible = torch.ones(b, r, r, dtype=torch.bool, device=canvas.device)
@@ -530,6 +544,7 @@ class DiffusionGemmaText(nn.Module):
                         chunk_visible,
                         apart,
                         canvas_visible,
+                        same_image,
                     )
                 )
             cos, sin = tables[spec]
@@ -551,9 +566,12 @@ class DiffusionGemmaText(nn.Module):
         chunk_visible: torch.Tensor,
         apart: torch.Tensor,
         canvas_visible: torch.Tensor,
+        same_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, 1, S + R, S + R + slots]: which key (encoder token, canvas token, context slot) each query sees.
-        The canvas sees every live slot: the sliding window applies to the encoder only, as in transformers."""
+        The canvas sees every live slot: the sliding window applies to the encoder only, as in transformers.
+        same_image [B, S, S]: encoder tokens of one image, which see each other whatever the causal and sliding
+        rules say (transformers ORs its blockwise overlay into the causal or sliding mask, then applies padding)."""
         slot_pos, live = self._context_visibility(spec, slots, context_length, context_mask)
         s, r = chunk_visible.shape[1], canvas_visible.shape[1]
         encoder_ctx = live[:, None, :].expand(-1, s, -1)
@@ -562,9 +580,29 @@ class DiffusionGemmaText(nn.Module):
             window_start = positions[:, :, None] - self.config.sliding_window
             encoder_ctx = encoder_ctx & (slot_pos[:, None, :] > window_start)
             encoder_chunk = encoder_chunk & (positions[:, None, :] > window_start)
+        if same_image is not None:
+            encoder_chunk = encoder_chunk | same_image
         encoder = torch.cat([encoder_chunk, apart, encoder_ctx], dim=2)
         canvas = torch.cat([apart.transpose(1, 2), canvas_visible, live[:, None, :].expand(-1, r, -1)], dim=2)
         return torch.cat([encoder, canvas], dim=1)[:, None]
+
+    def place_images(
+        self, embedded: torch.Tensor, image_tokens: torch.Tensor, image_slot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder tokens' embeddings [B, S, H] with each image token's replaced by its soft token (transformers'
+        masked_scatter of the image features into the prompt's embeddings, in the encoder only), and, where images
+        attend bidirectionally, which pairs of tokens belong to one image [B, S, S]: a contiguous run of image
+        tokens is one image, as transformers' `get_block_sequence_ids_for_mask` groups them."""
+        is_image = image_slot >= 0
+        table = torch.cat([image_tokens.to(embedded.dtype), embedded.new_zeros(1, embedded.shape[-1])])
+        index = torch.where(is_image, image_slot, torch.full_like(image_slot, image_tokens.shape[0]))
+        placed = torch.where(is_image[..., None], F.embedding(index, table), embedded)
+        if not self.bidirectional_images:
+            return placed, None
+        previous = torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=1)
+        group = torch.cumsum((is_image & ~previous).to(torch.int64), dim=1)
+        same = (group[:, :, None] == group[:, None, :]) & is_image[:, :, None] & is_image[:, None, :]
+        return placed, same
 
     def encode(
         self,
@@ -574,13 +612,24 @@ class DiffusionGemmaText(nn.Module):
         past_values: list[torch.Tensor],
         context_length: torch.Tensor,
         context_mask: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
+        image_slot: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The encoder phase (prefill or commit): the chunk's K/V per layer ([B, nkv, S, d] each)."""
         b = input_ids.shape[0]
         canvas = input_ids.new_zeros(b, 0)
         none = torch.zeros(b, 0, self.config.hidden_size, dtype=self.dtype, device=input_ids.device)
         keys, values, _ = self.backbone(
-            input_ids, positions, canvas, none, past_keys, past_values, context_length, context_mask
+            input_ids,
+            positions,
+            canvas,
+            none,
+            past_keys,
+            past_values,
+            context_length,
+            context_mask,
+            image_tokens,
+            image_slot,
         )
         return keys, values
 
@@ -783,11 +832,22 @@ class DiffusionGemmaText(nn.Module):
         uniforms: torch.Tensor,
         renoise_ids: torch.Tensor,
         with_logits: bool = False,
+        image_tokens: torch.Tensor | None = None,
+        image_slot: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], DenoiseOutputs]:
         """The backbone graph: `backbone`, then the LM head and the sampler over the canvas tokens (none in the
         encoder phase, where they cost nothing)."""
         keys, values, hidden = self.backbone(
-            input_ids, positions, canvas, self_cond, past_keys, past_values, context_length, context_mask
+            input_ids,
+            positions,
+            canvas,
+            self_cond,
+            past_keys,
+            past_values,
+            context_length,
+            context_mask,
+            image_tokens,
+            image_slot,
         )
         out = self.head(hidden, temperature, entropy_bound, uniforms, renoise_ids, with_logits=with_logits)
         return keys, values, out

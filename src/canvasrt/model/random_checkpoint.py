@@ -53,6 +53,12 @@ CHAT_TEMPLATE = (
     "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
+# The image markers of Gemma 4's tokenizer (begin of image, soft-token placeholder, end of image) and their ids:
+# the released ids where the vocabulary holds them, else the first ids after the byte symbols.
+IMAGE_TOKENS = ("<|image>", "<|image|>", "<image|>")
+RELEASED_IMAGE_IDS = (255999, 258880, 258882)
+# Soft tokens per image the random checkpoints' image processor allows at most (the smallest it accepts)
+MAX_SOFT_TOKENS = 70
 _TINY_VISION = dict(
     image_size=20,
     patch_size=5,
@@ -63,6 +69,24 @@ _TINY_VISION = dict(
     num_attention_heads=4,
     intermediate_size=37,
 )
+
+# The released vision tower (convert_diffusion_gemma_weights.py): 0.57B parameters, 280 soft tokens per image
+_RELEASED_VISION = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=72,
+    patch_size=16,
+    pooling_kernel_size=3,
+    standardize=True,
+    use_clipped_linears=False,
+)
+VISION_PRESETS: dict[str, tuple[dict[str, Any], int]] = {  # vision config, the processor's max_soft_tokens
+    "tiny": (_TINY_VISION, MAX_SOFT_TOKENS),
+    "released": (_RELEASED_VISION, 280),
+}
 
 _RELEASED_PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
 
@@ -156,6 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         canvas_length=256,
         generation=dict(max_new_tokens=256, max_denoising_steps=48),
         dtype=torch.bfloat16,
+        vision="released",
     ),
 }
 
@@ -167,12 +192,18 @@ def write_random_checkpoint(
     layers: int | None = None,
     device: str = "cpu",
     max_positions: int | None = None,
+    vision: str | None = None,
 ) -> Path:
     """device: where the model is built before it is saved (cuda builds the released width in seconds).
-    max_positions: the config's max_position_embeddings instead of the preset's (the longest context it allows)."""
+    max_positions: the config's max_position_embeddings instead of the preset's (the longest context it allows).
+    vision: the vision tower's preset (VISION_PRESETS) instead of the preset's own (tiny, except for released)."""
     spec = PRESETS.get(preset)
     if spec is None:
         raise CanvasrtError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    vision = vision or spec.get("vision", "tiny")
+    if vision not in VISION_PRESETS:
+        raise CanvasrtError(f"unknown vision preset {vision!r}; use one of {', '.join(VISION_PRESETS)}")
+    vision_config, max_soft = VISION_PRESETS[vision]
     text = preset_text(preset, layers)
     if max_positions is not None:
         if max_positions <= spec["canvas_length"]:
@@ -190,13 +221,16 @@ def write_random_checkpoint(
                 "preset": preset,
                 "seed": seed,
                 "layers": text["num_hidden_layers"],
+                "vision": vision,
             },
         )
-        model = build_random_model(text, spec["canvas_length"], seed, spec.get("dtype", torch.float32), device)
+        dtype = spec.get("dtype", torch.float32)
+        model = build_random_model(text, spec["canvas_length"], seed, dtype, device, vision_config)
         model.save_pretrained(str(staging))
         del model
         generation_config(**spec["generation"]).save_pretrained(str(staging))
         save_tokenizer(byte_level_tokenizer(text["vocab_size"]), staging)
+        save_image_processor(staging, vision_config, max_soft)
     return Path(output)
 
 
@@ -213,22 +247,57 @@ def preset_text(preset: str, layers: int | None = None) -> dict[str, Any]:
     return {**text, "num_hidden_layers": layers, "layer_types": types}
 
 
-def preset_config(text: dict[str, Any], canvas_length: int) -> Any:
-    """The DiffusionGemmaConfig a random checkpoint of this text config is built from (with a tiny vision tower)."""
+def preset_config(text: dict[str, Any], canvas_length: int, vision: dict[str, Any] | None = None) -> Any:
+    """The DiffusionGemmaConfig a random checkpoint of this text config is built from (with the tiny vision tower
+    unless `vision` is given)."""
     from transformers import DiffusionGemmaConfig
 
-    return DiffusionGemmaConfig(text_config=dict(text), vision_config=dict(_TINY_VISION), canvas_length=canvas_length)
+    boi, image, eoi = image_token_ids(text["vocab_size"])
+    return DiffusionGemmaConfig(
+        text_config=dict(text),
+        vision_config=dict(vision or _TINY_VISION),
+        canvas_length=canvas_length,
+        image_token_id=image,
+        boi_token_id=boi,
+        eoi_token_id=eoi,
+    )
+
+
+def image_token_ids(vocab_size: int) -> tuple[int, int, int]:
+    """(begin of image, image soft token, end of image) ids of a random checkpoint's vocabulary."""
+    if vocab_size > max(RELEASED_IMAGE_IDS):
+        return RELEASED_IMAGE_IDS
+    first = len(SPECIAL_TOKENS) + 256
+    return first, first + 1, first + 2
+
+
+def save_image_processor(directory: Path, vision: dict[str, Any], max_soft_tokens: int = MAX_SOFT_TOKENS) -> None:
+    """preprocessor_config.json: transformers' Gemma 4 image processor sized to the vision tower's patches and
+    pooling kernel."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    Gemma4ImageProcessorPil(
+        patch_size=vision["patch_size"],
+        pooling_kernel_size=vision.get("pooling_kernel_size", 3),
+        max_soft_tokens=max_soft_tokens,
+    ).save_pretrained(str(directory))
 
 
 def build_random_model(
-    text: dict[str, Any], canvas_length: int, seed: int, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    text: dict[str, Any],
+    canvas_length: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    vision: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A randomly initialised DiffusionGemmaForBlockDiffusion whose norms, scales and layer scalars are not 1,
-    built on `device` (its random draws then come from that device's generator)."""
+    built on `device` (its random draws then come from that device's generator); the vision tower's
+    standardisation, where it has one, is not the identity either."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
-    config = preset_config(text, canvas_length)
+    config = preset_config(text, canvas_length, vision)
     # Built directly in the checkpoint's dtype: a bf16 model at the released width needs half the memory of fp32.
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -246,6 +315,10 @@ def build_random_model(
                 # Gemma 4 attends with scaling 1.0: trained q/k norms carry the 1/sqrt(head_dim). Without it random
                 # attention is near one-hot, and any change in summation order is amplified layer after layer.
                 param.mul_(param.shape[0] ** -0.25)
+        tower = model.model.encoder.vision_tower
+        if getattr(tower.config, "standardize", False):
+            tower.std_bias.copy_(0.1 * torch.randn(tower.std_bias.shape, generator=generator))
+            tower.std_scale.copy_(1.0 + 0.25 * torch.randn(tower.std_scale.shape, generator=generator))
         decoder_layers = model.model.decoder.layers
         encoder_layers = model.model.encoder.language_model.layers
         for dec, enc in zip(decoder_layers, encoder_layers):
@@ -285,7 +358,8 @@ def save_tokenizer(tokenizer: Any, directory: Path, chat_template: str | None = 
 
 
 def byte_level_tokenizer(vocab_size: int) -> Any:
-    """Specials at 0..2, the 256 byte symbols next, unused filler up to vocab_size: any UTF-8 text round-trips."""
+    """Specials at 0..2, the 256 byte symbols next, unused filler up to vocab_size, the image markers at
+    `image_token_ids` (where the vocabulary has room): any UTF-8 text round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -293,8 +367,13 @@ def byte_level_tokenizer(vocab_size: int) -> Any:
     if vocab_size < len(names):
         raise CanvasrtError(f"vocab_size {vocab_size} cannot hold a byte-level tokenizer ({len(names)} tokens)")
     names += [f"<unused{i}>" for i in range(vocab_size - len(names))]
+    markers = []
+    if vocab_size >= len(SPECIAL_TOKENS) + 256 + len(IMAGE_TOKENS):
+        for token, index in zip(IMAGE_TOKENS, image_token_ids(vocab_size)):
+            names[index] = token
+            markers.append(token)
     tokenizer = Tokenizer(models.BPE(vocab={name: i for i, name in enumerate(names)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_special_tokens([*SPECIAL_TOKENS, *markers])
     return tokenizer

@@ -19,8 +19,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.config import VisionConfig
 from ..core.contract import PHASES, TensorSpec
+from ..core.errors import CanvasrtError
 from ..core.manifest import StepSpec
+from .images import VisionEncoder
 from .state import Arrays
 
 
@@ -43,6 +46,7 @@ class Executor(ABC):
     spec: StepSpec
     arrays: Arrays
     context_width: int  # the graph's static context-mask width
+    vision: VisionConfig | None = None  # set where the backbone places image soft tokens (image_tokens, image_slot)
 
     def preflight(self) -> None:  # noqa: B027 (a hook: most executors need no check before loading)
         """Checks what load() needs (libraries, devices) without loading anything; raises CanvasrtError."""
@@ -63,6 +67,14 @@ class Executor(ABC):
     @property
     def device(self) -> str:
         return self.arrays.device
+
+    def vision_encoder(self) -> VisionEncoder:
+        """The encoder of image soft tokens that goes with this backbone (the vision graph, or the vision model),
+        loaded on first use; refused, in one line, where the backbone takes no images."""
+        raise CanvasrtError(
+            f"the {self.name} executor's model takes no images (artifacts exported without --vision, or a "
+            "checkpoint without a vision tower); re-export with --vision or drop the images"
+        )
 
 
 def output_shape(spec: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import CanvasrtError
+from .images import PromptImages, image_chunks
 from .rng import DrawSource
 from .settings import GenerationSettings
 from .step import StepBackend, StepInputs
@@ -87,8 +88,11 @@ class Timer:
             self.backend += self.last
 
 
-def check_request(backend: StepBackend, ids: np.ndarray, settings: GenerationSettings) -> int:
-    """Validates a request against the model and capacities; returns the number of canvases to generate."""
+def check_request(
+    backend: StepBackend, ids: np.ndarray, settings: GenerationSettings, images: PromptImages | None = None
+) -> int:
+    """Validates a request against the model and capacities; returns the number of canvases to generate. Image soft
+    tokens are prompt tokens: they count against the context like text."""
     vocab = backend.spec.model.vocab_size
     capacity = backend.spec.capacity
     canvas = capacity.canvas
@@ -103,8 +107,9 @@ def check_request(backend: StepBackend, ids: np.ndarray, settings: GenerationSet
     blocks = math.ceil(settings.max_new_tokens / canvas)
     needed = ids.shape[1] + (blocks - 1) * canvas
     if needed > capacity.max_context:
+        of_images = "" if images is None else f" ({images.tokens.shape[0]} of them image soft tokens)"
         raise CanvasrtError(
-            f"a prompt of {ids.shape[1]} tokens plus {blocks} canvas(es) of {canvas} needs {needed} context "
+            f"a prompt of {ids.shape[1]} tokens{of_images} plus {blocks} canvas(es) of {canvas} needs {needed} context "
             f"positions, more than the maximum context of {capacity.max_context}; shorten the prompt, lower "
             "max_new_tokens, or re-export the model with a larger maximum context"
         )
@@ -156,9 +161,11 @@ def stream(
     padding: np.ndarray,
     settings: GenerationSettings,
     draws: DrawSource,
+    images: PromptImages | None = None,
 ) -> Iterator[Draft | Committed | GenerationResult]:
-    """Runs generation, yielding a Draft per step, a Committed per canvas, and finally the GenerationResult."""
-    blocks = check_request(backend, ids, settings)
+    """Runs generation, yielding a Draft per step, a Committed per canvas, and finally the GenerationResult.
+    images: the prompt's image soft tokens and their places (`runtime.images.PromptImages`), or None."""
+    blocks = check_request(backend, ids, settings, images)
     canvas_len, chunk_max = backend.spec.capacity.canvas, backend.spec.capacity.max_prefill
     batch, prompt_len = ids.shape
     n_steps = settings.max_denoising_steps
@@ -169,13 +176,15 @@ def stream(
     step_backend: list[float] = []  # per denoising step: inside the backend call
     started = time.perf_counter()
 
+    chunks = image_chunks(None if images is None else images.slot, prompt_len, chunk_max)
     backend.start(padding)
     context = np.zeros(batch, dtype=np.int64)
     t0 = time.perf_counter()
-    for begin in range(0, prompt_len, chunk_max):
-        chunk = ids[:, begin : begin + chunk_max]
-        timer.run(backend.encode, chunk, np.arange(begin, begin + chunk.shape[1], dtype=np.int64), context)
-        context = context + chunk.shape[1]
+    for begin, end in chunks:
+        positions = np.arange(begin, end, dtype=np.int64)
+        placed = None if images is None else images.chunk(begin, end)
+        timer.run(backend.encode, ids[:, begin:end], positions, context, placed)
+        context = context + (end - begin)
     timings["prefill_s"] = time.perf_counter() - t0
 
     sequences = ids
@@ -243,8 +252,9 @@ def generate(
     padding: np.ndarray,
     settings: GenerationSettings,
     draws: DrawSource,
+    images: PromptImages | None = None,
 ) -> GenerationResult:
-    for event in stream(backend, ids, padding, settings, draws):
+    for event in stream(backend, ids, padding, settings, draws, images):
         if isinstance(event, GenerationResult):
             return event
     raise AssertionError("stream() ended without a result")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import CanvasrtError
+from .images import PromptImages, image_chunks
 from .loop import Committed, Draft, GenerationResult, check_request, commit_rule, stop_rule, tokens_per_forward
 from .rng import CounterDraws, make_draws
 from .settings import GenerationSettings
@@ -48,6 +49,7 @@ class RowRequest:
     ids: list[int]
     seed: int
     settings: GenerationSettings
+    images: PromptImages | None = None  # the prompt's image soft tokens and their places (slot [1, P])
 
 
 class Ticket:
@@ -106,6 +108,7 @@ class _Row:
     finished: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=bool))
     forwards: int = 0
     steps_per_block: list[int] = field(default_factory=list)
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # prefill chunks not yet run (none split an image)
 
     @property
     def settings(self) -> GenerationSettings:
@@ -180,7 +183,9 @@ class Scheduler:
         """Queues a request; refuses it (CanvasrtError) if it cannot run or the queue is full."""
         request = ticket.request
         ids = np.asarray([request.ids], dtype=np.int64)
-        blocks = check_request(self.backend, ids, request.settings)
+        blocks = check_request(self.backend, ids, request.settings, request.images)
+        slot = None if request.images is None else request.images.slot
+        chunks = image_chunks(slot, ids.shape[1], self.chunk)
         draws = make_draws("counter", request.seed, 1, self.vocab, self.canvas_len)
         assert isinstance(draws, CounterDraws)
         with self.lock:
@@ -190,7 +195,7 @@ class Scheduler:
                     f"{SERVER_FULL}: its {self.backend.slots} slots and its queue of {self.max_queue} "
                     "are taken; retry later (its operator can serve it with more instances or a longer queue)"
                 )
-            self.queue.append(_Row(ticket, ids, blocks, draws))
+            self.queue.append(_Row(ticket, ids, blocks, draws, chunks=chunks))
         return ticket
 
     def step(self) -> list[Ticket]:
@@ -352,16 +357,19 @@ class Scheduler:
                 self.backend.admit(len(self.rows) - 1)
                 row.sequences = row.ids
             row = self.rows[-1]
-            begin = row.prefilled
-            size = min(self.chunk, row.ids.shape[1] - begin)
+            begin, end = row.chunks[0]
+            size = end - begin
             if spent and self.denoising and spent + size > self.chunk:
                 return
+            images = row.ticket.request.images
             self.backend.encode_slot(
                 len(self.rows) - 1,
-                np.ascontiguousarray(row.ids[:, begin : begin + size]),
-                np.arange(begin, begin + size, dtype=np.int64),
+                np.ascontiguousarray(row.ids[:, begin:end]),
+                np.arange(begin, end, dtype=np.int64),
                 np.asarray([begin], dtype=np.int64),
+                None if images is None else images.chunk(begin, end),
             )
+            row.chunks.pop(0)
             self.stats.prefill_chunks += 1
             spent += size
             row.prefilled += size

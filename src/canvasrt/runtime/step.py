@@ -221,10 +221,23 @@ class StepBackend:
         self._allocate(padding)
         self._slots = 0
 
-    def encode(self, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
-        """Runs the encoder over a chunk and writes its K/V into the buffers at `positions` [S]."""
+    @property
+    def takes_images(self) -> bool:
+        """Whether the executor's backbone places image soft tokens (artifacts exported with the vision graph, or
+        a checkpoint with a vision tower on torch)."""
+        return self.executor.vision is not None
+
+    def encode(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        context_length: np.ndarray,
+        images: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """Runs the encoder over a chunk and writes its K/V into the buffers at `positions` [S]. images: the
+        chunk's soft tokens [n, H] (host float32) and the row of them each token takes [B, S] (-1: text)."""
         self._require_active()
-        self._encode(self.state, input_ids, positions, context_length)
+        self._encode(self.state, input_ids, positions, context_length, images)
 
     def denoise(self, step: StepInputs) -> StepResult:
         """One denoising step over every row of the state."""
@@ -260,10 +273,17 @@ class StepBackend:
         self._check_slot(destination)
         self.state.move_row(source, destination)
 
-    def encode_slot(self, slot: int, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray) -> None:
+    def encode_slot(
+        self,
+        slot: int,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        context_length: np.ndarray,
+        images: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         """encode() for one slot: input_ids [1, S], context_length [1]; the other rows are neither read nor written."""
         self._check_slot(slot)
-        self._encode(self.state.rows(slot, slot + 1), input_ids, positions, context_length)
+        self._encode(self.state.rows(slot, slot + 1), input_ids, positions, context_length, images)
 
     def denoise_rows(self, rows: int, step: StepInputs) -> StepResult:
         """denoise() over slots [0, rows); every array of `step` is [rows, ...]."""
@@ -305,7 +325,12 @@ class StepBackend:
         self.calls["start"] += 1
 
     def _encode(
-        self, state: StepState, input_ids: np.ndarray, positions: np.ndarray, context_length: np.ndarray
+        self,
+        state: StepState,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        context_length: np.ndarray,
+        images: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         batch, chunk = input_ids.shape
         phase = encoder_phase(chunk, self.spec.capacity.canvas)
@@ -315,7 +340,7 @@ class StepBackend:
             **no_canvas(batch),
             "context_length": np.asarray(context_length, np.int64),
         }
-        out = self._call(phase, state, host, state.self_cond[:, :0], {})
+        out = self._call(phase, state, host, state.self_cond[:, :0], {}, self._image_feeds(phase, batch, chunk, images))
         layers = len(self.spec.kv_layout)
         state.write(positions, [out[f"key_{i}"] for i in range(layers)], [out[f"value_{i}"] for i in range(layers)])
 
@@ -339,7 +364,9 @@ class StepBackend:
         }
         if draws.uniforms is not None:
             host["uniforms"] = draws.uniforms
-        extra = {} if draws.exponentials is None else {"exponentials": draws.exponentials}
+        extra = self._image_feeds("denoise", batch, 0, None)
+        if draws.exponentials is not None:
+            extra["exponentials"] = draws.exponentials
         out = self._call("denoise", state, host, state.self_cond, {"next_self_cond": state.next_self_cond}, extra)
         state.advance(out["next_self_cond"], step.frozen)
         self.crossing["denoise"] += step.first_step.nbytes + step.frozen.nbytes
@@ -347,6 +374,28 @@ class StepBackend:
             self.crossing["denoise"] += self.executor.arrays.nbytes(draws.exponentials)
         results = self._receive("denoise", {n: a for n, a in out.items() if not _is_state_output(n)})
         return StepResult.from_outputs(results)
+
+    def _image_feeds(
+        self, kind: str, batch: int, chunk: int, images: tuple[np.ndarray, np.ndarray] | None
+    ) -> dict[str, Any]:
+        """The image inputs of a backbone that takes them (none, for one that does not): the call's soft tokens in
+        the model dtype on the executor's device, and their slots; empty for text and for every other call."""
+        if not self.takes_images:
+            if images is not None:
+                raise CanvasrtError(
+                    f"the {self.name} backend's model takes no images (artifacts exported without --vision, or a "
+                    "checkpoint without a vision tower); re-export with --vision or drop the images"
+                )
+            return {}
+        if images is None:
+            tokens = np.zeros((0, self.spec.model.hidden_size), np.float32)
+            slot = np.full((batch, chunk), -1, np.int64)
+        else:
+            tokens, slot = images
+        feeds = {"image_tokens": self.executor.arrays.from_host(tokens, self.spec.dtype)}
+        feeds.update(self._send(kind, {"image_slot": slot}))
+        self.crossing[kind] += self.executor.arrays.nbytes(feeds["image_tokens"])
+        return feeds
 
     def _call(
         self,

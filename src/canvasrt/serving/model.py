@@ -30,8 +30,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, EngineManifest
+from ..runtime.images import ImageProcessor, PromptImages, expand_ids, soft_tokens
 from ..runtime.prompts import TextCodec
 from ..runtime.scheduler import Event, QueueFull, RowRequest, Scheduler, Ticket
 from ..runtime.step import CALLS, StepBackend
@@ -117,6 +120,8 @@ class TritonPythonModel:
         directory = version / (CHECKPOINT if (version / CHECKPOINT).is_dir() else ARTIFACTS)
         tokenizer = directory / "tokenizer.json"
         self.codec = TextCodec(directory, self.backend.spec.model.vocab_size) if tokenizer.is_file() else None
+        self.image_directory = directory
+        self.processor: ImageProcessor | None = None  # read on the first request with images
         self.generation = self.backend.spec.generation
         slots = int(parameters.get("slots", "0")) or self.backend.spec.capacity.max_batch
         self.scheduler = Scheduler(
@@ -200,9 +205,10 @@ class TritonPythonModel:
                     self.codec.decode if self.codec else None,
                     self.backend.spec.capacity.max_context,
                 )
+                ids, images = self._images(parsed.ids, inputs.get("images"))
                 relay = _Relay(self, sender, parsed)
                 relay.ticket = Ticket(
-                    RowRequest(parsed.ids, parsed.seed, parsed.settings),
+                    RowRequest(ids, parsed.seed, parsed.settings, images),
                     relay.on_event,
                     sender.is_cancelled,
                     CANCEL_POLL_S,
@@ -225,6 +231,23 @@ class TritonPythonModel:
                 )
         with self.wake:
             self.wake.notify()
+
+    def _images(self, ids: list[int], encoded: Any) -> tuple[list[int], PromptImages | None]:
+        """The prompt with its images' markers expanded and their soft tokens (the executor's vision encoder, on
+        this thread), or the prompt as it is without images."""
+        files = [] if encoded is None else [bytes(item) for item in encoded.reshape(-1)]
+        if not files:
+            return ids, None
+        vision = self.backend.executor.vision
+        if vision is None:
+            self.backend.executor.vision_encoder()  # its one-line refusal: these artifacts take no images
+        assert vision is not None
+        if self.processor is None:
+            self.processor = ImageProcessor(self.image_directory)
+        batch = self.processor(files)
+        expanded = expand_ids(ids, batch.soft_tokens, vision)
+        tokens = soft_tokens(self.backend.executor.vision_encoder(), batch)
+        return expanded, PromptImages.place(tokens, np.asarray([expanded], np.int64), vision)
 
     def _serve(self) -> None:
         pb_utils = self.pb_utils

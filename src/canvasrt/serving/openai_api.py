@@ -38,6 +38,9 @@ DISCONNECT_POLL_S = 0.05
 STREAM_END_S = 5.0  # how long shutdown waits for finished streams' closing status
 
 
+IMAGE_MARKER = "<|image|>"  # the Gemma 4 tokenizer's image token: where an image_url part stood in the text
+
+
 class APIError(Exception):
     """A request the API answers with an OpenAI error object."""
 
@@ -239,7 +242,10 @@ class FrontEnd:
                 raise APIError(400, f"{name}={value!r} is not supported: this server returns {what}", name)
         inputs: dict[str, np.ndarray] = {}
         if chat:
-            inputs["prompt_ids"] = np.asarray(self._chat_ids(body.messages), dtype=np.int64)
+            images: list[bytes] = []
+            inputs["prompt_ids"] = np.asarray(self._chat_ids(body.messages, images), dtype=np.int64)
+            if images:
+                inputs["images"] = np.array(images, dtype=np.object_)
             if body.max_tokens is not None and body.max_completion_tokens is not None:
                 raise APIError(400, "send max_tokens or max_completion_tokens, not both", "max_tokens")
             max_tokens = body.max_completion_tokens or body.max_tokens
@@ -282,7 +288,9 @@ class FrontEnd:
         inputs["exclude_input_in_output"] = np.array([True])
         return inputs
 
-    def _chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, Any]], images: list[bytes]) -> list[int]:
+        """The chat's prompt ids; `image_url` parts (data: URLs) are appended to `images` and marked in the text
+        with the image token, which the loop model expands."""
         if self.tokenizer is None or self.tokenizer.chat_template is None:
             raise APIError(
                 400,
@@ -302,10 +310,19 @@ class FrontEnd:
                 raise APIError(
                     400, f"messages[{i}].role must be system, developer, user or assistant, got {role!r}", "messages"
                 )
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" and "text" in p for p in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
-                content = "".join(str(p["text"]) for p in content)
+            if isinstance(content, list):  # content parts: text, and images as data: URLs
+                parts = []
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") == "image_url":
+                        images.append(_data_url(part.get("image_url"), i))
+                        parts.append(IMAGE_MARKER)
+                    elif isinstance(part, dict) and part.get("type") == "text" and "text" in part:
+                        parts.append(str(part["text"]))
+                    else:
+                        raise APIError(
+                            400, f"messages[{i}].content: only text and image_url parts are supported", "messages"
+                        )
+                content = "".join(parts)
             if not isinstance(content, str):
                 raise APIError(400, f"messages[{i}].content must be text", "messages")
             conversation.append({"role": role, "content": content})
@@ -475,6 +492,26 @@ class _Reply:
 
 class _ClientGone(Exception):
     """The client disconnected before the response began."""
+
+
+def _data_url(image_url: Any, message: int) -> bytes:
+    """The bytes of an image_url part's `data:` URL (base64); other URLs are refused (the server fetches nothing)."""
+    import base64
+    import binascii
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    where = f"messages[{message}].content: image_url"
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise APIError(
+            400, f"{where} must be a data: URL (data:image/png;base64,...); this server fetches no URLs", "messages"
+        )
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise APIError(400, f"{where} must be base64 encoded (data:image/png;base64,...)", "messages")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where} holds no valid base64 data", "messages") from None
 
 
 async def _unless_disconnected(request: Any, awaitable: Any) -> Any:

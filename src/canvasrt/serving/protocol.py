@@ -64,6 +64,7 @@ INPUTS = (
     Field("stream", "BOOL", (1,), "false: send only the final response (HTTP /generate takes exactly one)"),
     Field("stream_drafts", "BOOL", (1,), "also stream the argmax canvas after every denoising step"),
     Field("deadline_ms", "INT64", (1,), "milliseconds the generation may run; past it the request ends in an error"),
+    Field("images", "BYTES", (-1,), "encoded image files (PNG, JPEG, ...) for the prompt's <|image|> marks, in order"),
     *SETTING_INPUTS,
 )
 LLM_INPUTS = (

@@ -438,3 +438,107 @@ def format_table(results: dict[str, Any]) -> Table:
     for label, fmt in rows:
         table.add_row(label, *(fmt(results["backends"][n]) for n in names))
     return table
+
+
+def bench_images(
+    target: str | Path,
+    images: list[Path],
+    backends: list[str] | None,
+    steps: int,
+    threads: int | None,
+    provider: str = "cpu",
+    rounds: int = 5,
+) -> dict[str, Any]:
+    """Image prompts, side by side in one run: the vision graph's time per image on each backend (and transformers'
+    vision tower on the same pixel values), and the time to first canvas of a prompt holding the images (their
+    encoding included) against a text prompt of the same length, in alternating rounds (`alternate`)."""
+    from ..runtime.images import ImageProcessor
+
+    opened = open_target(target)
+    if isinstance(opened, EngineManifest):
+        raise CanvasrtError(f"{target}: bench --image times artifacts or a checkpoint; pass the artifact directory")
+    batch = ImageProcessor(opened.directory)(images)
+    results: dict[str, Any] = {
+        "config": {"images": [str(p) for p in images], "soft_tokens": batch.soft_tokens, "steps": steps},
+        "backends": {},
+    }
+    for name in backends or [default_backend(opened), "transformers"]:
+        if name == "transformers":
+            source = opened.directory if isinstance(opened, CheckpointDir) else opened.checkpoint_path
+            results["backends"][name] = _reference_vision(source, batch, threads, rounds)
+        else:
+            results["backends"][name] = _image_prompt(opened, name, batch, steps, threads, provider, rounds)
+    return results
+
+
+def _reference_vision(source: Path, batch: Any, threads: int | None, rounds: int) -> dict[str, Any]:
+    """transformers' vision tower and projector, one image per call."""
+    import torch
+
+    from .reference import Reference
+
+    if threads:
+        torch.set_num_threads(threads)
+    reference = Reference(source)
+    one = [_one_image(batch, i) for i in range(batch.count)]
+    times = alternate({"vision": lambda: _timed(lambda: [reference.image_features(b) for b in one])}, rounds)
+    return {"vision_ms_per_image": _stats([t / batch.count for t in times["vision"]])}
+
+
+def _image_prompt(
+    target: Target, name: str, batch: Any, steps: int, threads: int | None, provider: str, rounds: int
+) -> dict[str, Any]:
+    """One backend: its vision encoder per image, and the first canvas of an image prompt (images encoded in the
+    timed span) against a random text prompt of the same length."""
+    from ..runtime.images import PromptImages, expand_ids, soft_tokens
+
+    backend = open_backend(target, name, provider=provider, threads=threads, max_batch=1)
+    spec = backend.spec
+    canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
+    settings = _no_early_stop(spec.generation, steps, canvas, 1)
+    with backend:
+        encoder, vision = backend.executor.vision_encoder(), backend.executor.vision
+        one = [_one_image(batch, i) for i in range(batch.count)]
+        rng = np.random.default_rng(0)
+        text = rng.integers(3, vocab, size=8).tolist()
+        row = expand_ids(text[:4] + [vision.image_token_id] * batch.count + text[4:], batch.soft_tokens, vision)
+        ids, padding = left_pad([row], 0)
+        plain, plain_padding = left_pad([rng.integers(3, vocab, size=len(row)).tolist()], 0)
+
+        def image_prompt() -> None:
+            placed = PromptImages.place(soft_tokens(encoder, batch), ids, vision)
+            generate(backend, ids, padding, settings, make_draws("counter", 0, 1, vocab, canvas), placed)
+
+        def text_prompt() -> None:
+            generate(backend, plain, plain_padding, settings, make_draws("counter", 0, 1, vocab, canvas))
+
+        times = alternate(
+            {
+                "vision": lambda: _timed(lambda: [encoder.encode(b.pixel_values, b.positions) for b in one]),
+                "image": lambda: _timed(image_prompt),
+                "text": lambda: _timed(text_prompt),
+            },
+            rounds,
+        )
+    image_ms, text_ms = _stats(times["image"]), _stats(times["text"])
+    return {
+        "vision_ms_per_image": _stats([t / batch.count for t in times["vision"]]),
+        "first_canvas_image_prompt": image_ms,
+        "first_canvas_text_prompt": text_ms,
+        "prompt_length": len(row),
+        "image_over_text": image_ms["median_ms"] / text_ms["median_ms"],
+    }
+
+
+def _one_image(batch: Any, index: int) -> Any:
+    from ..runtime.images import ImageBatch
+
+    return ImageBatch(
+        batch.pixel_values[index : index + 1], batch.positions[index : index + 1], batch.soft_tokens[index : index + 1]
+    )
+
+
+def _timed(run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start

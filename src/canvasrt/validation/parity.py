@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.config import VisionConfig
 from ..core.errors import ArtifactError
 from ..core.manifest import ArtifactManifest, StepSpec
 from ..core.target import CheckpointDir, open_target
@@ -35,6 +36,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.modeling import categorical_entropy, entropy_bound_accept, sample_inverse_cdf, soft_embedding
 from ..runtime.backends import open_backend
 from ..runtime.backends.torch import TorchExecutor
+from ..runtime.images import ImageBatch, ImageProcessor, PromptImages, expand_ids, soft_tokens
 from ..runtime.loop import generate, left_pad
 from ..runtime.rng import make_draws
 from ..runtime.settings import GenerationSettings, resolve_settings
@@ -335,6 +337,23 @@ class EncodeStage:
     positions: np.ndarray
     valid: np.ndarray  # [B, context] bool: the real (non-padding) positions encoded so far
     reference_kv: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per layer: K, V [B, nkv, n, d], positions [n]
+    images: ImageBatch | None = None  # the images whose soft tokens the chunk holds (every row's, in row order)
+
+
+def image_rows(rows: list[list[int]], images: ImageBatch, vision: VisionConfig) -> list[list[int]]:
+    """Prompts built around the images: each row's text with the images' markers after its fourth token (beyond the
+    left padding of a shorter row), expanded as the Gemma 4 processor expands them."""
+    marked = [row[:4] + [vision.image_token_id] * images.count + row[4:] for row in rows]
+    return [expand_ids(row, images.soft_tokens, vision) for row in marked]
+
+
+def repeated(images: ImageBatch, rows: int) -> ImageBatch:
+    """The images of every row, row after row (each row of a parity prompt holds the same images)."""
+    return ImageBatch(
+        np.concatenate([images.pixel_values] * rows),
+        np.concatenate([images.positions] * rows),
+        images.soft_tokens * rows,
+    )
 
 
 @torch.inference_mode()
@@ -347,18 +366,33 @@ def _reference_plan(
     device: str,
     dtype: str,
     spill: _Spill,
-) -> tuple[list[StepStage | EncodeStage], dict[str, Any]]:
+    images: ImageBatch | None = None,
+    vision: VisionConfig | None = None,
+) -> tuple[list[StepStage | EncodeStage], dict[str, Any], np.ndarray | None]:
     """Runs the reference over the whole plan: prefill, two steps, commit, a step past the window. The reference
-    is freed on return; what the plan keeps of its outputs is small or spilled."""
+    is freed on return; what the plan keeps of its outputs is small or spilled. With images, the prompts are built
+    around them and the reference's soft tokens of the images come back too."""
     if threads:
         torch.set_num_threads(threads)
     cap, model = spec.capacity, spec.model
     canvas, vocab, window = cap.canvas, model.vocab_size, model.sliding_window
     rng = np.random.default_rng(seed)
     # A prompt past the sliding window where capacity allows, a second row left-padded by 3 when batch allows.
-    prompt_len = max(4, min(cap.max_prefill, cap.max_context - canvas, window + 4))
+    room = min(cap.max_prefill, cap.max_context - canvas)
+    prompt_len = max(4, min(room, window + 4))
     batch = min(2, cap.max_batch)
     ids = rng.integers(3, vocab, size=(batch, prompt_len)).astype(np.int64)
+    if images is not None and vision is not None:
+        image_len = sum(images.soft_tokens) + 2 * images.count
+        if image_len + 6 > room:
+            raise ArtifactError(
+                f"the images' {sum(images.soft_tokens)} soft tokens and a short text do not fit one prefill of "
+                f"{room} tokens; re-export with a larger --max-context or --max-prefill, or pass a smaller image"
+            )
+        text_len = max(6, min(room, window + 4) - image_len)
+        rows = rng.integers(3, vocab, size=(batch, text_len)).astype(np.int64)
+        ids = np.array(image_rows(rows.tolist(), images, vision), dtype=np.int64)
+        prompt_len = ids.shape[1]
     padding = np.ones((batch, prompt_len), dtype=bool)
     if batch > 1:
         padding[1, :3] = False
@@ -404,8 +438,10 @@ def _reference_plan(
         plan.append(stage)
         return stage
 
-    state = reference.encode(None, ids, padding)
-    plan.append(EncodeStage("prefill", ids, np.arange(prompt_len), padding, kv(state)))
+    row_images = None if images is None else repeated(images, batch)
+    features = None if images is None else reference.image_features(images)
+    state = reference.encode(None, ids, padding, row_images)
+    plan.append(EncodeStage("prefill", ids, np.arange(prompt_len), padding, kv(state), row_images))
     n = settings.max_denoising_steps
     first = step("step_first", rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64), n, None)
     second = step("step_self_conditioned", first.reference["next_canvas"], max(n - 1, 1), first)
@@ -416,7 +452,7 @@ def _reference_plan(
     info["context_after_commit"] = prompt_len + canvas
     info["past_sliding_window"] = bool(prompt_len + canvas > window - 1)
     step("step_after_commit", rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64), n, None)
-    return plan, info
+    return plan, info, features
 
 
 def step_parity(
@@ -427,10 +463,13 @@ def step_parity(
     target: str | Path = "",
     device: str = "cpu",
     reference_dtype: str = "fp32",
+    images: ImageBatch | None = None,
 ) -> Report:
     """Step-level parity of an inactive backend against the reference (on `device`, in `reference_dtype`); the
-    backend is activated here, after the reference has been freed."""
-    return step_parity_of(checkpoint_dir, [backend], seed, threads, target, device, reference_dtype)[0]
+    backend is activated here, after the reference has been freed. With images: the prompt is built around them,
+    the backend's vision graph output is checked against transformers' soft tokens, and its prefill places its
+    own soft tokens."""
+    return step_parity_of(checkpoint_dir, [backend], seed, threads, target, device, reference_dtype, images)[0]
 
 
 def step_parity_of(
@@ -441,6 +480,7 @@ def step_parity_of(
     target: str | Path = "",
     device: str = "cpu",
     reference_dtype: str = "fp32",
+    images: ImageBatch | None = None,
 ) -> list[Report]:
     """`step_parity` of several inactive backends of one spec against one run of the reference: each is activated
     in turn, after the reference has been freed."""
@@ -455,11 +495,23 @@ def step_parity_of(
             raise ArtifactError(f"{backend.name} runs another model, capacity or dtype than {backends[0].name}")
         backend.preflight()  # fail before the reference runs, not after, when the backend cannot run here
     settings = resolve_settings(spec.generation)
+    vision = _image_vision(checkpoint, backends[0], images)
     with tempfile.TemporaryDirectory(prefix="canvasrt-parity-") as spilled:
-        plan, info = _reference_plan(
-            Path(checkpoint_dir), spec, settings, seed, threads, device, reference_dtype, _Spill(Path(spilled))
+        plan, info, features = _reference_plan(
+            Path(checkpoint_dir),
+            spec,
+            settings,
+            seed,
+            threads,
+            device,
+            reference_dtype,
+            _Spill(Path(spilled)),
+            images,
+            vision,
         )
         info["reference"] = {"device": device, "dtype": reference_dtype}
+        if images is not None:
+            info["images"] = {"soft_tokens": images.soft_tokens}
         batch = plan[0].ids.shape[0]
         for backend, report in zip(backends, reports):
             report.info = dict(info)
@@ -468,7 +520,13 @@ def step_parity_of(
                 backend.start(plan[0].valid)
                 for stage in plan:
                     if isinstance(stage, EncodeStage):
-                        backend.encode(stage.ids, stage.positions, context)
+                        placed = None
+                        if stage.images is not None and vision is not None and images is not None:
+                            ours = soft_tokens(backend.executor.vision_encoder(), stage.images)
+                            mine = ours[: sum(images.soft_tokens)]
+                            report.checks.append(_judge_continuous("vision", "soft_tokens", mine, features, tol))
+                            placed = PromptImages.place(ours, stage.ids, vision).chunk(0, stage.ids.shape[1])
+                        backend.encode(stage.ids, stage.positions, context, placed)
                         context = context + stage.ids.shape[1]
                         report.checks += _kv_checks(stage, backend, tol)
                     else:
@@ -555,6 +613,16 @@ def _kv_checks(stage: EncodeStage, backend: StepBackend, tol: dict[str, float]) 
     return [entry[1] for entry in worst.values()]
 
 
+def _image_vision(checkpoint: Checkpoint, backend: StepBackend, images: ImageBatch | None) -> VisionConfig | None:
+    """The vision config an image parity runs with; refused before the reference runs where the backend's model
+    takes no images."""
+    if images is None:
+        return None
+    if not backend.takes_images:
+        backend.executor.vision_encoder()  # raises its one-line refusal
+    return checkpoint.require_vision()
+
+
 # -- loop level ---------------------------------------------------------------------------------------------------
 
 
@@ -566,9 +634,11 @@ def loop_parity(
     threads: int | None = None,
     max_new_tokens: int | None = None,
     target: str | Path = "",
+    images: ImageBatch | None = None,
 ) -> Report:
     """Loop-level parity of an inactive backend. `simulated`: an inactive torch backend that computes what the
-    backend should (fp32, or the same FP8 scales); one backend is active at a time."""
+    backend should (fp32, or the same FP8 scales); one backend is active at a time. With images, the prompts are
+    built around them and every runner encodes them with its own vision graph or model."""
     checkpoint = Checkpoint.open(checkpoint_dir)
     spec = backend.spec
     checkpoint.check_source_of(spec, target)
@@ -586,19 +656,43 @@ def loop_parity(
         rng.integers(3, vocab, size=max(1, prompt_len - 3)).tolist(),
     ]
     rows = rows[: min(2, cap.max_batch)]
+    vision = _image_vision(checkpoint, backend, images)
+    if images is not None and vision is not None:
+        rows = image_rows(rows, images, vision)
+        if max(len(r) for r in rows) + (blocks - 1) * canvas > cap.max_context:
+            raise ArtifactError(
+                f"prompts around the images' {sum(images.soft_tokens)} soft tokens and {blocks} canvas(es) exceed "
+                f"the maximum context of {cap.max_context}; re-export with a larger --max-context or pass a smaller "
+                "image"
+            )
     report.info = {"prompt_lengths": [len(r) for r in rows], "settings": settings.to_dict(), "seed": seed}
-    report.checks += generate_parity(checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated.executor)
+    report.checks += generate_parity(
+        checkpoint_dir, rows, settings, seed, threads, cap.max_context, simulated.executor, images
+    )
 
     if simulated.spec.quantization:
         # FP8 is compared with the torch backend simulating the same FP8 scales: this is where the Q/DQ placement
         # and scales are checked token for token; the accuracy cost is what `canvasrt eval` measures.
         report.info["torch_backend"] = "fake-quantized with the artifacts' calibration"
-    report.checks += loop_agreement(backend, simulated, rows, settings, seed)
+    report.checks += loop_agreement(backend, simulated, rows, settings, seed, images)
     return report
 
 
+def _placed(runner: StepBackend, ids: np.ndarray, images: ImageBatch | None) -> PromptImages | None:
+    """The soft tokens of every row's images by the runner's own vision encoder, placed in `ids`."""
+    if images is None or runner.executor.vision is None:
+        return None
+    tokens = soft_tokens(runner.executor.vision_encoder(), repeated(images, ids.shape[0]))
+    return PromptImages.place(tokens, ids, runner.executor.vision)
+
+
 def loop_agreement(
-    backend: StepBackend, simulated: StepBackend, rows: list[list[int]], settings: GenerationSettings, seed: int
+    backend: StepBackend,
+    simulated: StepBackend,
+    rows: list[list[int]],
+    settings: GenerationSettings,
+    seed: int,
+    images: ImageBatch | None = None,
 ) -> list[Check]:
     """The loop over two inactive backends, one after the other, on the same prompts and counter draws: committed
     tokens per canvas (all of them for fp32 and FP8), steps per block and sequence length."""
@@ -609,9 +703,8 @@ def loop_agreement(
     results = {}
     for runner in (simulated, backend):
         with runner:
-            results[runner.name] = generate(
-                runner, ids, padding, settings, make_draws("counter", seed, len(rows), vocab, canvas)
-            )
+            draws = make_draws("counter", seed, len(rows), vocab, canvas)
+            results[runner.name] = generate(runner, ids, padding, settings, draws, _placed(runner, ids, images))
     a, t = results[backend.name], results[simulated.name]
     minimum = 1.0 if dtype in ("fp32", "fp8") else TOLERANCES[dtype]["agree"]
     width = min(a.new_tokens.shape[1], t.new_tokens.shape[1])
@@ -654,9 +747,10 @@ def generate_parity(
     threads: int | None,
     max_context: int,
     like: TorchExecutor,
+    images: ImageBatch | None = None,
 ) -> list[Check]:
     """The torch backend with --rng hf against transformers' generate(), batch of one and of two, both on the
-    device, in the dtype and with the MoE formulation of `like`."""
+    device, in the dtype and with the MoE formulation of `like`; with images, the same pixel values to both."""
     checks = []
     hf_kwargs = {
         "max_new_tokens": settings.max_new_tokens,
@@ -673,7 +767,8 @@ def generate_parity(
         reference = Reference(
             checkpoint_dir, attention="eager" if padding.all() else "sdpa", device=like.device, dtype=like.dtype
         )
-        expected.append(reference.generate(ids, padding, seed, **hf_kwargs))
+        row_images = None if images is None else repeated(images, batch)
+        expected.append(reference.generate(ids, padding, seed, row_images, **hf_kwargs))
         del reference
     with StepBackend(
         TorchExecutor(
@@ -690,7 +785,7 @@ def generate_parity(
         for batch, hf in enumerate(expected, 1):
             ids, padding = left_pad(rows[:batch], settings.pad_token_id or 0)
             draws = make_draws("hf", seed, batch, vocab, canvas, device=like.device)
-            ours = generate(torch_backend, ids, padding, settings, draws)
+            ours = generate(torch_backend, ids, padding, settings, draws, _placed(torch_backend, ids, images))
             same = np.array_equal(ours.sequences, hf.sequences.numpy())
             tpf = float(np.max(np.abs(ours.tokens_per_forward - hf.tokens_per_forward.numpy())))
             checks.append(
@@ -715,9 +810,12 @@ def parity(
     max_new_tokens: int | None = None,
     device: str = "cpu",
     reference_dtype: str = "fp32",
+    images: list[Path] | None = None,
 ) -> Report:
     """Parity of TARGET (artifacts or engines) on `backend` (default: by target kind) against the checkpoint.
-    device and reference_dtype: where and in what the torch paths (the reference, the torch backends) run."""
+    device and reference_dtype: where and in what the torch paths (the reference, the torch backends) run.
+    images: image files the prompts are built around, preprocessed once with the checkpoint's image processor, so
+    that the reference and the target see the same pixel values."""
     opened = open_target(target)
     if isinstance(opened, CheckpointDir):
         raise ArtifactError(
@@ -725,6 +823,12 @@ def parity(
             "(run `canvasrt export` first)"
         )
     runner = open_backend(opened, backend, threads=threads, max_batch=opened.capacity.max_batch, device=device)
+    batch = None
+    if images:
+        if not runner.takes_images:
+            runner.executor.vision_encoder()  # its one-line refusal, before any image is read
+        Checkpoint.open(checkpoint_dir).require_vision()
+        batch = ImageProcessor(Path(checkpoint_dir))(list(images))
     if level == "step":
         return step_parity(
             checkpoint_dir,
@@ -734,6 +838,7 @@ def parity(
             target=target,
             device=device,
             reference_dtype=reference_dtype,
+            images=batch,
         )
     artifacts = opened if isinstance(opened, ArtifactManifest) else ArtifactManifest.load(opened.artifacts)
     moe = artifacts.moe
@@ -751,5 +856,12 @@ def parity(
         )
     )
     return loop_parity(
-        checkpoint_dir, runner, simulated, seed=seed, threads=threads, max_new_tokens=max_new_tokens, target=target
+        checkpoint_dir,
+        runner,
+        simulated,
+        seed=seed,
+        threads=threads,
+        max_new_tokens=max_new_tokens,
+        target=target,
+        images=batch,
     )

@@ -17,6 +17,7 @@ import torch
 
 from ..core.errors import CanvasrtError
 from ..model.checkpoint import DTYPES, Checkpoint, read_config_json, torch_device
+from ..runtime.images import ImageBatch
 
 
 @dataclass
@@ -54,8 +55,12 @@ class Reference:
         return self.model.model.decoder.embed_tokens.weight.float().cpu()
 
     @torch.inference_mode()
-    def encode(self, state: ReferenceCache | None, ids: np.ndarray, padding: np.ndarray) -> ReferenceCache:
-        """Appends a chunk to the cache (a new DynamicCache when state is None)."""
+    def encode(
+        self, state: ReferenceCache | None, ids: np.ndarray, padding: np.ndarray, images: ImageBatch | None = None
+    ) -> ReferenceCache:
+        """Appends a chunk to the cache (a new DynamicCache when state is None). images: the pixel values and patch
+        positions of the images whose tokens the chunk holds, encoded under the masks generate() builds from the
+        processor's mm_token_type_ids (the encoder's forward alone would drop them and attend causally)."""
         from transformers.cache_utils import DynamicCache
 
         if state is None:
@@ -63,10 +68,41 @@ class Reference:
             state = ReferenceCache(DynamicCache(config=self.text_config), empty, 0)
         mask = torch.cat([state.attention_mask, self._tensor(padding)], dim=1)
         positions = torch.arange(state.length, state.length + ids.shape[1], device=self.device)[None]
+        attention: Any = mask
+        extra: dict[str, Any] = {}
+        if images is not None:
+            encoder = self.model.model.encoder
+            attention = encoder.create_masks_for_generate(
+                config=self.model.config,
+                inputs_embeds=torch.empty(ids.shape[0], ids.shape[1], 0, device=self.device),
+                attention_mask=mask,
+                past_key_values=state.cache,
+                position_ids=positions,
+                mm_token_type_ids=self._tensor(ids == self.model.config.image_token_id).long(),
+            )
+            extra = self._image_inputs(images)
         self.model.model.encoder(
-            input_ids=self._tensor(ids), attention_mask=mask, position_ids=positions, past_key_values=state.cache
+            input_ids=self._tensor(ids),
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=state.cache,
+            **extra,
         )
         return ReferenceCache(state.cache, mask, state.length + ids.shape[1])
+
+    @torch.inference_mode()
+    def image_features(self, images: ImageBatch) -> np.ndarray:
+        """transformers' vision tower and projector (`get_image_features`): the soft tokens of every image, padding
+        stripped, [sum of soft tokens, text hidden] fp32."""
+        inputs = self._image_inputs(images)
+        features = self.model.model.encoder.get_image_features(inputs["pixel_values"], inputs["image_position_ids"])
+        return features.pooler_output.float().cpu().numpy()
+
+    def _image_inputs(self, images: ImageBatch) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": self._tensor(images.pixel_values).to(self.model.dtype),
+            "image_position_ids": self._tensor(images.positions),
+        }
 
     @torch.inference_mode()
     def logits(self, state: ReferenceCache, canvas: np.ndarray, self_cond_logits: torch.Tensor | None) -> torch.Tensor:
@@ -115,8 +151,18 @@ class Reference:
         return entry.keys.float().cpu(), entry.values.float().cpu(), np.arange(state.length - n, state.length)
 
     @torch.inference_mode()
-    def generate(self, ids: np.ndarray, padding: np.ndarray, seed: int, **settings: Any) -> Any:
+    def generate(
+        self, ids: np.ndarray, padding: np.ndarray, seed: int, images: ImageBatch | None = None, **settings: Any
+    ) -> Any:
+        """transformers' generate(); with images as its processor's outputs are passed (pixel values, patch
+        positions, mm_token_type_ids)."""
         torch.manual_seed(seed)
+        if images is not None:
+            settings = {
+                **settings,
+                **self._image_inputs(images),
+                "mm_token_type_ids": self._tensor(ids == self.model.config.image_token_id).long(),
+            }
         out = self.model.generate(self._tensor(ids), attention_mask=self._tensor(padding).long(), **settings)
         out.sequences, out.tokens_per_forward = out.sequences.cpu(), out.tokens_per_forward.cpu()
         return out

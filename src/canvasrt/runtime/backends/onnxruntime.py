@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ...core.contract import MODEL_DTYPE, ONNX_TYPES, check_io
+from ...core.contract import MODEL_DTYPE, ONNX_TYPES, VISION_MAX_IMAGES, check_io
 from ...core.errors import ArtifactError, CanvasrtError
 from ...core.manifest import ArtifactManifest
 from ..executor import Executor, output_shape
@@ -74,11 +74,13 @@ def create_session(path: Path, provider: str = "cpu", threads: int | None = None
         raise ArtifactError(f"ONNX Runtime cannot load {path} ({first}); re-export it") from None
 
 
-def checked_session(manifest: ArtifactManifest, provider: str = "cpu", threads: int | None = None) -> Any:
-    """The backbone's session, refused (one line) when the graph's inputs or outputs differ from the manifest's in
-    name, dtype or static shape: what the backend and `canvasrt verify` check."""
-    entry = manifest.backbone
-    path = manifest.graph_path("backbone")
+def checked_session(
+    manifest: ArtifactManifest, provider: str = "cpu", threads: int | None = None, graph: str = "backbone"
+) -> Any:
+    """A graph's session (the backbone's by default), refused (one line) when the graph's inputs or outputs differ
+    from the manifest's in name, dtype or static shape: what the backend and `canvasrt verify` check."""
+    entry = manifest.graphs[graph]
+    path = manifest.graph_path(graph)
     session = create_session(path, provider, threads)
     for what, declared, found in (
         ("inputs", entry.inputs, session.get_inputs()),
@@ -93,6 +95,24 @@ def checked_session(manifest: ArtifactManifest, provider: str = "cpu", threads: 
             what,
         )
     return session
+
+
+class OnnxVisionEncoder:
+    """The vision graph (vision.onnx) on an ONNX Runtime session of its own, checked against the manifest on load;
+    at most VISION_MAX_IMAGES images per call, as its profile declares."""
+
+    def __init__(self, manifest: ArtifactManifest, provider: str, threads: int | None):
+        self.session = checked_session(manifest, provider, threads, "vision")
+
+    def encode(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        tokens, masks = [], []
+        for begin in range(0, pixel_values.shape[0], VISION_MAX_IMAGES):
+            end = begin + VISION_MAX_IMAGES
+            feeds = {"pixel_values": pixel_values[begin:end], "image_position_ids": positions[begin:end]}
+            soft, real = self.session.run(["soft_tokens", "soft_token_mask"], feeds)
+            tokens.append(np.asarray(soft, np.float32))
+            masks.append(np.asarray(real, bool))
+        return np.concatenate(tokens), np.concatenate(masks)
 
 
 class OutputBuffers:
@@ -136,6 +156,8 @@ class OnnxRuntimeExecutor(Executor):
         self.context_width = int(manifest.backbone.input("context_mask").shape[1])
         self.outputs = {spec.name: spec for spec in manifest.backbone.outputs}
         self.session: Any = None
+        self.vision = manifest.vision
+        self._vision: OnnxVisionEncoder | None = None
 
     def preflight(self) -> None:
         """The GPU providers keep the state in PyTorch CUDA tensors (GPU machines have PyTorch; the CPU provider
@@ -162,7 +184,15 @@ class OnnxRuntimeExecutor(Executor):
         self.element_types: dict[Any, int] = {}
         self.device_type, self.device_id = device_of(self.arrays)
 
+    def vision_encoder(self) -> OnnxVisionEncoder:
+        if self.vision is None:
+            return super().vision_encoder()
+        if self._vision is None:
+            self._vision = OnnxVisionEncoder(self.manifest, self.provider, self.threads)
+        return self._vision
+
     def unload(self) -> None:
+        self._vision = None
         self.session, self.bindings = None, {}
         self.buffers = OutputBuffers(self.arrays)
 

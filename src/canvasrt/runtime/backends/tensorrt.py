@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.contract import PHASES, check_io
+from ...core.contract import PHASES, VISION_MAX_IMAGES, check_io
 from ...core.errors import CanvasrtError
 from ...core.kv import buffer_shapes
 from ...core.manifest import EngineManifest
@@ -101,6 +101,8 @@ class TensorRTExecutor(Executor):
         self.context_width = int(manifest.backbone.input("context_mask").shape[1])
         self.outputs: dict[tuple[str, int, int], dict[str, Any]] = {}  # (phase, batch, chunk) -> outputs by name
         self.arrays: Arrays = TorchArrays(f"cuda:{device}")  # imports PyTorch on first use only
+        self.vision = manifest.vision if "vision" in manifest.engines else None
+        self._vision: TensorRTVisionEncoder | None = None
 
     def preflight(self) -> None:
         """TensorRT and PyTorch must be importable and see a CUDA GPU; else a one-line error naming what is missing."""
@@ -173,8 +175,16 @@ class TensorRTExecutor(Executor):
         check_io(list(entry.inputs), found[True], self.manifest.dtype, source, TRT_TYPES, "inputs")
         check_io(list(entry.outputs), found[False], self.manifest.dtype, source, TRT_TYPES, "outputs")
 
+    def vision_encoder(self) -> TensorRTVisionEncoder:
+        if self.vision is None:
+            return super().vision_encoder()  # type: ignore[return-value]  # it raises
+        if self._vision is None:
+            self._vision = TensorRTVisionEncoder(self)
+        return self._vision
+
     def unload(self) -> None:
         self.contexts, self.outputs = {}, {}
+        self._vision = None
         del self.engine, self.scratch
 
     def _outputs(self, phase: str, batch: int, chunk: int, given: dict[str, Any]) -> dict[str, Any]:
@@ -207,3 +217,55 @@ class TensorRTExecutor(Executor):
             raise CanvasrtError(f"TensorRT failed to run the backbone engine ({phase})")
         self.stream.synchronize()
         return bound
+
+
+class TensorRTVisionEncoder:
+    """The vision engine (vision.engine, one profile: images x patches) on its own execution context, on the
+    backbone executor's stream; checked against the manifest on load. At most VISION_MAX_IMAGES images per call."""
+
+    def __init__(self, executor: TensorRTExecutor):
+        trt, torch = executor.trt, executor.torch
+        self.executor, self.torch = executor, torch
+        entry = executor.manifest.engines["vision"]
+        path = executor.manifest.engine_path("vision")
+        engine = executor.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise CanvasrtError(f"TensorRT could not load {entry.file}; rebuild the engines on this machine")
+        found: dict[bool, list[tuple[str, str, tuple[int | str | None, ...]]]] = {True: [], False: []}
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            found[is_input].append((name, engine.get_tensor_dtype(name).name, _dims(engine.get_tensor_shape(name))))
+        check_io(list(entry.inputs), found[True], executor.manifest.dtype, str(path), TRT_TYPES, "inputs")
+        check_io(list(entry.outputs), found[False], executor.manifest.dtype, str(path), TRT_TYPES, "outputs")
+        context = engine.create_execution_context()
+        if context is None:
+            raise CanvasrtError(f"TensorRT could not create an execution context for {entry.file}")
+        self.engine, self.context = engine, context
+
+    def encode(self, pixel_values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch, executor = self.torch, self.executor
+        tokens, masks = [], []
+        for begin in range(0, pixel_values.shape[0], VISION_MAX_IMAGES):
+            feeds = {
+                "pixel_values": torch.from_numpy(np.ascontiguousarray(pixel_values[begin : begin + VISION_MAX_IMAGES])),
+                "image_position_ids": torch.from_numpy(
+                    np.ascontiguousarray(positions[begin : begin + VISION_MAX_IMAGES])
+                ),
+            }
+            bound: dict[str, Any] = {}
+            for name, tensor in feeds.items():
+                bound[name] = tensor.to("cuda")
+                self.context.set_input_shape(name, tuple(tensor.shape))
+            for name in ("soft_tokens", "soft_token_mask"):
+                shape = _dims(self.context.get_tensor_shape(name))
+                dtype = executor.torch_dtypes[self.engine.get_tensor_dtype(name)]
+                bound[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            for name, tensor in bound.items():
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            if not self.context.execute_async_v3(executor.stream.cuda_stream):
+                raise CanvasrtError("TensorRT failed to run the vision engine")
+            executor.stream.synchronize()
+            tokens.append(bound["soft_tokens"].float().cpu().numpy())
+            masks.append(bound["soft_token_mask"].cpu().numpy())
+        return np.concatenate(tokens), np.concatenate(masks)

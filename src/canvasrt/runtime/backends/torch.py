@@ -18,7 +18,7 @@ import torch
 from ...core.contract import DEFAULT_VOCAB_CHUNK, Capacity, kv_layout
 from ...core.errors import CanvasrtError
 from ...core.manifest import Quantization, StepSpec
-from ...model.checkpoint import DTYPES, Checkpoint, torch_device
+from ...model.checkpoint import DTYPES, PREPROCESSOR_CONFIG, Checkpoint, torch_device
 from ..executor import Executor
 from ..state import TorchArrays
 from . import EXECUTORS
@@ -54,6 +54,10 @@ class TorchExecutor(Executor):
         self.dtype, self.moe, self.threads, self.vocab_chunk = dtype, moe, threads, vocab_chunk
         self.calibration = calibration  # FP8 scales to simulate (calibration.json of FP8 artifacts)
         self.model: Any = None
+        # Images where the checkpoint has a vision tower and the image processor's settings to feed it
+        has_processor = (self.checkpoint.path / PREPROCESSOR_CONFIG).is_file()
+        self.vision = self.checkpoint.vision if has_processor else None
+        self._vision: TorchVisionEncoder | None = None
 
     def load(self) -> None:
         if self.threads:
@@ -66,8 +70,18 @@ class TorchExecutor(Executor):
 
             apply_fake_quantization(self.model, self.calibration)
 
+    def vision_encoder(self) -> TorchVisionEncoder:
+        if self.vision is None:
+            return super().vision_encoder()
+        if self._vision is None:
+            self._vision = TorchVisionEncoder(
+                self.checkpoint.load_vision_model(dtype=self.dtype, device=self.device), self.device
+            )
+        return self._vision
+
     def unload(self) -> None:
         self.model = None
+        self._vision = None
 
     @torch.inference_mode()
     def run(self, phase: str, feeds: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +90,14 @@ class TorchExecutor(Executor):
         values = [feeds[f"past_value_{i}"] for i in range(layers)]
         if phase != "denoise":
             new_k, new_v = self.model.encode(
-                feeds["input_ids"], feeds["positions"], keys, values, feeds["context_length"], feeds["context_mask"]
+                feeds["input_ids"],
+                feeds["positions"],
+                keys,
+                values,
+                feeds["context_length"],
+                feeds["context_mask"],
+                feeds.get("image_tokens"),
+                feeds.get("image_slot"),
             )
             return {**{f"key_{i}": k for i, k in enumerate(new_k)}, **{f"value_{i}": v for i, v in enumerate(new_v)}}
         exponentials = feeds.get("exponentials")
@@ -102,3 +123,17 @@ class TorchExecutor(Executor):
             "next_self_cond": out.next_self_cond,
             "mean_entropy": out.mean_entropy,
         }
+
+
+class TorchVisionEncoder:
+    """The vision model (`canvasrt.model.vision`) run eagerly on the executor's device."""
+
+    def __init__(self, model: Any, device: str):
+        self.model, self.device = model, device
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: Any, positions: Any) -> tuple[Any, Any]:
+        soft, real = self.model(
+            torch.from_numpy(pixel_values).to(self.device), torch.from_numpy(positions).to(self.device)
+        )
+        return soft.float().cpu().numpy(), real.cpu().numpy()
