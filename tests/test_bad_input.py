@@ -727,6 +727,9 @@ def test_texts_say_what_is_true(tiny_artifacts, tmp_path):
     assert_refused(result, 'format_version is "5", not an integer')
     assert "is of artifact format" not in result.stderr
     assert_refused(cli("generate", tiny_artifacts, "--prompts-file", "/dev/null"), "/dev/null holds no prompts")
+    assert_refused(
+        cli("generate", tiny_artifacts, "--prompts-file", "/proc/self/mem"), "read prompts file /proc/self/mem"
+    )
     piped = cli("generate", tiny_artifacts, "--prompts-file", "-", input='{"ids": [5]}\n')
     assert piped.exit_code == 0 and piped.stdout.startswith("[0] "), piped.output
 

@@ -274,12 +274,13 @@ def _activation(memory: dict[str, Any] | None) -> str:
 
 
 def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:
-    if not profiles:
+    phases = {phase: counts for phase, counts in (profiles or {}).items() if counts}  # a graph may have none
+    if not phases:
         return ""
     return (
         " (GEMMs: "
         + "; ".join(
-            f"{phase} " + ", ".join(f"{n} {dtype}" for dtype, n in counts.items()) for phase, counts in profiles.items()
+            f"{phase} " + ", ".join(f"{n} {dtype}" for dtype, n in counts.items()) for phase, counts in phases.items()
         )
         + ")"
     )

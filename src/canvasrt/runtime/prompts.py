@@ -118,6 +118,10 @@ def read_prompts_file(path: Path) -> list[dict[str, Any]]:
         raise CanvasrtError(
             f"prompts file {path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8"
         ) from None
+    except OSError as exc:
+        raise CanvasrtError(
+            f"cannot read prompts file {path}: {exc.strerror or exc}; pass a readable JSONL file"
+        ) from None
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
