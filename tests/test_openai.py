@@ -453,11 +453,19 @@ def test_grpc_errors_carry_invalid_argument_where_triton_allows(served):
 
 
 def test_a_tokenizer_without_a_chat_template_refuses_chat_and_serves_completions(served, tmp_path):
+    """Also: requests one after another, a refused one among them, share one gRPC stream to Triton."""
     shutil.copy(served.artifacts / "tokenizer.json", tmp_path / "tokenizer.json")  # no chat template beside it
     (port,) = free_ports(1)
-    with OpenAIServer(FrontEnd(served.grpc, tmp_path), port=port) as front:
+    front_end = FrontEnd(served.grpc, tmp_path)
+    with OpenAIServer(front_end, port=port) as front:
         plain = openai.OpenAI(base_url=front.url, api_key="unused", max_retries=0, timeout=120)
         with pytest.raises(openai.BadRequestError, match="has no chat template"):
             plain.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
         text, _, _ = reference(served.artifacts, 0, "--prompt", "plain")
         assert plain.completions.create(model=MODEL, prompt="plain", seed=0).choices[0].text == text
+        streams = list(front_end._idle)
+        with pytest.raises(openai.BadRequestError, match="more than the maximum context"):
+            plain.completions.create(model=MODEL, prompt="x" * 200)
+        pieces = plain.completions.create(model=MODEL, prompt="plain", seed=0, stream=True)
+        assert "".join(c.choices[0].text for c in pieces if c.choices) == text
+        assert len(streams) == 1 and front_end._idle == streams
