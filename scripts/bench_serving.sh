@@ -5,9 +5,10 @@
 #   completions  the OpenAI API's /v1/completions, streaming (the same prompts: the layer's own cost)
 #   chat         the OpenAI API's /v1/chat/completions, streaming (the chat template adds its tokens to the prompt)
 # at concurrency 1, 4 and 8, then scripts/bench_triton.py --concurrency 8 in the same run, and writes the table
-# (time to first token, inter-chunk and inter-token latency, output tokens/s, requests/s, and the CPU time the serve
-# process, which is the OpenAI front end, spent per request: tritonserver is its child and not counted) into
-# docs/PERFORMANCE.md with the machine named. Prefix with `nice`; the figures are CPU figures, on a shared machine.
+# (time to first token, inter-chunk and inter-token latency, output tokens/s, requests/s, and per request the CPU time
+# the serve process spent and the time its threads waited for a CPU while runnable: that process is the OpenAI front
+# end and the relay on Triton's HTTP port; tritonserver is its child and not counted) into docs/PERFORMANCE.md with the machine named. Prefix with `nice`; the
+# figures are CPU figures, on a shared machine.
 #
 #   nice bash scripts/bench_serving.sh            # REQUESTS=96 INPUT_TOKENS=32 OUTPUT_TOKENS=32 by default
 set -euo pipefail
@@ -24,6 +25,9 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+waited() {  # nanoseconds the serve process's threads have waited on a run queue (schedstat's second field)
+  cat /proc/"$SERVER"/task/*/schedstat 2>/dev/null | awk '{sum += $2} END {printf "%d", sum}'
+}
 
 if [ ! -x .venv-aiperf/bin/aiperf ]; then
   python3 -m venv .venv-aiperf
@@ -55,6 +59,7 @@ for concurrency in 1 4 8; do
     esac
     echo "aiperf: $kind at concurrency $concurrency" >&2
     before=$(awk '{print $14 + $15}' "/proc/$SERVER/stat")
+    waited_before=$(waited)
     .venv-aiperf/bin/aiperf profile --model canvasrt_generate "${endpoint[@]}" --streaming \
       --tokenizer "$WORK/art" --concurrency "$concurrency" --request-count "$REQUESTS" \
       --warmup-request-count "$concurrency" --random-seed 0 \
@@ -64,6 +69,7 @@ for concurrency in 1 4 8; do
       --no-gpu-telemetry > "$WORK/aiperf-$kind-$concurrency.log" 2>&1 \
       || { tail -20 "$WORK/aiperf-$kind-$concurrency.log"; exit 1; }
     echo $(( $(awk '{print $14 + $15}' "/proc/$SERVER/stat") - before )) > "$WORK/cpu-$kind-$concurrency"
+    echo $(( $(waited) - waited_before )) > "$WORK/wait-$kind-$concurrency"
   done
 done
 kill -INT "$SERVER" && wait "$SERVER" || true
@@ -102,7 +108,11 @@ cpu = next(
 )
 memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
 load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-machine = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, no GPU; load average {load} (1, 5, 15 min) at the end"
+pressure = Path("/proc/pressure/cpu").read_text().split()[1:4] if Path("/proc/pressure/cpu").exists() else []
+machine = f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, no GPU; load average {load} (1, 5, 15 min)" + (
+    f", CPU pressure {' '.join(pressure)} (the share of time some runnable task waited for a CPU)" if pressure else ""
+)
+machine += " at the end"
 version = stats["chat", 1]["aiperf_version"]
 lines = [
     f"`nice bash scripts/bench_serving.sh` (aiperf {version}; tiny preset, one loop instance of 8 slots, "
@@ -110,21 +120,24 @@ lines = [
     f"{osl}: two canvases of 16). Machine: {machine}.",
     "",
     "| endpoint | concurrency | TTFT avg / p50 ms | inter-chunk ms | inter-token ms | output tokens/s | requests/s "
-    "| front-end CPU ms/request |",
-    "|---|---|---|---|---|---|---|---|",
+    "| serve CPU ms/request | serve run-queue wait ms/request |",
+    "|---|---|---|---|---|---|---|---|---|",
 ]
 for kind in kinds:
     for concurrency in (1, 4, 8):
         data = stats[kind, concurrency]
         # the serve process's CPU over the cell (aiperf's warm-up requests included), in clock ticks
         spent = int((work / f"cpu-{kind}-{concurrency}").read_text()) / int(ticks)
-        front = "-" if kind == "triton" else f"{1000 * spent / (int(requests) + concurrency):.2f}"
+        # the serve process is the OpenAI front end, and for the triton rows the relay on Triton's HTTP port
+        front = f"{1000 * spent / (int(requests) + concurrency):.2f}"
+        waited = int((work / f"wait-{kind}-{concurrency}").read_text()) / 1e6
+        queued = f"{waited / (int(requests) + concurrency):.1f}"
         lines.append(
             f"| {kind} | {concurrency} | {avg(kind, concurrency, 'time_to_first_token'):.1f} / "
             f"{data['time_to_first_token']['p50']:.1f} | {avg(kind, concurrency, 'inter_chunk_latency'):.1f} | "
             f"{avg(kind, concurrency, 'inter_token_latency'):.2f} | "
             f"{avg(kind, concurrency, 'output_token_throughput'):.0f} | "
-            f"{avg(kind, concurrency, 'request_throughput'):.2f} | {front} |"
+            f"{avg(kind, concurrency, 'request_throughput'):.2f} | {front} | {queued} |"
         )
 lines.append("")
 for concurrency in (1, 4, 8):
