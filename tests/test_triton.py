@@ -238,7 +238,8 @@ def test_a_huge_body_gets_413_and_the_server_serves_the_next_request_exactly(ser
 
 def test_the_http_guard_relays_what_fits_and_refuses_the_rest_in_one_line():
     """The guard in front of a plain HTTP server: bodies up to the limit pass through unchanged, keep-alive
-    included; a larger one, a chunked one and an oversized head get 413, 411 and 431 without reaching it."""
+    included; a larger one, a chunked one, an oversized head and a malformed one get 413, 411, 431 and 400 without
+    reaching it."""
     import http.client
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -274,10 +275,11 @@ def test_the_http_guard_relays_what_fits_and_refuses_the_rest_in_one_line():
             ({"Content-Length": "1001"}, b"x" * 1001, 413, "the request body is 1001 bytes, more than this server"),
             ({"Transfer-Encoding": "chunked"}, None, 411, "send the request body with a Content-Length"),
             ({"X-Long": "y" * (70 << 10)}, b"", 431, "the request head is longer than"),
+            ({}, b"", 400, "the request head is malformed: Missing mandatory Host: header"),
         ]
         for headers, body, status, message in refusals:
             refused = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            refused.putrequest("POST", "/v2/models/m/infer")
+            refused.putrequest("POST", "/v2/models/m/infer", skip_host=not headers)
             for name, value in headers.items():
                 refused.putheader(name, value)
             refused.endheaders(body)
