@@ -165,7 +165,7 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
     send = generate_grpc if transport == "grpc" else generate_http
     url = served.grpc_url if transport == "grpc" else served.http_url
     bad = [
-        ({"prompt_ids": np.array([2.5, 3.0], dtype=np.float32)}, "FP32|non-signed-integer"),
+        ({"prompt_ids": np.array([2.5, 3.0], dtype=np.float32)}, "FP32|each of prompt_ids must be an integer"),
         (request_inputs(seed=4), "exactly one of the inputs 'prompt'"),
         (request_inputs(prompt_ids=[2, 3], max_new_tokens=4096), "more than the maximum context of 128"),
         (request_inputs(prompt_ids=[2, 999]), "outside the vocabulary"),
