@@ -35,7 +35,6 @@ from .protocol import INTERNAL_ERROR, input_tensor
 from .repository import GENERATE_MODEL
 
 OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
-DISCONNECT_POLL_S = 0.05
 STREAM_END_S = 5.0  # how long shutdown waits for finished streams' closing status
 IDLE_STREAMS = 64  # open gRPC streams kept for the next requests; one more request than this opens a stream of its own
 
@@ -552,22 +551,30 @@ def _data_url(image_url: Any, message: int) -> bytes:
 
 
 async def _unless_disconnected(request: Any, awaitable: Any) -> Any:
-    """`awaitable`'s result; _ClientGone (the awaitable cancelled) when the client disconnects first."""
+    """`awaitable`'s result; _ClientGone (the awaitable cancelled) when the client disconnects first. The
+    disconnect is the ASGI server's message, awaited beside the work rather than polled, so a request that waits for
+    its first response wakes the event loop only when something happens."""
     work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return work.result()
-            if await request.is_disconnected():
-                raise _ClientGone
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        raise _ClientGone
     finally:
-        if not work.done():
-            work.cancel()
-            try:
-                await work
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (work, gone):
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+
+async def _disconnected(request: Any) -> None:
+    """Returns once the client has disconnected (its body is read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _validation_error(errors: Any) -> APIError:
