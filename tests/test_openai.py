@@ -361,6 +361,34 @@ def test_tensorrt_llm_requests_on_the_generate_endpoints(served, model):
     assert status == 200 and reply["text_output"] == "hello trtllm" + text
 
 
+def test_generate_endpoints_refuse_what_the_inputs_cannot_take_with_a_400_naming_it(served):
+    """Values an input's datatype cannot take (Triton 2.51 answers them with HTTP 500 before the model) and a
+    streaming request in canvasrt's own protocol on /generate (200 with Triton's error): a 400 naming the field and
+    the fix, from the relay on the HTTP port; the next request is served, and generate_stream still streams."""
+    base = f"http://{served.http}/v2/models/{MODEL}"
+    for body, message in (
+        ({"prompt": "hi", "stream": False, "max_new_tokens": 1.5}, "max_new_tokens must be an integer from "),
+        ({"text_input": "hi", "max_tokens": "7"}, "max_tokens must be an integer from -2147483648 to 2147483647"),
+        ({"prompt": "hi", "stream": False, "seed": 2**63}, "seed must be an integer from "),
+        ({"prompt": "hi", "stream": "yes"}, 'stream must be true or false (input type BOOL), got "yes"'),
+        ({"prompt_ids": [2, 2.5], "stream": False}, "each of prompt_ids must be an integer"),
+        ({"prompt": "hi"}, 'unless it says "stream": false; send "stream": false, or use /generate_stream'),
+    ):
+        status, reply = post(base, "/generate", json.dumps(body).encode())
+        assert status == 400 and message in reply["error"] and "\n" not in reply["error"], (body, reply)
+    status, reply = post(
+        f"http://{served.http}/v2/models/{BATCHED}", "/generate", b'{"text_input": "hi", "top_k": 0.5}'
+    )
+    assert status == 400 and reply["error"].startswith("top_k must be an integer"), reply
+    text, _, _ = reference(served.artifacts, 3, "--prompt", "hello")
+    status, reply = post(base, "/generate", json.dumps({"prompt": "hello", "seed": 3, "stream": False}).encode())
+    assert status == 200 and reply["text"] == text, reply
+    stream = urllib.request.Request(base + "/generate_stream", data=b'{"prompt": "hello", "seed": 3}', method="POST")
+    with urllib.request.urlopen(stream, timeout=120) as events:
+        chunks = [json.loads(line[5:]) for line in events.read().decode().splitlines() if line.startswith("data:")]
+    assert chunks[-1]["event"] == "done" and chunks[-1]["text"] == text
+
+
 def batched(array: np.ndarray) -> np.ndarray:
     return array[None]
 
@@ -453,11 +481,19 @@ def test_grpc_errors_carry_invalid_argument_where_triton_allows(served):
 
 
 def test_a_tokenizer_without_a_chat_template_refuses_chat_and_serves_completions(served, tmp_path):
+    """Also: requests one after another, a refused one among them, share one gRPC stream to Triton."""
     shutil.copy(served.artifacts / "tokenizer.json", tmp_path / "tokenizer.json")  # no chat template beside it
     (port,) = free_ports(1)
-    with OpenAIServer(FrontEnd(served.grpc, tmp_path), port=port) as front:
+    front_end = FrontEnd(served.grpc, tmp_path)
+    with OpenAIServer(front_end, port=port) as front:
         plain = openai.OpenAI(base_url=front.url, api_key="unused", max_retries=0, timeout=120)
         with pytest.raises(openai.BadRequestError, match="has no chat template"):
             plain.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
         text, _, _ = reference(served.artifacts, 0, "--prompt", "plain")
         assert plain.completions.create(model=MODEL, prompt="plain", seed=0).choices[0].text == text
+        streams = list(front_end._idle)
+        with pytest.raises(openai.BadRequestError, match="more than the maximum context"):
+            plain.completions.create(model=MODEL, prompt="x" * 200)
+        pieces = plain.completions.create(model=MODEL, prompt="plain", seed=0, stream=True)
+        assert "".join(c.choices[0].text for c in pieces if c.choices) == text
+        assert len(streams) == 1 and front_end._idle == streams

@@ -165,7 +165,7 @@ def test_bad_requests_get_error_responses_and_the_server_goes_on(served, transpo
     send = generate_grpc if transport == "grpc" else generate_http
     url = served.grpc_url if transport == "grpc" else served.http_url
     bad = [
-        ({"prompt_ids": np.array([2.5, 3.0], dtype=np.float32)}, "FP32|non-signed-integer"),
+        ({"prompt_ids": np.array([2.5, 3.0], dtype=np.float32)}, "FP32|each of prompt_ids must be an integer"),
         (request_inputs(seed=4), "exactly one of the inputs 'prompt'"),
         (request_inputs(prompt_ids=[2, 3], max_new_tokens=4096), "more than the maximum context of 128"),
         (request_inputs(prompt_ids=[2, 999]), "outside the vocabulary"),
@@ -238,7 +238,8 @@ def test_a_huge_body_gets_413_and_the_server_serves_the_next_request_exactly(ser
 
 def test_the_http_guard_relays_what_fits_and_refuses_the_rest_in_one_line():
     """The guard in front of a plain HTTP server: bodies up to the limit pass through unchanged, keep-alive
-    included; a larger one, a chunked one and an oversized head get 413, 411 and 431 without reaching it."""
+    included; a larger one, a chunked one, an oversized head and a malformed one get 413, 411, 431 and 400 without
+    reaching it."""
     import http.client
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -274,10 +275,11 @@ def test_the_http_guard_relays_what_fits_and_refuses_the_rest_in_one_line():
             ({"Content-Length": "1001"}, b"x" * 1001, 413, "the request body is 1001 bytes, more than this server"),
             ({"Transfer-Encoding": "chunked"}, None, 411, "send the request body with a Content-Length"),
             ({"X-Long": "y" * (70 << 10)}, b"", 431, "the request head is longer than"),
+            ({}, b"", 400, "the request head is malformed: Missing mandatory Host: header"),
         ]
         for headers, body, status, message in refusals:
             refused = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            refused.putrequest("POST", "/v2/models/m/infer")
+            refused.putrequest("POST", "/v2/models/m/infer", skip_host=not headers)
             for name, value in headers.items():
                 refused.putheader(name, value)
             refused.endheaders(body)

@@ -5,22 +5,36 @@ Triton 2.51's HTTP server has no body limit of its own (no --http-max-input-size
 `application/x-www-form-urlencoded` body (what `curl -d` sends) as query arguments before any handler runs: such a
 body of about 4 MB kills the whole server with signal 11 (3,000,000 bytes survive, 4,194,000 do not, on any path,
 /v2/health/ready included). The relay reads each request's head, refuses a body over MAX_BODY (413), a body of
-unknown length (411: chunked transfer encoding) and an oversized head (431) with one JSON error line, and passes
-everything else through unchanged, the responses (server-sent events included) byte for byte. A client that
-disconnects closes its server connection, so Triton still sees the cancellation.
+unknown length (411: chunked transfer encoding), an oversized head (431) and a malformed one (400) with one JSON error
+line, and passes everything else through unchanged, the responses (server-sent events included) byte for byte. A
+client that disconnects closes its server connection, so Triton still sees the cancellation.
+
+The generate endpoints of the served models get one more check: a JSON body whose values their inputs' datatypes
+cannot take, which Triton 2.51 answers with HTTP 500 before the model sees it, and a streaming request in canvasrt's
+own protocol on /generate, which it answers 200 with an error, are refused with 400 and a line that names the field
+(`protocol.generate_json_error`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
+
+import h11
+
+from .protocol import BATCHED_MODEL, GENERATE_MODEL, generate_json_error
 
 MAX_BODY = 2 << 20  # bytes of a request body: below the ~4 MB that kills the server, above any prompt a context holds
 MAX_HEAD = 64 << 10  # bytes of a request line and headers
 DRAIN = 64 << 20  # bytes of a refused body read and dropped before closing, so that the client reads the refusal
 CHUNK = 1 << 16
-REASONS = {411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large"}
+REASONS = {400: "Bad Request", 411: "Length Required", 413: "Content Too Large", 431: "Request Header Fields Too Large"}
+# the generate endpoints of the served models: group 1 is "generate" or "generate_stream"
+GENERATE = re.compile(
+    rf"/v2/models/(?:{GENERATE_MODEL}|{BATCHED_MODEL})(?:/versions/\d+)?/(generate(?:_stream)?)(?:\?.*)?".encode()
+)
 
 
 class RequestRefused(Exception):
@@ -29,18 +43,22 @@ class RequestRefused(Exception):
         self.status, self.body_left = status, body_left
 
 
-def body_length(head: bytes, max_body: int) -> int:
-    """The body length a request head declares, refused (RequestRefused) past `max_body` or when unknown."""
+def request_head(head: bytes, max_body: int) -> tuple[bytes, bytes, int]:
+    """The method, target and body length of a request head (parsed by h11), refused (RequestRefused) where it is
+    malformed, or its body is over `max_body` or of unknown length."""
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    connection.receive_data(head)
+    try:
+        request = connection.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise RequestRefused(400, f"the request head is malformed: {exc}; send an HTTP/1.1 request") from None
+    assert isinstance(request, h11.Request)  # a whole head, up to its blank line, is a request or an error
     length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name, value = name.strip().lower(), value.strip()
-        if name == b"transfer-encoding" and value.lower() != b"identity":
+    for name, value in request.headers:
+        if name == b"transfer-encoding":
             raise RequestRefused(411, "send the request body with a Content-Length, not a chunked transfer encoding")
         if name == b"content-length":
-            if not value.isdigit():
-                raise RequestRefused(413, f"the Content-Length {value.decode('latin-1')!r} is not a byte count")
-            length = int(value)
+            length = int(value)  # h11 refuses one that is not a byte count
     if length > max_body:
         raise RequestRefused(
             413,
@@ -48,7 +66,7 @@ def body_length(head: bytes, max_body: int) -> int:
             "prompt or fewer prompt ids",
             body_left=length,
         )
-    return length
+    return request.method, request.target, length
 
 
 class HttpGuard:
@@ -101,7 +119,16 @@ class HttpGuard:
                     break
                 except asyncio.LimitOverrunError:
                     raise RequestRefused(431, f"the request head is longer than {MAX_HEAD} bytes") from None
-                left = body_length(head, self.max_body)
+                method, target, left = request_head(head, self.max_body)
+                generate = GENERATE.fullmatch(target) if method == b"POST" else None
+                if generate is not None and left:  # the whole body first, to check its values
+                    body = await client.readexactly(left)
+                    error = _generate_error(body, generate.group(1) == b"generate")
+                    if error is not None:
+                        raise RequestRefused(400, error)
+                    forward.write(head + body)
+                    await forward.drain()
+                    continue
                 forward.write(head)
                 while left:
                     data = await client.read(min(left, CHUNK))
@@ -113,7 +140,7 @@ class HttpGuard:
                 await forward.drain()
         except RequestRefused as refused:
             await self._refuse(client, reply, refused)
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
             back.cancel()
@@ -151,3 +178,12 @@ class HttpGuard:
                 left -= len(data)
         except (ConnectionError, asyncio.TimeoutError):
             pass
+
+
+def _generate_error(body: bytes, one_response: bool) -> str | None:
+    """The refusal of a generate endpoint's body, where it parses as JSON; Triton answers a body that does not."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return generate_json_error(parsed, one_response)

@@ -1,12 +1,13 @@
 """An OpenAI-compatible HTTP API in front of `canvasrt_generate`: `/v1/models`, `/v1/completions`,
 `/v1/chat/completions`, whole responses and server-sent-event streams.
 
-A FastAPI app that forwards every request to the loop model over tritonclient's asyncio gRPC stream, so Triton stays
-the engine: its queue, a request's settings bounds and its cancellation cover every request, and the front end holds
-nothing of its own but the tokenizer that applies the chat template (transformers' `apply_chat_template`, the
+A FastAPI app that forwards every request to the loop model over tritonclient's asyncio gRPC streaming, so Triton
+stays the engine: its queue, a request's settings bounds and its cancellation cover every request, and the front end
+holds nothing of its own but the tokenizer that applies the chat template (transformers' `apply_chat_template`, the
 checkpoint's own template). Completions send their prompt as text (`text_input`, tokenized by the model as
 `canvasrt generate --prompt` does); chat sends the templated token ids. A stream carries one chunk per committed
-canvas, the last one with its finish_reason.
+canvas, the last one with its finish_reason. The gRPC streams stay open between requests, one request at a time on
+each (`_Stream`).
 
 Errors have OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`): 400 for what the request asks (bad
 JSON, wrong types, unknown fields, options the sampler cannot honour, what the model refuses), 503 when the model's
@@ -34,8 +35,8 @@ from .protocol import INTERNAL_ERROR, input_tensor
 from .repository import GENERATE_MODEL
 
 OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
-DISCONNECT_POLL_S = 0.05
 STREAM_END_S = 5.0  # how long shutdown waits for finished streams' closing status
+IDLE_STREAMS = 64  # open gRPC streams kept for the next requests; one more request than this opens a stream of its own
 
 
 IMAGE_MARKER = "<|image|>"  # the Gemma 4 tokenizer's image token: where an image_url part stood in the text
@@ -142,6 +143,7 @@ class FrontEnd:
         self.completion, self.chat = _request_models()
         self._client: Any = None
         self._ending: set[asyncio.Task[None]] = set()  # streams read to their end after their final response
+        self._idle: list[_Stream] = []  # open streams whose last request has had its final response
 
     @property
     def client(self) -> Any:
@@ -161,6 +163,8 @@ class FrontEnd:
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             yield
+            while self._idle:
+                self.end_stream(self._idle.pop())
             if self._ending:  # closing the channel first would cancel them after their final response
                 await asyncio.wait(set(self._ending), timeout=STREAM_END_S)
             if self._client is not None:
@@ -210,17 +214,30 @@ class FrontEnd:
 
         return app
 
-    def read_to_end(self, call: Any) -> None:
-        """Reads a gRPC stream whose final response is in up to the server's closing status, on a task of its own.
+    def stream(self) -> "_Stream":
+        """An open gRPC stream for one request: an idle one, or a new one."""
+        return self._idle.pop() if self._idle else _Stream(self.client)
 
-        A stream must not be cancelled (nor dropped, which cancels it) between its request's final response and that
-        status: Triton's gRPC front end (2.51) then marks the finished request cancelled and waits for a callback
-        that never comes, so the request, and with it the model, is never released, and tritonserver cannot unload
-        the model when it stops (it waits out its exit timeout)."""
+    def reuse(self, stream: "_Stream") -> None:
+        """Keeps a stream whose request has had its final response for the next request, or ends it."""
+        if len(self._idle) < IDLE_STREAMS:
+            self._idle.append(stream)
+        else:
+            self.end_stream(stream)
+
+    def end_stream(self, stream: "_Stream") -> None:
+        """Ends a stream whose last request has had its final response: sends the end of its requests and reads it
+        up to the server's closing status, on a task of its own.
+
+        Such a stream must not be cancelled (nor dropped, which cancels it) before that status: Triton's gRPC front
+        end (2.51) then marks the finished request cancelled and waits for a callback that never comes, so the
+        request, and with it the model, is never released, and tritonserver cannot unload the model when it stops
+        (it waits out its exit timeout)."""
+        stream.requests.put_nowait(None)
 
         async def drain() -> None:
             with contextlib.suppress(Exception):
-                async for _ in call:
+                async for _ in stream.call:
                     pass
 
         task = asyncio.ensure_future(drain())
@@ -365,9 +382,27 @@ class FrontEnd:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
+class _Stream:
+    """A gRPC stream to Triton (ModelStreamInfer) that carries one request at a time: the next request goes on it
+    once the last one's final response has come. A request then costs one message rather than a stream of its own
+    (an HTTP/2 stream opened and closed, and grpc's per-call setup: the largest share of the front end's CPU time per
+    request where each request opens a stream). Cancelling the stream cancels the request on it; Triton 2.51 has no
+    other way to cancel a streamed request."""
+
+    def __init__(self, client: Any):
+        self.requests: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            while (request := await self.requests.get()) is not None:
+                yield request
+
+        self.call = client.stream_infer(requests())
+
+
 class _Generation:
-    """One request to the loop model over a gRPC stream: its responses as plain values, up to the final one;
-    `cancel()` before that cancels the Triton request, which frees its slot at the next denoising step."""
+    """One request to the loop model on a gRPC stream: its responses as plain values, up to the final one, after
+    which the stream serves the next request; `cancel()` before that cancels the Triton request (and ends the
+    stream), which frees its slot at the next denoising step."""
 
     def __init__(self, front_end: FrontEnd, inputs: dict[str, np.ndarray]):
         import tritonclient.grpc.aio as grpcclient
@@ -384,21 +419,22 @@ class _Generation:
             "outputs": [grpcclient.InferRequestedOutput(name) for name in OUTPUTS],
         }
 
-        async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield request
-
         self.front_end = front_end
-        self.call = front_end.client.stream_infer(one_request())
+        self.stream = front_end.stream()
+        self.stream.requests.put_nowait(request)
         self.finished = False
 
     async def next(self) -> dict[str, Any]:
         try:
-            result, error = await self.call.__anext__()
+            result, error = await self.stream.call.__anext__()
         except StopAsyncIteration:
             self.finished = True
             raise APIError(
                 500, f"{INTERNAL_ERROR}the model's stream ended without a final response", kind="server_error"
             ) from None
+        except BaseException:  # the stream failed or this read was cancelled: the stream is not reused
+            self.cancel()
+            raise
         if error is not None:  # the request's final response
             self._end()
             raise _triton_error(error.message())
@@ -414,12 +450,12 @@ class _Generation:
 
     def _end(self) -> None:
         self.finished = True
-        self.front_end.read_to_end(self.call)
+        self.front_end.reuse(self.stream)
 
     def cancel(self) -> None:
         if not self.finished:
             self.finished = True
-            self.call.cancel()
+            self.stream.call.cancel()
 
 
 class _Reply:
@@ -515,22 +551,30 @@ def _data_url(image_url: Any, message: int) -> bytes:
 
 
 async def _unless_disconnected(request: Any, awaitable: Any) -> Any:
-    """`awaitable`'s result; _ClientGone (the awaitable cancelled) when the client disconnects first."""
+    """`awaitable`'s result; _ClientGone (the awaitable cancelled) when the client disconnects first. The
+    disconnect is the ASGI server's message, awaited beside the work rather than polled, so a request that waits for
+    its first response wakes the event loop only when something happens."""
     work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return work.result()
-            if await request.is_disconnected():
-                raise _ClientGone
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        raise _ClientGone
     finally:
-        if not work.done():
-            work.cancel()
-            try:
-                await work
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (work, gone):
+            if not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+
+async def _disconnected(request: Any) -> None:
+    """Returns once the client has disconnected (its body is read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _validation_error(errors: Any) -> APIError:

@@ -450,6 +450,45 @@ def request_inputs(
     return inputs
 
 
+def generate_json_error(body: Any, one_response: bool) -> str | None:
+    """What Triton's HTTP generate endpoints would answer badly for a JSON request body, as one line that names the
+    field and the fix: a value its input's datatype cannot take (Triton 2.51 answers those with HTTP 500 before the
+    model sees them), and, on /generate (`one_response`), a request in canvasrt's own protocol that streams (Triton
+    then answers 200 with its own "expects exactly 1 response" error). None for a body the model should judge."""
+    if not isinstance(body, dict):
+        return None  # Triton refuses what is not a JSON object itself
+    fields = {f.name: f for f in ALL_INPUTS}
+    for name, value in body.items():
+        field = fields.get(name)
+        if field is None or field.dtype == "BYTES":
+            continue
+        listed = isinstance(value, list) and field.dims == (-1,)
+        for item in value if listed else [value]:
+            problem = _json_value_problem(item, field.dtype)
+            if problem is not None:
+                what = f"each of {name}" if listed else name
+                return f"{what} must be {problem} (input type {field.dtype}), got {json.dumps(item)[:80]}"
+    native = not body.get("parameters") and set(body) - {"parameters"} <= {f.name for f in INPUTS}
+    if one_response and native and body.get("stream", True) is not False:
+        return (
+            "/generate sends one response, and a request in canvasrt's own protocol (prompt, prompt_ids) streams "
+            'unless it says "stream": false; send "stream": false, or use /generate_stream'
+        )
+    return None
+
+
+def _json_value_problem(value: Any, dtype: str) -> str | None:
+    """What a JSON value for an input of Triton datatype `dtype` must be, where it is not that; None where it is."""
+    if dtype == "BOOL":
+        return None if isinstance(value, bool) else "true or false"
+    if dtype.startswith("FP"):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    info = np.iinfo(NUMPY[dtype])
+    if isinstance(value, int) and not isinstance(value, bool) and info.min <= value <= info.max:
+        return None
+    return f"an integer from {info.min} to {info.max}"
+
+
 def input_tensor(name: str, value: Any, triton_dtype: str) -> np.ndarray:
     """One value as a one-element input tensor of `triton_dtype`, refused where the type cannot hold it."""
     # numpy would wrap an out-of-range int or turn a finite float into inf (with a warning), which the server then
