@@ -36,10 +36,26 @@ torch.set_num_threads(1)
 SLOW_FIXTURES = {"sort_fp8", "tiny_fp8_artifacts", "tiny_engines", "triton_env"}
 
 
+# The files that take longest in the full suite, longest first. scripts/test.sh hands whole files to its two workers
+# in collection order (`--dist loadfile --no-loadscope-reorder`), so these start first and the shorter files fill in
+# behind them: the workers finish close together instead of one of them starting a long file near the end.
+LONGEST_FILES = (
+    "test_integrity.py",
+    "test_engine_build.py",
+    "test_triton.py",
+    "test_bad_input.py",
+    "test_vision.py",
+    "test_calibration.py",
+    "test_openai.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 # A second geometry, different from the tiny preset on every axis the graphs depend on: no GQA on sliding layers,
