@@ -23,6 +23,7 @@ from canvasrt.model.random_checkpoint import (
     build_random_model,
     byte_level_tokenizer,
     generation_config,
+    preset_text,
     write_random_checkpoint,
 )
 from support import bidirectional_images, cli
@@ -134,6 +135,14 @@ def _built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Pat
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _built_once(tmp_path_factory, "tiny-ckpt", lambda path: _write_checkpoint(path, PRESETS["tiny"]["text"]))
+
+
+@pytest.fixture(scope="session")
+def short_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset cut to its first two layers (a sliding and a full one), for tests whose export is refused at
+    its end or whose outcome does not depend on the depth: an export traces every layer, so it takes about half as
+    long."""
+    return _built_once(tmp_path_factory, "short-ckpt", lambda path: _write_checkpoint(path, preset_text("tiny", 2)))
 
 
 @pytest.fixture(scope="session")
@@ -273,11 +282,12 @@ def tiny_engines(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def vision_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset (its tiny vision tower and image processor) with images attending bidirectionally, as the
-    released config has it."""
+    released config has it; two text layers (a sliding and a full one), which every vision test covers, so that
+    its export, calibration and engines take about half as long."""
     return _built_once(
         tmp_path_factory,
         "vision-ckpt",
-        lambda path: bidirectional_images(write_random_checkpoint(path, "tiny"), "vision"),
+        lambda path: bidirectional_images(write_random_checkpoint(path, "tiny", layers=2), "vision"),
     )
 
 
