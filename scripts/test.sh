@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # One pytest worker per core; a test file's tests stay on one worker, so its module fixtures (a served repository)
-# are built once.
-PARALLEL=(-n 2 --dist loadfile)
+# are built once. Files are handed out in collection order, which tests/conftest.py starts with the longest files.
+PARALLEL=(-n 2 --dist loadfile --no-loadscope-reorder)
 cut=()
 if command -v unshare >/dev/null && command -v ip >/dev/null; then
   if unshare --net true 2>/dev/null; then

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints written through transformers, and their exported artifacts.
 
-Session-scoped because exports take tens of seconds; tests must not modify them.
+Session-scoped because exports take tens of seconds, and built once for the whole run: pytest-xdist's workers share
+them (see `_built_once`). Tests must not modify them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,22 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from filelock import FileLock
+from PIL import Image
 
 from canvasrt.exporter.export import export
-from canvasrt.model.random_checkpoint import PRESETS, build_random_model, byte_level_tokenizer, generation_config
-from support import cli
+from canvasrt.model.random_checkpoint import (
+    PRESETS,
+    build_random_model,
+    byte_level_tokenizer,
+    generation_config,
+    preset_text,
+    write_random_checkpoint,
+)
+from support import bidirectional_images, cli
 
 # Two cores in CI; one intra-op thread keeps torch from oversubscribing them next to ONNX Runtime.
 torch.set_num_threads(1)
@@ -26,10 +37,26 @@ torch.set_num_threads(1)
 SLOW_FIXTURES = {"sort_fp8", "tiny_fp8_artifacts", "tiny_engines", "triton_env"}
 
 
+# The files that take longest in the full suite, longest first. scripts/test.sh hands whole files to its two workers
+# in collection order (`--dist loadfile --no-loadscope-reorder`), so these start first and the shorter files fill in
+# behind them: the workers finish close together instead of one of them starting a long file near the end.
+LONGEST_FILES = (
+    "test_integrity.py",
+    "test_engine_build.py",
+    "test_triton.py",
+    "test_bad_input.py",
+    "test_vision.py",
+    "test_calibration.py",
+    "test_openai.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 # A second geometry, different from the tiny preset on every axis the graphs depend on: no GQA on sliding layers,
@@ -87,66 +114,106 @@ def _write_checkpoint(
     return path
 
 
+def _built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """`build(path)` once per test run. pytest-xdist's workers have base directories of their own under the run's;
+    the artifacts live beside them, and the first worker to ask builds them while the others wait on its lock, so
+    a checkpoint and its exports are the same files on every worker."""
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    shared = root / "shared"
+    shared.mkdir(exist_ok=True)
+    path = shared / name
+    with FileLock(shared / f"{name}.lock"):
+        done = shared / f"{name}.done"
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", PRESETS["tiny"]["text"])
+    return _built_once(tmp_path_factory, "tiny-ckpt", lambda path: _write_checkpoint(path, PRESETS["tiny"]["text"]))
+
+
+@pytest.fixture(scope="session")
+def short_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset cut to its first two layers (a sliding and a full one), for tests whose export is refused at
+    its end or whose outcome does not depend on the depth: an export traces every layer, so it takes about half as
+    long."""
+    return _built_once(tmp_path_factory, "short-ckpt", lambda path: _write_checkpoint(path, preset_text("tiny", 2)))
 
 
 @pytest.fixture(scope="session")
 def variant_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "variant", VARIANT, old_format=True, shard="40KB")
+    return _built_once(
+        tmp_path_factory, "variant-ckpt", lambda path: _write_checkpoint(path, VARIANT, old_format=True, shard="40KB")
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Default export (no logits output), dense MoE, fp32, the vocabulary (288) in chunks of 100, 100 and 88."""
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    export(tiny_checkpoint, out, max_context=128, vocab_chunk=100)
-    return out
+    return _built_once(
+        tmp_path_factory, "tiny", lambda out: export(tiny_checkpoint, out, max_context=128, vocab_chunk=100)
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_debug_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("art") / "tiny-debug"
-    export(tiny_checkpoint, out, max_context=96, debug_logits=True)
-    return out
+    return _built_once(
+        tmp_path_factory, "tiny-debug", lambda out: export(tiny_checkpoint, out, max_context=96, debug_logits=True)
+    )
 
 
 @pytest.fixture(scope="session")
 def variant_artifacts(variant_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Default export (no logits) of the variant: other vocabulary, context capacity and prefill chunking; the
     vocabulary (320) in chunks of 96 (the last of 32)."""
-    out = tmp_path_factory.mktemp("art") / "variant"
-    export(variant_checkpoint, out, max_context=160, max_prefill=40, vocab_chunk=96)
-    return out
+    return _built_once(
+        tmp_path_factory,
+        "variant",
+        lambda out: export(variant_checkpoint, out, max_context=160, max_prefill=40, vocab_chunk=96),
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_fp16_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp16 with weights streamed into external data files (converted from the fp32 checkpoint on the way)."""
-    out = tmp_path_factory.mktemp("art") / "tiny-fp16"
-    export(tiny_checkpoint, out, dtype="fp16", max_context=96, debug_logits=True, external_data=True)
-    return out
+    return _built_once(
+        tmp_path_factory,
+        "tiny-fp16",
+        lambda out: export(tiny_checkpoint, out, dtype="fp16", max_context=96, debug_logits=True, external_data=True),
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_sparse_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("art") / "tiny-sparse"
-    export(tiny_checkpoint, out, moe="sparse", max_context=96, debug_logits=True)
-    return out
+    return _built_once(
+        tmp_path_factory,
+        "tiny-sparse",
+        lambda out: export(tiny_checkpoint, out, moe="sparse", max_context=96, debug_logits=True),
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_grouped_artifacts(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("art") / "tiny-grouped"
-    export(tiny_checkpoint, out, moe="grouped", max_context=96, debug_logits=True)
-    return out
+    return _built_once(
+        tmp_path_factory,
+        "tiny-grouped",
+        lambda out: export(tiny_checkpoint, out, moe="grouped", max_context=96, debug_logits=True),
+    )
 
 
 @pytest.fixture(scope="session")
 def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny geometry whose EOS embedding is scaled up, so that EOS shows up in committed canvases."""
-    return _write_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", PRESETS["tiny"]["text"], seed=3, eos_boost=2.0)
+    return _built_once(
+        tmp_path_factory,
+        "eos-ckpt",
+        lambda path: _write_checkpoint(path, PRESETS["tiny"]["text"], seed=3, eos_boost=2.0),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -173,9 +240,9 @@ def sort_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def sort_artifacts(sort_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained sort model, exported in fp32, its vocabulary (32) in chunks of 12, 12 and 8."""
-    out = tmp_path_factory.mktemp("art") / "sort"
-    export(sort_checkpoint, out, max_context=64, vocab_chunk=12)
-    return out
+    return _built_once(
+        tmp_path_factory, "sort", lambda out: export(sort_checkpoint, out, max_context=64, vocab_chunk=12)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -183,9 +250,11 @@ def sort_fp8(sort_checkpoint: Path, sort_artifacts: Path, tmp_path_factory: pyte
     """The trained sort model's FP8 artifacts, calibrated on 32 prompts of the task's calibration split."""
     from canvasrt.calibration.calibrate import calibrate
 
-    out = tmp_path_factory.mktemp("fp8") / "sort-fp8"
-    calibrate(sort_checkpoint, sort_artifacts, out, task="sort", samples=32)
-    return out
+    return _built_once(
+        tmp_path_factory,
+        "sort-fp8",
+        lambda out: calibrate(sort_checkpoint, sort_artifacts, out, task="sort", samples=32),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -193,16 +262,51 @@ def tiny_fp8_artifacts(tiny_checkpoint: Path, tiny_artifacts: Path, tmp_path_fac
     """The tiny preset's FP8 artifacts, calibrated on the built-in calibration prompts."""
     from canvasrt.calibration.calibrate import calibrate
 
-    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
-    calibrate(tiny_checkpoint, tiny_artifacts, out, samples=8)
-    return out
+    return _built_once(
+        tmp_path_factory, "tiny-fp8", lambda out: calibrate(tiny_checkpoint, tiny_artifacts, out, samples=8)
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_engines(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset's fp32 engine for SM89 (TensorRT-RTX, ahead of time), built once through `canvasrt build`."""
     pytest.importorskip("tensorrt_rtx")
-    out = tmp_path_factory.mktemp("eng") / "tiny-sm89"
-    result = cli("build", tiny_artifacts, "-o", out, "--target", "sm89")
-    assert result.exit_code == 0, result.output
-    return out
+
+    def build(out: Path) -> None:
+        result = cli("build", tiny_artifacts, "-o", out, "--target", "sm89")
+        assert result.exit_code == 0, result.output
+
+    return _built_once(tmp_path_factory, "tiny-sm89", build)
+
+
+@pytest.fixture(scope="session")
+def vision_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset (its tiny vision tower and image processor) with images attending bidirectionally, as the
+    released config has it; two text layers (a sliding and a full one), which every vision test covers, so that
+    its export, calibration and engines take about half as long."""
+    return _built_once(
+        tmp_path_factory,
+        "vision-ckpt",
+        lambda path: bidirectional_images(write_random_checkpoint(path, "tiny", layers=2), "vision"),
+    )
+
+
+@pytest.fixture(scope="session")
+def vision_artifacts(vision_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The vision checkpoint exported with --vision (vision.onnx beside a backbone that places soft tokens)."""
+    return _built_once(
+        tmp_path_factory,
+        "vision",
+        lambda out: export(vision_checkpoint, out, max_context=512, vocab_chunk=100, vision=True),
+    )
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two random images of other sizes and aspect ratios (so they get other patch counts and padding)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    wide, tall = folder / "wide.png", folder / "tall.jpg"
+    Image.fromarray(rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)).save(wide)
+    Image.fromarray(rng.integers(0, 255, (200, 120, 3), dtype=np.uint8)).save(tall)
+    return [wide, tall]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from click.testing import CliRunner, Result
 
 from canvasrt.cli import main
@@ -25,3 +28,12 @@ def assert_refused(result: Result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def bidirectional_images(checkpoint: Path, value: str | None) -> Path:
+    """Sets the checkpoint config's `use_bidirectional_attention` ("vision": images attend bidirectionally within
+    themselves, as the released config has it; None: causal throughout). Returns the checkpoint."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = value
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
+    return checkpoint

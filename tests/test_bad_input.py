@@ -640,11 +640,13 @@ def assert_one_line(done: subprocess.CompletedProcess, *fragments: str) -> None:
 
 @pytest.mark.slow  # each command runs to its limit in a subprocess, the export a whole trace
 @pytest.mark.parametrize("command", ["random-checkpoint", "export", "slice"])
-def test_a_file_size_limit_or_a_full_disk_is_one_line_and_leaves_nothing(command, tiny_checkpoint, tmp_path):
+def test_a_file_size_limit_or_a_full_disk_is_one_line_and_leaves_nothing(
+    command, tiny_checkpoint, short_checkpoint, tmp_path
+):
     out = tmp_path / "out"
     args = {
         "random-checkpoint": ["random-checkpoint", out],
-        "export": ["export", tiny_checkpoint, "-o", out, "--max-context", 64],
+        "export": ["export", short_checkpoint, "-o", out, "--max-context", 64],  # 1.3 MB of graph, half the trace
         "slice": ["slice", tiny_checkpoint, "--layers", "1", "-o", out],
     }[command]
     assert_one_line(_limited(args, 64 << 10), "file-size limit", "raise the limit or write elsewhere")

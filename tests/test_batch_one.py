@@ -23,9 +23,10 @@ TRITON_ENV = Path(os.environ.get("CANVASRT_TRITON_ENV", ROOT / ".venv-triton"))
 
 
 @pytest.fixture(scope="module")
-def batch_one_artifacts(tiny_checkpoint, tmp_path_factory) -> Path:
+def batch_one_artifacts(short_checkpoint, tmp_path_factory) -> Path:
+    """The two-layer checkpoint exported at max batch 1 (the batch, not the depth, is what these tests are about)."""
     out = tmp_path_factory.mktemp("b1") / "art"
-    result = cli("export", tiny_checkpoint, "-o", out, "--max-batch", 1, "--max-context", 64)
+    result = cli("export", short_checkpoint, "-o", out, "--max-batch", 1, "--max-context", 64)
     assert result.exit_code == 0, result.output
     return out
 
@@ -36,12 +37,12 @@ def generated(target: Path, *args) -> dict:
     return json.loads(result.output)
 
 
-def test_export_at_max_batch_1_generates_what_torch_generates(tiny_checkpoint, batch_one_artifacts):
+def test_export_at_max_batch_1_generates_what_torch_generates(short_checkpoint, batch_one_artifacts):
     manifest = json.loads((batch_one_artifacts / "manifest.json").read_text())
     assert manifest["capacity"]["max_batch"] == 1
     assert all(p["batch"] == [1, 1, 1] for g in manifest["graphs"].values() for p in g["profiles"].values())
     ours = generated(batch_one_artifacts)
-    assert ours["sequences"] == generated(tiny_checkpoint)["sequences"]
+    assert ours["sequences"] == generated(short_checkpoint)["sequences"]
     assert len(ours["sequences"][0]) > 5
 
 

@@ -180,10 +180,11 @@ def test_directories_of_the_previous_formats_are_refused_with_the_fix(tiny_artif
     ],
 )
 def test_weights_that_are_not_finite_floats_are_refused_with_their_name(
-    value, words, tiny_checkpoint, tiny_artifacts, tmp_path
+    value, words, tiny_checkpoint, tiny_artifacts, short_checkpoint, tmp_path
 ):
-    original = load_file(str(tiny_checkpoint / "model.safetensors"))[TENSOR]
-    broken = with_tensor(tiny_checkpoint, tmp_path / "ckpt", TENSOR, value(original))
+    # the export refuses the weight after tracing every layer: the two-layer checkpoint is as refused, in half the time
+    original = load_file(str(short_checkpoint / "model.safetensors"))[TENSOR]
+    broken = with_tensor(short_checkpoint, tmp_path / "ckpt", TENSOR, value(original))
     for args in (
         ["export", broken, "-o", tmp_path / "out"],
         ["generate", broken, "--prompt-ids", "5"],
@@ -191,6 +192,8 @@ def test_weights_that_are_not_finite_floats_are_refused_with_their_name(
     ):
         assert_refused(cli(*args), *words)
     # calibrate meets artifacts of the intact checkpoint: refused as another checkpoint before any weight is read
+    original = load_file(str(tiny_checkpoint / "model.safetensors"))[TENSOR]
+    broken = with_tensor(tiny_checkpoint, tmp_path / "tiny-ckpt", TENSOR, value(original))
     assert_refused(
         cli("calibrate", broken, tiny_artifacts, "-o", tmp_path / "out", "--samples", "1"),
         "is not the checkpoint",
@@ -320,12 +323,12 @@ def _checkpoint_of_another_tool(final: Path) -> None:
     "command", ["random-checkpoint", pytest.param("export", marks=pytest.mark.slow), "triton"]
 )  # an export is a whole trace in a subprocess
 def test_what_appears_at_the_output_while_a_command_runs_is_never_replaced(
-    command, intruder, tiny_checkpoint, tiny_artifacts, tmp_path, monkeypatch
+    command, intruder, short_checkpoint, tiny_artifacts, tmp_path, monkeypatch
 ):
     out = tmp_path / "out"
     args = {
         "random-checkpoint": ["random-checkpoint", out],
-        "export": ["export", tiny_checkpoint, "-o", out, "--max-context", 64],
+        "export": ["export", short_checkpoint, "-o", out, "--max-context", 64],
         "triton": ["triton", tiny_artifacts, "-o", out],
     }[command]
     _intruding(monkeypatch, intruder)
@@ -372,7 +375,7 @@ def test_outputs_get_the_permissions_the_umask_allows(tmp_path):
 
 @pytest.mark.slow
 def test_inputs_that_change_while_a_command_reads_them_are_refused(
-    tiny_checkpoint, tiny_artifacts, variant_checkpoint, write_checkpoint, tmp_path
+    tiny_checkpoint, tiny_artifacts, variant_artifacts, short_checkpoint, tmp_path
 ):
     """An export into the artifact directory while calibrate runs, a checkpoint rewritten while export runs: each
     refused before the output is swapped in, nothing written."""
@@ -381,19 +384,19 @@ def test_inputs_that_change_while_a_command_reads_them_are_refused(
     from canvasrt.exporter.export import export
 
     artifacts = shutil.copytree(tiny_artifacts, tmp_path / "art")
-    other = export(variant_checkpoint, tmp_path / "other", max_context=64).directory
 
     def swap_artifacts(text: str) -> None:
         if text.startswith("running the loop"):
-            for source in Path(other).iterdir():
+            for source in variant_artifacts.iterdir():
                 shutil.copy2(source, artifacts / source.name)
 
     with pytest.raises(CanvasrtError, match="changed while `canvasrt calibrate` ran"):
         calibrate(tiny_checkpoint, artifacts, tmp_path / "fp8", samples=1, progress=swap_artifacts)
     assert not (tmp_path / "fp8").exists()
 
-    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
-    retrained = write_checkpoint(tmp_path / "retrained", PRESETS["tiny"]["text"], seed=5)
+    checkpoint = shutil.copytree(short_checkpoint, tmp_path / "ckpt")
+    weight = load_file(str(checkpoint / "model.safetensors"))[TENSOR]
+    retrained = with_tensor(checkpoint, tmp_path / "retrained", TENSOR, weight * 2)  # same config, other weights
 
     def swap_weights(text: str) -> None:
         if text.startswith("exporting"):

@@ -630,14 +630,14 @@ def test_a_checkpoint_is_served_by_the_torch_executor_in_process(tiny_checkpoint
     )
 
 
-def test_a_burst_of_eight_shares_every_step_call(tiny_checkpoint, triton_env, tmp_path):
+def test_a_burst_of_eight_shares_every_step_call(short_checkpoint, triton_env, tmp_path):
     """The issue's ratio, served: 8 concurrent 1-canvas requests on one instance of 8 slots run in 16 step calls for
     their 128 row-steps (1/8; the target is at most 1/4), because the batch window holds the idle instance's first
     step until the burst has arrived; each reply is exactly its own `canvasrt generate`."""
     from canvasrt.exporter.export import export
 
     artifacts = tmp_path / "tiny-b8"
-    export(tiny_checkpoint, artifacts, max_batch=8, max_context=64)
+    export(short_checkpoint, artifacts, max_batch=8, max_context=64)
     repository = tmp_path / "repo"
     write_repository(artifacts, repository, "in-process", instances=1, threads=1, batch_window_ms=5000)
     settings = {"max_new_tokens": 16, "max_denoising_steps": 16, "stability_threshold": 17}  # one canvas, 16 steps

@@ -14,7 +14,6 @@ from PIL import Image
 
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.model.checkpoint import Checkpoint
-from canvasrt.model.random_checkpoint import write_random_checkpoint
 from canvasrt.runtime.images import (
     ImageProcessor,
     PromptImages,
@@ -22,33 +21,7 @@ from canvasrt.runtime.images import (
     expand_text,
     image_chunks,
 )
-from support import assert_refused, cli
-
-
-def _bidirectional(path: Path, value: str | None) -> Path:
-    config = json.loads((path / "config.json").read_text())
-    config["text_config"]["use_bidirectional_attention"] = value
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return path
-
-
-@pytest.fixture(scope="module")
-def vision_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset (its tiny vision tower and image processor) with images attending bidirectionally, as the
-    released config has it."""
-    path = write_random_checkpoint(tmp_path_factory.mktemp("vision") / "tiny", "tiny")
-    return _bidirectional(path, "vision")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two random images of other sizes and aspect ratios (so they get other patch counts and padding)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    wide, tall = folder / "wide.png", folder / "tall.jpg"
-    Image.fromarray(rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)).save(wide)
-    Image.fromarray(rng.integers(0, 255, (200, 120, 3), dtype=np.uint8)).save(tall)
-    return [wide, tall]
+from support import assert_refused, bidirectional_images, cli
 
 
 def _reference(checkpoint: Path):
@@ -95,7 +68,7 @@ def test_prefill_places_soft_tokens_like_generate(
         checkpoint.mkdir()
         for file in vision_checkpoint.iterdir():
             (checkpoint / file.name).write_bytes(file.read_bytes())
-        _bidirectional(checkpoint, None)
+        bidirectional_images(checkpoint, None)
     ids, batch = _image_prompt(checkpoint, images)
     opened = Checkpoint.open(checkpoint)
     vision = opened.vision
@@ -272,15 +245,6 @@ def test_images_need_a_model_that_takes_them(tiny_artifacts: Path, images: list[
 # -- the vision export and ONNX Runtime ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vision_artifacts(vision_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from canvasrt.exporter.export import export
-
-    out = tmp_path_factory.mktemp("vision-art") / "tiny"
-    export(vision_checkpoint, out, max_context=512, vocab_chunk=100, vision=True)
-    return out
-
-
 @pytest.mark.slow
 def test_vision_export_runs_on_onnxruntime_like_torch(
     vision_checkpoint: Path, vision_artifacts: Path, images: list[Path]
@@ -313,10 +277,12 @@ def test_vision_export_runs_on_onnxruntime_like_torch(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["step", "loop"])
-def test_parity_with_images(vision_checkpoint: Path, vision_artifacts: Path, images: list[Path], level: str) -> None:
+def test_parity_with_images(
+    vision_checkpoint: Path, vision_artifacts: Path, images: list[Path], tmp_path: Path, level: str
+) -> None:
     """`canvasrt parity --image`: the vision graph's soft tokens, the prefill K/V around them, the steps (step
     level); transformers' generate() with the same pixel values and the loop on ONNX Runtime (loop level)."""
-    report = vision_artifacts.parent / f"parity-{level}.json"
+    report = tmp_path / f"parity-{level}.json"
     args = ["--level", level, "--report", report, "--image", images[0], "--image", images[1]]
     result = cli("parity", vision_checkpoint, vision_artifacts, *args)
     assert result.exit_code == 0, result.output
