@@ -282,6 +282,12 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     callback=positive,
     help="N requests through the in-flight scheduler (N slots) against the same N one at a time",
 )
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="another export of the same model (say without --vision): the same text request on both, alternating",
+)
 @image_option
 @device_option
 @dtype_option
@@ -296,6 +302,7 @@ def bench_command(
     threads: int | None,
     provider: str,
     concurrency: int | None,
+    against: Path | None,
     image: tuple[Path, ...],
     device: str,
     dtype: str | None,
@@ -304,8 +311,32 @@ def bench_command(
     """Time the step backends on TARGET side by side in one run; ratios are against the first backend. With
     --image: the vision graph per image (against transformers' vision tower) and the first canvas of an image
     prompt against a text prompt of the same length."""
-    from ..validation.bench import bench, bench_concurrency, bench_images, format_table
+    from ..validation.bench import bench, bench_against, bench_concurrency, bench_images, format_table
 
+    if against is not None:
+        if image or concurrency is not None or len(backends) > 1:
+            raise CanvasrtError(
+                "--against times one text request on two targets; leave out --image, --concurrency "
+                "and all but one --backend"
+            )
+        results = bench_against(
+            target, against, backends[0] if backends else None, batch, prompt_length, steps, threads, provider
+        )
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+            return
+        for role in ("target", "other"):
+            entry = results["targets"][role]
+            click.echo(
+                f"{entry['path']} ({entry['backend']}): first canvas {entry['first_canvas']['median_ms']:.1f} ms, "
+                f"prefill {entry['prefill']['median_ms']:.1f} ms, step {entry['step']['median_ms']:.2f} ms"
+            )
+        ratios = results["other_over_target"]
+        click.echo(
+            f"{against} over {target}: first canvas {ratios['first_canvas']:.3f}x, prefill {ratios['prefill']:.3f}x, "
+            f"step {ratios['step']:.3f}x"
+        )
+        return
     if image:
         if concurrency is not None:
             raise CanvasrtError("--image and --concurrency measure different things; give one of them")

@@ -542,3 +542,61 @@ def _timed(run: Callable[[], Any]) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+def bench_against(
+    target: str | Path,
+    other: str | Path,
+    backend: str | None,
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    threads: int | None,
+    provider: str = "cpu",
+    rounds: int = 5,
+) -> dict[str, Any]:
+    """The same text request on two targets of one model (say one export with and one without --vision), side by
+    side in alternating rounds (`alternate`): each round generates one canvas (the prefill and `steps` steps) on
+    each. Per target the first canvas, the prefill and the step (every step of every round); `other` over `target`
+    as ratios of the medians."""
+    targets = {"target": open_target(target), "other": open_target(other)}
+    runners = {
+        role: open_backend(
+            opened, backend or default_backend(opened), provider=provider, threads=threads, max_batch=batch
+        )
+        for role, opened in targets.items()
+    }
+    spec = runners["target"].spec
+    if runners["other"].spec.model != spec.model or runners["other"].spec.capacity.canvas != spec.capacity.canvas:
+        raise CanvasrtError(f"{other} holds another model than {target}; --against compares two forms of one model")
+    canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
+    settings = _no_early_stop(spec.generation, steps, canvas, 1)
+    ids, padding = _request(vocab, batch, prompt_length)
+
+    def one_canvas(runner: StepBackend) -> tuple[float, Any]:
+        start = time.perf_counter()
+        result = generate(runner, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
+        return time.perf_counter() - start, result.timings
+
+    with contextlib.ExitStack() as stack:
+        for runner in runners.values():
+            stack.enter_context(runner)
+        times = alternate({role: lambda r=runner: one_canvas(r) for role, runner in runners.items()}, rounds)
+    results: dict[str, Any] = {
+        "config": {"batch": batch, "prompt_length": prompt_length, "steps": steps, "rounds": rounds},
+        "targets": {},
+    }
+    for role, path in (("target", target), ("other", other)):
+        runs = times[role]
+        results["targets"][role] = {
+            "path": str(path),
+            "backend": runners[role].name,
+            "first_canvas": _stats([total for total, _ in runs]),
+            "prefill": _stats([timings["prefill_s"] for _, timings in runs]),
+            "step": _stats([s for _, timings in runs for s in timings["step_wall_s"]]),
+        }
+    mine, theirs = results["targets"]["target"], results["targets"]["other"]
+    results["other_over_target"] = {
+        key: theirs[key]["median_ms"] / mine[key]["median_ms"] for key in ("first_canvas", "prefill", "step")
+    }
+    return results
