@@ -181,3 +181,12 @@ def test_fp8_vision_graph_calibrated_on_images_and_bisected(
     assert result.exit_code == 0 and "vision graph is not quantized" in result.output, result.output
     found = json.loads(bisected.read_text())
     assert not found["vision"]["quantized"] and not any(r["group"].startswith("vision") for r in found["bisect"])
+
+
+@pytest.mark.slow
+def test_step_models_refuse_a_vision_export(vision_artifacts: Path, tmp_path: Path) -> None:
+    """The BLS step models serve no images: a --vision export is refused for them in one line, nothing written."""
+    out = tmp_path / "repo"
+    result = cli("triton", vision_artifacts, "-o", out, "--step-backend", "python")
+    assert_refused(result, "vision graph", "leave out --step-backend")
+    assert not out.exists()
