@@ -13,7 +13,7 @@ import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -98,6 +98,8 @@ def calibrate(
         raise CanvasrtError(f"--weights takes one of {', '.join(WEIGHT_MODES)}")
     if manifest.quantization is not None:
         raise CanvasrtError(f"{artifacts} is already quantized; calibrate the fp32/fp16 export instead")
+    if manifest.vision is None and (images or quantize_vision):  # before the digests of every weight file
+        _no_vision(Path(artifacts), "--quantize-vision" if quantize_vision else "--image")
     opened = Checkpoint.open(checkpoint)
     opened.check_memory(dtype, device, "calibration's torch backend")  # before the digests read every weight file
     opened.check_source_of(manifest, artifacts)
@@ -173,11 +175,7 @@ def _check_images(
     and image files the image processor cannot read."""
     sets = {tuple(p["images"]) for p in prompts if p.get("images")}
     if (sets or quantize_vision) and manifest.vision is None:
-        what = "--quantize-vision" if quantize_vision else "calibration prompts with images"
-        raise CanvasrtError(
-            f"{artifacts} was exported without --vision, so {what} have no vision graph to run; re-export with "
-            "--vision, or drop the images"
-        )
+        _no_vision(artifacts, "--quantize-vision" if quantize_vision else "calibration prompts with images")
     if quantize_vision and not sets:
         raise CanvasrtError(
             "--quantize-vision calibrates the vision graph on the calibration prompts' images; pass --image (or a "
@@ -187,6 +185,13 @@ def _check_images(
     for paths in sets:
         assert processor is not None
         processor(list(paths))
+
+
+def _no_vision(artifacts: Path, what: str) -> NoReturn:
+    raise CanvasrtError(
+        f"{artifacts} was exported without --vision: there is no vision graph for {what}; re-export with --vision, "
+        "or drop the images"
+    )
 
 
 def _check_inputs_unchanged(manifest: ArtifactManifest, checkpoint: Checkpoint, artifacts: Path) -> None:
