@@ -34,14 +34,18 @@ from ..runtime.step import StepBackend
 Result = TypeVar("Result")
 
 
-def alternate(runs: dict[str, Callable[[], Result]], rounds: int, warmup: bool = True) -> dict[str, list[Result]]:
+def alternate(
+    runs: dict[str, Callable[[], Result]], rounds: int, warmup: bool = True, swap: bool = False
+) -> dict[str, list[Result]]:
     """Runs every contender once per round, in turn (A, B, A, B, ...), so that the machine's drift hits all of them
     alike: two benchmarks run one after the other on a shared machine can differ by more than the change measured.
-    With `warmup`, a first untimed round runs before the `rounds` kept ones. Returns each contender's results in
-    round order."""
+    With `warmup`, a first untimed round runs before the `rounds` kept ones. With `swap`, every other round runs
+    them in reverse order (A, B, B, A, ...), so that no contender always runs first in its round. Returns each
+    contender's results in round order."""
     results: dict[str, list[Result]] = {name: [] for name in runs}
     for round_ in range(rounds + int(warmup)):
-        for name, run in runs.items():
+        order = list(runs.items())
+        for name, run in order[::-1] if swap and round_ % 2 else order:
             result = run()
             if round_ >= int(warmup):
                 results[name].append(result)
@@ -553,12 +557,12 @@ def bench_against(
     steps: int,
     threads: int | None,
     provider: str = "cpu",
-    rounds: int = 5,
+    rounds: int = 6,
 ) -> dict[str, Any]:
     """The same text request on two targets of one model (say one export with and one without --vision), side by
-    side in alternating rounds (`alternate`): each round generates one canvas (the prefill and `steps` steps) on
-    each. Per target the first canvas, the prefill and the step (every step of every round); `other` over `target`
-    as ratios of the medians."""
+    side in alternating rounds, the order swapped every other round (`alternate`): each round generates one canvas
+    (the prefill and `steps` steps) on each. Per target the first canvas, the prefill and the step (every step of
+    every round); `other` over `target` as ratios of the medians."""
     targets = {"target": open_target(target), "other": open_target(other)}
     runners = {
         role: open_backend(
@@ -581,7 +585,7 @@ def bench_against(
     with contextlib.ExitStack() as stack:
         for runner in runners.values():
             stack.enter_context(runner)
-        times = alternate({role: lambda r=runner: one_canvas(r) for role, runner in runners.items()}, rounds)
+        times = alternate({role: lambda r=runner: one_canvas(r) for role, runner in runners.items()}, rounds, swap=True)
     results: dict[str, Any] = {
         "config": {"batch": batch, "prompt_length": prompt_length, "steps": steps, "rounds": rounds},
         "targets": {},
