@@ -190,3 +190,24 @@ def test_step_models_refuse_a_vision_export(vision_artifacts: Path, tmp_path: Pa
     result = cli("triton", vision_artifacts, "-o", out, "--step-backend", "python")
     assert_refused(result, "vision graph", "leave out --step-backend")
     assert not out.exists()
+
+
+def test_bench_against_times_one_text_request_on_two_exports(
+    tiny_artifacts: Path, tiny_debug_artifacts: Path, variant_artifacts: Path, pictures: list[Path]
+) -> None:
+    """`bench --against`: one text request on two exports of one model, alternating, with ratios of the medians
+    (how the text-only cost of a --vision export is measured); another model or other modes are one line."""
+    args = ("--steps", "2", "--prompt-length", "8", "--json")
+    result = cli("bench", tiny_artifacts, "--against", tiny_debug_artifacts, *args)
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found["config"]["rounds"] == 6
+    assert [found["targets"][role]["path"] for role in ("target", "other")] == [
+        str(tiny_artifacts),
+        str(tiny_debug_artifacts),
+    ]
+    for key in ("first_canvas", "prefill", "step"):
+        mine, theirs = (found["targets"][role][key]["median_ms"] for role in ("target", "other"))
+        assert mine > 0 and theirs > 0 and found["other_over_target"][key] == pytest.approx(theirs / mine)
+    assert_refused(cli("bench", tiny_artifacts, "--against", variant_artifacts, *args), "another model")
+    assert_refused(cli("bench", tiny_artifacts, "--against", tiny_debug_artifacts, "--image", pictures[0]), "--against")

@@ -283,6 +283,13 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     help="N requests through the in-flight scheduler (N slots) against the same N one at a time",
 )
 @click.option(
+    "--rounds",
+    type=INT,
+    default=None,
+    callback=positive,
+    help="--against and --image: timed rounds after the warm-up (default 6 and 5)",
+)
+@click.option(
     "--against",
     type=click.Path(path_type=Path),
     default=None,
@@ -302,6 +309,7 @@ def bench_command(
     threads: int | None,
     provider: str,
     concurrency: int | None,
+    rounds: int | None,
     against: Path | None,
     image: tuple[Path, ...],
     device: str,
@@ -313,6 +321,8 @@ def bench_command(
     prompt against a text prompt of the same length."""
     from ..validation.bench import bench, bench_against, bench_concurrency, bench_images, format_table
 
+    if rounds is not None and against is None and not image:
+        raise CanvasrtError("--rounds sets how many rounds --against and --image time; add one of them or drop it")
     if against is not None:
         if image or concurrency is not None or len(backends) > 1:
             raise CanvasrtError(
@@ -320,7 +330,15 @@ def bench_command(
                 "and all but one --backend"
             )
         results = bench_against(
-            target, against, backends[0] if backends else None, batch, prompt_length, steps, threads, provider
+            target,
+            against,
+            backends[0] if backends else None,
+            batch,
+            prompt_length,
+            steps,
+            threads,
+            provider,
+            rounds or 6,
         )
         if as_json:
             click.echo(json.dumps(results, indent=2))
@@ -333,14 +351,15 @@ def bench_command(
             )
         ratios = results["other_over_target"]
         click.echo(
-            f"{against} over {target}: first canvas {ratios['first_canvas']:.3f}x, prefill {ratios['prefill']:.3f}x, "
+            f"{against} over {target}: first canvas {ratios['first_canvas']:.3f}x (median of the rounds' pairs "
+            f"{results['first_canvas_pair_ratios']['median']:.3f}x), prefill {ratios['prefill']:.3f}x, "
             f"step {ratios['step']:.3f}x"
         )
         return
     if image:
         if concurrency is not None:
             raise CanvasrtError("--image and --concurrency measure different things; give one of them")
-        results = bench_images(target, list(image), list(backends) or None, steps, threads, provider)
+        results = bench_images(target, list(image), list(backends) or None, steps, threads, provider, rounds or 5)
         if as_json:
             click.echo(json.dumps(results, indent=2))
             return

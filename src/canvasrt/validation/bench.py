@@ -603,4 +603,7 @@ def bench_against(
     results["other_over_target"] = {
         key: theirs[key]["median_ms"] / mine[key]["median_ms"] for key in ("first_canvas", "prefill", "step")
     }
+    # Each round's pair ran back to back: the median of their ratios is what the machine's drift moves least
+    pairs = [b[0] / a[0] for a, b in zip(times["target"], times["other"])]
+    results["first_canvas_pair_ratios"] = {"median": float(np.median(pairs)), "ratios": pairs}
     return results
