@@ -201,7 +201,7 @@ def test_bench_against_times_one_text_request_on_two_exports(
     result = cli("bench", tiny_artifacts, "--against", tiny_debug_artifacts, *args)
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)
-    assert found["config"]["rounds"] == 6
+    assert found["config"]["rounds"] == 6 and len(found["first_canvas_pair_ratios"]["ratios"]) == 6
     assert [found["targets"][role]["path"] for role in ("target", "other")] == [
         str(tiny_artifacts),
         str(tiny_debug_artifacts),
@@ -211,3 +211,4 @@ def test_bench_against_times_one_text_request_on_two_exports(
         assert mine > 0 and theirs > 0 and found["other_over_target"][key] == pytest.approx(theirs / mine)
     assert_refused(cli("bench", tiny_artifacts, "--against", variant_artifacts, *args), "another model")
     assert_refused(cli("bench", tiny_artifacts, "--against", tiny_debug_artifacts, "--image", pictures[0]), "--against")
+    assert_refused(cli("bench", tiny_artifacts, "--rounds", "3"), "--rounds")
