@@ -114,6 +114,9 @@ def test_calibrate_refuses_images_artifacts_cannot_take(
     args = ("calibrate", tiny_checkpoint, tiny_artifacts, "-o", out, "--samples", "1")
     assert_refused(cli(*args, "--image", pictures[0]), "exported without --vision", "re-export with --vision")
     assert_refused(cli(*args, "--quantize-vision"), "exported without --vision", "--quantize-vision")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"ids": [2, 70], "images": [str(pictures[0])]}) + "\n")
+    assert_refused(cli(*args, "--prompts", prompts), "exported without --vision", "prompts with images")
     assert not out.exists()
 
 
@@ -173,10 +176,14 @@ def test_fp8_vision_graph_calibrated_on_images_and_bisected(
     assert found["vision"]["quantized"] and found["vision"]["soft_tokens"] == [60]
     assert found["vision"]["soft_tokens_nrmse"] == pytest.approx(vision["metrics"]["nrmse"], rel=1e-3)
 
-    default = tmp_path / "fp8-default"
-    result = cli(*calibrate, "-o", default, "--samples", "2", "--image", pictures[0])
+    default, prompts = tmp_path / "fp8-default", tmp_path / "prompts.jsonl"
+    lines = [{"text": "a <|image|> b", "images": [str(pictures[0])]}, {"text": "text alone"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = cli(*calibrate, "-o", default, "--prompts", prompts)
     assert result.exit_code == 0, result.output
-    assert ArtifactManifest.load(default).graphs["vision"].quantized == ()
+    manifest = ArtifactManifest.load(default)
+    assert manifest.graphs["vision"].quantized == () and manifest.quantization is not None
+    assert manifest.quantization.samples == 2 and not manifest.quantization.vision
     result = cli("parity", vision_checkpoint, default, "--bisect", "--image", pictures[0], "--report", bisected)
     assert result.exit_code == 0 and "vision graph is not quantized" in result.output, result.output
     found = json.loads(bisected.read_text())
