@@ -219,3 +219,10 @@ def test_bench_against_times_one_text_request_on_two_exports(
     assert_refused(cli("bench", tiny_artifacts, "--against", variant_artifacts, *args), "another model")
     assert_refused(cli("bench", tiny_artifacts, "--against", tiny_debug_artifacts, "--image", pictures[0]), "--against")
     assert_refused(cli("bench", tiny_artifacts, "--rounds", "3"), "--rounds")
+
+
+def test_bisect_refuses_images_for_artifacts_without_the_vision_graph(
+    tiny_checkpoint: Path, tiny_fp8_artifacts: Path, pictures: list[Path]
+) -> None:
+    result = cli("parity", tiny_checkpoint, tiny_fp8_artifacts, "--bisect", "--image", pictures[0])
+    assert_refused(result, "exported without --vision", "without --image")
