@@ -1,9 +1,10 @@
 """`canvasrt calibrate`: FP8 artifacts from fp32/fp16 artifacts and the checkpoint they were exported from.
 
-Writes a new artifact directory: Q/DQ graphs, calibration.json (per tensor: amax, scale, method, samples; per
-expert layer: the tokens each expert saw), the copied tokenizer and generation config, and a manifest whose
-`quantization` names the calibration by digest, so later stages (build, runtime, Triton) can tell FP8 artifacts
-and their calibration apart.
+Writes a new artifact directory: Q/DQ graphs (the vision graph of a `--vision` export rewritten as it is, in the
+export dtype, unless `--quantize-vision` quantizes its GEMMs too), calibration.json (per tensor: amax, scale,
+method, samples; per expert layer: the tokens each expert saw), the copied tokenizer and generation config, and a
+manifest whose `quantization` names the calibration by digest, so later stages (build, runtime, Triton) can tell
+FP8 artifacts and their calibration apart.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -20,7 +21,8 @@ from ..core.errors import CanvasrtError
 from ..core.manifest import ArtifactManifest, GraphEntry, Quantization, sha256_file, write_json
 from ..core.output import ARTIFACT_OUTPUT, check_output, staged_directory
 from ..model.checkpoint import Checkpoint, torch_device
-from ..runtime.prompts import TextCodec, prompt_rows, read_prompts_file
+from ..runtime.images import ImageProcessor, with_images
+from ..runtime.prompts import prompt_rows, read_prompts_file
 from ..validation import tasks
 from .qdq import WEIGHT_MODES, quantize_graph, read_graph
 from .ranges import METHODS, collect_ranges, scale_for
@@ -39,22 +41,31 @@ BUILTIN_PROMPTS = [
 
 
 def calibration_prompts(
-    checkpoint: Path, prompts_file: Path | None, task: str | None, samples: int, vocab_size: int | None = None
-) -> tuple[list[list[int]], str]:
+    checkpoint: Path,
+    prompts_file: Path | None,
+    task: str | None,
+    samples: int,
+    vocab_size: int | None = None,
+    images: tuple[Path, ...] = (),
+) -> tuple[list[dict[str, Any]], str]:
+    """The calibration set: text prompts as {"ids": [...]}, prompts with images as given with their "images" (a
+    prompts file's own, or `images` for every prompt); their markers are expanded once the images are encoded."""
     if prompts_file is not None:
-        rows = prompt_rows(read_prompts_file(prompts_file), checkpoint, vocab_size)
-        return rows[:samples], f"prompts file {prompts_file}"
-    if task is not None:
+        prompts, source = read_prompts_file(prompts_file)[:samples], f"prompts file {prompts_file}"
+    elif task is not None:
         if task not in tasks.TASKS:
             raise CanvasrtError(f"unknown task {task!r}; use one of {', '.join(tasks.TASKS)}")
-        codec = TextCodec(checkpoint, vocab_size)
         # The calibration split is disjoint from the held-out prompts that `canvasrt eval` scores.
-        return [
-            codec.encode(e.prompt) for e in tasks.examples(task, "calibration", samples)
-        ], f"task {task} calibration split"
-    codec = TextCodec(checkpoint, vocab_size)
-    rows = [codec.encode(text) for text in BUILTIN_PROMPTS]
-    return (rows * (samples // len(rows) + 1))[:samples], "built-in calibration set"
+        prompts = [{"text": e.prompt} for e in tasks.examples(task, "calibration", samples)]
+        source = f"task {task} calibration split"
+    else:
+        builtin = [{"text": text} for text in BUILTIN_PROMPTS]
+        prompts, source = (builtin * (samples // len(builtin) + 1))[:samples], "built-in calibration set"
+    prompts = with_images(prompts, list(images))
+    if images:
+        source += f", {len(images)} image(s) with each prompt"
+    text = iter(prompt_rows([p for p in prompts if not p.get("images")], checkpoint, vocab_size))
+    return [p if p.get("images") else {"ids": next(text)} for p in prompts], source
 
 
 def calibrate(
@@ -70,8 +81,13 @@ def calibrate(
     progress: Any = lambda _: None,
     device: str = "cpu",
     dtype: str = "fp32",
+    images: tuple[Path, ...] = (),
+    quantize_vision: bool = False,
 ) -> ArtifactManifest:
-    """exclude: regular expressions; matching GEMMs (e.g. the worst groups of `parity --bisect`) stay unquantized."""
+    """exclude: regular expressions; matching GEMMs (e.g. the worst groups of `parity --bisect`) stay unquantized.
+    images: image files that go with every calibration prompt (a prompts file may name each prompt's own instead);
+    their soft tokens flow through the prefill as at runtime. quantize_vision: the vision graph's GEMMs in FP8 too,
+    calibrated on those images; without it the vision graph keeps the export dtype."""
     checkpoint = Path(checkpoint)
     torch_device(device)  # before anything runs
     manifest = ArtifactManifest.load(artifacts)
@@ -82,6 +98,8 @@ def calibrate(
         raise CanvasrtError(f"--weights takes one of {', '.join(WEIGHT_MODES)}")
     if manifest.quantization is not None:
         raise CanvasrtError(f"{artifacts} is already quantized; calibrate the fp32/fp16 export instead")
+    if manifest.vision is None and (images or quantize_vision):  # before the digests of every weight file
+        _no_vision(Path(artifacts), "--quantize-vision" if quantize_vision else "--image")
     opened = Checkpoint.open(checkpoint)
     opened.check_memory(dtype, device, "calibration's torch backend")  # before the digests read every weight file
     opened.check_source_of(manifest, artifacts)
@@ -92,11 +110,12 @@ def calibrate(
     for name in manifest.graphs:  # before the calibration run, which takes long at the released model's size
         read_graph(manifest.graph_path(name), load_external_data=False)
     manifest.verify()  # the graphs and weights the Q/DQ graphs are written from are the exported ones
-    rows, source = calibration_prompts(checkpoint, prompts_file, task, samples, manifest.model.vocab_size)
-    if not rows or any(len(r) == 0 for r in rows):
+    rows, source = calibration_prompts(checkpoint, prompts_file, task, samples, manifest.model.vocab_size, images)
+    if not rows or any(not r.get("images") and len(r["ids"]) == 0 for r in rows):
         raise CanvasrtError(f"the calibration set ({source}) is empty or has an empty prompt")
+    _check_images(manifest, Path(artifacts), rows, quantize_vision)
     progress(f"running the loop on {len(rows)} calibration prompts ({source})")
-    ranges = collect_ranges(checkpoint, rows, method=method, device=device, dtype=dtype)
+    ranges = collect_ranges(checkpoint, rows, method=method, device=device, dtype=dtype, vision=quantize_vision)
     try:
         patterns = [re.compile(p) for p in exclude]
     except re.error as exc:
@@ -118,6 +137,7 @@ def calibrate(
         },
         "excluded": excluded,
         "expert_tokens": ranges.expert_tokens,
+        "vision": quantize_vision,
     }
     with staged_directory(output, ARTIFACT_OUTPUT, inputs=[checkpoint, artifacts]) as staging:
         write_json(staging / "calibration.json", calibration)
@@ -137,6 +157,7 @@ def calibrate(
             samples=len(rows),
             calibration="calibration.json",
             calibration_sha256=sha256_file(staging / "calibration.json"),
+            vision=quantize_vision,
         )
         new_manifest = replace(manifest, directory=Path(output), graphs=graphs, quantization=quantization)
         new_manifest.write(staging)
@@ -145,6 +166,32 @@ def calibrate(
         for problem in replace(new_manifest, directory=staging).problems():  # the copies are the recorded files
             raise CanvasrtError(problem)
     return new_manifest
+
+
+def _check_images(
+    manifest: ArtifactManifest, artifacts: Path, prompts: list[dict[str, Any]], quantize_vision: bool
+) -> None:
+    """Refuses, before the calibration loop, images the artifacts cannot take, a vision calibration without images,
+    and image files the image processor cannot read."""
+    sets = {tuple(p["images"]) for p in prompts if p.get("images")}
+    if (sets or quantize_vision) and manifest.vision is None:
+        _no_vision(artifacts, "--quantize-vision" if quantize_vision else "calibration prompts with images")
+    if quantize_vision and not sets:
+        raise CanvasrtError(
+            "--quantize-vision calibrates the vision graph on the calibration prompts' images; pass --image (or a "
+            'prompts file whose prompts have "images")'
+        )
+    processor = ImageProcessor(artifacts) if sets else None
+    for paths in sets:
+        assert processor is not None
+        processor(list(paths))
+
+
+def _no_vision(artifacts: Path, what: str) -> NoReturn:
+    raise CanvasrtError(
+        f"{artifacts} was exported without --vision: there is no vision graph for {what}; re-export with --vision, "
+        "or drop the images"
+    )
 
 
 def _check_inputs_unchanged(manifest: ArtifactManifest, checkpoint: Checkpoint, artifacts: Path) -> None:

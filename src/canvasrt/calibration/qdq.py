@@ -1,7 +1,8 @@
 """FP8 (E4M3) Q/DQ graphs from calibrated ranges, rewritten on the graph proto with the weights streamed through.
 
-Every GEMM whose weight matches `ranges.QUANTIZED` gets QuantizeLinear/DequantizeLinear on its activation input
-(one scale per tensor, as an FP8 GEMM reads its activations) and an FP8 weight initializer behind a
+Every GEMM whose weight matches `fp8.QUANTIZED` (the backbone's) or `fp8.VISION_QUANTIZED` (the vision graph's,
+calibrated only with `--quantize-vision`) and has a calibrated range gets QuantizeLinear/DequantizeLinear on its
+activation input (one scale per tensor, as an FP8 GEMM reads its activations) and an FP8 weight initializer behind a
 DequantizeLinear (one scale per row of the initializer, or one per tensor): per output channel for 2-D weights,
 the linear layers' and the dense experts' (whose down-projection weight is [hidden, experts x features]), per
 expert for the grouped formulation's batched expert weights. Zero points are FP8 zeros (opset 21), so ONNX
@@ -23,7 +24,7 @@ from onnx import helper, numpy_helper
 from ..core.errors import ArtifactError
 from ..exporter.export import DATA_ALIGNMENT, WRAPPER_PREFIX
 from ..model.checkpoint import COPY_BLOCK
-from ..model.fp8 import E4M3_MAX, QUANTIZED, scale_for
+from ..model.fp8 import E4M3_MAX, QUANTIZED, VISION_QUANTIZED, scale_for
 
 WEIGHT_MODES = ("per-channel", "per-tensor")
 BLOCK_BYTES = COPY_BLOCK  # of a weight read, quantized and written at a time
@@ -65,7 +66,7 @@ def quantize_graph(source: Path, destination: Path, amax: dict[str, Any], weight
             continue
         name = node.input[w_index].removeprefix(WRAPPER_PREFIX)
         weight = initializers.get(node.input[w_index])
-        if weight is None or not QUANTIZED.search(name) or name not in amax:
+        if weight is None or not (QUANTIZED.search(name) or VISION_QUANTIZED.search(name)) or name not in amax:
             nodes.append(node)
             continue
         dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)

@@ -2,10 +2,12 @@
 
 The torch backend (sparse MoE, any device and dtype) runs the whole generation loop (prefill, every denoising step
 from near-uniform noise to a near-clean canvas, commits) on calibration prompts with hooks on the GEMM inputs, so
-the ranges cover the whole schedule. An expert layer's down-projection reads the routed activations already
-multiplied by their routing weights (`Experts`), all experts in one tensor (the dense formulation's single GEMM),
-so it gets one range over the values of every routed token and expert; the tokens each expert saw are counted
-alongside, for the record.
+the ranges cover the whole schedule. Prompts with images run their images through the vision model and place the
+soft tokens in the prefill as the runtime does, so the backbone's ranges cover image tokens too; the vision
+model's own GEMM inputs are recorded only for `--quantize-vision`. An expert layer's down-projection reads the
+routed activations already multiplied by their routing weights (`Experts`), all experts in one tensor (the dense
+formulation's single GEMM), so it gets one range over the values of every routed token and expert; the tokens each
+expert saw are counted alongside, for the record.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..model.fp8 import E4M3_MAX, QUANTIZED, scale_for
+from ..model.fp8 import E4M3_MAX, QUANTIZED, VISION_QUANTIZED, scale_for
 from ..model.modeling import Experts, Linear
 from ..runtime.backends.torch import TorchExecutor
-from ..runtime.loop import generate, left_pad
+from ..runtime.images import place_prompts
+from ..runtime.loop import generate
 from ..runtime.rng import make_draws
 from ..runtime.settings import resolve_settings
 from ..runtime.step import StepBackend
@@ -74,16 +77,20 @@ def _choose(sample: np.ndarray, method: str) -> float:
 
 def collect_ranges(
     checkpoint_dir: str | Path,
-    prompts: list[list[int]],
+    prompts: list[list[int]] | list[dict[str, Any]],
     seed: int = 0,
     batch: int = 8,
     method: str = "max",
     device: str = "cpu",
     dtype: str = "fp32",
     moe: str = "sparse",
+    vision: bool = False,
 ) -> Ranges:
-    """moe: sparse (default) runs each expert on its routed tokens only, at the cost of the active parameters; the
-    dense formulation gives the same ranges at num_experts / top_k times the expert work."""
+    """prompts: token ids, or prompts as `runtime.images.place_prompts` takes them ({"text"} or {"ids"}, with
+    optional "images"), whose images' soft tokens go through the prefill as at runtime. moe: sparse (default) runs
+    each expert on its routed tokens only, at the cost of the active parameters; the dense formulation gives the same
+    ranges at num_experts / top_k times the expert work. vision: also the input ranges of the vision model's GEMMs
+    (`VISION_QUANTIZED`), over the prompts' images (each distinct set of images is encoded once)."""
     backend = StepBackend(TorchExecutor(checkpoint_dir, dtype=dtype, moe=moe, max_batch=batch, device=device))
     ranges = Ranges()
     spec = backend.spec
@@ -96,13 +103,20 @@ def collect_ranges(
             if isinstance(module, Experts):
                 module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.gate_up_proj"))
                 module.down_input_hook = _expert_observer(ranges, f"{name}.down_proj", module.num_experts)
+        if vision:
+            for name, module in backend.executor.vision_encoder().model.named_modules():
+                if isinstance(module, Linear) and VISION_QUANTIZED.search(f"{name}.weight"):
+                    module.register_forward_pre_hook(_amax_hook(ranges, f"{name}.weight"))
+        encoded: dict[Any, Any] = {}
         for start in range(0, len(prompts), batch):
-            rows = prompts[start : start + batch]
-            ids, padding = left_pad(rows, settings.pad_token_id or 0)
+            rows = [p if isinstance(p, dict) else {"ids": p} for p in prompts[start : start + batch]]
+            ids, padding, images = place_prompts(
+                backend, Path(checkpoint_dir), rows, settings.pad_token_id or 0, encoded
+            )
             draws = make_draws(
                 "counter", seed, len(rows), vocab, canvas, row_seeds=[seed + start + i for i in range(len(rows))]
             )
-            generate(backend, ids, padding, settings, draws)
+            generate(backend, ids, padding, settings, draws, images)
     ranges.finalize(method)
     return ranges
 

@@ -291,7 +291,10 @@ def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="FP8 artifact directory to write")
 @click.option(
-    "--prompts", "prompts_file", type=click.Path(path_type=Path), help='JSONL calibration prompts ({"text"} or {"ids"})'
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    help='JSONL calibration prompts ({"text"} or {"ids"}, each with optional "images": [files])',
 )
 @click.option("--task", default=None, help="calibrate on a synthetic task's calibration split (e.g. sort)")
 @click.option("--samples", type=INT, default=64, show_default=True)
@@ -320,6 +323,19 @@ def _gemms(profiles: dict[str, dict[str, int]] | None) -> str:
     show_default=True,
     help="the calibration loop's dtype (bf16 halves its memory for the released model)",
 )
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="an image for every calibration prompt (repeatable; needs a --vision export): its soft tokens go through "
+    "the prefill as at runtime",
+)
+@click.option(
+    "--quantize-vision",
+    is_flag=True,
+    help="the vision graph's GEMMs in FP8 too, calibrated on the images (default: it keeps the export dtype)",
+)
 def calibrate_command(
     checkpoint: Path,
     artifacts: Path,
@@ -332,6 +348,8 @@ def calibrate_command(
     exclude: tuple[str, ...],
     device: str,
     dtype: str,
+    images: tuple[Path, ...],
+    quantize_vision: bool,
 ) -> None:
     """FP8 (E4M3) Q/DQ artifacts, calibrated by running the loop over the whole denoising schedule."""
     from ..calibration.calibrate import calibrate
@@ -354,6 +372,8 @@ def calibrate_command(
             progress=lambda text: progress.update(stage, description=text),
             device=device,
             dtype=dtype,
+            images=images,
+            quantize_vision=quantize_vision,
         )
         progress.update(stage, description="done")
     q = manifest.quantization

@@ -51,7 +51,12 @@ out = Console(width=None if sys.stdout.isatty() else 160)
     help="--level loop: tokens each row generates, rounded up to whole canvases (default: two canvases "
     "where the context allows, else one)",
 )
-@click.option("--bisect", is_flag=True, help="FP8 artifacts: rank the quantized layers by the logits error they cause")
+@click.option(
+    "--bisect",
+    is_flag=True,
+    help="FP8 artifacts: rank the quantized layers by the logits error they cause (with --image: on an image "
+    "prompt, the vision graph's layers too where it is quantized)",
+)
 @click.option(
     "--image",
     "images",
@@ -84,7 +89,7 @@ def parity_command(
     if max_new_tokens is not None and level != "loop":
         raise CanvasrtError("--max-new-tokens sets what the loop level generates; add --level loop or leave it out")
     if bisect:
-        _bisect(checkpoint, target, seed, threads, report_path)
+        _bisect(checkpoint, target, seed, threads, report_path, list(images))
         return
 
     with Console(stderr=True).status(f"running {level} parity: the reference, then {target}, on the same inputs"):
@@ -120,21 +125,33 @@ def parity_command(
     sys.exit(0 if report.passed else 1)
 
 
-def _bisect(checkpoint: Path, artifacts: Path, seed: int, threads: int | None, report_path: Path | None) -> None:
+def _bisect(
+    checkpoint: Path, artifacts: Path, seed: int, threads: int | None, report_path: Path | None, images: list[Path]
+) -> None:
     import json
 
     from ..calibration.bisect import bisect
 
     with Console(stderr=True).status("quantizing one group at a time"):
-        ranking = bisect(checkpoint, artifacts, seed=seed, threads=threads)
+        result = bisect(checkpoint, artifacts, seed=seed, threads=threads, images=images)
+    ranking, vision = result["bisect"], result.get("vision")
+    quantized_vision = bool(vision and vision["quantized"])
     table = Table(title="FP8 cost per quantized group (logits against fp32, worst first)")
-    for column in ("group", "nrmse", "argmax agreement"):
+    for column in ("group", "nrmse", "argmax agreement") + (("soft tokens nrmse",) if quantized_vision else ()):
         table.add_column(column)
     for row in ranking:
-        table.add_row(row["group"], f"{row['nrmse']:.4f}", f"{100 * row['argmax_agreement']:.1f}%")
+        cells = [row["group"], f"{row['nrmse']:.4f}", f"{100 * row['argmax_agreement']:.1f}%"]
+        if quantized_vision:
+            cells.append(f"{row['soft_tokens_nrmse']:.4f}" if "soft_tokens_nrmse" in row else "-")
+        table.add_row(*cells)
     out.print(table)
+    if vision and not vision["quantized"]:
+        out.print(
+            "note: the vision graph is not quantized (it keeps the export dtype); every group was scored on a prompt "
+            "with the images. `canvasrt calibrate --quantize-vision` puts it in FP8 and its layers in this ranking"
+        )
     if report_path:
-        report_path.write_text(json.dumps({"bisect": ranking}, indent=2) + "\n")
+        report_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _check_report_path(path: Path | None, option: str) -> None:

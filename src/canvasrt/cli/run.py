@@ -14,9 +14,9 @@ from rich.text import Text
 
 from ..core.errors import CanvasrtError
 from ..runtime.backends import BACKENDS, default_backend, open_backend, refuse_unused_device
-from ..runtime.images import PromptImages, encode_images, image_prompt_row
-from ..runtime.loop import Committed, Draft, GenerationResult, left_pad, stream
-from ..runtime.prompts import TextCodec, UnreadableTokenizer, parse_ids, prompt_rows, read_prompts_file, until_eos
+from ..runtime.images import place_prompts, with_images
+from ..runtime.loop import Committed, Draft, GenerationResult, stream
+from ..runtime.prompts import TextCodec, UnreadableTokenizer, parse_ids, read_prompts_file, until_eos
 from ..runtime.rng import RNG_MODES, make_draws
 from ..runtime.settings import resolve_settings
 from .options import INT, SEED, positive
@@ -75,7 +75,9 @@ SETTING_KEYS = (
 @click.option("--prompt", help="prompt text (needs the target's tokenizer)")
 @click.option("--prompt-ids", help="prompt as comma-separated token ids, e.g. 5,6,7")
 @click.option(
-    "--prompts-file", type=click.Path(path_type=Path), help='JSONL, one {"text": ...} or {"ids": [...]} per line'
+    "--prompts-file",
+    type=click.Path(path_type=Path),
+    help='JSONL, one {"text": ...} or {"ids": [...]} per line, each with optional "images": [files]',
 )
 @click.option("--backend", type=str, default=None, help=f"one of {', '.join(BACKENDS)} (default: by TARGET kind)")
 @click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime provider: cpu, cuda, tensorrt-ep")
@@ -107,8 +109,9 @@ def generate_command(
     dtype: str | None,
     **overrides: Any,
 ) -> None:
-    """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime). With --image,
-    each <|image|> in the prompt marks the next image (without markers the images go first)."""
+    """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime). With --image (or
+    a prompts file's "images"), each <|image|> in a prompt marks its next image (without markers the images go
+    first); --image gives its images to every prompt."""
     sources = [s for s in (prompt, prompt_ids, prompts_file) if s is not None]
     if len(sources) != 1:
         raise CanvasrtError("give exactly one of --prompt, --prompt-ids, --prompts-file")
@@ -128,7 +131,9 @@ def generate_command(
     settings = resolve_settings(spec.generation, {k: overrides[k] for k in SETTING_KEYS})
     codec = _codec(target, spec.model.vocab_size)
     with runner:
-        ids, padding, images = _prompt_with_images(runner, target, prompts, list(image), settings)
+        ids, padding, images = place_prompts(
+            runner, target, with_images(prompts, list(image)), settings.pad_token_id or 0
+        )
         draws = make_draws(rng, seed, ids.shape[0], spec.model.vocab_size, spec.capacity.canvas, device=device)
         events = stream(runner, ids, padding, settings, draws, images)
         result = _watch(events, codec, settings, ids.shape[0]) if watch else _last(events)
@@ -159,22 +164,6 @@ def generate_command(
             f"{runner.name}: {sum(result.steps_per_block)} steps over {len(result.steps_per_block)} canvas(es), "
             f"tokens/forward {np.round(result.tokens_per_forward, 2).tolist()}, {result.timings['total_s']:.2f}s"
         )
-
-
-def _prompt_with_images(
-    runner: Any, target: Path, prompts: list[dict[str, Any]], paths: list[Path], settings: Any
-) -> tuple[np.ndarray, np.ndarray, PromptImages | None]:
-    """The left-padded prompt ids and their padding mask, with the images (if any) encoded and placed."""
-    spec = runner.spec
-    if not paths:
-        ids, padding = left_pad(prompt_rows(prompts, target, spec.model.vocab_size), settings.pad_token_id or 0)
-        return ids, padding, None
-    if len(prompts) != 1:
-        raise CanvasrtError("--image goes with one prompt (--prompt or --prompt-ids), not a prompts file")
-    batch, tokens = encode_images(runner, target, paths)
-    row = image_prompt_row(prompts[0], batch, runner.executor.vision, target, spec.model.vocab_size)
-    ids, padding = left_pad([row], settings.pad_token_id or 0)
-    return ids, padding, PromptImages.place(tokens, ids, runner.executor.vision)
 
 
 def _codec(target: Path, vocab_size: int) -> TextCodec | None:
@@ -293,6 +282,19 @@ def _decode(codec: TextCodec | None, ids: list[int]) -> str:
     callback=positive,
     help="N requests through the in-flight scheduler (N slots) against the same N one at a time",
 )
+@click.option(
+    "--rounds",
+    type=INT,
+    default=None,
+    callback=positive,
+    help="--against and --image: timed rounds after the warm-up (default 6 and 5)",
+)
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="another export of the same model (say without --vision): the same text request on both, alternating",
+)
 @image_option
 @device_option
 @dtype_option
@@ -307,6 +309,8 @@ def bench_command(
     threads: int | None,
     provider: str,
     concurrency: int | None,
+    rounds: int | None,
+    against: Path | None,
     image: tuple[Path, ...],
     device: str,
     dtype: str | None,
@@ -315,12 +319,47 @@ def bench_command(
     """Time the step backends on TARGET side by side in one run; ratios are against the first backend. With
     --image: the vision graph per image (against transformers' vision tower) and the first canvas of an image
     prompt against a text prompt of the same length."""
-    from ..validation.bench import bench, bench_concurrency, bench_images, format_table
+    from ..validation.bench import bench, bench_against, bench_concurrency, bench_images, format_table
 
+    if rounds is not None and against is None and not image:
+        raise CanvasrtError("--rounds sets how many rounds --against and --image time; add one of them or drop it")
+    if against is not None:
+        if image or concurrency is not None or len(backends) > 1:
+            raise CanvasrtError(
+                "--against times one text request on two targets; leave out --image, --concurrency "
+                "and all but one --backend"
+            )
+        results = bench_against(
+            target,
+            against,
+            backends[0] if backends else None,
+            batch,
+            prompt_length,
+            steps,
+            threads,
+            provider,
+            rounds or 6,
+        )
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+            return
+        for role in ("target", "other"):
+            entry = results["targets"][role]
+            click.echo(
+                f"{entry['path']} ({entry['backend']}): first canvas {entry['first_canvas']['median_ms']:.1f} ms, "
+                f"prefill {entry['prefill']['median_ms']:.1f} ms, step {entry['step']['median_ms']:.2f} ms"
+            )
+        ratios = results["other_over_target"]
+        click.echo(
+            f"{against} over {target}: first canvas {ratios['first_canvas']:.3f}x (median of the rounds' pairs "
+            f"{results['first_canvas_pair_ratios']['median']:.3f}x), prefill {ratios['prefill']:.3f}x, "
+            f"step {ratios['step']:.3f}x"
+        )
+        return
     if image:
         if concurrency is not None:
             raise CanvasrtError("--image and --concurrency measure different things; give one of them")
-        results = bench_images(target, list(image), list(backends) or None, steps, threads, provider)
+        results = bench_images(target, list(image), list(backends) or None, steps, threads, provider, rounds or 5)
         if as_json:
             click.echo(json.dumps(results, indent=2))
             return

@@ -127,6 +127,7 @@ class Quantization:
     calibration: str = "calibration.json"
     calibration_sha256: str | None = None
     format: str = "fp8"
+    vision: bool = False  # the vision graph's GEMMs quantized too (`calibrate --quantize-vision`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +139,7 @@ class Quantization:
             "samples": self.samples,
             "calibration": self.calibration,
             "calibration_sha256": self.calibration_sha256,
+            "vision": self.vision,
         }
 
     @classmethod
@@ -149,6 +151,7 @@ class Quantization:
             prompts=record["prompts"],
             excluded=tuple(record.get("excluded", ())),
             samples=int(record["samples"]),
+            vision=bool(record.get("vision", False)),
         )
 
     @classmethod
@@ -164,6 +167,7 @@ class Quantization:
             calibration=data.get("calibration", "calibration.json"),
             calibration_sha256=data.get("calibration_sha256"),
             format=data.get("format", "fp8"),
+            vision=bool(data.get("vision", False)),
         )
 
 

@@ -23,6 +23,13 @@ QUANTIZED = re.compile(
     r"|experts\.(gate_up|down)_proj$"
 )
 # Kept in higher precision: embeddings and LM head (embed_tokens), the router, norms, softmax, the sampler.
+# The vision graph's GEMMs (by its initializer names): each encoder layer's attention and MLP, and the projector
+# into the text model. Quantized only where `canvasrt calibrate --quantize-vision` asks; the patch embedding, which
+# reads the pixels, always stays in the export dtype.
+VISION_QUANTIZED = re.compile(
+    r"^vision_tower\.encoder\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.linear\.weight$"
+    r"|^embed_vision\.embedding_projection\.weight$"
+)
 E4M3_MAX = 448.0
 
 
@@ -49,12 +56,15 @@ def _weight_scale(weight: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.from_numpy(scale_for(amax)).reshape(-1, *([1] * (weight.dim() - 1)))
 
 
-def apply_fake_quantization(model: DiffusionGemmaText, calibration: dict[str, Any]) -> list[str]:
-    """Quantizes the calibrated GEMMs of `model` in place; returns their names."""
+def apply_fake_quantization(
+    model: DiffusionGemmaText | torch.nn.Module, calibration: dict[str, Any], pattern: re.Pattern[str] = QUANTIZED
+) -> list[str]:
+    """Quantizes the calibrated GEMMs of `model` (the text model, or with VISION_QUANTIZED the vision model) in
+    place; returns their names."""
     tensors, mode = calibration["tensors"], calibration["weights"]
     done = []
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and QUANTIZED.search(f"{name}.weight") and f"{name}.weight" in tensors:
+        if isinstance(module, Linear) and pattern.search(f"{name}.weight") and f"{name}.weight" in tensors:
             module.weight.data = fake_quantize(module.weight.data, _weight_scale(module.weight.data, mode))
             scale = torch.tensor(np.float32(tensors[f"{name}.weight"]["scale"]))
             module.register_forward_pre_hook(lambda m, args, s=scale: (fake_quantize(args[0], s),))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import VisionConfig
-from .modeling import _HIDDEN, RMSNorm, linear, rms_norm
+from .modeling import _HIDDEN, RMSNorm, _linear, linear, rms_norm
 
 CHECKPOINT_PREFIX = "model.encoder."
 
@@ -35,12 +35,12 @@ def _parameter(*shape: int) -> nn.Parameter:
 
 class ClippableLinear(nn.Module):
     """Gemma 4's vision linear (weight under `.linear`), clamping input and output to stored bounds when the config
-    says so."""
+    says so. The GEMM itself is a `Linear` module, so FP8 calibration and simulation hook its input after the
+    clamp, where the graph's Q/DQ sits."""
 
     def __init__(self, dim_in: int, dim_out: int, clipped: bool):
         super().__init__()
-        self.linear = nn.Module()
-        self.linear.weight = _parameter(dim_out, dim_in)
+        self.linear = _linear(dim_in, dim_out)
         self.clipped = clipped
         if clipped:
             for name in ("input_min", "input_max", "output_min", "output_max"):
@@ -49,7 +49,7 @@ class ClippableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clipped:
             x = torch.clamp(x, self.input_min, self.input_max)
-        x = linear(x, self.linear.weight)
+        x = self.linear(x)
         if self.clipped:
             x = torch.clamp(x, self.output_min, self.output_max)
         return x
@@ -216,12 +216,11 @@ class MultimodalEmbedder(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.embedding_projection = nn.Module()
-        self.embedding_projection.weight = _parameter(config.text_hidden_size, config.hidden_size)
+        self.embedding_projection = _linear(config.hidden_size, config.text_hidden_size)
         self.eps = config.rms_norm_eps
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return linear(rms_norm(features, None, self.eps), self.embedding_projection.weight)
+        return self.embedding_projection(rms_norm(features, None, self.eps))
 
 
 class VisionModel(nn.Module):

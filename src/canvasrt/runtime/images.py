@@ -7,6 +7,9 @@ images are given, and becomes begin-of-image, one image token per soft token of 
 (`Gemma4Processor.replace_image_token`). A prompt without markers gets its images at its start. A prompt of token
 ids marks an image with one image token id the same way.
 
+A batch of prompts may carry images per prompt (a prompts file's `"images"`, or `--image` for every prompt:
+`with_images`); `place_prompts` lays each prompt's own images into its row.
+
 The soft tokens replace the image tokens' embeddings in the encoder only (`DiffusionGemmaText.place_images`); a chunk
 of prefill never splits an image (`image_chunks`), so the tokens of one image can attend to each other where the
 model says so.
@@ -254,3 +257,50 @@ def encode_images(backend: Any, directory: Path, paths: list[Path]) -> tuple[Ima
     encoder = backend.executor.vision_encoder()
     batch = ImageProcessor(directory)(paths)
     return batch, soft_tokens(encoder, batch)
+
+
+def with_images(prompts: list[dict[str, Any]], paths: list[Path]) -> list[dict[str, Any]]:
+    """The prompts with `paths` (`--image`) as the images of each; prompts that name images of their own (a prompts
+    file's "images") take no `--image` besides."""
+    if not paths:
+        return prompts
+    if any("images" in prompt for prompt in prompts):
+        raise CanvasrtError(
+            'the prompts file names images of its own ("images"); give the images there or with --image, not both'
+        )
+    return [{**prompt, "images": list(paths)} for prompt in prompts]
+
+
+def place_prompts(
+    backend: Any,
+    directory: Path,
+    prompts: list[dict[str, Any]],
+    pad_id: int,
+    encoded: dict[tuple[Path, ...], tuple[ImageBatch, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, PromptImages | None]:
+    """The left-padded ids of prompts ({"text": ...} or {"ids": [...]}, each with optional "images": [paths]) and
+    their padding mask, with every prompt's images encoded by `backend`'s vision encoder and placed in its row (None
+    when no prompt has images). directory: the tokenizer's and the image processor's. encoded: images already
+    encoded, by their paths, filled as it goes (a set of images that many prompts share is encoded once)."""
+    from .loop import left_pad
+    from .prompts import prompt_rows
+
+    vocab = backend.spec.model.vocab_size
+    rows, tokens = [], []
+    for prompt in prompts:
+        paths = tuple(prompt.get("images") or ())
+        if not paths:
+            rows += prompt_rows([prompt], directory, vocab)
+            continue
+        done = encoded.get(paths) if encoded is not None else None
+        if done is None:
+            done = encode_images(backend, directory, list(paths))
+            if encoded is not None:
+                encoded[paths] = done
+        batch, soft = done
+        rows.append(image_prompt_row(prompt, batch, backend.executor.vision, directory, vocab))
+        tokens.append(soft)
+    ids, padding = left_pad(rows, pad_id)
+    if not tokens:
+        return ids, padding, None
+    return ids, padding, PromptImages.place(np.concatenate(tokens), ids, backend.executor.vision)

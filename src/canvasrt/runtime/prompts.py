@@ -106,8 +106,9 @@ def check_ids(ids: Any) -> list[int]:
 
 
 def read_prompts_file(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line: {"text": ...} or {"ids": [...]}. `-` reads standard input; any readable file
-    (a pipe, /dev/stdin, /dev/null) is read as it is."""
+    """One JSON object per line: {"text": ...} or {"ids": [...]}, optionally with "images": [image files] for that
+    prompt (paths relative to the prompts file's folder, or to the working directory for `-`). `-` reads standard
+    input; any readable file (a pipe, /dev/stdin, /dev/null) is read as it is."""
     if str(path) != "-" and not path.exists():
         raise CanvasrtError(f"prompts file {path} does not exist")
     if path.is_dir():
@@ -136,6 +137,15 @@ def read_prompts_file(path: Path) -> list[dict[str, Any]]:
             raise CanvasrtError(f'{path}:{number} needs a "text" or an "ids" field')
         if "ids" not in entry and not isinstance(entry["text"], str):
             raise CanvasrtError(f'{path}:{number}: "text" must be a string, got {entry["text"]!r}')
+        if "images" in entry:
+            images = entry["images"]
+            if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+                raise CanvasrtError(
+                    f'{path}:{number}: "images" must be a list of image file paths, got {images!r}; leave it out '
+                    "for a text prompt"
+                )
+            folder = Path(".") if str(path) == "-" else path.parent
+            entry["images"] = [folder / image for image in images]
         prompts.append(entry)
     if not prompts:
         raise CanvasrtError(f"prompts file {path} holds no prompts")

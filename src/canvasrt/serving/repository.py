@@ -285,6 +285,12 @@ def _sources(
     else:
         assert isinstance(opened, ArtifactManifest)
         manifest = opened
+    if step_backend != "in-process" and manifest.vision is not None:
+        raise CanvasrtError(
+            f"{manifest.directory} holds a vision graph (export --vision), which the step models do not serve: "
+            "the backbone's image_tokens input has no batch dimension for Triton's batcher; serve it in process "
+            "(leave out --step-backend), or serve an export without --vision over step models"
+        )
     if step_backend != "in-process" and manifest.dtype not in NUMPY_DTYPES:
         raise CanvasrtError(
             f"the loop model sends {manifest.dtype} tensors to step models from numpy, which Triton cannot take; "

@@ -34,14 +34,18 @@ from ..runtime.step import StepBackend
 Result = TypeVar("Result")
 
 
-def alternate(runs: dict[str, Callable[[], Result]], rounds: int, warmup: bool = True) -> dict[str, list[Result]]:
+def alternate(
+    runs: dict[str, Callable[[], Result]], rounds: int, warmup: bool = True, swap: bool = False
+) -> dict[str, list[Result]]:
     """Runs every contender once per round, in turn (A, B, A, B, ...), so that the machine's drift hits all of them
     alike: two benchmarks run one after the other on a shared machine can differ by more than the change measured.
-    With `warmup`, a first untimed round runs before the `rounds` kept ones. Returns each contender's results in
-    round order."""
+    With `warmup`, a first untimed round runs before the `rounds` kept ones. With `swap`, every other round runs
+    them in reverse order (A, B, B, A, ...), so that no contender always runs first in its round. Returns each
+    contender's results in round order."""
     results: dict[str, list[Result]] = {name: [] for name in runs}
     for round_ in range(rounds + int(warmup)):
-        for name, run in runs.items():
+        order = list(runs.items())
+        for name, run in order[::-1] if swap and round_ % 2 else order:
             result = run()
             if round_ >= int(warmup):
                 results[name].append(result)
@@ -542,3 +546,64 @@ def _timed(run: Callable[[], Any]) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+def bench_against(
+    target: str | Path,
+    other: str | Path,
+    backend: str | None,
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    threads: int | None,
+    provider: str = "cpu",
+    rounds: int = 6,
+) -> dict[str, Any]:
+    """The same text request on two targets of one model (say one export with and one without --vision), side by
+    side in alternating rounds, the order swapped every other round (`alternate`): each round generates one canvas
+    (the prefill and `steps` steps) on each. Per target the first canvas, the prefill and the step (every step of
+    every round); `other` over `target` as ratios of the medians."""
+    targets = {"target": open_target(target), "other": open_target(other)}
+    runners = {
+        role: open_backend(
+            opened, backend or default_backend(opened), provider=provider, threads=threads, max_batch=batch
+        )
+        for role, opened in targets.items()
+    }
+    spec = runners["target"].spec
+    if runners["other"].spec.model != spec.model or runners["other"].spec.capacity.canvas != spec.capacity.canvas:
+        raise CanvasrtError(f"{other} holds another model than {target}; --against compares two forms of one model")
+    canvas, vocab = spec.capacity.canvas, spec.model.vocab_size
+    settings = _no_early_stop(spec.generation, steps, canvas, 1)
+    ids, padding = _request(vocab, batch, prompt_length)
+
+    def one_canvas(runner: StepBackend) -> tuple[float, Any]:
+        start = time.perf_counter()
+        result = generate(runner, ids, padding, settings, make_draws("counter", 0, batch, vocab, canvas))
+        return time.perf_counter() - start, result.timings
+
+    with contextlib.ExitStack() as stack:
+        for runner in runners.values():
+            stack.enter_context(runner)
+        times = alternate({role: lambda r=runner: one_canvas(r) for role, runner in runners.items()}, rounds, swap=True)
+    results: dict[str, Any] = {
+        "config": {"batch": batch, "prompt_length": prompt_length, "steps": steps, "rounds": rounds},
+        "targets": {},
+    }
+    for role, path in (("target", target), ("other", other)):
+        runs = times[role]
+        results["targets"][role] = {
+            "path": str(path),
+            "backend": runners[role].name,
+            "first_canvas": _stats([total for total, _ in runs]),
+            "prefill": _stats([timings["prefill_s"] for _, timings in runs]),
+            "step": _stats([s for _, timings in runs for s in timings["step_wall_s"]]),
+        }
+    mine, theirs = results["targets"]["target"], results["targets"]["other"]
+    results["other_over_target"] = {
+        key: theirs[key]["median_ms"] / mine[key]["median_ms"] for key in ("first_canvas", "prefill", "step")
+    }
+    # Each round's pair ran back to back: the median of their ratios is what the machine's drift moves least
+    pairs = [b[0] / a[0] for a, b in zip(times["target"], times["other"])]
+    results["first_canvas_pair_ratios"] = {"median": float(np.median(pairs)), "ratios": pairs}
+    return results

@@ -524,7 +524,9 @@ def step_parity_of(
                         if stage.images is not None and vision is not None and images is not None:
                             ours = soft_tokens(backend.executor.vision_encoder(), stage.images)
                             mine = ours[: sum(images.soft_tokens)]
-                            report.checks.append(_judge_continuous("vision", "soft_tokens", mine, features, tol))
+                            report.checks.append(
+                                _judge_continuous("vision", "soft_tokens", mine, features, _vision_tolerance(spec))
+                            )
                             placed = PromptImages.place(ours, stage.ids, vision).chunk(0, stage.ids.shape[1])
                         backend.encode(stage.ids, stage.positions, context, placed)
                         context = context + stage.ids.shape[1]
@@ -611,6 +613,13 @@ def _kv_checks(stage: EncodeStage, backend: StepBackend, tol: dict[str, float]) 
             if not check.passed:
                 worst[part] = (math.inf, check)
     return [entry[1] for entry in worst.values()]
+
+
+def _vision_tolerance(spec: Any) -> dict[str, float]:
+    """The vision graph's budget: FP8's where `calibrate --quantize-vision` quantized it, else its export dtype's
+    (FP8 artifacts keep the vision graph unquantized by default)."""
+    quantized = spec.quantization is not None and spec.quantization.vision
+    return TOLERANCES["fp8" if quantized else spec.dtype]
 
 
 def _image_vision(checkpoint: Checkpoint, backend: StepBackend, images: ImageBatch | None) -> VisionConfig | None:

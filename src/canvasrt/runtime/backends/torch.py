@@ -74,9 +74,12 @@ class TorchExecutor(Executor):
         if self.vision is None:
             return super().vision_encoder()
         if self._vision is None:
-            self._vision = TorchVisionEncoder(
-                self.checkpoint.load_vision_model(dtype=self.dtype, device=self.device), self.device
-            )
+            model = self.checkpoint.load_vision_model(dtype=self.dtype, device=self.device)
+            if self.calibration is not None:  # a vision graph calibrated with --quantize-vision, simulated likewise
+                from ...model.fp8 import VISION_QUANTIZED, apply_fake_quantization
+
+                apply_fake_quantization(model, self.calibration, VISION_QUANTIZED)
+            self._vision = TorchVisionEncoder(model, self.device)
         return self._vision
 
     def unload(self) -> None:
