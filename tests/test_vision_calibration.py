@@ -22,8 +22,9 @@ IMAGE_TOKEN = 260  # the tiny preset's image token id
 
 
 @pytest.fixture(scope="module")
-def vision_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset: its tiny vision tower (one layer) and its image processor."""
+def tiny_vision(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole tiny preset (four text layers, its tiny vision tower and image processor), run by torch: images
+    change its tokens, where the two-layer vision checkpoint's can come out the same."""
     return write_random_checkpoint(tmp_path_factory.mktemp("vision-cal") / "tiny", "tiny")
 
 
@@ -43,7 +44,7 @@ def _new_ids(result: object) -> list[list[int]]:
     return json.loads(result.stdout)["sequences"]  # type: ignore[attr-defined]
 
 
-def test_a_prompts_file_carries_each_prompts_images(vision_checkpoint: Path, pictures: list[Path]) -> None:
+def test_a_prompts_file_carries_each_prompts_images(tiny_vision: Path, pictures: list[Path]) -> None:
     """Each line's "images" (relative to the prompts file) go with that prompt only: row i of the batch is the
     prompt generated alone with its own image and row i's seed."""
     prompts = pictures[0].parent / "prompts.jsonl"
@@ -53,38 +54,38 @@ def test_a_prompts_file_carries_each_prompts_images(vision_checkpoint: Path, pic
     ]
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     common = ("--json", "--max-new-tokens", "1", "--max-denoising-steps", "4")
-    batch = _new_ids(cli("generate", vision_checkpoint, "--prompts-file", prompts, "--seed", "3", *common))
+    batch = _new_ids(cli("generate", tiny_vision, "--prompts-file", prompts, "--seed", "3", *common))
     for row, (line, picture) in enumerate(zip(lines, pictures)):
         ids = ",".join(map(str, line["ids"]))
-        alone = cli("generate", vision_checkpoint, "--prompt-ids", ids, "--image", picture, "--seed", 3 + row, *common)
+        alone = cli("generate", tiny_vision, "--prompt-ids", ids, "--image", picture, "--seed", 3 + row, *common)
         assert _new_ids(alone)[0] == batch[row]
     swapped = prompts.with_name("swapped.jsonl")
     swapped.write_text(
         "".join(json.dumps({**line, "images": [p.name]}) + "\n" for line, p in zip(lines, pictures[::-1]))
     )
-    assert _new_ids(cli("generate", vision_checkpoint, "--prompts-file", swapped, "--seed", "3", *common)) != batch
+    assert _new_ids(cli("generate", tiny_vision, "--prompts-file", swapped, "--seed", "3", *common)) != batch
 
 
-def test_prompts_file_images_bad_input_is_one_line(vision_checkpoint: Path, pictures: list[Path]) -> None:
+def test_prompts_file_images_bad_input_is_one_line(tiny_vision: Path, pictures: list[Path]) -> None:
     folder = pictures[0].parent
     bad = folder / "bad.jsonl"
     bad.write_text(json.dumps({"ids": [2, 70], "images": pictures[0].name}) + "\n")
-    assert_refused(cli("generate", vision_checkpoint, "--prompts-file", bad), "bad.jsonl:1", '"images" must be a list')
+    assert_refused(cli("generate", tiny_vision, "--prompts-file", bad), "bad.jsonl:1", '"images" must be a list')
     missing = folder / "missing.jsonl"
     missing.write_text(json.dumps({"ids": [2, 70], "images": ["absent.png"]}) + "\n")
-    assert_refused(cli("generate", vision_checkpoint, "--prompts-file", missing), "absent.png does not exist")
+    assert_refused(cli("generate", tiny_vision, "--prompts-file", missing), "absent.png does not exist")
     both = folder / "both.jsonl"
     both.write_text(json.dumps({"ids": [2, 70], "images": [pictures[0].name]}) + "\n")
-    assert_refused(cli("generate", vision_checkpoint, "--prompts-file", both, "--image", pictures[1]), "not both")
+    assert_refused(cli("generate", tiny_vision, "--prompts-file", both, "--image", pictures[1]), "not both")
 
 
-def test_calibration_ranges_see_the_images_soft_tokens(vision_checkpoint: Path, pictures: list[Path]) -> None:
+def test_calibration_ranges_see_the_images_soft_tokens(tiny_vision: Path, pictures: list[Path]) -> None:
     """Calibration prompts with images put their soft tokens through the prefill (the backbone's ranges move);
     the vision model's GEMM inputs are recorded only when asked, one range per quantizable vision GEMM."""
     ids = [2, 70, IMAGE_TOKEN, 71, 72]
-    text = collect_ranges(vision_checkpoint, [ids])
-    imaged = collect_ranges(vision_checkpoint, [{"ids": ids, "images": [pictures[0]]}])
-    other = collect_ranges(vision_checkpoint, [{"ids": ids, "images": [pictures[1]]}])
+    text = collect_ranges(tiny_vision, [ids])
+    imaged = collect_ranges(tiny_vision, [{"ids": ids, "images": [pictures[0]]}])
+    other = collect_ranges(tiny_vision, [{"ids": ids, "images": [pictures[1]]}])
     assert set(text.amax) == set(imaged.amax)
     # the image's 60 soft tokens and its two markers in place of one token: 61 more prefill tokens routed to two
     # experts each, in every layer but the last, whose FFN the encoder skips
@@ -95,7 +96,7 @@ def test_calibration_ranges_see_the_images_soft_tokens(vision_checkpoint: Path, 
     # the same prompt with other pixels: other soft tokens, other inputs to the first layer's GEMMs
     first = "layers.0.self_attn.q_proj.weight"
     assert not np.array_equal(imaged.samples[first], other.samples[first])
-    with_vision = collect_ranges(vision_checkpoint, [{"ids": ids, "images": [pictures[0]]}], vision=True)
+    with_vision = collect_ranges(tiny_vision, [{"ids": ids, "images": [pictures[0]]}], vision=True)
     vision = {name for name in with_vision.amax if VISION_QUANTIZED.search(name)}
     assert vision == {
         *(f"vision_tower.encoder.layers.0.self_attn.{p}_proj.linear.weight" for p in "qkvo"),
@@ -118,15 +119,6 @@ def test_calibrate_refuses_images_artifacts_cannot_take(
     prompts.write_text(json.dumps({"ids": [2, 70], "images": [str(pictures[0])]}) + "\n")
     assert_refused(cli(*args, "--prompts", prompts), "exported without --vision", "prompts with images")
     assert not out.exists()
-
-
-@pytest.fixture(scope="module")
-def vision_artifacts(vision_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from canvasrt.exporter.export import export
-
-    out = tmp_path_factory.mktemp("vision-cal-art") / "tiny"
-    export(vision_checkpoint, out, max_context=512, vocab_chunk=100, vision=True)
-    return out
 
 
 @pytest.mark.slow
