@@ -2,9 +2,11 @@
 
 Reads `backbone.onnx` of an artifact directory without its weights (the graph proto and the initializers' shapes),
 fixes the shapes of a denoising step (the batch, no encoder tokens, a canvas of rows), runs ONNX shape inference,
-and counts for every GEMM (MatMul, Gemm) its FLOPs, and as bytes every GEMM weight (once per step) and the K/V slots
-the step reads (those covering `--context` committed tokens). Activations are left out, so the bytes are a lower
-bound too. Counts are attributed per layer (weights by name, activation GEMMs by the exporter's module scope) and
+and counts for every GEMM (MatMul, Gemm) its FLOPs, and as bytes the weight each GEMM node reads and the K/V slots
+the step reads (those covering `--context` committed tokens). A weight that several nodes read counts once for each:
+the dense experts' in their runs of tokens (up to `DENSE_PIECES`; a run on zero rows reads nothing), the embedding in
+the LM head and in the self-conditioning product. Activations are left out, so the bytes are a lower bound too.
+Counts are attributed per layer (weights by name, activation GEMMs by the exporter's module scope) and
 scaled per layer kind to `--layers` layers in the released pattern (five sliding layers, then one full, the last
 layer full): export the released width with a few layers (`canvasrt random-checkpoint DIR --preset released
 --layers 2`, then `canvasrt export`) and count the 30-layer model from it.
@@ -12,8 +14,8 @@ layer full): export the released width with a few layers (`canvasrt random-check
 Two MoE formulations from the same graph:
 - dense: what the graph runs, every expert on every token (the dense export);
 - routed: each token through its top-k experts only (what `sparse` and, at perfect balance, `grouped` run): the
-  expert GEMMs' FLOPs times k / experts; their weight bytes times the expected share of experts that at least one of
-  the step's tokens is routed to under uniform routing, 1 - (1 - k / experts) ** tokens.
+  expert GEMMs' FLOPs times k / experts; each expert weight read once, times the expected share of experts that at
+  least one of the step's tokens is routed to under uniform routing, 1 - (1 - k / experts) ** tokens.
 
 The defaults are an H100 SXM: 3.35 TB/s, 989 dense FP8 TFLOP/s, GEMM weights in FP8 (1 byte; the embedding, which
 is also the LM head, and the router in bf16) and a bf16 K/V cache. Prints a table, or JSON with `--json`.
@@ -36,6 +38,7 @@ from onnx import shape_inference
 from canvasrt.core.config import FULL, SLIDING
 from canvasrt.core.contract import kv_spans, span_dim
 from canvasrt.core.manifest import ArtifactManifest
+from canvasrt.exporter.embedding import chunk_source
 from canvasrt.model.fp8 import QUANTIZED
 
 WRAPPER_PREFIX = "model."
@@ -140,13 +143,14 @@ def count_graph(path: Path, batch: int, canvas: int, spans: dict[str, int]) -> d
     model = _denoise_shapes(onnx.load(str(path), load_external_data=False), batch, canvas, spans)
     shapes = _shapes(model)
     initializers = {t.name for t in model.graph.initializer}
-    # A weight may reach its GEMM through a Slice (the LM head's vocabulary chunks of the embedding): the GEMM then
-    # reads the slice, counted as that part of the initializer.
+    # A weight may reach its GEMM as a part of a larger one: a Slice of an initializer, or a vocabulary chunk of the
+    # embedding stored as an initializer of its own (`split_embedding`); either is counted under the whole's name.
     sliced = {
         node.output[0]: node.input[0]
         for node in model.graph.node
         if node.op_type == "Slice" and node.input[0] in initializers
     }
+    sliced.update({name: whole for name in initializers if (whole := chunk_source(name))})
     gemms = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
@@ -166,7 +170,7 @@ def count_graph(path: Path, batch: int, canvas: int, spans: dict[str, int]) -> d
                 "node": node.name,
                 "op": node.op_type,
                 "weight": weight,
-                "weight_tensor": tensor,  # the initializer or the slice of one read: its bytes count once per step
+                "weight_tensor": tensor,  # the initializer or the part of one read
                 "weight_elements": int(np.prod(shapes[tensor])) if tensor else 0,
                 "layer": _layer_of([weight or "", *scope, node.name]),
                 "expert": bool(weight and ".experts." in weight),
@@ -180,16 +184,20 @@ def count_graph(path: Path, batch: int, canvas: int, spans: dict[str, int]) -> d
 def _per_layer(
     counted: dict[str, Any], weight_bytes: float, other_bytes: float, kv_bytes: float
 ) -> dict[str, dict[str, float]]:
-    """FLOPs and bytes per layer ('shared' for the rest), experts apart from everything else."""
+    """FLOPs and bytes per layer ('shared' for the rest), experts apart from everything else. A GEMM node reads its
+    weight once, a node on zero rows (a run of tokens past the step's) none; `expert_weight_bytes` counts each expert
+    weight once, as a formulation that reads every weight in one GEMM (the routed one) does."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     seen = set()
     for g in counted["gemms"]:
         part = "expert" if g["expert"] else "other"
         totals[g["layer"]][f"{part}_flops"] += g["flops"]
-        if g["weight"] and g["weight_tensor"] not in seen:
-            seen.add(g["weight_tensor"])
-            size = weight_bytes if QUANTIZED.search(g["weight"]) else other_bytes
-            totals[g["layer"]][f"{part}_bytes"] += g["weight_elements"] * size
+        if g["weight"] and g["flops"]:
+            size = g["weight_elements"] * (weight_bytes if QUANTIZED.search(g["weight"]) else other_bytes)
+            totals[g["layer"]][f"{part}_bytes"] += size
+            if g["expert"] and g["weight_tensor"] not in seen:
+                seen.add(g["weight_tensor"])
+                totals[g["layer"]]["expert_weight_bytes"] += size
     for name, elements in counted["kv"].items():
         totals[name.rsplit("_", 1)[1]]["other_bytes"] += elements * kv_bytes
     return totals
@@ -208,7 +216,7 @@ def context_spans(manifest: ArtifactManifest, context: int) -> dict[str, int]:
 def _scaled_step(per_layer: dict[str, dict[str, float]], kinds: list[str], target: list[str]) -> dict[str, float]:
     """One step's counts at the `target` layer pattern: the shared part once, plus each target layer as the mean of
     the exported layers of its kind."""
-    fields = ("expert_flops", "other_flops", "expert_bytes", "other_bytes")
+    fields = ("expert_flops", "other_flops", "expert_bytes", "expert_weight_bytes", "other_bytes")
     by_kind = {
         kind: {f: float(np.mean([per_layer[str(i)][f] for i, k in enumerate(kinds) if k == kind])) for f in fields}
         for kind in set(kinds)
@@ -220,6 +228,7 @@ def _bound(
     flops: float,
     moved: float,
     expert_flops: float,
+    expert_bytes: float,
     tokens: int,
     steps_per_canvas: int,
     bandwidth: float,
@@ -232,6 +241,7 @@ def _bound(
         "gflop": flops / 1e9,
         "expert_gflop": expert_flops / 1e9,
         "gbyte": moved / 1e9,
+        "expert_gbyte": expert_bytes / 1e9,
         "compute_ms": compute_ms,
         "memory_ms": memory_ms,
         "step_ms": bound,
@@ -272,13 +282,14 @@ def roofline(
     hit = 1.0 - (1.0 - share) ** tokens
     formulations = {
         "dense": (step["expert_flops"], step["expert_bytes"]),
-        "routed": (step["expert_flops"] * share, step["expert_bytes"] * hit),
+        "routed": (step["expert_flops"] * share, step["expert_weight_bytes"] * hit),
     }
     rows = {
         name: _bound(
             step["other_flops"] + expert_flops,
             step["other_bytes"] + expert_bytes,
             expert_flops,
+            expert_bytes,
             tokens,
             steps_per_canvas,
             bandwidth,

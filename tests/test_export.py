@@ -35,19 +35,81 @@ def test_export_writes_checked_graphs_and_manifest(tiny_artifacts):
         assert [o.name for o in model.graph.output] == [s["name"] for s in graph["outputs"]]
         for output in model.graph.output:  # no [batch, canvas, vocab] tensor leaves the default graphs
             assert vocab not in [d.dim_value for d in output.type.tensor_type.shape.dim]
-        # the LM head runs as one GEMM per vocabulary chunk, on slices of the embedding matrix
-        producers = {out: node for node in model.graph.node for out in node.output}
-        heads = [
-            n
-            for n in model.graph.node
-            if n.op_type == "Gemm"
-            and n.input[1] in producers
-            and producers[n.input[1]].op_type == "Slice"
-            and producers[n.input[1]].input[0] == "model.embed_tokens.weight"
-        ]
+        # the LM head runs as one GEMM per vocabulary chunk, each on a chunk of the embedding matrix stored as an
+        # initializer of its own; together they are the matrix, which is no initializer itself
+        initializers = {t.name: list(t.dims) for t in model.graph.initializer}
+        chunks = {"model.embed_tokens.weight.rows_0_100", "model.embed_tokens.weight.rows_100_200"}
+        chunks.add(f"model.embed_tokens.weight.rows_200_{vocab}")
+        assert {name for name in initializers if "embed_tokens" in name} == chunks
+        assert sum(initializers[name][0] for name in chunks) == vocab
+        heads = [n for n in model.graph.node if n.op_type == "Gemm" and n.input[1] in chunks]
         assert len(heads) == 3
+        assert not any(n.op_type == "Slice" and n.input[0] in initializers for n in model.graph.node)
     slots = {entry["kind"]: entry["slots"] for entry in manifest["kv_layout"]}
     assert slots == {"sliding_attention": PRESETS["tiny"]["text"]["sliding_window"] - 1, "full_attention": 128}
+
+
+def test_split_embedding_keeps_the_results_and_stores_the_matrix_once(tmp_path):
+    """A graph that slices an external embedding into vocabulary chunks for its GEMMs and gathers token rows from it:
+    after `split_embedding` the GEMMs read chunk initializers, each a range of the same external data (the data file
+    untouched), the gathers read the chunks, and ONNX Runtime computes exactly the same outputs."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from canvasrt.exporter.embedding import split_embedding
+
+    vocab, hidden = 10, 4
+    table = np.random.default_rng(0).standard_normal((vocab, hidden)).astype(np.float32)
+    (tmp_path / "g.onnx.data").write_bytes(b"\0" * 64 + table.tobytes())
+    weight = onnx.TensorProto(name="E", data_type=TensorProto.FLOAT, dims=[vocab, hidden])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in {"location": "g.onnx.data", "offset": "64", "length": str(table.nbytes)}.items():
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    bounds = [(0, 4), (4, 8), (8, 12)]  # the last slice's end beyond the vocabulary, as torch traces it
+    consts = [numpy_helper.from_array(np.array([v], np.int64), f"c{v}") for v in {0, 4, 8, 12}]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["rows"], axis=0)]
+    for i, (start, end) in enumerate(bounds):
+        nodes += [
+            helper.make_node("Slice", ["E", f"c{start}", f"c{end}", "c0"], [f"part{i}"]),
+            helper.make_node("Gemm", ["x", f"part{i}"], [f"logits{i}"], transB=1),
+            helper.make_node("MatMul", [f"logits{i}", f"part{i}"], [f"soft{i}"]),
+        ]
+    outputs = ["rows", *(f"{kind}{i}" for kind in ("logits", "soft") for i in range(3))]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, hidden]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3]),
+        ],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        [weight, *consts],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    feeds = {"x": np.ones((2, hidden), np.float32), "ids": np.array([[0, 3, 4], [9, 8, 5]], np.int64)}
+    before = ort.InferenceSession(str(path)).run(outputs, feeds)
+    data = (tmp_path / "g.onnx.data").read_bytes()
+
+    assert split_embedding(path, "E") == 3
+    model = onnx.load(str(path), load_external_data=False)
+    offsets = {
+        t.name: ({e.key: e.value for e in t.external_data}["offset"], list(t.dims))
+        for t in model.graph.initializer
+        if t.data_location == TensorProto.EXTERNAL
+    }
+    assert offsets == {
+        "E.rows_0_4": ("64", [4, hidden]),
+        "E.rows_4_8": (str(64 + 4 * hidden * 4), [4, hidden]),
+        "E.rows_8_10": (str(64 + 8 * hidden * 4), [2, hidden]),
+    }
+    assert not any(node.op_type == "Slice" for node in model.graph.node)
+    after = ort.InferenceSession(str(path)).run(outputs, feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert np.array_equal(after[0], table[feeds["ids"]])
+    assert (tmp_path / "g.onnx.data").read_bytes() == data
 
 
 def test_logits_output_keeps_the_whole_vocabulary(tiny_debug_artifacts):

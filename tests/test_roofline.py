@@ -12,6 +12,7 @@ import pytest
 
 from canvasrt.core.config import FULL, SLIDING
 from canvasrt.core.manifest import ArtifactManifest
+from canvasrt.model.modeling import DENSE_PIECES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "roofline.py"
 
@@ -95,6 +96,19 @@ def test_roofline_counts_each_vocabulary_chunk_of_the_lm_head_once(tiny_artifact
     config = ArtifactManifest.load(tiny_artifacts).model
     sliced = {g["weight_tensor"]: g["weight_elements"] for g in r["gemms"] if g["weight"] == "embed_tokens.weight"}
     assert len(sliced) == 3 and sum(sliced.values()) == config.vocab_size * config.hidden_size
+
+
+def test_roofline_counts_the_dense_experts_weights_once_per_run_of_tokens(tiny_artifacts):
+    """The dense experts run a step's tokens in runs of at least a canvas, each run's GEMMs reading the whole expert
+    weights: one run at one row, DENSE_PIECES at DENSE_PIECES rows. The routed formulation reads each weight once."""
+    one, many = (_roofline(tiny_artifacts, "--batch", str(rows)) for rows in (1, DENSE_PIECES))
+    assert many["formulations"]["dense"]["expert_gbyte"] == pytest.approx(
+        DENSE_PIECES * one["formulations"]["dense"]["expert_gbyte"], rel=1e-9
+    )
+    hit = many["experts_hit_share"]
+    assert many["formulations"]["routed"]["expert_gbyte"] == pytest.approx(
+        hit * one["formulations"]["dense"]["expert_gbyte"], rel=1e-9
+    )
 
 
 def test_capacity_divides_the_free_memory_by_kv_and_working_memory_per_row(tiny_artifacts, tmp_path):

@@ -44,6 +44,7 @@ from ..core.output import ARTIFACT_OUTPUT, staged_directory
 from ..model.checkpoint import DTYPES, PREPROCESSOR_CONFIG, Checkpoint, checkpoint_name
 from ..model.modeling import MOE_FORMULATIONS, StoredLayout, stored_layout
 from ..model.vision import vision_checkpoint_name
+from .embedding import split_embedding
 from .graphs import BackboneGraph, VisionBackboneGraph, VisionGraph, example_inputs
 
 OPSET = 21  # FP8 Q/DQ with a FLOAT8E4M3FN zero point (calibration) needs opset >= 21 on ONNX Runtime
@@ -112,6 +113,7 @@ def export(
                 dtype,
                 backbone_external,
                 graph_profiles(config, capacity, vision),
+                embedding=WRAPPER_PREFIX + "embed_tokens.weight",
             )
         }
         del model, wrapper
@@ -275,8 +277,10 @@ def _export_graph(
     external_data: bool,
     profiles: Profiles,
     naming: Callable[[str], str] = checkpoint_name,
+    embedding: str | None = None,
 ) -> GraphEntry:
-    """Traces `module` into `path`; naming: the checkpoint tensor behind each of the module's parameters."""
+    """Traces `module` into `path`; naming: the checkpoint tensor behind each of the module's parameters;
+    embedding: the initializer that the graph reads in vocabulary chunks, stored as its chunks (`split_embedding`)."""
     dynamic = [{axis: symbols[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)} for spec in inputs]
     # The K/V buffers arrive through the wrappers' *past, whose dynamic shapes torch.export wants as one tuple.
     n_named = sum(1 for spec in inputs if not spec.name.startswith("past_"))
@@ -306,6 +310,8 @@ def _export_graph(
             if cause is None:
                 raise
             raise cause from None
+    if embedding is not None:
+        split_embedding(path, embedding)
     onnx.checker.check_model(str(path), full_check=True)
     return GraphEntry.of_file(path, inputs, outputs, profiles)
 

@@ -749,10 +749,19 @@ class DiffusionGemmaText(nn.Module):
         self, hidden: torch.Tensor, scale: torch.Tensor, chosen: torch.Tensor, remainder: torch.Tensor, group: int
     ) -> torch.Tensor:
         """The token within group `chosen` [B, C] that the draw's remainder [B, C] in [0, 1) selects by inverse CDF
-        over the group's own probabilities: its logits recomputed from the gathered embedding rows [B, C, g, H]."""
+        over the group's own probabilities: its logits recomputed from gathered embedding rows [B, C, g, H], one
+        vocabulary chunk at a time (a group lies inside one chunk), so that the graph reads the embedding only
+        through its chunks (`exporter/embedding.py`) and holds one chunk's gathered rows at a time."""
         tokens = chosen[..., None] * group + torch.arange(group, dtype=chosen.dtype, device=chosen.device)
-        rows = self.embed_tokens(tokens)
-        z = self._softcap(torch.matmul(rows, hidden[..., None])[..., 0].float()) / scale
+        embedding = self.embed_tokens.weight
+        z: torch.Tensor | None = None
+        for start in range(0, embedding.shape[0], self.vocab_chunk):
+            rows = embedding[start : start + self.vocab_chunk]
+            inside = (tokens >= start) & (tokens < start + rows.shape[0])
+            local = torch.where(inside, tokens - start, torch.zeros_like(tokens))
+            part = self._softcap(torch.matmul(F.embedding(local, rows), hidden[..., None])[..., 0].float()) / scale
+            z = part if z is None else torch.where(inside, part, z)
+        assert z is not None
         return sample_inverse_cdf(torch.softmax(z, dim=-1), remainder)
 
     def soft_embedding(self, processed_logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
