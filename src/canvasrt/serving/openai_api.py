@@ -1,10 +1,10 @@
 """An OpenAI-compatible HTTP API in front of `canvasrt_generate`: `/v1/models`, `/v1/completions`,
 `/v1/chat/completions`, whole responses and server-sent-event streams.
 
-A FastAPI app that forwards every request to the loop model over tritonclient's asyncio gRPC streaming, so Triton
-stays the engine: its queue, a request's settings bounds and its cancellation cover every request, and the front end
-holds nothing of its own but the tokenizer that applies the chat template (transformers' `apply_chat_template`, the
-checkpoint's own template). Completions send their prompt as text (`text_input`, tokenized by the model as
+A FastAPI app (under uvicorn with uvloop) that forwards every request to the loop model over Triton's gRPC streaming
+(tritonclient's service stub on grpc's asyncio channel), so Triton stays the engine: its queue, a request's settings
+bounds and its cancellation cover every request, and the front end holds nothing of its own but the tokenizer that
+applies the chat template (transformers' `apply_chat_template`, the checkpoint's own template). Completions send their prompt as text (`text_input`, tokenized by the model as
 `canvasrt generate --prompt` does); chat sends the templated token ids. A stream carries one chunk per committed
 canvas, the last one with its finish_reason. The gRPC streams stay open between requests, one request at a time on
 each (`_Stream`).
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from starlette.responses import Response
 
 from ..core.errors import CanvasrtError
 from ..runtime.scheduler import SERVER_FULL
@@ -141,18 +142,23 @@ class FrontEnd:
         self.grpc_url, self.model = grpc_url, model
         self.tokenizer = _load_tokenizer(Path(tokenizer)) if tokenizer is not None else None
         self.completion, self.chat = _request_models()
-        self._client: Any = None
+        self._channel: Any = None
+        self._stub: Any = None
         self._ending: set[asyncio.Task[None]] = set()  # streams read to their end after their final response
         self._idle: list[_Stream] = []  # open streams whose last request has had its final response
 
     @property
-    def client(self) -> Any:
-        """The gRPC client, made on the event loop that serves requests."""
-        if self._client is None:
-            import tritonclient.grpc.aio as grpcclient
+    def stub(self) -> Any:
+        """Triton's gRPC service (tritonclient's stub) on a channel made on the event loop that serves requests."""
+        if self._stub is None:
+            import grpc
+            from tritonclient.grpc import service_pb2_grpc
 
-            self._client = grpcclient.InferenceServerClient(self.grpc_url)
-        return self._client
+            limit = 2**31 - 1  # images travel in the request: no message size cap below protobuf's own
+            options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+            self._channel = grpc.aio.insecure_channel(self.grpc_url, options=options)
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
 
     def app(self) -> Any:
         from fastapi import FastAPI, Request
@@ -167,9 +173,9 @@ class FrontEnd:
                 self.end_stream(self._idle.pop())
             if self._ending:  # closing the channel first would cancel them after their final response
                 await asyncio.wait(set(self._ending), timeout=STREAM_END_S)
-            if self._client is not None:
-                await self._client.close()
-                self._client = None
+            if self._channel is not None:
+                await self._channel.close()
+                self._channel = self._stub = None
 
         app = FastAPI(title="canvasrt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
@@ -216,7 +222,7 @@ class FrontEnd:
 
     def stream(self) -> "_Stream":
         """An open gRPC stream for one request: an idle one, or a new one."""
-        return self._idle.pop() if self._idle else _Stream(self.client)
+        return self._idle.pop() if self._idle else _Stream(self.stub)
 
     def reuse(self, stream: "_Stream") -> None:
         """Keeps a stream whose request has had its final response for the next request, or ends it."""
@@ -233,11 +239,12 @@ class FrontEnd:
         end (2.51) then marks the finished request cancelled and waits for a callback that never comes, so the
         request, and with it the model, is never released, and tritonserver cannot unload the model when it stops
         (it waits out its exit timeout)."""
-        stream.requests.put_nowait(None)
+        import grpc
 
         async def drain() -> None:
             with contextlib.suppress(Exception):
-                async for _ in stream.call:
+                await stream.call.done_writing()
+                while await stream.call.read() is not grpc.aio.EOF:
                     pass
 
         task = asyncio.ensure_future(drain())
@@ -352,13 +359,13 @@ class FrontEnd:
         return [int(i) for i in ids]
 
     async def _serve(self, request: Any, body: Any, chat: bool) -> Any:
-        from fastapi.responses import JSONResponse, Response, StreamingResponse
+        from fastapi.responses import JSONResponse
 
         inputs = self._inputs(body, chat)
         reply = _Reply(self.model, chat, body.stream_options or {})
-        generation = _Generation(self, inputs)
-        try:  # the first response (or the request's error) before any status is sent, while watching the client
-            first = await _unless_disconnected(request, generation.next())
+        generation = _Generation(self, inputs, request)
+        try:  # the first response (or the request's error) before any status is sent
+            first = await generation.next()
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it
         finally:
@@ -367,77 +374,81 @@ class FrontEnd:
         if not body.stream:
             return JSONResponse(reply.whole(first))
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[bytes]:
             try:
                 item = first
                 while not generation.finished:
-                    yield reply.chunk(item)
+                    yield reply.chunk(item).encode()
                     item = await generation.next()
-                yield reply.chunk(item) + "".join(reply.tail())  # the final chunk and the closing events: one write
+                yield (reply.chunk(item) + "".join(reply.tail())).encode()  # the final chunk and closing events
+            except _ClientGone:
+                pass
             except APIError as exc:  # after the status went out: an error event ends the stream
-                yield f"data: {json.dumps(exc.body())}\n\n"
-            finally:  # also when the client went away and Starlette cancelled the stream
+                yield f"data: {json.dumps(exc.body())}\n\n".encode()
+            finally:
                 generation.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _EventStream(events())
 
 
 class _Stream:
     """A gRPC stream to Triton (ModelStreamInfer) that carries one request at a time: the next request goes on it
     once the last one's final response has come. A request then costs one message rather than a stream of its own
     (an HTTP/2 stream opened and closed, and grpc's per-call setup: the largest share of the front end's CPU time per
-    request where each request opens a stream). Cancelling the stream cancels the request on it; Triton 2.51 has no
-    other way to cancel a streamed request."""
+    request where each request opens a stream). Requests are written and responses read on the call itself (grpc's
+    reader-writer style), in the task that serves the HTTP request: no request iterator and no task of its own.
+    Cancelling the stream cancels the request on it; Triton 2.51 has no other way to cancel a streamed request."""
 
-    def __init__(self, client: Any):
-        self.requests: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            while (request := await self.requests.get()) is not None:
-                yield request
-
-        self.call = client.stream_infer(requests())
+    def __init__(self, stub: Any):
+        self.call = stub.ModelStreamInfer()
 
 
 class _Generation:
     """One request to the loop model on a gRPC stream: its responses as plain values, up to the final one, after
     which the stream serves the next request; `cancel()` before that cancels the Triton request (and ends the
-    stream), which frees its slot at the next denoising step."""
+    stream), which frees its slot at the next denoising step.
 
-    def __init__(self, front_end: FrontEnd, inputs: dict[str, np.ndarray]):
-        import tritonclient.grpc.aio as grpcclient
-        from tritonclient.utils import np_to_triton_dtype
+    The HTTP request's client is watched by the one task the request has beside its own: when the client goes away
+    it cancels the generation, so a read waiting for the next response ends in _ClientGone. The HTTP side then
+    needs no task per response to watch the client."""
 
-        tensors = []
-        for name, array in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        request = {
-            "model_name": front_end.model,
-            "inputs": tensors,
-            "outputs": [grpcclient.InferRequestedOutput(name) for name in OUTPUTS],
-        }
-
+    def __init__(self, front_end: FrontEnd, inputs: dict[str, np.ndarray], client: Any):
+        self.request = _infer_request(front_end.model, inputs)
         self.front_end = front_end
         self.stream = front_end.stream()
-        self.stream.requests.put_nowait(request)
-        self.finished = False
+        self.written = self.finished = self.gone = False
+        self.watch = asyncio.ensure_future(_disconnected(client))
+        self.watch.add_done_callback(self._client_gone)
+
+    def _client_gone(self, watch: "asyncio.Future[None]") -> None:
+        if not watch.cancelled():
+            self.gone = True
+            self.cancel()
 
     async def next(self) -> dict[str, Any]:
+        import grpc
+        from tritonclient.grpc import InferResult
+
         try:
-            result, error = await self.stream.call.__anext__()
-        except StopAsyncIteration:
+            if not self.written:
+                self.written = True
+                await self.stream.call.write(self.request)
+            response = await self.stream.call.read()
+        except BaseException as exc:  # the stream failed, the client went away, or this read was cancelled
+            self.cancel()
+            if self.gone and isinstance(exc, (asyncio.CancelledError, grpc.aio.AioRpcError)):
+                raise _ClientGone from None
+            raise
+        if response is grpc.aio.EOF:
             self.finished = True
+            self.watch.cancel()
             raise APIError(
                 500, f"{INTERNAL_ERROR}the model's stream ended without a final response", kind="server_error"
-            ) from None
-        except BaseException:  # the stream failed or this read was cancelled: the stream is not reused
-            self.cancel()
-            raise
-        if error is not None:  # the request's final response
+            )
+        if response.error_message:  # the request's final response
             self._end()
-            raise _triton_error(error.message())
+            raise _triton_error(response.error_message)
+        result = InferResult(response.infer_response)
         item = {
             "text": result.as_numpy("text_output")[0].decode("utf-8"),
             "finish_reason": result.as_numpy("finish_reason")[0].decode(),
@@ -450,12 +461,48 @@ class _Generation:
 
     def _end(self) -> None:
         self.finished = True
+        self.watch.cancel()
         self.front_end.reuse(self.stream)
 
     def cancel(self) -> None:
+        self.watch.cancel()
         if not self.finished:
             self.finished = True
             self.stream.call.cancel()
+
+
+def _infer_request(model: str, inputs: dict[str, np.ndarray]) -> Any:
+    """Triton's ModelInferRequest for `inputs` (raw contents, as tritonclient sends them) asking for OUTPUTS."""
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, array in inputs.items():
+        dtype = np_to_triton_dtype(array.dtype)
+        request.inputs.add(name=name, datatype=dtype, shape=array.shape)
+        raw = serialize_byte_tensor(array).item() if dtype == "BYTES" else array.tobytes()
+        request.raw_input_contents.append(raw)
+    for name in OUTPUTS:
+        request.outputs.add(name=name)
+    return request
+
+
+class _EventStream(Response):
+    """A server-sent-event response (an ASGI app, as Starlette's responses are): the events as they come, one write
+    each. The client's disconnect is watched by the request's generation, which ends `events` when it happens;
+    Starlette's StreamingResponse would watch it again, with a task group per response."""
+
+    headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+    def __init__(self, events: AsyncIterator[bytes]):  # no super().__init__(): it renders a whole body
+        self.events = events
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        async for event in self.events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Reply:
@@ -527,7 +574,7 @@ class _Reply:
 
 
 class _ClientGone(Exception):
-    """The client disconnected before the response began."""
+    """The HTTP client disconnected: its request is cancelled, and nobody reads what would follow."""
 
 
 def _data_url(image_url: Any, message: int) -> bytes:
@@ -548,27 +595,6 @@ def _data_url(image_url: Any, message: int) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, f"{where} holds no valid base64 data", "messages") from None
-
-
-async def _unless_disconnected(request: Any, awaitable: Any) -> Any:
-    """`awaitable`'s result; _ClientGone (the awaitable cancelled) when the client disconnects first. The
-    disconnect is the ASGI server's message, awaited beside the work rather than polled, so a request that waits for
-    its first response wakes the event loop only when something happens."""
-    work = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            return work.result()
-        raise _ClientGone
-    finally:
-        for task in (work, gone):
-            if not task.done():
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
 
 
 async def _disconnected(request: Any) -> None:
@@ -619,6 +645,7 @@ class OpenAIServer:
             port=port,
             log_level="warning",
             access_log=False,
+            loop="uvloop",  # libuv's event loop: less CPU per event-loop turn than asyncio's pure-Python one
             http="httptools",  # C parser and writer: less CPU per request and per chunk than h11's pure Python
             lifespan="on",
             timeout_graceful_shutdown=5,
