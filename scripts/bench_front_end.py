@@ -5,13 +5,16 @@ the order every round, so that both see the same machine load.
     python scripts/bench_front_end.py REPO --before "env PYTHONPATH=../base/src .venv/bin/python -m canvasrt" \
         --after .venv/bin/canvasrt --rounds 5 --requests 100
 
-A round sends, to each server, REQUESTS streamed completions one after another through the OpenAI API and then the
-same requests (prompt, max_tokens, seed) through Triton's generate_stream on its HTTP port. Per version and path it
-reports, as medians over the rounds: the CPU time per request of the serve process (the OpenAI front end, or the
-relay on Triton's HTTP port; the time its threads ran) and of tritonserver, the time to the first event and
-the time between events. The front end's figures against the relay's, in the same round on the same server, are
-what the OpenAI layer adds; the two versions' front-end CPU, its ratio. One request at a time: concurrency is
-aiperf's part (scripts/bench_serving.sh).
+A round sends, to each server, REQUESTS streamed requests one after another on each of three paths, taking turns
+request by request, the same requests (prompt, max_tokens, seed) on each:
+  openai        the OpenAI API's /v1/completions (the front end, gRPC streaming to Triton)
+  relay         Triton's generate_stream on the served HTTP port (the relay that bounds bodies, then tritonserver)
+  tritonserver  Triton's generate_stream on tritonserver's own HTTP port, behind the relay (Triton alone)
+Per version and path it reports, as medians over the rounds: the CPU time per request of the serve process (the
+front end, or the relay: the time its threads ran) and of tritonserver, the time to the first event and the time
+between events. The openai path against the other two, in the same round on the same server, is what the OpenAI
+layer adds; the two versions' front-end CPU, its ratio. One request at a time: concurrency is aiperf's part
+(scripts/bench_serving.sh).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 from canvasrt.serving.repository import GENERATE_MODEL
 from canvasrt.serving.server import free_ports
 
+PATHS = ("openai", "relay", "tritonserver")
 PROMPT = "the quick brown fox jumps over the lazy dog " * 3
 
 
@@ -50,6 +54,8 @@ class Served:
             time.sleep(0.3)
         children = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
         self.triton = next(int(p) for p in children.split() if "tritonserver" in _command_line(int(p)))
+        options = _command_line(self.triton).split()
+        self.upstream = int(options[options.index("--http-port") + 1])  # tritonserver's own, behind the relay
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
@@ -88,24 +94,39 @@ def _stream(port: int, path: str, body: dict[str, Any]) -> tuple[float, list[flo
     return arrivals[0] - start, [b - a for a, b in zip(arrivals, arrivals[1:])]
 
 
-def _cell(served: Served, path: str, requests: int, max_tokens: int) -> dict[str, float]:
-    """`requests` streamed requests one after another on one path: CPU per request, first event and gaps (ms)."""
-    first, gaps = [], []
-    serve, triton = _cpu_seconds(served.process.pid), _cpu_seconds(served.triton)
+def _request(served: Served, path: str, seed: int, max_tokens: int) -> tuple[float, list[float]]:
+    """One streamed request on one path: seconds to its first event, and between its events."""
+    if path == "openai":
+        body = {"model": GENERATE_MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "seed": seed}
+        return _stream(served.openai, "/v1/completions", body)
+    body = {"text_input": PROMPT, "max_tokens": max_tokens, "stream": True, "seed": seed}
+    port = served.http if path == "relay" else served.upstream
+    return _stream(port, f"/v2/models/{GENERATE_MODEL}/generate_stream", body)
+
+
+def _round(served: Served, requests: int, max_tokens: int) -> dict[str, dict[str, float]]:
+    """`requests` streamed requests one after another on every path, the paths taking turns request by request
+    (so that a change of the machine's load falls on all of them): per path, CPU per request and the medians of
+    the first event and of the gaps (ms)."""
+    cpu = {path: {"serve": 0.0, "triton": 0.0} for path in PATHS}
+    first: dict[str, list[float]] = {path: [] for path in PATHS}
+    gaps: dict[str, list[float]] = {path: [] for path in PATHS}
     for seed in range(requests):
-        if path == "openai":
-            body = {"model": GENERATE_MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "seed": seed}
-            ttft, between = _stream(served.openai, "/v1/completions", body)
-        else:
-            body = {"text_input": PROMPT, "max_tokens": max_tokens, "stream": True, "seed": seed}
-            ttft, between = _stream(served.http, f"/v2/models/{GENERATE_MODEL}/generate_stream", body)
-        first.append(ttft)
-        gaps += between
+        for path in PATHS[seed % len(PATHS) :] + PATHS[: seed % len(PATHS)]:
+            serve, triton = _cpu_seconds(served.process.pid), _cpu_seconds(served.triton)
+            ttft, between = _request(served, path, seed, max_tokens)
+            cpu[path]["serve"] += _cpu_seconds(served.process.pid) - serve
+            cpu[path]["triton"] += _cpu_seconds(served.triton) - triton
+            first[path].append(ttft)
+            gaps[path] += between
     return {
-        "serve_cpu_ms": (_cpu_seconds(served.process.pid) - serve) / requests * 1e3,
-        "triton_cpu_ms": (_cpu_seconds(served.triton) - triton) / requests * 1e3,
-        "first_event_ms": statistics.median(first) * 1e3,
-        "between_events_ms": statistics.median(gaps) * 1e3 if gaps else float("nan"),
+        path: {
+            "serve_cpu_ms": cpu[path]["serve"] / requests * 1e3,
+            "triton_cpu_ms": cpu[path]["triton"] / requests * 1e3,
+            "first_event_ms": statistics.median(first[path]) * 1e3,
+            "between_events_ms": statistics.median(gaps[path]) * 1e3 if gaps[path] else float("nan"),
+        }
+        for path in PATHS
     }
 
 
@@ -129,15 +150,11 @@ def main() -> None:
         }
         try:
             for served in servers.values():  # warm-up: the first requests load what a server reads lazily
-                for path in ("openai", "triton"):
-                    _cell(served, path, 5, args.max_tokens)
+                _round(served, 5, args.max_tokens)
             for index in range(args.rounds):
                 order = list(servers) if index % 2 == 0 else list(servers)[::-1]
                 for name in order:
-                    cells = {
-                        path: _cell(servers[name], path, args.requests, args.max_tokens)
-                        for path in ("openai", "triton")
-                    }
+                    cells = _round(servers[name], args.requests, args.max_tokens)
                     rounds[name].append(cells)
                     print(f"round {index + 1} {name}: " + json.dumps(cells), flush=True)
         finally:
@@ -147,17 +164,13 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for name, cells in rounds.items():
         medians = {
-            path: {key: statistics.median(c[path][key] for c in cells) for key in cells[0][path]}
-            for path in ("openai", "triton")
+            path: {key: statistics.median(c[path][key] for c in cells) for key in cells[0][path]} for path in PATHS
         }
-        medians["added_by_openai_layer"] = {
-            "first_event_ms": statistics.median(
-                c["openai"]["first_event_ms"] - c["triton"]["first_event_ms"] for c in cells
-            ),
-            "between_events_ms": statistics.median(
-                c["openai"]["between_events_ms"] - c["triton"]["between_events_ms"] for c in cells
-            ),
-        }
+        for other in ("relay", "tritonserver"):
+            medians[f"openai_over_{other}"] = {
+                key: statistics.median(c["openai"][key] - c[other][key] for c in cells)
+                for key in ("first_event_ms", "between_events_ms")
+            }
         summary[name] = medians
     summary["front_end_cpu_after_over_before"] = (
         summary["after"]["openai"]["serve_cpu_ms"] / summary["before"]["openai"]["serve_cpu_ms"]
