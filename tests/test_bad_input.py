@@ -545,6 +545,46 @@ def _start_and_signal(command: list, output: Path, number: int, settle: float) -
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def _signal_inside_the_build(command: list, output: Path, number: int) -> tuple[int, bytes, bytes]:
+    """Runs `command` (a build) with its stderr on a terminal, where its progress display draws TensorRT's build
+    phases as they start, and sends `number` once the display shows the builder at work: no wait of a set length.
+    The command is stopped (SIGSTOP) from then until the signal is pending, and its state checked meanwhile: its
+    staging directory exists and `output` does not, so the signal arrives before the build's result can be moved into
+    place, whatever the machine's load (only a whole TensorRT build between its first drawn phase and the stop could
+    fail that check, which then says so). Returns the exit status, what it drew on the terminal and its stdout."""
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [CANVASRT, *map(str, command)],
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
+    )
+    os.close(secondary)
+    chunks: list[bytes] = []
+    signalled = False
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the command's end of the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if not signalled and b"Building engine" in b"".join(chunks):
+            process.send_signal(signal.SIGSTOP)
+            _, status = os.waitpid(process.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+            staged = list(output.parent.glob(f".{output.name}.*.partial"))
+            assert staged and not output.exists(), "the build ended before the signal; build a larger engine"
+            process.send_signal(number)
+            process.send_signal(signal.SIGCONT)
+            signalled = True
+    os.close(primary)
+    assert signalled, b"".join(chunks).decode(errors="replace")
+    stdout = process.stdout.read() if process.stdout else b""
+    return process.wait(timeout=120), b"".join(chunks), stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "number, code, line",
@@ -552,12 +592,16 @@ def _start_and_signal(command: list, output: Path, number: int, settle: float) -
     ids=["ctrl-c", "sigterm"],
 )
 def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, number, code, line):
+    """The signal reaches the build inside TensorRT's builder, which cancels the build through its progress monitor;
+    the command exits with the signal's status and one line, the progress display cleared, and writes nothing."""
     pytest.importorskip("tensorrt_rtx")
     output = tmp_path / "engines"
-    done = _start_and_signal(["build", tiny_artifacts, "-o", output, "--max-context", 32], output, number, settle=2.0)
-    assert done.returncode == code, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == line and "Traceback" not in done.stderr
-    assert "built" not in done.stdout
+    exit_code, drawn, stdout = _signal_inside_the_build(
+        ["build", tiny_artifacts, "-o", output, "--max-context", 32], output, number
+    )
+    assert exit_code == code, drawn
+    assert _screen(drawn)[-1] == line and b"Traceback" not in drawn
+    assert b"built" not in stdout
     assert_nothing_written(output)
 
 
