@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,7 +118,11 @@ def _write_checkpoint(
 def _built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
     """`build(path)` once per test run. pytest-xdist's workers have base directories of their own under the run's;
     the artifacts live beside them, and the first worker to ask builds them while the others wait on its lock, so
-    a checkpoint and its exports are the same files on every worker."""
+    a checkpoint and its exports are the same files on every worker.
+
+    The build writes into a temporary sibling that becomes `path` by a rename once `build` has returned, so `path`
+    exists only complete: a build that fails (or a worker killed in the middle of one) leaves nothing that counts as
+    built, and the next fixture call that asks for it, on any worker, builds it again."""
     root = factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
@@ -125,10 +130,15 @@ def _built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Pat
     shared.mkdir(exist_ok=True)
     path = shared / name
     with FileLock(shared / f"{name}.lock"):
-        done = shared / f"{name}.done"
-        if not done.exists():
-            build(path)
-            done.touch()
+        if not path.exists():
+            building = shared / f"{name}.building"
+            shutil.rmtree(building, ignore_errors=True)  # what a worker killed while building left
+            try:
+                build(building)
+            except BaseException:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
+            building.rename(path)
     return path
 
 

@@ -486,11 +486,15 @@ def _screen(output: bytes) -> list[str]:
     return [line.rstrip() for line in lines if line.strip()]
 
 
-def _stderr_on_a_terminal(command: list) -> tuple[int, bytes]:
+def _stderr_on_a_terminal(
+    command: list, watch: Callable[[bytes, subprocess.Popen], None] | None = None
+) -> tuple[int, bytes, bytes]:
+    """Runs `command` with its stderr on a terminal, where rich draws its live display; `watch(drawn, process)` sees
+    what it has drawn so far after every read. Returns the exit status, what it drew and its stdout."""
     primary, secondary = pty.openpty()
     process = subprocess.Popen(
         [CANVASRT, *map(str, command)],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=secondary,
         env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
     )
@@ -504,8 +508,11 @@ def _stderr_on_a_terminal(command: list) -> tuple[int, bytes]:
         if not chunk:
             break
         chunks.append(chunk)
+        if watch is not None:
+            watch(b"".join(chunks), process)
     os.close(primary)
-    return process.wait(timeout=120), b"".join(chunks)
+    stdout = process.stdout.read() if process.stdout else b""
+    return process.wait(timeout=120), b"".join(chunks), stdout
 
 
 @pytest.mark.slow
@@ -520,7 +527,7 @@ def test_a_failing_stage_clears_its_spinner_before_the_error(tiny_checkpoint, tm
     assert logged.stderr.splitlines() == [
         f"error: {checkpoint}/config.json holds a JSON list, not a config object; fix or re-save it"
     ]
-    code, drawn = _stderr_on_a_terminal(command)
+    code, drawn, _ = _stderr_on_a_terminal(command)
     assert code == 2 and b"\x1b[" in drawn  # rich drew a live display
     assert _screen(drawn) == logged.stderr.splitlines()
     assert_nothing_written(tmp_path / "out")
@@ -545,6 +552,32 @@ def _start_and_signal(command: list, output: Path, number: int, settle: float) -
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def _signal_inside_the_build(
+    output: Path, number: int, signalled: list[int]
+) -> Callable[[bytes, subprocess.Popen], None]:
+    """A `watch` for a build on a terminal, where its progress display draws TensorRT's build phases as they start:
+    it sends `number` once the display shows the builder at work, with no wait of a set length, and notes it in
+    `signalled`. The build is stopped (SIGSTOP) from then until the signal is pending, and its state checked meanwhile:
+    its staging directory exists and `output` does not, so the signal arrives before the build's result can be moved
+    into place, whatever the machine's load (only a whole TensorRT build between its first drawn phase and the stop
+    could fail that check, which then says so)."""
+
+    def watch(drawn: bytes, process: subprocess.Popen) -> None:
+        if signalled or b"Building engine" not in drawn:
+            return
+        process.send_signal(signal.SIGSTOP)
+        _, status = os.waitpid(process.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        if not list(output.parent.glob(f".{output.name}.*.partial")) or output.exists():
+            process.kill()
+            pytest.fail("the build ended before the signal; build a larger engine")
+        process.send_signal(number)
+        process.send_signal(signal.SIGCONT)
+        signalled.append(number)
+
+    return watch
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "number, code, line",
@@ -552,12 +585,18 @@ def _start_and_signal(command: list, output: Path, number: int, settle: float) -
     ids=["ctrl-c", "sigterm"],
 )
 def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, number, code, line):
+    """The signal reaches the build inside TensorRT's builder, which cancels the build through its progress monitor;
+    the command exits with the signal's status and one line, the progress display cleared, and writes nothing."""
     pytest.importorskip("tensorrt_rtx")
     output = tmp_path / "engines"
-    done = _start_and_signal(["build", tiny_artifacts, "-o", output, "--max-context", 32], output, number, settle=2.0)
-    assert done.returncode == code, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == line and "Traceback" not in done.stderr
-    assert "built" not in done.stdout
+    signalled: list[int] = []
+    exit_code, drawn, stdout = _stderr_on_a_terminal(
+        ["build", tiny_artifacts, "-o", output, "--max-context", 32],
+        _signal_inside_the_build(output, number, signalled),
+    )
+    assert signalled == [number] and exit_code == code, drawn
+    assert _screen(drawn)[-1] == line and b"Traceback" not in drawn
+    assert b"built" not in stdout
     assert_nothing_written(output)
 
 

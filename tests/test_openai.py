@@ -430,14 +430,14 @@ def test_tensorrt_llm_requests_with_a_batch_dimension(served):
         )
 
 
-async def stream_outcome(url: str, inputs: dict[str, np.ndarray], model: str = MODEL, headers=None) -> tuple:
+async def stream_outcome(url: str, inputs: dict[str, np.ndarray], model: str = MODEL) -> tuple:
     """What a tritonclient gRPC stream sees of a refused request: ("in stream", status, message) for an error inside
     the stream's responses, ("status", code, details) for a stream that ends with an error status."""
     client = grpcaio.InferenceServerClient(url)
     one = one_request(model, inputs)
     outcome = None
     try:
-        async for _, error in client.stream_infer(one(), headers=headers):
+        async for _, error in client.stream_infer(one()):
             outcome = ("in stream", error.status(), error.message()) if error is not None else outcome
     except grpc.aio.AioRpcError as exc:
         outcome = ("status", exc.code(), exc.details())
@@ -446,25 +446,20 @@ async def stream_outcome(url: str, inputs: dict[str, np.ndarray], model: str = M
     return outcome
 
 
-def test_grpc_errors_carry_invalid_argument_where_triton_allows(served):
-    """Triton 2.51 over gRPC: unary ModelInfer refuses a decoupled model (UNIMPLEMENTED); a stream carries an error
-    as a message inside its responses; with the `triton_grpc_error: true` header the model's refusals end the stream
-    with INVALID_ARGUMENT (through the batched model too), while what Triton checks before the model (datatypes,
-    shapes) stays a message in the stream."""
-    empty = {"text_input": strings("")}
-    strict = {"triton_grpc_error": "true"}
-    kind, code, details = asyncio.run(stream_outcome(served.grpc, empty))
+def test_grpc_errors_come_as_messages_in_the_stream(served):
+    """Triton 2.51 over gRPC: unary ModelInfer refuses a decoupled model (UNIMPLEMENTED); a stream carries an error,
+    the model's refusal or what Triton checks before the model (datatypes, shapes), as a message inside its
+    responses. No stream here sends the `triton_grpc_error: true` header, which turns the model's refusals into the
+    stream's status: under load, Triton 2.51 dies with signal 11 on such streams (`scripts/stress_cancel.py --modes
+    grpc-error`), which would take down the module's server."""
+    kind, code, details = asyncio.run(stream_outcome(served.grpc, {"text_input": strings("")}))
     assert (kind, code) == ("in stream", None) and details.startswith("the prompt is empty")
-    kind, code, details = asyncio.run(stream_outcome(served.grpc, empty, headers=strict))
-    assert (kind, code) == ("status", grpc.StatusCode.INVALID_ARGUMENT) and "the prompt is empty" in details
     kind, code, details = asyncio.run(
-        stream_outcome(
-            served.grpc, {"text_input": strings("hi")[None], "top_k": np.array([[5]], np.int32)}, BATCHED, strict
-        )
+        stream_outcome(served.grpc, {"text_input": strings("hi")[None], "top_k": np.array([[5]], np.int32)}, BATCHED)
     )
-    assert (kind, code) == ("status", grpc.StatusCode.INVALID_ARGUMENT) and "top_k 5 is not supported" in details
+    assert (kind, code) == ("in stream", None) and "top_k 5 is not supported" in details
     wrong_type = {"text_input": strings("hi"), "max_tokens": np.array([3], dtype=np.int64)}
-    kind, code, details = asyncio.run(stream_outcome(served.grpc, wrong_type, headers=strict))
+    kind, code, details = asyncio.run(stream_outcome(served.grpc, wrong_type))
     assert (kind, code) == ("in stream", None) and "expects 'INT32'" in details
     unary = tritonclient.grpc.InferenceServerClient(served.grpc)
     tensor = tritonclient.grpc.InferInput("text_input", [1], "BYTES")
