@@ -456,6 +456,7 @@ class _ReferenceSteps:
         self.reference, self.settings, self.spill, self.rng, self.model = reference, settings, spill, rng, model
 
     def kv(self, state: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per layer the reference's cached K and V (spilled when large) and the positions they hold."""
         return [
             (self.spill.keep(k.numpy()), self.spill.keep(v.numpy()), p)
             for k, v, p in (self.reference.cached_kv(state, i) for i in range(self.model.num_layers))
