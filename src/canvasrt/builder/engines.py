@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..core.contract import Profiles, narrow_profiles
+from ..core.contract import Capacity, Profiles, narrow_profiles
 from ..core.errors import ArtifactError, CanvasrtError
 from ..core.manifest import (
     ArtifactManifest,
@@ -254,15 +254,7 @@ def build_engine(
     name = Path(onnx_path).name
     log = _build_log(flavour, trt)
     log.reset()
-    builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, log)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        detail = f"{errors[0].node_name() or 'graph'}: {errors[0].desc()}" if errors else "the ONNX parser failed"
-        raise CanvasrtError(f"{flavour} could not build {name}: {_one_line(detail)}")
-    if network.num_layers == 0:  # the parser takes an empty file, or bytes that decode to nothing, as an empty model
-        raise ArtifactError(f"{onnx_path} holds no ONNX graph (empty or not ONNX); re-run `canvasrt export`")
+    builder, network, parser = _parsed_network(trt, log, onnx_path, flavour)
     with contextlib.ExitStack() as stack:
         signals = stack.enter_context(deferred_signals())  # entered first, so it re-raises after the cleanup below
         monitor = progress_monitor(trt, phases, lambda: bool(signals))
@@ -272,23 +264,8 @@ def build_engine(
             "progress_monitor": monitor,
             **_memory_pools(trt, workspace),
         }
-        fresh = None
-        if timing_cache is not None:
-            # Open files rather than paths: Polygraphy locks a path through a `.lock` file it leaves behind.
-            if timing_cache.is_file():
-                options["load_timing_cache"] = stack.enter_context(open(timing_cache, "rb"))
-            fresh = stack.enter_context(
-                tempfile.NamedTemporaryFile(
-                    dir=timing_cache.parent, prefix=f".{timing_cache.name}.", suffix=".partial", delete=False
-                )
-            )
-            stack.callback(lambda: Path(fresh.name).unlink(missing_ok=True))
-        if flavour == "tensorrt-rtx":
-            from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
-
-            config = CreateConfigRTX(compute_capabilities=[RTX_TARGETS[str(target)]], **options)
-        else:
-            config = loaders.CreateConfig(**options)
+        fresh = None if timing_cache is None else _timing_cache_files(stack, timing_cache, options)
+        config = _builder_config(loaders, flavour, target, options)
         try:
             data = loaders.EngineBytesFromNetwork((builder, network, parser), config=config, save_timing_cache=fresh)()
         except Exception as exc:  # Polygraphy raises its own error type; the builder's first error says more
@@ -301,17 +278,62 @@ def build_engine(
         if signals:  # it came after the last step: the engine is built, but the user asked to stop
             raise KeyboardInterrupt
         if timing_cache is not None and fresh is not None:
-            fresh.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(fresh.name, 0o666 & ~umask)  # mkstemp's 0600 would hide the cache from a team's other builds
-            os.replace(fresh.name, timing_cache)
+            _replace_timing_cache(fresh, timing_cache)
     del config, network, parser, builder
     with open(engine_path, "wb") as out:
         out.write(memoryview(data))
     size = int(data.nbytes)
     del data
     return BuiltEngine(size, log.layers, tuple(log.activation), log.weights)
+
+
+def _parsed_network(trt: Any, log: Any, onnx_path: str | Path, flavour: str) -> tuple[Any, Any, Any]:
+    """The builder, the strongly typed network parsed from `onnx_path` and its parser; the parser's first error,
+    or a file that parses to no layers, as a one-line error."""
+    builder = trt.Builder(log)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        detail = f"{errors[0].node_name() or 'graph'}: {errors[0].desc()}" if errors else "the ONNX parser failed"
+        raise CanvasrtError(f"{flavour} could not build {Path(onnx_path).name}: {_one_line(detail)}")
+    if network.num_layers == 0:  # the parser takes an empty file, or bytes that decode to nothing, as an empty model
+        raise ArtifactError(f"{onnx_path} holds no ONNX graph (empty or not ONNX); re-run `canvasrt export`")
+    return builder, network, parser
+
+
+def _builder_config(loaders: Any, flavour: str, target: str | None, options: dict[str, Any]) -> Any:
+    """Polygraphy's builder config of the flavour: TensorRT-RTX compiles ahead of time for `target`'s compute
+    capability, TensorRT for the GPU in this machine."""
+    if flavour == "tensorrt-rtx":
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        return CreateConfigRTX(compute_capabilities=[RTX_TARGETS[str(target)]], **options)
+    return loaders.CreateConfig(**options)
+
+
+def _timing_cache_files(stack: contextlib.ExitStack, timing_cache: Path, options: dict[str, Any]) -> Any:
+    """Opens the timing cache to load (when it exists) into the builder `options`, and returns the temporary file
+    next to it that the build saves the updated cache into, removed when `stack` closes unless it replaced the
+    cache. Open files rather than paths: Polygraphy locks a path through a `.lock` file it leaves behind."""
+    if timing_cache.is_file():
+        options["load_timing_cache"] = stack.enter_context(open(timing_cache, "rb"))
+    fresh = stack.enter_context(
+        tempfile.NamedTemporaryFile(
+            dir=timing_cache.parent, prefix=f".{timing_cache.name}.", suffix=".partial", delete=False
+        )
+    )
+    stack.callback(lambda: Path(fresh.name).unlink(missing_ok=True))
+    return fresh
+
+
+def _replace_timing_cache(fresh: Any, timing_cache: Path) -> None:
+    """Moves the updated cache over the old one atomically, readable as a file created with the user's umask."""
+    fresh.close()
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(fresh.name, 0o666 & ~umask)  # mkstemp's 0600 would hide the cache from a team's other builds
+    os.replace(fresh.name, timing_cache)
 
 
 _LAYER = re.compile(
@@ -429,6 +451,42 @@ def build_engines(
     manifest = ArtifactManifest.load(artifacts)
     check_output(output, ENGINE_OUTPUT, inputs=[artifacts])
     flavour = resolve_builder(builder)
+    _refuse_target(manifest, flavour, target)
+    workspace_bytes = parse_size(workspace) if workspace else None
+    capacity = manifest.capacity.narrowed(max_batch, max_context)
+    manifest.verify()  # graphs, external data and calibration as exported: hashing them is cheap next to a build
+    cache = _timing_cache(timing_cache, flavour)
+    key = _build_key(manifest, flavour, target, workspace_bytes, capacity)
+    earlier = EngineManifest.load_if_current(output, key)
+    if earlier is not None:
+        return earlier, True
+    with staged_directory(output, ENGINE_OUTPUT, inputs=[artifacts]) as staging:
+        engines = {}
+        for name, graph in manifest.graphs.items():
+            if progress:
+                progress(f"building {name} engine ({flavour}, {target})")
+            profiles = narrow_profiles(graph.profiles, capacity)
+            built = build_engine(
+                manifest.graph_path(name),
+                staging / f"{name}.engine",
+                graph,
+                flavour,
+                target,
+                workspace_bytes,
+                profiles,
+                cache,
+                phases,
+            )
+            engines[name] = _engine_entry(staging, name, graph, profiles, built)
+        engine_manifest = _engine_manifest(manifest, capacity, output, key, engines, staging)
+        engine_manifest.write(staging)
+        manifest.check_unchanged("build")  # the graphs built are the ones verified at the start
+    return engine_manifest, False
+
+
+def _refuse_target(manifest: ArtifactManifest, flavour: str, target: str) -> None:
+    """Refuses a target the builder flavour cannot build for, MoE graphs TensorRT-RTX cannot parse, and FP8
+    artifacts for a GPU without FP8 tensor cores."""
     if flavour == "tensorrt-rtx" and target not in RTX_TARGETS:
         raise CanvasrtError(
             f"TensorRT-RTX builds for {', '.join(RTX_TARGETS)}; {target!r} is not one (SM90 needs --builder tensorrt)"
@@ -447,9 +505,10 @@ def build_engines(
         raise CanvasrtError(
             f"{target} has no FP8 tensor cores; build FP8 artifacts for one of {', '.join(sorted(FP8_TARGETS))}"
         )
-    workspace_bytes = parse_size(workspace) if workspace else None
-    capacity = manifest.capacity.narrowed(max_batch, max_context)
-    manifest.verify()  # graphs, external data and calibration as exported: hashing them is cheap next to a build
+
+
+def _timing_cache(timing_cache: str | Path | None, flavour: str) -> Path | None:
+    """The `--timing-cache` file, refused for TensorRT-RTX (which keeps none) and where no file can be written."""
     cache = Path(timing_cache) if timing_cache is not None else None
     if cache is not None:
         if flavour == "tensorrt-rtx":
@@ -459,67 +518,68 @@ def build_engines(
             )
         if cache.is_dir() or not cache.parent.is_dir():
             raise CanvasrtError(f"--timing-cache {cache} must name a file in an existing directory")
-    key = BuildKey(
+    return cache
+
+
+def _build_key(
+    manifest: ArtifactManifest, flavour: str, target: str, workspace: int | None, capacity: Capacity
+) -> BuildKey:
+    """What an engine directory is built from: the graphs, the calibration, the builder and its version, the
+    target and the options. An earlier build with the same key is reused."""
+    return BuildKey(
         graphs={name: graph.sha256 for name, graph in manifest.graphs.items()},
         calibration_sha256=manifest.quantization.calibration_sha256 if manifest.quantization else None,
         builder=flavour,
         builder_version=_builder_version(flavour),
         target=target,
-        workspace=workspace_bytes,
+        workspace=workspace,
         max_batch=capacity.max_batch,
         max_context=capacity.max_context,
     )
-    earlier = EngineManifest.load_if_current(output, key)
-    if earlier is not None:
-        return earlier, True
-    engines = {}
-    with staged_directory(output, ENGINE_OUTPUT, inputs=[artifacts]) as staging:
-        for name, graph in manifest.graphs.items():
-            if progress:
-                progress(f"building {name} engine ({flavour}, {target})")
-            profiles = narrow_profiles(graph.profiles, capacity)
-            built = build_engine(
-                manifest.graph_path(name),
-                staging / f"{name}.engine",
-                graph,
-                flavour,
-                target,
-                workspace_bytes,
-                profiles,
-                cache,
-                phases,
-            )
-            if built.layers:
-                (staging / f"{name}.layers.txt").write_text(built.layers + "\n")
-            engines[name] = EngineEntry(
-                file=f"{name}.engine",
-                sha256=sha256_file(staging / f"{name}.engine"),
-                onnx_sha256=graph.sha256,
-                bytes=built.bytes,
-                profiles=profiles,
-                inputs=graph.inputs,
-                outputs=graph.outputs,
-                layers=f"{name}.layers.txt" if built.layers else None,
-                gemms=gemms_per_profile(engine_layers(built.layers), profiles) if built.layers else None,
-                device_memory=device_memory(built, list(profiles)),
-            )
-        engine_manifest = EngineManifest(
-            model=manifest.model,
-            capacity=capacity,
-            kv_layout=manifest.kv_layout,
-            dtype=manifest.dtype,
-            generation=manifest.generation,
-            directory=output,
-            key=key,
-            artifacts=manifest.directory.resolve(),
-            quantization=manifest.quantization,
-            engines=engines,
-            files=record_files(staging, [entry.layers for entry in engines.values() if entry.layers is not None]),
-            vision=manifest.vision,
-        )
-        engine_manifest.write(staging)
-        manifest.check_unchanged("build")  # the graphs built are the ones verified at the start
-    return engine_manifest, False
+
+
+def _engine_manifest(
+    manifest: ArtifactManifest,
+    capacity: Capacity,
+    output: Path,
+    key: BuildKey,
+    engines: dict[str, EngineEntry],
+    staging: Path,
+) -> EngineManifest:
+    """The manifest of the engines built into `staging` from `manifest`'s artifacts, for the directory `output`."""
+    return EngineManifest(
+        model=manifest.model,
+        capacity=capacity,
+        kv_layout=manifest.kv_layout,
+        dtype=manifest.dtype,
+        generation=manifest.generation,
+        directory=output,
+        key=key,
+        artifacts=manifest.directory.resolve(),
+        quantization=manifest.quantization,
+        engines=engines,
+        files=record_files(staging, [entry.layers for entry in engines.values() if entry.layers is not None]),
+        vision=manifest.vision,
+    )
+
+
+def _engine_entry(staging: Path, name: str, graph: GraphEntry, profiles: Profiles, built: BuiltEngine) -> EngineEntry:
+    """The engine manifest's entry for graph `name`, built into `staging`; its layer information, when the builder
+    reported any, is written next to the engine as `<name>.layers.txt`."""
+    if built.layers:
+        (staging / f"{name}.layers.txt").write_text(built.layers + "\n")
+    return EngineEntry(
+        file=f"{name}.engine",
+        sha256=sha256_file(staging / f"{name}.engine"),
+        onnx_sha256=graph.sha256,
+        bytes=built.bytes,
+        profiles=profiles,
+        inputs=graph.inputs,
+        outputs=graph.outputs,
+        layers=f"{name}.layers.txt" if built.layers else None,
+        gemms=gemms_per_profile(engine_layers(built.layers), profiles) if built.layers else None,
+        device_memory=device_memory(built, list(profiles)),
+    )
 
 
 def _builder_version(flavour: str) -> str:

@@ -25,7 +25,7 @@ from ..runtime.images import ImageProcessor, with_images
 from ..runtime.prompts import prompt_rows, read_prompts_file
 from ..validation import tasks
 from .qdq import WEIGHT_MODES, quantize_graph, read_graph
-from .ranges import METHODS, collect_ranges, scale_for
+from .ranges import METHODS, Ranges, collect_ranges, scale_for
 
 # Used without --prompts/--task: mixed-length text, so prefill, commits and every denoising step see typical input.
 BUILTIN_PROMPTS = [
@@ -92,61 +92,22 @@ def calibrate(
     torch_device(device)  # before anything runs
     manifest = ArtifactManifest.load(artifacts)
     check_output(output, ARTIFACT_OUTPUT, inputs=[checkpoint, artifacts])  # before the loop runs, not after
-    if method not in METHODS:
-        raise CanvasrtError(f"calibration method {method!r} is not implemented; use one of {', '.join(METHODS)}")
-    if weights not in WEIGHT_MODES:
-        raise CanvasrtError(f"--weights takes one of {', '.join(WEIGHT_MODES)}")
-    if manifest.quantization is not None:
-        raise CanvasrtError(f"{artifacts} is already quantized; calibrate the fp32/fp16 export instead")
-    if manifest.vision is None and (images or quantize_vision):  # before the digests of every weight file
-        _no_vision(Path(artifacts), "--quantize-vision" if quantize_vision else "--image")
+    _check_options(manifest, artifacts, method, weights, images, quantize_vision)
     opened = Checkpoint.open(checkpoint)
-    opened.check_memory(dtype, device, "calibration's torch backend")  # before the digests read every weight file
-    opened.check_source_of(manifest, artifacts)
-    if samples < 1:
-        raise CanvasrtError(f"--samples must be at least 1 (got {samples})")
-    if prompts_file is not None and task is not None:
-        raise CanvasrtError("give at most one of --prompts and --task: both name the calibration set")
-    for name in manifest.graphs:  # before the calibration run, which takes long at the released model's size
-        read_graph(manifest.graph_path(name), load_external_data=False)
-    manifest.verify()  # the graphs and weights the Q/DQ graphs are written from are the exported ones
+    _check_inputs(manifest, opened, artifacts, samples, prompts_file, task, dtype, device)
     rows, source = calibration_prompts(checkpoint, prompts_file, task, samples, manifest.model.vocab_size, images)
     if not rows or any(not r.get("images") and len(r["ids"]) == 0 for r in rows):
         raise CanvasrtError(f"the calibration set ({source}) is empty or has an empty prompt")
     _check_images(manifest, Path(artifacts), rows, quantize_vision)
     progress(f"running the loop on {len(rows)} calibration prompts ({source})")
     ranges = collect_ranges(checkpoint, rows, method=method, device=device, dtype=dtype, vision=quantize_vision)
-    try:
-        patterns = [re.compile(p) for p in exclude]
-    except re.error as exc:
-        raise CanvasrtError(f"--exclude pattern is not a regular expression: {exc}") from None
-    excluded = sorted(n for n in ranges.amax if any(p.search(n) for p in patterns))
-    for name in excluded:
-        del ranges.amax[name]
+    excluded = _exclude(ranges, exclude)
     coverage = [min(counts) for counts in ranges.expert_tokens.values()]
     progress(f"fewest tokens any expert saw: {min(coverage) if coverage else 'n/a'}")
-    calibration = {
-        "method": method,
-        "format": "fp8-e4m3",
-        "weights": weights,
-        "prompts": source,
-        "samples": len(rows),
-        "tensors": {
-            name: {"amax": np.asarray(amax).tolist(), "scale": np.asarray(scale_for(amax)).tolist()}
-            for name, amax in sorted(ranges.amax.items())
-        },
-        "excluded": excluded,
-        "expert_tokens": ranges.expert_tokens,
-        "vision": quantize_vision,
-    }
+    calibration = _calibration_record(ranges, method, weights, source, len(rows), excluded, quantize_vision)
     with staged_directory(output, ARTIFACT_OUTPUT, inputs=[checkpoint, artifacts]) as staging:
         write_json(staging / "calibration.json", calibration)
-        graphs = {}
-        for name, graph in manifest.graphs.items():
-            progress(f"writing Q/DQ {graph.file}")
-            path = staging / graph.file
-            quantized = quantize_graph(manifest.graph_path(name), path, ranges.amax, weights)
-            graphs[name] = GraphEntry.of_file(path, graph.inputs, graph.outputs, graph.profiles, quantized)
+        graphs = _write_qdq_graphs(manifest, staging, ranges.amax, weights, progress)
         for extra in manifest.files:
             shutil.copy2(manifest.directory / extra, staging / extra)
         quantization = Quantization(
@@ -166,6 +127,103 @@ def calibrate(
         for problem in replace(new_manifest, directory=staging).problems():  # the copies are the recorded files
             raise CanvasrtError(problem)
     return new_manifest
+
+
+def _check_options(
+    manifest: ArtifactManifest,
+    artifacts: str | Path,
+    method: str,
+    weights: str,
+    images: tuple[Path, ...],
+    quantize_vision: bool,
+) -> None:
+    """Refuses, before the checkpoint is opened, a method or weight mode that does not exist, artifacts that are
+    quantized already, and images or a vision calibration for artifacts without a vision graph."""
+    if method not in METHODS:
+        raise CanvasrtError(f"calibration method {method!r} is not implemented; use one of {', '.join(METHODS)}")
+    if weights not in WEIGHT_MODES:
+        raise CanvasrtError(f"--weights takes one of {', '.join(WEIGHT_MODES)}")
+    if manifest.quantization is not None:
+        raise CanvasrtError(f"{artifacts} is already quantized; calibrate the fp32/fp16 export instead")
+    if manifest.vision is None and (images or quantize_vision):  # before the digests of every weight file
+        _no_vision(Path(artifacts), "--quantize-vision" if quantize_vision else "--image")
+
+
+def _check_inputs(
+    manifest: ArtifactManifest,
+    checkpoint: Checkpoint,
+    artifacts: str | Path,
+    samples: int,
+    prompts_file: Path | None,
+    task: str | None,
+    dtype: str,
+    device: str,
+) -> None:
+    """Refuses, before the calibration run (long at the released model's size), a checkpoint that does not fit in
+    memory or is not the one the artifacts were exported from, a calibration set named twice or empty, and graphs
+    or weights other than the exported ones."""
+    checkpoint.check_memory(dtype, device, "calibration's torch backend")  # before the digests read every weight file
+    checkpoint.check_source_of(manifest, artifacts)
+    if samples < 1:
+        raise CanvasrtError(f"--samples must be at least 1 (got {samples})")
+    if prompts_file is not None and task is not None:
+        raise CanvasrtError("give at most one of --prompts and --task: both name the calibration set")
+    for name in manifest.graphs:
+        read_graph(manifest.graph_path(name), load_external_data=False)
+    manifest.verify()  # the graphs and weights the Q/DQ graphs are written from are the exported ones
+
+
+def _exclude(ranges: Ranges, exclude: tuple[str, ...]) -> list[str]:
+    """Drops the ranges of the GEMM inputs that an `--exclude` pattern matches, so that they stay unquantized;
+    returns their names, sorted."""
+    try:
+        patterns = [re.compile(p) for p in exclude]
+    except re.error as exc:
+        raise CanvasrtError(f"--exclude pattern is not a regular expression: {exc}") from None
+    excluded = sorted(n for n in ranges.amax if any(p.search(n) for p in patterns))
+    for name in excluded:
+        del ranges.amax[name]
+    return excluded
+
+
+def _calibration_record(
+    ranges: Ranges,
+    method: str,
+    weights: str,
+    source: str,
+    samples: int,
+    excluded: list[str],
+    quantize_vision: bool,
+) -> dict[str, Any]:
+    """calibration.json: how the ranges were collected, per calibrated tensor its amax and FP8 scale, the tensors
+    excluded, and per expert layer the tokens each expert saw."""
+    return {
+        "method": method,
+        "format": "fp8-e4m3",
+        "weights": weights,
+        "prompts": source,
+        "samples": samples,
+        "tensors": {
+            name: {"amax": np.asarray(amax).tolist(), "scale": np.asarray(scale_for(amax)).tolist()}
+            for name, amax in sorted(ranges.amax.items())
+        },
+        "excluded": excluded,
+        "expert_tokens": ranges.expert_tokens,
+        "vision": quantize_vision,
+    }
+
+
+def _write_qdq_graphs(
+    manifest: ArtifactManifest, staging: Path, amax: dict[str, Any], weights: str, progress: Any
+) -> dict[str, GraphEntry]:
+    """Each of the artifacts' graphs rewritten with Q/DQ at the calibrated ranges into `staging`, and its entry."""
+    graphs = {}
+    for name, graph in manifest.graphs.items():
+        progress(f"writing Q/DQ {graph.file}")
+        path = staging / graph.file
+        quantized = quantize_graph(manifest.graph_path(name), path, amax, weights)
+        graphs[name] = GraphEntry.of_file(path, graph.inputs, graph.outputs, graph.profiles, quantized)
+    return graphs
 
 
 def _check_images(

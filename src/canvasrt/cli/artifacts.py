@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.progress import Progress, ProgressColumn, SpinnerColumn, TextColumn, T
 
 from ..core.contract import DEFAULT_VOCAB_CHUNK
 from .options import INT, SEED
+
+if TYPE_CHECKING:
+    from ..builder.engines import Phase
 
 err = Console(stderr=True)
 STAGE_COLUMNS = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
@@ -212,9 +215,9 @@ def build_command(
     workspace: str | None,
 ) -> None:
     """Build TensorRT engines (strongly typed, the manifest's optimization profiles) from ARTIFACTS."""
-    from rich.progress import BarColumn, TaskID
+    from rich.progress import BarColumn
 
-    from ..builder.engines import Phase, build_engines
+    from ..builder.engines import build_engines
 
     start = time.perf_counter()
     # stage_progress's columns plus a bar and a step count: TensorRT's progress monitor knows each phase's length.
@@ -227,18 +230,6 @@ def build_command(
     )
     with stage_progress(*columns) as progress:
         task = progress.add_task("starting", total=None, steps="")
-        bars: list[TaskID] = []  # one per open build phase, nested phases indented under their parent
-
-        def show(phases: tuple[Phase, ...]) -> None:
-            while len(bars) > len(phases):
-                progress.remove_task(bars.pop())
-            for depth, phase in enumerate(phases):
-                name, steps = "  " * (depth + 1) + phase.name, f"{phase.done}/{phase.steps}"
-                if depth < len(bars):
-                    progress.update(bars[depth], description=name, completed=phase.done, total=phase.steps, steps=steps)
-                else:  # added complete: the refresh thread may draw it before any update
-                    bars.append(progress.add_task(name, completed=phase.done, total=phase.steps, steps=steps))
-
         manifest, reused = build_engines(
             artifacts,
             output,
@@ -249,7 +240,7 @@ def build_command(
             max_context=max_context,
             timing_cache=timing_cache,
             progress=lambda text: progress.update(task, description=text),
-            phases=show,
+            phases=_phase_bars(progress),
         )
         progress.update(task, description="done")
     key = manifest.key
@@ -265,6 +256,26 @@ def build_command(
         f"{time.perf_counter() - start:.1f}s (batch up to {key.max_batch}, context {key.max_context}): "
         f"{sizes}"
     )
+
+
+def _phase_bars(progress: Progress) -> Callable[[tuple[Phase, ...]], None]:
+    """What `build_engines` calls with the stack of open TensorRT build phases: one bar per open phase, nested phases
+    indented under their parent, bars of finished phases removed."""
+    from rich.progress import TaskID
+
+    bars: list[TaskID] = []
+
+    def show(phases: tuple[Phase, ...]) -> None:
+        while len(bars) > len(phases):
+            progress.remove_task(bars.pop())
+        for depth, phase in enumerate(phases):
+            name, steps = "  " * (depth + 1) + phase.name, f"{phase.done}/{phase.steps}"
+            if depth < len(bars):
+                progress.update(bars[depth], description=name, completed=phase.done, total=phase.steps, steps=steps)
+            else:  # added complete: the refresh thread may draw it before any update
+                bars.append(progress.add_task(name, completed=phase.done, total=phase.steps, steps=steps))
+
+    return show
 
 
 def _activation(memory: dict[str, Any] | None) -> str:

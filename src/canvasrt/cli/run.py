@@ -112,15 +112,7 @@ def generate_command(
     """Generate from TARGET: a checkpoint directory (torch) or an artifact directory (onnxruntime). With --image (or
     a prompts file's "images"), each <|image|> in a prompt marks its next image (without markers the images go
     first); --image gives its images to every prompt."""
-    sources = [s for s in (prompt, prompt_ids, prompts_file) if s is not None]
-    if len(sources) != 1:
-        raise CanvasrtError("give exactly one of --prompt, --prompt-ids, --prompts-file")
-    if prompt is not None:
-        prompts = [{"text": prompt}]
-    elif prompt_ids is not None:
-        prompts = [{"ids": parse_ids(prompt_ids)}]
-    else:
-        prompts = read_prompts_file(prompts_file)
+    prompts = _prompts(prompt, prompt_ids, prompts_file)
     runner = open_backend(
         target, backend, provider=provider, threads=threads, max_batch=max(16, len(prompts)), device=device, dtype=dtype
     )
@@ -142,28 +134,48 @@ def generate_command(
         for row in result.new_tokens
     ]
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "sequences": result.sequences.tolist(),
-                    "text": texts,
-                    "steps_per_block": result.steps_per_block,
-                    "tokens_per_forward": result.tokens_per_forward.tolist(),
-                    "timings": {k: v for k, v in result.timings.items() if not isinstance(v, list)},
-                    "backend": runner.name,
-                    "rng": rng,
-                    "seed": seed,
-                }
-            )
-        )
+        click.echo(json.dumps(_generation_json(result, texts, runner.name, rng, seed)))
     else:
-        for i, row in enumerate(result.new_tokens):
-            shown = _escaped(texts[i]) if texts[i] is not None else " ".join(map(str, row.tolist()))
-            click.echo(f"[{i}] {shown}")
-        err.print(
-            f"{runner.name}: {sum(result.steps_per_block)} steps over {len(result.steps_per_block)} canvas(es), "
-            f"tokens/forward {np.round(result.tokens_per_forward, 2).tolist()}, {result.timings['total_s']:.2f}s"
-        )
+        _echo_generation(result, texts, runner.name)
+
+
+def _prompts(prompt: str | None, prompt_ids: str | None, prompts_file: Path | None) -> list[dict[str, Any]]:
+    """The prompts of `generate`, from exactly one of its three sources."""
+    sources = [s for s in (prompt, prompt_ids, prompts_file) if s is not None]
+    if len(sources) != 1:
+        raise CanvasrtError("give exactly one of --prompt, --prompt-ids, --prompts-file")
+    if prompt is not None:
+        return [{"text": prompt}]
+    if prompt_ids is not None:
+        return [{"ids": parse_ids(prompt_ids)}]
+    return read_prompts_file(prompts_file)
+
+
+def _generation_json(
+    result: GenerationResult, texts: list[str | None], backend: str, rng: str, seed: int
+) -> dict[str, Any]:
+    """`generate --json`: sequences, text, steps, tokens per forward and the scalar timings of a run."""
+    return {
+        "sequences": result.sequences.tolist(),
+        "text": texts,
+        "steps_per_block": result.steps_per_block,
+        "tokens_per_forward": result.tokens_per_forward.tolist(),
+        "timings": {k: v for k, v in result.timings.items() if not isinstance(v, list)},
+        "backend": backend,
+        "rng": rng,
+        "seed": seed,
+    }
+
+
+def _echo_generation(result: GenerationResult, texts: list[str | None], backend: str) -> None:
+    """`generate`'s plain output: a line per row (its text, escaped, or its ids), and a summary line on stderr."""
+    for i, row in enumerate(result.new_tokens):
+        shown = _escaped(texts[i]) if texts[i] is not None else " ".join(map(str, row.tolist()))
+        click.echo(f"[{i}] {shown}")
+    err.print(
+        f"{backend}: {sum(result.steps_per_block)} steps over {len(result.steps_per_block)} canvas(es), "
+        f"tokens/forward {np.round(result.tokens_per_forward, 2).tolist()}, {result.timings['total_s']:.2f}s"
+    )
 
 
 def _codec(target: Path, vocab_size: int) -> TextCodec | None:
@@ -319,8 +331,6 @@ def bench_command(
     """Time the step backends on TARGET side by side in one run; ratios are against the first backend. With
     --image: the vision graph per image (against transformers' vision tower) and the first canvas of an image
     prompt against a text prompt of the same length."""
-    from ..validation.bench import bench, bench_against, bench_concurrency, bench_images, format_table
-
     if rounds is not None and against is None and not image:
         raise CanvasrtError("--rounds sets how many rounds --against and --image time; add one of them or drop it")
     if against is not None:
@@ -329,95 +339,144 @@ def bench_command(
                 "--against times one text request on two targets; leave out --image, --concurrency "
                 "and all but one --backend"
             )
-        results = bench_against(
-            target,
-            against,
-            backends[0] if backends else None,
-            batch,
-            prompt_length,
-            steps,
-            threads,
-            provider,
-            rounds or 6,
-        )
-        if as_json:
-            click.echo(json.dumps(results, indent=2))
-            return
-        for role in ("target", "other"):
-            entry = results["targets"][role]
-            click.echo(
-                f"{entry['path']} ({entry['backend']}): first canvas {entry['first_canvas']['median_ms']:.1f} ms, "
-                f"prefill {entry['prefill']['median_ms']:.1f} ms, step {entry['step']['median_ms']:.2f} ms"
-            )
-        ratios = results["other_over_target"]
-        click.echo(
-            f"{against} over {target}: first canvas {ratios['first_canvas']:.3f}x (median of the rounds' pairs "
-            f"{results['first_canvas_pair_ratios']['median']:.3f}x), prefill {ratios['prefill']:.3f}x, "
-            f"step {ratios['step']:.3f}x"
-        )
-        return
-    if image:
+        backend = backends[0] if backends else None
+        _bench_against(target, against, backend, batch, prompt_length, steps, threads, provider, rounds, as_json)
+    elif image:
         if concurrency is not None:
             raise CanvasrtError("--image and --concurrency measure different things; give one of them")
-        results = bench_images(target, list(image), list(backends) or None, steps, threads, provider, rounds or 5)
-        if as_json:
-            click.echo(json.dumps(results, indent=2))
-            return
-        for name, entry in results["backends"].items():
-            line = f"{name}: vision {entry['vision_ms_per_image']['median_ms']:.1f} ms per image"
-            if "image_over_text" in entry:
-                line += (
-                    f", first canvas of a {entry['prompt_length']}-token prompt with images "
-                    f"{entry['first_canvas_image_prompt']['median_ms']:.1f} ms against "
-                    f"{entry['first_canvas_text_prompt']['median_ms']:.1f} ms as text "
-                    f"({entry['image_over_text']:.2f}x)"
-                )
-            click.echo(line)
-        return
+        _bench_images(target, list(image), list(backends) or None, steps, threads, provider, rounds, as_json)
+    elif concurrency is not None:
+        names = list(backends) or [None]
+        _bench_concurrency(
+            target, names, concurrency, prompt_length, steps, canvases, threads, provider, device, dtype, as_json
+        )
+    else:
+        from ..validation.bench import bench, format_table
 
-    if concurrency is not None:
-        results = {
-            "config": {
-                "concurrency": concurrency,
-                "prompt_length": prompt_length,
-                "steps": steps,
-                "canvases": canvases,
-                "threads": threads,
-            },
-            "backends": {
-                name or "default": bench_concurrency(
-                    target, name, concurrency, prompt_length, steps, canvases, threads, provider, device, dtype
-                )
-                for name in (list(backends) or [None])
-            },
-        }
+        results = bench(
+            target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider, device, dtype
+        )
         if as_json:
             click.echo(json.dumps(results, indent=2))
         else:
-            for name, entry in results["backends"].items():
-                for mode in ("inflight", "sequential"):
-                    e = entry[mode]
-                    read = e["weight_bytes_per_token"]
-                    click.echo(
-                        f"{name} {mode}: {e['step_calls']} step calls for {e['row_steps']} row-steps, "
-                        f"{e['tokens_per_s']:.1f} tokens/s, first block median "
-                        f"{float(np.median(e['first_block_ms'])):.1f} ms"
-                        + (f", {read / 1e6:.1f} MB of weights read per token" if read is not None else "")
-                    )
-                late = entry["late_arrival"]
-                click.echo(
-                    f"{name} first block of a request arriving while {late['others']} others are mid-canvas: "
-                    f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x; "
-                    f"medians of {len(late['ratios'])}, ratios " + ", ".join(f"{r:.2f}" for r in late["ratios"]) + ")"
-                )
-        return
-    results = bench(
-        target, list(backends) or None, batch, prompt_length, steps, canvases, threads, provider, device, dtype
-    )
+            Console().print(format_table(results))
+
+
+def _bench_against(
+    target: Path,
+    against: Path,
+    backend: str | None,
+    batch: int,
+    prompt_length: int,
+    steps: int,
+    threads: int | None,
+    provider: str,
+    rounds: int | None,
+    as_json: bool,
+) -> None:
+    """`bench --against`: one text request on TARGET and on another export of the same model, alternating; prints
+    each target's medians and the other's time over TARGET's."""
+    from ..validation.bench import bench_against
+
+    results = bench_against(target, against, backend, batch, prompt_length, steps, threads, provider, rounds or 6)
     if as_json:
         click.echo(json.dumps(results, indent=2))
-    else:
-        Console().print(format_table(results))
+        return
+    for role in ("target", "other"):
+        entry = results["targets"][role]
+        click.echo(
+            f"{entry['path']} ({entry['backend']}): first canvas {entry['first_canvas']['median_ms']:.1f} ms, "
+            f"prefill {entry['prefill']['median_ms']:.1f} ms, step {entry['step']['median_ms']:.2f} ms"
+        )
+    ratios = results["other_over_target"]
+    click.echo(
+        f"{against} over {target}: first canvas {ratios['first_canvas']:.3f}x (median of the rounds' pairs "
+        f"{results['first_canvas_pair_ratios']['median']:.3f}x), prefill {ratios['prefill']:.3f}x, "
+        f"step {ratios['step']:.3f}x"
+    )
+
+
+def _bench_images(
+    target: Path,
+    images: list[Path],
+    backends: list[str] | None,
+    steps: int,
+    threads: int | None,
+    provider: str,
+    rounds: int | None,
+    as_json: bool,
+) -> None:
+    """`bench --image`: the vision graph per image and, per backend, the first canvas of an image prompt against a
+    text prompt of the same length."""
+    from ..validation.bench import bench_images
+
+    results = bench_images(target, images, backends, steps, threads, provider, rounds or 5)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for name, entry in results["backends"].items():
+        line = f"{name}: vision {entry['vision_ms_per_image']['median_ms']:.1f} ms per image"
+        if "image_over_text" in entry:
+            line += (
+                f", first canvas of a {entry['prompt_length']}-token prompt with images "
+                f"{entry['first_canvas_image_prompt']['median_ms']:.1f} ms against "
+                f"{entry['first_canvas_text_prompt']['median_ms']:.1f} ms as text "
+                f"({entry['image_over_text']:.2f}x)"
+            )
+        click.echo(line)
+
+
+def _bench_concurrency(
+    target: Path,
+    backends: list[str | None],
+    concurrency: int,
+    prompt_length: int,
+    steps: int,
+    canvases: int,
+    threads: int | None,
+    provider: str,
+    device: str,
+    dtype: str | None,
+    as_json: bool,
+) -> None:
+    """`bench --concurrency N`: per backend, N requests through the in-flight scheduler against the same N one at a
+    time, then the first block of a request that arrives while the others are mid-canvas."""
+    from ..validation.bench import bench_concurrency
+
+    results = {
+        "config": {
+            "concurrency": concurrency,
+            "prompt_length": prompt_length,
+            "steps": steps,
+            "canvases": canvases,
+            "threads": threads,
+        },
+        "backends": {
+            name or "default": bench_concurrency(
+                target, name, concurrency, prompt_length, steps, canvases, threads, provider, device, dtype
+            )
+            for name in backends
+        },
+    }
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for name, entry in results["backends"].items():
+        for mode in ("inflight", "sequential"):
+            e = entry[mode]
+            read = e["weight_bytes_per_token"]
+            click.echo(
+                f"{name} {mode}: {e['step_calls']} step calls for {e['row_steps']} row-steps, "
+                f"{e['tokens_per_s']:.1f} tokens/s, first block median "
+                f"{float(np.median(e['first_block_ms'])):.1f} ms"
+                + (f", {read / 1e6:.1f} MB of weights read per token" if read is not None else "")
+            )
+        late = entry["late_arrival"]
+        click.echo(
+            f"{name} first block of a request arriving while {late['others']} others are mid-canvas: "
+            f"{late['with_others_ms']:.1f} ms, alone {late['alone_ms']:.1f} ms ({late['ratio']:.2f}x; "
+            f"medians of {len(late['ratios'])}, ratios " + ", ".join(f"{r:.2f}" for r in late["ratios"]) + ")"
+        )
 
 
 @click.command("eval")

@@ -474,6 +474,20 @@ class ArtifactManifest(StepSpec):
         """Everything that does not match the manifest: graph and external data files outside the directory,
         missing or of another size (and with `digests`, of other contents), tokenizer and calibration files named
         outside it, and with `digests` a calibration record other than the one the FP8 graphs were written with."""
+        found = self._graph_problems(digests, require_graphs) + self._tokenizer_problems()
+        found += files_problems(self.directory, self.files, self.fix)
+        if self.quantization is not None:
+            found += self._calibration_problems(self.quantization, digests and require_graphs)
+        if len(self.kv_layout) != self.model.num_layers:
+            found.append(
+                f"{self.directory / MANIFEST}: kv_layout has {len(self.kv_layout)} layers, the model "
+                f"{self.model.num_layers}; re-run `canvasrt export`"
+            )
+        return found
+
+    def _graph_problems(self, digests: bool, require_graphs: bool) -> list[str]:
+        """Graphs the manifest names but has no entry for, and (with `require_graphs`) graph and external data files
+        missing, outside the directory or of another size (with `digests`, of other contents)."""
         found = []
         for graph in (*GRAPHS, *(("vision",) if self.vision is not None else ())):
             entry = self.graphs.get(graph)
@@ -494,6 +508,11 @@ class ArtifactManifest(StepSpec):
                     entry.data_sha256 if digests else None,
                     self.fix,
                 )
+        return found
+
+    def _tokenizer_problems(self) -> list[str]:
+        """Tokenizer files named outside the directory, or without a size and digest in the record of files."""
+        found = []
         for name in self.tokenizer:
             if not resolves_inside(self.directory, name):
                 found.append(
@@ -505,32 +524,28 @@ class ArtifactManifest(StepSpec):
                     f"{self.directory / MANIFEST}: the tokenizer file {name} has no size and digest in its record "
                     f"(files); {self.fix}"
                 )
-        found += files_problems(self.directory, self.files, self.fix)
-        if self.quantization is not None:
-            record = self.quantization.calibration
-            if not resolves_inside(self.directory, record):
-                found.append(
-                    f"{self.directory}: the calibration record {record} resolves outside the directory; put "
-                    f"the file itself in {self.directory} or re-run `canvasrt calibrate`"
-                )
-            elif digests and require_graphs:
-                path = self.directory / record
-                recorded = self.quantization.calibration_sha256
-                if not path.is_file():
-                    found.append(
-                        f"{self.directory} holds FP8 graphs but not their {record}; copy it back or re-run "
-                        "`canvasrt calibrate`"
-                    )
-                elif recorded is not None and sha256_file(path) != recorded:
-                    found.append(
-                        f"{path} is not the calibration these FP8 graphs were written with; re-run `canvasrt calibrate`"
-                    )
-        if len(self.kv_layout) != self.model.num_layers:
-            found.append(
-                f"{self.directory / MANIFEST}: kv_layout has {len(self.kv_layout)} layers, the model "
-                f"{self.model.num_layers}; re-run `canvasrt export`"
-            )
         return found
+
+    def _calibration_problems(self, quantization: Quantization, digests: bool) -> list[str]:
+        """A calibration record named outside the directory, and with `digests` one that is missing or is not the
+        one the FP8 graphs were written with."""
+        record = quantization.calibration
+        if not resolves_inside(self.directory, record):
+            return [
+                f"{self.directory}: the calibration record {record} resolves outside the directory; put "
+                f"the file itself in {self.directory} or re-run `canvasrt calibrate`"
+            ]
+        if not digests:
+            return []
+        path = self.directory / record
+        recorded = quantization.calibration_sha256
+        if not path.is_file():
+            return [
+                f"{self.directory} holds FP8 graphs but not their {record}; copy it back or re-run `canvasrt calibrate`"
+            ]
+        if recorded is not None and sha256_file(path) != recorded:
+            return [f"{path} is not the calibration these FP8 graphs were written with; re-run `canvasrt calibrate`"]
+        return []
 
     def validate(self, require_graphs: bool = True) -> None:
         """Raises the first problem found without reading file contents (sizes, not digests): cheap enough for

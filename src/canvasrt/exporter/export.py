@@ -94,42 +94,16 @@ def export(
 
     with staged_directory(output_dir, ARTIFACT_OUTPUT, inputs=[checkpoint_dir]) as staging:
         progress("tracing")
-        model = checkpoint.load_text_model(
-            moe=moe, dtype=dtype, vocab_chunk=vocab_chunk, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)
-        )
-        backbone_external = _weight_bytes(model) > EXTERNAL_DATA_ABOVE if external_data is None else external_data
-        progress("exporting backbone.onnx")
-        wrapper = (VisionBackboneGraph if vision else BackboneGraph)(model, debug_logits)
-        inputs, outputs, args, sizes = _example(config, capacity, dtype, debug_logits, vision)
         graphs = {
-            "backbone": _export_graph(
-                wrapper,
-                inputs,
-                outputs,
-                args,
-                staging / "backbone.onnx",
-                _backbone_symbols(config, capacity, sizes),
-                checkpoint,
-                dtype,
-                backbone_external,
-                graph_profiles(config, capacity, vision),
-                embedding=WRAPPER_PREFIX + "embed_tokens.weight",
+            "backbone": _export_backbone(
+                checkpoint, capacity, staging, dtype, moe, vocab_chunk, debug_logits, external_data, vision, progress
             )
         }
-        del model, wrapper
         if vision_config is not None:
             progress("exporting vision.onnx")
             graphs["vision"] = _export_vision(checkpoint, vision_config, max_soft, staging, dtype, external_data)
         progress("writing manifest")
-        for source in checkpoint.tokenizer_files():
-            shutil.copy2(source, staging / source.name)
-        extras = [p.name for p in checkpoint.tokenizer_files()]
-        if vision:
-            shutil.copy2(checkpoint.path / PREPROCESSOR_CONFIG, staging / PREPROCESSOR_CONFIG)
-            extras.append(PREPROCESSOR_CONFIG)
-        if generation:
-            write_json(staging / "generation_config.json", generation)
-            extras.append("generation_config.json")
+        extras = _copy_side_files(checkpoint, staging, vision, generation)
         manifest = ArtifactManifest(
             model=config,
             capacity=capacity,
@@ -153,12 +127,71 @@ def export(
         )
         manifest.write(staging)
         progress("checking that the checkpoint did not change while exporting")
-        if checkpoint.file_digests() != digests:
-            raise CanvasrtError(
-                f"{checkpoint_dir} changed while exporting (another checkpoint written there?); nothing was "
-                "written: run `canvasrt export` again once it stays unchanged"
-            )
+        _check_checkpoint_unchanged(checkpoint, checkpoint_dir, digests)
     return manifest
+
+
+def _export_backbone(
+    checkpoint: Checkpoint,
+    capacity: Capacity,
+    staging: Path,
+    dtype: str,
+    moe: str,
+    vocab_chunk: int,
+    debug_logits: bool,
+    external_data: bool | None,
+    vision: bool,
+    progress: ProgressFn,
+) -> GraphEntry:
+    """backbone.onnx, traced from the text model loaded with fake parameters; its weights are external when the user
+    says so, else when the model is larger than EXTERNAL_DATA_ABOVE. The embedding is stored as its vocabulary
+    chunks. The traced model is released on return, before anything else is exported."""
+    config = checkpoint.config
+    model = checkpoint.load_text_model(
+        moe=moe, dtype=dtype, vocab_chunk=vocab_chunk, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)
+    )
+    external = _weight_bytes(model) > EXTERNAL_DATA_ABOVE if external_data is None else external_data
+    progress("exporting backbone.onnx")
+    wrapper = (VisionBackboneGraph if vision else BackboneGraph)(model, debug_logits)
+    inputs, outputs, args, sizes = _example(config, capacity, dtype, debug_logits, vision)
+    return _export_graph(
+        wrapper,
+        inputs,
+        outputs,
+        args,
+        staging / "backbone.onnx",
+        _backbone_symbols(config, capacity, sizes),
+        checkpoint,
+        dtype,
+        external,
+        graph_profiles(config, capacity, vision),
+        embedding=WRAPPER_PREFIX + "embed_tokens.weight",
+    )
+
+
+def _copy_side_files(checkpoint: Checkpoint, staging: Path, vision: bool, generation: dict[str, Any]) -> list[str]:
+    """Copies the tokenizer files (and, with vision, the image processor's config) from the checkpoint and writes
+    its generation config; returns the names of these files, which the manifest records with their digests."""
+    for source in checkpoint.tokenizer_files():
+        shutil.copy2(source, staging / source.name)
+    extras = [p.name for p in checkpoint.tokenizer_files()]
+    if vision:
+        shutil.copy2(checkpoint.path / PREPROCESSOR_CONFIG, staging / PREPROCESSOR_CONFIG)
+        extras.append(PREPROCESSOR_CONFIG)
+    if generation:
+        write_json(staging / "generation_config.json", generation)
+        extras.append("generation_config.json")
+    return extras
+
+
+def _check_checkpoint_unchanged(checkpoint: Checkpoint, checkpoint_dir: str | Path, digests: dict[str, str]) -> None:
+    """Refuses the export, before its output is swapped in, when the checkpoint's files no longer match the digests
+    taken at the start: the graphs would pair one checkpoint's weights with another's manifest record."""
+    if checkpoint.file_digests() != digests:
+        raise CanvasrtError(
+            f"{checkpoint_dir} changed while exporting (another checkpoint written there?); nothing was "
+            "written: run `canvasrt export` again once it stays unchanged"
+        )
 
 
 def _check_options(dtype: str, moe: str, max_batch: int, max_prefill: int | None, vocab_chunk: int) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -416,6 +417,15 @@ class DenoiseOutputs:
     logits: torch.Tensor | None = None  # [B, C, V] softcapped, before temperature; only for parity work
 
 
+class _GroupVisibility(NamedTuple):
+    """Which tokens of one backbone call each group sees, before the context and the sliding window apply."""
+
+    chunk: torch.Tensor  # [B, S, S]: encoder tokens see earlier real encoder tokens (causal)
+    apart: torch.Tensor  # [B, S, R], all False: the encoder and the canvas do not see each other
+    canvas: torch.Tensor  # [B, R, R], all True: the canvas sees itself both ways
+    same_image: torch.Tensor | None  # [B, S, S]: encoder tokens of one image (None: no bidirectional images)
+
+
 class DiffusionGemmaText(nn.Module):
     """The shared text stack (checkpoint prefix `model.decoder.`), used in encoder and decoder mode."""
 
@@ -511,41 +521,21 @@ class DiffusionGemmaText(nn.Module):
         """
         b, s = input_ids.shape
         r = canvas.shape[1]
-        encoder = self.embed(input_ids)
-        chunk_ok = torch.gather(context_mask, 1, positions)[:, None, :]
-        same_image = None
-        if image_slot is not None and image_tokens is not None:
-            encoder, same_image = self.place_images(encoder, image_tokens, image_slot)
-            same_image = None if same_image is None else same_image & chunk_ok
-        h = torch.cat([encoder, self.self_conditioning(self.embed(canvas), self_cond)], dim=1)
-        # A cumulative sum rather than arange(R): shape inference follows it through the graph (scripts/roofline.py)
-        canvas_pos = context_length[:, None] + torch.cumsum(torch.ones_like(canvas), dim=1) - 1
-        all_pos = torch.cat([positions, canvas_pos], dim=1)
-        # Transformers keeps separate layer scalars for the encoder and the decoder (buffers are not tied)
-        encoder_rows = torch.ones(s, 1, dtype=torch.bool, device=canvas.device)
-        canvas_rows = torch.zeros(r, 1, dtype=torch.bool, device=canvas.device)
-        is_encoder = torch.cat([encoder_rows, canvas_rows])  # [S + R, 1]
-        chunk_visible = (positions[:, None, :] <= positions[:, :, None]) & chunk_ok
-        apart = torch.zeros(b, s, r, dtype=torch.bool, device=canvas.device)
-        canvas_visible = torch.ones(b, r, r, dtype=torch.bool, device=canvas.device)
+        h, chunk_ok, same_image = self._backbone_inputs(
+            input_ids, positions, canvas, self_cond, context_mask, image_tokens, image_slot
+        )
+        all_pos, is_encoder, visible = self._token_groups(
+            positions, canvas, context_length, chunk_ok, same_image, b, s, r
+        )
         tables, biases = {}, {}
         new_keys, new_values = [], []
         last = len(self.layers) - 1
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
-            if spec not in tables:
+            if spec not in tables:  # layers of one kind share their rotary tables and attention bias
                 tables[spec] = self._rotary(spec, all_pos)
+                slots = past_keys[i].shape[2]
                 biases[spec] = self._bias(
-                    self._visibility(
-                        spec,
-                        past_keys[i].shape[2],
-                        context_length,
-                        context_mask,
-                        positions,
-                        chunk_visible,
-                        apart,
-                        canvas_visible,
-                        same_image,
-                    )
+                    self._visibility(spec, slots, context_length, context_mask, positions, visible)
                 )
             cos, sin = tables[spec]
             scalar = torch.where(is_encoder, layer.encoder_layer_scalar, layer.layer_scalar)
@@ -556,6 +546,54 @@ class DiffusionGemmaText(nn.Module):
             new_values.append(v[:, :, :s])
         return new_keys, new_values, self.norm(h)
 
+    def _backbone_inputs(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        canvas: torch.Tensor,
+        self_cond: torch.Tensor,
+        context_mask: torch.Tensor,
+        image_tokens: torch.Tensor | None,
+        image_slot: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The first layer's input [B, S + R, H]: the encoder tokens' embeddings (image tokens replaced by their soft
+        tokens), then the canvas tokens' embeddings through the self-conditioning MLP. Also which encoder tokens are
+        real [B, 1, S], and which pairs of encoder tokens belong to one image [B, S, S] (None: no bidirectional
+        images)."""
+        encoder = self.embed(input_ids)
+        chunk_ok = torch.gather(context_mask, 1, positions)[:, None, :]
+        same_image = None
+        if image_slot is not None and image_tokens is not None:
+            encoder, same_image = self.place_images(encoder, image_tokens, image_slot)
+            same_image = None if same_image is None else same_image & chunk_ok
+        h = torch.cat([encoder, self.self_conditioning(self.embed(canvas), self_cond)], dim=1)
+        return h, chunk_ok, same_image
+
+    def _token_groups(
+        self,
+        positions: torch.Tensor,
+        canvas: torch.Tensor,
+        context_length: torch.Tensor,
+        chunk_ok: torch.Tensor,
+        same_image: torch.Tensor | None,
+        b: int,
+        s: int,
+        r: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, _GroupVisibility]:
+        """The positions of the encoder and canvas tokens [B, S + R] (the canvas right after the context), which rows
+        are encoder tokens [S + R, 1], and which tokens of the call each group sees."""
+        # A cumulative sum rather than arange(R): shape inference follows it through the graph (scripts/roofline.py)
+        canvas_pos = context_length[:, None] + torch.cumsum(torch.ones_like(canvas), dim=1) - 1
+        all_pos = torch.cat([positions, canvas_pos], dim=1)
+        # Transformers keeps separate layer scalars for the encoder and the decoder (buffers are not tied)
+        encoder_rows = torch.ones(s, 1, dtype=torch.bool, device=canvas.device)
+        canvas_rows = torch.zeros(r, 1, dtype=torch.bool, device=canvas.device)
+        is_encoder = torch.cat([encoder_rows, canvas_rows])  # [S + R, 1]
+        chunk_visible = (positions[:, None, :] <= positions[:, :, None]) & chunk_ok
+        apart = torch.zeros(b, s, r, dtype=torch.bool, device=canvas.device)
+        canvas_visible = torch.ones(b, r, r, dtype=torch.bool, device=canvas.device)
+        return all_pos, is_encoder, _GroupVisibility(chunk_visible, apart, canvas_visible, same_image)
+
     def _visibility(
         self,
         spec: LayerSpec,
@@ -563,15 +601,13 @@ class DiffusionGemmaText(nn.Module):
         context_length: torch.Tensor,
         context_mask: torch.Tensor,
         positions: torch.Tensor,
-        chunk_visible: torch.Tensor,
-        apart: torch.Tensor,
-        canvas_visible: torch.Tensor,
-        same_image: torch.Tensor | None = None,
+        visible: _GroupVisibility,
     ) -> torch.Tensor:
         """[B, 1, S + R, S + R + slots]: which key (encoder token, canvas token, context slot) each query sees.
         The canvas sees every live slot: the sliding window applies to the encoder only, as in transformers.
-        same_image [B, S, S]: encoder tokens of one image, which see each other whatever the causal and sliding
-        rules say (transformers ORs its blockwise overlay into the causal or sliding mask, then applies padding)."""
+        Encoder tokens of one image (`visible.same_image`) see each other whatever the causal and sliding rules say
+        (transformers ORs its blockwise overlay into the causal or sliding mask, then applies padding)."""
+        chunk_visible, apart, canvas_visible, same_image = visible
         slot_pos, live = self._context_visibility(spec, slots, context_length, context_mask)
         s, r = chunk_visible.shape[1], canvas_visible.shape[1]
         encoder_ctx = live[:, None, :].expand(-1, s, -1)
@@ -688,48 +724,17 @@ class DiffusionGemmaText(nn.Module):
         renoise_ids: torch.Tensor,
     ) -> DenoiseOutputs:
         """`sample`'s results from the LM head computed one vocabulary chunk at a time (a fixed chain of nodes in
-        the graph), the largest tensor alive [B, C, chunk].
-
-        Each chunk's temperature-scaled logits z give their maximum and first argmax, the chunk's own softmax p,
-        its normaliser S = sum(exp(z - max)), the mean of (z - max) under p, the self-conditioning product
-        p @ embedding rows, and the probability mass of each group of SAMPLING_GROUP tokens. After the last chunk
-        these combine exactly as one softmax over the vocabulary would: a chunk's share of the probability is
-        S * exp(max - global max), normalised; the argmax is the first chunk holding the global maximum, at its
-        own argmax; the entropy is log(sum of shares) minus the share-weighted mean of (z - global max).
-        Inverse-CDF sampling finds the group holding the draw's cumulative mass, recomputes the logits of that
-        group's tokens alone (a gather of their embedding rows) and draws within it with the remainder of the
-        draw: the token the whole-vocabulary CDF selects, up to float rounding at its boundaries."""
+        the graph), the largest tensor alive [B, C, chunk]: each chunk's statistics (`_chunk_statistics`), combined
+        after the last chunk exactly as one softmax over the vocabulary would give them (`_combine_chunks`).
+        Inverse-CDF sampling finds the group of SAMPLING_GROUP tokens holding the draw's cumulative mass, recomputes
+        the logits of that group's tokens alone (a gather of their embedding rows) and draws within it with the
+        remainder of the draw: the token the whole-vocabulary CDF selects, up to float rounding at its boundaries."""
         embedding = self.embed_tokens.weight
         vocab = embedding.shape[0]
         group = math.gcd(self.vocab_chunk, vocab, SAMPLING_GROUP)
         scale = temperature[:, None, None]
-        maxima, argmaxes, normalisers, centred, masses = [], [], [], [], []
-        soft = _SoftEmbeddingSum(embedding)
-        for start in range(0, vocab, self.vocab_chunk):
-            rows = embedding[start : start + self.vocab_chunk]
-            z = self.logits(hidden, rows) / scale
-            top, index = torch.max(z, dim=-1)
-            shifted = z - top[..., None]
-            weights = torch.exp(shifted)
-            total = weights.sum(dim=-1)
-            probs = weights / total[..., None]
-            maxima.append(top)
-            argmaxes.append(index + start)
-            normalisers.append(total)
-            centred.append((probs * shifted).sum(dim=-1))
-            # Explicit sizes, no -1: with zero canvas rows (the encoder phase) a wildcard has no unique value.
-            grouped = probs.reshape(probs.shape[0], probs.shape[1], probs.shape[2] // group, group)
-            masses.append(grouped.sum(dim=-1))
-            soft.add(z, rows, top, total, probs)
-        maxima_, normalisers_ = torch.stack(maxima, dim=-1), torch.stack(normalisers, dim=-1)  # [B, C, chunks]
-        top = maxima_.amax(dim=-1, keepdim=True)
-        shares = normalisers_ * torch.exp(maxima_ - top)
-        total = shares.sum(dim=-1)
-        shares = shares / total[..., None]
-        entropy = torch.log(total) - (shares * (torch.stack(centred, dim=-1) + maxima_ - top)).sum(dim=-1)
-        first = torch.argmax(maxima_, dim=-1, keepdim=True)  # the first chunk holding the maximum
-        argmax = torch.gather(torch.stack(argmaxes, dim=-1), -1, first)[..., 0]
-        group_mass = torch.cat([m * shares[..., i : i + 1] for i, m in enumerate(masses)], dim=-1)
+        chunks, soft = self._chunk_statistics(hidden, scale, group)
+        entropy, argmax, group_mass = _combine_chunks(chunks)
         chosen, remainder = _inverse_cdf_with_remainder(group_mass, uniforms)
         sampled = (
             chosen if group == 1 else chosen * group + self._draw_in_group(hidden, scale, chosen, remainder, group)
@@ -744,6 +749,34 @@ class DiffusionGemmaText(nn.Module):
             next_self_cond=soft.result(),
             mean_entropy=entropy.mean(dim=-1),
         )
+
+    def _chunk_statistics(
+        self, hidden: torch.Tensor, scale: torch.Tensor, group: int
+    ) -> tuple[_ChunkStatistics, _SoftEmbeddingSum]:
+        """Per vocabulary chunk, from its temperature-scaled logits z: their maximum and first argmax, the chunk's
+        own softmax p, its normaliser S = sum(exp(z - max)), the mean of (z - max) under p, and the probability mass
+        of each group of `group` tokens; the self-conditioning product p @ embedding rows accumulates in the sum
+        returned with them."""
+        embedding = self.embed_tokens.weight
+        chunks = _ChunkStatistics([], [], [], [], [])
+        soft = _SoftEmbeddingSum(embedding)
+        for start in range(0, embedding.shape[0], self.vocab_chunk):
+            rows = embedding[start : start + self.vocab_chunk]
+            z = self.logits(hidden, rows) / scale
+            top, index = torch.max(z, dim=-1)
+            shifted = z - top[..., None]
+            weights = torch.exp(shifted)
+            total = weights.sum(dim=-1)
+            probs = weights / total[..., None]
+            chunks.maxima.append(top)
+            chunks.argmaxes.append(index + start)
+            chunks.normalisers.append(total)
+            chunks.centred.append((probs * shifted).sum(dim=-1))
+            # Explicit sizes, no -1: with zero canvas rows (the encoder phase) a wildcard has no unique value.
+            grouped = probs.reshape(probs.shape[0], probs.shape[1], probs.shape[2] // group, group)
+            chunks.masses.append(grouped.sum(dim=-1))
+            soft.add(z, rows, top, total, probs)
+        return chunks, soft
 
     def _draw_in_group(
         self, hidden: torch.Tensor, scale: torch.Tensor, chosen: torch.Tensor, remainder: torch.Tensor, group: int
@@ -917,6 +950,33 @@ def _inverse_cdf_with_remainder(masses: torch.Tensor, uniforms: torch.Tensor) ->
     below = torch.gather(cdf, -1, index[..., None]) - mass
     fraction = torch.where(mass > 0, (threshold - below) / mass, torch.zeros_like(mass))
     return index, torch.clamp(fraction, 0.0, 1.0 - 2.0**-24)[..., 0]
+
+
+class _ChunkStatistics(NamedTuple):
+    """What the chunked sampler keeps of each vocabulary chunk, in chunk order: [B, C] each, masses [B, C, groups]."""
+
+    maxima: list[torch.Tensor]
+    argmaxes: list[torch.Tensor]  # vocabulary ids
+    normalisers: list[torch.Tensor]
+    centred: list[torch.Tensor]
+    masses: list[torch.Tensor]
+
+
+def _combine_chunks(chunks: _ChunkStatistics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entropy and argmax [B, C] of the softmax over the whole vocabulary, and each token group's probability
+    mass [B, C, groups], from the chunks' statistics: a chunk's share of the probability is S * exp(max - global
+    max), normalised; the argmax is the first chunk holding the global maximum, at its own argmax; the entropy is
+    log(sum of shares) minus the share-weighted mean of (z - global max)."""
+    maxima, normalisers = torch.stack(chunks.maxima, dim=-1), torch.stack(chunks.normalisers, dim=-1)  # [B, C, chunks]
+    top = maxima.amax(dim=-1, keepdim=True)
+    shares = normalisers * torch.exp(maxima - top)
+    total = shares.sum(dim=-1)
+    shares = shares / total[..., None]
+    entropy = torch.log(total) - (shares * (torch.stack(chunks.centred, dim=-1) + maxima - top)).sum(dim=-1)
+    first = torch.argmax(maxima, dim=-1, keepdim=True)  # the first chunk holding the maximum
+    argmax = torch.gather(torch.stack(chunks.argmaxes, dim=-1), -1, first)[..., 0]
+    group_mass = torch.cat([m * shares[..., i : i + 1] for i, m in enumerate(chunks.masses)], dim=-1)
+    return entropy, argmax, group_mass
 
 
 class _SoftEmbeddingSum:

@@ -166,7 +166,7 @@ def stream(
     """Runs generation, yielding a Draft per step, a Committed per canvas, and finally the GenerationResult.
     images: the prompt's image soft tokens and their places (`runtime.images.PromptImages`), or None."""
     blocks = check_request(backend, ids, settings, images)
-    canvas_len, chunk_max = backend.spec.capacity.canvas, backend.spec.capacity.max_prefill
+    canvas_len = backend.spec.capacity.canvas
     batch, prompt_len = ids.shape
     n_steps = settings.max_denoising_steps
     bound = np.full(batch, settings.entropy_bound, dtype=np.float32)
@@ -175,17 +175,7 @@ def stream(
     step_wall: list[float] = []  # per denoising step: whole loop iteration
     step_backend: list[float] = []  # per denoising step: inside the backend call
     started = time.perf_counter()
-
-    chunks = image_chunks(None if images is None else images.slot, prompt_len, chunk_max)
-    backend.start(padding)
-    context = np.zeros(batch, dtype=np.int64)
-    t0 = time.perf_counter()
-    for begin, end in chunks:
-        positions = np.arange(begin, end, dtype=np.int64)
-        placed = None if images is None else images.chunk(begin, end)
-        timer.run(backend.encode, ids[:, begin:end], positions, context, placed)
-        context = context + (end - begin)
-    timings["prefill_s"] = time.perf_counter() - t0
+    context, timings["prefill_s"] = _prefill(backend, ids, padding, images, timer)
 
     sequences = ids
     finished = np.zeros(batch, dtype=bool)
@@ -194,9 +184,7 @@ def stream(
     for block in range(blocks):
         if block > 0:
             t0 = time.perf_counter()
-            positions = np.arange(sequences.shape[1] - canvas_len, sequences.shape[1], dtype=np.int64)
-            timer.run(backend.encode, np.ascontiguousarray(sequences[:, -canvas_len:]), positions, context)
-            context = context + canvas_len
+            context = _commit(backend, sequences, context, canvas_len, timer)
             timings["commit_s"] += time.perf_counter() - t0
         canvas = draws.initial_canvas(block)
         argmax = canvas
@@ -204,6 +192,7 @@ def stream(
         history = np.full((settings.stability_threshold, batch, canvas_len), -1, dtype=np.int64)
         step = 0
         t0 = time.perf_counter()
+        # The steps stay inline: a call or a generator per step would add to the host's time of every step.
         for remaining in range(n_steps, 0, -1):
             iteration_start = time.perf_counter()
             step += 1
@@ -244,6 +233,34 @@ def stream(
         tokens_per_forward=tokens_per_forward(sequences[:, prompt_len:], forwards, settings),
         timings=timings,
     )
+
+
+def _prefill(
+    backend: StepBackend, ids: np.ndarray, padding: np.ndarray, images: PromptImages | None, timer: Timer
+) -> tuple[np.ndarray, float]:
+    """Starts the request and encodes the prompt in chunks of at most max_prefill tokens (no image split between
+    two); returns each row's context length after it and the encoding's wall time."""
+    batch, prompt_len = ids.shape
+    chunks = image_chunks(None if images is None else images.slot, prompt_len, backend.spec.capacity.max_prefill)
+    backend.start(padding)
+    context = np.zeros(batch, dtype=np.int64)
+    t0 = time.perf_counter()
+    for begin, end in chunks:
+        positions = np.arange(begin, end, dtype=np.int64)
+        placed = None if images is None else images.chunk(begin, end)
+        timer.run(backend.encode, ids[:, begin:end], positions, context, placed)
+        context = context + (end - begin)
+    return context, time.perf_counter() - t0
+
+
+def _commit(
+    backend: StepBackend, sequences: np.ndarray, context: np.ndarray, canvas_len: int, timer: Timer
+) -> np.ndarray:
+    """Encodes the canvas committed last (the sequences' last `canvas_len` tokens) into the context; returns the
+    context lengths after it."""
+    positions = np.arange(sequences.shape[1] - canvas_len, sequences.shape[1], dtype=np.int64)
+    timer.run(backend.encode, np.ascontiguousarray(sequences[:, -canvas_len:]), positions, context)
+    return context + canvas_len
 
 
 def generate(

@@ -28,7 +28,7 @@ from ..runtime.backends import default_backend, open_backend, refuse_unused_devi
 from ..runtime.loop import generate, left_pad
 from ..runtime.rng import make_draws
 from ..runtime.scheduler import RowRequest
-from ..runtime.settings import resolve_settings
+from ..runtime.settings import GenerationSettings, resolve_settings
 from ..runtime.step import StepBackend
 
 Result = TypeVar("Result")
@@ -245,8 +245,6 @@ def bench_concurrency(
     requests through one slot (one at a time, no batching), in one run: step calls, row-steps, tokens/s, time to
     first block, and the weight bytes read per generated token (every backbone call reads the weights once: what
     batching saves on a GPU, where a step at small batch is bound by that read). Both must return the same ids."""
-    from ..runtime.scheduler import Scheduler, Ticket
-
     opened = open_target(target)
     name = name or default_backend(opened)
     refuse_unused_device(device, [name])
@@ -267,39 +265,60 @@ def bench_concurrency(
     results: dict[str, Any] = {}
     weights = _weight_bytes(opened)
     with backend:
-        # Warm-up: the timed modes' call shapes (one row, N rows, prefill) once, one step per request; running the
-        # whole schedule instead cost as much as the sequential mode
-        warm = _no_early_stop(spec.generation, 1, canvas, 1)
-        for slots in (1, concurrency):
-            scheduler = Scheduler(backend, max_queue=concurrency, slots=slots)
-            for request in requests[:slots]:
-                scheduler.submit(Ticket(RowRequest(request.ids, request.seed, warm)))
-            scheduler.run()
+        _warm_up(backend, requests, concurrency, _no_early_stop(spec.generation, 1, canvas, 1))
         for mode, slots in (("inflight", concurrency), ("sequential", 1)):
-            scheduler = Scheduler(backend, max_queue=concurrency, slots=slots)
-            start = time.perf_counter()
-            tickets = [scheduler.submit(Ticket(r)) for r in requests]
-            scheduler.run()
-            total = time.perf_counter() - start
-            done = [t.events[-1] for t in tickets]
-            new_tokens = sum(int((d.new_tokens != settings.pad_token_id).sum()) for d in done)
-            stats = scheduler.stats
-            calls = stats.step_calls + stats.prefill_chunks + stats.commits
-            results[mode] = {
-                "slots": slots,
-                "step_calls": stats.step_calls,
-                "row_steps": stats.row_steps,
-                "backbone_calls": calls,
-                "weight_bytes_per_token": weights * calls / new_tokens if weights is not None else None,
-                "occupancy": dict(sorted(stats.occupancy.items())),
-                "tokens_per_s": new_tokens / total,
-                "total_s": total,
-                "first_block_ms": [round(t.first_block_s * 1e3, 2) for t in tickets],
-                "ids": [d.new_tokens[0].tolist() for d in done],
-            }
+            results[mode] = _scheduled(backend, requests, concurrency, slots, settings, weights)
         results["late_arrival"] = _late_arrival(backend, requests, concurrency, steps)
     results["inflight"]["speedup"] = results["inflight"]["tokens_per_s"] / results["sequential"]["tokens_per_s"]
     return results
+
+
+def _warm_up(backend: StepBackend, requests: list[RowRequest], concurrency: int, warm: GenerationSettings) -> None:
+    """The timed modes' call shapes (one row, N rows, prefill) once, one step per request (`warm`: settings of one
+    step); running the whole schedule instead cost as much as the sequential mode."""
+    from ..runtime.scheduler import Scheduler, Ticket
+
+    for slots in (1, concurrency):
+        scheduler = Scheduler(backend, max_queue=concurrency, slots=slots)
+        for request in requests[:slots]:
+            scheduler.submit(Ticket(RowRequest(request.ids, request.seed, warm)))
+        scheduler.run()
+
+
+def _scheduled(
+    backend: StepBackend,
+    requests: list[RowRequest],
+    concurrency: int,
+    slots: int,
+    settings: GenerationSettings,
+    weights: int | None,
+) -> dict[str, Any]:
+    """All requests through a scheduler with `slots` slots, timed: its calls, occupancy, tokens/s, each request's
+    time to first block and the ids it generated, and the weight bytes read per generated token (`weights` per
+    backbone call)."""
+    from ..runtime.scheduler import Scheduler, Ticket
+
+    scheduler = Scheduler(backend, max_queue=concurrency, slots=slots)
+    start = time.perf_counter()
+    tickets = [scheduler.submit(Ticket(r)) for r in requests]
+    scheduler.run()
+    total = time.perf_counter() - start
+    done = [t.events[-1] for t in tickets]
+    new_tokens = sum(int((d.new_tokens != settings.pad_token_id).sum()) for d in done)
+    stats = scheduler.stats
+    calls = stats.step_calls + stats.prefill_chunks + stats.commits
+    return {
+        "slots": slots,
+        "step_calls": stats.step_calls,
+        "row_steps": stats.row_steps,
+        "backbone_calls": calls,
+        "weight_bytes_per_token": weights * calls / new_tokens if weights is not None else None,
+        "occupancy": dict(sorted(stats.occupancy.items())),
+        "tokens_per_s": new_tokens / total,
+        "total_s": total,
+        "first_block_ms": [round(t.first_block_s * 1e3, 2) for t in tickets],
+        "ids": [d.new_tokens[0].tolist() for d in done],
+    }
 
 
 def _late_arrival(

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.config import VisionConfig
+from ..core.config import ModelConfig, VisionConfig
 from ..core.errors import ArtifactError
-from ..core.manifest import ArtifactManifest, StepSpec
+from ..core.manifest import ArtifactManifest, EngineManifest, StepSpec
 from ..core.target import CheckpointDir, open_target
 from ..model.checkpoint import Checkpoint
 from ..model.modeling import categorical_entropy, entropy_bound_accept, sample_inverse_cdf, soft_embedding
@@ -377,8 +377,49 @@ def _reference_plan(
     cap, model = spec.capacity, spec.model
     canvas, vocab, window = cap.canvas, model.vocab_size, model.sliding_window
     rng = np.random.default_rng(seed)
-    # A prompt past the sliding window where capacity allows, a second row left-padded by 3 when batch allows.
-    room = min(cap.max_prefill, cap.max_context - canvas)
+    ids, padding = _plan_prompt(spec, settings, rng, images, vision)
+    batch, prompt_len = ids.shape
+    info: dict[str, Any] = {
+        "batch": batch,
+        "prompt_length": prompt_len,
+        "canvas": canvas,
+        "sliding_window": window,
+        "seed": seed,
+    }
+    reference = Reference(checkpoint_dir, device=device, dtype=dtype)
+    steps = _ReferenceSteps(reference, settings, spill, rng, model)
+    plan: list[StepStage | EncodeStage] = []
+    row_images = None if images is None else repeated(images, batch)
+    features = None if images is None else reference.image_features(images)
+    state = reference.encode(None, ids, padding, row_images)
+    plan.append(EncodeStage("prefill", ids, np.arange(prompt_len), padding, steps.kv(state), row_images))
+    n = settings.max_denoising_steps
+    first = steps.step("step_first", state, rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64), n, None)
+    second = steps.step("step_self_conditioned", state, first.reference["next_canvas"], max(n - 1, 1), first)
+    plan += [first, second]
+    commit_ids = np.ascontiguousarray(second.reference["argmax"])
+    state = reference.encode(state, commit_ids, np.ones((batch, canvas), dtype=bool))
+    valid = np.concatenate([padding, np.ones((batch, canvas), bool)], 1)
+    plan.append(EncodeStage("commit", commit_ids, np.arange(prompt_len, prompt_len + canvas), valid, steps.kv(state)))
+    info["context_after_commit"] = prompt_len + canvas
+    info["past_sliding_window"] = bool(prompt_len + canvas > window - 1)
+    after = rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64)
+    plan.append(steps.step("step_after_commit", state, after, n, None))
+    return plan, info, features
+
+
+def _plan_prompt(
+    spec: StepSpec,
+    settings: GenerationSettings,
+    rng: np.random.Generator,
+    images: ImageBatch | None,
+    vision: VisionConfig | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The plan's prompt ids and real-token mask [B, P]: a prompt past the sliding window where capacity allows (built
+    around the images, if any), and a second row left-padded by 3 when the batch allows."""
+    cap, model = spec.capacity, spec.model
+    vocab, window = model.vocab_size, model.sliding_window
+    room = min(cap.max_prefill, cap.max_context - cap.canvas)
     prompt_len = max(4, min(room, window + 4))
     batch = min(2, cap.max_batch)
     ids = rng.integers(3, vocab, size=(batch, prompt_len)).astype(np.int64)
@@ -397,62 +438,60 @@ def _reference_plan(
     if batch > 1:
         padding[1, :3] = False
         ids[1, :3] = settings.pad_token_id or 0
-    info: dict[str, Any] = {
-        "batch": batch,
-        "prompt_length": prompt_len,
-        "canvas": canvas,
-        "sliding_window": window,
-        "seed": seed,
-    }
-    reference = Reference(checkpoint_dir, device=device, dtype=dtype)
-    plan: list[StepStage | EncodeStage] = []
+    return ids, padding
 
-    def kv(state: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+
+class _ReferenceSteps:
+    """The reference's outputs as the plan keeps them: each layer's K/V after an encoder pass, and denoising steps
+    with fresh draws from the plan's generator, large outputs spilled."""
+
+    def __init__(
+        self,
+        reference: Reference,
+        settings: GenerationSettings,
+        spill: _Spill,
+        rng: np.random.Generator,
+        model: ModelConfig,
+    ):
+        self.reference, self.settings, self.spill, self.rng, self.model = reference, settings, spill, rng, model
+
+    def kv(self, state: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per layer the reference's cached K and V (spilled when large) and the positions they hold."""
         return [
-            (spill.keep(k.numpy()), spill.keep(v.numpy()), p)
-            for k, v, p in (reference.cached_kv(state, i) for i in range(model.num_layers))
+            (self.spill.keep(k.numpy()), self.spill.keep(v.numpy()), p)
+            for k, v, p in (self.reference.cached_kv(state, i) for i in range(self.model.num_layers))
         ]
 
-    def step(name: str, canvas_ids: np.ndarray, remaining: int, previous: StepStage | None) -> StepStage:
-        temperature = settings.temperature(remaining)
+    def step(
+        self, name: str, state: Any, canvas_ids: np.ndarray, remaining: int, previous: StepStage | None
+    ) -> StepStage:
+        """The step on `canvas_ids` with `remaining` steps left in the canvas, self-conditioned on `previous` (None:
+        the first step of a canvas)."""
+        temperature = self.settings.temperature(remaining)
+        batch, canvas = canvas_ids.shape
+        vocab = self.model.vocab_size
         draws = Draws(
-            renoise_ids=rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64),
-            uniforms=rng.random((batch, canvas), dtype=np.float32),
+            renoise_ids=self.rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64),
+            uniforms=self.rng.random((batch, canvas), dtype=np.float32),
         )
         self_cond_logits = None
         if previous is not None:  # the previous step's temperature-scaled logits, as transformers passes them
             self_cond_logits = torch.from_numpy(np.array(previous.reference["logits"])).div_(previous.temperature)
-        logits = reference.logits(state, canvas_ids, self_cond_logits)
+        logits = self.reference.logits(state, canvas_ids, self_cond_logits)
         del self_cond_logits
-        ref = _step_reference(logits, temperature, settings.entropy_bound, draws, reference.embedding, spill)
+        ref = _step_reference(
+            logits, temperature, self.settings.entropy_bound, draws, self.reference.embedding, self.spill
+        )
         del logits
-        stage = StepStage(
+        return StepStage(
             name,
             canvas_ids,
             temperature,
             draws,
             None if previous is None else previous.reference["next_self_cond"],
             ref,
-            reference.routing_margin,
+            self.reference.routing_margin,
         )
-        plan.append(stage)
-        return stage
-
-    row_images = None if images is None else repeated(images, batch)
-    features = None if images is None else reference.image_features(images)
-    state = reference.encode(None, ids, padding, row_images)
-    plan.append(EncodeStage("prefill", ids, np.arange(prompt_len), padding, kv(state), row_images))
-    n = settings.max_denoising_steps
-    first = step("step_first", rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64), n, None)
-    second = step("step_self_conditioned", first.reference["next_canvas"], max(n - 1, 1), first)
-    commit_ids = np.ascontiguousarray(second.reference["argmax"])
-    state = reference.encode(state, commit_ids, np.ones((batch, canvas), dtype=bool))
-    valid = np.concatenate([padding, np.ones((batch, canvas), bool)], 1)
-    plan.append(EncodeStage("commit", commit_ids, np.arange(prompt_len, prompt_len + canvas), valid, kv(state)))
-    info["context_after_commit"] = prompt_len + canvas
-    info["past_sliding_window"] = bool(prompt_len + canvas > window - 1)
-    step("step_after_commit", rng.integers(0, vocab, size=(batch, canvas)).astype(np.int64), n, None)
-    return plan, info, features
 
 
 def step_parity(
@@ -512,29 +551,45 @@ def step_parity_of(
         info["reference"] = {"device": device, "dtype": reference_dtype}
         if images is not None:
             info["images"] = {"soft_tokens": images.soft_tokens}
-        batch = plan[0].ids.shape[0]
         for backend, report in zip(backends, reports):
             report.info = dict(info)
-            context = np.zeros(batch, dtype=np.int64)
             with backend:
-                backend.start(plan[0].valid)
-                for stage in plan:
-                    if isinstance(stage, EncodeStage):
-                        placed = None
-                        if stage.images is not None and vision is not None and images is not None:
-                            ours = soft_tokens(backend.executor.vision_encoder(), stage.images)
-                            mine = ours[: sum(images.soft_tokens)]
-                            report.checks.append(
-                                _judge_continuous("vision", "soft_tokens", mine, features, _vision_tolerance(spec))
-                            )
-                            placed = PromptImages.place(ours, stage.ids, vision).chunk(0, stage.ids.shape[1])
-                        backend.encode(stage.ids, stage.positions, context, placed)
-                        context = context + stage.ids.shape[1]
-                        report.checks += _kv_checks(stage, backend, tol)
-                    else:
-                        report.checks += _step_checks(stage, backend, context, settings, tol, dtype, report)
+                _run_plan(plan, backend, report, spec, settings, tol, images, vision, features)
         del plan  # the memory maps, before their files go
     return reports
+
+
+def _run_plan(
+    plan: list[StepStage | EncodeStage],
+    backend: StepBackend,
+    report: Report,
+    spec: Any,
+    settings: GenerationSettings,
+    tol: dict[str, float],
+    images: ImageBatch | None,
+    vision: VisionConfig | None,
+    features: np.ndarray | None,
+) -> None:
+    """Runs the plan's stages on an active backend in order, adding each stage's checks to `report`: K/V after an
+    encoder pass (and, with images, the backend's soft tokens against the reference's `features`), the step's
+    outputs after a denoising step."""
+    context = np.zeros(plan[0].ids.shape[0], dtype=np.int64)
+    backend.start(plan[0].valid)
+    for stage in plan:
+        if isinstance(stage, EncodeStage):
+            placed = None
+            if stage.images is not None and vision is not None and images is not None:
+                ours = soft_tokens(backend.executor.vision_encoder(), stage.images)
+                mine = ours[: sum(images.soft_tokens)]
+                report.checks.append(
+                    _judge_continuous("vision", "soft_tokens", mine, features, _vision_tolerance(spec))
+                )
+                placed = PromptImages.place(ours, stage.ids, vision).chunk(0, stage.ids.shape[1])
+            backend.encode(stage.ids, stage.positions, context, placed)
+            context = context + stage.ids.shape[1]
+            report.checks += _kv_checks(stage, backend, tol)
+        else:
+            report.checks += _step_checks(stage, backend, context, settings, tol, spec.precision, report)
 
 
 def _step_checks(
@@ -832,12 +887,7 @@ def parity(
             "(run `canvasrt export` first)"
         )
     runner = open_backend(opened, backend, threads=threads, max_batch=opened.capacity.max_batch, device=device)
-    batch = None
-    if images:
-        if not runner.takes_images:
-            runner.executor.vision_encoder()  # its one-line refusal, before any image is read
-        Checkpoint.open(checkpoint_dir).require_vision()
-        batch = ImageProcessor(Path(checkpoint_dir))(list(images))
+    batch = _parity_images(checkpoint_dir, runner, images) if images else None
     if level == "step":
         return step_parity(
             checkpoint_dir,
@@ -849,10 +899,41 @@ def parity(
             reference_dtype=reference_dtype,
             images=batch,
         )
+    simulated = _simulated(checkpoint_dir, opened, reference_dtype, threads, device)
+    return loop_parity(
+        checkpoint_dir,
+        runner,
+        simulated,
+        seed=seed,
+        threads=threads,
+        max_new_tokens=max_new_tokens,
+        target=target,
+        images=batch,
+    )
+
+
+def _parity_images(checkpoint_dir: str | Path, runner: StepBackend, images: list[Path]) -> ImageBatch:
+    """The images preprocessed once with the checkpoint's image processor; refused first where the backend takes no
+    images or the checkpoint has no vision tower."""
+    if not runner.takes_images:
+        runner.executor.vision_encoder()  # its one-line refusal, before any image is read
+    Checkpoint.open(checkpoint_dir).require_vision()
+    return ImageProcessor(Path(checkpoint_dir))(list(images))
+
+
+def _simulated(
+    checkpoint_dir: str | Path,
+    opened: ArtifactManifest | EngineManifest,
+    reference_dtype: str,
+    threads: int | None,
+    device: str,
+) -> StepBackend:
+    """The loop level's torch backend: the checkpoint with the target's MoE formulation and capacity, simulating the
+    target's FP8 scales where its artifacts are quantized."""
     artifacts = opened if isinstance(opened, ArtifactManifest) else ArtifactManifest.load(opened.artifacts)
     moe = artifacts.moe
     calibration = artifacts.calibration() if artifacts.quantization else None
-    simulated = StepBackend(
+    return StepBackend(
         TorchExecutor(
             checkpoint_dir,
             dtype=reference_dtype,
@@ -863,14 +944,4 @@ def parity(
             calibration=calibration,
             device=device,
         )
-    )
-    return loop_parity(
-        checkpoint_dir,
-        runner,
-        simulated,
-        seed=seed,
-        threads=threads,
-        max_new_tokens=max_new_tokens,
-        target=target,
-        images=batch,
     )
