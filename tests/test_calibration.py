@@ -96,7 +96,10 @@ def test_calibrate_bad_input(sort_checkpoint, sort_artifacts, sort_fp8, tmp_path
     assert result.exit_code == 2 and "holds no prompts" in result.output
     result = cli("calibrate", sort_checkpoint, sort_fp8, "-o", tmp_path / "y", "--task", "sort")
     assert result.exit_code == 2 and "already quantized" in result.output
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # a malformed pattern is refused first, before the checks of the checkpoint and the samples, and the long run
+    result = cli("calibrate", sort_checkpoint, sort_artifacts, "-o", tmp_path / "z", "--samples", "0", "--exclude", "(")
+    assert result.exit_code == 2 and "--exclude pattern '(' is not a regular expression" in result.output
+    assert not any((tmp_path / name).exists() for name in "xyz")
 
 
 def test_torch_fake_quantization_agrees_with_the_fp8_graphs(sort_checkpoint, sort_fp8):

@@ -93,6 +93,7 @@ def calibrate(
     manifest = ArtifactManifest.load(artifacts)
     check_output(output, ARTIFACT_OUTPUT, inputs=[checkpoint, artifacts])  # before the loop runs, not after
     _check_options(manifest, artifacts, method, weights, images, quantize_vision)
+    patterns = _exclusion_patterns(exclude)
     opened = Checkpoint.open(checkpoint)
     _check_inputs(manifest, opened, artifacts, samples, prompts_file, task, dtype, device)
     rows, source = calibration_prompts(checkpoint, prompts_file, task, samples, manifest.model.vocab_size, images)
@@ -101,7 +102,7 @@ def calibrate(
     _check_images(manifest, Path(artifacts), rows, quantize_vision)
     progress(f"running the loop on {len(rows)} calibration prompts ({source})")
     ranges = collect_ranges(checkpoint, rows, method=method, device=device, dtype=dtype, vision=quantize_vision)
-    excluded = _exclude(ranges, exclude)
+    excluded = _exclude(ranges, patterns)
     coverage = [min(counts) for counts in ranges.expert_tokens.values()]
     progress(f"fewest tokens any expert saw: {min(coverage) if coverage else 'n/a'}")
     calibration = _calibration_record(ranges, method, weights, source, len(rows), excluded, quantize_vision)
@@ -173,13 +174,17 @@ def _check_inputs(
     manifest.verify()  # the graphs and weights the Q/DQ graphs are written from are the exported ones
 
 
-def _exclude(ranges: Ranges, exclude: tuple[str, ...]) -> list[str]:
+def _exclusion_patterns(exclude: tuple[str, ...]) -> list[re.Pattern[str]]:
+    """The `--exclude` patterns compiled, before the calibration run: a malformed one is refused at once."""
+    try:
+        return [re.compile(p) for p in exclude]
+    except re.error as exc:
+        raise CanvasrtError(f"--exclude pattern {exc.pattern!r} is not a regular expression: {exc}") from None
+
+
+def _exclude(ranges: Ranges, patterns: list[re.Pattern[str]]) -> list[str]:
     """Drops the ranges of the GEMM inputs that an `--exclude` pattern matches, so that they stay unquantized;
     returns their names, sorted."""
-    try:
-        patterns = [re.compile(p) for p in exclude]
-    except re.error as exc:
-        raise CanvasrtError(f"--exclude pattern is not a regular expression: {exc}") from None
     excluded = sorted(n for n in ranges.amax if any(p.search(n) for p in patterns))
     for name in excluded:
         del ranges.amax[name]
