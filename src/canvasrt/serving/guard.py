@@ -91,11 +91,12 @@ class HttpGuard:
             return
         server, self.server = self.server, None
 
-        async def close() -> None:
+        async def close() -> None:  # the open connections' tasks end here, not destroyed pending with the loop
             server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
