@@ -237,8 +237,8 @@ def print_inflight(rows: list[dict], concurrency: int) -> None:
     print("|---|---|---|---|---|---|")
     for row in rows:
         base = row["one slot"]["tokens_per_s"]
-        for label, modes in (("this checkout", row), *(row.get("against") or {}).items()):
-            for mode in ("batched", "one slot"):
+        for label, modes in (("this checkout", row), ("against", row.get("against"))):
+            for mode in ("batched", "one slot") if modes else ():
                 _print_mode(row["preset"], label, modes[mode], base)
 
 
