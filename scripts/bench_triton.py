@@ -14,8 +14,8 @@ the N, the step calls and row-steps from the metrics endpoint, and the time to f
 while the N - 1 others are halfway through their canvas, against the same request alone (medians of 3 pairs). Every
 reply must equal its in-process run. --rounds R sends the burst R times to each instance (tokens/s: the median);
 --against ENV serves the same bursts from a second Python environment too (another checkout's `.venv-triton`, so
-another version of the loop model), every server up at once and the rounds alternating between them, so that both
-see the same spread of a shared machine's load.
+another version of the loop model), every server up at once and the rounds alternating between them (the order
+reversed every other round), so that both see the same spread of a shared machine's load.
 
     .venv/bin/python scripts/bench_triton.py --presets tiny small --requests 20
     .venv/bin/python scripts/bench_triton.py --presets tiny small --concurrency 8 --steps 16
@@ -148,8 +148,9 @@ def inflight(
             key: [_settled_metric(server.metrics_url, name) for name in STEP_METRICS] for key, server in servers.items()
         }
         walls: dict = {key: [] for key in servers}
-        for _ in range(rounds):
-            for (label, mode), server in servers.items():
+        order = list(servers.items())
+        for round_ in range(rounds):
+            for (label, mode), server in order if round_ % 2 == 0 else order[::-1]:
                 start = time.perf_counter()
                 with ThreadPoolExecutor(concurrency) as pool:
                     replies = list(pool.map(send, [server.grpc_url] * concurrency, seeds))
