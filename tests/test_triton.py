@@ -30,7 +30,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from canvasrt.builder.engines import build_engines
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.output import staging_prefix
-from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
+from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http, grpc_inputs
 from canvasrt.serving.guard import HttpGuard
 from canvasrt.serving.protocol import ALL_INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
@@ -612,18 +612,12 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
 def _cancel_after_first_delta(url: str, inputs: dict[str, np.ndarray]) -> dict:
     """Starts an LLM request on a gRPC stream, reads its first response, then cancels the request."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
 
     replies: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: replies.put((result, error)))
-        tensors = []
-        for name, array in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        client.async_stream_infer("canvasrt_generate", tensors)
+        client.async_stream_infer("canvasrt_generate", grpc_inputs(inputs))
         result, error = replies.get(timeout=300)
         assert error is None, error
         first = {name: result.as_numpy(name).reshape(-1)[0] for name in ("finish_reason", "num_output_tokens")}
