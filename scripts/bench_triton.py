@@ -12,10 +12,14 @@ With --concurrency N (in-flight batching as served): N concurrent one-canvas req
 instance of N slots and to one of a single slot (`--slots 1`: one request at a time), in the same run: tokens/s over
 the N, the step calls and row-steps from the metrics endpoint, and the time to first block of a request that arrives
 while the N - 1 others are halfway through their canvas, against the same request alone (medians of 3 pairs). Every
-reply must equal its in-process run.
+reply must equal its in-process run. --rounds R sends the burst R times to each instance (tokens/s: the median);
+--against ENV serves the same bursts from a second Python environment too (another checkout's `.venv-triton`, so
+another version of the loop model), every server up at once and the rounds alternating between them (the order
+reversed every other round), so that both see the same spread of a shared machine's load.
 
     .venv/bin/python scripts/bench_triton.py --presets tiny small --requests 20
     .venv/bin/python scripts/bench_triton.py --presets tiny small --concurrency 8 --steps 16
+    .venv/bin/python scripts/bench_triton.py --presets tiny --concurrency 8 --rounds 15 --against ../main/.venv-triton
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +85,9 @@ def _metric(url: str, name: str) -> float:
     raise SystemExit(f"the metrics endpoint {url} has no {name}")
 
 
+STEP_METRICS = ("canvasrt_step_calls_total", "canvasrt_row_steps_total")
+
+
 def _settled_metric(url: str, name: str) -> float:
     """The metric once it stops changing: a busy loop model hands its metrics to Triton every 100 ms, and the
     last ones right after the final responses."""
@@ -92,8 +100,11 @@ def _settled_metric(url: str, name: str) -> float:
         last = now
 
 
-def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurrency: int, steps: int) -> dict:
-    """N concurrent one-canvas requests to N slots and to one slot, and the late arrival, as served."""
+def inflight(
+    artifacts: Path, work: Path, envs: dict[str, Path], prompt: list[int], concurrency: int, steps: int, rounds: int
+) -> dict:
+    """N concurrent one-canvas requests to N slots and to one slot, and the late arrival, as served by each
+    environment in `envs` (by label; the rounds alternate between every server)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from canvasrt.core.manifest import ArtifactManifest
@@ -121,31 +132,48 @@ def inflight(artifacts: Path, work: Path, env: Path, prompt: list[int], concurre
         done = generate_grpc(url, request_inputs(prompt_ids=prompt, seed=seed, **settings))[-1]
         return time.perf_counter() - start, done["ids"]
 
-    results: dict = {}
-    for mode, slots in (("batched", concurrency), ("one slot", 1)):
-        repository = work / f"repo-inflight-{slots}"
-        write_repository(artifacts, repository, "in-process", threads=1, slots=slots, max_queue=concurrency)
-        http, grpc = free_ports(2)
-        with TritonServer(repository, env, http_port=http, grpc_port=grpc) as server:
-            send(server.grpc_url, 10_000)  # warm-up
-            calls0 = _settled_metric(server.metrics_url, "canvasrt_step_calls_total")
-            rows0 = _settled_metric(server.metrics_url, "canvasrt_row_steps_total")
-            start = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                replies = list(pool.map(lambda seed: send(server.grpc_url, seed), seeds))
-            wall = time.perf_counter() - start
-            if [ids for _, ids in replies] != reference:
-                raise SystemExit(f"{artifacts}: {mode} returned other ids than their in-process runs")
+    modes = {"batched": concurrency, "one slot": 1}
+    results: dict = {label: {} for label in envs}
+    with ExitStack() as stack:
+        servers = {}
+        for label, env in envs.items():
+            for mode, slots in modes.items():
+                repository = work / f"repo-inflight-{label.replace(' ', '-')}-{slots}"
+                write_repository(artifacts, repository, "in-process", threads=1, slots=slots, max_queue=concurrency)
+                http, grpc = free_ports(2)
+                server = stack.enter_context(TritonServer(repository, env, http_port=http, grpc_port=grpc))
+                send(server.grpc_url, 10_000)  # warm-up
+                servers[label, mode] = server
+        before = {
+            key: [_settled_metric(server.metrics_url, name) for name in STEP_METRICS] for key, server in servers.items()
+        }
+        walls: dict = {key: [] for key in servers}
+        order = list(servers.items())
+        for round_ in range(rounds):
+            for (label, mode), server in order if round_ % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                with ThreadPoolExecutor(concurrency) as pool:
+                    replies = list(pool.map(send, [server.grpc_url] * concurrency, seeds))
+                walls[label, mode].append(time.perf_counter() - start)
+                if [ids for _, ids in replies] != reference:
+                    raise SystemExit(f"{artifacts}: {label} {mode} returned other ids than their in-process runs")
+        for (label, mode), server in servers.items():
+            calls, rows = (
+                (_settled_metric(server.metrics_url, name) - first) / rounds
+                for name, first in zip(STEP_METRICS, before[label, mode])
+            )
+            wall = statistics.median(walls[label, mode])
             entry = {
-                "slots": slots,
+                "slots": modes[mode],
                 "tokens_per_s": concurrency * canvas / wall,
+                "tokens_per_s_rounds": [concurrency * canvas / w for w in walls[label, mode]],
                 "wall_s": wall,
-                "step_calls": _settled_metric(server.metrics_url, "canvasrt_step_calls_total") - calls0,
-                "row_steps": _settled_metric(server.metrics_url, "canvasrt_row_steps_total") - rows0,
+                "step_calls": calls,
+                "row_steps": rows,
             }
-            if slots > 1:
+            if modes[mode] > 1:
                 entry["late_arrival"] = _late_arrival(server, send, seeds, steps)
-            results[mode] = entry
+            results[label][mode] = entry
     return results
 
 
@@ -204,24 +232,25 @@ def latency_rows(
 
 def print_inflight(rows: list[dict], concurrency: int) -> None:
     print(
-        f"| preset | loop instance | step calls / row-steps | tokens/s over {concurrency} | first block, "
+        f"| preset | served by | loop instance | step calls / row-steps | tokens/s over {concurrency} | first block, "
         "late arrival / alone |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         base = row["one slot"]["tokens_per_s"]
-        for mode in ("batched", "one slot"):
-            e = row[mode]
-            late = e.get("late_arrival")
-            print(
-                f"| {row['preset']} | {e['slots']} slot(s) | {e['step_calls']:.0f} / {e['row_steps']:.0f} | "
-                f"{e['tokens_per_s']:.1f} ({e['tokens_per_s'] / base:.2f}x) | "
-                + (
-                    f"{late['with_others_ms']:.1f} / {late['alone_ms']:.1f} ms: {late['ratio']:.2f}x |"
-                    if late
-                    else "- |"
-                )
-            )
+        for label, modes in (("this checkout", row), ("against", row.get("against"))):
+            for mode in ("batched", "one slot") if modes else ():
+                _print_mode(row["preset"], label, modes[mode], base)
+
+
+def _print_mode(preset: str, label: str, e: dict, base: float) -> None:
+    """One table row; the tokens/s ratio is to this checkout's single slot."""
+    late = e.get("late_arrival")
+    print(
+        f"| {preset} | {label} | {e['slots']} slot(s) | {e['step_calls']:.0f} / {e['row_steps']:.0f} | "
+        f"{e['tokens_per_s']:.1f} ({e['tokens_per_s'] / base:.2f}x) | "
+        + (f"{late['with_others_ms']:.1f} / {late['alone_ms']:.1f} ms: {late['ratio']:.2f}x |" if late else "- |")
+    )
 
 
 def print_latency(rows: list[dict]) -> None:
@@ -244,6 +273,12 @@ def main() -> None:
         help="N: measure in-flight batching as served instead (N slots against one)",
     )
     parser.add_argument("--steps", type=int, default=16, help="--concurrency: denoising steps per canvas")
+    parser.add_argument("--rounds", type=int, default=1, help="--concurrency: bursts per instance (the median counts)")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="--concurrency: a second Python environment (another checkout's .venv-triton) to serve the same bursts",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -260,8 +295,9 @@ def main() -> None:
             artifacts = work / f"{preset}-onnx"
             export(checkpoint, artifacts, max_context=512, max_batch=max(4, args.concurrency))
             if args.concurrency:
-                served_inflight = inflight(artifacts, work, args.python_env, prompt, args.concurrency, args.steps)
-                rows.append({"preset": preset, **served_inflight})
+                envs = {"this checkout": args.python_env, **({"against": args.against} if args.against else {})}
+                served_inflight = inflight(artifacts, work, envs, prompt, args.concurrency, args.steps, args.rounds)
+                rows.append({"preset": preset, **served_inflight.pop("this checkout"), **served_inflight})
                 print(json.dumps(rows[-1]), flush=True)
             else:
                 rows += latency_rows(preset, artifacts, work, args.python_env, prompt, seeds)

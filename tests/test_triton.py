@@ -30,7 +30,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from canvasrt.builder.engines import build_engines
 from canvasrt.core.errors import CanvasrtError
 from canvasrt.core.output import staging_prefix
-from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http
+from canvasrt.serving.client import TritonRequestError, generate_grpc, generate_http, grpc_inputs
 from canvasrt.serving.guard import HttpGuard
 from canvasrt.serving.protocol import ALL_INPUTS, OUTPUTS, request_inputs
 from canvasrt.serving.repository import write_repository
@@ -607,6 +607,72 @@ def test_one_instance_batches_sixteen_streams_each_equal_to_its_own_run(tiny_art
     assert occupancy['canvasrt_step_calls_by_rows_total{rows="4"}'] > 0
     assert sum(occupancy.values()) == values["canvasrt_step_calls_total"]
     assert "request cancelled by its client" in log
+
+
+def _cancel_after_first_delta(url: str, inputs: dict[str, np.ndarray]) -> dict:
+    """Starts an LLM request on a gRPC stream, reads its first response, then cancels the request."""
+    import tritonclient.grpc as grpcclient
+
+    replies: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: replies.put((result, error)))
+        client.async_stream_infer("canvasrt_generate", grpc_inputs(inputs))
+        result, error = replies.get(timeout=300)
+        assert error is None, error
+        first = {name: result.as_numpy(name).reshape(-1)[0] for name in ("finish_reason", "num_output_tokens")}
+        client.stop_stream(cancel_requests=True)
+    finally:
+        client.close()
+    return first
+
+
+@pytest.mark.slow
+def test_every_stream_of_a_busy_instance_arrives_whole_and_in_order(tiny_artifacts, triton_env, tmp_path):
+    """One instance sends its rows' responses from a thread of its own while the next steps run: 12 concurrent
+    streams with their drafts (a response per row at every step) each arrive whole and in the order the loop made
+    them (each canvas's drafts, its block, the final `done` last), equal to their own `canvasrt generate`; an LLM
+    stream cancelled after its first delta leaves its row, and the instance then serves a request exactly."""
+    repository = tmp_path / "repo"
+    write_repository(tiny_artifacts, repository, "in-process", instances=1, threads=1, slots=4, max_queue=16)
+    requests = [(list(range(3, 4 + (7 * i) % 30)), 60 + i) for i in range(12)]
+    references = [expected(tiny_artifacts, seed, prompt_ids=ids) for ids, seed in requests]
+    llm = {
+        "text_input": np.array([b"hello"], dtype=np.object_),
+        "max_tokens": np.array([96], dtype=np.int32),
+        "stream": np.array([True]),
+        **request_inputs(max_denoising_steps=256, confidence_threshold=1e-30),
+    }
+    http, grpc = free_ports(2)
+    with TritonServer(repository, triton_env, http_port=http, grpc_port=grpc) as server:
+        with ThreadPoolExecutor(13) as pool:
+            cancelled = pool.submit(_cancel_after_first_delta, server.grpc_url, llm)
+            futures = [
+                pool.submit(
+                    generate_grpc, server.grpc_url, request_inputs(prompt_ids=ids, seed=seed, stream_drafts=True)
+                )
+                for ids, seed in requests
+            ]
+            replies = [f.result(timeout=600) for f in futures]
+            first = cancelled.result(timeout=600)
+        for reply, reference in zip(replies, references):
+            check_equal(reply, reference)
+            made = [
+                *(
+                    event
+                    for block, steps in enumerate(reference["steps_per_block"])
+                    for event in [*(("draft", block, step) for step in range(1, steps + 1)), ("block", block, steps)]
+                ),
+                ("done", len(reference["steps_per_block"]), sum(reference["steps_per_block"])),
+            ]
+            assert [(r["event"], r["block"], r["step"]) for r in reply] == made
+        assert first["finish_reason"] == b"" and first["num_output_tokens"] > 0  # a delta, not the end
+        deadline = time.monotonic() + 60
+        while "request cancelled by its client" not in Path(server.log_path).read_text():
+            assert time.monotonic() < deadline, "the cancelled LLM request's row did not leave"
+            time.sleep(0.1)
+        ids, seed = requests[0]
+        check_equal(generate_grpc(server.grpc_url, request_inputs(prompt_ids=ids, seed=seed)), references[0])
 
 
 @pytest.mark.slow

@@ -33,26 +33,34 @@ def _plain(name: str, value: Any) -> Any:
     return item.item() if isinstance(item, np.generic) else item
 
 
+def grpc_inputs(inputs: dict[str, np.ndarray]) -> list[Any]:
+    """The request's input tensors as tritonclient's gRPC inputs."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = []
+    for name, array in inputs.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
 def generate_grpc(
     url: str, inputs: dict[str, np.ndarray], model: str = GENERATE_MODEL, timeout: float = 600.0
 ) -> list[dict[str, Any]]:
     """One request over a gRPC stream; returns every response up to the final one."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+    from tritonclient.utils import InferenceServerException
 
     replies: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     finished = False
     try:
         client.start_stream(callback=lambda result, error: replies.put((result, error)))
-        tensors = []
-        for name, array in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
         try:
             client.async_stream_infer(
-                model, tensors, outputs=[grpcclient.InferRequestedOutput(f.name) for f in OUTPUTS]
+                model, grpc_inputs(inputs), outputs=[grpcclient.InferRequestedOutput(f.name) for f in OUTPUTS]
             )
         except InferenceServerException as exc:
             raise TritonRequestError(exc.message()) from None
