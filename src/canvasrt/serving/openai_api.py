@@ -4,10 +4,10 @@
 A FastAPI app (under uvicorn with uvloop) that forwards every request to the loop model over Triton's gRPC streaming
 (tritonclient's service stub on grpc's asyncio channel), so Triton stays the engine: its queue, a request's settings
 bounds and its cancellation cover every request, and the front end holds nothing of its own but the tokenizer that
-applies the chat template (transformers' `apply_chat_template`, the checkpoint's own template). Completions send their prompt as text (`text_input`, tokenized by the model as
-`canvasrt generate --prompt` does); chat sends the templated token ids. A stream carries one chunk per committed
-canvas, the last one with its finish_reason. The gRPC streams stay open between requests, one request at a time on
-each (`_Stream`).
+applies the chat template (transformers' `apply_chat_template`, the checkpoint's own template). Completions send their
+prompt as text (`text_input`, tokenized by the model as `canvasrt generate --prompt` does); chat sends the templated
+token ids. A stream carries one chunk per committed canvas, the last one with its finish_reason. The gRPC streams stay
+open between requests, one request at a time on each (`_Stream`).
 
 Errors have OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`): 400 for what the request asks (bad
 JSON, wrong types, unknown fields, options the sampler cannot honour, what the model refuses), 503 when the model's
