@@ -492,14 +492,16 @@ class _EventStream(Response):
     each. The client's disconnect is watched by the request's generation, which ends `events` when it happens;
     Starlette's StreamingResponse would watch it again, with a task group per response."""
 
-    headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+    status_code = 200
+    media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[bytes]):  # no super().__init__(): it renders a whole body
         self.events = events
         self.background = None
+        self.init_headers({"cache-control": "no-cache"})  # Starlette's raw_headers, behind its `headers` view
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         async for event in self.events:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
