@@ -18,7 +18,7 @@ since Triton's gRPC stream carries the message alone unless its client sends the
 which turns the code into the stream's status); a request its client cancelled leaves within CANCEL_POLL_S.
 Custom metrics on Triton's metrics endpoint: step calls, the row-steps they carried, step calls by rows in them (the
 batch occupancy), the rows and queue now, and the bytes crossing between host memory and the executor's device by
-kind of call (prefill, commit, denoise); the log at verbose level has a line per step.
+kind of call (prefill, commit, denoise).
 Only the torch and TensorRT executors import PyTorch.
 """
 
@@ -333,11 +333,9 @@ class TritonPythonModel:
 
     def _count_step(self, occupancy: int) -> None:
         """Counts a step call (the scheduler's on_step, before the step's events go out); the counts reach the
-        metrics in `_record`."""
+        metrics in `_record`. No log line per step: the Python backend's Logger inspects the caller's frame (reading
+        its source) and sends every message to the server, whatever the server's log level."""
         self.pending_steps[occupancy] += 1
-        self.pb_utils.Logger.log_verbose(
-            f"canvasrt_generate: step {self.scheduler.stats.step_calls} carried {occupancy} row(s)"
-        )
 
     def _record(self) -> None:
         """Hands the metrics to Triton (one inter-process call each) at most every METRICS_S while the instance is
