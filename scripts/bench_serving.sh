@@ -35,6 +35,15 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+model_cpu() {  # clock ticks tritonserver and its model processes (the serve process's descendants) have run
+  local pids all="" p
+  pids=$(pgrep -P "$SERVER" || true)
+  while [ -n "$pids" ]; do
+    all="$all $pids"
+    pids=$(for p in $pids; do pgrep -P "$p" || true; done)
+  done
+  for p in $all; do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true; done | awk '{s += $1} END {print s + 0}'
+}
 waited() {  # nanoseconds the serve process's threads have waited on a run queue (schedstat's second field)
   cat /proc/"$SERVER"/task/*/schedstat 2>/dev/null | awk '{sum += $2} END {printf "%.0f", sum}'
 }
@@ -83,9 +92,11 @@ for round in $(seq "$ROUNDS"); do
       echo "aiperf: $kind at concurrency $concurrency, round $round" >&2
       before=$(awk '{print $14 + $15}' "/proc/$SERVER/stat")
       waited_before=$(waited)
+      model_before=$(model_cpu)
       profile "$kind" "$concurrency" "$REQUESTS" "$cell"
       echo $(( $(awk '{print $14 + $15}' "/proc/$SERVER/stat") - before )) > "$WORK/cpu-$cell"
       echo $(( $(waited) - waited_before )) > "$WORK/wait-$cell"
+      echo $(( $(model_cpu) - model_before )) > "$WORK/model-$cell"
     done
   done
   # side by side: Triton's endpoint and the OpenAI API at once on the one loop instance, so that both see the same
@@ -180,7 +191,8 @@ def difference(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def per_request(prefix: str, kind: str, concurrency: int) -> float:
-    """A counter of the serve process summed over a cell's rounds, per request (aiperf's warm-up ones included)."""
+    """A counter (of the serve process, or of tritonserver and its models) summed over a cell's rounds, per request
+    (aiperf's warm-up ones included)."""
     total = sum(int((work / f"{prefix}-{kind}-{concurrency}-{cell}").read_text()) for cell in cells)
     return total / (len(cells) * (int(requests) + concurrency))
 
@@ -203,8 +215,8 @@ lines = [
     f"{osl}: two canvases of 16; each figure the median of {rounds} interleaved rounds). Machine: {machine}.",
     "",
     "| endpoint | concurrency | TTFT avg / p50 ms | inter-chunk ms | inter-token ms | output tokens/s | requests/s "
-    "| serve CPU ms/request | serve run-queue wait ms/request |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| serve CPU ms/request | serve run-queue wait ms/request | tritonserver + models CPU ms/request |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 ]
 for kind in kinds:
     for concurrency in (1, 4, 8):
@@ -212,15 +224,27 @@ for kind in kinds:
         # clock ticks, run-queue wait in nanoseconds
         front = f"{1000 * per_request('cpu', kind, concurrency) / int(ticks):.2f}"
         queued = f"{per_request('wait', kind, concurrency) / 1e6:.1f}"
+        model = f"{1000 * per_request('model', kind, concurrency) / int(ticks):.1f}"
         lines.append(
             f"| {kind} | {concurrency} | {avg(kind, concurrency, 'time_to_first_token'):.1f} / "
             f"{avg(kind, concurrency, 'time_to_first_token', 'p50'):.1f} | "
             f"{avg(kind, concurrency, 'inter_chunk_latency'):.1f} | "
             f"{avg(kind, concurrency, 'inter_token_latency'):.2f} | "
             f"{avg(kind, concurrency, 'output_token_throughput'):.0f} | "
-            f"{avg(kind, concurrency, 'request_throughput'):.2f} | {front} | {queued} |"
+            f"{avg(kind, concurrency, 'request_throughput'):.2f} | {front} | {queued} | {model} |"
         )
+spread = {
+    "model CPU ms/request": [
+        1000 * int((work / f"model-triton-8-{cell}").read_text()) / int(ticks) / (int(requests) + 8) for cell in cells
+    ],
+    "TTFT ms": [data["time_to_first_token"]["avg"] for data in stats["triton", 8]],
+    "inter-chunk ms": [data["inter_chunk_latency"]["avg"] for data in stats["triton", 8]],
+}
 lines += [
+    "",
+    "The same cell over the rounds (triton at concurrency 8, identical requests): "
+    + ", ".join(f"{name} {min(values):.1f} to {max(values):.1f}" for name, values in spread.items())
+    + ".",
     "",
     f"Side by side: Triton's generate_stream and the OpenAI completions at once, each at the concurrency shown, "
     f"{pair_requests} requests each per round (the same prompts), the requests of both that started and ended while "
