@@ -16,12 +16,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from canvasrt.core.manifest import MANIFEST
 from canvasrt.core.output import staging_prefix
 from support import assert_refused, cli
 
@@ -536,41 +536,27 @@ def test_a_failing_stage_clears_its_spinner_before_the_error(tiny_checkpoint, tm
 # -- signals ----------------------------------------------------------------------------------------------------------
 
 
-def _start_and_signal(command: list, output: Path, number: int, settle: float) -> subprocess.CompletedProcess:
-    """Runs `command`, sends `number` once its staging directory exists and `settle` seconds have passed."""
-    process = subprocess.Popen(
-        [CANVASRT, *map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 300
-    while not list(output.parent.glob(f".{output.name}.*.partial")):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the command never started writing"
-        time.sleep(0.05)
-    time.sleep(settle)
-    process.send_signal(number)
-    stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def _signal_inside_the_build(
-    output: Path, number: int, signalled: list[int]
+def _signal_inside(
+    drawn_marker: bytes, output: Path, number: int, signalled: list[int]
 ) -> Callable[[bytes, subprocess.Popen], None]:
-    """A `watch` for a build on a terminal, where its progress display draws TensorRT's build phases as they start:
-    it sends `number` once the display shows the builder at work, with no wait of a set length, and notes it in
-    `signalled`. The build is stopped (SIGSTOP) from then until the signal is pending, and its state checked meanwhile:
-    its staging directory exists and `output` does not, so the signal arrives before the build's result can be moved
-    into place, whatever the machine's load (only a whole TensorRT build between its first drawn phase and the stop
-    could fail that check, which then says so)."""
+    """A `watch` for a command on a terminal that stages `output`: it sends `number` once the command's progress
+    display shows `drawn_marker` (a stage inside the staged work), with no wait of a set length, and notes it in
+    `signalled`. The command is stopped (SIGSTOP) from then until the signal is pending, and its state checked
+    meanwhile: its staging directory exists without the manifest (written last, just before the staged result is
+    moved into place) and `output` does not exist, so the signal arrives inside the staged work, whatever the
+    machine's load (only the whole rest of that work between the marker's drawing and the stop could fail that check,
+    which then says so)."""
 
     def watch(drawn: bytes, process: subprocess.Popen) -> None:
-        if signalled or b"Building engine" not in drawn:
+        if signalled or drawn_marker not in drawn:
             return
         process.send_signal(signal.SIGSTOP)
         _, status = os.waitpid(process.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), status
-        if not list(output.parent.glob(f".{output.name}.*.partial")) or output.exists():
+        staging = list(output.parent.glob(f".{output.name}.*.partial"))
+        if len(staging) != 1 or (staging[0] / MANIFEST).exists() or output.exists():
             process.kill()
-            pytest.fail("the build ended before the signal; build a larger engine")
+            pytest.fail(f"the staged work ended before the signal; give {drawn_marker!r} more work to do")
         process.send_signal(number)
         process.send_signal(signal.SIGCONT)
         signalled.append(number)
@@ -592,7 +578,7 @@ def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, numbe
     signalled: list[int] = []
     exit_code, drawn, stdout = _stderr_on_a_terminal(
         ["build", tiny_artifacts, "-o", output, "--max-context", 32],
-        _signal_inside_the_build(output, number, signalled),
+        _signal_inside(b"Building engine", output, number, signalled),
     )
     assert signalled == [number] and exit_code == code, drawn
     assert _screen(drawn)[-1] == line and b"Traceback" not in drawn
@@ -602,12 +588,17 @@ def test_a_signal_stops_build_and_leaves_nothing(tiny_artifacts, tmp_path, numbe
 
 @pytest.mark.slow
 def test_sigterm_stops_export_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    """SIGTERM reaches the export inside the ONNX export of its backbone: the command exits 143 with one line, the
+    progress display cleared, and writes nothing."""
     output = tmp_path / "art"
-    done = _start_and_signal(
-        ["export", tiny_checkpoint, "-o", output, "--max-context", 64], output, signal.SIGTERM, settle=0.5
+    signalled: list[int] = []
+    exit_code, drawn, stdout = _stderr_on_a_terminal(
+        ["export", tiny_checkpoint, "-o", output, "--max-context", 64],
+        _signal_inside(b"exporting backbone.onnx", output, signal.SIGTERM, signalled),
     )
-    assert done.returncode == 143, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "terminated (SIGTERM)" and "Traceback" not in done.stderr
+    assert signalled == [signal.SIGTERM] and exit_code == 143, drawn
+    assert _screen(drawn)[-1] == "terminated (SIGTERM)" and b"Traceback" not in drawn
+    assert b"exported" not in stdout
     assert_nothing_written(output)
 
 

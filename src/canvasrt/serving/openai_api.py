@@ -439,6 +439,8 @@ class _Generation:
             if self.gone and isinstance(exc, (asyncio.CancelledError, grpc.aio.AioRpcError)):
                 raise _ClientGone from None
             raise
+        if self.gone:  # the client left while this response came: its stream is cancelled, not kept for reuse
+            raise _ClientGone
         if response is grpc.aio.EOF:
             self.finished = True
             self.watch.cancel()
