@@ -4,27 +4,27 @@
 #   triton       Triton's own generate_stream endpoint (aiperf's template endpoint, a TensorRT-LLM-style body)
 #   completions  the OpenAI API's /v1/completions, streaming (the same prompts: the layer's own cost)
 #   chat         the OpenAI API's /v1/chat/completions, streaming (the chat template adds its tokens to the prompt)
-# at concurrency 1, 4 and 8, in ROUNDS interleaved rounds (each cell's figure is its median over the rounds, so that
-# the endpoints are compared under the same spread of the shared machine's load). Each round then runs triton and
-# completions side by side, both at once at concurrency 1 each and then 4 each (8 streams on the instance), so that
-# the OpenAI layer's cost is measured on the same machine at the same moment in the same in-flight batches: cells run
-# one after another differ by the machine's drift (here the loop model's CPU time for the same requests varies by up
-# to a third between consecutive runs), which buries a difference of a millisecond or two. Last,
-# scripts/bench_triton.py --concurrency 8 in the same run, and the table
-# (time to first token, inter-chunk and inter-token latency, output tokens/s, requests/s, and per request the CPU time
-# the serve process spent and the time its threads waited for a CPU while runnable: that process is the OpenAI front
-# end and the relay on Triton's HTTP port; tritonserver is its child and not counted; for the side-by-side pairs, the
-# difference of the means over the requests both measured at once with its 95% confidence interval) goes into
-# docs/PERFORMANCE.md with the machine named. Prefix with `nice`; the
-# figures are CPU figures, on a shared machine.
+# at concurrency 1, 4 and 8, one endpoint at a time, in ROUNDS interleaved rounds (each cell's figure is its median
+# over the rounds). Each round then runs triton and completions side by side, both at once at concurrency 1 each and
+# then 4 each (8 streams on the instance), so that the OpenAI layer's cost is measured on the same machine at the same
+# moment in the same in-flight batches: cells run one after another differ by the machine's drift (here the loop
+# model's CPU time for identical requests varies by up to a third between cells), which buries a difference of a
+# millisecond or two. Last, scripts/bench_triton.py --concurrency 8 in the same run. The table goes into
+# docs/PERFORMANCE.md with the machine named: per cell time to first token, inter-chunk and inter-token latency,
+# output tokens/s, requests/s, and per request the CPU time of the serve process (the OpenAI front end, and the relay
+# on Triton's HTTP port), the time its threads waited for a CPU while runnable, the CPU time of tritonserver and its
+# models, and the loop model's rows per step call (its counters on the metrics endpoint); for the side-by-side pairs,
+# the difference of the means over the requests both ran at once, with its 95% confidence interval. Prefix with
+# `nice`; the figures are CPU figures, on a shared machine.
 #
-#   nice bash scripts/bench_serving.sh   # REQUESTS=96 PAIR_REQUESTS=300 INPUT_TOKENS=32 OUTPUT_TOKENS=32 ROUNDS=3 by default
+#   nice bash scripts/bench_serving.sh   # 22 minutes; by default REQUESTS=96 PAIR_REQUESTS=600 ROUNDS=5
+#                                        # INPUT_TOKENS=32 OUTPUT_TOKENS=32
 #   KEEP=1 ...                           # keeps aiperf's exports and the counters (the script prints where)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS="${REQUESTS:-96}"
-PAIR_REQUESTS="${PAIR_REQUESTS:-300}"
-ROUNDS="${ROUNDS:-3}"
+PAIR_REQUESTS="${PAIR_REQUESTS:-600}"
+ROUNDS="${ROUNDS:-5}"
 OUTPUT_TOKENS="${OUTPUT_TOKENS:-32}"
 INPUT_TOKENS="${INPUT_TOKENS:-32}"
 WORK="$(mktemp -d -t bench-serving-XXXXXX)"
@@ -47,7 +47,9 @@ model_cpu() {  # clock ticks tritonserver and its model processes (the serve pro
     all="$all $pids"
     pids=$(for p in $pids; do pgrep -P "$p" || true; done)
   done
-  for p in $all; do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true; done | awk '{s += $1} END {print s + 0}'
+  for p in $all; do
+    awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true
+  done | awk '{s += $1} END {print s + 0}'
 }
 steps() {  # the loop model's step calls and row-steps so far (its counters on Triton's metrics endpoint)
   sleep 0.3  # an instance that went idle hands its counters over at once; give that a moment to land
